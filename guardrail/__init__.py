@@ -1,0 +1,3 @@
+"""guardrail: an SMTP relay in front of a shared inbox."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,229 @@
+"""Load and validate the daemon's TOML configuration file.
+
+Relative paths in the file are resolved against the file's own folder, so the
+daemon behaves the same whatever its working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from .errors import ConfigError, ConfigErrors
+from .tomlcheck import Table, read_toml
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    listen: str
+    port: int
+    hostname: str
+    inboxes: frozenset[str]
+    inbox_domains: frozenset[str]
+    max_message_size: int
+    max_recipients: int
+    max_received_headers: int
+    max_connections: int
+    timeout: timedelta
+    data_timeout: timedelta
+
+    @property
+    def local_domains(self) -> frozenset[str]:
+        """Domains we receive mail for: those of the inboxes and `inbox_domains`."""
+        domains = {address.rpartition("@")[2] for address in self.inboxes}
+        return frozenset(domains | self.inbox_domains)
+
+
+@dataclass(frozen=True)
+class Smarthost:
+    host: str
+    port: int
+    starttls: bool
+    username: str | None
+    password: Secret | None
+    timeout: timedelta
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    retry_initial: timedelta
+    retry_max: timedelta
+    give_up_after: timedelta
+    concurrency: int
+    return_path: str
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    smtp: SmtpSettings
+    postmaster_owner: str
+    database_path: Path
+    busy_timeout: timedelta
+    smarthost: Smarthost | None
+    outbound_maildir: Path
+    rules_dir: Path
+    delivery: DeliverySettings
+    reference_prefix: str
+    duplicate_window: timedelta
+    log_format: str
+    log_level: str
+
+
+def _is_address(text: str) -> bool:
+    local, at, domain = text.rpartition("@")
+    return bool(at and local and domain) and " " not in text and "\x00" not in text
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate the config file at `path`.
+
+    Raises ConfigErrors listing every problem found.
+    """
+    path = Path(path)
+    errors: list[ConfigError] = []
+    data = read_toml(path, errors)
+    if data is None:
+        raise ConfigErrors(errors)
+
+    base = path.resolve().parent
+    root = Table(path, data, "", errors)
+    smtp = _load_smtp(root.table("smtp"))
+    postmaster = root.table("postmaster")
+    database = root.table("database")
+    smarthost_table = root.table("smarthost") if root.has("smarthost") else None
+    outbound = root.table("outbound")
+    rules = root.table("rules")
+    delivery_table = root.table("delivery")
+    conversations = root.table("conversations")
+    log = root.table("log")
+
+    first_domain = sorted(smtp.local_domains)[0] if smtp.local_domains else smtp.hostname
+    owner = postmaster.string("owner", required=True) or ""
+    if owner and not _is_address(owner):
+        postmaster.fail("owner", owner, "an email address such as ops@example.com")
+
+    config = Config(
+        path=path,
+        smtp=smtp,
+        postmaster_owner=owner.lower(),
+        database_path=base / (database.string("path") or "var/guardrail.db"),
+        busy_timeout=database.duration("busy_timeout", timedelta(seconds=5)),
+        smarthost=_load_smarthost(smarthost_table) if smarthost_table else None,
+        outbound_maildir=base / (outbound.string("maildir") or "var/outbound"),
+        rules_dir=base / (rules.string("directory") or "rules"),
+        delivery=_load_delivery(delivery_table, f"postmaster@{first_domain}"),
+        reference_prefix=_load_prefix(conversations),
+        duplicate_window=conversations.duration("duplicate_window", timedelta(days=1)),
+        log_format=log.choice("format", "auto", ("auto", "json", "console")),
+        log_level=log.choice("level", "info", ("debug", "info", "warning", "error")),
+    )
+
+    for table in (root, postmaster, database, outbound, rules, delivery_table, conversations, log):
+        table.finish()
+    if errors:
+        raise ConfigErrors(errors)
+    return config
+
+
+def _load_smtp(table: Table) -> SmtpSettings:
+    inboxes = [address.lower() for address in table.strings("inboxes")]
+    for address in inboxes:
+        if not _is_address(address):
+            table.fail("inboxes", address, "an email address such as support@example.com")
+    domains = [domain.lower().strip(".") for domain in table.strings("inbox_domains")]
+    if not inboxes and not domains:
+        table.problem("inboxes", "missing; list at least one address we accept mail for, such as support@example.com")
+
+    hostname = table.string("hostname")
+    if hostname is None:
+        # Resolved once here: aiosmtpd would otherwise look it up per connection.
+        hostname = socket.getfqdn()
+
+    settings = SmtpSettings(
+        listen=table.string("listen", "127.0.0.1") or "127.0.0.1",
+        port=table.integer("port", 2525, minimum=0, maximum=65535),
+        hostname=hostname,
+        inboxes=frozenset(inboxes),
+        inbox_domains=frozenset(domains),
+        max_message_size=table.size("max_message_size", 25 * 1024 * 1024),
+        max_recipients=table.integer("max_recipients", 100, minimum=1),
+        max_received_headers=table.integer("max_received_headers", 30, minimum=1),
+        max_connections=table.integer("max_connections", 100, minimum=1),
+        timeout=table.duration("timeout", timedelta(minutes=5)),
+        data_timeout=table.duration("data_timeout", timedelta(minutes=10)),
+    )
+    table.finish()
+    return settings
+
+
+def _load_smarthost(table: Table) -> Smarthost:
+    host = table.string("host", required=True) or ""
+    port = table.integer("port", 25, minimum=1, maximum=65535)
+    password_env = table.string("password_env")
+    password = None
+    if password_env is not None:
+        value = os.environ.get(password_env)
+        if value is None:
+            table.problem(
+                "password_env",
+                f"environment variable {password_env!r} is not set; export it or remove the key",
+            )
+        else:
+            password = Secret(value)
+    if table.has("password"):
+        table.raw("password")
+        table.problem("password", "passwords are not read from the file; set password_env to the name of an environment variable")
+
+    smarthost = Smarthost(
+        host=host,
+        port=port,
+        starttls=table.boolean("starttls", True),
+        username=table.string("username"),
+        password=password,
+        timeout=table.duration("timeout", timedelta(seconds=60)),
+    )
+    table.finish()
+    return smarthost
+
+
+def _load_delivery(table: Table, default_return_path: str) -> DeliverySettings:
+    return_path = table.string("return_path", default_return_path) or default_return_path
+    if not _is_address(return_path):
+        table.fail("return_path", return_path, "an email address")
+    settings = DeliverySettings(
+        retry_initial=table.duration("retry_initial", timedelta(seconds=30)),
+        retry_max=table.duration("retry_max", timedelta(hours=1)),
+        give_up_after=table.duration("give_up_after", timedelta(days=5)),
+        concurrency=table.integer("concurrency", 4, minimum=1, maximum=100),
+        return_path=return_path.lower(),
+    )
+    return settings
+
+
+def _load_prefix(table: Table) -> str:
+    prefix = table.string("reference_prefix", "GR") or "GR"
+    if not prefix.isascii() or not prefix.isalpha() or len(prefix) > 8:
+        table.fail("reference_prefix", prefix, "1 to 8 ASCII letters")
+        return "GR"
+    return prefix.upper()

@@ -1,0 +1,79 @@
+"""Conversation references and the pure decision of which conversation a message joins.
+
+A reference such as GR-7K3M9Q travels in subjects as "[GR-7K3M9Q]". A message
+joins a conversation when its In-Reply-To or References names a message we
+know, or when its subject carries a reference of ours and its sender already
+takes part in that conversation.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .rules import Destination
+
+# Crockford's base32 alphabet: no I, L, O or U, so references survive being
+# read aloud or typed from a screenshot.
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+REFERENCE_LENGTH = 6
+
+
+def new_reference(prefix: str) -> str:
+    """Return a random reference such as GR-7K3M9Q (32**6, about 1e9, values)."""
+    code = "".join(secrets.choice(_ALPHABET) for _ in range(REFERENCE_LENGTH))
+    return f"{prefix}-{code}"
+
+
+def subject_tag(reference: str) -> str:
+    return f"[{reference}]"
+
+
+@lru_cache(maxsize=16)
+def _tag_pattern(prefix: str) -> re.Pattern[str]:
+    return re.compile(rf"\[\s*({re.escape(prefix)}-[{_ALPHABET}]{{{REFERENCE_LENGTH}}})\s*\]", re.IGNORECASE)
+
+
+def find_references(subject: str, prefix: str) -> tuple[str, ...]:
+    """Return every reference of ours tagged in `subject`, upper-cased."""
+    return tuple(match.upper() for match in _tag_pattern(prefix).findall(subject))
+
+
+@dataclass(frozen=True)
+class KnownConversation:
+    """What threading needs to know about a stored conversation."""
+
+    id: int
+    reference: str
+    route: str
+    team: str
+    participants: frozenset[str]
+    destination: Destination | None
+
+
+def choose_conversation(
+    thread_ids: tuple[str, ...],
+    tagged_references: tuple[str, ...],
+    sender_addresses: frozenset[str],
+    by_message_id: dict[str, KnownConversation],
+    by_reference: dict[str, KnownConversation],
+) -> tuple[KnownConversation | None, str]:
+    """Pick the conversation a message joins, and say why; (None, "") means a new one.
+
+    Thread headers win over a subject tag. The nearest parent counts first, so
+    the last id of References (and In-Reply-To) is tried before older ones.
+    """
+    for message_id in reversed(thread_ids):
+        known = by_message_id.get(message_id)
+        if known is not None:
+            return known, f"thread header names {message_id}"
+
+    for reference in tagged_references:
+        known = by_reference.get(reference)
+        if known is None:
+            continue
+        if sender_addresses & known.participants:
+            return known, f"subject carries [{reference}] and the sender takes part"
+    return None, ""

@@ -1,0 +1,137 @@
+"""Wiring and lifecycle: open the store, start the outbox worker and the SMTP server.
+
+Shutdown on SIGTERM or SIGINT stops listening, lets transactions whose DATA
+has started finish (up to a grace period), tells idle clients 421, stops the
+worker and closes the database. SIGHUP reloads the rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from datetime import timedelta
+
+import structlog
+
+from .clock import Clock, SystemClock
+from .config import Config
+from .delivery import DeliveryWorker, Transport
+from .errors import ConfigErrors
+from .intake import REPLY_SHUTTING_DOWN, ConnectionTracker, GuardrailSMTP, IntakeHandler
+from .rules import RuleSet, load_rules
+from .store import Store
+
+log = structlog.get_logger("guardrail.daemon")
+
+SHUTDOWN_GRACE = timedelta(seconds=30)
+
+
+def load_ruleset(config: Config) -> RuleSet:
+    """Load the rules folder named by `config`; raise ConfigErrors on any problem."""
+    return load_rules(config.rules_dir, config.path.resolve().parent)
+
+
+class Daemon:
+    """One guardrail process: SMTP intake, the store and the outbox worker."""
+
+    def __init__(self, config: Config, rules: RuleSet, *, clock: Clock | None = None, transport: Transport | None = None) -> None:
+        self.config = config
+        self.rules = rules
+        self.clock = clock or SystemClock()
+        self._transport = transport
+        self.store: Store | None = None
+        self.worker: DeliveryWorker | None = None
+        self._worker_task: asyncio.Task[None] | None = None
+        self._server: asyncio.Server | None = None
+        self._tracker = ConnectionTracker(config.smtp.max_connections)
+        self._stopping = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        """Return the TCP port the SMTP server listens on (useful with port 0)."""
+        assert self._server is not None and self._server.sockets
+        return self._server.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        """Open the store, start the outbox worker, then start listening."""
+        config = self.config
+        self.store = await Store.open(
+            config.database_path,
+            busy_timeout=config.busy_timeout,
+            reference_prefix=config.reference_prefix,
+            duplicate_window=config.duplicate_window,
+        )
+        self.worker = DeliveryWorker(self.store, config, self.clock, self._transport)
+        self._worker_task = asyncio.create_task(self.worker.run(), name="guardrail-outbox")
+
+        handler = IntakeHandler(config, self.store, self.clock, lambda: self.rules, on_committed=self.worker.wake.set)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: GuardrailSMTP(
+                handler,
+                tracker=self._tracker,
+                data_timeout=config.smtp.data_timeout.total_seconds(),
+                hostname=config.smtp.hostname,
+                ident="ESMTP guardrail",
+                data_size_limit=config.smtp.max_message_size,
+                enable_SMTPUTF8=True,
+                timeout=config.smtp.timeout.total_seconds(),
+                loop=loop,
+            ),
+            host=config.smtp.listen,
+            port=config.smtp.port,
+        )
+        log.info(
+            "daemon_started", listen=config.smtp.listen, port=self.port, database=str(config.database_path),
+            rules=self.rules.digest[:12], routes=len(self.rules.routes), teams=len(self.rules.teams),
+        )
+
+    def reload(self) -> bool:
+        """Load the rules again and swap them in whole; keep the old set on any error."""
+        try:
+            rules = load_ruleset(self.config)
+        except ConfigErrors as errors:
+            for error in errors.errors:
+                log.error("rules_reload_failed", error=str(error), kept=self.rules.digest[:12])
+            return False
+        self.rules = rules
+        log.info("rules_reloaded", rules=rules.digest[:12], routes=len(rules.routes), teams=len(rules.teams))
+        return True
+
+    async def stop(self) -> None:
+        """Stop accepting, let DATA in flight finish, stop the worker, close the store."""
+        if self._server is not None:
+            self._server.close()
+            try:
+                await asyncio.wait_for(self._tracker.idle.wait(), SHUTDOWN_GRACE.total_seconds())
+            except TimeoutError:
+                log.error("shutdown_grace_expired", transactions=self._tracker.busy)
+            for connection in list(self._tracker.connections):
+                if connection.transport is not None:
+                    connection.transport.write(REPLY_SHUTTING_DOWN.encode() + b"\r\n")
+                    connection.transport.close()
+            await self._server.wait_closed()
+            self._server = None
+        if self._worker_task is not None:
+            self._worker_task.cancel()
+            await asyncio.gather(self._worker_task, return_exceptions=True)
+            self._worker_task = None
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+        log.info("daemon_stopped")
+
+    async def serve(self) -> None:
+        """Run until SIGTERM or SIGINT; reload rules on SIGHUP."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await self.start()
+        try:
+            await self._stopping.wait()
+            log.info("shutdown_requested")
+        finally:
+            await self.stop()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)

@@ -1,0 +1,61 @@
+"""Exceptions raised by guardrail.
+
+    GuardrailError
+    ├── ConfigError              one invalid setting in a config or rule file
+    ├── ConfigErrors             every ConfigError found while loading, at once
+    ├── StorageError             the database could not be read or written
+    └── DeliveryError            a destination did not take a message
+        ├── TemporaryDeliveryError   retry later (4xx, refused, timed out)
+        └── PermanentDeliveryError   never retry (5xx, bad destination)
+
+Retries depend on the exception type, never on its text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class GuardrailError(Exception):
+    """Base class of every error guardrail raises on purpose."""
+
+
+@dataclass
+class ConfigError(GuardrailError):
+    """One invalid setting: the file, the key, the value and what is expected."""
+
+    path: Path | str
+    key: str
+    problem: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else str(self.path)
+        if self.key:
+            return f"{where}: {self.key}: {self.problem}"
+        return f"{where}: {self.problem}"
+
+
+class ConfigErrors(GuardrailError):
+    """Every problem found while loading configuration or rules."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        super().__init__("\n".join(str(error) for error in errors))
+        self.errors = errors
+
+
+class StorageError(GuardrailError):
+    """The database could not be read or written."""
+
+
+class DeliveryError(GuardrailError):
+    """A destination did not take a message."""
+
+
+class TemporaryDeliveryError(DeliveryError):
+    """A delivery attempt failed in a way that may succeed later."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """A delivery attempt failed in a way that retrying cannot fix."""

@@ -1,0 +1,363 @@
+"""SMTP intake: an aiosmtpd server that says 250 only once a message is committed.
+
+`GuardrailSMTP` changes the protocol where a hardened MTA must differ from
+stock aiosmtpd: DATA is read in large chunks, bare CR or LF is rejected,
+oversized data gets one 552 after the final dot, every reply carries an
+enhanced status code, and concurrent connections are capped.
+`IntakeHandler` holds the steps of a transaction: check the envelope, read
+the message, route it, commit it, reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from .clock import Clock
+from .config import Config
+from .loops import has_our_loop_marker, has_too_many_hops
+from .message import Summary, summarize
+from .plan import Submission
+from .routing import Facts, match_route
+from .rules import Destination, RuleSet
+from .store import Store
+
+log = structlog.get_logger("guardrail.intake")
+
+REPLY_ACCEPTED = "250 2.0.0 Ok: queued as {reference}"
+REPLY_DUPLICATE = "250 2.0.0 Ok: already queued (duplicate of {message_id})"
+REPLY_TEMPORARY = "451 4.3.0 Temporary local problem, try again later"
+REPLY_BARE_LINE_ENDING = "550 5.5.2 Bare LF or bare CR in message; lines must end with CRLF"
+REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+REPLY_TOO_MANY_HOPS = "554 5.4.6 Too many Received headers; mail loop suspected"
+REPLY_NOT_OURS = "550 5.7.1 Recipient not accepted here; this server relays only to its own inboxes"
+REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+REPLY_BAD_SENDER = "501 5.1.7 Invalid sender address"
+REPLY_BAD_RECIPIENT = "501 5.1.3 Invalid recipient address"
+REPLY_VRFY = "252 2.5.2 Cannot verify the user; send mail and delivery will be attempted"
+REPLY_EXPN = "502 5.5.1 EXPN is not available"
+REPLY_BUSY = "421 4.7.0 Too many connections, try again later"
+REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+REPLY_DATA_TIMEOUT = "421 4.4.2 Timed out waiting for message data"
+
+_ENHANCED = re.compile(r"^\d{3} \d\.\d{1,3}\.\d{1,3}\b")
+# Enhanced status codes (RFC 3463) for aiosmtpd's stock replies, by reply code.
+_DEFAULT_ENHANCED = {
+    "221": "2.0.0",
+    "250": "2.0.0",
+    "451": "4.3.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.3.0",
+    "555": "5.5.4",
+}
+_END_OF_DATA = b"\r\n.\r\n"
+_CHUNK = 256 * 1024
+
+
+def _has_bare_line_ending(data: bytes) -> bool:
+    crlf = data.count(b"\r\n")
+    return data.count(b"\n") != crlf or data.count(b"\r") != crlf
+
+
+class ConnectionTracker:
+    """Counts open connections and transactions whose DATA is being processed."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.connections: set[GuardrailSMTP] = set()
+        self.busy = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def begin(self) -> None:
+        self.busy += 1
+        self.idle.clear()
+
+    def end(self) -> None:
+        self.busy -= 1
+        if self.busy == 0:
+            self.idle.set()
+
+
+class GuardrailSMTP(SMTP):
+    """aiosmtpd's SMTP protocol with a chunked, strict DATA reader."""
+
+    def __init__(self, handler: IntakeHandler, *, tracker: ConnectionTracker, data_timeout: float, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._tracker = tracker
+        self._data_timeout = data_timeout
+        self._over_limit = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self not in self._tracker.connections:
+            self._over_limit = len(self._tracker.connections) >= self._tracker.limit
+            self._tracker.connections.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._tracker.connections.discard(self)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self._over_limit:
+            log.warning("connection_rejected", peer=_peer(self.session), reason="too many connections")
+            await self.push(REPLY_BUSY)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str):
+            status = _with_enhanced_code(status, self.hostname)
+        await super().push(status)
+
+    async def smtp_EXPN(self, arg: str) -> None:
+        await self.push(REPLY_EXPN)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # Mirrors the checks of aiosmtpd 1.4.6's smtp_DATA; only the reading differs.
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self._tracker.begin()
+        try:
+            await self._finish_data()
+        finally:
+            self._tracker.end()
+
+    async def _finish_data(self) -> None:
+        assert self.envelope is not None
+        try:
+            async with asyncio.timeout(self._data_timeout):
+                content, too_big = await self._read_data()
+        except TimeoutError:
+            log.warning("data_timed_out", peer=_peer(self.session))
+            await self.push(REPLY_DATA_TIMEOUT)
+            assert self.transport is not None
+            self.transport.close()
+            return
+
+        if too_big:
+            log.warning("message_rejected", peer=_peer(self.session), reason="too big")
+            self._set_post_data_state()
+            await self.push(REPLY_TOO_BIG)
+            return
+        if _has_bare_line_ending(content):
+            log.warning("bare_lf_rejected", peer=_peer(self.session), reason="bare LF or bare CR in DATA")
+            self._set_post_data_state()
+            await self.push(REPLY_BARE_LINE_ENDING)
+            return
+
+        # RFC 5321 section 4.5.2: remove the leading dot the client added to
+        # every line that starts with one.
+        content = content.replace(b"\r\n.", b"\r\n")
+        if content.startswith(b"."):
+            content = content[1:]
+        self.envelope.content = content
+        self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
+
+    async def _read_data(self) -> tuple[bytes, bool]:
+        """Read up to the end-of-data line; return the raw content and whether it was too big.
+
+        The content keeps its final CRLF. Past the size limit the data is read
+        and dropped, so the client gets its single reply after the final dot.
+        """
+        reader = self._reader
+        limit = self.data_size_limit or 0
+        # The CRLF that ended the DATA command line starts the first line, so
+        # an empty message (".\r\n" at once) is found like any other end.
+        buffer = bytearray(b"\r\n")
+        scanned = 0
+        dropped = 0
+        while True:
+            end = buffer.find(_END_OF_DATA, scanned)
+            if end >= 0:
+                break
+            chunk = await reader.read(_CHUNK)
+            if not chunk:
+                raise ConnectionResetError("connection closed during DATA")
+            self._reset_timeout()
+            scanned = max(0, len(buffer) - len(_END_OF_DATA) + 1)
+            buffer += chunk
+            if limit and len(buffer) + dropped > limit + len(_END_OF_DATA) + 2:
+                keep = len(_END_OF_DATA) - 1
+                dropped += len(buffer) - keep
+                del buffer[:-keep]
+                scanned = 0
+
+        leftover = bytes(buffer[end + len(_END_OF_DATA):])
+        if leftover:
+            # Commands the client sent right after the final dot belong to the
+            # command loop; StreamReader has no unread, so put them back.
+            reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
+        content = bytes(buffer[2:end + 2])
+        return content, dropped > 0 or (limit > 0 and len(content) > limit)
+
+
+def _with_enhanced_code(status: str, hostname: str) -> str:
+    code = status[:3]
+    if status[3:4] != " " or _ENHANCED.match(status) or code not in _DEFAULT_ENHANCED:
+        return status
+    # The last EHLO line and the HELO reply are not status replies.
+    if status in ("250 HELP", f"250 {hostname}"):
+        return status
+    return f"{code} {_DEFAULT_ENHANCED[code]} {status[4:]}"
+
+
+def _peer(session: Session | None) -> str:
+    if session is None or not session.peer:
+        return ""
+    peer = session.peer
+    if isinstance(peer, tuple):
+        return f"[{peer[0]}]:{peer[1]}"
+    return str(peer)
+
+
+@dataclass
+class IntakeHandler:
+    """The aiosmtpd handler: each hook is a short list of steps."""
+
+    config: Config
+    store: Store
+    clock: Clock
+    rules: Callable[[], RuleSet]
+    on_committed: Callable[[], None] = lambda: None
+    _local_domains: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._local_domains = self.config.smtp.local_domains
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
+        # A connection carries several transactions; each starts with MAIL.
+        structlog.contextvars.clear_contextvars()
+        if _has_control_characters(address):
+            log.warning("sender_rejected", peer=_peer(session), reason="control character in address")
+            return REPLY_BAD_SENDER
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
+        if _has_control_characters(address):
+            log.warning("recipient_rejected", peer=_peer(session), reason="control character in address")
+            return REPLY_BAD_RECIPIENT
+        if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
+            return REPLY_TOO_MANY_RECIPIENTS
+        if not self._is_ours(address) and not self._is_postmaster(address):
+            log.warning("recipient_rejected", peer=_peer(session), recipient=address, reason="not an inbox of ours")
+            return REPLY_NOT_OURS
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 Ok"
+
+    async def handle_VRFY(self, server: SMTP, session: Session, envelope: Envelope, address: str) -> str:
+        return REPLY_VRFY
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("smtp_session_failed", error=repr(error))
+        return REPLY_TEMPORARY
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        started = time.perf_counter()
+        try:
+            return await self._receive(session, envelope, started)
+        except Exception as error:  # noqa: BLE001 - answer 451 so the sender retries
+            log.error("message_not_accepted", error=repr(error), reason="internal failure before commit")
+            return REPLY_TEMPORARY
+
+    async def _receive(self, session: Session, envelope: Envelope, started: float) -> str:
+        structlog.contextvars.clear_contextvars()
+        raw = envelope.original_content or b""
+        rules = self.rules()
+        summary = summarize(raw, with_body=rules.needs_body)
+        structlog.contextvars.bind_contextvars(peer=_peer(session), message_id=summary.message_id)
+
+        if has_too_many_hops(summary, self.config.smtp.max_received_headers):
+            log.warning("message_rejected", reason="too many Received headers", hops=summary.received_count)
+            return REPLY_TOO_MANY_HOPS
+
+        submission = self._submission(session, envelope, raw, summary, rules)
+        structlog.contextvars.bind_contextvars(route=submission.route, team=submission.team)
+        outcome = await self.store.accept(submission)
+
+        if outcome.disposition == "duplicate":
+            log.info("message_duplicate", detail=f"duplicate of {summary.message_id or 'a message without Message-ID'}")
+            return REPLY_DUPLICATE.format(message_id=summary.message_id or "an earlier message")
+        self.on_committed()
+        structlog.contextvars.bind_contextvars(
+            conversation=outcome.reference, conversation_id=outcome.conversation_id, route=outcome.route, team=outcome.team,
+            destination=outcome.destination.describe() if outcome.destination else None,
+        )
+        log.info(
+            "message_accepted", disposition=outcome.disposition, size=len(raw),
+            thread=outcome.thread_reason or None, elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        return REPLY_ACCEPTED.format(reference=outcome.reference or f"message {outcome.message_row}")
+
+    def _submission(self, session: Session, envelope: Envelope, raw: bytes, summary: Summary, rules: RuleSet) -> Submission:
+        rcpt_tos = tuple(address.lower() for address in envelope.rcpt_tos)
+        mail_from = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
+        common = dict(
+            raw=raw, mail_from=mail_from, rcpt_tos=rcpt_tos, peer=_peer(session), helo=session.host_name or "",
+            received_at=self.clock.now(), summary=summary,
+            is_loop=has_our_loop_marker(summary, self.config.smtp.hostname),
+        )
+        if any(self._is_postmaster(address) and not self._is_ours(address) for address in rcpt_tos):
+            # RFC 5321 section 4.5.1: mail to postmaster always reaches a person.
+            owner = Destination("smtp", addresses=(self.config.postmaster_owner,))
+            return Submission(
+                **common, route="postmaster", team="postmaster", destination=owner,
+                route_reasons=("recipient is postmaster",), team_members=frozenset(), is_postmaster=True,
+            )
+        match = match_route(rules, Facts(rcpt_tos, summary))
+        return Submission(
+            **common, route=match.route.name, team=match.team.name, destination=match.team.destination,
+            route_reasons=match.reasons, team_members=match.team.member_addresses,
+        )
+
+    def _is_ours(self, address: str) -> bool:
+        address = address.lower()
+        domain = address.rpartition("@")[2]
+        return address in self.config.smtp.inboxes or domain in self.config.smtp.inbox_domains
+
+    def _is_postmaster(self, address: str) -> bool:
+        local, at, domain = address.lower().rpartition("@")
+        if not at:
+            return domain == "postmaster"
+        return local == "postmaster" and domain in self._local_domains
+
+
+def _has_control_characters(address: str) -> bool:
+    return any(ord(char) < 0x20 or ord(char) == 0x7F for char in address)

@@ -1,0 +1,182 @@
+"""Summarize raw message bytes into the plain values that decisions read.
+
+Parsing never raises: malformed MIME, raw 8-bit headers, unknown charsets and
+missing headers all produce a summary with empty fields where nothing could be
+read, so intake can still store and route the message.
+"""
+
+from __future__ import annotations
+
+import email.header
+import email.parser
+import email.policy
+import email.utils
+import re
+from dataclasses import dataclass, field
+from email.message import Message
+
+# Text bodies are decoded up to this many characters for body conditions.
+# NOTE: a body condition does not see text past the first 256 KiB characters.
+BODY_TEXT_LIMIT = 256 * 1024
+
+_MESSAGE_ID = re.compile(r"<[^<>\s]+>")
+_WHITESPACE = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What routing, threading and later decisions need to know about a message."""
+
+    message_id: str
+    from_address: str
+    from_name: str
+    reply_to: tuple[str, ...]
+    to: tuple[str, ...]
+    cc: tuple[str, ...]
+    subject: str
+    in_reply_to: tuple[str, ...]
+    references: tuple[str, ...]
+    date: str
+    headers: dict[str, tuple[str, ...]] = field(repr=False)
+    body_text: str = field(default="", repr=False)
+    received_count: int = 0
+
+    def header(self, name: str) -> tuple[str, ...]:
+        """Return every decoded value of header `name` (case-insensitive)."""
+        return self.headers.get(name.lower(), ())
+
+    def to_record(self) -> dict[str, object]:
+        """Return the stored form: everything but the headers and the body."""
+        return {
+            "message_id": self.message_id,
+            "from_address": self.from_address,
+            "from_name": self.from_name,
+            "reply_to": list(self.reply_to),
+            "to": list(self.to),
+            "cc": list(self.cc),
+            "subject": self.subject,
+            "in_reply_to": list(self.in_reply_to),
+            "references": list(self.references),
+            "date": self.date,
+        }
+
+
+def summarize(raw: bytes, *, with_body: bool = True) -> Summary:
+    """Summarize `raw` message bytes; the body is decoded only if `with_body`."""
+    parser = email.parser.BytesParser(policy=email.policy.compat32)
+    try:
+        message = parser.parsebytes(raw, headersonly=not with_body)
+    except Exception:  # noqa: BLE001 - the parser must never stop intake
+        message = Message()
+
+    headers = _decoded_headers(message)
+    from_name, from_address = _first_address(headers.get("from", ()))
+    return Summary(
+        message_id=_first_message_id(headers.get("message-id", ())),
+        from_address=from_address,
+        from_name=from_name,
+        reply_to=_addresses(headers.get("reply-to", ())),
+        to=_addresses(headers.get("to", ())),
+        cc=_addresses(headers.get("cc", ())),
+        subject=_WHITESPACE.sub(" ", " ".join(headers.get("subject", ()))).strip(),
+        in_reply_to=_message_ids(headers.get("in-reply-to", ())),
+        references=_message_ids(headers.get("references", ())),
+        date=(headers.get("date") or ("",))[0],
+        headers=headers,
+        body_text=_body_text(message) if with_body else "",
+        received_count=len(headers.get("received", ())),
+    )
+
+
+def _decoded_headers(message: Message) -> dict[str, tuple[str, ...]]:
+    headers: dict[str, list[str]] = {}
+    try:
+        items = message.items()
+    except Exception:  # noqa: BLE001
+        items = []
+    for name, value in items:
+        headers.setdefault(name.lower(), []).append(decode_header_value(value))
+    return {name: tuple(values) for name, values in headers.items()}
+
+
+def decode_header_value(value: object) -> str:
+    """Decode a header value with RFC 2047 words and raw 8-bit bytes into text."""
+    if isinstance(value, email.header.Header):
+        value = str(value)
+    text = _repair_surrogates(str(value))
+    try:
+        parts = email.header.decode_header(text)
+    except Exception:  # noqa: BLE001
+        return text
+    decoded = []
+    for chunk, charset in parts:
+        if isinstance(chunk, bytes):
+            decoded.append(_decode_bytes(chunk, charset))
+        else:
+            decoded.append(chunk)
+    return "".join(decoded)
+
+
+def _repair_surrogates(text: str) -> str:
+    # BytesParser keeps raw 8-bit header bytes as surrogate escapes; most such
+    # headers are UTF-8 written by clients that skip RFC 2047 encoding.
+    if not any("\udc80" <= char <= "\udcff" for char in text):
+        return text
+    raw = text.encode("ascii", "surrogateescape")
+    return _decode_bytes(raw, "utf-8")
+
+
+def _decode_bytes(data: bytes, charset: str | None) -> str:
+    for candidate in (charset, "utf-8"):
+        if not candidate or candidate.lower() in ("unknown-8bit", "x-unknown"):
+            continue
+        try:
+            return data.decode(candidate)
+        except (LookupError, UnicodeDecodeError):
+            continue
+    return data.decode("latin-1")
+
+
+def _addresses(values: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        pairs = email.utils.getaddresses(list(values))
+    except Exception:  # noqa: BLE001
+        return ()
+    return tuple(address.lower() for _, address in pairs if "@" in address)
+
+
+def _first_address(values: tuple[str, ...]) -> tuple[str, str]:
+    try:
+        pairs = email.utils.getaddresses(list(values[:1]))
+    except Exception:  # noqa: BLE001
+        return "", ""
+    for name, address in pairs:
+        if "@" in address:
+            return name, address.lower()
+    return "", ""
+
+
+def _message_ids(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(match for value in values for match in _MESSAGE_ID.findall(value))
+
+
+def _first_message_id(values: tuple[str, ...]) -> str:
+    found = _message_ids(values[:1])
+    return found[0] if found else ""
+
+
+def _body_text(message: Message) -> str:
+    try:
+        for part in message.walk():
+            if part.get_content_maintype() == "multipart":
+                continue
+            if part.get_content_type() != "text/plain":
+                continue
+            if part.get_content_disposition() == "attachment":
+                continue
+            payload = part.get_payload(decode=True)
+            if isinstance(payload, bytes):
+                return _decode_bytes(payload, part.get_content_charset())[:BODY_TEXT_LIMIT]
+    except Exception:  # noqa: BLE001
+        return ""
+    return ""

@@ -1,0 +1,126 @@
+"""Decide what accepting one message creates: a pure function over values.
+
+The store calls `plan_submission` inside its commit, with the lookups it made
+for the whole batch; the plan lists every row to write, so the message, its
+conversation and its outbox rows are committed together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from .conversations import KnownConversation, choose_conversation, find_references
+from .message import Summary
+from .rules import Destination
+
+# Threading looks at the newest ids only: a References header can list
+# hundreds, and the newest ones are the nearest parents.
+THREAD_IDS_CONSIDERED = 20
+
+
+@dataclass(frozen=True)
+class Submission:
+    """Everything intake knows about one message once its DATA is read."""
+
+    raw: bytes
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    peer: str
+    helo: str
+    received_at: datetime
+    summary: Summary
+    route: str
+    team: str
+    destination: Destination | None
+    route_reasons: tuple[str, ...]
+    team_members: frozenset[str]
+    is_loop: bool = False
+    is_postmaster: bool = False
+
+    @property
+    def dedupe_key(self) -> str:
+        """Identify a retransmission: same Message-ID, envelope and content."""
+        digest = hashlib.sha256()
+        for part in (self.summary.message_id, self.mail_from, ",".join(sorted(self.rcpt_tos))):
+            digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+        digest.update(hashlib.sha256(self.raw).digest())
+        return digest.hexdigest()
+
+    @property
+    def thread_ids(self) -> tuple[str, ...]:
+        ids = self.summary.references + self.summary.in_reply_to
+        return ids[-THREAD_IDS_CONSIDERED:]
+
+    @property
+    def sender_addresses(self) -> frozenset[str]:
+        addresses = {self.summary.from_address, self.mail_from.lower()}
+        return frozenset(address for address in addresses if address)
+
+
+@dataclass
+class Plan:
+    """The rows one accepted message adds, and how intake should describe it."""
+
+    disposition: str  # "new", "follow_up", "loop", "postmaster" or "duplicate"
+    conversation: KnownConversation | None = None
+    opens_conversation: bool = False
+    thread_reason: str = ""
+    route: str = ""
+    team: str = ""
+    destination: Destination | None = None
+    participants_added: frozenset[str] = field(default_factory=frozenset)
+
+
+def plan_submission(
+    submission: Submission,
+    *,
+    is_duplicate: bool,
+    reference_prefix: str,
+    by_message_id: dict[str, KnownConversation],
+    by_reference: dict[str, KnownConversation],
+    new_conversation: KnownConversation,
+) -> Plan:
+    """Return what committing `submission` creates.
+
+    `new_conversation` is the conversation to open if the message starts one.
+    """
+    if is_duplicate:
+        return Plan("duplicate")
+    if submission.is_postmaster:
+        return Plan(
+            "postmaster",
+            route=submission.route,
+            team=submission.team,
+            destination=submission.destination,
+        )
+
+    tagged = find_references(submission.summary.subject, reference_prefix)
+    known, reason = choose_conversation(
+        submission.thread_ids, tagged, submission.sender_addresses, by_message_id, by_reference
+    )
+    if known is not None:
+        return Plan(
+            "loop" if submission.is_loop else "follow_up",
+            conversation=known,
+            thread_reason=reason,
+            route=known.route,
+            team=known.team,
+            destination=known.destination,
+            participants_added=submission.sender_addresses - known.participants,
+        )
+    return Plan(
+        "loop" if submission.is_loop else "new",
+        conversation=new_conversation,
+        opens_conversation=True,
+        route=submission.route,
+        team=submission.team,
+        destination=submission.destination,
+    )
+
+
+def opening_participants(submission: Submission) -> frozenset[str]:
+    """Return who takes part in a conversation that `submission` opens."""
+    summary: Summary = submission.summary
+    return submission.sender_addresses | frozenset(summary.reply_to) | submission.team_members

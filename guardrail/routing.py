@@ -1,0 +1,113 @@
+"""Match a message to a route: a pure function over a RuleSet and message values.
+
+Routes are tried in order and the first match wins; the default route is last
+and matches everything. Address fields compare bare addresses (never display
+names); address and domain patterns must match the whole value.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .message import Summary
+from .rules import ADDRESS_FIELDS, Condition, Route, RuleSet, Team
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class Facts:
+    """The values routes test: the envelope recipients and the message summary."""
+
+    rcpt_tos: tuple[str, ...]
+    summary: Summary
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    route: Route
+    team: Team
+    reasons: tuple[str, ...]
+
+
+def match_route(rules: RuleSet, facts: Facts) -> RouteMatch:
+    """Return the first route whose conditions hold for `facts`, with the reasons."""
+    for route in rules.routes:
+        reasons = _route_reasons(route, facts)
+        if reasons is not None:
+            return RouteMatch(route, rules.teams[route.team], tuple(reasons))
+    raise AssertionError("a loaded RuleSet always ends with a default route")
+
+
+def _route_reasons(route: Route, facts: Facts) -> list[str] | None:
+    if route.is_default:
+        return ["default route"]
+    reasons: list[str] = []
+    for condition in route.all:
+        reason = _evaluate(condition, facts)
+        if reason is None:
+            return None
+        reasons.append(reason)
+    if route.any:
+        for condition in route.any:
+            reason = _evaluate(condition, facts)
+            if reason is not None:
+                reasons.append(reason)
+                break
+        else:
+            return None
+    return reasons
+
+
+def _evaluate(condition: Condition, facts: Facts) -> str | None:
+    """Return why `condition` holds for `facts`, or None when it does not."""
+    if condition.field == "all":
+        reasons = [_evaluate(child, facts) for child in condition.children]
+        return None if None in reasons else "all(" + "; ".join(reasons) + ")"  # type: ignore[arg-type]
+    if condition.field == "any":
+        for child in condition.children:
+            reason = _evaluate(child, facts)
+            if reason is not None:
+                return reason
+        return None
+    if condition.field == "not":
+        return None if _evaluate(condition.children[0], facts) is not None else f"not({condition.children[0].describe()})"
+
+    for value in _field_values(condition, facts):
+        if _test(condition, value):
+            return f"{condition.describe()} matched {value!r}"
+    return None
+
+
+def _field_values(condition: Condition, facts: Facts) -> tuple[str, ...]:
+    summary = facts.summary
+    match condition.field:
+        case "rcpt":
+            return facts.rcpt_tos
+        case "from":
+            return (summary.from_address,) if summary.from_address else ()
+        case "from_domain":
+            return (summary.from_address.rpartition("@")[2],) if summary.from_address else ()
+        case "to":
+            return summary.to + summary.cc
+        case "subject":
+            return (summary.subject,)
+        case "body":
+            return (summary.body_text,)
+        case "header":
+            return summary.header(condition.header_name)
+    return ()
+
+
+def _test(condition: Condition, value: str) -> bool:
+    whole_value = condition.field in ADDRESS_FIELDS or condition.field == "from_domain"
+    if condition.operator == "regex":
+        if whole_value:
+            return any(pattern.fullmatch(value) for pattern in condition.patterns)
+        return any(pattern.search(value) for pattern in condition.patterns)
+
+    folded = _WHITESPACE.sub(" ", value).strip().lower()
+    if condition.operator == "is":
+        return folded in condition.values
+    return any(needle in folded for needle in condition.values)

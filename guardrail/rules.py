@@ -1,0 +1,334 @@
+"""Load rule files (`*.toml` in the rules folder) into one validated RuleSet.
+
+Files are read in name order; within a file, routes keep their order. Loading
+is all or nothing: any error rejects the whole set, so the daemon never routes
+with half a rule set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, ConfigErrors
+from .tomlcheck import Table, read_toml
+
+ADDRESS_FIELDS = ("rcpt", "from", "to")
+TEXT_FIELDS = ("subject", "body")
+FIELDS = (*ADDRESS_FIELDS, "from_domain", *TEXT_FIELDS, "header")
+OPERATORS = ("is", "contains", "regex")
+COMBINATORS = ("all", "any", "not")
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    address: str
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a team's mail goes: a local maildir or SMTP addresses via the smarthost."""
+
+    kind: str  # "maildir" or "smtp"
+    maildir: str = ""
+    addresses: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.kind == "maildir":
+            return f"maildir {self.maildir}"
+        return "smtp " + ", ".join(self.addresses)
+
+    def to_record(self) -> dict[str, Any]:
+        return {"kind": self.kind, "maildir": self.maildir, "addresses": list(self.addresses)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Destination:
+        return cls(record["kind"], record.get("maildir", ""), tuple(record.get("addresses", ())))
+
+
+@dataclass(frozen=True)
+class Team:
+    name: str
+    destination: Destination | None
+    members: tuple[Member, ...]
+
+    @property
+    def member_addresses(self) -> frozenset[str]:
+        return frozenset(member.address for member in self.members)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One test on one field of a message, or a combination of conditions."""
+
+    field: str  # one of FIELDS, or "all", "any", "not"
+    operator: str = ""
+    values: tuple[str, ...] = ()
+    patterns: tuple[re.Pattern[str], ...] = ()
+    header_name: str = ""
+    children: tuple[Condition, ...] = ()
+
+    def describe(self) -> str:
+        if self.field in COMBINATORS:
+            inner = ", ".join(child.describe() for child in self.children)
+            return f"{self.field}({inner})"
+        name = f"header {self.header_name}" if self.field == "header" else self.field
+        shown = self.values[0] if len(self.values) == 1 else list(self.values)
+        return f"{name} {self.operator} {shown!r}"
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    team: str
+    source: str
+    all: tuple[Condition, ...] = ()
+    any: tuple[Condition, ...] = ()
+    is_default: bool = False
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    teams: dict[str, Team]
+    routes: tuple[Route, ...]
+    files: tuple[Path, ...]
+    digest: str
+    needs_body: bool = field(default=False)
+
+    @property
+    def default_route(self) -> Route:
+        return self.routes[-1]
+
+
+def load_rules(directory: Path, base: Path) -> RuleSet:
+    """Load every `*.toml` file in `directory`; relative maildir paths resolve against `base`.
+
+    Raises ConfigErrors listing every problem in every file.
+    """
+    errors: list[ConfigError] = []
+    files = sorted(directory.glob("*.toml")) if directory.is_dir() else []
+    if not files:
+        what = "contains no *.toml rule files" if directory.is_dir() else "is not a folder"
+        raise ConfigErrors([ConfigError(directory, "", f"rules folder {what}; set rules.directory in the config")])
+
+    digest = hashlib.sha256()
+    team_entries: list[tuple[Table, int]] = []
+    route_entries: list[tuple[Table, int]] = []
+    for path in files:
+        data = read_toml(path, errors)
+        if data is None:
+            continue
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        top = Table(path, data, "", errors)
+        team_entries += _entries(top, "team")
+        route_entries += _entries(top, "route")
+        top.finish()
+
+    teams: dict[str, Team] = {}
+    for table, _ in team_entries:
+        team = _load_team(table, base)
+        if team is None:
+            continue
+        if team.name in teams:
+            table.problem("name", f"team {team.name!r} is defined twice; team names must be unique")
+        teams[team.name] = team
+
+    routes = _load_routes(route_entries, teams, errors)
+    if errors:
+        raise ConfigErrors(errors)
+
+    needs_body = any(_uses_body(condition) for route in routes for condition in route.all + route.any)
+    return RuleSet(teams, tuple(routes), tuple(files), digest.hexdigest(), needs_body)
+
+
+def _entries(top: Table, name: str) -> list[tuple[Table, int]]:
+    value = top.raw(name, [])
+    if not isinstance(value, list):
+        top.fail(name, value, f"an array of tables written as [[{name}]]")
+        return []
+    return [(Table(top.path, item, f"{name}[{index}]", top.errors), index) for index, item in enumerate(value)]
+
+
+def _load_team(table: Table, base: Path) -> Team | None:
+    name = table.string("name", required=True)
+    if name:
+        table.prefix = f"{table.prefix} ({name})"
+    destination = _load_destination(table, base)
+    members = []
+    raw_members = table.raw("members", [])
+    if not isinstance(raw_members, list):
+        table.fail("members", raw_members, 'a list of tables such as { name = "Ann", address = "ann@example.com" }')
+        raw_members = []
+    for index, item in enumerate(raw_members):
+        member_table = Table(table.path, item, table.key(f"members[{index}]"), table.errors)
+        member_name = member_table.string("name", required=True)
+        address = member_table.string("address", required=True)
+        if address is not None and "@" not in address:
+            member_table.fail("address", address, "an email address")
+        member_table.finish()
+        if member_name and address:
+            members.append(Member(member_name, address.lower()))
+    table.finish()
+    if not name:
+        return None
+    return Team(name, destination, tuple(members))
+
+
+def _load_destination(table: Table, base: Path) -> Destination | None:
+    if not table.has("destination"):
+        return None
+    spec = table.table("destination")
+    maildir = spec.string("maildir")
+    smtp = spec.raw("smtp")
+    spec.finish()
+    if (maildir is None) == (smtp is None):
+        spec.problem("", 'set exactly one of maildir = "PATH" or smtp = ["ADDRESS", ...]')
+        return None
+    if maildir is not None:
+        return Destination("maildir", maildir=str(base / maildir))
+    addresses = [smtp] if isinstance(smtp, str) else smtp
+    if not isinstance(addresses, list) or not addresses or not all(isinstance(a, str) and "@" in a for a in addresses):
+        spec.fail("smtp", smtp, "an email address or a list of email addresses")
+        return None
+    return Destination("smtp", addresses=tuple(address.lower() for address in addresses))
+
+
+def _load_routes(entries: list[tuple[Table, int]], teams: dict[str, Team], errors: list[ConfigError]) -> list[Route]:
+    routes: list[Route] = []
+    defaults: list[Route] = []
+    names: set[str] = set()
+    for table, _ in entries:
+        route = _load_route(table, teams)
+        if route is None:
+            continue
+        if route.name in names:
+            table.problem("name", f"route {route.name!r} is defined twice; route names must be unique")
+        names.add(route.name)
+        (defaults if route.is_default else routes).append(route)
+
+    if not defaults and entries:
+        errors.append(ConfigError(entries[-1][0].path, "route", "no default route; add a [[route]] with default = true"))
+    if not entries:
+        errors.append(ConfigError("rules", "route", "no routes defined; add at least a [[route]] with default = true"))
+    for extra in defaults[1:]:
+        errors.append(ConfigError(extra.source, "route", f"route {extra.name!r} is a second default route; keep exactly one"))
+    return routes + defaults[:1]
+
+
+def _load_route(table: Table, teams: dict[str, Team]) -> Route | None:
+    name = table.string("name", required=True)
+    if name:
+        table.prefix = f"{table.prefix} ({name})"
+    team = table.string("team", required=True)
+    if team is not None and team not in teams:
+        known = ", ".join(sorted(teams)) or "none"
+        table.problem("team", f"team {team!r} does not exist; defined teams: {known}")
+    is_default = table.boolean("default", False)
+    all_conditions = _load_condition_list(table, "all")
+    any_conditions = _load_condition_list(table, "any")
+    table.finish()
+
+    if is_default and (all_conditions or any_conditions):
+        table.problem("default", "a default route matches everything, so it cannot have all or any conditions")
+    if not is_default and not (table.has("all") or table.has("any")):
+        table.problem("", "route has no conditions; add all = [...] or any = [...], or set default = true")
+    if not name or team is None:
+        return None
+    return Route(name, team, str(table.path), tuple(all_conditions), tuple(any_conditions), is_default)
+
+
+def _load_condition_list(table: Table, key: str) -> list[Condition]:
+    value = table.raw(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not value:
+        table.fail(key, value, 'a non-empty list of conditions such as [{ subject.contains = "invoice" }]')
+        return []
+    conditions = []
+    for index, item in enumerate(value):
+        condition = _load_condition(Table(table.path, item, table.key(f"{key}[{index}]"), table.errors))
+        if condition is not None:
+            conditions.append(condition)
+    return conditions
+
+
+def _load_condition(table: Table) -> Condition | None:
+    keys = list(table.data)
+    if len(keys) != 1:
+        table.problem("", f"a condition has exactly one field ({', '.join(FIELDS)}) or one of all/any/not; found {keys}")
+        return None
+    (field_name,) = keys
+    spec = table.raw(field_name)
+
+    if field_name in ("all", "any"):
+        children = _load_condition_list(table, field_name)
+        return Condition(field_name, children=tuple(children)) if children else None
+    if field_name == "not":
+        child = _load_condition(Table(table.path, spec, table.key("not"), table.errors))
+        return Condition("not", children=(child,)) if child else None
+    if field_name == "header":
+        return _load_header_condition(Table(table.path, spec, table.key("header"), table.errors))
+    if field_name not in FIELDS:
+        table.problem(field_name, f"unknown field; use one of {', '.join(FIELDS)}, all, any or not")
+        return None
+    return _load_operator(table, field_name, spec, header_name="")
+
+
+def _load_header_condition(table: Table) -> Condition | None:
+    names = list(table.data)
+    if len(names) != 1:
+        table.problem("", 'name one header per condition, such as { header.X-Priority.is = "1" }')
+        return None
+    (header_name,) = names
+    return _load_operator(table, "header", table.raw(header_name), header_name=header_name)
+
+
+def _load_operator(table: Table, field_name: str, spec: Any, header_name: str) -> Condition | None:
+    key = header_name or field_name
+    if isinstance(spec, (str, list)):
+        spec = {"is": spec}
+    if not isinstance(spec, dict) or len(spec) != 1:
+        table.fail(key, spec, f"one operator ({', '.join(OPERATORS)}) with a string or a list of strings")
+        return None
+    ((operator, value),) = spec.items()
+    if operator not in OPERATORS:
+        table.problem(f"{key}.{operator}", f"unknown operator; use one of {', '.join(OPERATORS)}")
+        return None
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or not all(isinstance(item, str) for item in values):
+        table.fail(f"{key}.{operator}", value, "a string or a non-empty list of strings")
+        return None
+
+    patterns = []
+    if operator == "regex":
+        patterns = _compile_patterns(table, f"{key}.{operator}", field_name, values)
+        if patterns is None:
+            return None
+    if operator != "regex":
+        # "is" and "contains" ignore case on every field.
+        values = [item.strip().lower() for item in values]
+    return Condition(field_name, operator, tuple(values), tuple(patterns), header_name)
+
+
+def _compile_patterns(table: Table, key: str, field_name: str, values: list[str]) -> list[re.Pattern[str]] | None:
+    # Address and domain patterns are full matches and ignore case, so
+    # 'ceo@example\.com' never matches 'ceo@example.com.attacker.example'.
+    flags = re.IGNORECASE if field_name in (*ADDRESS_FIELDS, "from_domain") else 0
+    compiled = []
+    for pattern in values:
+        try:
+            compiled.append(re.compile(pattern, flags))
+        except re.error as error:
+            table.problem(key, f"invalid regular expression {pattern!r}: {error}")
+            return None
+    return compiled
+
+
+def _uses_body(condition: Condition) -> bool:
+    if condition.field == "body":
+        return True
+    return any(_uses_body(child) for child in condition.children)

@@ -1,0 +1,207 @@
+"""Typed reads from parsed TOML tables that collect every error they find.
+
+Config and rule loading both read through `Table`, so every error names the
+file, the dotted key, the bad value and what is expected, and loading reports
+all problems at once instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_DURATION_UNITS = {
+    "ms": timedelta(milliseconds=1),
+    "s": timedelta(seconds=1),
+    "m": timedelta(minutes=1),
+    "h": timedelta(hours=1),
+    "d": timedelta(days=1),
+    "w": timedelta(weeks=1),
+}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+_TOML_LINE = re.compile(r"at line (\d+)")
+
+
+def read_toml(path: Path, errors: list[ConfigError]) -> dict[str, Any] | None:
+    """Parse a TOML file, or record why it could not be read and return None."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        errors.append(ConfigError(path, "", "file not found"))
+    except OSError as error:
+        errors.append(ConfigError(path, "", f"cannot be read: {error.strerror}"))
+    except tomllib.TOMLDecodeError as error:
+        match = _TOML_LINE.search(str(error))
+        line = int(match.group(1)) if match else None
+        hint = ""
+        if "escape" in str(error).lower():
+            hint = (
+                "; inside double quotes a backslash starts an escape, so write"
+                " regular expressions in single quotes ('...') instead"
+            )
+        errors.append(ConfigError(path, "", f"invalid TOML: {error}{hint}", line=line))
+    return None
+
+
+def parse_duration(value: Any) -> timedelta | None:
+    """Parse "30s", "5m", "2h", "1d", "1w", "250ms" or a number of seconds."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return timedelta(seconds=value) if value >= 0 else None
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return None
+
+
+def parse_size(value: Any) -> int | None:
+    """Parse a byte count: an integer, or text such as "25MB" or "10MiB"."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            unit = (match.group(2) or "b").lower()
+            return int(match.group(1)) * _SIZE_UNITS[unit]
+    return None
+
+
+class Table:
+    """One TOML table being validated: reads keys and remembers which were used."""
+
+    def __init__(
+        self,
+        path: Path,
+        data: Any,
+        prefix: str,
+        errors: list[ConfigError],
+    ) -> None:
+        self.path = path
+        self.prefix = prefix
+        self.errors = errors
+        if not isinstance(data, dict):
+            self.fail("", data, "a table")
+            data = {}
+        self.data: dict[str, Any] = data
+        self._used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, value: Any, expected: str) -> None:
+        """Record that key `name` holds `value` where `expected` was needed."""
+        key = self.key(name) if name else self.prefix
+        self.errors.append(ConfigError(self.path, key, f"invalid value {value!r}; expected {expected}"))
+
+    def problem(self, name: str, text: str) -> None:
+        """Record a problem with key `name` described by `text`."""
+        key = self.key(name) if name else self.prefix
+        self.errors.append(ConfigError(self.path, key, text))
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def raw(self, name: str, default: Any = None) -> Any:
+        self._used.add(name)
+        return self.data.get(name, default)
+
+    def string(self, name: str, default: str | None = None, *, required: bool = False) -> str | None:
+        value = self.raw(name)
+        if value is None:
+            if required:
+                self.problem(name, "missing; this key is required")
+            return default
+        if not isinstance(value, str):
+            self.fail(name, value, "a string")
+            return default
+        return value
+
+    def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        in_range = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        if in_range and maximum is not None:
+            in_range = value <= maximum
+        if not in_range:
+            upper = f" and at most {maximum}" if maximum is not None else ""
+            self.fail(name, value, f"an integer of at least {minimum}{upper}")
+            return default
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.fail(name, value, "true or false")
+            return default
+        return value
+
+    def duration(self, name: str, default: timedelta) -> timedelta:
+        value = self.raw(name)
+        if value is None:
+            return default
+        parsed = parse_duration(value)
+        if parsed is None:
+            self.fail(name, value, 'a duration such as "30s", "5m", "2h" or "1d"')
+            return default
+        return parsed
+
+    def size(self, name: str, default: int) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        parsed = parse_size(value)
+        if parsed is None or parsed == 0:
+            self.fail(name, value, 'a positive size in bytes, such as 1048576 or "25MB"')
+            return default
+        return parsed
+
+    def strings(self, name: str, default: list[str] | None = None) -> list[str]:
+        value = self.raw(name)
+        if value is None:
+            return list(default or [])
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            self.fail(name, value, "a list of strings")
+            return list(default or [])
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if value not in choices:
+            self.fail(name, value, "one of " + ", ".join(repr(choice) for choice in choices))
+            return default
+        return value
+
+    def table(self, name: str) -> Table:
+        self._used.add(name)
+        return Table(self.path, self.data.get(name, {}), self.key(name), self.errors)
+
+    def finish(self) -> None:
+        """Record every key that no read asked for as unknown."""
+        for name in self.data:
+            if name not in self._used:
+                self.problem(name, "unknown key; check its spelling against config.example.toml or the README")

@@ -1,0 +1,238 @@
+"""Shared fixtures: config files in tmp_path, a running daemon, a loopback SMTP sink."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from guardrail.clock import Clock
+from guardrail.config import load_config
+from guardrail.daemon import Daemon, load_ruleset
+
+DATA = Path(__file__).parent / "data"
+
+TEAMS = """
+[[team]]
+name = "support"
+destination = { maildir = "var/maildir/support" }
+members = [{ name = "Sam Ortiz", address = "sam@example.org" }]
+
+[[team]]
+name = "billing"
+destination = { maildir = "var/maildir/billing" }
+members = [{ name = "Bea Keller", address = "bea@example.org" }]
+"""
+
+ROUTES = """
+[[route]]
+name = "billing"
+team = "billing"
+any = [{ rcpt.is = "billing@example.org" }, { subject.contains = "invoice" }]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+"""
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(
+    folder: Path,
+    *,
+    rules: str = TEAMS + ROUTES,
+    smtp: dict[str, Any] | None = None,
+    sections: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Write a config and one rules file under `folder`; return the config path."""
+    smtp_settings = {
+        "listen": "127.0.0.1",
+        "port": 0,
+        "hostname": "mx.test.example",
+        "inboxes": ["support@example.org", "billing@example.org"],
+        "timeout": "30s",
+    }
+    smtp_settings.update(smtp or {})
+    all_sections: dict[str, dict[str, Any]] = {
+        "smtp": smtp_settings,
+        "postmaster": {"owner": "ops@example.org"},
+        "log": {"format": "json"},
+    }
+    for name, values in (sections or {}).items():
+        all_sections.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in all_sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    (folder / "rules").mkdir(exist_ok=True)
+    (folder / "rules" / "rules.toml").write_text(rules)
+    path = folder / "guardrail.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+
+
+@dataclass
+class SinkHandler:
+    messages: list[Received] = field(default_factory=list)
+    reply: str | None = None
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.reply is not None:
+            return self.reply
+        self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        self.arrived.set()
+        return "250 2.0.0 Ok"
+
+
+@dataclass
+class Sink:
+    """A loopback SMTP server that collects what it receives."""
+
+    handler: SinkHandler
+    server: asyncio.Server
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.handler.messages
+
+
+async def start_sink(port: int = 0) -> Sink:
+    handler = SinkHandler()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTP(handler, hostname="sink.test.example", enable_SMTPUTF8=True, loop=loop),
+        "127.0.0.1",
+        port,
+    )
+    return Sink(handler, server)
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    started = await start_sink()
+    yield started
+    started.server.close()
+    await started.server.wait_closed()
+
+
+DaemonFactory = Callable[..., Awaitable[Daemon]]
+
+
+@pytest.fixture
+async def start_daemon() -> AsyncIterator[DaemonFactory]:
+    """Return a function that starts a daemon on a config path; all are stopped at teardown."""
+    running: list[Daemon] = []
+
+    async def start(config_path: Path, clock: Clock | None = None) -> Daemon:
+        config = load_config(config_path)
+        daemon = Daemon(config, load_ruleset(config), clock=clock)
+        await daemon.start()
+        running.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in running:
+        if daemon.store is not None:
+            await daemon.stop()
+
+
+def send_sync(port: int, mail_from: str, rcpt_tos: list[str], data: bytes) -> dict[str, Any]:
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test.example", timeout=10) as client:
+        return client.sendmail(mail_from, rcpt_tos, data)
+
+
+async def send(port: int, mail_from: str, rcpt_tos: list[str], data: bytes) -> dict[str, Any]:
+    """Send one message with smtplib in a worker thread."""
+    return await asyncio.to_thread(send_sync, port, mail_from, rcpt_tos, data)
+
+
+def converse_sync(port: int, data: bytes, *, expect_close: bool = True, timeout: float = 10) -> list[str]:
+    """Send raw client bytes after the greeting and return every reply line, greeting first."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        received = b""
+        while b"\r\n" not in received:
+            received += connection.recv(4096)
+        connection.sendall(data)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = connection.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            received += chunk
+    return [line for line in received.decode("utf-8", "replace").split("\r\n") if line]
+
+
+async def converse(port: int, data: bytes, *, timeout: float = 10) -> list[str]:
+    return await asyncio.to_thread(converse_sync, port, data, timeout=timeout)
+
+
+async def wait_until(predicate: Callable[[], Any], *, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `predicate` every 20 ms until it is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def maildir_messages(folder: Path) -> list[bytes]:
+    """Return the contents of every message in a maildir's new/ folder, by name."""
+    new = folder / "new"
+    if not new.is_dir():
+        return []
+    return [path.read_bytes() for path in sorted(new.iterdir())]
+
+
+def message(
+    *,
+    subject: str = "Printer on floor 3 jams",
+    sender: str = "Alice Example <alice@example.com>",
+    to: str = "support@example.org",
+    message_id: str = "<m1@example.com>",
+    extra_headers: str = "",
+    body: str = "Hello,\r\nthe printer jams.\r\n",
+) -> bytes:
+    """Build a small CRLF message."""
+    headers = (
+        f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n"
+        f"Date: Tue, 04 Nov 2025 10:00:00 +0100\r\nMessage-ID: {message_id}\r\n{extra_headers}"
+    )
+    return (headers + "\r\n" + body).encode("utf-8")
