@@ -101,13 +101,15 @@ def _decoded_headers(message: Message) -> dict[str, tuple[str, ...]]:
 
 def decode_header_value(value: object) -> str:
     """Decode a header value with RFC 2047 words and raw 8-bit bytes into text."""
-    if isinstance(value, email.header.Header):
-        value = str(value)
-    text = _repair_surrogates(str(value))
     try:
-        parts = email.header.decode_header(text)
+        if isinstance(value, email.header.Header):
+            # compat32 wraps raw 8-bit header bytes in a Header whose charset
+            # is unknown-8bit; its chunks are bytes decoded below.
+            parts = email.header.decode_header(value)
+        else:
+            parts = email.header.decode_header(_repair_surrogates(str(value)))
     except Exception:  # noqa: BLE001
-        return text
+        return _repair_surrogates(str(value))
     decoded = []
     for chunk, charset in parts:
         if isinstance(chunk, bytes):

@@ -137,7 +137,8 @@ def load_rules(directory: Path, base: Path) -> RuleSet:
             table.problem("name", f"team {team.name!r} is defined twice; team names must be unique")
         teams[team.name] = team
 
-    routes = _load_routes(route_entries, teams, errors)
+    unreadable = bool(errors)
+    routes = _load_routes(route_entries, teams, errors, directory, check_default=not unreadable)
     if errors:
         raise ConfigErrors(errors)
 
@@ -197,7 +198,14 @@ def _load_destination(table: Table, base: Path) -> Destination | None:
     return Destination("smtp", addresses=tuple(address.lower() for address in addresses))
 
 
-def _load_routes(entries: list[tuple[Table, int]], teams: dict[str, Team], errors: list[ConfigError]) -> list[Route]:
+def _load_routes(
+    entries: list[tuple[Table, int]],
+    teams: dict[str, Team],
+    errors: list[ConfigError],
+    directory: Path,
+    *,
+    check_default: bool,
+) -> list[Route]:
     routes: list[Route] = []
     defaults: list[Route] = []
     names: set[str] = set()
@@ -210,10 +218,11 @@ def _load_routes(entries: list[tuple[Table, int]], teams: dict[str, Team], error
         names.add(route.name)
         (defaults if route.is_default else routes).append(route)
 
-    if not defaults and entries:
+    # A file that did not parse may hold the default route: say nothing then.
+    if check_default and not defaults and entries:
         errors.append(ConfigError(entries[-1][0].path, "route", "no default route; add a [[route]] with default = true"))
-    if not entries:
-        errors.append(ConfigError("rules", "route", "no routes defined; add at least a [[route]] with default = true"))
+    if check_default and not entries:
+        errors.append(ConfigError(directory, "route", "no routes defined; add at least a [[route]] with default = true"))
     for extra in defaults[1:]:
         errors.append(ConfigError(extra.source, "route", f"route {extra.name!r} is a second default route; keep exactly one"))
     return routes + defaults[:1]

@@ -1,0 +1,613 @@
+"""Intake throughput: guardrail against a bare aiosmtpd sink, same load generator, same run.
+
+Each server runs in its own process on 127.0.0.1: the stock-asyncio sink
+(bench/_sink.py), the same sink on uvloop, and guardrail with a temporary
+config whose outbox worker delivers to a maildir as in production. For each
+message size and concurrency, C workers each keep one SMTP connection and send
+MAIL, RCPT and DATA in a loop; after a warm-up, the 250 replies to DATA that
+arrive during the measuring window are counted.
+
+Run from the repository root, in a virtualenv with guardrail installed:
+
+    python bench/intake.py [--seconds 10] [--sizes 4096,65536] [--concurrency 1,10,50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from email.utils import format_datetime
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SINK_SCRIPT = Path(__file__).resolve().parent / "_sink.py"
+
+SENDER = "customer@example.net"
+RECIPIENT = "support@example.org"
+LINE_LENGTH = 76  # RFC 2045 section 6.7: encoded lines are at most 76 characters
+STARTUP_TIMEOUT = 20.0  # seconds a server gets to accept its first connection
+REPLY_TIMEOUT = 30.0  # seconds one SMTP transaction may take before it counts as an error
+STOP_TIMEOUT = 40.0  # guardrail lets DATA in flight finish for up to 30 s on SIGTERM
+MAX_ERROR_SAMPLES = 5
+MAX_RECONNECTS = 20  # per worker and cell
+
+WORDS = (
+    "account", "order", "shipping", "password", "login", "screen", "error", "question", "please", "thanks",
+    "yesterday", "customer", "number", "update", "settings", "browser", "version", "help", "again", "team",
+    "the", "a", "my", "we", "it", "is", "not", "when", "after", "with", "from", "to", "and", "but", "for",
+)
+
+GUARDRAIL_CONFIG = """\
+[smtp]
+listen = "127.0.0.1"
+port = {port}
+hostname = "mx.bench"
+inboxes = ["{recipient}"]
+max_message_size = "16MiB"
+max_connections = 200
+
+[postmaster]
+owner = "ops@example.org"
+
+[database]
+path = "guardrail.db"
+
+[outbound]
+maildir = "outbound"
+
+[rules]
+directory = "rules"
+
+[log]
+format = "json"
+level = "warning"
+"""
+
+# One team and a default route, plus routes whose regex and contains
+# conditions are evaluated for every message and never match the load.
+GUARDRAIL_RULES = """\
+[[team]]
+name = "support"
+destination = { maildir = "maildir/support" }
+members = [{ name = "Sam Ortiz", address = "sam.ortiz@example.org" }]
+
+[[route]]
+name = "billing-words"
+team = "support"
+any = [
+    { subject.regex = '(?i)\\b(invoice|refund|receipt|chargeback)\\b' },
+    { from_domain.is = ["stripe.com", "paddle.com"] },
+]
+
+[[route]]
+name = "outage-reports"
+team = "support"
+all = [
+    { any = [{ subject.contains = ["outage", "not working", "is down"] }, { header.X-Priority.is = "1" }] },
+    { rcpt.is = "support@example.org" },
+]
+
+[[route]]
+name = "key-accounts"
+team = "support"
+any = [
+    { from.regex = '.*@(bigcorp|megacorp)\\.example' },
+    { to.contains = "escalations" },
+]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+"""
+
+
+# -- messages -------------------------------------------------------------------
+
+
+class MessageFactory:
+    """Builds messages of about `size` bytes, each with a unique Message-ID."""
+
+    def __init__(self, size: int, run_id: str) -> None:
+        self._run_id = run_id
+        self._date = format_datetime(datetime.now(timezone.utc))
+        header_size = len(self._headers(0, 0, 0))
+        self._body = _padding_body(max(size - header_size, LINE_LENGTH + 2))
+
+    def _headers(self, worker: int, sequence: int, order: int) -> bytes:
+        return (
+            f"Received: from laptop.example.net (laptop.example.net [192.0.2.10])\r\n"
+            f"\tby smtp.example.net with ESMTPSA id w{worker}s{sequence}; {self._date}\r\n"
+            f"From: Casey Customer <{SENDER}>\r\n"
+            f"To: Support <{RECIPIENT}>\r\n"
+            f"Subject: Question about my account settings (order {order:06d})\r\n"
+            f"Date: {self._date}\r\n"
+            f"Message-ID: <{self._run_id}.{worker}.{sequence}@laptop.example.net>\r\n"
+            f"MIME-Version: 1.0\r\n"
+            f"Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Transfer-Encoding: 7bit\r\n"
+            f"User-Agent: bench-loadgen/1.0\r\n"
+            f"\r\n"
+        ).encode()
+
+    def build(self, worker: int, sequence: int) -> bytes:
+        """Return one message ending with CRLF; no line starts with a dot, so no dot-stuffing is needed."""
+        return self._headers(worker, sequence, (worker * 7919 + sequence) % 1_000_000) + self._body
+
+
+def _padding_body(size: int) -> bytes:
+    generator = random.Random(size)
+    lines = []
+    total = 0
+    while total < size:
+        line = ""
+        while len(line) < LINE_LENGTH:
+            line += generator.choice(WORDS) + " "
+        line = line[:LINE_LENGTH]
+        lines.append(line.encode() + b"\r\n")
+        total += LINE_LENGTH + 2
+    return b"".join(lines)
+
+
+# -- load generator ---------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """What the workers of one cell counted."""
+
+    measuring: bool = False
+    stopping: bool = False
+    accepted_in_window: int = 0
+    accepted_total: int = 0
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+
+    def error(self, text: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < MAX_ERROR_SAMPLES:
+            self.error_samples.append(text)
+
+
+class SmtpError(Exception):
+    """A reply other than the one expected at this step of the transaction."""
+
+
+class RawClient:
+    """SMTP over plain asyncio streams: one command, one reply, no extras."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> None:
+        self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self._port)
+        await self._expect(220)
+        self._writer.write(b"EHLO loadgen.bench\r\n")
+        await self._expect(250)
+
+    async def send(self, message: bytes) -> None:
+        assert self._writer is not None
+        self._writer.write(f"MAIL FROM:<{SENDER}>\r\n".encode())
+        await self._expect(250)
+        self._writer.write(f"RCPT TO:<{RECIPIENT}>\r\n".encode())
+        await self._expect(250)
+        self._writer.write(b"DATA\r\n")
+        await self._expect(354)
+        self._writer.write(message)
+        self._writer.write(b".\r\n")
+        await self._expect(250)
+
+    async def reset(self) -> None:
+        assert self._writer is not None
+        self._writer.write(b"RSET\r\n")
+        await self._expect(250)
+
+    async def close(self) -> None:
+        if self._writer is None:
+            return
+        with contextlib.suppress(Exception):
+            self._writer.write(b"QUIT\r\n")
+            await asyncio.wait_for(self._expect(221), 5)
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._writer.wait_closed(), 5)
+        self._writer = None
+
+    async def _expect(self, code: int) -> None:
+        assert self._reader is not None
+        # A multi-line reply has a dash after the code on every line but the last.
+        for _ in range(100):
+            line = await self._reader.readline()
+            if not line:
+                raise ConnectionError("the server closed the connection")
+            if line[3:4] != b"-":
+                break
+        if int(line[:3]) != code:
+            raise SmtpError(line.decode("utf-8", "replace").strip())
+
+
+class AiosmtplibClient:
+    """The same transaction through aiosmtplib, to compare the generator's own cost."""
+
+    def __init__(self, port: int) -> None:
+        import aiosmtplib
+
+        self._library = aiosmtplib
+        self._client = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=port, local_hostname="loadgen.bench", start_tls=False, timeout=REPLY_TIMEOUT,
+        )
+
+    async def connect(self) -> None:
+        await self._client.connect()
+        await self._client.ehlo()
+
+    async def send(self, message: bytes) -> None:
+        try:
+            await self._client.sendmail(SENDER, [RECIPIENT], message)
+        except self._library.SMTPResponseException as error:
+            raise SmtpError(f"{error.code} {error.message}") from error
+        except self._library.SMTPRecipientsRefused as error:
+            raise SmtpError(str(error)) from error
+
+    async def reset(self) -> None:
+        await self._client.rset()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._client.quit(), 5)
+        self._client.close()
+
+
+CLIENTS: dict[str, Callable[[int], RawClient | AiosmtplibClient]] = {"raw": RawClient, "aiosmtplib": AiosmtplibClient}
+
+
+async def _worker(number: int, port: int, client_kind: str, messages: MessageFactory, tally: Tally) -> None:
+    sequence = 0
+    reconnects = 0
+    while not tally.stopping and reconnects <= MAX_RECONNECTS:
+        client = CLIENTS[client_kind](port)
+        try:
+            async with asyncio.timeout(REPLY_TIMEOUT):
+                await client.connect()
+            while not tally.stopping:
+                sequence += 1
+                message = messages.build(number, sequence)
+                started = time.perf_counter()
+                try:
+                    async with asyncio.timeout(REPLY_TIMEOUT):
+                        await client.send(message)
+                except SmtpError as error:
+                    tally.error(str(error))
+                    async with asyncio.timeout(REPLY_TIMEOUT):
+                        await client.reset()
+                    continue
+                tally.accepted_total += 1
+                if tally.measuring:
+                    tally.accepted_in_window += 1
+                    tally.latencies.append(time.perf_counter() - started)
+        except (OSError, TimeoutError, SmtpError, ValueError) as error:
+            tally.error(f"connection failed: {error!r}")
+            reconnects += 1
+            await asyncio.sleep(0.1)
+        finally:
+            await client.close()
+
+
+@dataclass(frozen=True)
+class CellResult:
+    rate: float
+    tally: Tally
+    generator_cpu: float  # share of one core used by this process during the window
+    server_cpu: float  # share of one core used by the server process during the window
+
+
+async def run_cell(
+    port: int, server_pid: int, size: int, concurrency: int, seconds: float, warmup: float, client_kind: str, run_id: str,
+) -> CellResult:
+    """Load the server on `port` with `concurrency` workers; count 250s after the warm-up."""
+    messages = MessageFactory(size, run_id)
+    tally = Tally()
+    workers = [asyncio.create_task(_worker(n, port, client_kind, messages, tally)) for n in range(concurrency)]
+    await asyncio.sleep(warmup)
+
+    tally.measuring = True
+    wall_start, cpu_start, server_start = time.perf_counter(), time.process_time(), _process_cpu(server_pid)
+    await asyncio.sleep(seconds)
+    tally.measuring = False
+    wall, cpu, server = time.perf_counter() - wall_start, time.process_time() - cpu_start, _process_cpu(server_pid) - server_start
+
+    tally.stopping = True
+    _, pending = await asyncio.wait(workers, timeout=REPLY_TIMEOUT + 10)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+    return CellResult(tally.accepted_in_window / wall, tally, cpu / wall, server / wall)
+
+
+def _process_cpu(pid: int) -> float:
+    """Return the user plus system CPU seconds used so far by process `pid`, all threads included."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rpartition(")")[2].split()
+    # Fields 14 and 15 of proc(5), counted after the parenthesised command name.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- servers ------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    database: Path | None = None
+    maildir: Path | None = None
+    accepted_total: int = 0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_sink(loop_name: str, folder: Path) -> Server:
+    port = _free_port()
+    log_path = folder / f"sink-{loop_name}.log"
+    command = [sys.executable, str(SINK_SCRIPT), "--port", str(port), "--loop", loop_name]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+    name = "sink" if loop_name == "asyncio" else f"sink-{loop_name}"
+    return Server(name, process, port, log_path)
+
+
+def start_guardrail(folder: Path, profile: Path | None) -> Server:
+    port = _free_port()
+    (folder / "rules").mkdir()
+    (folder / "rules" / "10-bench.toml").write_text(GUARDRAIL_RULES)
+    config = folder / "guardrail.toml"
+    config.write_text(GUARDRAIL_CONFIG.format(port=port, recipient=RECIPIENT))
+    log_path = folder / "guardrail.log"
+    profiler = [sys.executable, "-m", "cProfile", "-o", str(profile)] if profile else [sys.executable]
+    command = [*profiler, "-m", "guardrail", "run", "--config", str(config)]
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    with open(log_path, "wb") as log:
+        # The working tree comes first on sys.path, so the checkout is measured
+        # even when an older guardrail is installed.
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=environment)
+    return Server("guardrail", process, port, log_path, folder / "guardrail.db", folder / "maildir" / "support" / "new")
+
+
+async def wait_until_accepting(server: Server) -> None:
+    """Wait until `server` sends its 220 greeting; raise RuntimeError if it exits or times out."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with status {server.process.returncode}:\n{_tail(server.log_path)}")
+        try:
+            async with asyncio.timeout(2):
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                greeting = await reader.readline()
+                writer.write(b"QUIT\r\n")
+                await reader.readline()
+                writer.close()
+            if greeting.startswith(b"220"):
+                return
+        except (OSError, TimeoutError):
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{server.name} did not accept connections within {STARTUP_TIMEOUT:.0f} s:\n{_tail(server.log_path)}")
+
+
+def stop(server: Server) -> None:
+    """Send SIGTERM to the server's PID and wait for it; SIGKILL it if it lingers."""
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait(5)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def outbox_pending(database: Path) -> int:
+    """Return how many outbox rows are still pending, read through a separate SQLite connection."""
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10)) as db:
+        return db.execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0]
+
+
+async def wait_for_drain(database: Path, timeout: float) -> tuple[int, float]:
+    """Poll the outbox until nothing is pending or `timeout` passes; return the pending count and the time waited."""
+    started = time.monotonic()
+    while True:
+        pending = await asyncio.to_thread(outbox_pending, database)
+        waited = time.monotonic() - started
+        if pending == 0 or waited >= timeout:
+            return pending, waited
+        await asyncio.sleep(0.2)
+
+
+# -- report ---------------------------------------------------------------------------
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def _size_label(size: int) -> str:
+    return f"{size // 1024} KiB" if size % 1024 == 0 else f"{size} B"
+
+
+def _print_detail(server: Server, size: int, concurrency: int, result: CellResult, backlog: str) -> None:
+    tally = result.tally
+    print(
+        f"  {server.name:<12} {_size_label(size):>7} c={concurrency:<3} {result.rate:8.1f} msg/s"
+        f"  p50 {_percentile(tally.latencies, 0.5) * 1000:6.1f} ms  p99 {_percentile(tally.latencies, 0.99) * 1000:6.1f} ms"
+        f"  server CPU {result.server_cpu:4.0%}  generator CPU {result.generator_cpu:4.0%}  errors {tally.errors}{backlog}",
+        flush=True,
+    )
+    for sample in tally.error_samples:
+        print(f"      error: {sample}")
+
+
+def _print_table(rates: dict[tuple[int, int, str], float], sizes: list[int], concurrencies: list[int], names: list[str]) -> None:
+    print()
+    print(f"{'size':>7} {'conc':>5} {'sink msg/s':>11} {'sink-uvloop msg/s':>18} {'guardrail msg/s':>16} {'guardrail/sink':>15}")
+    for size in sizes:
+        for concurrency in concurrencies:
+            sink = rates.get((size, concurrency, "sink"), float("nan"))
+            sink_uvloop = rates.get((size, concurrency, "sink-uvloop"), float("nan"))
+            guardrail = rates.get((size, concurrency, "guardrail"), float("nan"))
+            ratio = guardrail / sink if sink else float("nan")
+            print(f"{_size_label(size):>7} {concurrency:>5} {sink:>11.1f} {sink_uvloop:>18.1f} {guardrail:>16.1f} {ratio:>14.2f}x")
+
+
+# -- main -------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(value <= 0 for value in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Compare guardrail's intake throughput with a bare aiosmtpd sink on 127.0.0.1.")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measuring window per cell, in seconds (default 10)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up before each window, in seconds (default 1)")
+    parser.add_argument("--sizes", type=_int_list, default=[4096, 65536], help="message sizes in bytes (default 4096,65536)")
+    parser.add_argument("--concurrency", type=_int_list, default=[1, 10, 50], help="connections per cell (default 1,10,50)")
+    parser.add_argument("--servers", default="sink,sink-uvloop,guardrail",
+                        help="comma-separated servers to measure (default sink,sink-uvloop,guardrail)")
+    parser.add_argument("--client", choices=sorted(CLIENTS), default="raw",
+                        help="load generator's SMTP client (default raw: asyncio streams, cheaper than aiosmtplib)")
+    parser.add_argument("--drain-timeout", type=float, default=20.0,
+                        help="seconds to wait after each guardrail cell for the outbox to empty (default 20)")
+    parser.add_argument("--cprofile", type=Path, metavar="FILE", help="run guardrail under cProfile and write its stats to FILE")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (database, maildir, logs)")
+    return parser
+
+
+async def run(arguments: argparse.Namespace, folder: Path) -> None:
+    names = [name.strip() for name in arguments.servers.split(",") if name.strip()]
+    unknown = set(names) - {"sink", "sink-uvloop", "guardrail"}
+    if unknown:
+        raise SystemExit(f"error: unknown server(s) {', '.join(sorted(unknown))}; use sink, sink-uvloop, guardrail")
+    starters = {
+        "sink": lambda: start_sink("asyncio", folder),
+        "sink-uvloop": lambda: start_sink("uvloop", folder),
+        "guardrail": lambda: start_guardrail(folder, arguments.cprofile),
+    }
+    servers: list[Server] = []
+    try:
+        for name in names:
+            servers.append(starters[name]())
+        for server in servers:
+            await wait_until_accepting(server)
+        await _measure(arguments, servers)
+    finally:
+        for server in servers:
+            stop(server)
+    _print_delivery(servers)
+
+
+async def _measure(arguments: argparse.Namespace, servers: list[Server]) -> None:
+    run_id = f"{int(time.time())}.{os.getpid()}"
+    rates: dict[tuple[int, int, str], float] = {}
+    print(f"per cell: {arguments.warmup:g} s warm-up, {arguments.seconds:g} s measured; client {arguments.client}", flush=True)
+    for size in arguments.sizes:
+        for concurrency in arguments.concurrency:
+            for server in servers:
+                result = await run_cell(
+                    server.port, server.process.pid, size, concurrency, arguments.seconds, arguments.warmup,
+                    arguments.client, run_id,
+                )
+                server.accepted_total += result.tally.accepted_total
+                rates[(size, concurrency, server.name)] = result.rate
+                backlog = ""
+                if server.database is not None:
+                    # Wait for the outbox to empty so a backlog does not steal
+                    # CPU from the next cell, whichever server it measures.
+                    at_end = await asyncio.to_thread(outbox_pending, server.database)
+                    left, waited = await wait_for_drain(server.database, arguments.drain_timeout)
+                    backlog = f"  outbox pending at end {at_end}, {left} after {waited:.1f} s"
+                _print_detail(server, size, concurrency, result, backlog)
+    _print_table(rates, arguments.sizes, arguments.concurrency, [server.name for server in servers])
+
+
+def _print_delivery(servers: list[Server]) -> None:
+    for server in servers:
+        if server.database is None or server.maildir is None:
+            continue
+        pending = outbox_pending(server.database)
+        delivered = len(os.listdir(server.maildir)) if server.maildir.is_dir() else 0
+        kept_up = "yes" if pending == 0 and delivered == server.accepted_total else "no"
+        print(
+            f"\n{server.name} delivery kept up: {kept_up} (accepted {server.accepted_total}, "
+            f"delivered to the maildir {delivered}, outbox pending after the run {pending})"
+        )
+        warnings = [line for line in server.log_path.read_text(errors="replace").splitlines() if line.strip()]
+        if warnings:
+            print(f"{server.name} logged {len(warnings)} line(s) at warning or above; last: {warnings[-1][:300]}")
+
+
+def main() -> None:
+    arguments = build_parser().parse_args()
+    print(f"python {platform.python_version()} ({platform.python_implementation()}), aiosmtpd {version('aiosmtpd')}, "
+          f"aiosmtplib {version('aiosmtplib')}, uvloop {version('uvloop')}, CPUs {os.cpu_count()}")
+    print(f"{platform.platform()}; guardrail from {REPO}")
+    folder = Path(tempfile.mkdtemp(prefix="guardrail-bench-"))
+    try:
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(run(arguments, folder))
+        else:
+            # The generator runs on uvloop so that its own overhead stays low;
+            # it is the same for every server measured.
+            uvloop.run(run(arguments, folder))
+    finally:
+        if arguments.keep:
+            print(f"kept {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    if arguments.cprofile:
+        print(f"cProfile stats of guardrail written to {arguments.cprofile}")
+
+
+if __name__ == "__main__":
+    main()

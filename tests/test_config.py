@@ -1,0 +1,178 @@
+"""Config and rule errors name the file, the key, the bad value and the fix."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from guardrail.cli import main
+from guardrail.config import load_config
+from guardrail.errors import ConfigErrors
+from guardrail.rules import load_rules
+
+from conftest import DATA, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rule_errors(tmp_path: Path, text: str) -> list[str]:
+    folder = tmp_path / "rules"
+    folder.mkdir(exist_ok=True)
+    (folder / "rules.toml").write_text(text)
+    with pytest.raises(ConfigErrors) as caught:
+        load_rules(folder, tmp_path)
+    return [str(error) for error in caught.value.errors]
+
+
+def test_example_config_loads() -> None:
+    config = load_config(ROOT / "config.example.toml")
+    assert config.smtp.port == 2525
+    assert config.smtp.inboxes == {"support@example.com", "billing@example.com"}
+    assert config.database_path == ROOT / "var" / "guardrail.db"
+    assert config.smarthost is None
+    assert config.delivery.retry_initial == timedelta(seconds=30)
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    path = write_config(tmp_path, smtp={"prot": 25})
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+    (error,) = caught.value.errors
+    assert str(error).startswith(f"{path}: smtp.prot: unknown key")
+
+
+def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
+    path = write_config(tmp_path, smtp={"port": "abc", "max_message_size": "lots"}, sections={"log": {"format": "xml"}})
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+    messages = [str(error) for error in caught.value.errors]
+    assert f"{path}: smtp.port: invalid value 'abc'; expected an integer of at least 0 and at most 65535" in messages
+    assert any("smtp.max_message_size: invalid value 'lots'" in message for message in messages)
+    assert any("log.format: invalid value 'xml'; expected one of 'auto', 'json', 'console'" in message for message in messages)
+    assert len(messages) == 3
+
+
+def test_missing_password_variable_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GUARDRAIL_TEST_PASSWORD", raising=False)
+    path = write_config(tmp_path, sections={"smarthost": {"host": "127.0.0.1", "password_env": "GUARDRAIL_TEST_PASSWORD"}})
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+    assert "smarthost.password_env: environment variable 'GUARDRAIL_TEST_PASSWORD' is not set" in str(caught.value)
+
+
+def test_password_never_shows_in_repr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GUARDRAIL_TEST_PASSWORD", "hunter2-secret")
+    path = write_config(tmp_path, sections={"smarthost": {"host": "127.0.0.1", "password_env": "GUARDRAIL_TEST_PASSWORD"}})
+    config = load_config(path)
+    assert config.smarthost is not None
+    assert config.smarthost.password is not None
+    assert config.smarthost.password.reveal() == "hunter2-secret"
+    assert "hunter2-secret" not in repr(config)
+
+
+def test_invalid_regex_names_route_and_pattern(tmp_path: Path) -> None:
+    errors = rule_errors(tmp_path, """
+[[team]]
+name = "vip-desk"
+[[team]]
+name = "frontdesk"
+[[route]]
+name = "vip"
+team = "vip-desk"
+any = [{ from.regex = '(ceo@example\\.com' }]
+[[route]]
+name = "default"
+team = "frontdesk"
+default = true
+""")
+    (error,) = errors
+    assert "route[0] (vip).any[0].from.regex: invalid regular expression '(ceo@example\\\\.com'" in error
+    assert "missing ), unterminated subpattern" in error
+
+
+def test_bad_toml_escape_names_file_and_line(tmp_path: Path) -> None:
+    folder = tmp_path / "rules"
+    folder.mkdir()
+    shutil.copy(DATA / "routing" / "rules-bad-toml-escape.toml", folder / "rules.toml")
+    with pytest.raises(ConfigErrors) as caught:
+        load_rules(folder, tmp_path)
+    (error,) = caught.value.errors
+    assert error.path == folder / "rules.toml"
+    assert error.line == 5
+    assert "single quotes" in str(error)
+
+
+def test_route_to_unknown_team_is_an_error(tmp_path: Path) -> None:
+    errors = rule_errors(tmp_path, """
+[[team]]
+name = "legal"
+[[route]]
+name = "contracts"
+team = "lgeal"
+any = [{ subject.contains = "contract" }]
+[[route]]
+name = "default"
+team = "legal"
+default = true
+""")
+    assert errors == [f"{tmp_path / 'rules' / 'rules.toml'}: route[0] (contracts).team: team 'lgeal' does not exist; defined teams: legal"]
+
+
+def test_missing_default_route_is_an_error(tmp_path: Path) -> None:
+    errors = rule_errors(tmp_path, '[[team]]\nname = "t"\n[[route]]\nname = "r"\nteam = "t"\nany = [{ subject.is = "x" }]\n')
+    assert errors == [f"{tmp_path / 'rules' / 'rules.toml'}: route: no default route; add a [[route]] with default = true"]
+
+
+@pytest.mark.parametrize(
+    ("condition", "expected"),
+    [
+        ('{ subjekt.is = "x" }', "any[0].subjekt: unknown field"),
+        ('{ subject.like = "x" }', "any[0].subject.like: unknown operator"),
+        ('{ subject.is = 3 }', "any[0].subject.is: invalid value 3"),
+        ('{ subject.is = "x", from.is = "y" }', "a condition has exactly one field"),
+        ('{ header.X-A.is = "1", header.X-B.is = "2" }', "name one header per condition"),
+    ],
+)
+def test_condition_errors(tmp_path: Path, condition: str, expected: str) -> None:
+    errors = rule_errors(
+        tmp_path,
+        f'[[team]]\nname = "t"\n[[route]]\nname = "r"\nteam = "t"\nany = [{condition}]\n'
+        '[[route]]\nname = "d"\nteam = "t"\ndefault = true\n',
+    )
+    assert len(errors) == 1
+    assert expected in errors[0]
+
+
+def test_check_exits_2_and_lists_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, smtp={"port": -1}, rules='[[team]]\nname = "t"\n')
+
+    status = main(["check", "--config", str(path)])
+
+    assert status == 2
+    output = capsys.readouterr().err
+    assert "smtp.port: invalid value -1" in output
+
+
+def test_check_reports_rule_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, rules='[[team]]\nname = "t"\n[[route]]\nname = "r"\nteam = "x"\ndefault = true\n')
+    assert main(["check", "--config", str(path)]) == 2
+    assert "route[0] (r).team: team 'x' does not exist" in capsys.readouterr().err
+
+
+def test_check_example_config_is_clean(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--config", str(ROOT / "config.example.toml")]) == 0
+    assert capsys.readouterr().out.startswith("ok: ")
+
+
+def test_route_command_explains_decision(capsys: pytest.CaptureFixture[str]) -> None:
+    message = DATA / "routing" / "m3-real-vip-mixed-case.eml"
+    status = main(["route", "--config", str(ROOT / "config.example.toml"), str(message), "--rcpt", "billing@example.com"])
+    assert status == 0
+    output = capsys.readouterr().out
+    assert "route:       billing-inbox" in output
+    assert "team:        billing" in output
+    assert "destination: maildir " in output
+    assert "because:     rcpt is 'billing@example.com' matched 'billing@example.com'" in output

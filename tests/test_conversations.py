@@ -1,0 +1,111 @@
+"""Which conversation a message joins: by thread headers, or by our reference and a known sender."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from guardrail.conversations import KnownConversation, choose_conversation, find_references, new_reference
+
+from conftest import maildir_messages, message, send, wait_until, write_config
+
+KNOWN = KnownConversation(7, "GR-7K3M9Q", "default", "support", frozenset({"alice@example.com"}), None)
+
+
+@pytest.mark.parametrize(
+    ("subject", "found"),
+    [
+        ("VS: [GR-7K3M9Q] Printer on floor 3 jams", ("GR-7K3M9Q",)),
+        ("AW: [gr-7k3m9q] Printer", ("GR-7K3M9Q",)),
+        ("Re: [ GR-7K3M9Q ] Printer", ("GR-7K3M9Q",)),
+        ("[GR-7K3M9Q] no prefix", ("GR-7K3M9Q",)),
+        ("Re: GR-7K3M9Q without brackets", ()),
+        ("Re: [GR-7K3M9] too short", ()),
+        ("Re: [GR-7K3M9QX] too long", ()),
+        ("Re: [XY-7K3M9Q] other prefix", ()),
+    ],
+)
+def test_find_references_table(subject: str, found: tuple[str, ...]) -> None:
+    assert find_references(subject, "GR") == found
+
+
+def test_new_reference_format() -> None:
+    references = {new_reference("GR") for _ in range(200)}
+    assert len(references) == 200
+    for reference in references:
+        assert find_references(f"[{reference}]", "GR") == (reference,)
+
+
+@pytest.mark.parametrize(
+    ("thread_ids", "tags", "senders", "expected"),
+    [
+        (("<known@x>",), (), frozenset({"mallory@example.net"}), 7),
+        (("<unknown@x>", "<known@x>"), (), frozenset(), 7),
+        ((), ("GR-7K3M9Q",), frozenset({"alice@example.com"}), 7),
+        # A reference alone is not enough: the sender must take part already.
+        ((), ("GR-7K3M9Q",), frozenset({"mallory@example.net"}), None),
+        ((), ("GR-0000000",), frozenset({"alice@example.com"}), None),
+        (("<unknown@x>",), (), frozenset({"alice@example.com"}), None),
+    ],
+)
+def test_choose_conversation_table(thread_ids, tags, senders, expected) -> None:
+    chosen, _ = choose_conversation(thread_ids, tags, senders, {"<known@x>": KNOWN}, {"GR-7K3M9Q": KNOWN})
+    assert (chosen.id if chosen else None) == expected
+
+
+def rows(database: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(database) as connection:
+        return connection.execute(sql).fetchall()
+
+
+async def test_follow_ups_join_and_keep_their_team(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    database = daemon.config.database_path
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<printer-3@example.com>"))
+    ((reference,),) = rows(database, "SELECT reference FROM conversations")
+
+    # A reply by thread header joins even though its subject would route to billing.
+    reply = message(subject="Re: invoice question", message_id="<r1@example.com>",
+                    extra_headers="In-Reply-To: <printer-3@example.com>\r\n")
+    await send(daemon.port, "alice@example.com", ["support@example.org"], reply)
+    # A reply with no thread headers joins through the reference in its subject.
+    tagged = message(subject=f"VS: [{reference}] Printer on floor 3 jams", message_id="<r2@example.com>")
+    await send(daemon.port, "alice@example.com", ["support@example.org"], tagged)
+    # A stranger using the reference starts a conversation of their own.
+    stranger = message(subject=f"[{reference}] hello", sender="Mallory <mallory@example.net>", message_id="<r3@example.com>")
+    await send(daemon.port, "mallory@example.net", ["support@example.org"], stranger)
+
+    conversations = rows(database, "SELECT id, reference FROM conversations ORDER BY id")
+    assert len(conversations) == 2
+    dispositions = dict(rows(database, "SELECT message_id, disposition || ':' || team || ':' || conversation_id FROM messages"))
+    assert dispositions["<printer-3@example.com>"] == "new:support:1"
+    assert dispositions["<r1@example.com>"] == "follow_up:support:1"
+    assert dispositions["<r2@example.com>"] == "follow_up:support:1"
+    assert dispositions["<r3@example.com>"] == "new:support:2"
+
+    maildir = tmp_path / "var" / "maildir" / "support"
+    await wait_until(lambda: len(maildir_messages(maildir)) == 4, what="four deliveries to support")
+    assert maildir_messages(tmp_path / "var" / "maildir" / "billing") == []
+
+
+async def test_reply_to_team_forward_joins(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<q@example.com>"))
+    answer = message(
+        sender="Sam Ortiz <sam@example.org>", subject="Re: Printer on floor 3 jams", message_id="<a@example.org>",
+        extra_headers="In-Reply-To: <q@example.com>\r\nReferences: <q@example.com>\r\n",
+    )
+    await send(daemon.port, "sam@example.org", ["support@example.org"], answer)
+    assert rows(daemon.config.database_path, "SELECT COUNT(DISTINCT conversation_id) FROM messages") == [(1,)]
+
+
+async def test_long_references_thread_by_newest_ids(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<parent@example.com>"))
+    references = " ".join(f"<thread-{index:03}@lists.example.net>" for index in range(120)) + " <parent@example.com>"
+    folded = references.replace(" ", "\r\n ")
+    reply = message(message_id="<child@example.com>", extra_headers=f"References: {folded}\r\n")
+    await send(daemon.port, "alice@example.com", ["support@example.org"], reply)
+    assert rows(daemon.config.database_path, "SELECT disposition FROM messages ORDER BY id") == [("new",), ("follow_up",)]

@@ -1,0 +1,201 @@
+"""Conformance over the message corpus: every real-world message crosses the relay byte for byte.
+
+The corpus lives outside the repository. GUARDRAIL_CORPUS names its folder;
+by default it is shared/corpus next to the repository's own folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.parser
+import email.policy
+import email.utils
+import os
+import re
+import smtplib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import maildir_messages, wait_until, write_config
+
+CORPUS = Path(os.environ.get("GUARDRAIL_CORPUS") or Path(__file__).resolve().parents[2] / "shared" / "corpus")
+MANIFEST_COLUMNS = ["file", "category", "expect_ack", "is_reply", "source_repo", "source_path", "license", "note"]
+RECIPIENT = "support@example.org"
+CONNECTIONS = 4
+
+# The lines Transport.send and trace_headers put in front of a message delivered
+# to a maildir, in order: Return-Path, Received (three lines), then our own three.
+PREPENDED_PREFIXES = (
+    b"Return-Path: <",
+    b"Received: from ",
+    b"\tby mx.test.example (guardrail) with ESMTP id ",
+    b"\tfor <",
+    b"X-Guardrail-Conversation: ",
+    b"X-Guardrail-Route: ",
+    b"X-Guardrail-Loop: mx.test.example",
+)
+
+_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
+# An envelope address must not contain what RFC 5321 reserves for its syntax.
+_PLAIN_ADDRESS = re.compile(r"[^@\s<>()\",;:\\\[\]]+@[^@\s<>()\",;:\\\[\]]+")
+
+
+@dataclass(frozen=True)
+class CorpusMessage:
+    name: str
+    wire: bytes  # CRLF line endings and a final CRLF, as an MTA sends it before dot-stuffing
+    sender: str  # "" for the null sender
+
+
+def _corpus_folder() -> Path:
+    if CORPUS.is_dir():
+        return CORPUS
+    reason = f"message corpus folder {str(CORPUS)!r} not found; set GUARDRAIL_CORPUS to the corpus folder"
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def _read_manifest(folder: Path) -> list[dict[str, str]]:
+    lines = (folder / "MANIFEST.tsv").read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    assert header == MANIFEST_COLUMNS, f"unexpected MANIFEST.tsv header: {header}"
+    return [dict(zip(header, line.split("\t"))) for line in lines[1:] if line]
+
+
+def to_wire(raw: bytes) -> bytes:
+    """Return `raw` with CRLF, bare LF and bare CR all turned into CRLF, ending in CRLF."""
+    wire = _LINE_ENDING.sub(b"\r\n", raw)
+    if not wire.endswith(b"\r\n"):
+        # smtplib adds this CRLF before the final dot too, so it is part of what the server stores.
+        wire += b"\r\n"
+    return wire
+
+
+def envelope_sender(wire: bytes) -> str:
+    """Return the first From address of a message, or "" when none can serve as an envelope sender."""
+    headers = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(wire, headersonly=True)
+    values = headers.get_all("From") or []
+    if not values:
+        return ""
+    value = str(values[0])
+    if any("\udc80" <= char <= "\udcff" for char in value):
+        # Raw 8-bit header bytes come back as surrogate escapes; they are UTF-8 here.
+        value = value.encode("ascii", "surrogateescape").decode("utf-8", "replace")
+    for _, address in email.utils.getaddresses([value]):
+        if _PLAIN_ADDRESS.fullmatch(address):
+            return address
+    return ""
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[CorpusMessage]:
+    folder = _corpus_folder()
+    messages = []
+    for entry in _read_manifest(folder):
+        wire = to_wire((folder / entry["file"]).read_bytes())
+        messages.append(CorpusMessage(entry["file"], wire, envelope_sender(wire)))
+    return messages
+
+
+def test_manifest_files_all_exist() -> None:
+    folder = _corpus_folder()
+    missing = [entry["file"] for entry in _read_manifest(folder) if not (folder / entry["file"]).is_file()]
+
+    assert missing == []
+
+
+def test_every_corpus_file_in_manifest() -> None:
+    folder = _corpus_folder()
+    listed = {entry["file"] for entry in _read_manifest(folder)}
+    present = {path.relative_to(folder).as_posix() for path in folder.rglob("*.eml")}
+
+    assert sorted(present - listed) == []
+
+
+def test_manifest_lists_each_file_once() -> None:
+    names = [entry["file"] for entry in _read_manifest(_corpus_folder())]
+
+    duplicates = [name for name, count in collections.Counter(names).items() if count > 1]
+    assert duplicates == []
+
+
+def _send_share(port: int, messages: list[CorpusMessage]) -> dict[str, tuple[int, str]]:
+    """Send `messages` over one connection; return each one's final reply by file name."""
+    replies: dict[str, tuple[int, str]] = {}
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="mta.test.example", timeout=30) as client:
+        client.ehlo()
+        for item in messages:
+            options = [] if item.sender.isascii() else ["SMTPUTF8"]
+            steps = (lambda: client.mail(item.sender, options), lambda: client.rcpt(RECIPIENT), lambda: client.data(item.wire))
+            for step in steps:
+                try:
+                    code, text = step()
+                except smtplib.SMTPResponseException as error:
+                    code, text = error.smtp_code, error.smtp_error
+                replies[item.name] = (code, text.decode("utf-8", "replace"))
+                if code not in (250, 251):
+                    client.rset()
+                    break
+    return replies
+
+
+def _unstamped(delivered: bytes) -> tuple[list[bytes], bytes]:
+    """Split a delivered file into the lines guardrail prepended and the message after them."""
+    lines = delivered.split(b"\r\n", len(PREPENDED_PREFIXES))
+    return lines[:-1], lines[-1]
+
+
+async def test_every_corpus_message_delivered_unchanged(tmp_path: Path, start_daemon, corpus: list[CorpusMessage]) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    # Copies with the same envelope and bytes share a Message-ID too, so intake
+    # stores the first and answers the others as duplicates.
+    copies: dict[tuple[str, bytes], list[str]] = collections.defaultdict(list)
+    for item in corpus:
+        copies[(item.sender, item.wire)].append(item.name)
+    expected = collections.Counter(wire for _, wire in copies)
+    extra_copies = [names for names in copies.values() if len(names) > 1]
+
+    shares = [corpus[index::CONNECTIONS] for index in range(CONNECTIONS)]
+    replies: dict[str, tuple[int, str]] = {}
+    for share in await asyncio.gather(*(asyncio.to_thread(_send_share, daemon.port, share) for share in shares)):
+        replies.update(share)
+
+    not_accepted = {name: reply for name, reply in replies.items() if reply[0] != 250}
+    assert not_accepted == {}
+    assert len(replies) == len(corpus)
+    for names in extra_copies:
+        duplicate_replies = [name for name in names if "already queued" in replies[name][1]]
+        assert len(duplicate_replies) == len(names) - 1, f"replies to identical files {names}: {[replies[n] for n in names]}"
+
+    maildirs = [tmp_path / "var" / "maildir" / team for team in ("support", "billing")]
+
+    def delivered() -> list[bytes]:
+        return [content for folder in maildirs for content in maildir_messages(folder)]
+
+    await wait_until(lambda: len(delivered()) >= len(copies), timeout=30, what=f"{len(copies)} deliveries")
+    stamped = [_unstamped(content) for content in delivered()]
+    senders = {wire: sender for sender, wire in copies}
+    for prepended, original in stamped:
+        assert [line[: len(prefix)] for line, prefix in zip(prepended, PREPENDED_PREFIXES)] == list(PREPENDED_PREFIXES)
+        if original in senders:
+            assert prepended[0] == f"Return-Path: <{senders[original]}>".encode()
+    arrived = collections.Counter(original for _, original in stamped)
+    missing = sorted(name for (_, wire), names in copies.items() if arrived[wire] < expected[wire] for name in names)
+    assert missing == []
+    unexpected = [original[:80] for original in arrived if original not in expected]
+    assert unexpected == []
+    assert arrived == expected
+
+    stored = await daemon.store.fetch_all("SELECT COUNT(*) FROM messages")
+    assert stored[0][0] == len(copies)
+    outbox = await daemon.store.fetch_all("SELECT state, COUNT(*) FROM outbox GROUP BY state")
+    assert dict((state, count) for state, count in outbox) == {"done": len(copies)}
+
+    print(
+        f"\ncorpus: {len(corpus)} files sent, {len(replies) - len(not_accepted)} got 250,"
+        f" {sum(arrived.values())} delivered unchanged; identical files stored once: {extra_copies}"
+    )

@@ -1,0 +1,76 @@
+"""Summaries of malformed and unusual messages never raise and keep what can be read."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from guardrail.delivery import clean_header_value, retry_delay, write_maildir
+from guardrail.message import summarize
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "expected"),
+    [
+        (b"From: =?utf-8?q?Ren=C3=A9?= <rene@example.com>\r\n\r\nx", "from_name", "René"),
+        (b"From: Ren\xc3\xa9 <Rene@Example.com>\r\n\r\nx", "from_address", "rene@example.com"),
+        (b"Subject: caf\xe9 latin-1 bytes\r\n\r\nx", "subject", "café latin-1 bytes"),
+        (b"Subject: =?x-unknown-charset?q?abc?=\r\n\r\nx", "subject", "abc"),
+        (b"Subject: line one\r\n  folded\r\n\r\nx", "subject", "line one folded"),
+        (b"To: a@example.com, \"B, Jr\" <b@example.com>\r\n\r\nx", "to", ("a@example.com", "b@example.com")),
+        (b"Message-ID: junk <id@x> more\r\n\r\nx", "message_id", "<id@x>"),
+        (b"Message-ID: no brackets\r\n\r\nx", "message_id", ""),
+        (b"In-Reply-To: <a@x>\r\nReferences: <r1@x>\r\n <r2@x>\r\n\r\nx", "references", ("<r1@x>", "<r2@x>")),
+        (b"Subject: no from at all\r\n\r\nx", "from_address", ""),
+        (b"", "subject", ""),
+        (b"\r\n\r\n\r\n", "subject", ""),
+        (b"Received: a\r\nReceived: b\r\n\r\nx", "received_count", 2),
+    ],
+)
+def test_summary_fields(raw: bytes, field: str, expected: object) -> None:
+    assert getattr(summarize(raw), field) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\nSMOpbGxv\r\n", "Héllo"),
+        (b"Content-Type: text/plain; charset=nonsense-8\r\n\r\nplain\r\n", "plain\r\n"),
+        (
+            b"Content-Type: multipart/alternative; boundary=B\r\n\r\n--B\r\nContent-Type: text/html\r\n\r\n<p>x</p>\r\n"
+            b"--B\r\nContent-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+            b"caf=E9\r\n--B--\r\n",
+            "café",
+        ),
+        # A boundary that never appears: the parser must not raise.
+        (b"Content-Type: multipart/mixed; boundary=NEVER\r\n\r\nbody without parts\r\n", ""),
+        (b"Content-Type: multipart/mixed\r\n\r\nno boundary parameter\r\n", ""),
+    ],
+)
+def test_body_text_decoding(raw: bytes, expected: str) -> None:
+    assert summarize(raw).body_text.strip() == expected.strip()
+
+
+def test_headers_only_summary_skips_body() -> None:
+    assert summarize(b"Subject: s\r\n\r\nbody", with_body=False).body_text == ""
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3, 5, 8, 20])
+def test_retry_delay_grows_and_stays_capped(attempt: int) -> None:
+    initial, maximum = timedelta(seconds=30), timedelta(hours=1)
+    delay = retry_delay(attempt, initial, maximum)
+    assert delay <= maximum
+    assert delay >= min(initial * 2 ** (attempt - 1), maximum)
+
+
+def test_clean_header_value_removes_line_breaks() -> None:
+    assert clean_header_value("a\r\nBcc: x@y\x00") == "a  Bcc: x@y "
+
+
+def test_maildir_write_is_idempotent(tmp_path: Path) -> None:
+    assert write_maildir(tmp_path / "box", "1.G1.host", b"one", "host") is True
+    assert write_maildir(tmp_path / "box", "1.G1.host", b"two", "host") is False
+    assert (tmp_path / "box" / "new" / "1.G1.host").read_bytes() == b"one"
+    assert list((tmp_path / "box" / "tmp").iterdir()) == []

@@ -1,0 +1,158 @@
+"""Routing by bare address, and reloads that keep the last good rule set."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from guardrail.cli import main
+
+from conftest import DATA, send, write_config
+
+GOOD_RULES = """
+[[team]]
+name = "vip-desk"
+destination = { maildir = "var/maildir/vip-desk" }
+
+[[team]]
+name = "frontdesk"
+destination = { maildir = "var/maildir/frontdesk" }
+
+[[route]]
+name = "vip"
+team = "vip-desk"
+any = [{ from.regex = 'ceo@example\\.com' }]
+
+[[route]]
+name = "default"
+team = "frontdesk"
+default = true
+"""
+
+BAD_ESCAPE = GOOD_RULES.replace("from.regex = 'ceo@example\\.com'", 'from.regex = "ceo@example\\.com"')
+BAD_REGEX = GOOD_RULES.replace("from.regex = 'ceo@example\\.com'", "from.regex = '(ceo@example\\.com'")
+
+
+def teams_by_message_id(database: Path) -> dict[str, str]:
+    with sqlite3.connect(database) as connection:
+        return dict(connection.execute("SELECT message_id, team FROM messages"))
+
+
+def case_message(name: str, message_id: str | None = None) -> bytes:
+    raw = (DATA / "routing" / name).read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if message_id:
+        start = raw.index(b"Message-ID: ")
+        end = raw.index(b"\r\n", start)
+        raw = raw[:start] + f"Message-ID: {message_id}".encode() + raw[end:]
+    return raw
+
+
+async def test_display_name_and_suffix_cannot_steer_routes(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path, rules=GOOD_RULES))
+    for name in ("m1-display-name-spoof.eml", "m2-domain-suffix.eml", "m3-real-vip-mixed-case.eml"):
+        await send(daemon.port, "sender@example.net", ["support@example.org"], case_message(name))
+
+    teams = teams_by_message_id(daemon.config.database_path)
+    assert teams["<spoof-dn-1@example.net>"] == "frontdesk"
+    assert teams["<spoof-suffix-1@example.net>"] == "frontdesk"
+    assert teams["<real-ceo-1@example.com>"] == "vip-desk"
+
+
+@pytest.mark.parametrize(
+    ("bad_rules", "expected"),
+    [
+        (BAD_ESCAPE, ["rules.toml:13", "invalid TOML"]),
+        (BAD_REGEX, ["route[0] (vip).any[0].from.regex", "invalid regular expression '(ceo@example\\\\.com'"]),
+    ],
+)
+async def test_bad_reload_keeps_previous_rules(tmp_path: Path, start_daemon, bad_rules: str, expected: list[str]) -> None:
+    config = write_config(tmp_path, rules=GOOD_RULES)
+    daemon = await start_daemon(config)
+    (tmp_path / "rules" / "rules.toml").write_text(bad_rules)
+
+    with capture_logs() as events:
+        assert daemon.reload() is False
+    await send(daemon.port, "ceo@example.com", ["support@example.org"], case_message("m3-real-vip-mixed-case.eml", "<again@example.com>"))
+
+    errors = [event for event in events if event["log_level"] == "error"]
+    assert len(errors) == 1
+    assert errors[0]["event"] == "rules_reload_failed"
+    for text in expected:
+        assert text in errors[0]["error"]
+    assert teams_by_message_id(daemon.config.database_path)["<again@example.com>"] == "vip-desk"
+
+
+async def test_good_reload_changes_next_routing(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path, rules=GOOD_RULES))
+    (tmp_path / "rules" / "rules.toml").write_text(GOOD_RULES.replace("ceo@example", "cfo@example"))
+
+    assert daemon.reload() is True
+    await send(daemon.port, "ceo@example.com", ["support@example.org"], case_message("m3-real-vip-mixed-case.eml"))
+
+    assert teams_by_message_id(daemon.config.database_path)["<real-ceo-1@example.com>"] == "frontdesk"
+
+
+def test_start_with_bad_rules_fails_fast(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, rules=BAD_REGEX)
+    assert main(["run", "--config", str(config)]) == 2
+    assert "invalid regular expression '(ceo@example\\\\.com'" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read().decode() if process.stderr else "daemon exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"daemon did not listen on port {port} within 15 s")
+
+
+async def test_sighup_reloads_and_sigterm_exits_zero(tmp_path: Path) -> None:
+    port = _free_port()
+    config = write_config(tmp_path, rules=GOOD_RULES, smtp={"port": port})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guardrail", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        _wait_for_port(port, process)
+        (tmp_path / "rules" / "rules.toml").write_text(GOOD_RULES.replace("ceo@example", "cfo@example"))
+        process.send_signal(signal.SIGHUP)
+        database = tmp_path / "var" / "guardrail.db"
+
+        # The reload is asynchronous; resend with fresh ids until the new rules answer.
+        for attempt in range(50):
+            message_id = f"<hup-{attempt}@example.com>"
+            await send(port, "ceo@example.com", ["support@example.org"], case_message("m3-real-vip-mixed-case.eml", message_id))
+            if teams_by_message_id(database)[message_id] == "frontdesk":
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("SIGHUP did not load the new rules")
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=5)
+        if process.stderr:
+            process.stderr.close()

@@ -1,0 +1,129 @@
+"""Route matching is a pure function: tables of messages against rule sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from guardrail.message import summarize
+from guardrail.routing import Facts, match_route
+from guardrail.rules import load_rules
+
+RULES = """
+[[team]]
+name = "vip-desk"
+destination = { maildir = "vip" }
+
+[[team]]
+name = "billing"
+destination = { smtp = "billing-team@corp.example" }
+
+[[team]]
+name = "frontdesk"
+destination = { maildir = "frontdesk" }
+
+[[route]]
+name = "vip"
+team = "vip-desk"
+any = [{ from.regex = 'ceo@example\\.com' }]
+
+[[route]]
+name = "partner-domains"
+team = "billing"
+any = [{ from_domain.is = ["stripe.com", "paddle.com"] }]
+
+[[route]]
+name = "billing-words"
+team = "billing"
+all = [
+    { rcpt.is = "support@example.org" },
+    { any = [{ subject.regex = '(?i)\\binvoice\\s+\\d+' }, { body.contains = "refund" }] },
+]
+
+[[route]]
+name = "urgent-header"
+team = "vip-desk"
+any = [{ header.X-Priority.is = "1" }]
+
+[[route]]
+name = "not-internal"
+team = "billing"
+all = [{ to.contains = "accounts@" }, { not = { from_domain.is = "example.org" } }]
+
+[[route]]
+name = "default"
+team = "frontdesk"
+default = true
+"""
+
+
+@pytest.fixture
+def rules(tmp_path: Path):
+    folder = tmp_path / "rules"
+    folder.mkdir()
+    (folder / "rules.toml").write_text(RULES)
+    return load_rules(folder, tmp_path)
+
+
+def facts(headers: str, body: str = "Hi.\r\n", rcpt: str = "support@example.org") -> Facts:
+    raw = (headers.strip().replace("\n", "\r\n") + "\r\n\r\n" + body).encode()
+    return Facts((rcpt,), summarize(raw))
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "route"),
+    [
+        # The display name is never matched, only the bare address.
+        ('From: "ceo@example.com" <attacker@example.net>\nSubject: Approve payment', "", "default"),
+        # Address patterns must match the whole address.
+        ("From: Chief <ceo@example.com.attacker.example.net>\nSubject: Approve", "", "default"),
+        ("From: Chief <xceo@example.com>\nSubject: Approve", "", "default"),
+        # Address comparison ignores case.
+        ("From: Chief <CEO@Example.COM>\nSubject: Board pack", "", "vip"),
+        ("From: Billing <no-reply@Stripe.com>\nSubject: Payout", "", "partner-domains"),
+        ("From: Billing <no-reply@mail.stripe.com>\nSubject: Payout", "", "default"),
+        ("From: a@b.example\nSubject: About invoice 7781", "", "billing-words"),
+        ("From: a@b.example\nSubject: About invoices", "", "default"),
+        ("From: a@b.example\nSubject: Hello", "I would like a REFUND please", "billing-words"),
+        ("From: a@b.example\nSubject: Hello\nX-Priority: 1", "", "urgent-header"),
+        ("From: a@b.example\nTo: Accounts <accounts@example.org>\nSubject: x", "", "not-internal"),
+        ("From: a@example.org\nTo: accounts@example.org\nSubject: x", "", "default"),
+        # No From at all still routes.
+        ("Subject: nobody wrote this", "", "default"),
+    ],
+)
+def test_route_table(rules, headers: str, body: str, route: str) -> None:
+    match = match_route(rules, facts(headers, body))
+    assert match.route.name == route
+
+
+def test_all_requires_every_condition(rules) -> None:
+    match = match_route(rules, facts("From: a@b.example\nSubject: invoice 12", rcpt="billing@example.org"))
+    assert match.route.name == "default"
+
+
+def test_match_explains_the_condition_and_value(rules) -> None:
+    match = match_route(rules, facts("From: Chief <CEO@Example.COM>\nSubject: Board pack"))
+    assert match.team.name == "vip-desk"
+    assert match.reasons == ("from regex 'ceo@example\\\\.com' matched 'ceo@example.com'",)
+
+
+def test_default_route_is_tried_last(tmp_path: Path) -> None:
+    folder = tmp_path / "rules"
+    folder.mkdir()
+    (folder / "a.toml").write_text(
+        '[[team]]\nname = "t"\n\n[[route]]\nname = "fallback"\nteam = "t"\ndefault = true\n'
+    )
+    (folder / "b.toml").write_text('[[route]]\nname = "subject"\nteam = "t"\nany = [{ subject.is = "hello" }]\n')
+    rules = load_rules(folder, tmp_path)
+    assert [route.name for route in rules.routes] == ["subject", "fallback"]
+    assert match_route(rules, facts("Subject: Hello")).route.name == "subject"
+
+
+def test_body_is_read_only_when_a_rule_needs_it(rules, tmp_path: Path) -> None:
+    assert rules.needs_body
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    (folder / "r.toml").write_text('[[team]]\nname = "t"\n[[route]]\nname = "d"\nteam = "t"\ndefault = true\n')
+    assert not load_rules(folder, tmp_path).needs_body
