@@ -201,17 +201,17 @@ class GuardrailSMTP(SMTP):
             end = buffer.find(_END_OF_DATA, scanned)
             if end >= 0:
                 break
+            # Trim only after the search: a chunk can hold the end-of-data line.
+            if limit and len(buffer) + dropped > limit + len(_END_OF_DATA) + 2:
+                keep = len(_END_OF_DATA) - 1
+                dropped += len(buffer) - keep
+                del buffer[:-keep]
             chunk = await reader.read(_CHUNK)
             if not chunk:
                 raise ConnectionResetError("connection closed during DATA")
             self._reset_timeout()
             scanned = max(0, len(buffer) - len(_END_OF_DATA) + 1)
             buffer += chunk
-            if limit and len(buffer) + dropped > limit + len(_END_OF_DATA) + 2:
-                keep = len(_END_OF_DATA) - 1
-                dropped += len(buffer) - keep
-                del buffer[:-keep]
-                scanned = 0
 
         leftover = bytes(buffer[end + len(_END_OF_DATA):])
         if leftover:

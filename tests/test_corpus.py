@@ -1,7 +1,7 @@
 """Conformance over the message corpus: every real-world message crosses the relay byte for byte.
 
-The corpus lives outside the repository. GUARDRAIL_CORPUS names its folder;
-by default it is shared/corpus next to the repository's own folder.
+The corpus lives outside the repository. The environment variable
+GUARDRAIL_CORPUS names its folder, and CORPUS below shows the default.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ PREPENDED_PREFIXES = (
 )
 
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
-# An envelope address must not contain what RFC 5321 reserves for its syntax.
+# Only a plain address (no spaces, quotes, brackets or other RFC 5322 specials) serves as an envelope sender.
 _PLAIN_ADDRESS = re.compile(r"[^@\s<>()\",;:\\\[\]]+@[^@\s<>()\",;:\\\[\]]+")
 
 
@@ -83,7 +83,7 @@ def envelope_sender(wire: bytes) -> str:
         return ""
     value = str(values[0])
     if any("\udc80" <= char <= "\udcff" for char in value):
-        # Raw 8-bit header bytes come back as surrogate escapes; they are UTF-8 here.
+        # The parser returns raw 8-bit header bytes as surrogate escapes, and the corpus writes them in UTF-8.
         value = value.encode("ascii", "surrogateescape").decode("utf-8", "replace")
     for _, address in email.utils.getaddresses([value]):
         if _PLAIN_ADDRESS.fullmatch(address):
@@ -124,7 +124,7 @@ def test_manifest_lists_each_file_once() -> None:
 
 
 def _send_share(port: int, messages: list[CorpusMessage]) -> dict[str, tuple[int, str]]:
-    """Send `messages` over one connection; return each one's final reply by file name."""
+    """Send `messages` over one connection and return each one's last reply by file name."""
     replies: dict[str, tuple[int, str]] = {}
     with smtplib.SMTP("127.0.0.1", port, local_hostname="mta.test.example", timeout=30) as client:
         client.ehlo()
@@ -152,7 +152,7 @@ def _unstamped(delivered: bytes) -> tuple[list[bytes], bytes]:
 async def test_every_corpus_message_delivered_unchanged(tmp_path: Path, start_daemon, corpus: list[CorpusMessage]) -> None:
     daemon = await start_daemon(write_config(tmp_path))
     # Copies with the same envelope and bytes share a Message-ID too, so intake
-    # stores the first and answers the others as duplicates.
+    # stores the first and replies to the others that they are duplicates.
     copies: dict[tuple[str, bytes], list[str]] = collections.defaultdict(list)
     for item in corpus:
         copies[(item.sender, item.wire)].append(item.name)

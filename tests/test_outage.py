@@ -1,0 +1,187 @@
+"""Smarthost outages: temporary failures are retried from the database, and permanent ones are recorded.
+
+Each daemon runs on a ManualClock, so a retry falls due when the test moves
+the clock rather than after real waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from conftest import Sink, message, send, start_sink, wait_until, write_config
+from guardrail.clock import ManualClock, parse_instant
+from guardrail.daemon import Daemon
+
+START = datetime(2025, 11, 4, 9, 0, tzinfo=timezone.utc)
+
+SMTP_RULES = """
+[[team]]
+name = "support"
+destination = { smtp = ["team@example.net"] }
+members = [{ name = "Sam Ortiz", address = "sam@example.org" }]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+"""
+
+
+def free_port() -> int:
+    """Return a loopback TCP port that was free a moment ago, so nothing listens on it after the call."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def outage_config(folder: Path, smarthost_port: int, **delivery: object) -> Path:
+    return write_config(
+        folder,
+        rules=SMTP_RULES,
+        sections={
+            "smarthost": {"host": "127.0.0.1", "port": smarthost_port, "starttls": False, "timeout": "10s"},
+            "delivery": {"retry_initial": "30s", "retry_max": "5m", **delivery},
+        },
+    )
+
+
+@dataclass(frozen=True)
+class OutboxState:
+    id: int
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    created_at: datetime
+
+
+async def outbox(daemon: Daemon) -> list[OutboxState]:
+    assert daemon.store is not None
+    rows = await daemon.store.fetch_all("SELECT id, state, attempts, next_attempt_at, created_at FROM outbox ORDER BY id")
+    return [OutboxState(row[0], row[1], row[2], parse_instant(row[3]), parse_instant(row[4])) for row in rows]
+
+
+async def delivery_events(daemon: Daemon) -> list[tuple[str, dict[str, object]]]:
+    """Return (kind, detail) of every delivery outcome event, oldest first."""
+    assert daemon.store is not None
+    rows = await daemon.store.fetch_all(
+        "SELECT kind, detail FROM events WHERE kind IN ('delivered', 'delivery_deferred', 'delivery_failed') ORDER BY id"
+    )
+    return [(kind, json.loads(detail)) for kind, detail in rows]
+
+
+async def delivery_failed_flags(daemon: Daemon) -> list[int]:
+    assert daemon.store is not None
+    return [row[0] for row in await daemon.store.fetch_all("SELECT delivery_failed FROM conversations ORDER BY id")]
+
+
+async def wait_for_row(daemon: Daemon, state: str, attempts: int, *, row: int = 0) -> OutboxState:
+    """Wait until outbox row number `row` (0-based) has `state` after `attempts` attempts."""
+
+    async def reached() -> bool:
+        rows = await outbox(daemon)
+        return len(rows) > row and rows[row].state == state and rows[row].attempts == attempts
+
+    await wait_until(reached, timeout=10, what=f"outbox row {row + 1} {state} after {attempts} attempts")
+    return (await outbox(daemon))[row]
+
+
+async def close_sink(sink: Sink) -> None:
+    sink.server.close()
+    await sink.server.wait_closed()
+
+
+async def test_outage_retried_after_restart(tmp_path: Path, start_daemon) -> None:
+    smarthost_port = free_port()
+    config = outage_config(tmp_path, smarthost_port)
+    clock = ManualClock(START)
+    daemon = await start_daemon(config, clock)
+
+    refused = await send(daemon.port, "alice@example.com", ["support@example.org"], message())
+    assert refused == {}
+    deferred = await wait_for_row(daemon, "pending", 1)
+    assert deferred.next_attempt_at > clock.now()
+    assert [kind for kind, _ in await delivery_events(daemon)] == ["delivery_deferred"]
+    await daemon.stop()
+
+    sink = await start_sink(port=smarthost_port)
+    try:
+        restarted = await start_daemon(config, ManualClock(deferred.next_attempt_at + timedelta(seconds=1)))
+        await wait_until(lambda: sink.messages, what="delivery to the smarthost after restart")
+        done = await wait_for_row(restarted, "done", 2)
+
+        assert done.id == deferred.id
+        assert len(sink.messages) == 1
+        assert sink.messages[0].rcpt_tos == ["team@example.net"]
+        assert sink.messages[0].content.endswith(message())
+        assert [kind for kind, _ in await delivery_events(restarted)] == ["delivery_deferred", "delivered"]
+    finally:
+        await close_sink(sink)
+
+
+async def test_550_reply_fails_without_retry(tmp_path: Path, start_daemon) -> None:
+    sink = await start_sink()
+    sink.handler.reply = "550 5.1.1 no such user"
+    try:
+        clock = ManualClock(START)
+        # One delivery at a time, so the worker finishes any due attempt before it starts the next.
+        daemon = await start_daemon(outage_config(tmp_path, sink.port, concurrency=1), clock)
+
+        await send(daemon.port, "alice@example.com", ["support@example.org"], message())
+        failed = await wait_for_row(daemon, "failed", 1)
+        assert await delivery_failed_flags(daemon) == [1]
+        assert [kind for kind, _ in await delivery_events(daemon)] == ["delivery_failed"]
+
+        await clock.advance(timedelta(hours=6))
+        # A retry of the first row would be due before the second message's row,
+        # so by the time the second row has failed, such a retry would be recorded.
+        await send(daemon.port, "bob@example.com", ["support@example.org"], message(message_id="<m2@example.com>", subject="Scanner"))
+        await wait_for_row(daemon, "failed", 1, row=1)
+
+        rows = await outbox(daemon)
+        assert rows[0] == failed
+        events = await delivery_events(daemon)
+        assert [detail["outbox_id"] for _, detail in events] == [failed.id, rows[1].id]
+    finally:
+        await close_sink(sink)
+
+
+async def test_451_reply_retried_until_accepted(tmp_path: Path, start_daemon) -> None:
+    sink = await start_sink()
+    sink.handler.reply = "451 4.3.0 try later"
+    try:
+        clock = ManualClock(START)
+        daemon = await start_daemon(outage_config(tmp_path, sink.port), clock)
+
+        await send(daemon.port, "alice@example.com", ["support@example.org"], message())
+        deferred = await wait_for_row(daemon, "pending", 1)
+        assert deferred.next_attempt_at > clock.now()
+
+        sink.handler.reply = None
+        await clock.set(deferred.next_attempt_at + timedelta(seconds=1))
+        await wait_until(lambda: sink.messages, what="delivery once the smarthost accepts")
+        await wait_for_row(daemon, "done", 2)
+
+        assert len(sink.messages) == 1
+        assert sink.messages[0].content.endswith(message())
+        assert await delivery_failed_flags(daemon) == [0]
+    finally:
+        await close_sink(sink)
+
+
+async def test_give_up_after_marks_failed(tmp_path: Path, start_daemon) -> None:
+    clock = ManualClock(START)
+    daemon = await start_daemon(outage_config(tmp_path, free_port(), give_up_after="1h"), clock)
+
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message())
+    deferred = await wait_for_row(daemon, "pending", 1)
+    assert await delivery_failed_flags(daemon) == [0]
+
+    await clock.set(deferred.created_at + timedelta(hours=1, seconds=1))
+    await wait_for_row(daemon, "failed", 2)
+
+    assert await delivery_failed_flags(daemon) == [1]
+    assert [kind for kind, _ in await delivery_events(daemon)] == ["delivery_deferred", "delivery_failed"]
