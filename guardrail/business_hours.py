@@ -1,0 +1,125 @@
+"""Business-hours calendars and the pure arithmetic of deadlines in them.
+
+A calendar has an IANA time zone, a weekly schedule of windows and holidays.
+A window whose end is not after its start (22:00-06:00) runs past midnight
+and belongs to the day it starts; "24:00" is a valid end; "24x7" means every
+day, all day. Local times are converted to UTC per date with zoneinfo, so a
+deadline is right on both sides of a daylight-saving change.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+
+# The longest stretch searched for business time before a calendar counts as
+# having none; also bounds every loop below.
+SEARCH_LIMIT = timedelta(days=400)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Working time from `start` to `end` (minutes after local midnight; end may pass 1440)."""
+
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Calendar:
+    name: str
+    zone: ZoneInfo
+    weekly: tuple[tuple[Window, ...], ...]  # indexed by date.weekday()
+    holidays: frozenset[date] = field(default_factory=frozenset)
+
+    @property
+    def is_always_open(self) -> bool:
+        return not self.holidays and all(windows == (Window(0, 1440),) for windows in self.weekly)
+
+
+def parse_window(text: str) -> Window | None:
+    """Parse "HH:MM-HH:MM"; return None when it is not a valid window."""
+    match = _WINDOW.match(text)
+    if not match:
+        return None
+    start_h, start_m, end_h, end_m = (int(part) for part in match.groups())
+    if start_h > 23 or start_m > 59 or end_m > 59 or end_h > 24 or (end_h == 24 and end_m):
+        return None
+    start = start_h * 60 + start_m
+    end = end_h * 60 + end_m
+    if end <= start:
+        # An overnight window ends on the next day.
+        end += 1440
+    return Window(start, end)
+
+
+ALWAYS_OPEN = tuple((Window(0, 1440),) for _ in DAYS)
+
+
+def utc_calendar(name: str = "always") -> Calendar:
+    """Return a 24x7 calendar in UTC."""
+    return Calendar(name, ZoneInfo("UTC"), ALWAYS_OPEN)
+
+
+def _local_instant(day: date, minutes: int, zone: ZoneInfo) -> datetime:
+    local = datetime.combine(day + timedelta(days=minutes // 1440), time(0), tzinfo=zone)
+    # Add wall-clock minutes on the local date, then convert: zoneinfo picks
+    # the offset in force at that local time, per date.
+    wall = local.replace(hour=(minutes % 1440) // 60, minute=minutes % 60)
+    return wall.astimezone(timezone.utc)
+
+
+def _intervals_from(calendar: Calendar, start: datetime, limit: datetime):
+    """Yield (open, close) UTC intervals of business time that end after `start`, in order."""
+    local_day = start.astimezone(calendar.zone).date() - timedelta(days=1)
+    last_day = limit.astimezone(calendar.zone).date() + timedelta(days=1)
+    pending: tuple[datetime, datetime] | None = None
+    while local_day <= last_day:
+        if local_day not in calendar.holidays:
+            for window in calendar.weekly[local_day.weekday()]:
+                opens = _local_instant(local_day, window.start, calendar.zone)
+                closes = _local_instant(local_day, window.end, calendar.zone)
+                if closes <= start or closes <= opens:
+                    continue
+                # Merge windows that touch or overlap (24x7, 00:00-24:00 days).
+                if pending and opens <= pending[1]:
+                    pending = (pending[0], max(pending[1], closes))
+                    continue
+                if pending:
+                    yield pending
+                pending = (opens, closes)
+        local_day += timedelta(days=1)
+    if pending:
+        yield pending
+
+
+def add_business_time(start: datetime, duration: timedelta, calendar: Calendar) -> datetime | None:
+    """Return the instant `duration` of business time after `start`, or None if the calendar has none.
+
+    `start` must be aware; the result is an aware UTC datetime.
+    """
+    start = start.astimezone(timezone.utc)
+    remaining = duration
+    limit = start + SEARCH_LIMIT
+    for opens, closes in _intervals_from(calendar, start, limit):
+        begin = max(opens, start)
+        available = closes - begin
+        if remaining <= available:
+            return begin + remaining
+        remaining -= available
+    return None
+
+
+def next_open_interval(calendar: Calendar, start: datetime, within: timedelta) -> tuple[datetime, datetime] | None:
+    """Return the first business interval ending after `start` and opening within `within`."""
+    start = start.astimezone(timezone.utc)
+    for opens, closes in _intervals_from(calendar, start, start + within):
+        if opens <= start + within:
+            return max(opens, start), closes
+        return None
+    return None

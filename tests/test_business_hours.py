@@ -1,0 +1,94 @@
+"""Deadline arithmetic in business hours: tables across DST changes, overnight windows and holidays."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from guardrail.business_hours import ALWAYS_OPEN, Calendar, Window, add_business_time, parse_window
+
+PARIS = ZoneInfo("Europe/Paris")
+
+
+def weekly(days: dict[str, list[str]]) -> tuple[tuple[Window, ...], ...]:
+    names = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+    return tuple(tuple(parse_window(text) for text in days.get(name, [])) for name in names)  # type: ignore[misc]
+
+
+WEEKDAYS = {day: ["09:00-18:00"] for day in ("mon", "tue", "wed", "thu", "fri")}
+OFFICE = Calendar("office", PARIS, weekly(WEEKDAYS))
+ALWAYS_PARIS = Calendar("always", PARIS, ALWAYS_OPEN)
+NIGHTDESK = Calendar("nightdesk", PARIS, weekly({day: ["22:00-06:00"] for day in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}))
+WEEKNIGHTS = Calendar("weeknights", PARIS, weekly({day: ["22:00-06:00"] for day in ("mon", "tue", "wed", "thu", "fri")}))
+FULLDAY = Calendar("fullday", PARIS, weekly({day: ["00:00-24:00"] for day in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}))
+
+
+def utc(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@pytest.mark.parametrize(
+    ("calendar", "arrival", "hours", "deadline"),
+    [
+        # Spring forward: Fri 16:30 CET, 1h30 on Friday, 2h30 from Mon 09:00 CEST.
+        (OFFICE, "2025-03-28T15:30:00Z", 4, "2025-03-31T09:30:00Z"),
+        # Fall back: Fri 16:00 CEST, 2h on Friday, 2h from Mon 09:00 CET.
+        (OFFICE, "2025-10-24T14:00:00Z", 4, "2025-10-27T10:00:00Z"),
+        # 24x7 across the repeated hour: four real hours.
+        (ALWAYS_PARIS, "2025-10-25T22:30:00Z", 4, "2025-10-26T02:30:00Z"),
+        # 24x7 across the skipped hour.
+        (ALWAYS_PARIS, "2025-03-29T23:30:00Z", 4, "2025-03-30T03:30:00Z"),
+        # Inside the window, and arriving before the window opens.
+        (OFFICE, "2025-11-04T09:00:00Z", 2, "2025-11-04T11:00:00Z"),
+        (OFFICE, "2025-11-04T05:00:00Z", 2, "2025-11-04T10:00:00Z"),
+        # Arriving at the exact close counts from the next opening.
+        (OFFICE, "2025-11-04T17:00:00Z", 1, "2025-11-05T09:00:00Z"),
+        # Overnight windows belong to the day they start.
+        (NIGHTDESK, "2025-11-27T20:00:00Z", 2, "2025-11-27T23:00:00Z"),
+        (NIGHTDESK, "2025-11-28T04:30:00Z", 2, "2025-11-28T22:30:00Z"),
+        (NIGHTDESK, "2025-11-29T02:00:00Z", 2, "2025-11-29T04:00:00Z"),
+        (NIGHTDESK, "2025-11-27T22:00:00Z", 10, "2025-11-29T00:00:00Z"),
+        (WEEKNIGHTS, "2025-11-29T02:00:00Z", 2, "2025-11-29T04:00:00Z"),
+        (WEEKNIGHTS, "2025-11-29T11:00:00Z", 2, "2025-12-01T23:00:00Z"),
+        # 00:00-24:00 every day has no gap at midnight.
+        (FULLDAY, "2025-11-27T22:30:00Z", 1, "2025-11-27T23:30:00Z"),
+    ],
+)
+def test_deadline_table(calendar: Calendar, arrival: str, hours: int, deadline: str) -> None:
+    assert add_business_time(utc(arrival), timedelta(hours=hours), calendar) == utc(deadline)
+
+
+def test_deadline_is_utc() -> None:
+    result = add_business_time(utc("2025-03-28T15:30:00Z"), timedelta(hours=4), OFFICE)
+    assert result is not None
+    assert result.tzinfo == timezone.utc
+
+
+def test_holidays_are_skipped() -> None:
+    calendar = Calendar("office", PARIS, OFFICE.weekly, frozenset({date(2025, 12, 25), date(2025, 12, 26)}))
+    # Wed 24 Dec 17:00 local: one hour left that day, then Mon 29 Dec.
+    assert add_business_time(utc("2025-12-24T16:00:00Z"), timedelta(hours=2), calendar) == utc("2025-12-29T09:00:00Z")
+
+
+def test_calendar_without_windows_has_no_deadline() -> None:
+    closed = Calendar("closed", PARIS, tuple(() for _ in range(7)))
+    assert add_business_time(utc("2025-11-04T09:00:00Z"), timedelta(hours=1), closed) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "window"),
+    [
+        ("09:00-18:00", Window(540, 1080)),
+        ("22:00-06:00", Window(1320, 1800)),
+        ("00:00-24:00", Window(0, 1440)),
+        ("9:30-10:00", Window(570, 600)),
+        ("24:00-06:00", None),
+        ("09:00-24:30", None),
+        ("09:60-10:00", None),
+        ("nine to five", None),
+    ],
+)
+def test_parse_window_table(text: str, window: Window | None) -> None:
+    assert parse_window(text) == window
