@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
@@ -15,6 +17,7 @@ from .config import Config, load_config
 from .errors import ConfigErrors
 from .message import summarize
 from .routing import Facts, match_route
+from .rules import RuleSet, unstaffed_reason
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -32,14 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("message", type=Path, metavar="FILE.eml", help="the message to route")
     route.add_argument("--rcpt", action="append", default=[], metavar="ADDRESS",
                        help="envelope recipient to assume (repeatable; default: the first inbox in the config)")
-    for sub in (run, check, route):
+    answer = commands.add_parser("answer", help="mark a conversation answered by hand, which stops its escalations")
+    answer.add_argument("reference", metavar="REF", help="the conversation reference, such as GR-7K3M9Q")
+    answer.add_argument("--by", default=os.environ.get("USER", "operator"), metavar="NAME",
+                        help="who answered, recorded on the conversation (default: $USER)")
+    for sub in (run, check, route, answer):
         sub.add_argument("--config", type=Path, required=True, metavar="PATH", help="path of the TOML config file")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    handlers = {"run": _run, "check": _check, "route": _route}
+    handlers = {"run": _run, "check": _check, "route": _route, "answer": _answer}
     try:
         return handlers[arguments.command](arguments)
     except ConfigErrors as errors:
@@ -94,7 +101,47 @@ def _check(arguments: argparse.Namespace) -> int:
     if errors:
         print(f"{len(errors)} problem(s) found", file=sys.stderr)
         return EXIT_USAGE
+    unstaffed = unstaffed_teams(rules, datetime.now(timezone.utc))
+    for team, reason in unstaffed:
+        print(f"error: team {team!r} is unstaffed: {reason}", file=sys.stderr)
+    if unstaffed:
+        print(f"{len(unstaffed)} problem(s) found", file=sys.stderr)
+        return EXIT_USAGE
     print(f"ok: {arguments.config}: {len(rules.teams)} teams, {len(rules.routes)} routes, rules {rules.digest[:12]}")
+    return EXIT_OK
+
+
+def unstaffed_teams(rules: RuleSet, now: datetime) -> list[tuple[str, str]]:
+    """Return (team, reason) for every team that nobody staffs at `now`."""
+    found = []
+    for team in rules.teams.values():
+        reason = unstaffed_reason(team, now, rules.unstaffed_horizon)
+        if reason:
+            found.append((team.name, reason))
+    return found
+
+
+def _answer(arguments: argparse.Namespace) -> int:
+    from .store import Store
+
+    config = load_config(arguments.config)
+    reference = arguments.reference.strip().upper()
+
+    async def mark() -> str:
+        store = await Store.open(config.database_path, busy_timeout=config.busy_timeout)
+        try:
+            return await store.mark_answered(reference, f"manual:{arguments.by}", datetime.now(timezone.utc))
+        finally:
+            await store.close()
+
+    before = asyncio.run(mark())
+    if not before:
+        print(f"error: conversation {reference} not found in {config.database_path}", file=sys.stderr)
+        return EXIT_USAGE
+    if before != "open":
+        print(f"{reference} was already {before}; nothing changed")
+        return EXIT_OK
+    print(f"{reference} marked answered by {arguments.by}; its escalations stop")
     return EXIT_OK
 
 

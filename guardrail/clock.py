@@ -36,13 +36,19 @@ class SystemClock:
 
 
 class ManualClock:
-    """A clock that moves only when `advance` or `set` is called."""
+    """A clock that moves only when `advance` or `set` is called.
+
+    `settle` lets a test wait until every loop sleeping on this clock has
+    seen the latest time and gone back to sleep.
+    """
 
     def __init__(self, start: datetime) -> None:
         if start.tzinfo is None:
             raise ValueError(f"ManualClock needs an aware datetime, got {start!r}")
         self._now = start.astimezone(timezone.utc)
         self._moved = asyncio.Event()
+        self._generation = 0
+        self._sleepers: dict[int, tuple[int, asyncio.Event]] = {}
 
     def now(self) -> datetime:
         return self._now
@@ -52,20 +58,31 @@ class ManualClock:
 
     async def set(self, when: datetime) -> None:
         self._now = when.astimezone(timezone.utc)
+        self._generation += 1
         moved, self._moved = self._moved, asyncio.Event()
         moved.set()
         # Let the sleepers run before the caller goes on.
         await asyncio.sleep(0)
 
     async def sleep_until(self, deadline: datetime, wake: asyncio.Event) -> None:
-        while self._now < deadline and not wake.is_set():
-            moved = asyncio.ensure_future(self._moved.wait())
-            woken = asyncio.ensure_future(wake.wait())
-            try:
-                await asyncio.wait({moved, woken}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                moved.cancel()
-                woken.cancel()
+        key = id(wake)
+        try:
+            while self._now < deadline and not wake.is_set():
+                self._sleepers[key] = (self._generation, wake)
+                moved = asyncio.ensure_future(self._moved.wait())
+                woken = asyncio.ensure_future(wake.wait())
+                try:
+                    await asyncio.wait({moved, woken}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    moved.cancel()
+                    woken.cancel()
+        finally:
+            self._sleepers.pop(key, None)
+
+    def is_settled(self, sleepers: int) -> bool:
+        """Return True when `sleepers` loops sleep at the current time with nothing to wake them."""
+        current = [wake for generation, wake in self._sleepers.values() if generation == self._generation]
+        return len(current) >= sleepers and not any(wake.is_set() for wake in current)
 
 
 def format_instant(when: datetime) -> str:

@@ -7,12 +7,14 @@ daemon behaves the same whatever its working directory.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from .errors import ConfigError, ConfigErrors
+from .loops import DEFAULT_SENDER_PATTERNS
 from .tomlcheck import Table, read_toml
 
 
@@ -74,6 +76,21 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class AcknowledgementSettings:
+    max_per_sender: int
+    window: timedelta
+    sender_patterns: tuple[re.Pattern[str], ...]
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    timeout: timedelta
+    attempts: int
+    retry_initial: timedelta
+    retry_max: timedelta
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     smtp: SmtpSettings
@@ -88,6 +105,8 @@ class Config:
     duplicate_window: timedelta
     log_format: str
     log_level: str
+    acknowledgements: AcknowledgementSettings
+    webhooks: WebhookSettings
 
 
 def _is_address(text: str) -> bool:
@@ -117,6 +136,8 @@ def load_config(path: Path | str) -> Config:
     delivery_table = root.table("delivery")
     conversations = root.table("conversations")
     log = root.table("log")
+    acknowledgements = root.table("acknowledgements")
+    webhooks = root.table("webhooks")
 
     first_domain = sorted(smtp.local_domains)[0] if smtp.local_domains else smtp.hostname
     owner = postmaster.string("owner", required=True) or ""
@@ -137,9 +158,16 @@ def load_config(path: Path | str) -> Config:
         duplicate_window=conversations.duration("duplicate_window", timedelta(days=1)),
         log_format=log.choice("format", "auto", ("auto", "json", "console")),
         log_level=log.choice("level", "info", ("debug", "info", "warning", "error")),
+        acknowledgements=_load_acknowledgements(acknowledgements),
+        webhooks=WebhookSettings(
+            timeout=webhooks.duration("timeout", timedelta(seconds=10)),
+            attempts=webhooks.integer("attempts", 5, minimum=1, maximum=50),
+            retry_initial=webhooks.duration("retry_initial", timedelta(seconds=1)),
+            retry_max=webhooks.duration("retry_max", timedelta(seconds=30)),
+        ),
     )
 
-    for table in (root, postmaster, database, outbound, rules, delivery_table, conversations, log):
+    for table in (root, postmaster, database, outbound, rules, delivery_table, conversations, log, acknowledgements, webhooks):
         table.finish()
     if errors:
         raise ConfigErrors(errors)
@@ -219,6 +247,20 @@ def _load_delivery(table: Table, default_return_path: str) -> DeliverySettings:
         return_path=return_path.lower(),
     )
     return settings
+
+
+def _load_acknowledgements(table: Table) -> AcknowledgementSettings:
+    patterns = []
+    for pattern in table.strings("sender_patterns", list(DEFAULT_SENDER_PATTERNS)):
+        try:
+            patterns.append(re.compile(pattern, re.IGNORECASE))
+        except re.error as error:
+            table.problem("sender_patterns", f"invalid regular expression {pattern!r}: {error}")
+    return AcknowledgementSettings(
+        max_per_sender=table.integer("max_per_sender", 3, minimum=0),
+        window=table.duration("window", timedelta(hours=1)),
+        sender_patterns=tuple(patterns),
+    )
 
 
 def _load_prefix(table: Table) -> str:

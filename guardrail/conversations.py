@@ -51,6 +51,7 @@ class KnownConversation:
     team: str
     participants: frozenset[str]
     destination: Destination | None
+    state: str = "open"
 
 
 def choose_conversation(

@@ -19,7 +19,9 @@ from .delivery import DeliveryWorker, Transport
 from .errors import ConfigErrors
 from .intake import REPLY_SHUTTING_DOWN, ConnectionTracker, GuardrailSMTP, IntakeHandler
 from .rules import RuleSet, load_rules
-from .store import Store
+from .escalation import Sender
+from .sla import EscalationScheduler
+from .store import Store, StoreSettings
 
 log = structlog.get_logger("guardrail.daemon")
 
@@ -41,7 +43,8 @@ class Daemon:
         self._transport = transport
         self.store: Store | None = None
         self.worker: DeliveryWorker | None = None
-        self._worker_task: asyncio.Task[None] | None = None
+        self.scheduler: EscalationScheduler | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.Server | None = None
         self._tracker = ConnectionTracker(config.smtp.max_connections)
         self._stopping = asyncio.Event()
@@ -55,16 +58,31 @@ class Daemon:
     async def start(self) -> None:
         """Open the store, start the outbox worker, then start listening."""
         config = self.config
-        self.store = await Store.open(
-            config.database_path,
-            busy_timeout=config.busy_timeout,
+        settings = StoreSettings(
             reference_prefix=config.reference_prefix,
             duplicate_window=config.duplicate_window,
+            hostname=config.smtp.hostname,
+            ack_limit=config.acknowledgements.max_per_sender,
+            ack_window=config.acknowledgements.window,
         )
-        self.worker = DeliveryWorker(self.store, config, self.clock, self._transport)
-        self._worker_task = asyncio.create_task(self.worker.run(), name="guardrail-outbox")
+        self.store = await Store.open(config.database_path, settings, busy_timeout=config.busy_timeout)
+        worker = self.worker = DeliveryWorker(self.store, config, self.clock, self._transport)
+        sender = Sender(
+            hostname=config.smtp.hostname,
+            from_address=config.delivery.return_path,
+            answer_command=f"guardrail answer --config {config.path.resolve()}",
+        )
+        scheduler = self.scheduler = EscalationScheduler(self.store, self.clock, lambda: self.rules, sender, worker.wake.set)
+        self._tasks = [
+            asyncio.create_task(worker.run(), name="guardrail-outbox"),
+            asyncio.create_task(scheduler.run(), name="guardrail-escalations"),
+        ]
 
-        handler = IntakeHandler(config, self.store, self.clock, lambda: self.rules, on_committed=self.worker.wake.set)
+        def committed() -> None:
+            worker.wake.set()
+            scheduler.wake.set()
+
+        handler = IntakeHandler(config, self.store, self.clock, lambda: self.rules, on_committed=committed)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: GuardrailSMTP(
@@ -85,6 +103,10 @@ class Daemon:
             "daemon_started", listen=config.smtp.listen, port=self.port, database=str(config.database_path),
             rules=self.rules.digest[:12], routes=len(self.rules.routes), teams=len(self.rules.teams),
         )
+
+    def is_idle(self) -> bool:
+        """Return True when no delivery attempt is running (for tests and shutdown)."""
+        return self.worker is None or not self.worker.in_flight
 
     def reload(self) -> bool:
         """Load the rules again and swap them in whole; keep the old set on any error."""
@@ -112,10 +134,10 @@ class Daemon:
                     connection.transport.close()
             await self._server.wait_closed()
             self._server = None
-        if self._worker_task is not None:
-            self._worker_task.cancel()
-            await asyncio.gather(self._worker_task, return_exceptions=True)
-            self._worker_task = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
         if self.store is not None:
             await self.store.close()
             self.store = None

@@ -8,6 +8,7 @@ the same store, so a restart resumes exactly where the last process stopped.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -23,8 +24,11 @@ from .clock import Clock
 from .config import Config
 from .errors import PermanentDeliveryError, TemporaryDeliveryError
 from .loops import LOOP_HEADER
+from .escalation import decode_fallback
 from .rules import Destination
+from .rules_sla import Webhook
 from .store import AttemptResult, OutboxRow, Store
+from .webhooks import WebhookSender
 
 log = structlog.get_logger("guardrail.delivery")
 
@@ -180,9 +184,14 @@ class DeliveryWorker:
         self._config = config
         self._clock = clock
         self._transport = transport or Transport(config)
+        self._webhooks = WebhookSender(config.webhooks, clock)
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self.wake = asyncio.Event()
         self.alive = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
 
     async def run(self) -> None:
         """Deliver due rows until cancelled."""
@@ -204,6 +213,7 @@ class DeliveryWorker:
             for task in self._in_flight.values():
                 task.cancel()
             await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+            await self._webhooks.close()
 
     async def _next_wake(self) -> datetime:
         now = self._clock.now()
@@ -225,38 +235,62 @@ class DeliveryWorker:
 
     async def _attempt(self, row: OutboxRow) -> None:
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(outbox_id=row.id, conversation_id=row.conversation_id)
+        structlog.contextvars.bind_contextvars(outbox_id=row.id, kind=row.kind, conversation_id=row.conversation_id)
         attempts = row.attempts + 1
+        now = self._clock.now
         try:
             await self._deliver(row)
         except PermanentDeliveryError as error:
-            log.error("delivery_failed", error=str(error), attempts=attempts)
-            result = AttemptResult(row.id, row.conversation_id, row.message_row, self._clock.now(), "failed", attempts, error=str(error))
+            result = self._failed(row, attempts, str(error))
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - anything unexpected is retried, never dropped
             result = self._retry_or_give_up(row, attempts, error)
         else:
             log.info("delivered", attempts=attempts)
-            result = AttemptResult(row.id, row.conversation_id, row.message_row, self._clock.now(), "done", attempts)
+            result = AttemptResult(row.id, row.conversation_id, row.message_row, now(), "done", attempts, kind=row.kind)
         await self._store.record_attempt(result)
+
+    def _failed(self, row: OutboxRow, attempts: int, error: str) -> AttemptResult:
+        purpose = row.target.get("purpose", "")
+        fallback = None
+        if row.kind == "webhook":
+            mail = decode_fallback(row.target.get("fallback"))
+            if mail is not None:
+                fallback = {"target": {"kind": "smtp", "addresses": list(mail.recipients), "purpose": "escalation"}, "payload": mail.data}
+            log.error("escalation_failed", error=error, attempts=attempts, channel="webhook",
+                      fallback="escalation mail" if fallback else "none (the level's mail was sent)")
+        elif purpose == "escalation":
+            log.error("escalation_failed", error=error, attempts=attempts, channel="mail")
+        else:
+            log.error("delivery_failed", error=error, attempts=attempts)
+        return AttemptResult(row.id, row.conversation_id, row.message_row, self._clock.now(), "failed", attempts,
+                             error=error, kind=row.kind, fallback=fallback)
 
     def _retry_or_give_up(self, row: OutboxRow, attempts: int, error: Exception) -> AttemptResult:
         now = self._clock.now()
         text = str(error) if isinstance(error, TemporaryDeliveryError) else f"unexpected error: {error!r}"
         if now - row.created_at >= self._config.delivery.give_up_after:
-            log.error("delivery_failed", error=text, attempts=attempts, reason="retry period exhausted")
-            return AttemptResult(row.id, row.conversation_id, row.message_row, now, "failed", attempts, error=f"gave up after {attempts} attempts: {text}")
+            return self._failed(row, attempts, f"gave up after {attempts} attempts: {text}")
         delay = retry_delay(attempts, self._config.delivery.retry_initial, self._config.delivery.retry_max)
         log.warning("delivery_deferred", error=text, attempts=attempts, retry_in_seconds=round(delay.total_seconds(), 1))
-        return AttemptResult(row.id, row.conversation_id, row.message_row, now, "pending", attempts, next_attempt_at=now + delay, error=text)
+        return AttemptResult(row.id, row.conversation_id, row.message_row, now, "pending", attempts,
+                             next_attempt_at=now + delay, error=text, kind=row.kind)
 
     async def _deliver(self, row: OutboxRow) -> None:
+        if row.kind == "deliver" and row.message_row is not None:
+            await self._forward(row)
+        elif row.kind == "mail":
+            await self._send_mail(row)
+        elif row.kind == "webhook":
+            await self._post_webhook(row)
+        else:
+            raise PermanentDeliveryError(f"outbox row kind {row.kind!r} is not known to this version")
+
+    async def _forward(self, row: OutboxRow) -> None:
         destination = Destination.from_record(row.target)
         structlog.contextvars.bind_contextvars(destination=destination.describe())
-        if row.kind != "deliver" or row.message_row is None:
-            raise PermanentDeliveryError(f"outbox row kind {row.kind!r} is not known to this version")
-        raw, envelope = await self._store.message_for_delivery(row.message_row)
+        raw, envelope = await self._store.message_for_delivery(row.message_row)  # type: ignore[arg-type]
         structlog.contextvars.bind_contextvars(conversation=envelope["reference"], route=envelope["route"])
         recipients = destination.addresses or (str(envelope["rcpt_tos"][0]) if envelope["rcpt_tos"] else "",)
         data = trace_headers(hostname=self._config.smtp.hostname, envelope=envelope, for_address=recipients[0]) + raw
@@ -266,3 +300,20 @@ class DeliveryWorker:
             Envelope(self._config.delivery.return_path, tuple(recipients), str(envelope["mail_from"])),
             maildir_name(row, self._config.smtp.hostname),
         )
+
+    async def _send_mail(self, row: OutboxRow) -> None:
+        """Send a message guardrail wrote itself (acknowledgement or escalation)."""
+        recipients = tuple(row.target["addresses"])
+        structlog.contextvars.bind_contextvars(destination="smtp " + ", ".join(recipients), purpose=row.target.get("purpose"))
+        data = await self._store.outbox_payload(row.id)
+        # An acknowledgement carries a null return path (RFC 3834 section 3.3).
+        sender = row.target.get("sender", self._config.delivery.return_path)
+        destination = Destination("smtp", addresses=recipients)
+        await self._transport.send(destination, data, Envelope(sender, recipients, sender), maildir_name(row, self._config.smtp.hostname))
+
+    async def _post_webhook(self, row: OutboxRow) -> None:
+        webhook = Webhook(row.target["url"], row.target.get("format", "json"), row.target.get("secret_env"))
+        structlog.contextvars.bind_contextvars(destination=f"webhook {webhook.url}")
+        body = json.loads(await self._store.outbox_payload(row.id))
+        tries = await self._webhooks.post(row.id, webhook, body)
+        log.info("webhook_delivered", tries=tries)

@@ -11,6 +11,7 @@ the message, route it, commit it, reply.
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 import time
 from collections.abc import Callable
@@ -22,12 +23,13 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from .clock import Clock
 from .config import Config
-from .loops import has_our_loop_marker, has_too_many_hops
-from .message import Summary, summarize
+from .loops import has_too_many_hops
+from .message import summarize
 from .plan import Submission
-from .routing import Facts, match_route
-from .rules import Destination, RuleSet
-from .store import Store
+from .prepare import Envelope as PreparedEnvelope
+from .prepare import Site, is_inbox, is_postmaster, prepare_submission
+from .rules import RuleSet
+from .store import Outcome, Store
 
 log = structlog.get_logger("guardrail.intake")
 
@@ -250,10 +252,19 @@ class IntakeHandler:
     clock: Clock
     rules: Callable[[], RuleSet]
     on_committed: Callable[[], None] = lambda: None
-    _local_domains: frozenset[str] = field(init=False)
+    site: Site = field(init=False)
+    counters: collections.Counter[str] = field(init=False, default_factory=collections.Counter)
 
     def __post_init__(self) -> None:
-        self._local_domains = self.config.smtp.local_domains
+        smtp = self.config.smtp
+        self.site = Site(
+            hostname=smtp.hostname,
+            inboxes=smtp.inboxes,
+            inbox_domains=smtp.inbox_domains,
+            local_domains=smtp.local_domains,
+            postmaster_owner=self.config.postmaster_owner,
+            sender_patterns=self.config.acknowledgements.sender_patterns,
+        )
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
@@ -275,7 +286,7 @@ class IntakeHandler:
             return REPLY_BAD_RECIPIENT
         if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
             return REPLY_TOO_MANY_RECIPIENTS
-        if not self._is_ours(address) and not self._is_postmaster(address):
+        if not is_inbox(address, self.site) and not is_postmaster(address, self.site):
             log.warning("recipient_rejected", peer=_peer(session), recipient=address, reason="not an inbox of ours")
             return REPLY_NOT_OURS
         envelope.rcpt_tos.append(address)
@@ -308,7 +319,13 @@ class IntakeHandler:
             log.warning("message_rejected", reason="too many Received headers", hops=summary.received_count)
             return REPLY_TOO_MANY_HOPS
 
-        submission = self._submission(session, envelope, raw, summary, rules)
+        facts = PreparedEnvelope(
+            mail_from="" if envelope.mail_from in (None, "<>") else str(envelope.mail_from),
+            rcpt_tos=tuple(address.lower() for address in envelope.rcpt_tos),
+            peer=_peer(session),
+            helo=session.host_name or "",
+        )
+        submission = prepare_submission(facts, raw, summary, rules, self.site, self.clock.now())
         structlog.contextvars.bind_contextvars(route=submission.route, team=submission.team)
         outcome = await self.store.accept(submission)
 
@@ -316,47 +333,34 @@ class IntakeHandler:
             log.info("message_duplicate", detail=f"duplicate of {summary.message_id or 'a message without Message-ID'}")
             return REPLY_DUPLICATE.format(message_id=summary.message_id or "an earlier message")
         self.on_committed()
+        self._log_outcome(outcome, submission, len(raw), started)
+        return REPLY_ACCEPTED.format(reference=outcome.reference or f"message {outcome.message_row}")
+
+    def _log_outcome(self, outcome: Outcome, submission: Submission, size: int, started: float) -> None:
         structlog.contextvars.bind_contextvars(
             conversation=outcome.reference, conversation_id=outcome.conversation_id, route=outcome.route, team=outcome.team,
             destination=outcome.destination.describe() if outcome.destination else None,
         )
         log.info(
-            "message_accepted", disposition=outcome.disposition, size=len(raw),
-            thread=outcome.thread_reason or None, elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
+            "message_accepted", disposition=outcome.disposition, size=size, thread=outcome.thread_reason or None,
+            deadline=outcome.deadline.isoformat() if outcome.deadline else None,
+            elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
         )
-        return REPLY_ACCEPTED.format(reference=outcome.reference or f"message {outcome.message_row}")
-
-    def _submission(self, session: Session, envelope: Envelope, raw: bytes, summary: Summary, rules: RuleSet) -> Submission:
-        rcpt_tos = tuple(address.lower() for address in envelope.rcpt_tos)
-        mail_from = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
-        common = dict(
-            raw=raw, mail_from=mail_from, rcpt_tos=rcpt_tos, peer=_peer(session), helo=session.host_name or "",
-            received_at=self.clock.now(), summary=summary,
-            is_loop=has_our_loop_marker(summary, self.config.smtp.hostname),
-        )
-        if any(self._is_postmaster(address) and not self._is_ours(address) for address in rcpt_tos):
-            # RFC 5321 section 4.5.1: mail to postmaster always reaches a person.
-            owner = Destination("smtp", addresses=(self.config.postmaster_owner,))
-            return Submission(
-                **common, route="postmaster", team="postmaster", destination=owner,
-                route_reasons=("recipient is postmaster",), team_members=frozenset(), is_postmaster=True,
-            )
-        match = match_route(rules, Facts(rcpt_tos, summary))
-        return Submission(
-            **common, route=match.route.name, team=match.team.name, destination=match.team.destination,
-            route_reasons=match.reasons, team_members=match.team.member_addresses,
-        )
-
-    def _is_ours(self, address: str) -> bool:
-        address = address.lower()
-        domain = address.rpartition("@")[2]
-        return address in self.config.smtp.inboxes or domain in self.config.smtp.inbox_domains
-
-    def _is_postmaster(self, address: str) -> bool:
-        local, at, domain = address.lower().rpartition("@")
-        if not at:
-            return domain == "postmaster"
-        return local == "postmaster" and domain in self._local_domains
+        if outcome.ack_decision == "sent":
+            log.info("ack_queued", language=submission.ack.language if submission.ack else None)
+        elif outcome.ack_decision == "suppressed":
+            log.info("ack_suppressed", signal=outcome.ack_signal)
+        if outcome.ack_limit_reached and submission.ack is not None:
+            log.warning("ack_limit_reached", address=submission.ack.to_address,
+                        detail=f"acknowledgement limit reached for {submission.ack.to_address}")
+        if outcome.ack_problem and submission.ack is not None:
+            self.counters["ack_template_fallbacks"] += 1
+            log.warning("ack_template_fallback", template=submission.ack.template.name,
+                        language=submission.ack.language, problem=outcome.ack_problem)
+        if outcome.answered:
+            log.info("conversation_answered", by=submission.summary.from_address or submission.mail_from)
+        if outcome.escalates_now:
+            log.warning("team_unstaffed", reason=submission.unstaffed)
 
 
 def _has_control_characters(address: str) -> bool:

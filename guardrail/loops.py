@@ -1,15 +1,106 @@
-"""Pure decisions about mail loops.
+"""Pure decisions about automated mail and mail loops.
 
-guardrail stamps everything it sends with a loop-marker header naming its own
-host. A message that comes back carrying that marker has already been through
-this daemon, so it is stored but never forwarded again.
+guardrail never answers a machine. `machine_signal` names the first sign that
+a message was written by software (auto-replies, bounces, lists, bulk mail,
+our own mail coming back); `acknowledgement_signal` adds the reasons that are
+not about machines but still rule out an acknowledgement. Each returns the
+signal as text, which is stored with the decision, or None.
 """
 
 from __future__ import annotations
 
+import re
+import unicodedata
+from collections.abc import Iterable
+
 from .message import Summary
 
 LOOP_HEADER = "X-Guardrail-Loop"
+
+# RFC 3834 section 5: any Auto-Submitted value except "no" marks automatic mail.
+_PRECEDENCE_VALUES = {"bulk", "junk", "list", "auto_reply"}
+_LIST_HEADERS = ("list-id", "list-unsubscribe", "list-post", "mailing-list")
+_AUTOREPLY_HEADERS = ("x-autoreply", "x-autorespond", "x-autoresponder")
+_SUPPRESS_TOKENS = {"oof", "autoreply", "all"}
+
+# Local parts of role and robot senders, matched whole and ignoring case.
+DEFAULT_SENDER_PATTERNS = (
+    r"mailer[-_]?daemon",
+    r"post_?master",
+    r"no[-_.]?reply([-+._].*)?",
+    r"do[-_.]?not[-_.]?reply([-+._].*)?",
+    r"bounces?([-+._].*)?",
+    r".*[-_.]bounces?([-+._].*)?",
+    r"(e[-_]?)?news(letters?)?",
+    r"announce(ments?)?",
+)
+
+# Subjects of out-of-office replies and delivery reports. Subjects are
+# compared after case folding and removing accents, so patterns are written
+# without them.
+_AUTOREPLY_SUBJECTS = re.compile(
+    "|".join(
+        [
+            # English
+            r"^auto:",
+            r"\bauto(matic|mated)?[- ]?(reply|response|answer)\b",
+            r"\bautoreply\b",
+            r"\bout of (the )?office\b",
+            r"\baway from (the |my )?office\b",
+            r"\bon (vacation|holiday|leave)\b",
+            r"\bvacation (reply|notice|message)\b",
+            r"\bundeliver(able|ed)\b",
+            r"\bdelivery (status notification|failure|has failed|delayed)\b",
+            r"\bmail delivery (failed|failure|system)\b",
+            r"\breturned mail\b",
+            r"\bfailure notice\b",
+            # French
+            r"\breponse automatique\b",
+            r"\b(message d'|notification d')?absence\b",
+            r"\babsent(e)? du bureau\b",
+            r"\bnon remis\b",
+            # German
+            r"\bautomatische antwort\b",
+            r"\babwesenheit(snotiz|smeldung|sassistent)?\b",
+            r"\bnicht im buro\b",
+            r"\bausser haus\b",
+            r"\bunzustellbar\b",
+            # Spanish
+            r"\brespuesta automatica\b",
+            r"\bfuera de (la )?oficina\b",
+            r"\bausente\b",
+            r"\bno entregado\b",
+            # Dutch
+            r"\bautomatisch antwoord\b",
+            r"\bafwezig(heidsbericht|heidsmelding)?\b",
+            r"\bniet aanwezig\b",
+            r"\bonbestelbaar\b",
+            # Polish
+            r"\bautomatyczna odpowiedz\b",
+            r"\bodpowiedz automatyczna\b",
+            r"\bnieobecnosc\b",
+            r"\bpoza biurem\b",
+            # Japanese
+            "自動応答",
+            "自動返信",
+            "不在",
+            "休暇",
+        ]
+    )
+)
+
+
+def fold(text: str) -> str:
+    """Case-fold `text` and remove accents, so "Réponse" compares as "reponse"."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(char for char in decomposed if not unicodedata.combining(char))
+
+
+def compile_sender_patterns(patterns: Iterable[str]) -> tuple[re.Pattern[str], ...]:
+    return tuple(re.compile(pattern, re.IGNORECASE) for pattern in patterns)
+
+
+DEFAULT_SENDERS = compile_sender_patterns(DEFAULT_SENDER_PATTERNS)
 
 
 def has_our_loop_marker(summary: Summary, hostname: str) -> bool:
@@ -24,3 +115,97 @@ def has_too_many_hops(summary: Summary, max_received: int) -> bool:
     RFC 5321 section 6.3 recommends treating a large hop count as a loop.
     """
     return summary.received_count > max_received
+
+
+def _first_value(summary: Summary, name: str) -> str:
+    values = summary.header(name)
+    return values[0].strip() if values else ""
+
+
+def _header_signal(summary: Summary) -> str | None:
+    auto_submitted = _first_value(summary, "auto-submitted")
+    if auto_submitted and auto_submitted.split(";")[0].strip().lower() != "no":
+        return f"Auto-Submitted: {auto_submitted}"
+    for name in ("precedence", "x-precedence"):
+        value = _first_value(summary, name).lower()
+        if value in _PRECEDENCE_VALUES:
+            return f"{name.title()}: {value}"
+    # Errors-To is a legacy header that only list and bulk software still sets.
+    for name in (*_AUTOREPLY_HEADERS, *_LIST_HEADERS, "x-failed-recipients", "x-ms-exchange-inbox-rules-loop", "errors-to"):
+        if summary.header(name):
+            return f"{name} header"
+    suppress = _first_value(summary, "x-auto-response-suppress")
+    tokens = {token.strip().lower() for token in suppress.split(",")}
+    if tokens & _SUPPRESS_TOKENS:
+        return f"X-Auto-Response-Suppress: {suppress}"
+    if _first_value(summary, "x-apple-action").upper() == "VACATION":
+        return "X-Apple-Action: VACATION"
+    content_type = _first_value(summary, "content-type").lower()
+    if content_type.startswith("multipart/report"):
+        return "multipart/report"
+    return None
+
+
+def _sender_signal(summary: Summary, mail_from: str, patterns: tuple[re.Pattern[str], ...]) -> str | None:
+    if not mail_from:
+        return "null envelope sender"
+    for name in ("return-path", "x-envelope-from"):
+        if any(value.strip() == "<>" for value in summary.header(name)):
+            return f"{name.title()}: <>"
+    candidates = [("envelope sender", mail_from), ("From", summary.from_address)]
+    for name in ("sender", "return-path", "errors-to"):
+        for value in summary.header(name):
+            match = re.search(r"[^\s<>\"]+@[^\s<>\"]+", value)
+            if match:
+                candidates.append((name.title(), match.group(0)))
+    for where, address in candidates:
+        local, _, domain = address.lower().rpartition("@")
+        if local and any(pattern.fullmatch(local) for pattern in patterns):
+            return f"{where} {address.lower()} looks automated"
+        # Bulk senders use per-message (VERP) addresses at a bounce host.
+        if domain.split(".")[0] in ("bounce", "bounces"):
+            return f"{where} {address.lower()} is a bounce address"
+    return None
+
+
+def machine_signal(
+    summary: Summary,
+    mail_from: str,
+    hostname: str,
+    sender_patterns: tuple[re.Pattern[str], ...] = DEFAULT_SENDERS,
+) -> str | None:
+    """Return why the message looks written by software, or None for a person."""
+    if has_our_loop_marker(summary, hostname):
+        return "our loop marker"
+    signal = _header_signal(summary) or _sender_signal(summary, mail_from, sender_patterns)
+    if signal:
+        return signal
+    if _AUTOREPLY_SUBJECTS.search(fold(summary.subject)):
+        return f"auto-reply subject {summary.subject[:80]!r}"
+    return None
+
+
+def is_automatic_reply(summary: Summary) -> bool:
+    """Return True for out-of-office and other automatic replies, whoever sends them.
+
+    A reply like this from a team member never counts as the team's answer.
+    """
+    return _header_signal(summary) is not None or bool(_AUTOREPLY_SUBJECTS.search(fold(summary.subject)))
+
+
+def acknowledgement_signal(
+    summary: Summary,
+    mail_from: str,
+    hostname: str,
+    is_staff: bool,
+    sender_patterns: tuple[re.Pattern[str], ...] = DEFAULT_SENDERS,
+) -> str | None:
+    """Return why the message must not be acknowledged, or None when it must be."""
+    signal = machine_signal(summary, mail_from, hostname, sender_patterns)
+    if signal:
+        return signal
+    if not summary.from_address:
+        return "no From header"
+    if is_staff:
+        return "sender is a team member"
+    return None

@@ -13,6 +13,7 @@ from datetime import datetime
 
 from .conversations import KnownConversation, choose_conversation, find_references
 from .message import Summary
+from .acknowledgement import AckRequest
 from .rules import Destination
 
 # Threading looks at the newest ids only: a References header can list
@@ -38,6 +39,17 @@ class Submission:
     team_members: frozenset[str]
     is_loop: bool = False
     is_postmaster: bool = False
+    # Acknowledgement and SLA, decided by intake for the case where the
+    # message opens a conversation; the store applies them only then.
+    ack_signal: str | None = None
+    ack: AckRequest | None = None
+    deadline: datetime | None = None
+    first_escalation_at: datetime | None = None
+    unstaffed: str = ""
+    sla_applies: bool = True
+    # Whether the message, as a follow-up, counts as the team's answer.
+    is_staff: bool = False
+    is_automatic: bool = False
 
     @property
     def dedupe_key(self) -> str:
@@ -71,6 +83,9 @@ class Plan:
     team: str = ""
     destination: Destination | None = None
     participants_added: frozenset[str] = field(default_factory=frozenset)
+    answers: bool = False
+    ack_decision: str = ""  # "sent", "suppressed" or "" when none was considered
+    ack_signal: str = ""
 
 
 def plan_submission(
@@ -81,10 +96,14 @@ def plan_submission(
     by_message_id: dict[str, KnownConversation],
     by_reference: dict[str, KnownConversation],
     new_conversation: KnownConversation,
+    acks_in_window: int = 0,
+    ack_limit: int = 3,
 ) -> Plan:
     """Return what committing `submission` creates.
 
-    `new_conversation` is the conversation to open if the message starts one.
+    `new_conversation` is the conversation to open if the message starts one;
+    `acks_in_window` counts acknowledgements already sent to its sender in
+    the rate window, of which at most `ack_limit` are allowed.
     """
     if is_duplicate:
         return Plan("duplicate")
@@ -109,7 +128,11 @@ def plan_submission(
             team=known.team,
             destination=known.destination,
             participants_added=submission.sender_addresses - known.participants,
+            answers=known.state == "open" and submission.is_staff and not submission.is_automatic,
+            ack_decision="suppressed",
+            ack_signal="follow-up in an existing conversation",
         )
+    decision, signal = decide_acknowledgement(submission, acks_in_window, ack_limit)
     return Plan(
         "loop" if submission.is_loop else "new",
         conversation=new_conversation,
@@ -117,7 +140,23 @@ def plan_submission(
         route=submission.route,
         team=submission.team,
         destination=submission.destination,
+        ack_decision=decision,
+        ack_signal=signal,
     )
+
+
+RATE_LIMIT_SIGNAL = "rate limit"
+
+
+def decide_acknowledgement(submission: Submission, acks_in_window: int, ack_limit: int) -> tuple[str, str]:
+    """Return ("sent", "") or ("suppressed", signal) for a message that opens a conversation."""
+    if submission.ack_signal:
+        return "suppressed", submission.ack_signal
+    if submission.ack is None:
+        return "suppressed", "no acknowledgement template"
+    if acks_in_window >= ack_limit:
+        return "suppressed", RATE_LIMIT_SIGNAL
+    return "sent", ""
 
 
 def opening_participants(submission: Submission) -> frozenset[str]:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+from .business_hours import Calendar, next_open_interval, utc_calendar
 from .errors import ConfigError, ConfigErrors
+from .rules_sla import EscalationLevel, Human, Template, load_calendar, load_escalation, load_human, load_template
 from .tomlcheck import Table, read_toml
 
 ADDRESS_FIELDS = ("rcpt", "from", "to")
@@ -55,6 +58,13 @@ class Team:
     name: str
     destination: Destination | None
     members: tuple[Member, ...]
+    calendar: Calendar = field(default_factory=utc_calendar)
+    first_response: timedelta = timedelta(hours=4)
+    language: str = "en"
+    templates: dict[str, Template] = field(default_factory=dict)
+    urgent_contact: str = ""
+    escalation: tuple[EscalationLevel, ...] = ()
+    escalation_contact: Human | None = None
 
     @property
     def member_addresses(self) -> frozenset[str]:
@@ -89,6 +99,7 @@ class Route:
     all: tuple[Condition, ...] = ()
     any: tuple[Condition, ...] = ()
     is_default: bool = False
+    first_response: timedelta | None = None
 
 
 @dataclass(frozen=True)
@@ -97,14 +108,29 @@ class RuleSet:
     routes: tuple[Route, ...]
     files: tuple[Path, ...]
     digest: str
-    needs_body: bool = field(default=False)
+    needs_body: bool = False
+    fallback: Human | None = None
+    unstaffed_horizon: timedelta = timedelta(days=14)
+    staff_addresses: frozenset[str] = frozenset()
+    staff_domains: frozenset[str] = frozenset()
 
     @property
     def default_route(self) -> Route:
         return self.routes[-1]
 
+    def is_staff(self, address: str) -> bool:
+        """Return True for team members and configured staff addresses or domains."""
+        address = address.lower()
+        return address in self.staff_addresses or address.rpartition("@")[2] in self.staff_domains
 
-def load_rules(directory: Path, base: Path) -> RuleSet:
+    def escalation_contact(self, team: Team) -> Human | None:
+        """Return whom to tell at once about a problem with `team`."""
+        if team.escalation_contact:
+            return team.escalation_contact
+        return self.fallback
+
+
+def load_rules(directory: Path, base: Path, *, today: date | None = None) -> RuleSet:
     """Load every `*.toml` file in `directory`; relative maildir paths resolve against `base`.
 
     Raises ConfigErrors listing every problem in every file.
@@ -116,49 +142,134 @@ def load_rules(directory: Path, base: Path) -> RuleSet:
         raise ConfigErrors([ConfigError(directory, "", f"rules folder {what}; set rules.directory in the config")])
 
     digest = hashlib.sha256()
-    team_entries: list[tuple[Table, int]] = []
-    route_entries: list[tuple[Table, int]] = []
+    entries: dict[str, list[Table]] = {"team": [], "route": [], "calendar": [], "template": []}
+    settings: list[Table] = []
     for path in files:
         data = read_toml(path, errors)
         if data is None:
             continue
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
         top = Table(path, data, "", errors)
-        team_entries += _entries(top, "team")
-        route_entries += _entries(top, "route")
+        for name in entries:
+            entries[name] += _entries(top, name)
+        if top.has("escalation") or top.has("staff"):
+            top.raw("escalation")
+            top.raw("staff")
+            settings.append(top)
         top.finish()
 
-    teams: dict[str, Team] = {}
-    for table, _ in team_entries:
-        team = _load_team(table, base)
-        if team is None:
+    today = today or date.today()
+    calendars = _by_name(entries["calendar"], lambda table: load_calendar(table, today), "calendar")
+    templates: dict[str, dict[str, Template]] = {}
+    for table in entries["template"]:
+        template = load_template(table)
+        if template is None:
             continue
-        if team.name in teams:
-            table.problem("name", f"team {team.name!r} is defined twice; team names must be unique")
-        teams[team.name] = team
+        if template.language in templates.setdefault(template.name, {}):
+            table.problem("language", f"template {template.name!r} has two {template.language!r} variants")
+        templates[template.name][template.language] = template
 
+    fallback, horizon, staff_addresses, staff_domains = _load_settings(settings)
+    teams = _by_name(entries["team"], lambda table: _load_team(table, base, calendars, templates, fallback), "team")
     unreadable = bool(errors)
-    routes = _load_routes(route_entries, teams, errors, directory, check_default=not unreadable)
+    routes = _load_routes(entries["route"], teams, errors, directory, check_default=not unreadable)
     if errors:
         raise ConfigErrors(errors)
 
     needs_body = any(_uses_body(condition) for route in routes for condition in route.all + route.any)
-    return RuleSet(teams, tuple(routes), tuple(files), digest.hexdigest(), needs_body)
+    members = frozenset(address for team in teams.values() for address in team.member_addresses)
+    return RuleSet(
+        teams, tuple(routes), tuple(files), digest.hexdigest(), needs_body,
+        fallback=fallback, unstaffed_horizon=horizon,
+        staff_addresses=members | staff_addresses, staff_domains=staff_domains,
+    )
 
 
-def _entries(top: Table, name: str) -> list[tuple[Table, int]]:
+def _by_name(tables: list[Table], load: Any, kind: str) -> dict[str, Any]:
+    """Load each table with `load` and index the results by name, rejecting duplicates."""
+    loaded: dict[str, Any] = {}
+    for table in tables:
+        item = load(table)
+        if item is None:
+            continue
+        if item.name in loaded:
+            table.problem("name", f"{kind} {item.name!r} is defined twice; {kind} names must be unique")
+        loaded[item.name] = item
+    return loaded
+
+
+def _load_settings(tables: list[Table]) -> tuple[Human | None, timedelta, frozenset[str], frozenset[str]]:
+    fallback: Human | None = None
+    horizon = timedelta(days=14)
+    addresses: set[str] = set()
+    domains: set[str] = set()
+    for top in tables:
+        if top.has("escalation"):
+            escalation = top.table("escalation")
+            if escalation.has("fallback"):
+                if fallback is not None:
+                    escalation.problem("fallback", "the fallback human is defined in more than one file; keep one")
+                fallback = load_human(escalation.table("fallback")) or fallback
+            horizon = escalation.duration("unstaffed_horizon", horizon)
+            escalation.finish()
+        if top.has("staff"):
+            staff = top.table("staff")
+            addresses |= {address.lower() for address in staff.strings("addresses")}
+            domains |= {domain.lower().strip(".") for domain in staff.strings("domains")}
+            staff.finish()
+    return fallback, horizon, frozenset(addresses), frozenset(domains)
+
+
+def _entries(top: Table, name: str) -> list[Table]:
     value = top.raw(name, [])
     if not isinstance(value, list):
         top.fail(name, value, f"an array of tables written as [[{name}]]")
         return []
-    return [(Table(top.path, item, f"{name}[{index}]", top.errors), index) for index, item in enumerate(value)]
+    return [Table(top.path, item, f"{name}[{index}]", top.errors) for index, item in enumerate(value)]
 
 
-def _load_team(table: Table, base: Path) -> Team | None:
+def _load_team(
+    table: Table,
+    base: Path,
+    calendars: dict[str, Calendar],
+    templates: dict[str, dict[str, Template]],
+    fallback: Human | None,
+) -> Team | None:
     name = table.string("name", required=True)
     if name:
         table.prefix = f"{table.prefix} ({name})"
     destination = _load_destination(table, base)
+    members = _load_members(table)
+    calendar = _team_calendar(table, calendars)
+    first_response = table.duration("first_response", timedelta(hours=4))
+    language = (table.string("language", "en") or "en").lower()
+    template_name = table.string("template", "standard") or "standard"
+    urgent_contact = table.string("urgent_contact", "") or ""
+    escalation = load_escalation(table, "escalation")
+    contact = load_human(table.table("escalation_contact")) if table.has("escalation_contact") else None
+    table.finish()
+
+    team_templates = templates.get(template_name, {})
+    if not team_templates:
+        known = ", ".join(sorted(templates)) or "none"
+        table.problem("template", f"template {template_name!r} does not exist; defined templates: {known}")
+    elif language not in team_templates:
+        table.problem("language", f"template {template_name!r} has no {language!r} variant; it has {sorted(team_templates)}")
+    first_human = next((level.human for level in escalation if level.human), None) or fallback
+    if not urgent_contact and first_human is not None:
+        # Without an explicit text, senders are pointed at the first named human.
+        urgent_contact = f"write to {first_human.formatted()}"
+    if not escalation and fallback is None:
+        table.problem("escalation", "no escalation chain and no [escalation] fallback; every conversation must end with a named human")
+    if not name:
+        return None
+    return Team(
+        name, destination, members, calendar, first_response, language, team_templates,
+        urgent_contact, escalation, contact,
+    )
+
+
+def _load_members(table: Table) -> tuple[Member, ...]:
     members = []
     raw_members = table.raw("members", [])
     if not isinstance(raw_members, list):
@@ -173,10 +284,30 @@ def _load_team(table: Table, base: Path) -> Team | None:
         member_table.finish()
         if member_name and address:
             members.append(Member(member_name, address.lower()))
-    table.finish()
-    if not name:
-        return None
-    return Team(name, destination, tuple(members))
+    return tuple(members)
+
+
+def _team_calendar(table: Table, calendars: dict[str, Calendar]) -> Calendar:
+    calendar_name = table.string("calendar")
+    if calendar_name is None:
+        return utc_calendar()
+    if calendar_name not in calendars:
+        known = ", ".join(sorted(calendars)) or "none"
+        table.problem("calendar", f"calendar {calendar_name!r} does not exist; defined calendars: {known}")
+        return utc_calendar()
+    return calendars[calendar_name]
+
+
+def unstaffed_reason(team: Team, now: Any, horizon: timedelta) -> str | None:
+    """Return why nobody staffs `team` at `now`, or None when it is staffed."""
+    if team.destination is None:
+        return "the team has no destination"
+    if not team.members:
+        return "the team has no members"
+    if next_open_interval(team.calendar, now, horizon) is None:
+        days = horizon.days
+        return f"the team has no business hours in the next {days} days"
+    return None
 
 
 def _load_destination(table: Table, base: Path) -> Destination | None:
@@ -199,7 +330,7 @@ def _load_destination(table: Table, base: Path) -> Destination | None:
 
 
 def _load_routes(
-    entries: list[tuple[Table, int]],
+    entries: list[Table],
     teams: dict[str, Team],
     errors: list[ConfigError],
     directory: Path,
@@ -209,7 +340,7 @@ def _load_routes(
     routes: list[Route] = []
     defaults: list[Route] = []
     names: set[str] = set()
-    for table, _ in entries:
+    for table in entries:
         route = _load_route(table, teams)
         if route is None:
             continue
@@ -220,7 +351,7 @@ def _load_routes(
 
     # A file that did not parse may hold the default route: say nothing then.
     if check_default and not defaults and entries:
-        errors.append(ConfigError(entries[-1][0].path, "route", "no default route; add a [[route]] with default = true"))
+        errors.append(ConfigError(entries[-1].path, "route", "no default route; add a [[route]] with default = true"))
     if check_default and not entries:
         errors.append(ConfigError(directory, "route", "no routes defined; add at least a [[route]] with default = true"))
     for extra in defaults[1:]:
@@ -237,6 +368,7 @@ def _load_route(table: Table, teams: dict[str, Team]) -> Route | None:
         known = ", ".join(sorted(teams)) or "none"
         table.problem("team", f"team {team!r} does not exist; defined teams: {known}")
     is_default = table.boolean("default", False)
+    first_response = table.duration("first_response", timedelta(0)) if table.has("first_response") else None
     all_conditions = _load_condition_list(table, "all")
     any_conditions = _load_condition_list(table, "any")
     table.finish()
@@ -247,7 +379,7 @@ def _load_route(table: Table, teams: dict[str, Team]) -> Route | None:
         table.problem("", "route has no conditions; add all = [...] or any = [...], or set default = true")
     if not name or team is None:
         return None
-    return Route(name, team, str(table.path), tuple(all_conditions), tuple(any_conditions), is_default)
+    return Route(name, team, str(table.path), tuple(all_conditions), tuple(any_conditions), is_default, first_response)
 
 
 def _load_condition_list(table: Table, key: str) -> list[Condition]:

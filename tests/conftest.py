@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import smtplib
 import socket
 import time
@@ -19,6 +20,14 @@ from guardrail.config import load_config
 from guardrail.daemon import Daemon, load_ruleset
 
 DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parents[1]
+
+# Rules every test set shares: the shipped acknowledgement templates and a
+# fallback human, so that each team's conversations end with a person.
+SHARED_RULES = (ROOT / "rules" / "30-acknowledgements.toml").read_text() + """
+[escalation]
+fallback = { name = "Dana Duty", address = "duty-manager@example.org" }
+"""
 
 TEAMS = """
 [[team]]
@@ -83,11 +92,20 @@ def write_config(
         lines.append(f"[{name}]")
         lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
         lines.append("")
-    (folder / "rules").mkdir(exist_ok=True)
-    (folder / "rules" / "rules.toml").write_text(rules)
+    rules_folder(folder, rules)
     path = folder / "guardrail.toml"
     path.write_text("\n".join(lines))
     return path
+
+
+def rules_folder(folder: Path, rules: str, *, shared: bool = True) -> Path:
+    """Write `rules` as rules/rules.toml under `folder`, with the shared rules beside it."""
+    directory = folder / "rules"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "rules.toml").write_text(rules)
+    if shared:
+        (directory / "00-shared.toml").write_text(SHARED_RULES)
+    return directory
 
 
 @dataclass
@@ -125,6 +143,10 @@ class Sink:
     @property
     def messages(self) -> list[Received]:
         return self.handler.messages
+
+    def to(self, address: str) -> list[Received]:
+        """Return the messages received for `address`."""
+        return [message for message in self.handler.messages if address in message.rcpt_tos]
 
 
 async def start_sink(port: int = 0) -> Sink:
@@ -236,3 +258,21 @@ def message(
         f"Date: Tue, 04 Nov 2025 10:00:00 +0100\r\nMessage-ID: {message_id}\r\n{extra_headers}"
     )
     return (headers + "\r\n" + body).encode("utf-8")
+
+
+async def settle(daemon: Daemon, clock: Any, *, timeout: float = 10.0) -> None:
+    """Wait until the daemon's loops have handled everything due at the clock's current time."""
+    await wait_until(lambda: clock.is_settled(2) and daemon.is_idle(), timeout=timeout, what="the daemon to settle")
+    # A finished delivery can wake the loops once more; check again after it.
+    await asyncio.sleep(0)
+    await wait_until(lambda: clock.is_settled(2) and daemon.is_idle(), timeout=timeout, what="the daemon to settle")
+
+
+def crlf(data: bytes) -> bytes:
+    """Return `data` with every line ending (CRLF, LF or CR) made CRLF."""
+    return re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+
+
+def case_file(*parts: str) -> bytes:
+    """Return a test data message with CRLF line endings."""
+    return crlf(DATA.joinpath(*parts).read_bytes())

@@ -13,15 +13,13 @@ from guardrail.config import load_config
 from guardrail.errors import ConfigErrors
 from guardrail.rules import load_rules
 
-from conftest import DATA, write_config
+from conftest import DATA, rules_folder, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def rule_errors(tmp_path: Path, text: str) -> list[str]:
-    folder = tmp_path / "rules"
-    folder.mkdir(exist_ok=True)
-    (folder / "rules.toml").write_text(text)
+    folder = rules_folder(tmp_path, text)
     with pytest.raises(ConfigErrors) as caught:
         load_rules(folder, tmp_path)
     return [str(error) for error in caught.value.errors]
@@ -94,8 +92,7 @@ default = true
 
 
 def test_bad_toml_escape_names_file_and_line(tmp_path: Path) -> None:
-    folder = tmp_path / "rules"
-    folder.mkdir()
+    folder = rules_folder(tmp_path, "")
     shutil.copy(DATA / "routing" / "rules-bad-toml-escape.toml", folder / "rules.toml")
     with pytest.raises(ConfigErrors) as caught:
         load_rules(folder, tmp_path)

@@ -46,10 +46,10 @@ def free_port() -> int:
 
 
 def outbox_rows(database: Path) -> list[tuple[str, int]]:
-    """Return (state, attempts) of every outbox row, read through a read-only connection."""
+    """Return (state, attempts) of every forwarding outbox row, read through a read-only connection."""
     connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)
     try:
-        return connection.execute("SELECT state, attempts FROM outbox ORDER BY id").fetchall()
+        return connection.execute("SELECT state, attempts FROM outbox WHERE kind = 'deliver' ORDER BY id").fetchall()
     finally:
         connection.close()
 
@@ -172,13 +172,13 @@ async def test_sigkill_during_smtp_delivery_delivers_once(tmp_path: Path, start_
         await hole.close()
         sink = await start_sink(port=smarthost_port)
         await start_process(config, daemon_port)
-        await wait_until(lambda: sink.messages, timeout=15, what="delivery to the smarthost after restart")
+        await wait_until(lambda: sink.to("team@example.net"), timeout=15, what="delivery to the smarthost after restart")
         await wait_until(lambda: outbox_rows(database)[0][0] == "done", timeout=10, what="outbox row done")
         # A second copy, if the restarted daemon sent one, would arrive within this moment.
         await asyncio.sleep(0.5)
 
-        assert len(sink.messages) == 1
-        (received,) = sink.messages
+        assert len(sink.to("team@example.net")) == 1
+        (received,) = sink.to("team@example.net")
         assert received.rcpt_tos == ["team@example.net"]
         assert received.content.endswith(message())
         assert received.content.count(b"Printer on floor 3 jams") == 1

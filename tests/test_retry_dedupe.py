@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import sqlite3
 from datetime import datetime, timedelta, timezone
@@ -17,9 +18,9 @@ from conftest import DATA, maildir_messages, send, wait_until, write_config
 MESSAGE = (DATA / "retry" / "message.eml").read_bytes()
 
 
-def count(database: Path, table: str) -> int:
+def count(database: Path, table: str, where: str = "1") -> int:
     with sqlite3.connect(database) as connection:
-        return connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        return connection.execute(f"SELECT COUNT(*) FROM {table} WHERE {where}").fetchone()[0]
 
 
 @pytest.fixture
@@ -37,8 +38,10 @@ async def test_locked_database_answers_451_then_retries_dedupe(config_path: Path
     database = daemon.config.database_path
 
     # T0: another process holds the write lock, so the commit fails.
-    blocker = sqlite3.connect(database, isolation_level=None)
-    blocker.execute("BEGIN EXCLUSIVE")
+    # The lock is taken in a thread: blocking the event loop would stall the
+    # daemon's own transactions instead of failing them.
+    blocker = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+    await asyncio.to_thread(blocker.execute, "BEGIN EXCLUSIVE")
     try:
         with capture_logs() as events, pytest.raises(smtplib.SMTPDataError) as refused:
             await send(daemon.port, "billing@example.net", ["support@example.org"], MESSAGE)
@@ -73,7 +76,10 @@ async def test_locked_database_answers_451_then_retries_dedupe(config_path: Path
     assert "duplicate of <inv-7781@billing.example.net>" in duplicates[0]["detail"]
     assert count(database, "messages") == 1
     assert count(database, "conversations") == 1
-    assert count(database, "outbox") == 1
+    assert count(database, "conversations", "deadline IS NOT NULL") == 1
+    assert count(database, "outbox", "kind = 'deliver'") == 1
+    assert count(database, "outbox", "kind = 'mail'") == 1
+    assert count(database, "acknowledgements", "decision = 'sent' AND recipient = 'billing@example.net'") == 1
     assert len(maildir_messages(maildir)) == 1
 
 

@@ -10,6 +10,8 @@ from guardrail.message import summarize
 from guardrail.routing import Facts, match_route
 from guardrail.rules import load_rules
 
+from conftest import rules_folder
+
 RULES = """
 [[team]]
 name = "vip-desk"
@@ -60,10 +62,7 @@ default = true
 
 @pytest.fixture
 def rules(tmp_path: Path):
-    folder = tmp_path / "rules"
-    folder.mkdir()
-    (folder / "rules.toml").write_text(RULES)
-    return load_rules(folder, tmp_path)
+    return load_rules(rules_folder(tmp_path, RULES), tmp_path)
 
 
 def facts(headers: str, body: str = "Hi.\r\n", rcpt: str = "support@example.org") -> Facts:
@@ -110,8 +109,7 @@ def test_match_explains_the_condition_and_value(rules) -> None:
 
 
 def test_default_route_is_tried_last(tmp_path: Path) -> None:
-    folder = tmp_path / "rules"
-    folder.mkdir()
+    folder = rules_folder(tmp_path, "")
     (folder / "a.toml").write_text(
         '[[team]]\nname = "t"\n\n[[route]]\nname = "fallback"\nteam = "t"\ndefault = true\n'
     )
@@ -123,7 +121,5 @@ def test_default_route_is_tried_last(tmp_path: Path) -> None:
 
 def test_body_is_read_only_when_a_rule_needs_it(rules, tmp_path: Path) -> None:
     assert rules.needs_body
-    folder = tmp_path / "plain"
-    folder.mkdir()
-    (folder / "r.toml").write_text('[[team]]\nname = "t"\n[[route]]\nname = "d"\nteam = "t"\ndefault = true\n')
+    folder = rules_folder(tmp_path / "plain", '[[team]]\nname = "t"\n[[route]]\nname = "d"\nteam = "t"\ndefault = true\n')
     assert not load_rules(folder, tmp_path).needs_body

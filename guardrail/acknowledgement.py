@@ -1,0 +1,160 @@
+"""Acknowledgements: choose the language, render the template safely, build the message.
+
+RFC 3834 shapes the message: it goes to the envelope sender of the original
+(section 4), with a null return path so that nothing answers it back (as
+other auto-responders do), `Auto-Submitted: auto-replied`, and In-Reply-To and
+References so that replies thread.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime
+
+from babel.dates import format_date, format_time
+
+from .loops import LOOP_HEADER
+from .message import Summary
+from .rules import Team
+from .rules_sla import Template
+
+# At most this many ids go into References: the first (the thread's root)
+# and the newest, so the header never grows without bound.
+MAX_REFERENCES = 20
+
+_LANGUAGE_TAG = re.compile(r"^\s*([A-Za-z]{1,8})(?:-[A-Za-z0-9]{1,8})*\s*(?:;\s*q\s*=\s*([01](?:\.\d{0,3})?))?\s*$")
+_POLICY = SMTP.clone(max_line_length=78)
+
+
+@dataclass(frozen=True)
+class AckRequest:
+    """Everything needed to acknowledge a new conversation except its reference."""
+
+    to_address: str
+    from_address: str
+    language: str
+    template: Template
+    fields: dict[str, str]
+    in_reply_to: str
+    references: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RenderedAck:
+    data: bytes
+    message_id: str
+    used_plain: bool
+    problem: str  # why the plain variant was used, or ""
+
+
+def choose_language(summary: Summary, team: Team) -> str:
+    """Return the first language the sender names that the team's template has, else the team's."""
+    for language in requested_languages(summary):
+        if language in team.templates:
+            return language
+    return team.language
+
+
+def requested_languages(summary: Summary) -> list[str]:
+    """Return primary language subtags from Content-Language, then Accept-Language by weight."""
+    languages: list[str] = []
+    for value in summary.header("content-language"):
+        for tag in value.split(","):
+            match = _LANGUAGE_TAG.match(tag)
+            if match:
+                languages.append(match.group(1).lower())
+    weighted: list[tuple[float, int, str]] = []
+    for value in summary.header("accept-language"):
+        for position, tag in enumerate(value.split(",")):
+            match = _LANGUAGE_TAG.match(tag)
+            if match:
+                weight = float(match.group(2)) if match.group(2) else 1.0
+                weighted.append((-weight, position, match.group(1).lower()))
+    languages += [language for weight, _, language in sorted(weighted) if weight < 0]
+    return languages
+
+
+def format_deadline(deadline: datetime | None, team: Team, language: str) -> str:
+    """Return `deadline` as local date and time in the team's zone, in `language`; "" if None."""
+    if deadline is None:
+        return ""
+    local = deadline.astimezone(team.calendar.zone)
+    day = format_date(local.date(), format="full", locale=language)
+    return f"{day}, {format_time(local.time(), 'HH:mm', locale=language)} ({team.calendar.zone.key})"
+
+
+def one_line(text: str) -> str:
+    """Return `text` with line breaks and NUL removed, safe inside a header."""
+    return " ".join(text.replace("\x00", " ").split())
+
+
+def merge_fields(summary: Summary, mail_from: str, team: Team, language: str, deadline: datetime | None) -> dict[str, str]:
+    """Return the template values for a message; "reference" is added when it is known."""
+    sender = summary.from_address or mail_from
+    return {
+        "sender_name": one_line(summary.from_name) or sender,
+        "sender": sender,
+        "subject": one_line(summary.subject),
+        "team": team.name,
+        "deadline": format_deadline(deadline, team, language),
+        "urgent_contact": one_line(team.urgent_contact),
+    }
+
+
+def capped_references(summary: Summary) -> tuple[str, ...]:
+    """Return the References of a reply to `summary`: its chain plus its id, capped."""
+    chain = list(summary.references)
+    if summary.message_id and summary.message_id not in chain:
+        chain.append(summary.message_id)
+    if len(chain) > MAX_REFERENCES:
+        chain = chain[:1] + chain[-(MAX_REFERENCES - 1):]
+    return tuple(chain)
+
+
+def new_message_id(kind: str, reference: str, hostname: str) -> str:
+    return f"<{kind}.{reference.lower()}.{secrets.token_hex(6)}@{hostname}>"
+
+
+def render_acknowledgement(request: AckRequest, reference: str, hostname: str, now: datetime) -> RenderedAck:
+    """Render and build the acknowledgement for conversation `reference`.
+
+    When a merge field is missing or empty, the template's plain variant is
+    used instead, and `problem` names the field.
+    """
+    fields = {**request.fields, "reference": reference}
+    template = request.template
+    problem = ""
+    try:
+        subject = template.subject.format_map(fields)
+        body = template.body.format_map(fields)
+        empty = sorted(name for name in template.fields if not fields.get(name, "").strip())
+        if empty:
+            problem = f"empty merge field {{{empty[0]}}}"
+    except (KeyError, IndexError, ValueError) as error:
+        problem = f"unresolved merge field {error}"
+    if problem:
+        subject, body = template.plain_subject, template.plain_body
+
+    message_id = new_message_id("ack", reference, hostname)
+    message = EmailMessage(policy=_POLICY)
+    message["From"] = request.from_address
+    message["To"] = request.to_address
+    message["Subject"] = f"{one_line(subject)} [{reference}]"
+    message["Date"] = format_datetime(now)
+    message["Message-ID"] = message_id
+    if request.in_reply_to:
+        message["In-Reply-To"] = request.in_reply_to
+    if request.references:
+        message["References"] = " ".join(request.references)
+    message["Auto-Submitted"] = "auto-replied"
+    message["X-Auto-Response-Suppress"] = "All"
+    message["Content-Language"] = request.language
+    message[LOOP_HEADER] = hostname
+    message["X-Guardrail-Conversation"] = reference
+    message.set_content(body.strip() + "\n", charset="utf-8")
+    return RenderedAck(message.as_bytes(), message_id, bool(problem), problem)

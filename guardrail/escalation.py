@@ -1,0 +1,240 @@
+"""Escalations: whom to tell, the mail they get, and the webhook bodies.
+
+`plan_escalation` is a pure function: given a due conversation, the rules
+and the time, it returns the messages and webhooks to queue and when the
+conversation is next due. The store commits its result in one transaction
+with the conversation's new escalation level, so each level fires once.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime
+
+from .acknowledgement import new_message_id, one_line
+from .loops import LOOP_HEADER
+from .rules import RuleSet, Team
+from .rules_sla import EscalationLevel, Human, Webhook
+
+SIGNATURE_HEADER = "X-Guardrail-Signature"
+
+
+@dataclass(frozen=True)
+class DueConversation:
+    """A stored conversation whose next escalation is due."""
+
+    id: int
+    reference: str
+    team: str
+    route: str
+    subject: str
+    customer: str
+    opened_at: datetime
+    deadline: datetime | None
+    level: int
+    reason: str  # "" for a missed deadline, else why the team is unstaffed
+
+
+@dataclass(frozen=True)
+class QueuedMail:
+    recipients: tuple[str, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class QueuedWebhook:
+    webhook: Webhook
+    body: dict[str, object]
+    fallback: QueuedMail | None
+
+
+@dataclass
+class EscalationPlan:
+    mails: list[QueuedMail] = field(default_factory=list)
+    webhooks: list[QueuedWebhook] = field(default_factory=list)
+    level: int = 0
+    next_at: datetime | None = None
+    events: list[dict[str, object]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Sender:
+    """How escalation mail is addressed and how to tell people to mark an answer."""
+
+    hostname: str
+    from_address: str
+    answer_command: str  # e.g. "guardrail answer --config /etc/guardrail.toml"
+
+
+def _chain(team: Team | None, rules: RuleSet) -> tuple[EscalationLevel, ...]:
+    if team is not None and team.escalation:
+        return team.escalation
+    if rules.fallback is not None:
+        return (EscalationLevel(timedelta(0), rules.fallback, None),)
+    return ()
+
+
+def plan_escalation(conversation: DueConversation, rules: RuleSet, now: datetime, sender: Sender) -> EscalationPlan:
+    """Return what to send for a due conversation, and when it is next due."""
+    team = rules.teams.get(conversation.team)
+    if conversation.reason:
+        return _plan_unstaffed(conversation, team, rules, now, sender)
+
+    chain = _chain(team, rules)
+    plan = EscalationPlan(level=conversation.level)
+    assert conversation.deadline is not None
+    while plan.level < len(chain):
+        level = chain[plan.level]
+        fires_at = conversation.deadline + level.after
+        if fires_at > now:
+            plan.next_at = fires_at
+            break
+        plan.level += 1
+        _add_level(plan, conversation, level, plan.level, now, sender, rules.escalation_contact(team) if team else rules.fallback)
+    return plan
+
+
+def _plan_unstaffed(conversation: DueConversation, team: Team | None, rules: RuleSet, now: datetime, sender: Sender) -> EscalationPlan:
+    contact = rules.escalation_contact(team) if team else rules.fallback
+    if contact is None:
+        contact = next((level.human for level in _chain(team, rules) if level.human), None)
+    plan = EscalationPlan(level=conversation.level, next_at=None)
+    if contact is None:
+        plan.events.append({"kind": "escalation_failed", "reason": "nobody to escalate to"})
+        return plan
+    subject = f"[{conversation.reference}] Unstaffed destination: team {conversation.team}: {one_line(conversation.subject)}"
+    text = f"Team {conversation.team!r} is unstaffed: {conversation.reason}.\nThe sender was acknowledged; nobody on the team can answer."
+    data = escalation_mail(conversation, contact, subject, text, now, sender)
+    plan.mails.append(QueuedMail((contact.address,), data))
+    plan.events.append({"kind": "escalated", "level": "unstaffed", "to": contact.address, "reason": conversation.reason})
+    return plan
+
+
+def _add_level(
+    plan: EscalationPlan,
+    conversation: DueConversation,
+    level: EscalationLevel,
+    number: int,
+    now: datetime,
+    sender: Sender,
+    contact: Human | None,
+) -> None:
+    late = now - conversation.deadline if conversation.deadline else timedelta(0)
+    subject = f"[{conversation.reference}] Unanswered past its deadline (level {number}): {one_line(conversation.subject)}"
+    text = f"Nobody answered before the first-response deadline; this is escalation level {number}."
+    event: dict[str, object] = {"kind": "escalated", "level": number, "late_seconds": int(late.total_seconds())}
+    mail = None
+    if level.human is not None:
+        mail = QueuedMail((level.human.address,), escalation_mail(conversation, level.human, subject, text, now, sender))
+        plan.mails.append(mail)
+        event["to"] = level.human.address
+    if level.webhook is not None:
+        fallback = None
+        if mail is None and contact is not None:
+            fallback = QueuedMail((contact.address,), escalation_mail(conversation, contact, subject, text, now, sender))
+        plan.webhooks.append(QueuedWebhook(level.webhook, webhook_body(conversation, number, level.human, now, sender), fallback))
+        event["webhook"] = level.webhook.url
+    plan.events.append(event)
+
+
+def _age(opened_at: datetime, now: datetime) -> str:
+    minutes = int((now - opened_at).total_seconds() // 60)
+    days, minutes = divmod(minutes, 1440)
+    hours, minutes = divmod(minutes, 60)
+    parts = [f"{days}d"] if days else []
+    return " ".join(parts + [f"{hours}h", f"{minutes:02}m"])
+
+
+def escalation_mail(conversation: DueConversation, human: Human, subject: str, text: str, now: datetime, sender: Sender) -> bytes:
+    """Build the mail that tells `human` about `conversation`."""
+    deadline = conversation.deadline.isoformat() if conversation.deadline else "none"
+    body = "\n".join([
+        f"Hello {human.name},",
+        "",
+        text,
+        "",
+        f"Reference:  {conversation.reference}",
+        f"From:       {conversation.customer}",
+        f"Subject:    {one_line(conversation.subject)}",
+        f"Team:       {conversation.team}",
+        f"Route:      {conversation.route}",
+        f"Received:   {conversation.opened_at.isoformat()}",
+        f"Deadline:   {deadline}",
+        f"Age:        {_age(conversation.opened_at, now)}",
+        "",
+        "To mark it answered, reply to the sender with the shared inbox in Cc or Bcc,",
+        f"or run: {sender.answer_command} {conversation.reference}",
+        "",
+    ])
+    message = EmailMessage(policy=SMTP.clone(max_line_length=78))
+    message["From"] = f"guardrail <{sender.from_address}>"
+    message["To"] = human.formatted()
+    message["Subject"] = one_line(subject)
+    message["Date"] = format_datetime(now)
+    message["Message-ID"] = new_message_id("escalation", conversation.reference, sender.hostname)
+    message["Auto-Submitted"] = "auto-generated"
+    message[LOOP_HEADER] = sender.hostname
+    message["X-Guardrail-Conversation"] = conversation.reference
+    message.set_content(body, charset="utf-8")
+    return message.as_bytes()
+
+
+def webhook_body(conversation: DueConversation, level: int, human: Human | None, now: datetime, sender: Sender) -> dict[str, object]:
+    """Return the generic JSON body of an escalation webhook."""
+    return {
+        "event": "escalation",
+        "reference": conversation.reference,
+        "level": level,
+        "team": conversation.team,
+        "route": conversation.route,
+        "sender": conversation.customer,
+        "subject": conversation.subject,
+        "received_at": conversation.opened_at.isoformat(),
+        "deadline": conversation.deadline.isoformat() if conversation.deadline else None,
+        "escalated_at": now.isoformat(),
+        "human": {"name": human.name, "address": human.address} if human else None,
+        "answer_command": f"{sender.answer_command} {conversation.reference}",
+    }
+
+
+def slack_body(body: dict[str, object]) -> dict[str, object]:
+    """Return a Slack-compatible body ({"text": ...}) for a generic escalation body."""
+    human = body.get("human")
+    who = f" for {human['name']}" if isinstance(human, dict) else ""
+    text = (
+        f":rotating_light: {body['reference']} unanswered past its deadline (level {body['level']}){who}\n"
+        f"*{body['subject']}* from {body['sender']}, team {body['team']}, route {body['route']}\n"
+        f"Mark it answered: `{body['answer_command']}`"
+    )
+    return {"text": text}
+
+
+def sign(secret: str, timestamp: int, payload: bytes) -> str:
+    """Return the signature header value: HMAC-SHA256 over "TIMESTAMP.BODY"."""
+    digest = hmac.new(secret.encode(), str(timestamp).encode() + b"." + payload, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def encode_fallback(mail: QueuedMail | None) -> dict[str, object] | None:
+    if mail is None:
+        return None
+    return {"addresses": list(mail.recipients), "payload": base64.b64encode(mail.data).decode()}
+
+
+def decode_fallback(record: dict[str, object] | None) -> QueuedMail | None:
+    if not record:
+        return None
+    return QueuedMail(tuple(record["addresses"]), base64.b64decode(str(record["payload"])))  # type: ignore[arg-type]
+
+
+def webhook_payload(webhook: Webhook, body: dict[str, object]) -> bytes:
+    """Return the bytes to POST for `webhook`."""
+    chosen = slack_body(body) if webhook.format == "slack" else body
+    return json.dumps(chosen, separators=(",", ":")).encode()

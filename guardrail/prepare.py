@@ -1,0 +1,114 @@
+"""Turn a received message into a Submission: a pure function of the message, rules and time.
+
+Routing, the acknowledgement decision, the deadline and whether the team is
+staffed are all decided here, before the commit, for the case where the
+message opens a conversation. The store applies them only in that case.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from .acknowledgement import AckRequest, capped_references, choose_language, merge_fields
+from .business_hours import add_business_time
+from .loops import acknowledgement_signal, has_our_loop_marker, machine_signal
+from .message import Summary
+from .plan import Submission
+from .routing import Facts, match_route
+from .rules import Destination, RuleSet, Team, unstaffed_reason
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What the SMTP transaction says about a message."""
+
+    mail_from: str  # "" for the null sender
+    rcpt_tos: tuple[str, ...]
+    peer: str
+    helo: str
+
+
+@dataclass(frozen=True)
+class Site:
+    """The config values these decisions read."""
+
+    hostname: str
+    inboxes: frozenset[str]
+    inbox_domains: frozenset[str]
+    local_domains: frozenset[str]
+    postmaster_owner: str
+    sender_patterns: tuple[re.Pattern[str], ...]
+
+
+def is_inbox(address: str, site: Site) -> bool:
+    """Return True for an address we receive mail for."""
+    address = address.lower()
+    return address in site.inboxes or address.rpartition("@")[2] in site.inbox_domains
+
+
+def is_postmaster(address: str, site: Site) -> bool:
+    """Return True for postmaster@ one of our domains, and for the bare "postmaster" (RFC 5321 section 4.5.1)."""
+    local, at, domain = address.lower().rpartition("@")
+    if not at:
+        return domain == "postmaster"
+    return local == "postmaster" and domain in site.local_domains
+
+
+def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: RuleSet, site: Site, now: datetime) -> Submission:
+    """Return the Submission for a message received at `now`."""
+    common = dict(
+        raw=raw, mail_from=envelope.mail_from, rcpt_tos=envelope.rcpt_tos, peer=envelope.peer, helo=envelope.helo,
+        received_at=now, summary=summary, is_loop=has_our_loop_marker(summary, site.hostname),
+    )
+    if any(is_postmaster(address, site) and not is_inbox(address, site) for address in envelope.rcpt_tos):
+        owner = Destination("smtp", addresses=(site.postmaster_owner,))
+        return Submission(
+            **common, route="postmaster", team="postmaster", destination=owner,
+            route_reasons=("recipient is postmaster",), team_members=frozenset(), is_postmaster=True,
+            ack_signal="mail to postmaster", sla_applies=False,
+        )
+
+    match = match_route(rules, Facts(envelope.rcpt_tos, summary))
+    team = match.team
+    is_staff = rules.is_staff(summary.from_address) or rules.is_staff(envelope.mail_from)
+    machine = machine_signal(summary, envelope.mail_from, site.hostname, site.sender_patterns)
+    ack_signal = acknowledgement_signal(summary, envelope.mail_from, site.hostname, is_staff, site.sender_patterns)
+
+    first_response = match.route.first_response or team.first_response
+    deadline = add_business_time(now, first_response, team.calendar)
+    ack = None
+    if ack_signal is None and team.templates:
+        ack = _ack_request(envelope, summary, team, site, deadline)
+    return Submission(
+        **common, route=match.route.name, team=team.name, destination=team.destination,
+        route_reasons=match.reasons, team_members=team.member_addresses,
+        ack_signal=ack_signal, ack=ack, deadline=deadline,
+        first_escalation_at=_first_escalation(team, rules, deadline),
+        unstaffed=unstaffed_reason(team, now, rules.unstaffed_horizon) or "",
+        sla_applies=machine is None, is_staff=is_staff, is_automatic=machine is not None,
+    )
+
+
+def _first_escalation(team: Team, rules: RuleSet, deadline: datetime | None) -> datetime | None:
+    if deadline is None:
+        return None
+    if team.escalation:
+        return deadline + team.escalation[0].after
+    return deadline if rules.fallback else None
+
+
+def _ack_request(envelope: Envelope, summary: Summary, team: Team, site: Site, deadline: datetime | None) -> AckRequest:
+    language = choose_language(summary, team)
+    inbox = next((address for address in envelope.rcpt_tos if is_inbox(address, site)), envelope.rcpt_tos[0])
+    return AckRequest(
+        # RFC 3834 section 4: answer the envelope sender, never Reply-To.
+        to_address=envelope.mail_from.lower(),
+        from_address=inbox,
+        language=language,
+        template=team.templates[language],
+        fields=merge_fields(summary, envelope.mail_from, team, language, deadline),
+        in_reply_to=summary.message_id,
+        references=capped_references(summary),
+    )

@@ -1,0 +1,225 @@
+"""Rule-file parts for promises and people: calendars, templates, escalation chains.
+
+`rules.load_rules` calls these loaders; each records errors on the Table it
+reads, so a bad calendar or template is reported with its file and key.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .business_hours import ALWAYS_OPEN, DAYS, Calendar, Window, parse_window
+from .tomlcheck import Table, parse_duration
+
+# Merge fields an acknowledgement template may use.
+TEMPLATE_FIELDS = {
+    "sender_name": "the sender's display name, or their address",
+    "sender": "the sender's address",
+    "subject": "the subject of the message",
+    "reference": "the conversation reference, such as GR-7K3M9Q",
+    "team": "the team's name",
+    "deadline": "when a human will answer, in the team's time zone and the sender's language",
+    "urgent_contact": "the team's urgent_contact text",
+}
+WEBHOOK_FORMATS = ("json", "slack")
+
+
+@dataclass(frozen=True)
+class Human:
+    """A named person who can be told about a conversation."""
+
+    name: str
+    address: str
+
+    def formatted(self) -> str:
+        return f"{self.name} <{self.address}>"
+
+
+@dataclass(frozen=True)
+class Webhook:
+    url: str
+    format: str  # "json" or "slack"
+    secret_env: str | None = None
+
+
+@dataclass(frozen=True)
+class EscalationLevel:
+    """One step of a chain: who is told, how long after the deadline."""
+
+    after: timedelta
+    human: Human | None
+    webhook: Webhook | None
+
+
+@dataclass(frozen=True)
+class Template:
+    """An acknowledgement in one language, with a plain variant that has no merge fields."""
+
+    name: str
+    language: str
+    subject: str
+    body: str
+    plain_subject: str
+    plain_body: str
+
+    @property
+    def fields(self) -> set[str]:
+        return template_fields(self.subject) | template_fields(self.body)
+
+
+def template_fields(text: str) -> set[str]:
+    """Return the merge-field names used in `text` (raises ValueError on bad syntax)."""
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+
+
+def load_human(table: Table, name_key: str = "name", address_key: str = "address") -> Human | None:
+    name = table.string(name_key)
+    address = table.string(address_key)
+    if address is not None and "@" not in address:
+        table.fail(address_key, address, "an email address")
+        return None
+    if name and address:
+        return Human(name, address.lower())
+    if name or address:
+        table.problem(name_key if not name else address_key, "a named human needs both name and address")
+    return None
+
+
+def load_calendar(table: Table, today: date) -> Calendar | None:
+    """Load one [[calendar]] table."""
+    name = table.string("name", required=True)
+    if name:
+        table.prefix = f"{table.prefix} ({name})"
+    zone_name = table.string("timezone", "UTC") or "UTC"
+    try:
+        zone = ZoneInfo(zone_name)
+    except (ZoneInfoNotFoundError, ValueError):
+        table.fail("timezone", zone_name, 'an IANA time zone such as "Europe/Paris"')
+        zone = ZoneInfo("UTC")
+    weekly = _load_hours(table, table.raw("hours", "24x7"))
+    holidays = _load_holidays(table, today)
+    table.finish()
+    if not name or weekly is None:
+        return None
+    return Calendar(name, zone, weekly, holidays)
+
+
+def _load_hours(table: Table, hours: Any) -> tuple[tuple[Window, ...], ...] | None:
+    if hours == "24x7":
+        return ALWAYS_OPEN
+    if not isinstance(hours, dict):
+        table.fail("hours", hours, '"24x7" or a table such as { mon = ["09:00-18:00"], ... }')
+        return None
+    weekly: list[tuple[Window, ...]] = []
+    for day in DAYS:
+        windows = []
+        texts = hours.get(day, [])
+        if not isinstance(texts, list):
+            texts = [texts]
+        for text in texts:
+            window = parse_window(text) if isinstance(text, str) else None
+            if window is None:
+                table.fail(f"hours.{day}", text, 'a window "HH:MM-HH:MM" (22:00-06:00 runs past midnight; 24:00 ends a day)')
+                continue
+            windows.append(window)
+        weekly.append(tuple(sorted(windows, key=lambda window: window.start)))
+    for day in hours:
+        if day not in DAYS:
+            table.problem(f"hours.{day}", f"unknown day; use {', '.join(DAYS)}")
+    return tuple(weekly)
+
+
+def _load_holidays(table: Table, today: date) -> frozenset[date]:
+    dates: set[date] = set()
+    for value in table.raw("holidays", []) or []:
+        if isinstance(value, date):
+            dates.add(value)
+            continue
+        try:
+            dates.add(date.fromisoformat(str(value)))
+        except ValueError:
+            table.fail("holidays", value, 'a date such as 2025-12-25')
+    country = table.string("country")
+    subdivision = table.string("subdivision")
+    if country:
+        import holidays as holiday_calendars
+
+        # NOTE: country holidays are loaded for last year to three years
+        # ahead of the day the rules were loaded; reload yearly.
+        years = range(today.year - 1, today.year + 4)
+        try:
+            dates |= set(holiday_calendars.country_holidays(country, subdiv=subdivision, years=years))
+        except NotImplementedError:
+            table.fail("country", country, 'a country code known to the holidays package, such as "FR"')
+    return frozenset(dates)
+
+
+def load_template(table: Table) -> Template | None:
+    """Load one [[template]] table and check its merge fields."""
+    name = table.string("name", required=True)
+    language = table.string("language", required=True)
+    if name and language:
+        table.prefix = f"{table.prefix} ({name}/{language})"
+    texts = {key: table.string(key, required=True) for key in ("subject", "body", "plain_subject", "plain_body")}
+    table.finish()
+    for key, text in texts.items():
+        if text is None:
+            continue
+        try:
+            fields = template_fields(text)
+        except ValueError as error:
+            table.problem(key, f"invalid template: {error}; write a literal brace as {{{{ or }}}}")
+            continue
+        if key.startswith("plain_") and fields:
+            table.problem(key, f"the plain variant must have no merge fields, found {sorted(fields)}")
+        unknown = fields - TEMPLATE_FIELDS.keys()
+        if unknown and not key.startswith("plain_"):
+            table.problem(key, f"unknown merge fields {sorted(unknown)}; use {', '.join(sorted(TEMPLATE_FIELDS))}")
+        if key in ("subject", "plain_subject") and ("\n" in text or "\r" in text):
+            table.problem(key, "a subject must be one line")
+    if not (name and language) or None in texts.values():
+        return None
+    return Template(name, language.lower(), **texts)  # type: ignore[arg-type]
+
+
+def load_escalation(table: Table, key: str) -> tuple[EscalationLevel, ...]:
+    """Load a team's escalation chain from `key`, a list of level tables."""
+    value = table.raw(key, [])
+    if not isinstance(value, list):
+        table.fail(key, value, 'a list such as [{ after = "0m", name = "Dana Duty", address = "dana@example.com" }]')
+        return ()
+    levels = []
+    for index, item in enumerate(value):
+        level_table = Table(table.path, item, table.key(f"{key}[{index}]"), table.errors)
+        after_value = level_table.raw("after", "0m")
+        after = parse_duration(after_value)
+        if after is None:
+            level_table.fail("after", after_value, 'a duration such as "0m" or "2h"')
+            after = timedelta(0)
+        human = load_human(level_table)
+        webhook = _load_webhook(level_table) if level_table.has("webhook") else None
+        level_table.finish()
+        if human is None and webhook is None:
+            level_table.problem("", "a level needs a named human (name and address), a webhook, or both")
+            continue
+        levels.append(EscalationLevel(after, human, webhook))
+    levels.sort(key=lambda level: level.after)
+    if levels and levels[-1].human is None:
+        table.problem(key, "the chain ends without a named human; give its last level a name and address")
+    return tuple(levels)
+
+
+def _load_webhook(table: Table) -> Webhook | None:
+    spec = table.table("webhook")
+    url = spec.string("url", required=True)
+    format_name = spec.choice("format", "json", WEBHOOK_FORMATS)
+    secret_env = spec.string("secret_env")
+    spec.finish()
+    if url is not None and not url.startswith(("http://", "https://")):
+        spec.fail("url", url, "an http:// or https:// URL")
+        return None
+    return Webhook(url, format_name, secret_env) if url else None

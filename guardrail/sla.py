@@ -1,0 +1,84 @@
+"""The escalation scheduler: one loop for every open conversation.
+
+There is no timer per conversation. The loop asks the store for the earliest
+`next_escalation_at`, sleeps until then (or until woken because a nearer one
+was added), and escalates everything due, oldest first, in one transaction
+that also records each conversation's new level. A restart therefore fires
+what fell due while the daemon was down exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import timedelta
+
+import structlog
+
+from .clock import Clock
+from .escalation import DueConversation, EscalationPlan, Sender, plan_escalation
+from .rules import RuleSet
+from .store import Store
+
+log = structlog.get_logger("guardrail.sla")
+
+# How long the loop sleeps when nothing is scheduled; new work wakes it sooner.
+IDLE_SLEEP = timedelta(days=1)
+
+
+class EscalationScheduler:
+    """Fires escalations when they fall due."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        rules: Callable[[], RuleSet],
+        sender: Sender,
+        on_queued: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._rules = rules
+        self._sender = sender
+        self._on_queued = on_queued
+        self.wake = asyncio.Event()
+        self.alive = False
+
+    async def run(self) -> None:
+        """Escalate due conversations until cancelled."""
+        self.alive = True
+        try:
+            while True:
+                self.wake.clear()
+                now = self._clock.now()
+                next_at = await self._store.next_escalation_due()
+                if next_at is not None and next_at <= now and await self.fire_due():
+                    continue
+                if next_at is None or next_at <= now:
+                    next_at = now + IDLE_SLEEP
+                await self._clock.sleep_until(next_at, self.wake)
+        finally:
+            self.alive = False
+
+    async def fire_due(self) -> int:
+        """Escalate one batch of due conversations; return how many were handled."""
+        now = self._clock.now()
+        rules = self._rules()
+        planned: list[tuple[DueConversation, EscalationPlan]] = []
+
+        def planner(conversation: DueConversation) -> EscalationPlan:
+            plan = plan_escalation(conversation, rules, now, self._sender)
+            planned.append((conversation, plan))
+            return plan
+
+        count = await self._store.fire_escalations(now, planner)
+        for conversation, plan in planned:
+            for event in plan.events:
+                fields = {key: value for key, value in event.items() if key != "kind"}
+                level = log.error if event["kind"] == "escalation_failed" else log.info
+                level(str(event["kind"]), conversation=conversation.reference, conversation_id=conversation.id,
+                      team=conversation.team, route=conversation.route, **fields)
+        if planned:
+            self._on_queued()
+        return count

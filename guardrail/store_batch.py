@@ -1,0 +1,544 @@
+"""The rows of one group-commit transaction, and the schema they go into.
+
+`BatchWriter` reads what the batch's decisions need (duplicates, known
+conversations, acknowledgement counts), calls the pure planners, and writes
+every row with executemany. Nothing here commits: store.Store does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import aiosqlite
+import structlog
+
+from .acknowledgement import render_acknowledgement
+from .clock import format_instant, parse_instant
+from .conversations import KnownConversation, find_references, new_reference
+from .escalation import DueConversation, EscalationPlan, encode_fallback
+from .plan import RATE_LIMIT_SIGNAL, Plan, Submission, opening_participants, plan_submission
+from .rules import Destination
+
+log = structlog.get_logger("guardrail.store")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER,
+    received_at TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    helo TEXT NOT NULL,
+    mail_from TEXT NOT NULL,
+    rcpt_tos TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    dedupe_key TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    summary TEXT NOT NULL,
+    route TEXT NOT NULL,
+    team TEXT NOT NULL,
+    route_reasons TEXT NOT NULL,
+    disposition TEXT NOT NULL,
+    raw BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_dedupe ON messages (dedupe_key, received_at);
+CREATE INDEX IF NOT EXISTS messages_conversation ON messages (conversation_id);
+
+CREATE TABLE IF NOT EXISTS conversations (
+    id INTEGER PRIMARY KEY,
+    reference TEXT NOT NULL UNIQUE,
+    route TEXT NOT NULL,
+    team TEXT NOT NULL,
+    destination TEXT,
+    state TEXT NOT NULL,
+    opened_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    customer TEXT NOT NULL,
+    participants TEXT NOT NULL,
+    delivery_failed INTEGER NOT NULL DEFAULT 0,
+    deadline TEXT,
+    answered_at TEXT,
+    answered_by TEXT,
+    escalation_level INTEGER NOT NULL DEFAULT 0,
+    escalation_reason TEXT NOT NULL DEFAULT '',
+    next_escalation_at TEXT
+);
+CREATE INDEX IF NOT EXISTS conversations_due ON conversations (next_escalation_at)
+    WHERE next_escalation_at IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS message_ids (
+    message_id TEXT PRIMARY KEY,
+    conversation_id INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    conversation_id INTEGER,
+    message_row INTEGER,
+    target TEXT NOT NULL,
+    payload BLOB,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    next_attempt_at TEXT NOT NULL,
+    done_at TEXT,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE state = 'pending';
+
+CREATE TABLE IF NOT EXISTS acknowledgements (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_row INTEGER NOT NULL,
+    conversation_id INTEGER,
+    at TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    signal TEXT NOT NULL,
+    language TEXT,
+    variant TEXT,
+    message_id TEXT
+);
+CREATE INDEX IF NOT EXISTS acknowledgements_recipient ON acknowledgements (recipient, at);
+
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id INTEGER,
+    message_row INTEGER,
+    at TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_conversation ON events (conversation_id);
+"""
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """What the store's decisions need from the config."""
+
+    reference_prefix: str = "GR"
+    duplicate_window: timedelta = timedelta(days=1)
+    hostname: str = "localhost"
+    ack_limit: int = 3
+    ack_window: timedelta = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the store did with one submitted message."""
+
+    disposition: str
+    message_row: int | None = None
+    conversation_id: int | None = None
+    reference: str = ""
+    team: str = ""
+    route: str = ""
+    destination: Destination | None = None
+    thread_reason: str = ""
+    ack_decision: str = ""
+    ack_signal: str = ""
+    ack_limit_reached: bool = False  # True only for the first suppression in a window
+    ack_problem: str = ""  # why the plain template was used
+    answered: bool = False
+    deadline: datetime | None = None
+    escalates_now: bool = False
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """The outcome of one outbox attempt, or a manual answer, to be recorded."""
+
+    outbox_id: int
+    conversation_id: int | None
+    message_row: int | None
+    at: datetime
+    state: str  # "done", "pending" (retry later), "failed", or "answered" for a manual answer
+    attempts: int
+    next_attempt_at: datetime | None = None
+    error: str = ""
+    kind: str = "deliver"
+    fallback: dict[str, Any] | None = None  # a mail to queue because this attempt failed
+    answered_by: str = ""
+
+    @classmethod
+    def manual_answer(cls, conversation_id: int, by: str, at: datetime) -> AttemptResult:
+        return cls(0, conversation_id, None, at, "answered", 0, answered_by=by)
+
+
+class BatchWriter:
+    """Collects the rows of one transaction and writes them with executemany."""
+
+    def __init__(self, db: aiosqlite.Connection, settings: StoreSettings, next_id: dict[str, int]) -> None:
+        self.db = db
+        self.settings = settings
+        self.next_id = dict(next_id)
+        self.rows: dict[str, list[tuple[Any, ...]]] = {name: [] for name in _STATEMENTS}
+        self._escalated: set[int] = set()
+
+    def _allocate(self, table: str) -> int:
+        self.next_id[table] += 1
+        return self.next_id[table]
+
+    def _event(self, conversation_id: int | None, message_row: int | None, at: str, kind: str, detail: dict[str, Any]) -> None:
+        self.rows["events"].append((conversation_id, message_row, at, kind, json.dumps(detail, default=str)))
+
+    def _outbox(self, kind: str, conversation_id: int | None, message_row: int | None, target: dict[str, Any], payload: bytes | None, at: str) -> int:
+        outbox_id = self._allocate("outbox")
+        self.rows["outbox"].append((outbox_id, kind, conversation_id, message_row, json.dumps(target), payload, "pending", 0, at, at))
+        return outbox_id
+
+    # -- messages -------------------------------------------------------------
+
+    async def add_submissions(self, submissions: list[Submission]) -> list[Outcome]:
+        if not submissions:
+            return []
+        cutoff = format_instant(min(s.received_at for s in submissions) - self.settings.duplicate_window)
+        seen_keys = await self._existing_keys([s.dedupe_key for s in submissions], cutoff)
+        by_message_id, by_reference = await self._known_conversations(submissions)
+        fresh_references = await self._fresh_references(len(submissions))
+        ack_history = await self._ack_history(submissions)
+
+        outcomes = []
+        for submission, reference in zip(submissions, fresh_references):
+            sent, warned = _ack_counts(ack_history, submission, self.settings.ack_window)
+            plan = plan_submission(
+                submission,
+                is_duplicate=submission.dedupe_key in seen_keys,
+                reference_prefix=self.settings.reference_prefix,
+                by_message_id=by_message_id,
+                by_reference=by_reference,
+                new_conversation=self._blank_conversation(submission, reference),
+                acks_in_window=sent,
+                ack_limit=self.settings.ack_limit,
+            )
+            seen_keys.add(submission.dedupe_key)
+            outcome = self._add_plan(submission, plan, by_message_id, by_reference, first_warning=not warned)
+            if outcome.ack_decision and submission.ack is not None:
+                ack_history.setdefault(submission.ack.to_address, []).append((submission.received_at, outcome.ack_decision, outcome.ack_signal))
+            outcomes.append(outcome)
+        return outcomes
+
+    def _blank_conversation(self, submission: Submission, reference: str) -> KnownConversation:
+        # The id is allocated only if the plan opens the conversation.
+        return KnownConversation(
+            id=self.next_id["conversations"] + 1,
+            reference=reference,
+            route=submission.route,
+            team=submission.team,
+            participants=opening_participants(submission),
+            destination=submission.destination,
+        )
+
+    def _add_plan(
+        self,
+        submission: Submission,
+        plan: Plan,
+        by_message_id: dict[str, KnownConversation],
+        by_reference: dict[str, KnownConversation],
+        *,
+        first_warning: bool,
+    ) -> Outcome:
+        if plan.disposition == "duplicate":
+            return Outcome("duplicate")
+
+        at = format_instant(submission.received_at)
+        conversation = plan.conversation
+        escalates_now = False
+        if conversation is not None and plan.opens_conversation:
+            escalates_now = self._open_conversation(submission, conversation, at)
+            by_reference[conversation.reference] = conversation
+        elif conversation is not None:
+            conversation = self._update_conversation(submission, plan, conversation, at)
+            by_reference[conversation.reference] = conversation
+
+        row = self._allocate("messages")
+        conversation_id = conversation.id if conversation else None
+        self.rows["messages"].append((
+            row, conversation_id, at, submission.peer, submission.helo, submission.mail_from,
+            json.dumps(list(submission.rcpt_tos)), submission.summary.message_id, submission.dedupe_key,
+            len(submission.raw), json.dumps(submission.summary.to_record()), plan.route, plan.team,
+            json.dumps(list(submission.route_reasons)), plan.disposition, submission.raw,
+        ))
+        if conversation is not None and submission.summary.message_id:
+            self.rows["message_ids"].append((submission.summary.message_id, conversation.id))
+            by_message_id[submission.summary.message_id] = conversation
+
+        detail = {"route": plan.route, "team": plan.team, "disposition": plan.disposition}
+        if plan.thread_reason:
+            detail["thread"] = plan.thread_reason
+        self._event(conversation_id, row, at, "received", detail)
+        self._queue_delivery(plan, conversation_id, row, at)
+        ack_problem = self._record_acknowledgement(submission, plan, conversation, row, at, by_message_id)
+        return Outcome(
+            plan.disposition, row, conversation_id, conversation.reference if conversation else "",
+            plan.team, plan.route, plan.destination, plan.thread_reason,
+            ack_decision=plan.ack_decision, ack_signal=plan.ack_signal,
+            ack_limit_reached=plan.ack_signal == RATE_LIMIT_SIGNAL and first_warning,
+            ack_problem=ack_problem, answered=plan.answers,
+            deadline=submission.deadline if plan.opens_conversation else None,
+            escalates_now=escalates_now,
+        )
+
+    def _open_conversation(self, submission: Submission, conversation: KnownConversation, at: str) -> bool:
+        """Queue the new conversation's row; return True when it must be escalated at once."""
+        self._allocate("conversations")
+        deadline = format_instant(submission.deadline) if submission.deadline and submission.sla_applies else None
+        reason, next_at = "", None
+        if submission.sla_applies and submission.unstaffed and not submission.is_loop:
+            reason, next_at = submission.unstaffed, at
+        elif deadline and submission.first_escalation_at and not submission.is_loop:
+            next_at = format_instant(submission.first_escalation_at)
+        self.rows["conversations"].append((
+            conversation.id, conversation.reference, conversation.route, conversation.team,
+            json.dumps(conversation.destination.to_record()) if conversation.destination else None,
+            "open", at, at, submission.summary.subject, submission.summary.from_address or submission.mail_from,
+            json.dumps(sorted(conversation.participants)), deadline, reason, next_at,
+        ))
+        if deadline:
+            self._event(conversation.id, None, at, "deadline_set", {"deadline": deadline})
+        elif not submission.sla_applies:
+            self._event(conversation.id, None, at, "no_deadline", {"reason": "automated message"})
+        return bool(reason)
+
+    def _update_conversation(self, submission: Submission, plan: Plan, conversation: KnownConversation, at: str) -> KnownConversation:
+        participants = conversation.participants | plan.participants_added
+        state = "answered" if plan.answers else conversation.state
+        updated = KnownConversation(
+            conversation.id, conversation.reference, conversation.route, conversation.team,
+            participants, conversation.destination, state,
+        )
+        if plan.participants_added:
+            self.rows["participants"].append((json.dumps(sorted(participants)), at, conversation.id))
+        if plan.answers:
+            sender = submission.summary.from_address or submission.mail_from
+            self.rows["answers"].append((at, sender, at, conversation.id))
+            self._event(conversation.id, None, at, "answered", {"by": sender})
+        return updated
+
+    def _queue_delivery(self, plan: Plan, conversation_id: int | None, row: int, at: str) -> None:
+        if plan.disposition == "loop":
+            return
+        if plan.destination is None:
+            self._event(conversation_id, row, at, "not_delivered", {"reason": "team has no destination"})
+            return
+        self._outbox("deliver", conversation_id, row, plan.destination.to_record(), None, at)
+
+    def _record_acknowledgement(
+        self,
+        submission: Submission,
+        plan: Plan,
+        conversation: KnownConversation | None,
+        row: int,
+        at: str,
+        by_message_id: dict[str, KnownConversation],
+    ) -> str:
+        """Queue the acknowledgement if the plan sends one; return why the plain variant was used."""
+        if not plan.ack_decision:
+            return ""
+        recipient = submission.ack.to_address if submission.ack else submission.mail_from.lower()
+        conversation_id = conversation.id if conversation else None
+        if plan.ack_decision != "sent" or submission.ack is None or conversation is None:
+            self.rows["acknowledgements"].append((row, conversation_id, at, recipient, "suppressed", plan.ack_signal, None, None, None))
+            self._event(conversation_id, row, at, "ack_suppressed", {"signal": plan.ack_signal})
+            return ""
+        rendered = render_acknowledgement(submission.ack, conversation.reference, self.settings.hostname, submission.received_at)
+        variant = "plain" if rendered.used_plain else "template"
+        target = {"kind": "smtp", "addresses": [recipient], "sender": "", "purpose": "acknowledgement"}
+        self._outbox("mail", conversation.id, row, target, rendered.data, at)
+        self.rows["message_ids"].append((rendered.message_id, conversation.id))
+        by_message_id[rendered.message_id] = conversation
+        self.rows["acknowledgements"].append((
+            row, conversation.id, at, recipient, "sent", "", submission.ack.language, variant, rendered.message_id,
+        ))
+        self._event(conversation.id, row, at, "ack_queued", {"to": recipient, "language": submission.ack.language, "variant": variant})
+        return rendered.problem
+
+    # -- outbox attempts and manual answers -------------------------------------
+
+    def add_attempts(self, attempts: list[AttemptResult]) -> None:
+        for result in attempts:
+            at = format_instant(result.at)
+            if result.state == "answered":
+                self.rows["answers"].append((at, result.answered_by, at, result.conversation_id))
+                self._event(result.conversation_id, None, at, "answered", {"by": result.answered_by})
+                continue
+            next_at = format_instant(result.next_attempt_at) if result.next_attempt_at else at
+            done_at = at if result.state != "pending" else None
+            self.rows["outbox_updates"].append((result.state, result.attempts, next_at, done_at, result.error or None, result.outbox_id))
+            kind = {"done": "delivered", "pending": "delivery_deferred", "failed": "delivery_failed"}[result.state]
+            detail: dict[str, Any] = {"outbox_id": result.outbox_id, "kind": result.kind, "attempts": result.attempts}
+            if result.error:
+                detail["error"] = result.error
+            self._event(result.conversation_id, result.message_row, at, kind, detail)
+            if result.state == "failed" and result.fallback:
+                self._outbox("mail", result.conversation_id, result.message_row, result.fallback["target"], result.fallback["payload"], at)
+            if result.state == "failed" and result.kind == "deliver" and result.conversation_id is not None:
+                self.rows["failed_conversations"].append((at, f"delivery to the destination failed permanently: {result.error}"[:500], at, result.conversation_id))
+
+    # -- escalations ----------------------------------------------------------
+
+    async def add_escalations(self, now: datetime, planner: Callable[[DueConversation], EscalationPlan], limit: int) -> int:
+        """Escalate conversations due at `now`, oldest first; return how many fired."""
+        sql = (
+            "SELECT id, reference, team, route, subject, customer, opened_at, deadline, escalation_level,"
+            " escalation_reason FROM conversations WHERE next_escalation_at IS NOT NULL AND next_escalation_at <= ?"
+            " AND state = 'open' ORDER BY next_escalation_at, id LIMIT ?"
+        )
+        async with self.db.execute(sql, (format_instant(now), limit)) as cursor:
+            due = [
+                DueConversation(
+                    row[0], row[1], row[2], row[3], row[4], row[5], parse_instant(row[6]),
+                    parse_instant(row[7]) if row[7] else None, row[8], row[9],
+                )
+                for row in await cursor.fetchall()
+            ]
+        at = format_instant(now)
+        for conversation in due:
+            # Two runs in one transaction must not escalate the same level twice.
+            if conversation.id in self._escalated:
+                continue
+            self._escalated.add(conversation.id)
+            plan = planner(conversation)
+            for mail in plan.mails:
+                target = {"kind": "smtp", "addresses": list(mail.recipients), "purpose": "escalation"}
+                self._outbox("mail", conversation.id, None, target, mail.data, at)
+            for webhook in plan.webhooks:
+                target = {
+                    "kind": "webhook", "url": webhook.webhook.url, "format": webhook.webhook.format,
+                    "secret_env": webhook.webhook.secret_env, "fallback": encode_fallback(webhook.fallback),
+                }
+                self._outbox("webhook", conversation.id, None, target, json.dumps(webhook.body).encode(), at)
+            for event in plan.events:
+                self._event(conversation.id, None, at, str(event["kind"]), {k: v for k, v in event.items() if k != "kind"})
+            next_at = format_instant(plan.next_at) if plan.next_at else None
+            self.rows["escalation_updates"].append((plan.level, next_at, at, conversation.id))
+        return len(due)
+
+    # -- reads for decisions --------------------------------------------------
+
+    async def _existing_keys(self, keys: list[str], cutoff: str) -> set[str]:
+        marks = ",".join("?" * len(keys))
+        sql = f"SELECT dedupe_key FROM messages WHERE dedupe_key IN ({marks}) AND received_at >= ?"
+        async with self.db.execute(sql, (*keys, cutoff)) as cursor:
+            return {row[0] for row in await cursor.fetchall()}
+
+    async def _fresh_references(self, count: int) -> list[str]:
+        """Return `count` distinct references that no stored conversation uses."""
+        fresh: set[str] = set()
+        while len(fresh) < count:
+            candidates = {new_reference(self.settings.reference_prefix) for _ in range(count - len(fresh))} - fresh
+            marks = ",".join("?" * len(candidates))
+            sql = f"SELECT reference FROM conversations WHERE reference IN ({marks})"
+            async with self.db.execute(sql, sorted(candidates)) as cursor:
+                taken = {row[0] for row in await cursor.fetchall()}
+            fresh |= candidates - taken
+        return sorted(fresh)
+
+    async def _ack_history(self, submissions: list[Submission]) -> dict[str, list[tuple[datetime, str, str]]]:
+        recipients = sorted({s.ack.to_address for s in submissions if s.ack is not None})
+        if not recipients:
+            return {}
+        cutoff = format_instant(min(s.received_at for s in submissions) - self.settings.ack_window)
+        marks = ",".join("?" * len(recipients))
+        sql = f"SELECT recipient, at, decision, signal FROM acknowledgements WHERE recipient IN ({marks}) AND at >= ?"
+        history: dict[str, list[tuple[datetime, str, str]]] = {}
+        async with self.db.execute(sql, (*recipients, cutoff)) as cursor:
+            for recipient, at, decision, signal in await cursor.fetchall():
+                history.setdefault(recipient, []).append((parse_instant(at), decision, signal))
+        return history
+
+    async def _known_conversations(
+        self, submissions: list[Submission]
+    ) -> tuple[dict[str, KnownConversation], dict[str, KnownConversation]]:
+        prefix = self.settings.reference_prefix
+        thread_ids = sorted({mid for s in submissions for mid in s.thread_ids})
+        references = sorted({ref for s in submissions for ref in find_references(s.summary.subject, prefix)})
+        by_message_id: dict[str, KnownConversation] = {}
+        by_reference: dict[str, KnownConversation] = {}
+        columns = "c.id, c.reference, c.route, c.team, c.participants, c.destination, c.state"
+        if thread_ids:
+            marks = ",".join("?" * len(thread_ids))
+            sql = (f"SELECT m.message_id, {columns} FROM message_ids m"
+                   f" JOIN conversations c ON c.id = m.conversation_id WHERE m.message_id IN ({marks})")
+            async with self.db.execute(sql, thread_ids) as cursor:
+                for row in await cursor.fetchall():
+                    by_message_id[row[0]] = _known(row[1:])
+        if references:
+            marks = ",".join("?" * len(references))
+            sql = f"SELECT {columns} FROM conversations c WHERE c.reference IN ({marks})"
+            async with self.db.execute(sql, references) as cursor:
+                for row in await cursor.fetchall():
+                    by_reference[row[1]] = _known(row)
+        return by_message_id, by_reference
+
+    async def flush(self) -> None:
+        for name, sql in _STATEMENTS.items():
+            if self.rows[name]:
+                await self.db.executemany(sql, self.rows[name])
+
+
+def _ack_counts(history: dict[str, list[tuple[datetime, str, str]]], submission: Submission, window: timedelta) -> tuple[int, bool]:
+    """Return (acknowledgements sent, whether the limit was already reported) in the sender's window."""
+    if submission.ack is None:
+        return 0, False
+    since = submission.received_at - window
+    entries = [entry for entry in history.get(submission.ack.to_address, []) if entry[0] > since]
+    sent = sum(1 for _, decision, _ in entries if decision == "sent")
+    warned = any(signal == RATE_LIMIT_SIGNAL for _, _, signal in entries)
+    return sent, warned
+
+
+def _known(row: Any) -> KnownConversation:
+    conversation_id, reference, route, team, participants, destination, state = row
+    return KnownConversation(
+        conversation_id, reference, route, team, frozenset(json.loads(participants)),
+        Destination.from_record(json.loads(destination)) if destination else None, state,
+    )
+
+
+_STATEMENTS = {
+    "conversations": (
+        "INSERT INTO conversations (id, reference, route, team, destination, state, opened_at, updated_at,"
+        " subject, customer, participants, deadline, escalation_reason, next_escalation_at)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    ),
+    "participants": "UPDATE conversations SET participants = ?, updated_at = ? WHERE id = ?",
+    "answers": (
+        "UPDATE conversations SET state = 'answered', answered_at = ?, answered_by = ?, updated_at = ?,"
+        " next_escalation_at = NULL WHERE id = ? AND state = 'open'"
+    ),
+    "messages": (
+        "INSERT INTO messages (id, conversation_id, received_at, peer, helo, mail_from, rcpt_tos, message_id,"
+        " dedupe_key, size, summary, route, team, route_reasons, disposition, raw)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    ),
+    "message_ids": "INSERT OR IGNORE INTO message_ids (message_id, conversation_id) VALUES (?,?)",
+    "outbox": (
+        "INSERT INTO outbox (id, kind, conversation_id, message_row, target, payload, state, attempts,"
+        " created_at, next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
+    ),
+    "outbox_updates": (
+        "UPDATE outbox SET state = ?, attempts = ?, next_attempt_at = ?, done_at = ?, last_error = ? WHERE id = ?"
+    ),
+    # A permanent delivery failure escalates at once, unless the conversation
+    # was already escalated as unstaffed or is answered.
+    "failed_conversations": (
+        "UPDATE conversations SET delivery_failed = 1, updated_at = ?,"
+        " escalation_reason = CASE WHEN escalation_reason = '' AND state = 'open' THEN ? ELSE escalation_reason END,"
+        " next_escalation_at = CASE WHEN escalation_reason = '' AND state = 'open' THEN ? ELSE next_escalation_at END"
+        " WHERE id = ?"
+    ),
+    "escalation_updates": (
+        "UPDATE conversations SET escalation_level = ?, next_escalation_at = ?, updated_at = ? WHERE id = ?"
+    ),
+    "acknowledgements": (
+        "INSERT INTO acknowledgements (message_row, conversation_id, at, recipient, decision, signal, language,"
+        " variant, message_id) VALUES (?,?,?,?,?,?,?,?,?)"
+    ),
+    "events": "INSERT INTO events (conversation_id, message_row, at, kind, detail) VALUES (?,?,?,?,?)",
+}

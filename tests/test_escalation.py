@@ -1,0 +1,214 @@
+"""Escalation: each level fires once at its time, across restarts and reloads, and stops on an answer."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import hashlib
+import hmac
+import json
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from email.message import Message
+from pathlib import Path
+
+import pytest
+
+from guardrail.clock import ManualClock
+from guardrail.cli import main
+
+from conftest import case_file, maildir_messages, send, settle, wait_until, write_config
+from webhook_receiver import webhook_receiver
+
+SECRET = "test-webhook-secret"
+
+
+def facilities_rules(webhook_url: str) -> str:
+    return f"""
+[[calendar]]
+name = "always"
+timezone = "UTC"
+hours = "24x7"
+
+[[team]]
+name = "facilities"
+destination = {{ maildir = "var/maildir/facilities" }}
+members = [{{ name = "Carol Tech", address = "carol@example.org" }}]
+calendar = "always"
+first_response = "1h"
+escalation = [
+    {{ after = "0m", name = "Dana Duty", address = "duty-manager@example.org", webhook = {{ url = "{webhook_url}", secret_env = "GUARDRAIL_TEST_WEBHOOK_SECRET" }} }},
+    {{ after = "2h", name = "Erik Head", address = "head-of-facilities@example.org" }},
+]
+
+[[route]]
+name = "default"
+team = "facilities"
+default = true
+"""
+
+
+def outbound(folder: Path) -> list[Message]:
+    return [email.message_from_bytes(data) for data in maildir_messages(folder / "var" / "outbound")]
+
+
+def escalations_to(folder: Path, address: str) -> list[Message]:
+    return [m for m in outbound(folder) if m["X-Guardrail-Envelope-To"] == address and m["Auto-Submitted"] == "auto-generated"]
+
+
+def acknowledgements(folder: Path) -> list[Message]:
+    return [m for m in outbound(folder) if m["Auto-Submitted"] == "auto-replied"]
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def webhook_secret(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("GUARDRAIL_TEST_WEBHOOK_SECRET", SECRET)
+    return SECRET
+
+
+async def advance_in_ticks(daemon, clock: ManualClock, until: datetime, tick: timedelta = timedelta(seconds=30)) -> None:
+    """Move the clock to `until` in steps, letting the daemon handle each step."""
+    while clock.now() < until:
+        await clock.set(min(clock.now() + tick, until))
+        await settle(daemon, clock)
+
+
+async def test_each_level_fires_exactly_once(tmp_path: Path, start_daemon, webhook_secret: str) -> None:
+    message = case_file("escalation", "message.eml")
+    with webhook_receiver(statuses=[503]) as receiver:
+        config = write_config(
+            tmp_path, rules=facilities_rules(receiver.url),
+            sections={"webhooks": {"attempts": 3, "retry_initial": "20ms", "retry_max": "50ms"}},
+        )
+        clock = ManualClock(at("2025-11-17T10:00:00"))
+        daemon = await start_daemon(config, clock=clock)
+        await send(daemon.port, "alice@example.com", ["support@example.org"], message)
+        await settle(daemon, clock)
+
+        await advance_in_ticks(daemon, clock, at("2025-11-17T10:59:30"))
+        assert escalations_to(tmp_path, "duty-manager@example.org") == []
+
+        await advance_in_ticks(daemon, clock, at("2025-11-17T11:00:00"))
+        assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
+        await advance_in_ticks(daemon, clock, at("2025-11-17T11:10:00"))
+
+        # Restart on the same database, then reload the rules.
+        await daemon.stop()
+        clock = ManualClock(at("2025-11-17T11:10:00"))
+        daemon = await start_daemon(config, clock=clock)
+        await advance_in_ticks(daemon, clock, at("2025-11-17T11:20:00"))
+        assert daemon.reload() is True
+        await advance_in_ticks(daemon, clock, at("2025-11-17T12:59:30"))
+        assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
+        assert escalations_to(tmp_path, "head-of-facilities@example.org") == []
+
+        await advance_in_ticks(daemon, clock, at("2025-11-17T13:05:00"))
+        assert len(escalations_to(tmp_path, "head-of-facilities@example.org")) == 1
+
+        await clock.set(at("2025-11-17T13:30:00"))
+        reply = (
+            b"From: Carol Tech <carol@example.org>\r\nTo: Alice Example <alice@example.com>\r\n"
+            b"Cc: support@example.org\r\nSubject: Re: Water leak in room 12\r\nMessage-ID: <carol-1@example.org>\r\n"
+            b"In-Reply-To: <leak-12@example.com>\r\nReferences: <leak-12@example.com>\r\n\r\nA plumber is on the way.\r\n"
+        )
+        await send(daemon.port, "carol@example.org", ["support@example.org"], reply)
+        await advance_in_ticks(daemon, clock, at("2025-11-17T16:00:00"), tick=timedelta(minutes=5))
+
+    assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
+    assert len(escalations_to(tmp_path, "head-of-facilities@example.org")) == 1
+    assert len(acknowledgements(tmp_path)) == 1
+    # One failed try and one success, both with the same idempotency key.
+    assert [json.loads(request.body)["level"] for request in receiver.requests] == [1, 1]
+    keys = {request.headers["idempotency-key"] for request in receiver.requests}
+    assert len(keys) == 1
+    with sqlite3.connect(daemon.config.database_path) as connection:
+        state, answered_at, level = connection.execute("SELECT state, answered_at, escalation_level FROM conversations").fetchone()
+        webhook_rows = connection.execute("SELECT state FROM outbox WHERE kind = 'webhook'").fetchall()
+    assert state == "answered"
+    assert answered_at == "2025-11-17T13:30:00.000000Z"
+    assert level == 2
+    assert webhook_rows == [("done",)]
+
+
+async def test_webhook_is_signed_with_hmac(tmp_path: Path, start_daemon, webhook_secret: str) -> None:
+    message = case_file("escalation", "message.eml")
+    with webhook_receiver() as receiver:
+        clock = ManualClock(at("2025-11-17T10:00:00"))
+        daemon = await start_daemon(write_config(tmp_path, rules=facilities_rules(receiver.url)), clock=clock)
+        await send(daemon.port, "alice@example.com", ["support@example.org"], message)
+        await advance_in_ticks(daemon, clock, at("2025-11-17T11:00:00"), tick=timedelta(minutes=30))
+        await wait_until(lambda: receiver.requests, what="the webhook request")
+
+    (request,) = receiver.requests
+    timestamp, digest = (part.split("=", 1)[1] for part in request.headers["x-guardrail-signature"].split(","))
+    expected = hmac.new(SECRET.encode(), timestamp.encode() + b"." + request.body, hashlib.sha256).hexdigest()
+    assert digest == expected
+    body = json.loads(request.body)
+    assert body["reference"].startswith("GR-")
+    assert body["team"] == "facilities"
+    assert body["human"] == {"name": "Dana Duty", "address": "duty-manager@example.org"}
+
+
+async def test_webhook_4xx_is_not_retried_and_chain_moves_on(tmp_path: Path, start_daemon, webhook_secret: str) -> None:
+    message = case_file("escalation", "message.eml")
+    with webhook_receiver(statuses=[404]) as receiver:
+        clock = ManualClock(at("2025-11-17T10:00:00"))
+        daemon = await start_daemon(write_config(tmp_path, rules=facilities_rules(receiver.url)), clock=clock)
+        await send(daemon.port, "alice@example.com", ["support@example.org"], message)
+        await advance_in_ticks(daemon, clock, at("2025-11-17T13:00:00"), tick=timedelta(minutes=30))
+
+    assert len(receiver.requests) == 1
+    assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
+    assert len(escalations_to(tmp_path, "head-of-facilities@example.org")) == 1
+
+
+async def test_answer_just_before_deadline_prevents_escalation(tmp_path: Path, start_daemon, webhook_secret: str) -> None:
+    message = case_file("escalation", "message.eml")
+    with webhook_receiver() as receiver:
+        clock = ManualClock(at("2025-11-17T10:00:00"))
+        config = write_config(tmp_path, rules=facilities_rules(receiver.url))
+        daemon = await start_daemon(config, clock=clock)
+        await send(daemon.port, "alice@example.com", ["support@example.org"], message)
+        await clock.set(at("2025-11-17T10:59:59"))
+        ((reference,),) = await daemon.store.fetch_all("SELECT reference FROM conversations")
+        # The command runs in its own thread with its own event loop, as from a shell.
+        assert await asyncio.to_thread(main, ["answer", "--config", str(config), reference, "--by", "carol"]) == 0
+        await advance_in_ticks(daemon, clock, at("2025-11-17T14:00:00"), tick=timedelta(minutes=30))
+
+    assert receiver.requests == []
+    assert escalations_to(tmp_path, "duty-manager@example.org") == []
+    rows = await daemon.store.fetch_all("SELECT state, answered_by FROM conversations")
+    assert rows == [("answered", "manual:carol")]
+
+
+async def test_escalation_due_while_down_fires_once_after_restart(tmp_path: Path, start_daemon, webhook_secret: str) -> None:
+    message = case_file("escalation", "message.eml")
+    with webhook_receiver() as receiver:
+        config = write_config(tmp_path, rules=facilities_rules(receiver.url))
+        clock = ManualClock(at("2025-11-17T10:00:00"))
+        daemon = await start_daemon(config, clock=clock)
+        await send(daemon.port, "alice@example.com", ["support@example.org"], message)
+        await settle(daemon, clock)
+        await daemon.stop()
+
+        # Down from 10:00 to 11:30: level 1 fell due at 11:00.
+        clock = ManualClock(at("2025-11-17T11:30:00"))
+        daemon = await start_daemon(config, clock=clock)
+        await settle(daemon, clock)
+        await daemon.stop()
+        daemon = await start_daemon(config, clock=clock)
+        await settle(daemon, clock)
+
+    assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
+    assert escalations_to(tmp_path, "head-of-facilities@example.org") == []
+    assert len(receiver.requests) == 1
+
+
+async def test_answer_command_rejects_unknown_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    assert await asyncio.to_thread(main, ["answer", "--config", str(config), "GR-000000"]) == 2
+    assert "conversation GR-000000 not found" in capsys.readouterr().err
