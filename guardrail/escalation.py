@@ -40,6 +40,7 @@ class DueConversation:
     deadline: datetime | None
     level: int
     reason: str  # "" for a missed deadline, else why the team is unstaffed
+    message_id: str = ""  # Message-ID of the message that opened the conversation
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ def escalation_mail(conversation: DueConversation, human: Human, subject: str, t
         f"Reference:  {conversation.reference}",
         f"From:       {conversation.customer}",
         f"Subject:    {one_line(conversation.subject)}",
+        f"Message-ID: {conversation.message_id or 'none'}",
         f"Team:       {conversation.team}",
         f"Route:      {conversation.route}",
         f"Received:   {conversation.opened_at.isoformat()}",
@@ -196,6 +198,7 @@ def webhook_body(conversation: DueConversation, level: int, human: Human | None,
         "route": conversation.route,
         "sender": conversation.customer,
         "subject": conversation.subject,
+        "message_id": conversation.message_id,
         "received_at": conversation.opened_at.isoformat(),
         "deadline": conversation.deadline.isoformat() if conversation.deadline else None,
         "escalated_at": now.isoformat(),

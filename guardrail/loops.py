@@ -185,14 +185,6 @@ def machine_signal(
     return None
 
 
-def is_automatic_reply(summary: Summary) -> bool:
-    """Return True for out-of-office and other automatic replies, whoever sends them.
-
-    A reply like this from a team member never counts as the team's answer.
-    """
-    return _header_signal(summary) is not None or bool(_AUTOREPLY_SUBJECTS.search(fold(summary.subject)))
-
-
 def acknowledgement_signal(
     summary: Summary,
     mail_from: str,

@@ -49,7 +49,7 @@ class Submission:
     sla_applies: bool = True
     # Whether the message, as a follow-up, counts as the team's answer.
     is_staff: bool = False
-    is_automatic: bool = False
+    machine_signal: str = ""  # why the message looks written by software, or ""
 
     @property
     def dedupe_key(self) -> str:
@@ -128,7 +128,7 @@ def plan_submission(
             team=known.team,
             destination=known.destination,
             participants_added=submission.sender_addresses - known.participants,
-            answers=known.state == "open" and submission.is_staff and not submission.is_automatic,
+            answers=known.state == "open" and submission.is_staff and not submission.machine_signal,
             ack_decision="suppressed",
             ack_signal="follow-up in an existing conversation",
         )

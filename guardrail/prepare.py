@@ -87,7 +87,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         ack_signal=ack_signal, ack=ack, deadline=deadline,
         first_escalation_at=_first_escalation(team, rules, deadline),
         unstaffed=unstaffed_reason(team, now, rules.unstaffed_horizon) or "",
-        sla_applies=machine is None, is_staff=is_staff, is_automatic=machine is not None,
+        sla_applies=machine is None, is_staff=is_staff, machine_signal=machine or "",
     )
 
 

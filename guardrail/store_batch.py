@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS messages (
     team TEXT NOT NULL,
     route_reasons TEXT NOT NULL,
     disposition TEXT NOT NULL,
+    machine_signal TEXT NOT NULL DEFAULT '',
     raw BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_dedupe ON messages (dedupe_key, received_at);
@@ -262,7 +263,7 @@ class BatchWriter:
             row, conversation_id, at, submission.peer, submission.helo, submission.mail_from,
             json.dumps(list(submission.rcpt_tos)), submission.summary.message_id, submission.dedupe_key,
             len(submission.raw), json.dumps(submission.summary.to_record()), plan.route, plan.team,
-            json.dumps(list(submission.route_reasons)), plan.disposition, submission.raw,
+            json.dumps(list(submission.route_reasons)), plan.disposition, submission.machine_signal, submission.raw,
         ))
         if conversation is not None and submission.summary.message_id:
             self.rows["message_ids"].append((submission.summary.message_id, conversation.id))
@@ -271,6 +272,8 @@ class BatchWriter:
         detail = {"route": plan.route, "team": plan.team, "disposition": plan.disposition}
         if plan.thread_reason:
             detail["thread"] = plan.thread_reason
+        if submission.machine_signal:
+            detail["automatic"] = submission.machine_signal
         self._event(conversation_id, row, at, "received", detail)
         self._queue_delivery(plan, conversation_id, row, at)
         ack_problem = self._record_acknowledgement(submission, plan, conversation, row, at, by_message_id)
@@ -385,15 +388,17 @@ class BatchWriter:
     async def add_escalations(self, now: datetime, planner: Callable[[DueConversation], EscalationPlan], limit: int) -> int:
         """Escalate conversations due at `now`, oldest first; return how many fired."""
         sql = (
-            "SELECT id, reference, team, route, subject, customer, opened_at, deadline, escalation_level,"
-            " escalation_reason FROM conversations WHERE next_escalation_at IS NOT NULL AND next_escalation_at <= ?"
-            " AND state = 'open' ORDER BY next_escalation_at, id LIMIT ?"
+            "SELECT c.id, c.reference, c.team, c.route, c.subject, c.customer, c.opened_at, c.deadline,"
+            " c.escalation_level, c.escalation_reason,"
+            " (SELECT m.message_id FROM messages m WHERE m.conversation_id = c.id ORDER BY m.id LIMIT 1)"
+            " FROM conversations c WHERE c.next_escalation_at IS NOT NULL AND c.next_escalation_at <= ?"
+            " AND c.state = 'open' ORDER BY c.next_escalation_at, c.id LIMIT ?"
         )
         async with self.db.execute(sql, (format_instant(now), limit)) as cursor:
             due = [
                 DueConversation(
                     row[0], row[1], row[2], row[3], row[4], row[5], parse_instant(row[6]),
-                    parse_instant(row[7]) if row[7] else None, row[8], row[9],
+                    parse_instant(row[7]) if row[7] else None, row[8], row[9], row[10] or "",
                 )
                 for row in await cursor.fetchall()
             ]
@@ -514,8 +519,8 @@ _STATEMENTS = {
     ),
     "messages": (
         "INSERT INTO messages (id, conversation_id, received_at, peer, helo, mail_from, rcpt_tos, message_id,"
-        " dedupe_key, size, summary, route, team, route_reasons, disposition, raw)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        " dedupe_key, size, summary, route, team, route_reasons, disposition, machine_signal, raw)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
     ),
     "message_ids": "INSERT OR IGNORE INTO message_ids (message_id, conversation_id) VALUES (?,?)",
     "outbox": (

@@ -199,3 +199,75 @@ async def test_every_corpus_message_delivered_unchanged(tmp_path: Path, start_da
         f"\ncorpus: {len(corpus)} files sent, {len(replies) - len(not_accepted)} got 250,"
         f" {sum(arrived.values())} delivered unchanged; identical files stored once: {extra_copies}"
     )
+
+
+# Messages whose label we disagree with, and why. Every other message must be
+# acknowledged exactly when its label says so.
+LABEL_DISAGREEMENTS = {
+    # A role or robot sender: an acknowledgement to it reaches nobody, or
+    # a robot that may answer back.
+    "charset/freescout-message-5-iso-2022-jp.eml": "sender noreply@ is a no-reply address",
+    "malformed/rubymail-encoding_madness.eml": "sender no-reply@ is a no-reply address",
+    "malformed/rubymail-raw_email_trailing_dot.eml": "envelope sender noreply@ is a no-reply address",
+    "malformed/flanker-long-links.eml": "sender postmaster@ is a role address that auto-responders never answer",
+    # No header, sender or subject marks this bulk mail; only its body does,
+    # and body heuristics would also silence customers who write "unsubscribe".
+    "list-bulk/phpmmp-issue230.eml": "bulk mail without any machine signal in its headers",
+}
+_RETURN_PATH = re.compile(rb"^Return-Path:[ \t]*<?([^>\r\n]*)>?", re.IGNORECASE | re.MULTILINE)
+
+
+def mta_envelope_sender(item: CorpusMessage) -> str:
+    """Return the envelope sender an MTA would hand us: the Return-Path it recorded, else the From address."""
+    header_end = item.wire.find(b"\r\n\r\n")
+    match = _RETURN_PATH.search(item.wire[: header_end if header_end >= 0 else None])
+    if match:
+        address = match.group(1).decode("utf-8", "replace").strip()
+        return "" if address.lower() in ("", "mailer-daemon") and "@" not in address else address
+    return item.sender
+
+
+async def test_corpus_acknowledgements_match_labels(tmp_path: Path, start_daemon, corpus: list[CorpusMessage]) -> None:
+    labels = {entry["file"]: entry["expect_ack"] == "yes" for entry in _read_manifest(_corpus_folder())}
+    daemon = await start_daemon(write_config(tmp_path, sections={"acknowledgements": {"max_per_sender": 1000}}))
+
+    decisions: dict[str, tuple[str, str]] = {}
+    for item in corpus:
+        sender = mta_envelope_sender(item)
+        replies = await asyncio.to_thread(_send_share, daemon.port, [CorpusMessage(item.name, item.wire, sender)])
+        assert replies[item.name][0] == 250, replies
+        if "already queued" in replies[item.name][1]:
+            decisions[item.name] = ("duplicate", "identical to an earlier file")
+            continue
+        rows = await daemon.store.fetch_all(
+            "SELECT decision, signal FROM acknowledgements WHERE message_row = (SELECT MAX(id) FROM messages)"
+        )
+        decisions[item.name] = rows[0] if rows else ("none", "no decision stored")
+
+    # A reply whose parent came earlier in the corpus joins that conversation
+    # and is rightly not acknowledged; sent alone, it opens one of its own.
+    for item in corpus:
+        if decisions[item.name][1] != "follow-up in an existing conversation":
+            continue
+        alone = await start_daemon(write_config(tmp_path / item.name.replace("/", "_")))
+        await asyncio.to_thread(_send_share, alone.port, [CorpusMessage(item.name, item.wire, mta_envelope_sender(item))])
+        rows = await alone.store.fetch_all("SELECT decision, signal FROM acknowledgements")
+        decisions[item.name] = rows[0]
+
+    wrong = {
+        name: (labels[name], decision)
+        for name, decision in decisions.items()
+        if (decision[0] == "sent") != labels[name] and name not in LABEL_DISAGREEMENTS
+    }
+    assert wrong == {}
+    disagreements = {name for name, decision in decisions.items() if (decision[0] == "sent") != labels[name]}
+    assert disagreements == set(LABEL_DISAGREEMENTS)
+
+    sent = sum(1 for decision, _ in decisions.values() if decision == "sent")
+    by_signal = collections.Counter(
+        re.sub(r" \S+@\S+ ", " ADDRESS ", signal) for decision, signal in decisions.values() if decision != "sent"
+    )
+    print(f"\nacknowledgements: {sent} sent, {sum(labels.values())} expected by the labels, "
+          f"{len(decisions) - sent} not sent; {len(LABEL_DISAGREEMENTS)} label disagreements")
+    for signal, count in by_signal.most_common():
+        print(f"  suppressed {count:3} x {signal}")

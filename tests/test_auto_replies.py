@@ -1,0 +1,136 @@
+"""Auto-replies thread into their conversation, are never acknowledged and never count as answers."""
+
+from __future__ import annotations
+
+import email
+from datetime import datetime, timezone
+from email.message import Message
+from pathlib import Path
+
+import pytest
+
+from guardrail.clock import ManualClock
+
+from conftest import case_file, maildir_messages, send, settle, write_config
+
+IT_RULES = """
+[[calendar]]
+name = "paris-office"
+timezone = "Europe/Paris"
+hours = { mon = ["09:00-18:00"], tue = ["09:00-18:00"], wed = ["09:00-18:00"], thu = ["09:00-18:00"], fri = ["09:00-18:00"] }
+
+[[team]]
+name = "it"
+destination = { maildir = "var/maildir/it" }
+members = [
+    { name = "Bob Tech", address = "bob@example.org" },
+    { name = "Carol Tech", address = "carol@example.org" },
+]
+calendar = "paris-office"
+first_response = "2h"
+escalation = [{ after = "0m", name = "Dana Duty", address = "duty-manager@example.org" }]
+
+[[route]]
+name = "default"
+team = "it"
+default = true
+"""
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+
+
+def outbound(folder: Path) -> list[Message]:
+    return [email.message_from_bytes(data) for data in maildir_messages(folder / "var" / "outbound")]
+
+
+def acks(folder: Path) -> list[Message]:
+    return [m for m in outbound(folder) if m["Auto-Submitted"] == "auto-replied"]
+
+
+def escalations(folder: Path) -> list[Message]:
+    return [m for m in outbound(folder) if m["X-Guardrail-Envelope-To"] == "duty-manager@example.org"]
+
+
+def filled(name: str, ack_id: str) -> bytes:
+    raw = case_file("auto-reply", name)
+    # guardrail forwards the original unchanged, so the team replies to its own Message-ID.
+    return raw.replace(b"<ACK-MESSAGE-ID>", ack_id.encode()).replace(b"<FORWARDED-MESSAGE-ID>", b"<laptop-311@example.com>")
+
+
+async def run_timeline(tmp_path: Path, start_daemon, *, human_reply: bool):
+    clock = ManualClock(at("2025-11-04T09:00:00"))
+    daemon = await start_daemon(write_config(tmp_path, rules=IT_RULES), clock=clock)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], case_file("auto-reply", "original.eml"))
+    await settle(daemon, clock)
+    (ack,) = acks(tmp_path)
+
+    await clock.set(at("2025-11-04T09:00:30"))
+    await send(daemon.port, "alice@example.com", ["support@example.org"], filled("ooo-from-sender.eml", ack["Message-ID"]))
+    await clock.set(at("2025-11-04T09:01:00"))
+    await send(daemon.port, "bob@example.org", ["support@example.org"], filled("ooo-from-team-member.eml", ack["Message-ID"]))
+    if human_reply:
+        await clock.set(at("2025-11-04T10:15:00"))
+        await send(daemon.port, "carol@example.org", ["support@example.org"],
+                   filled("human-reply-auto-submitted-no.eml", ack["Message-ID"]))
+    await settle(daemon, clock)
+    await clock.set(at("2025-11-04T10:59:59"))
+    await settle(daemon, clock)
+    assert escalations(tmp_path) == []
+    await clock.set(at("2025-11-04T11:00:00"))
+    await settle(daemon, clock)
+    await clock.set(at("2025-11-04T11:05:00"))
+    await settle(daemon, clock)
+    return daemon
+
+
+async def test_out_of_office_replies_do_not_answer(tmp_path: Path, start_daemon) -> None:
+    daemon = await run_timeline(tmp_path, start_daemon, human_reply=False)
+
+    assert len(acks(tmp_path)) == 1
+    conversations = await daemon.store.fetch_all("SELECT id, state, deadline FROM conversations")
+    assert conversations == [(1, "open", "2025-11-04T11:00:00.000000Z")]
+    messages = await daemon.store.fetch_all("SELECT message_id, conversation_id, disposition, machine_signal FROM messages ORDER BY id")
+    assert [row[:3] for row in messages] == [
+        ("<laptop-311@example.com>", 1, "new"),
+        ("<ooo-alice-1@example.com>", 1, "follow_up"),
+        ("<ooo-bob-1@example.org>", 1, "follow_up"),
+    ]
+    assert messages[0][3] == ""
+    assert messages[1][3] == "Auto-Submitted: auto-replied"
+    assert messages[2][3] == "Auto-Submitted: auto-replied"
+    assert len(escalations(tmp_path)) == 1
+
+
+async def test_human_reply_with_auto_submitted_no_answers(tmp_path: Path, start_daemon) -> None:
+    daemon = await run_timeline(tmp_path, start_daemon, human_reply=True)
+
+    rows = await daemon.store.fetch_all("SELECT state, answered_at, answered_by FROM conversations")
+    assert rows == [("answered", "2025-11-04T10:15:00.000000Z", "carol@example.org")]
+    assert escalations(tmp_path) == []
+    assert len(acks(tmp_path)) == 1
+
+
+@pytest.mark.parametrize(
+    ("header", "automatic"),
+    [
+        ("Auto-Submitted: no", False),
+        ("Auto-Submitted: NO", False),
+        ("Auto-Submitted: auto-replied", True),
+        ("Auto-Submitted: auto-generated (failure)", True),
+        ("X-Autoreply: yes", True),
+        ("X-Autorespond: vacation", True),
+        ("Precedence: bulk", True),
+        ("Precedence: junk", True),
+        ("Precedence: list", True),
+        ("Precedence: auto_reply", True),
+        ("Precedence: first-class", False),
+    ],
+)
+def test_automatic_header_table(header: str, automatic: bool) -> None:
+    from guardrail.loops import machine_signal
+    from guardrail.message import summarize
+
+    summary = summarize(f"From: Bob <bob@example.org>\r\nSubject: Re: hi\r\n{header}\r\n\r\nx".encode())
+    assert (machine_signal(summary, "bob@example.org", "mx.test.example") is not None) is automatic
