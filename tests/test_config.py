@@ -28,7 +28,7 @@ def rule_errors(tmp_path: Path, text: str) -> list[str]:
 def test_example_config_loads() -> None:
     config = load_config(ROOT / "config.example.toml")
     assert config.smtp.port == 2525
-    assert config.smtp.inboxes == {"support@example.com", "billing@example.com"}
+    assert config.smtp.inboxes == {"support@example.com", "billing@example.com", "hello@example.com"}
     assert config.database_path == ROOT / "var" / "guardrail.db"
     assert config.smarthost is None
     assert config.delivery.retry_initial == timedelta(seconds=30)
