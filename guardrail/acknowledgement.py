@@ -153,8 +153,9 @@ def render_acknowledgement(request: AckRequest, reference: str, hostname: str, n
         message["References"] = " ".join(request.references)
     message["Auto-Submitted"] = "auto-replied"
     message["X-Auto-Response-Suppress"] = "All"
-    message["Content-Language"] = request.language
     message[LOOP_HEADER] = hostname
     message["X-Guardrail-Conversation"] = reference
     message.set_content(body.strip() + "\n", charset="utf-8")
+    # set_content replaces every Content-* header, so this one comes after it.
+    message["Content-Language"] = request.language
     return RenderedAck(message.as_bytes(), message_id, bool(problem), problem)

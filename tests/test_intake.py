@@ -1,0 +1,759 @@
+"""SMTP protocol behaviour of the intake server, driven over 127.0.0.1.
+
+Every test starts the real daemon on port 0 and speaks SMTP to it: raw bytes
+where the exact reply sequence matters, smtplib otherwise. Stored state is
+read from the daemon's SQLite file with a second connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import smtplib
+import sqlite3
+import time
+from collections.abc import Iterable
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from conftest import ROUTES, TEAMS, converse, maildir_messages, message, send, wait_until, write_config
+from guardrail.daemon import Daemon
+
+SMUGGLING = Path(__file__).parent / "data" / "smuggling"
+OVERSIZE = Path(__file__).parent / "data" / "oversize"
+
+SUPPORT = "support@example.org"
+EHLO = b"EHLO client.test.example\r\n"
+
+# The support team forwards through the smarthost instead of a maildir.
+SMTP_TEAMS = """
+[[team]]
+name = "support"
+destination = { smtp = ["team@example.net"] }
+members = [{ name = "Sam Ortiz", address = "sam@example.org" }]
+
+[[team]]
+name = "billing"
+destination = { maildir = "var/maildir/billing" }
+members = [{ name = "Bea Keller", address = "bea@example.org" }]
+"""
+
+# A body condition makes intake parse every body, not only the headers.
+BODY_ROUTES = """
+[[route]]
+name = "wire-fraud"
+team = "billing"
+any = [{ body.contains = "wire transfer now" }]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+"""
+
+ENHANCED_REPLY = re.compile(r"^(\d)\d\d (\d)\.\d{1,3}\.\d{1,3} ")
+
+
+class Client:
+    """A raw SMTP client over asyncio streams that reads whole replies."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        host, port = writer.get_extra_info("sockname")[:2]
+        self.peer = f"[{host}]:{port}"
+
+    @classmethod
+    async def connect(cls, port: int) -> Client:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+        return cls(reader, writer)
+
+    async def reply(self, timeout: float = 5) -> list[str]:
+        """Read one reply with every line of a multi-line one. Raise EOFError if the server closed."""
+        lines: list[str] = []
+        while True:
+            raw = await asyncio.wait_for(self.reader.readline(), timeout)
+            if not raw:
+                raise EOFError(f"connection closed after {lines!r}")
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            lines.append(line)
+            if line[3:4] != "-":
+                return lines
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def command(self, line: bytes) -> list[str]:
+        await self.send(line if line.endswith(b"\r\n") else line + b"\r\n")
+        return await self.reply()
+
+    async def replies_until_closed(self, timeout: float = 5) -> list[list[str]]:
+        """Read replies until the server closes the connection or `timeout` passes."""
+        replies = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                replies.append(await self.reply(timeout=deadline - time.monotonic()))
+            except (EOFError, TimeoutError, ConnectionError):
+                break
+        return replies
+
+    async def is_silent(self, wait: float = 0.3) -> bool:
+        """Return True if the server sends nothing within `wait` seconds."""
+        try:
+            await asyncio.wait_for(self.reader.read(1), wait)
+        except TimeoutError:
+            return True
+        return False
+
+    async def is_closed_by_server(self, timeout: float) -> bool:
+        """Return True once the server closes the connection, or False if it is still open after `timeout`."""
+        try:
+            await asyncio.wait_for(self.reader.read(), timeout)
+        except TimeoutError:
+            return False
+        except ConnectionError:
+            pass
+        return True
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), 5)
+        except (ConnectionError, TimeoutError):
+            pass
+
+
+def codes(replies: Iterable[list[str]]) -> list[str]:
+    return [reply[-1][:3] for reply in replies]
+
+
+def dot_stuff(content: bytes) -> bytes:
+    """Return `content` as it travels after DATA: dot-stuffed and ending in CRLF.CRLF."""
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    stuffed = content.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed + b".\r\n"
+
+
+async def open_transaction(port: int, *, mail_from: str = "alice@example.com", rcpt_tos: Iterable[str] = (SUPPORT,),
+                           mail_options: str = "") -> Client:
+    """Connect and run EHLO, MAIL, RCPT and DATA. Raise AssertionError if the server rejects any of them."""
+    client = await Client.connect(port)
+    greeting = await client.reply()
+    assert greeting[0].startswith("220 "), greeting
+    assert (await client.command(EHLO))[-1].startswith("250 "), "EHLO refused"
+    mail = await client.command(f"MAIL FROM:<{mail_from}>{mail_options}".encode())
+    assert mail[-1].startswith("250 "), mail
+    for address in rcpt_tos:
+        rcpt = await client.command(f"RCPT TO:<{address}>".encode())
+        assert rcpt[-1].startswith("250 "), rcpt
+    data = await client.command(b"DATA")
+    assert data[-1].startswith("354 "), data
+    return client
+
+
+async def transaction(port: int, content: bytes, **envelope: Any) -> str:
+    """Send one message over a raw connection and return the reply line to the final dot."""
+    client = await open_transaction(port, **envelope)
+    try:
+        await client.send(dot_stuff(content))
+        reply = await client.reply()
+        await client.command(b"QUIT")
+    finally:
+        await client.close()
+    return reply[-1]
+
+
+def query(daemon: Daemon, sql: str, parameters: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with closing(sqlite3.connect(daemon.config.database_path)) as db:
+        return db.execute(sql, parameters).fetchall()
+
+
+def count_rows(daemon: Daemon, table: str) -> int:
+    return query(daemon, f"SELECT COUNT(*) FROM {table}")[0][0]
+
+
+def stored_raws(daemon: Daemon) -> list[bytes]:
+    return [bytes(row[0]) for row in query(daemon, "SELECT raw FROM messages ORDER BY id")]
+
+
+def header_names(block: bytes) -> list[str]:
+    """Return the field names of a header block, skipping folded continuation lines."""
+    lines = [line for line in block.split(b"\r\n") if line]
+    return [line.split(b":", 1)[0].decode() for line in lines if not line[:1].isspace()]
+
+
+def send_with_options(port: int, mail_from: str, rcpt_tos: list[str], data: bytes, options: list[str]) -> dict[str, Any]:
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test.example", timeout=10) as client:
+        return client.sendmail(mail_from, rcpt_tos, data, mail_options=options)
+
+
+async def connection_refused(port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
+
+
+# -- SMTP smuggling ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["client-smuggle.bin", "client-smuggle-lf-lf.bin"])
+async def test_smuggled_message_gets_one_550(tmp_path: Path, start_daemon, name: str) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    client = await Client.connect(daemon.port)
+    with structlog.testing.capture_logs() as events:
+        greeting = await client.reply()
+        await client.send((SMUGGLING / name).read_bytes())
+        replies = [greeting, *await client.replies_until_closed()]
+    await client.close()
+
+    assert codes(replies) == ["220", "250", "250", "250", "354", "550", "221"]
+    assert len(replies[1]) > 1, "EHLO reply should be multi-line"
+    assert replies[5] == ["550 5.5.2 Bare LF or bare CR in message; lines must end with CRLF"]
+    assert count_rows(daemon, "messages") == 0
+    assert count_rows(daemon, "conversations") == 0
+    assert count_rows(daemon, "outbox") == 0
+    assert maildir_messages(tmp_path / "var" / "maildir" / "support") == []
+    warnings = [event for event in events if event["log_level"] == "warning"]
+    assert [event["event"] for event in warnings] == ["bare_lf_rejected"]
+    assert warnings[0]["peer"] == client.peer
+    assert "bare LF" in warnings[0]["reason"]
+
+
+async def test_dot_stuffed_lines_survive_relay(tmp_path: Path, start_daemon, sink) -> None:
+    config = write_config(
+        tmp_path,
+        rules=SMTP_TEAMS + ROUTES,
+        sections={"smarthost": {"host": "127.0.0.1", "port": sink.port, "starttls": False}},
+    )
+    daemon = await start_daemon(config)
+
+    lines = await converse(daemon.port, (SMUGGLING / "client-control-dotstuffed.bin").read_bytes())
+
+    assert lines[-2].startswith("250 2.0.0 Ok: queued as ")
+    assert lines[-1].startswith("221 ")
+    assert count_rows(daemon, "conversations") == 1
+    # The sink also receives the acknowledgement sent to alice, so pick the team's copy.
+    await wait_until(
+        lambda: [item for item in sink.messages if item.rcpt_tos == ["team@example.net"]],
+        what="delivery to the smarthost sink",
+    )
+    (delivered,) = [item for item in sink.messages if item.rcpt_tos == ["team@example.net"]]
+    body = delivered.content.split(b"\r\n\r\n", 1)[1]
+    assert body.split(b"\r\n") == [b"My file looks like this:", b".profile", b"..", b".", b"end", b""]
+    assert delivered.content.count(b"\n") == delivered.content.count(b"\r\n")
+    assert delivered.content.count(b"\r") == delivered.content.count(b"\r\n")
+
+
+# -- Oversize messages -----------------------------------------------------------
+
+
+async def test_oversize_message_gets_one_552(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path, smtp={"max_message_size": 1024}))
+    wire = (OVERSIZE / "client-oversize-then-small.bin").read_bytes()
+    # Everything up to the first final dot, then the dot and the second message.
+    split = wire.index(b"\r\n.\r\n") + 2
+    client = await Client.connect(daemon.port)
+    greeting = await client.reply()
+
+    head_end = wire.index(b"DATA\r\n") + len(b"DATA\r\n")
+    await client.send(wire[:head_end])
+    opening = [await client.reply() for _ in range(4)]
+    for start in range(head_end, split, 500):
+        await client.send(wire[start:min(start + 500, split)])
+        assert await client.is_silent(0.1), "server replied while the body was streaming"
+    await client.send(wire[split:])
+    closing_replies = await client.replies_until_closed()
+    await client.close()
+
+    assert greeting[0].startswith("220 ")
+    assert "250-SIZE 1024" in opening[0]
+    assert codes(opening[1:]) == ["250", "250", "354"]
+    assert codes(closing_replies) == ["552", "250", "250", "354", "250", "221"]
+    assert closing_replies[0] == ["552 5.3.4 Message size exceeds fixed maximum message size"]
+    assert query(daemon, "SELECT message_id FROM messages") == [("<oversize-2@example.com>",)]
+    assert all(b"oversize-1" not in raw for raw in stored_raws(daemon))
+    assert query(daemon, "SELECT message_id FROM message_ids WHERE message_id = ?", ("<oversize-1@example.com>",)) == []
+    assert count_rows(daemon, "conversations") == 1
+
+
+async def test_declared_size_over_limit_gets_552(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path, smtp={"max_message_size": 1024}))
+
+    lines = await converse(daemon.port, EHLO + b"MAIL FROM:<bob@example.com> SIZE=5000\r\nQUIT\r\n")
+
+    assert lines[-2].startswith("552 5.3.4 ")
+    assert lines[-1].startswith("221 ")
+
+
+# -- Recipients -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("address", ["nobody@example.org", "support@other.example", "support@example.org.evil.example"])
+async def test_unknown_recipient_gets_550(tmp_path: Path, start_daemon, address: str) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+
+    lines = await converse(daemon.port, EHLO + f"MAIL FROM:<alice@example.com>\r\nRCPT TO:<{address}>\r\nQUIT\r\n".encode())
+
+    assert lines[-2].startswith("550 5.7.1 ")
+    assert lines[-3].startswith("250 ")
+
+
+async def test_extra_recipients_get_452(tmp_path: Path, start_daemon) -> None:
+    inboxes = ["support@example.org", "billing@example.org", "sales@example.org", "help@example.org"]
+    daemon = await start_daemon(write_config(tmp_path, smtp={"max_recipients": 3, "inboxes": inboxes}))
+    client = await Client.connect(daemon.port)
+    await client.reply()
+    await client.command(EHLO)
+    await client.command(b"MAIL FROM:<alice@example.com>")
+
+    accepted = [await client.command(f"RCPT TO:<{address}>".encode()) for address in inboxes[:3]]
+    extra = await client.command(b"RCPT TO:<help@example.org>")
+    await client.command(b"DATA")
+    await client.send(dot_stuff(message()))
+    final = await client.reply()
+    await client.close()
+
+    assert codes(accepted) == ["250", "250", "250"]
+    assert extra == ["452 4.5.3 Too many recipients"]
+    assert final[-1].startswith("250 ")
+    assert query(daemon, "SELECT rcpt_tos FROM messages") == [('["support@example.org", "billing@example.org", "sales@example.org"]',)]
+
+
+@pytest.mark.parametrize("recipient", ["postmaster@example.org", "Postmaster@EXAMPLE.org", "postmaster"])
+async def test_postmaster_mail_reaches_owner(tmp_path: Path, start_daemon, recipient: str) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+
+    # A bare "postmaster" without a domain must be accepted (RFC 5321 section 4.5.1).
+    reply = await transaction(daemon.port, message(to="postmaster@example.org"), rcpt_tos=[recipient])
+
+    assert reply.startswith("250 2.0.0 ")
+    assert query(daemon, "SELECT disposition, team FROM messages") == [("postmaster", "postmaster")]
+    outbound = tmp_path / "var" / "outbound"
+    await wait_until(lambda: maildir_messages(outbound), what="delivery to the outbound maildir")
+    (delivered,) = maildir_messages(outbound)
+    assert b"X-Guardrail-Envelope-To: ops@example.org\r\n" in delivered
+    assert delivered.endswith(message(to="postmaster@example.org"))
+
+
+async def test_null_sender_message_is_stored(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+
+    reply = await transaction(daemon.port, message(sender="MAILER-DAEMON@example.com"), mail_from="")
+
+    assert reply.startswith("250 2.0.0 ")
+    assert query(daemon, "SELECT mail_from FROM messages") == [("",)]
+
+
+async def test_nul_in_addresses_gets_501(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+
+    lines = await converse(
+        daemon.port,
+        EHLO
+        + b"MAIL FROM:<ali\x00ce@example.com>\r\n"
+        + b"MAIL FROM:<alice@example.com>\r\n"
+        + b"RCPT TO:<supp\x00ort@example.org>\r\n"
+        + b"QUIT\r\n",
+    )
+
+    replies = [line for line in lines if not line.startswith(("220", "250-", "250 HELP"))]
+    assert replies[0] == "501 5.1.7 Invalid sender address"
+    assert replies[1].startswith("250 2.1.0 ")
+    assert replies[2] == "501 5.1.3 Invalid recipient address"
+    assert replies[3].startswith("221 ")
+
+
+async def test_vrfy_reveals_nothing(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+
+    lines = await converse(
+        daemon.port, EHLO + b"VRFY support@example.org\r\nVRFY nobody@example.org\r\nVRFY support\r\nQUIT\r\n"
+    )
+
+    inbox, stranger, bare_name = lines[-4:-1]
+    assert inbox.startswith("252 2.")
+    assert stranger == inbox
+    assert bare_name == inbox
+
+
+async def test_expn_is_not_available(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+
+    lines = await converse(daemon.port, EHLO + b"EXPN support\r\nQUIT\r\n")
+
+    assert lines[-2] == "502 5.5.1 EXPN is not available"
+
+
+# -- Mail loops ---------------------------------------------------------------------
+
+
+def received_headers(count: int) -> str:
+    return "".join(
+        f"Received: from hop{index}.example.net by hop{index + 1}.example.net; Tue, 04 Nov 2025 10:00:00 +0100\r\n"
+        for index in range(count)
+    )
+
+
+async def test_too_many_hops_gets_554(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+
+    reply = await transaction(daemon.port, received_headers(31).encode() + message())
+
+    assert reply == "554 5.4.6 Too many Received headers; mail loop suspected"
+    assert count_rows(daemon, "messages") == 0
+    assert count_rows(daemon, "outbox") == 0
+
+
+@pytest.mark.parametrize(("hops", "expected"), [(5, "250 2.0.0 "), (6, "554 5.4.6 ")])
+async def test_hop_limit_is_configurable(tmp_path: Path, start_daemon, hops: int, expected: str) -> None:
+    daemon = await start_daemon(write_config(tmp_path, smtp={"max_received_headers": 5}))
+
+    reply = await transaction(daemon.port, received_headers(hops).encode() + message())
+
+    assert reply.startswith(expected)
+
+
+async def test_own_loop_marker_is_stored_not_forwarded(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    looped = message(message_id="<looped@example.com>", extra_headers="X-Guardrail-Loop: mx.test.example\r\n")
+
+    loop_reply = await transaction(daemon.port, looped)
+    # A later ordinary message proves the worker runs, so an empty maildir means "not forwarded".
+    await send(daemon.port, "alice@example.com", [SUPPORT], message(message_id="<ordinary@example.com>"))
+    maildir = tmp_path / "var" / "maildir" / "support"
+    await wait_until(lambda: maildir_messages(maildir), what="delivery of the ordinary message")
+
+    assert loop_reply.startswith("250 2.0.0 ")
+    assert query(daemon, "SELECT disposition FROM messages WHERE message_id = '<looped@example.com>'") == [("loop",)]
+    assert query(daemon, "SELECT o.id FROM outbox o JOIN messages m ON m.id = o.message_row"
+                         " WHERE m.message_id = '<looped@example.com>'") == []
+    (delivered,) = maildir_messages(maildir)
+    assert b"<ordinary@example.com>" in delivered
+
+
+async def test_foreign_loop_marker_is_forwarded(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    content = message(extra_headers="X-Guardrail-Loop: mx.other.example\r\n")
+
+    reply = await transaction(daemon.port, content)
+    maildir = tmp_path / "var" / "maildir" / "support"
+    await wait_until(lambda: maildir_messages(maildir), what="delivery to the support maildir")
+
+    assert reply.startswith("250 2.0.0 ")
+    assert query(daemon, "SELECT disposition FROM messages") == [("new",)]
+    (delivered,) = maildir_messages(maildir)
+    assert delivered.endswith(content)
+
+
+# -- Robust parsing -----------------------------------------------------------------
+
+ODD_MESSAGES = {
+    "malformed_mime": (
+        b"From: Alice Example <alice@example.com>\r\nTo: support@example.org\r\nSubject: broken parts\r\n"
+        b"Message-ID: <mime@example.com>\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="never-closed\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n"
+        b"--never-closed\r\nContent-Type: text/plain; charset=\r\n\r\n%%% not base64 ===\r\n"
+        b"--other-boundary--\r\n",
+        [],
+    ),
+    "raw_utf8_headers_smtputf8": (
+        "From: Jürgen Groß <juergen@example.com>\r\nTo: support@example.org\r\n"
+        "Subject: Drucker läuft nicht – ärgerlich\r\nMessage-ID: <utf8@example.com>\r\n\r\n"
+        "Grüße aus Köln\r\n".encode(),
+        ["SMTPUTF8"],
+    ),
+    "raw_utf8_headers_8bitmime": (
+        "From: Zoë Example <zoe@example.com>\r\nTo: support@example.org\r\n"
+        "Subject: naïve café question\r\nMessage-ID: <8bit@example.com>\r\n\r\n"
+        "Ça ne marche pas.\r\n".encode(),
+        ["BODY=8BITMIME"],
+    ),
+    "unknown_charset": (
+        b"From: Alice Example <alice@example.com>\r\nTo: support@example.org\r\n"
+        b"Subject: =?x-klingon?Q?qapla=27_batlh?=\r\nMessage-ID: <charset@example.com>\r\n"
+        b'MIME-Version: 1.0\r\nContent-Type: text/plain; charset="x-klingon"\r\n'
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n\xf1\xa3 \xfe\xff bytes in no known charset\r\n",
+        ["BODY=8BITMIME"],
+    ),
+    "missing_from": (
+        b"To: support@example.org\r\nSubject: who sent this\r\nMessage-ID: <nofrom@example.com>\r\n\r\nNo sender here.\r\n",
+        [],
+    ),
+    "long_body_line": (
+        b"From: Alice Example <alice@example.com>\r\nTo: support@example.org\r\nSubject: long line\r\n"
+        b"Message-ID: <long@example.com>\r\n\r\n" + b"0123456789abcdef" * 256 + b"\r\nshort line\r\n",
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize(("content", "options"), ODD_MESSAGES.values(), ids=ODD_MESSAGES.keys())
+async def test_odd_message_delivered_unchanged(tmp_path: Path, start_daemon, content: bytes, options: list[str]) -> None:
+    daemon = await start_daemon(write_config(tmp_path, rules=TEAMS + BODY_ROUTES))
+
+    refused = await asyncio.to_thread(send_with_options, daemon.port, "alice@example.com", [SUPPORT], content, options)
+    maildir = tmp_path / "var" / "maildir" / "support"
+    await wait_until(lambda: maildir_messages(maildir), what="delivery to the support maildir")
+
+    assert refused == {}
+    assert stored_raws(daemon) == [content]
+    (delivered,) = maildir_messages(maildir)
+    assert delivered.endswith(content)
+    prepended = delivered[: len(delivered) - len(content)]
+    assert header_names(prepended) == [
+        "Return-Path", "Received", "X-Guardrail-Conversation", "X-Guardrail-Route", "X-Guardrail-Loop",
+    ]
+
+
+# -- Internal failures ----------------------------------------------------------------
+
+
+async def test_locked_database_gets_451(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path, sections={"database": {"busy_timeout": "200ms"}}))
+    blocker = sqlite3.connect(daemon.config.database_path, isolation_level=None, timeout=0)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")
+        client = await open_transaction(daemon.port)
+        await client.send(dot_stuff(message()))
+        failed = await client.reply(timeout=10)
+        await client.command(b"QUIT")
+        await client.close()
+    finally:
+        blocker.rollback()
+        blocker.close()
+    # Once the lock is gone the same message goes through.
+    retried = await transaction(daemon.port, message())
+
+    assert failed == ["451 4.3.0 Temporary local problem, try again later"]
+    for leaked in ("Error", "locked", "database", "sqlite", "Storage", "Operational"):
+        assert leaked not in failed[0]
+    assert not failed[0].startswith("500")
+    assert retried.startswith("250 2.0.0 ")
+    assert count_rows(daemon, "messages") == 1
+
+
+# -- Enhanced status codes ---------------------------------------------------------------
+
+
+async def test_replies_carry_enhanced_codes(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    client = await Client.connect(daemon.port)
+    await client.reply()
+
+    ehlo = await client.command(EHLO)
+    replies = {
+        "RCPT before MAIL": await client.command(b"RCPT TO:<support@example.org>"),
+        "DATA before MAIL": await client.command(b"DATA"),
+        "unknown command": await client.command(b"FROBNICATE"),
+        "MAIL": await client.command(b"MAIL FROM:<alice@example.com>"),
+        "second MAIL": await client.command(b"MAIL FROM:<alice@example.com>"),
+        "RCPT": await client.command(b"RCPT TO:<support@example.org>"),
+    }
+    assert (await client.command(b"DATA"))[-1].startswith("354 ")
+    await client.send(dot_stuff(message()))
+    replies["end of DATA"] = await client.reply()
+    replies["RSET"] = await client.command(b"RSET")
+    replies["NOOP"] = await client.command(b"NOOP")
+    replies["QUIT"] = await client.command(b"QUIT")
+    await client.close()
+
+    assert "250-ENHANCEDSTATUSCODES" in ehlo
+    assert "250-SIZE 26214400" in ehlo
+    assert "250-8BITMIME" in ehlo
+    assert replies["RCPT before MAIL"][-1].startswith("503 5.5.1 ")
+    assert replies["DATA before MAIL"][-1].startswith("503 5.5.1 ")
+    assert replies["second MAIL"][-1].startswith("503 5.5.1 ")
+    for command, reply in replies.items():
+        match = ENHANCED_REPLY.match(reply[-1])
+        assert match, f"{command}: {reply[-1]!r} has no enhanced status code"
+        assert match.group(1) == match.group(2), f"{command}: {reply[-1]!r} has a mismatched class"
+
+
+# -- Resource limits ----------------------------------------------------------------------
+
+
+async def test_third_connection_gets_421(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path, smtp={"max_connections": 2}))
+    first = await Client.connect(daemon.port)
+    second = await Client.connect(daemon.port)
+    greetings = [await first.reply(), await second.reply()]
+
+    third = await Client.connect(daemon.port)
+    rejected = await third.replies_until_closed()
+    await third.close()
+    results = []
+    for index, client in enumerate((first, second)):
+        await client.command(EHLO)
+        await client.command(b"MAIL FROM:<alice@example.com>")
+        await client.command(b"RCPT TO:<support@example.org>")
+        await client.command(b"DATA")
+        await client.send(dot_stuff(message(message_id=f"<conn{index}@example.com>")))
+        results.append(await client.reply())
+        await client.command(b"QUIT")
+        await client.close()
+
+    assert codes(greetings) == ["220", "220"]
+    assert rejected == [["421 4.7.0 Too many connections, try again later"]]
+    assert codes(results) == ["250", "250"]
+    assert count_rows(daemon, "messages") == 2
+
+
+async def test_idle_connection_is_closed(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path, smtp={"timeout": "1s"}))
+    client = await Client.connect(daemon.port)
+    await client.reply()
+    started = time.monotonic()
+
+    closed = await client.is_closed_by_server(timeout=3)
+    elapsed = time.monotonic() - started
+    await client.close()
+
+    assert closed, "server kept an idle connection open for 3 s with a 1 s timeout"
+    assert elapsed >= 0.5
+
+
+async def test_slow_data_gets_421(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path, smtp={"data_timeout": "1s"}))
+    client = await open_transaction(daemon.port)
+    await client.send(b"Subject: slow\r\n\r\n")
+
+    async def dribble() -> None:
+        # One byte every 100 ms resets the idle timer but never ends the message.
+        for _ in range(40):
+            try:
+                await client.send(b"x")
+            except ConnectionError:
+                return
+            await asyncio.sleep(0.1)
+
+    dribbler = asyncio.create_task(dribble())
+    started = time.monotonic()
+    try:
+        replies = await client.replies_until_closed(timeout=3)
+    finally:
+        dribbler.cancel()
+        await asyncio.gather(dribbler, return_exceptions=True)
+    elapsed = time.monotonic() - started
+    await client.close()
+
+    assert replies == [["421 4.4.2 Timed out waiting for message data"]]
+    assert elapsed < 3
+    assert count_rows(daemon, "messages") == 0
+
+
+# -- The chunked DATA reader against stock aiosmtpd ------------------------------------------
+
+_LONG_BODY = b"".join(
+    (b".." if index % 50 == 0 else b"") + b"line %05d " % index + b"y" * 64 + b"\r\n" for index in range(4000)
+)
+_HEADERS = b"From: alice@example.com\r\nTo: support@example.org\r\nSubject: reader check\r\n\r\n"
+
+
+def _lines_up_to(size: int) -> bytes:
+    """Return `size` bytes of short lines whose last byte is a CR that the next write completes."""
+    content = bytearray(_HEADERS)
+    while len(content) < size - 200:
+        content += b"w" * 78 + b"\r\n"
+    content += b"v" * (size - 1 - len(content)) + b"\r"
+    return bytes(content)
+
+
+# The reader takes chunks of up to 256 KiB, and stock aiosmtpd 1.4.6 rejects lines over 1001 bytes.
+_AT_256_KIB = _lines_up_to(256 * 1024)
+
+# Each case is the client's bytes after "DATA\r\n", already dot-stuffed, split
+# into the TCP writes that carry them.
+DATA_CASES: dict[str, list[bytes]] = {
+    "empty_body": [b".\r\n"],
+    "body_is_one_dot": [b"..\r\n.\r\n"],
+    "first_line_starts_with_dot": [b"..profile\r\nnext\r\n.\r\n"],
+    "lines_starting_with_dots": [_HEADERS + b"..a\r\n...\r\n..\r\n. .\r\nplain\r\n.\r\n"],
+    "last_line_empty": [_HEADERS + b"last words\r\n\r\n.\r\n"],
+    "300_kib_body": [_HEADERS + _LONG_BODY + b".\r\n"],
+    "crlf_split_between_writes": [_HEADERS + b"one\r", b"\ntwo\r\n", b"..three\r", b"\n.\r\n"],
+    "end_split_after_cr": [_HEADERS + b"body\r", b"\n.\r\n"],
+    "end_split_after_dot": [_HEADERS + b"body\r\n.", b"\r\n"],
+    "end_split_after_dot_cr": [_HEADERS + b"body\r\n.\r", b"\n"],
+    "end_split_in_every_byte": [_HEADERS + b"body", b"\r", b"\n", b".", b"\r", b"\n"],
+    "stuffed_dot_split": [_HEADERS + b"body\r\n.", b".\r\nafter\r\n.\r\n"],
+    "crlf_across_256_kib": [_AT_256_KIB, b"\nend\r\n.\r\n"],
+}
+
+
+async def send_data_in_writes(port: int, writes: list[bytes]) -> str:
+    """Send one message whose DATA arrives in `writes`, with a pause after each, and return the final reply."""
+    client = await open_transaction(port)
+    try:
+        for chunk in writes:
+            await client.send(chunk)
+            await asyncio.sleep(0.05)
+        reply = await client.reply()
+        await client.command(b"QUIT")
+    finally:
+        await client.close()
+    return reply[-1]
+
+
+@pytest.mark.parametrize("writes", DATA_CASES.values(), ids=DATA_CASES.keys())
+async def test_data_reader_matches_stock_aiosmtpd(tmp_path: Path, start_daemon, sink, writes: list[bytes]) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+
+    ours = await send_data_in_writes(daemon.port, writes)
+    stock = await send_data_in_writes(sink.port, writes)
+
+    assert ours.startswith("250 2.0.0 ")
+    assert stock.startswith("250 ")
+    (received,) = sink.messages
+    assert stored_raws(daemon) == [received.content]
+
+
+async def test_pipelined_quit_after_final_dot(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    client = await open_transaction(daemon.port)
+
+    await client.send(dot_stuff(message()) + b"QUIT\r\n")
+    replies = await client.replies_until_closed()
+    await client.close()
+
+    assert codes(replies) == ["250", "221"]
+    assert count_rows(daemon, "messages") == 1
+
+
+# -- Graceful stop ----------------------------------------------------------------------------
+
+
+async def test_stop_lets_data_in_flight_finish(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    port = daemon.port
+    content = message(body="first half\r\nsecond half\r\n")
+    split = content.index(b"second half")
+    client = await open_transaction(port)
+    await client.send(content[:split])
+
+    stopping = asyncio.create_task(daemon.stop())
+    await wait_until(lambda: connection_refused(port), what="the listener to close")
+    still_waiting = not stopping.done()
+    await client.send(dot_stuff(content)[split:])
+    reply = await client.reply()
+    after = await client.replies_until_closed()
+    await asyncio.wait_for(stopping, 10)
+    await client.close()
+
+    assert still_waiting, "stop() returned while DATA was still in flight"
+    assert reply[-1].startswith("250 2.0.0 ")
+    assert after == [["421 4.3.2 Service shutting down, try again later"]]
+    assert stored_raws(daemon) == [content]
+    assert await connection_refused(port)
