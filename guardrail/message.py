@@ -20,6 +20,8 @@ from email.message import Message
 BODY_TEXT_LIMIT = 256 * 1024
 
 _MESSAGE_ID = re.compile(r"<[^<>\s]+>")
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_ADDRESS_HEADERS = ("from", "to", "cc", "reply-to")
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -70,14 +72,15 @@ def summarize(raw: bytes, *, with_body: bool = True) -> Summary:
         message = Message()
 
     headers = _decoded_headers(message)
-    from_name, from_address = _first_address(headers.get("from", ()))
+    raw_headers = _raw_headers(message)
+    from_name, from_address = _first_address(raw_headers.get("from", ()))
     return Summary(
         message_id=_first_message_id(headers.get("message-id", ())),
         from_address=from_address,
         from_name=from_name,
-        reply_to=_addresses(headers.get("reply-to", ())),
-        to=_addresses(headers.get("to", ())),
-        cc=_addresses(headers.get("cc", ())),
+        reply_to=_addresses(raw_headers.get("reply-to", ())),
+        to=_addresses(raw_headers.get("to", ())),
+        cc=_addresses(raw_headers.get("cc", ())),
         subject=_WHITESPACE.sub(" ", " ".join(headers.get("subject", ()))).strip(),
         in_reply_to=_message_ids(headers.get("in-reply-to", ())),
         references=_message_ids(headers.get("references", ())),
@@ -96,6 +99,24 @@ def _decoded_headers(message: Message) -> dict[str, tuple[str, ...]]:
         items = []
     for name, value in items:
         headers.setdefault(name.lower(), []).append(decode_header_value(value))
+    return {name: tuple(values) for name, values in headers.items()}
+
+
+def _raw_headers(message: Message) -> dict[str, tuple[str, ...]]:
+    """Return address headers as received: unfolded, with RFC 2047 words still encoded.
+
+    Addresses are parsed before decoding, so an encoded display name that
+    decodes to "@", "," or a line break can never become an address.
+    """
+    headers: dict[str, list[str]] = {}
+    try:
+        items = message.raw_items()
+    except Exception:  # noqa: BLE001
+        items = iter(())
+    for name, value in items:
+        if name.lower() in _ADDRESS_HEADERS:
+            unfolded = _FOLD.sub(" ", _repair_surrogates(str(value)))
+            headers.setdefault(name.lower(), []).append(unfolded)
     return {name: tuple(values) for name, values in headers.items()}
 
 
@@ -154,7 +175,7 @@ def _first_address(values: tuple[str, ...]) -> tuple[str, str]:
         return "", ""
     for name, address in pairs:
         if "@" in address:
-            return name, address.lower()
+            return " ".join(decode_header_value(name).split()), address.lower()
     return "", ""
 
 

@@ -27,6 +27,11 @@ from guardrail.message import summarize
         (b"", "subject", ""),
         (b"\r\n\r\n\r\n", "subject", ""),
         (b"Received: a\r\nReceived: b\r\n\r\nx", "received_count", 2),
+        # Encoded display names are decoded only after the address is parsed.
+        (b"From: =?utf-8?q?sam=40example.org?= <mallory@example.net>\r\n\r\nx", "from_address", "mallory@example.net"),
+        (b"From: =?utf-8?q?x=0D=0ABcc:_evil@example.net?= <alice@example.com>\r\n\r\nx", "from_address", "alice@example.com"),
+        (b"From: =?utf-8?q?P=C3=A9rez=2C_Jos=C3=A9?= <jose@example.com>\r\n\r\nx", "from_name", "Pérez, José"),
+        (b"To: =?utf-8?q?a=2C_b?= <ab@example.com>, c@example.com\r\n\r\nx", "to", ("ab@example.com", "c@example.com")),
     ],
 )
 def test_summary_fields(raw: bytes, field: str, expected: object) -> None:
