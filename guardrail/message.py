@@ -22,6 +22,7 @@ BODY_TEXT_LIMIT = 256 * 1024
 _MESSAGE_ID = re.compile(r"<[^<>\s]+>")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _ADDRESS_HEADERS = ("from", "to", "cc", "reply-to")
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[QqBb]\?[^?\s]*\?=")
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -116,8 +117,15 @@ def _raw_headers(message: Message) -> dict[str, tuple[str, ...]]:
     for name, value in items:
         if name.lower() in _ADDRESS_HEADERS:
             unfolded = _FOLD.sub(" ", _repair_surrogates(str(value)))
-            headers.setdefault(name.lower(), []).append(unfolded)
+            headers.setdefault(name.lower(), []).append(_ENCODED_WORD.sub(_quote, unfolded))
     return {name: tuple(values) for name, values in headers.items()}
+
+
+def _quote(match: re.Match[str]) -> str:
+    # Some mailers leave "@", ":" or "," raw inside an encoded word (RFC 2047
+    # section 5 forbids it); as a quoted string it stays part of the name.
+    word = match.group(0).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{word}"'
 
 
 def decode_header_value(value: object) -> str:
@@ -175,7 +183,7 @@ def _first_address(values: tuple[str, ...]) -> tuple[str, str]:
         return "", ""
     for name, address in pairs:
         if "@" in address:
-            return " ".join(decode_header_value(name).split()), address.lower()
+            return " ".join(decode_header_value(name).split()).strip('"'), address.lower()
     return "", ""
 
 
