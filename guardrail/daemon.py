@@ -44,6 +44,7 @@ class Daemon:
         self.store: Store | None = None
         self.worker: DeliveryWorker | None = None
         self.scheduler: EscalationScheduler | None = None
+        self.handler: IntakeHandler | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.Server | None = None
         self._tracker = ConnectionTracker(config.smtp.max_connections)
@@ -82,7 +83,7 @@ class Daemon:
             worker.wake.set()
             scheduler.wake.set()
 
-        handler = IntakeHandler(config, self.store, self.clock, lambda: self.rules, on_committed=committed)
+        handler = self.handler = IntakeHandler(config, self.store, self.clock, lambda: self.rules, on_committed=committed)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: GuardrailSMTP(
