@@ -17,9 +17,10 @@ from .clock import Clock, SystemClock
 from .config import Config
 from .delivery import DeliveryWorker, Transport
 from .errors import ConfigErrors
-from .intake import REPLY_SHUTTING_DOWN, ConnectionTracker, GuardrailSMTP, IntakeHandler
-from .rules import RuleSet, load_rules
 from .escalation import Sender
+from .intake import REPLY_SHUTTING_DOWN, ConnectionTracker, GuardrailSMTP, IntakeHandler
+from .metrics import Metrics
+from .rules import RuleSet, load_rules
 from .sla import EscalationScheduler
 from .store import Store, StoreSettings
 
@@ -48,6 +49,8 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.Server | None = None
         self._tracker = ConnectionTracker(config.smtp.max_connections)
+        self.metrics = Metrics()
+        self.metrics.set_rules(rules.digest)
         self._stopping = asyncio.Event()
 
     @property
@@ -67,13 +70,15 @@ class Daemon:
             ack_window=config.acknowledgements.window,
         )
         self.store = await Store.open(config.database_path, settings, busy_timeout=config.busy_timeout)
-        worker = self.worker = DeliveryWorker(self.store, config, self.clock, self._transport)
+        worker = self.worker = DeliveryWorker(self.store, config, self.clock, self._transport, metrics=self.metrics)
         sender = Sender(
             hostname=config.smtp.hostname,
             from_address=config.delivery.return_path,
             answer_command=f"guardrail answer --config {config.path.resolve()}",
         )
-        scheduler = self.scheduler = EscalationScheduler(self.store, self.clock, lambda: self.rules, sender, worker.wake.set)
+        scheduler = self.scheduler = EscalationScheduler(
+            self.store, self.clock, lambda: self.rules, sender, worker.wake.set, metrics=self.metrics
+        )
         self._tasks = [
             asyncio.create_task(worker.run(), name="guardrail-outbox"),
             asyncio.create_task(scheduler.run(), name="guardrail-escalations"),
@@ -83,7 +88,9 @@ class Daemon:
             worker.wake.set()
             scheduler.wake.set()
 
-        handler = self.handler = IntakeHandler(config, self.store, self.clock, lambda: self.rules, on_committed=committed)
+        handler = self.handler = IntakeHandler(
+            config, self.store, self.clock, lambda: self.rules, on_committed=committed, metrics=self.metrics
+        )
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: GuardrailSMTP(
@@ -116,8 +123,11 @@ class Daemon:
         except ConfigErrors as errors:
             for error in errors.errors:
                 log.error("rules_reload_failed", error=str(error), kept=self.rules.digest[:12])
+            self.metrics.reloads.labels("failed").inc()
             return False
         self.rules = rules
+        self.metrics.reloads.labels("succeeded").inc()
+        self.metrics.set_rules(rules.digest)
         log.info("rules_reloaded", rules=rules.digest[:12], routes=len(rules.routes), teams=len(rules.teams))
         return True
 

@@ -23,8 +23,9 @@ import tenacity
 from .clock import Clock
 from .config import Config
 from .errors import PermanentDeliveryError, TemporaryDeliveryError
-from .loops import LOOP_HEADER
 from .escalation import decode_fallback
+from .loops import LOOP_HEADER
+from .metrics import Metrics
 from .rules import Destination
 from .rules_sla import Webhook
 from .store import AttemptResult, OutboxRow, Store
@@ -179,7 +180,10 @@ def maildir_name(row: OutboxRow, hostname: str) -> str:
 class DeliveryWorker:
     """Runs the outbox: at most `delivery.concurrency` attempts at a time."""
 
-    def __init__(self, store: Store, config: Config, clock: Clock, transport: Transport | None = None) -> None:
+    def __init__(
+        self, store: Store, config: Config, clock: Clock, transport: Transport | None = None, *, metrics: Metrics | None = None
+    ) -> None:
+        self._metrics = metrics or Metrics()
         self._store = store
         self._config = config
         self._clock = clock
@@ -253,6 +257,9 @@ class DeliveryWorker:
 
     def _failed(self, row: OutboxRow, attempts: int, error: str) -> AttemptResult:
         purpose = row.target.get("purpose", "")
+        self._metrics.delivery_failures.labels(row.kind, "yes").inc()
+        if row.kind == "webhook":
+            self._metrics.webhook_failures.inc()
         fallback = None
         if row.kind == "webhook":
             mail = decode_fallback(row.target.get("fallback"))
@@ -273,6 +280,7 @@ class DeliveryWorker:
         if now - row.created_at >= self._config.delivery.give_up_after:
             return self._failed(row, attempts, f"gave up after {attempts} attempts: {text}")
         delay = retry_delay(attempts, self._config.delivery.retry_initial, self._config.delivery.retry_max)
+        self._metrics.delivery_failures.labels(row.kind, "no").inc()
         log.warning("delivery_deferred", error=text, attempts=attempts, retry_in_seconds=round(delay.total_seconds(), 1))
         return AttemptResult(row.id, row.conversation_id, row.message_row, now, "pending", attempts,
                              next_attempt_at=now + delay, error=text, kind=row.kind)

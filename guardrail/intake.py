@@ -11,7 +11,6 @@ the message, route it, commit it, reply.
 from __future__ import annotations
 
 import asyncio
-import collections
 import re
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from .clock import Clock
 from .config import Config
 from .loops import has_too_many_hops
 from .message import summarize
+from .metrics import Metrics
 from .plan import Submission
 from .prepare import Envelope as PreparedEnvelope
 from .prepare import Site, is_inbox, is_postmaster, prepare_submission
@@ -117,11 +117,17 @@ class GuardrailSMTP(SMTP):
     async def _handle_client(self) -> None:
         if self._over_limit:
             log.warning("connection_rejected", peer=_peer(self.session), reason="too many connections")
+            self._reject("too many connections")
             await self.push(REPLY_BUSY)
             assert self.transport is not None
             self.transport.close()
             return
         await super()._handle_client()
+
+    def _reject(self, reason: str) -> None:
+        metrics = getattr(self.event_handler, "metrics", None)
+        if metrics is not None:
+            metrics.messages_rejected.labels(reason).inc()
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
@@ -159,6 +165,7 @@ class GuardrailSMTP(SMTP):
                 content, too_big = await self._read_data()
         except TimeoutError:
             log.warning("data_timed_out", peer=_peer(self.session))
+            self._reject("data timed out")
             await self.push(REPLY_DATA_TIMEOUT)
             assert self.transport is not None
             self.transport.close()
@@ -166,11 +173,13 @@ class GuardrailSMTP(SMTP):
 
         if too_big:
             log.warning("message_rejected", peer=_peer(self.session), reason="too big")
+            self._reject("too big")
             self._set_post_data_state()
             await self.push(REPLY_TOO_BIG)
             return
         if _has_bare_line_ending(content):
             log.warning("bare_lf_rejected", peer=_peer(self.session), reason="bare LF or bare CR in DATA")
+            self._reject("bare line ending")
             self._set_post_data_state()
             await self.push(REPLY_BARE_LINE_ENDING)
             return
@@ -253,7 +262,7 @@ class IntakeHandler:
     rules: Callable[[], RuleSet]
     on_committed: Callable[[], None] = lambda: None
     site: Site = field(init=False)
-    counters: collections.Counter[str] = field(init=False, default_factory=collections.Counter)
+    metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
         smtp = self.config.smtp
@@ -275,6 +284,7 @@ class IntakeHandler:
         structlog.contextvars.clear_contextvars()
         if _has_control_characters(address):
             log.warning("sender_rejected", peer=_peer(session), reason="control character in address")
+            self.metrics.messages_rejected.labels("invalid sender").inc()
             return REPLY_BAD_SENDER
         envelope.mail_from = address
         envelope.mail_options.extend(options)
@@ -283,11 +293,14 @@ class IntakeHandler:
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
         if _has_control_characters(address):
             log.warning("recipient_rejected", peer=_peer(session), reason="control character in address")
+            self.metrics.messages_rejected.labels("invalid recipient").inc()
             return REPLY_BAD_RECIPIENT
         if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
+            self.metrics.messages_rejected.labels("too many recipients").inc()
             return REPLY_TOO_MANY_RECIPIENTS
         if not is_inbox(address, self.site) and not is_postmaster(address, self.site):
             log.warning("recipient_rejected", peer=_peer(session), recipient=address, reason="not an inbox of ours")
+            self.metrics.messages_rejected.labels("relay denied").inc()
             return REPLY_NOT_OURS
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
@@ -306,6 +319,7 @@ class IntakeHandler:
             return await self._receive(session, envelope, started)
         except Exception as error:  # noqa: BLE001 - answer 451 so the sender retries
             log.error("message_not_accepted", error=repr(error), reason="internal failure before commit")
+            self.metrics.messages_rejected.labels("temporary failure").inc()
             return REPLY_TEMPORARY
 
     async def _receive(self, session: Session, envelope: Envelope, started: float) -> str:
@@ -317,6 +331,7 @@ class IntakeHandler:
 
         if has_too_many_hops(summary, self.config.smtp.max_received_headers):
             log.warning("message_rejected", reason="too many Received headers", hops=summary.received_count)
+            self.metrics.messages_rejected.labels("too many hops").inc()
             return REPLY_TOO_MANY_HOPS
 
         facts = PreparedEnvelope(
@@ -331,6 +346,7 @@ class IntakeHandler:
 
         if outcome.disposition == "duplicate":
             log.info("message_duplicate", detail=f"duplicate of {summary.message_id or 'a message without Message-ID'}")
+            self.metrics.messages_accepted.labels("duplicate").inc()
             return REPLY_DUPLICATE.format(message_id=summary.message_id or "an earlier message")
         self.on_committed()
         self._log_outcome(outcome, submission, len(raw), started)
@@ -346,21 +362,32 @@ class IntakeHandler:
             deadline=outcome.deadline.isoformat() if outcome.deadline else None,
             elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
         )
+        self.metrics.messages_accepted.labels(outcome.disposition).inc()
+        self.metrics.messages_routed.labels(outcome.route or "none").inc()
         if outcome.ack_decision == "sent":
+            self.metrics.acks_sent.inc()
             log.info("ack_queued", language=submission.ack.language if submission.ack else None)
         elif outcome.ack_decision == "suppressed":
+            self.metrics.acks_suppressed.labels(_signal_label(outcome.ack_signal)).inc()
             log.info("ack_suppressed", signal=outcome.ack_signal)
         if outcome.ack_limit_reached and submission.ack is not None:
             log.warning("ack_limit_reached", address=submission.ack.to_address,
                         detail=f"acknowledgement limit reached for {submission.ack.to_address}")
         if outcome.ack_problem and submission.ack is not None:
-            self.counters["ack_template_fallbacks"] += 1
+            self.metrics.ack_template_fallbacks.inc()
             log.warning("ack_template_fallback", template=submission.ack.template.name,
                         language=submission.ack.language, problem=outcome.ack_problem)
         if outcome.answered:
             log.info("conversation_answered", by=submission.summary.from_address or submission.mail_from)
         if outcome.escalates_now:
             log.warning("team_unstaffed", reason=submission.unstaffed)
+
+
+def _signal_label(signal: str) -> str:
+    """Return a signal without the addresses and subjects in it, to keep label values few."""
+    label = re.sub(r"\S+@\S+", "ADDRESS", signal)
+    label = re.sub(r"'.*'", "'...'", label)
+    return label.split(":")[0] if label.lower().startswith(("auto-submitted", "x-auto-response-suppress")) else label
 
 
 def _has_control_characters(address: str) -> bool:

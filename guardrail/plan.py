@@ -11,9 +11,9 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from .acknowledgement import AckRequest
 from .conversations import KnownConversation, choose_conversation, find_references
 from .message import Summary
-from .acknowledgement import AckRequest
 from .rules import Destination
 
 # Threading looks at the newest ids only: a References header can list

@@ -11,7 +11,12 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from .acknowledgement import AckRequest, capped_references, choose_language, merge_fields
+from .acknowledgement import (
+    AckRequest,
+    capped_references,
+    choose_language,
+    merge_fields,
+)
 from .business_hours import add_business_time
 from .loops import acknowledgement_signal, has_our_loop_marker, machine_signal
 from .message import Summary

@@ -16,7 +16,15 @@ from typing import Any
 
 from .business_hours import Calendar, next_open_interval, utc_calendar
 from .errors import ConfigError, ConfigErrors
-from .rules_sla import EscalationLevel, Human, Template, load_calendar, load_escalation, load_human, load_template
+from .rules_sla import (
+    EscalationLevel,
+    Human,
+    Template,
+    load_calendar,
+    load_escalation,
+    load_human,
+    load_template,
+)
 from .tomlcheck import Table, read_toml
 
 ADDRESS_FIELDS = ("rcpt", "from", "to")

@@ -17,6 +17,7 @@ import structlog
 
 from .clock import Clock
 from .escalation import DueConversation, EscalationPlan, Sender, plan_escalation
+from .metrics import Metrics
 from .rules import RuleSet
 from .store import Store
 
@@ -36,7 +37,10 @@ class EscalationScheduler:
         rules: Callable[[], RuleSet],
         sender: Sender,
         on_queued: Callable[[], None] = lambda: None,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._store = store
         self._clock = clock
         self._rules = rules
@@ -76,6 +80,10 @@ class EscalationScheduler:
         for conversation, plan in planned:
             for event in plan.events:
                 fields = {key: value for key, value in event.items() if key != "kind"}
+                outcome = "failed" if event["kind"] == "escalation_failed" else "queued"
+                self._metrics.escalations.labels(str(event.get("level", "unstaffed")), outcome).inc()
+                if event.get("level") == 1:
+                    self._metrics.deadlines_missed.inc()
                 level = log.error if event["kind"] == "escalation_failed" else log.info
                 level(str(event["kind"]), conversation=conversation.reference, conversation_id=conversation.id,
                       team=conversation.team, route=conversation.route, **fields)

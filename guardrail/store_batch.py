@@ -20,7 +20,13 @@ from .acknowledgement import render_acknowledgement
 from .clock import format_instant, parse_instant
 from .conversations import KnownConversation, find_references, new_reference
 from .escalation import DueConversation, EscalationPlan, encode_fallback
-from .plan import RATE_LIMIT_SIGNAL, Plan, Submission, opening_participants, plan_submission
+from .plan import (
+    RATE_LIMIT_SIGNAL,
+    Plan,
+    Submission,
+    opening_participants,
+    plan_submission,
+)
 from .rules import Destination
 
 log = structlog.get_logger("guardrail.store")

@@ -263,9 +263,7 @@ async def test_empty_subject_sends_plain_variant(tmp_path: Path, start_daemon) -
     with capture_logs() as events:
         async with aiosmtplib.SMTP(hostname="127.0.0.1", port=daemon.port, timeout=10) as client:
             await client.sendmail("alice@example.com", ["support@example.org"], message(subject=""))
-            # The handler and its counters are reachable only through an open connection.
-            (connection,) = daemon._tracker.connections
-            fallbacks = connection.event_handler.counters["ack_template_fallbacks"]
+    fallbacks = daemon.metrics.ack_template_fallbacks._value.get()
     await settle(daemon, clock)
     await wait_until(lambda: sent_acknowledgements(tmp_path), what="the acknowledgement")
 

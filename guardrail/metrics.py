@@ -1,0 +1,53 @@
+"""Prometheus metrics, one registry per daemon so that tests can run several.
+
+Counters are incremented where things happen; gauges that describe stored
+state (outbox depth, open conversations) are read from the database when
+/metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+
+
+class Metrics:
+    """Every metric guardrail exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.messages_accepted = Counter(
+            "guardrail_messages_accepted", "Messages answered 250, by disposition", ["disposition"], registry=registry
+        )
+        self.messages_rejected = Counter(
+            "guardrail_messages_rejected", "Messages and recipients rejected, by reason", ["reason"], registry=registry
+        )
+        self.messages_routed = Counter("guardrail_messages_routed", "Messages routed, by route", ["route"], registry=registry)
+        self.acks_sent = Counter("guardrail_acknowledgements_sent", "Acknowledgements queued", registry=registry)
+        self.acks_suppressed = Counter(
+            "guardrail_acknowledgements_suppressed", "Acknowledgements not sent, by signal", ["signal"], registry=registry
+        )
+        self.ack_template_fallbacks = Counter(
+            "guardrail_acknowledgement_template_fallbacks", "Acknowledgements sent with the plain template", registry=registry
+        )
+        self.deadlines_missed = Counter(
+            "guardrail_deadlines_missed", "Conversations that reached their deadline unanswered", registry=registry
+        )
+        self.escalations = Counter(
+            "guardrail_escalations", "Escalations, by level and outcome", ["level", "outcome"], registry=registry
+        )
+        self.delivery_failures = Counter(
+            "guardrail_delivery_failures", "Outbox attempts that failed, by kind and whether they will be retried",
+            ["kind", "final"], registry=registry,
+        )
+        self.webhook_failures = Counter("guardrail_webhook_failures", "Webhooks that failed after every retry", registry=registry)
+        self.reloads = Counter("guardrail_rule_reloads", "Rule reloads, by result", ["result"], registry=registry)
+        self.rules = Info("guardrail_rules", "The active rule set", registry=registry)
+        self.outbox_depth = Gauge("guardrail_outbox_depth", "Pending outbox rows", registry=registry)
+        self.outbox_oldest_age = Gauge(
+            "guardrail_outbox_oldest_age_seconds", "Age of the oldest pending outbox row", registry=registry
+        )
+        self.open_conversations = Gauge("guardrail_open_conversations", "Conversations not yet answered", registry=registry)
+
+    def set_rules(self, digest: str) -> None:
+        self.rules.info({"hash": digest})
