@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,6 +33,21 @@ class Secret:
         return "Secret('********')"
 
     __str__ = __repr__
+
+
+# RFC 6750 section 2.1: the characters a bearer token may contain.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+MIN_TOKEN_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP listener for health, metrics and the JSON API."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1"
+    port: int = 8025
+    token: Secret | None = None  # None: every endpoint but /healthz answers 401
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,17 @@ class WebhookSettings:
 
 
 @dataclass(frozen=True)
+class ZombieSettings:
+    """When a route that keeps receiving mail counts as unanswered."""
+
+    conversations: int  # how many of the route's newest conversations are looked at
+    min_answered_share: float
+    silent_business_hours: timedelta
+    period: timedelta  # at most one alarm per route in this period
+    check_every: timedelta
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     smtp: SmtpSettings
@@ -107,6 +133,9 @@ class Config:
     log_level: str
     acknowledgements: AcknowledgementSettings
     webhooks: WebhookSettings
+    inspection_max_age: timedelta = timedelta(days=90)
+    zombie: ZombieSettings | None = None
+    http: HttpSettings = HttpSettings()
 
 
 def _is_address(text: str) -> bool:
@@ -138,6 +167,8 @@ def load_config(path: Path | str) -> Config:
     log = root.table("log")
     acknowledgements = root.table("acknowledgements")
     webhooks = root.table("webhooks")
+    inspection = root.table("inspection")
+    zombie = root.table("zombie")
 
     first_domain = sorted(smtp.local_domains)[0] if smtp.local_domains else smtp.hostname
     owner = postmaster.string("owner", required=True) or ""
@@ -167,7 +198,16 @@ def load_config(path: Path | str) -> Config:
         ),
     )
 
-    for table in (root, postmaster, database, outbound, rules, delivery_table, conversations, log, acknowledgements, webhooks):
+    config = replace(
+        config,
+        inspection_max_age=inspection.duration("max_age", timedelta(days=90)),
+        zombie=_load_zombie(zombie),
+    )
+    config = replace(config, http=_load_http(root.table("http")))
+    for table in (
+        root, postmaster, database, outbound, rules, delivery_table, conversations, log, acknowledgements, webhooks,
+        inspection, zombie,
+    ):
         table.finish()
     if errors:
         raise ConfigErrors(errors)
@@ -246,6 +286,49 @@ def _load_delivery(table: Table, default_return_path: str) -> DeliverySettings:
         concurrency=table.integer("concurrency", 4, minimum=1, maximum=100),
         return_path=return_path.lower(),
     )
+    return settings
+
+
+def _load_zombie(table: Table) -> ZombieSettings | None:
+    if not table.boolean("enabled", True):
+        return None
+    share = table.raw("min_answered_share", 0.2)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        table.fail("min_answered_share", share, "a number from 0 to 1, such as 0.2")
+        share = 0.2
+    return ZombieSettings(
+        conversations=table.integer("conversations", 20, minimum=1),
+        min_answered_share=float(share),
+        silent_business_hours=table.duration("silent_business_hours", timedelta(hours=24)),
+        period=table.duration("period", timedelta(days=1)),
+        check_every=table.duration("check_every", timedelta(minutes=15)),
+    )
+
+
+def _load_http(table: Table) -> HttpSettings:
+    token_env = table.string("token_env")
+    token = table.string("token")
+    if token_env is not None and token is not None:
+        table.problem("token", "set either token or token_env, not both")
+    if token_env is not None:
+        token = os.environ.get(token_env)
+        if token is None:
+            table.problem("token_env", f"environment variable {token_env!r} is not set; export it or remove the key")
+    # Neither the value nor any part of it goes into an error message.
+    if token is not None and (len(token) < MIN_TOKEN_LENGTH or not _BEARER_TOKEN.fullmatch(token)):
+        table.problem(
+            "token_env" if token_env is not None else "token",
+            f"the token must be at least {MIN_TOKEN_LENGTH} characters of letters, digits and -._~+/"
+            " (for example the output of: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')",
+        )
+        token = None
+    settings = HttpSettings(
+        enabled=table.boolean("enabled", True),
+        listen=table.string("listen", "127.0.0.1") or "127.0.0.1",
+        port=table.integer("port", 8025, minimum=0, maximum=65535),
+        token=Secret(token) if token is not None else None,
+    )
+    table.finish()
     return settings
 
 

@@ -8,8 +8,10 @@ worker and closes the database. SIGHUP reloads the rules.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from datetime import timedelta
+from pathlib import Path
 
 import structlog
 
@@ -18,6 +20,7 @@ from .config import Config
 from .delivery import DeliveryWorker, Transport
 from .errors import ConfigErrors
 from .escalation import Sender
+from .http import HttpListener, build_app, serve_http
 from .intake import REPLY_SHUTTING_DOWN, ConnectionTracker, GuardrailSMTP, IntakeHandler
 from .metrics import Metrics
 from .rules import RuleSet, load_rules
@@ -48,6 +51,7 @@ class Daemon:
         self.handler: IntakeHandler | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.Server | None = None
+        self._http: HttpListener | None = None
         self._tracker = ConnectionTracker(config.smtp.max_connections)
         self.metrics = Metrics()
         self.metrics.set_rules(rules.digest)
@@ -58,6 +62,12 @@ class Daemon:
         """Return the TCP port the SMTP server listens on (useful with port 0)."""
         assert self._server is not None and self._server.sockets
         return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def http_port(self) -> int:
+        """Return the TCP port the HTTP listener listens on (useful with port 0)."""
+        assert self._http is not None
+        return self._http.port
 
     async def start(self) -> None:
         """Open the store, start the outbox worker, then start listening."""
@@ -107,6 +117,14 @@ class Daemon:
             host=config.smtp.listen,
             port=config.smtp.port,
         )
+        if config.http.enabled:
+            try:
+                self._http = await serve_http(build_app(self), config.http.listen, config.http.port)
+            except BaseException:
+                await self.stop()
+                raise
+            if config.http.token is None:
+                log.warning("http_token_missing", detail="every HTTP endpoint but /healthz answers 401; set [http] token_env")
         log.info(
             "daemon_started", listen=config.smtp.listen, port=self.port, database=str(config.database_path),
             rules=self.rules.digest[:12], routes=len(self.rules.routes), teams=len(self.rules.teams),
@@ -133,6 +151,9 @@ class Daemon:
 
     async def stop(self) -> None:
         """Stop accepting, let DATA in flight finish, stop the worker, close the store."""
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         if self._server is not None:
             self._server.close()
             try:
@@ -154,17 +175,21 @@ class Daemon:
             self.store = None
         log.info("daemon_stopped")
 
-    async def serve(self) -> None:
-        """Run until SIGTERM or SIGINT; reload rules on SIGHUP."""
+    async def serve(self, pid_file: Path | None = None) -> None:
+        """Run until SIGTERM or SIGINT; reload rules on SIGHUP; write our pid to `pid_file` meanwhile."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
+        if pid_file is not None:
+            pid_file.write_text(f"{os.getpid()}\n")
         try:
             await self._stopping.wait()
             log.info("shutdown_requested")
         finally:
             await self.stop()
+            if pid_file is not None:
+                pid_file.unlink(missing_ok=True)
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)

@@ -265,15 +265,7 @@ class IntakeHandler:
     metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
-        smtp = self.config.smtp
-        self.site = Site(
-            hostname=smtp.hostname,
-            inboxes=smtp.inboxes,
-            inbox_domains=smtp.inbox_domains,
-            local_domains=smtp.local_domains,
-            postmaster_owner=self.config.postmaster_owner,
-            sender_patterns=self.config.acknowledgements.sender_patterns,
-        )
+        self.site = Site.from_config(self.config)
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname

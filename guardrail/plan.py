@@ -50,6 +50,8 @@ class Submission:
     # Whether the message, as a follow-up, counts as the team's answer.
     is_staff: bool = False
     machine_signal: str = ""  # why the message looks written by software, or ""
+    # Shadow routes that match: {"route", "team", "would_win"} each.
+    shadow: tuple[dict[str, object], ...] = ()
 
     @property
     def dedupe_key(self) -> str:

@@ -18,10 +18,11 @@ from .acknowledgement import (
     merge_fields,
 )
 from .business_hours import add_business_time
+from .config import Config
 from .loops import acknowledgement_signal, has_our_loop_marker, machine_signal
 from .message import Summary
 from .plan import Submission
-from .routing import Facts, match_route
+from .routing import Facts, match_route, shadow_results
 from .rules import Destination, RuleSet, Team, unstaffed_reason
 
 
@@ -45,6 +46,18 @@ class Site:
     local_domains: frozenset[str]
     postmaster_owner: str
     sender_patterns: tuple[re.Pattern[str], ...]
+
+    @classmethod
+    def from_config(cls, config: Config) -> Site:
+        smtp = config.smtp
+        return cls(
+            hostname=smtp.hostname,
+            inboxes=smtp.inboxes,
+            inbox_domains=smtp.inbox_domains,
+            local_domains=smtp.local_domains,
+            postmaster_owner=config.postmaster_owner,
+            sender_patterns=config.acknowledgements.sender_patterns,
+        )
 
 
 def is_inbox(address: str, site: Site) -> bool:
@@ -75,7 +88,8 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
             ack_signal="mail to postmaster", sla_applies=False,
         )
 
-    match = match_route(rules, Facts(envelope.rcpt_tos, summary))
+    facts = Facts(envelope.rcpt_tos, summary)
+    match = match_route(rules, facts)
     team = match.team
     is_staff = rules.is_staff(summary.from_address) or rules.is_staff(envelope.mail_from)
     machine = machine_signal(summary, envelope.mail_from, site.hostname, site.sender_patterns)
@@ -93,6 +107,10 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         first_escalation_at=_first_escalation(team, rules, deadline),
         unstaffed=unstaffed_reason(team, now, rules.unstaffed_horizon) or "",
         sla_applies=machine is None, is_staff=is_staff, machine_signal=machine or "",
+        shadow=tuple(
+            {"route": result.route, "team": result.team, "would_win": result.would_win}
+            for result in shadow_results(rules, facts, match)
+        ),
     )
 
 

@@ -31,6 +31,29 @@ class RouteMatch:
     reasons: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class ShadowResult:
+    """What a shadow route makes of a message: whether it matches, and whether it would win."""
+
+    route: str
+    team: str
+    would_win: bool
+    reasons: tuple[str, ...]
+
+
+def shadow_results(rules: RuleSet, facts: Facts, live: RouteMatch) -> tuple[ShadowResult, ...]:
+    """Evaluate every shadow route at its place among the live routes; return those that match."""
+    live_index = rules.routes.index(live.route)
+    results = []
+    for position, route in rules.shadow_routes:
+        reasons = _route_reasons(route, facts)
+        if reasons is None:
+            continue
+        # A shadow route placed before the live winner would have been tried first.
+        results.append(ShadowResult(route.name, route.team, position <= live_index, tuple(reasons)))
+    return tuple(results)
+
+
 def match_route(rules: RuleSet, facts: Facts) -> RouteMatch:
     """Return the first route whose conditions hold for `facts`, with the reasons."""
     for route in rules.routes:

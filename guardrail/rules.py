@@ -108,6 +108,8 @@ class Route:
     any: tuple[Condition, ...] = ()
     is_default: bool = False
     first_response: timedelta | None = None
+    mode: str = "live"  # "live", or "shadow": evaluated and recorded, never acted on
+    owner: Human | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ class RuleSet:
     unstaffed_horizon: timedelta = timedelta(days=14)
     staff_addresses: frozenset[str] = frozenset()
     staff_domains: frozenset[str] = frozenset()
+    # Shadow routes with the number of live routes that precede them.
+    shadow_routes: tuple[tuple[int, Route], ...] = ()
 
     @property
     def default_route(self) -> Route:
@@ -180,7 +184,7 @@ def load_rules(directory: Path, base: Path, *, today: date | None = None) -> Rul
     fallback, horizon, staff_addresses, staff_domains = _load_settings(settings)
     teams = _by_name(entries["team"], lambda table: _load_team(table, base, calendars, templates, fallback), "team")
     unreadable = bool(errors)
-    routes = _load_routes(entries["route"], teams, errors, directory, check_default=not unreadable)
+    routes, shadow_routes = _load_routes(entries["route"], teams, errors, directory, check_default=not unreadable)
     if errors:
         raise ConfigErrors(errors)
 
@@ -190,6 +194,7 @@ def load_rules(directory: Path, base: Path, *, today: date | None = None) -> Rul
         teams, tuple(routes), tuple(files), digest.hexdigest(), needs_body,
         fallback=fallback, unstaffed_horizon=horizon,
         staff_addresses=members | staff_addresses, staff_domains=staff_domains,
+        shadow_routes=tuple(shadow_routes),
     )
 
 
@@ -344,9 +349,10 @@ def _load_routes(
     directory: Path,
     *,
     check_default: bool,
-) -> list[Route]:
+) -> tuple[list[Route], list[tuple[int, Route]]]:
     routes: list[Route] = []
     defaults: list[Route] = []
+    shadows: list[tuple[int, Route]] = []
     names: set[str] = set()
     for table in entries:
         route = _load_route(table, teams)
@@ -355,7 +361,10 @@ def _load_routes(
         if route.name in names:
             table.problem("name", f"route {route.name!r} is defined twice; route names must be unique")
         names.add(route.name)
-        (defaults if route.is_default else routes).append(route)
+        if route.mode == "shadow":
+            shadows.append((len(routes), route))
+        else:
+            (defaults if route.is_default else routes).append(route)
 
     # A file that did not parse may hold the default route: say nothing then.
     if check_default and not defaults and entries:
@@ -364,7 +373,7 @@ def _load_routes(
         errors.append(ConfigError(directory, "route", "no routes defined; add at least a [[route]] with default = true"))
     for extra in defaults[1:]:
         errors.append(ConfigError(extra.source, "route", f"route {extra.name!r} is a second default route; keep exactly one"))
-    return routes + defaults[:1]
+    return routes + defaults[:1], shadows
 
 
 def _load_route(table: Table, teams: dict[str, Team]) -> Route | None:
@@ -377,17 +386,23 @@ def _load_route(table: Table, teams: dict[str, Team]) -> Route | None:
         table.problem("team", f"team {team!r} does not exist; defined teams: {known}")
     is_default = table.boolean("default", False)
     first_response = table.duration("first_response", timedelta(0)) if table.has("first_response") else None
+    mode = table.choice("mode", "live", ("live", "shadow"))
+    owner = load_human(table.table("owner")) if table.has("owner") else None
     all_conditions = _load_condition_list(table, "all")
     any_conditions = _load_condition_list(table, "any")
     table.finish()
 
+    if is_default and mode == "shadow":
+        table.problem("mode", "the default route cannot be a shadow route; shadow a route with conditions")
     if is_default and (all_conditions or any_conditions):
         table.problem("default", "a default route matches everything, so it cannot have all or any conditions")
     if not is_default and not (table.has("all") or table.has("any")):
         table.problem("", "route has no conditions; add all = [...] or any = [...], or set default = true")
     if not name or team is None:
         return None
-    return Route(name, team, str(table.path), tuple(all_conditions), tuple(any_conditions), is_default, first_response)
+    return Route(
+        name, team, str(table.path), tuple(all_conditions), tuple(any_conditions), is_default, first_response, mode, owner,
+    )
 
 
 def _load_condition_list(table: Table, key: str) -> list[Condition]:

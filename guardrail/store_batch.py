@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS messages (
     route_reasons TEXT NOT NULL,
     disposition TEXT NOT NULL,
     machine_signal TEXT NOT NULL DEFAULT '',
+    shadow TEXT NOT NULL DEFAULT '[]',
     raw BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_dedupe ON messages (dedupe_key, received_at);
@@ -111,6 +112,22 @@ CREATE TABLE IF NOT EXISTS acknowledgements (
     message_id TEXT
 );
 CREATE INDEX IF NOT EXISTS acknowledgements_recipient ON acknowledgements (recipient, at);
+
+CREATE TABLE IF NOT EXISTS inspections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    rules_hash TEXT NOT NULL,
+    at TEXT NOT NULL,
+    inspected_by TEXT NOT NULL,
+    note TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS alarms (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    route TEXT NOT NULL,
+    at TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alarms_route ON alarms (route, at);
 
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -269,7 +286,8 @@ class BatchWriter:
             row, conversation_id, at, submission.peer, submission.helo, submission.mail_from,
             json.dumps(list(submission.rcpt_tos)), submission.summary.message_id, submission.dedupe_key,
             len(submission.raw), json.dumps(submission.summary.to_record()), plan.route, plan.team,
-            json.dumps(list(submission.route_reasons)), plan.disposition, submission.machine_signal, submission.raw,
+            json.dumps(list(submission.route_reasons)), plan.disposition, submission.machine_signal,
+            json.dumps(list(submission.shadow)), submission.raw,
         ))
         if conversation is not None and submission.summary.message_id:
             self.rows["message_ids"].append((submission.summary.message_id, conversation.id))
@@ -525,8 +543,8 @@ _STATEMENTS = {
     ),
     "messages": (
         "INSERT INTO messages (id, conversation_id, received_at, peer, helo, mail_from, rcpt_tos, message_id,"
-        " dedupe_key, size, summary, route, team, route_reasons, disposition, machine_signal, raw)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        " dedupe_key, size, summary, route, team, route_reasons, disposition, machine_signal, shadow, raw)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
     ),
     "message_ids": "INSERT OR IGNORE INTO message_ids (message_id, conversation_id) VALUES (?,?)",
     "outbox": (

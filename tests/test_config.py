@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -159,9 +160,37 @@ def test_check_reports_rule_problems(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "route[0] (r).team: team 'x' does not exist" in capsys.readouterr().err
 
 
-def test_check_example_config_is_clean(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", "--config", str(ROOT / "config.example.toml")]) == 0
-    assert capsys.readouterr().out.startswith("ok: ")
+def example_copy(folder: Path) -> Path:
+    """Copy the example config and rules into `folder`, so the check reads a database of its own."""
+    shutil.copy(ROOT / "config.example.toml", folder / "config.toml")
+    shutil.copytree(ROOT / "rules", folder / "rules")
+    return folder / "config.toml"
+
+
+def test_check_example_config_only_asks_for_inspection(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = example_copy(tmp_path)
+
+    assert main(["check", "--config", str(config)]) == 1
+    output = capsys.readouterr()
+    assert output.out.startswith("ok: ")
+    assert "never inspected" in output.err
+    assert "0 error(s), 1 warning(s)" in output.err
+
+    assert main(["inspect", "--config", str(config), "--by", "Dana Duty", "--note", "routes and teams reviewed"]) == 0
+    assert main(["check", "--config", str(config)]) == 0
+
+
+def test_check_json_lists_findings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = example_copy(tmp_path)
+    with (tmp_path / "rules" / "20-routes.toml").open("a") as rules:
+        rules.write('\n[[route]]\nname = "billing-again"\nteam = "billing"\nany = [{ rcpt.is = "billing@example.com" }]\n')
+
+    assert main(["check", "--config", str(config), "--format", "json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    messages = {finding["where"]: finding["message"] for finding in report["findings"]}
+    assert report["exit"] == 1
+    assert messages["route billing-again"].startswith("can never match: route 'billing-inbox' comes first")
+    assert all(finding["level"] == "warning" for finding in report["findings"])
 
 
 def test_route_command_explains_decision(capsys: pytest.CaptureFixture[str]) -> None:

@@ -185,6 +185,8 @@ def test_check_accepts_overnight_and_midnight_end(tmp_path: Path, capsys: pytest
     rules = CALENDARS + "".join(team(name, name, "2h") for name in ("nightdesk", "weeknights", "fullday"))
     rules += '\n[[route]]\nname = "default"\nteam = "nightdesk"\ndefault = true\n'
     config = write_config(tmp_path, rules=rules)
+    assert main(["inspect", "--config", str(config), "--by", "test", "--note", "overnight windows"]) == 0
+    capsys.readouterr()
 
     assert main(["check", "--config", str(config)]) == 0
     assert capsys.readouterr().out.startswith("ok: ")

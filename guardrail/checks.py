@@ -1,0 +1,132 @@
+"""Static checks of a loaded rule set: pure functions that return findings.
+
+Loading already rejects what cannot work (errors). These find what works
+but is probably wrong: routes that can never match, templates missing a
+shipped language, teams nobody staffs soon, rules nobody has inspected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from .rules import Condition, Route, RuleSet, unstaffed_reason
+
+SHIPPED_LANGUAGES = ("en", "fr", "de", "es")
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "error" or "warning"
+    where: str
+    message: str
+
+    def to_record(self) -> dict[str, str]:
+        return {"level": self.level, "where": self.where, "message": self.message}
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.where}: {self.message}" if self.where else f"{self.level}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Inspection:
+    rules_hash: str
+    at: datetime
+    inspected_by: str
+    note: str
+
+
+def check_rules(
+    rules: RuleSet,
+    now: datetime,
+    inspections: list[Inspection],
+    *,
+    inspection_max_age: timedelta = timedelta(days=90),
+    staffing_horizon: timedelta = timedelta(days=14),
+) -> list[Finding]:
+    """Return the warnings for `rules` at `now`."""
+    findings = [*shadowed_routes(rules), *missing_languages(rules)]
+    for team in rules.teams.values():
+        reason = unstaffed_reason(team, now, max(staffing_horizon, rules.unstaffed_horizon))
+        if reason:
+            findings.append(Finding("warning", f"team {team.name}", f"unstaffed: {reason}"))
+    findings += inspection_findings(rules.digest, now, inspections, inspection_max_age)
+    return findings
+
+
+def shadowed_routes(rules: RuleSet) -> list[Finding]:
+    """Return a finding for each live route that an earlier route always wins over."""
+    findings = []
+    live = [route for route in rules.routes if not route.is_default]
+    for index, later in enumerate(live):
+        for earlier in live[:index]:
+            if route_covers(earlier, later):
+                findings.append(Finding(
+                    "warning", f"route {later.name}",
+                    f"can never match: route {earlier.name!r} comes first and matches every message it matches",
+                ))
+                break
+    return findings
+
+
+def route_covers(earlier: Route, later: Route) -> bool:
+    """Return True when every message matching `later` also matches `earlier`.
+
+    The test is conservative: it only says True when the conditions show it.
+    """
+    for required in earlier.all:
+        if not any(implies(condition, required) for condition in later.all):
+            return False
+    if not earlier.any:
+        return True
+    if any(implies(condition, option) for condition in later.all for option in earlier.any):
+        return True
+    return bool(later.any) and all(any(implies(branch, option) for option in earlier.any) for branch in later.any)
+
+
+def implies(first: Condition, second: Condition) -> bool:
+    """Return True when `first` holding means `second` holds too."""
+    if first == second:
+        return True
+    if first.field != second.field or first.header_name != second.header_name:
+        return False
+    if first.field in ("all", "any", "not"):
+        return False
+    if second.operator == "is" and first.operator == "is":
+        return set(first.values) <= set(second.values)
+    if second.operator == "contains" and first.operator in ("is", "contains"):
+        return all(any(needle in value for needle in second.values) for value in first.values)
+    return False
+
+
+def missing_languages(rules: RuleSet) -> list[Finding]:
+    """Return a finding for each template a team uses that lacks a shipped language."""
+    findings = []
+    reported: set[str] = set()
+    for team in rules.teams.values():
+        languages = set(team.templates)
+        name = next(iter(team.templates.values())).name if team.templates else ""
+        missing = [language for language in SHIPPED_LANGUAGES if language not in languages]
+        if name and missing and name not in reported:
+            reported.add(name)
+            findings.append(Finding("warning", f"template {name}", f"has no {', '.join(missing)} variant"))
+    return findings
+
+
+def inspection_findings(digest: str, now: datetime, inspections: list[Inspection], max_age: timedelta) -> list[Finding]:
+    """Return a finding when the rule set `digest` was never inspected, or not within `max_age`."""
+    mine = sorted((item for item in inspections if item.rules_hash == digest), key=lambda item: item.at)
+    short = digest[:12]
+    if not mine:
+        return [Finding(
+            "warning", f"rules {short}",
+            "never inspected; review the rules, then run: guardrail inspect --config PATH --by NAME --note TEXT",
+        )]
+    last = mine[-1]
+    if now - last.at > max_age:
+        days = (now - last.at).days
+        return [Finding(
+            "warning", f"rules {short}",
+            f"last inspected {days} days ago by {last.inspected_by}; inspect again at least every {max_age.days} days",
+        )]
+    return []

@@ -1,0 +1,255 @@
+"""The commands behind `guardrail COMMAND`, one function each, named as on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import store_admin
+from .checks import Finding, check_rules
+from .config import Config, load_config
+from .errors import ConfigError, ConfigErrors
+from .harness import evaluate, run_case
+from .message import summarize
+from .prepare import Site
+from .routing import Facts, match_route
+from .rules import RuleSet, load_rules
+from .tomlcheck import parse_duration
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _load(arguments: argparse.Namespace) -> tuple[Config, RuleSet]:
+    from .daemon import load_ruleset
+
+    config = load_config(arguments.config)
+    return config, load_ruleset(config)
+
+
+def pid_file(config: Config) -> Path:
+    """Return where the running daemon writes its process id: beside the database."""
+    return config.database_path.with_suffix(".pid")
+
+
+def run(arguments: argparse.Namespace) -> int:
+    from .daemon import Daemon
+    from .logs import configure_logging
+
+    config, rules = _load(arguments)
+    configure_logging(config.log_format, config.log_level)
+    try:
+        import uvloop
+    except ImportError:
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        runner(Daemon(config, rules).serve(pid_file=pid_file(config)))
+    except OSError as error:
+        print(f"error: cannot listen on {config.smtp.listen}:{config.smtp.port}: {error.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def check(arguments: argparse.Namespace) -> int:
+    errors: list[ConfigError] = []
+    findings: list[Finding] = []
+    rules = None
+    try:
+        config = load_config(arguments.config)
+    except ConfigErrors as problems:
+        errors += problems.errors
+        config = None
+    if config is not None:
+        from .daemon import load_ruleset
+
+        try:
+            rules = load_ruleset(config)
+        except ConfigErrors as problems:
+            errors += problems.errors
+    if config is not None and rules is not None:
+        findings = check_rules(
+            rules, datetime.now(timezone.utc), store_admin.inspections(config.database_path),
+            inspection_max_age=config.inspection_max_age,
+        )
+    findings = [Finding("error", str(error.path), f"{error.key}: {error.problem}" if error.key else error.problem) for error in errors] + findings
+    has_errors = any(finding.level == "error" for finding in findings)
+    status = EXIT_USAGE if has_errors else EXIT_FAILURE if findings else EXIT_OK
+
+    if arguments.format == "json":
+        print(json.dumps({
+            "config": str(arguments.config),
+            "rules": rules.digest if rules else None,
+            "findings": [finding.to_record() for finding in findings],
+            "exit": status,
+        }, indent=2))
+        return status
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    for finding in findings[len(errors):]:
+        print(finding, file=sys.stderr)
+    if findings:
+        print(f"{len(errors)} error(s), {len(findings) - len(errors)} warning(s)", file=sys.stderr)
+    if rules is not None and not has_errors:
+        print(f"ok: {arguments.config}: {len(rules.teams)} teams, {len(rules.routes)} routes, rules {rules.digest[:12]}")
+    return status
+
+
+def route(arguments: argparse.Namespace) -> int:
+    config, rules = _load(arguments)
+    try:
+        raw = arguments.message.read_bytes()
+    except OSError as error:
+        print(f"error: cannot read {arguments.message}: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    rcpt_tos = tuple(address.lower() for address in arguments.rcpt) or tuple(sorted(config.smtp.inboxes))[:1]
+    match = match_route(rules, Facts(rcpt_tos, summarize(raw)))
+    destination = match.team.destination.describe() if match.team.destination else "none (team has no destination)"
+    print(f"route:       {match.route.name}")
+    print(f"team:        {match.team.name}")
+    print(f"destination: {destination}")
+    print(f"recipients:  {', '.join(rcpt_tos)}")
+    for reason in match.reasons:
+        print(f"because:     {reason}")
+    return EXIT_OK
+
+
+def answer(arguments: argparse.Namespace) -> int:
+    from .store import Store
+
+    config = load_config(arguments.config)
+    reference = arguments.reference.strip().upper()
+
+    async def mark() -> str:
+        store = await Store.open(config.database_path, busy_timeout=config.busy_timeout)
+        try:
+            return await store.mark_answered(reference, f"manual:{arguments.by}", datetime.now(timezone.utc))
+        finally:
+            await store.close()
+
+    before = asyncio.run(mark())
+    if not before:
+        print(f"error: conversation {reference} not found in {config.database_path}", file=sys.stderr)
+        return EXIT_USAGE
+    if before != "open":
+        print(f"{reference} was already {before}; nothing changed")
+        return EXIT_OK
+    print(f"{reference} marked answered by {arguments.by}; its escalations stop")
+    return EXIT_OK
+
+
+def reload(arguments: argparse.Namespace) -> int:
+    config, rules = _load(arguments)
+    path = pid_file(config)
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        print(f"error: no running daemon: {path} is missing or invalid; start it with guardrail run", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"error: no process {pid} (from {path}); the daemon is not running", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"rules {rules.digest[:12]} are valid; sent SIGHUP to guardrail (pid {pid})")
+    return EXIT_OK
+
+
+def inspect(arguments: argparse.Namespace) -> int:
+    config, rules = _load(arguments)
+    store_admin.record_inspection(config.database_path, rules.digest, datetime.now(timezone.utc), arguments.by, arguments.note)
+    print(f"recorded: rules {rules.digest[:12]} inspected by {arguments.by}")
+    return EXIT_OK
+
+
+def test(arguments: argparse.Namespace) -> int:
+    config, rules = _load(arguments)
+    cases = sorted(arguments.directory.glob("*.eml"))
+    if not cases:
+        print(f"error: no *.eml test cases in {arguments.directory}", file=sys.stderr)
+        return EXIT_USAGE
+    site = Site.from_config(config)
+    failed = 0
+    for case in cases:
+        result = run_case(case, rules, site)
+        if result.problems:
+            failed += 1
+            print(f"FAIL {result.name}")
+            for problem in result.problems:
+                print(f"     {problem}")
+        else:
+            print(f"ok   {result.name}")
+    print(f"{len(cases) - failed} passed, {failed} failed")
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def replay(arguments: argparse.Namespace) -> int:
+    config, current = _load(arguments)
+    proposed = load_rules(arguments.rules, config.path.resolve().parent)
+    site = Site.from_config(config)
+    messages = store_admin.last_messages(config.database_path, arguments.last)
+    changed = 0
+    for message in messages:
+        now = message.received_at
+        before = evaluate(message.raw, message.rcpt_tos, message.mail_from, current, site, now)
+        after = evaluate(message.raw, message.rcpt_tos, message.mail_from, proposed, site, now)
+        differences = [
+            f"{key}: {getattr(before, key)!r} -> {getattr(after, key)!r}"
+            for key in ("route", "team", "acknowledgement")
+            if getattr(before, key) != getattr(after, key)
+        ]
+        if differences:
+            changed += 1
+            print(f"{message.received_at.isoformat()} {message.message_id or '(no Message-ID)'} from {message.mail_from or '<>'}")
+            for difference in differences:
+                print(f"    {difference}")
+    print(f"{changed} of {len(messages)} messages would change")
+    return EXIT_OK
+
+
+def report(arguments: argparse.Namespace) -> int:
+    config = load_config(arguments.config)
+    since = parse_duration(arguments.since)
+    if since is None:
+        print(f"error: --since {arguments.since!r} is not a duration such as 7d or 12h", file=sys.stderr)
+        return EXIT_USAGE
+    rows = store_admin.shadow_disagreements(config.database_path, datetime.now(timezone.utc) - since)
+    for row in rows:
+        print(
+            f"{row['received_at']} {row['message_id'] or '(no Message-ID)'}: live {row['live_route']} -> {row['live_team']},"
+            f" shadow {row['shadow_route']} -> {row['shadow_team']}"
+        )
+    print(f"{len(rows)} message(s) where a shadow route would have won")
+    return EXIT_OK
+
+
+def status(arguments: argparse.Namespace) -> int:
+    config = load_config(arguments.config)
+    figures = store_admin.status_rows(config.database_path, datetime.now(timezone.utc))
+    print("open conversations by team (overdue):")
+    for team, count, overdue in figures["open_by_team"] or [("-", 0, 0)]:
+        print(f"  {team:20} {count:6} ({overdue or 0} overdue)")
+    print("overdue:")
+    for reference, team, deadline, level, subject in figures["overdue"]:
+        print(f"  {reference} {team:12} due {deadline} escalation level {level}: {subject[:60]}")
+    print("next deadlines:")
+    for reference, team, deadline, subject in figures["next_deadlines"]:
+        print(f"  {reference} {team:12} due {deadline}: {subject[:60]}")
+    print("routes (received, answered, median first response):")
+    durations: dict[str, list[float]] = {}
+    for route_name, opened, answered in figures["response_times"]:
+        durations.setdefault(route_name, []).append((answered - opened).total_seconds())
+    for route_name, received, answered in figures["routes"]:
+        median = statistics.median(durations[route_name]) if durations.get(route_name) else None
+        shown = f"{median / 3600:.1f}h" if median is not None else "-"
+        print(f"  {route_name:20} {received:6} {answered or 0:6} {shown:>8}")
+    return EXIT_OK

@@ -1,0 +1,97 @@
+"""Evaluate messages against a rule set without sending anything: `guardrail test` and `replay`.
+
+Both reuse the decision intake makes (prepare_submission), so a case that
+passes here is decided the same way by the daemon, except for what depends
+on stored state: threading into an earlier conversation, duplicates and the
+acknowledgement rate window.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .message import summarize
+from .prepare import Envelope, Site, prepare_submission
+from .rules import RuleSet
+
+_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
+EXPECTATION_KEYS = ("route", "team", "acknowledgement", "signal", "deadline")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    route: str
+    team: str
+    acknowledgement: str  # "sent" or "suppressed"
+    signal: str
+    deadline: datetime | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+def evaluate(raw: bytes, rcpt_tos: tuple[str, ...], mail_from: str, rules: RuleSet, site: Site, now: datetime) -> Evaluation:
+    """Return how intake would decide `raw` arriving at `now` as a new message."""
+    raw = _LINE_ENDING.sub(b"\r\n", raw)
+    summary = summarize(raw, with_body=True)
+    envelope = Envelope(mail_from=mail_from, rcpt_tos=tuple(address.lower() for address in rcpt_tos), peer="", helo="")
+    submission = prepare_submission(envelope, raw, summary, rules, site, now)
+    sent = submission.ack_signal is None and submission.ack is not None
+    signal = "" if sent else (submission.ack_signal or "no acknowledgement template")
+    deadline = submission.deadline if submission.sla_applies and not submission.is_postmaster else None
+    return Evaluation(submission.route, submission.team, "sent" if sent else "suppressed", signal, deadline)
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    name: str
+    problems: tuple[str, ...]  # empty when the case passed
+
+
+def run_case(eml: Path, rules: RuleSet, site: Site) -> CaseResult:
+    """Run one test case: `eml` with its expectations in the .toml file of the same name."""
+    spec_path = eml.with_suffix(".toml")
+    try:
+        spec = tomllib.loads(spec_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return CaseResult(eml.name, (f"expectations file {spec_path.name} not found",))
+    except tomllib.TOMLDecodeError as error:
+        return CaseResult(eml.name, (f"{spec_path.name}: invalid TOML: {error}",))
+
+    raw = eml.read_bytes()
+    summary = summarize(_LINE_ENDING.sub(b"\r\n", raw))
+    rcpt = spec.get("rcpt") or sorted(site.inboxes)[0]
+    rcpt_tos = tuple(rcpt) if isinstance(rcpt, list) else (rcpt,)
+    mail_from = spec.get("mail_from", summary.from_address)
+    arrival = spec.get("arrival") or datetime.now(timezone.utc)
+    if isinstance(arrival, datetime) and arrival.tzinfo is None:
+        return CaseResult(eml.name, ("arrival needs a time zone, such as 2026-03-02T10:00:00Z",))
+    expected = spec.get("expect", {})
+    unknown = sorted(set(expected) - set(EXPECTATION_KEYS)) + sorted(set(spec) - {"rcpt", "mail_from", "arrival", "expect"})
+    if unknown:
+        return CaseResult(eml.name, (f"unknown keys {unknown}; expectations are {', '.join(EXPECTATION_KEYS)}",))
+
+    actual = evaluate(raw, rcpt_tos, mail_from, rules, site, arrival)
+    return CaseResult(eml.name, tuple(compare(expected, actual)))
+
+
+def compare(expected: dict[str, Any], actual: Evaluation) -> list[str]:
+    """Return one line per expectation that `actual` does not meet."""
+    problems = []
+    for key, want in expected.items():
+        got = getattr(actual, key)
+        if key == "signal":
+            ok = str(want).lower() in got.lower()
+        elif key == "deadline":
+            ok = got is not None and isinstance(want, datetime) and got == want
+        else:
+            ok = got == want
+        if not ok:
+            shown = got.isoformat().replace("+00:00", "Z") if isinstance(got, datetime) else got
+            problems.append(f"{key}: expected {want!r}, got {shown!r}")
+    return problems
