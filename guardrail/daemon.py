@@ -24,7 +24,7 @@ from .http import HttpListener, build_app, serve_http
 from .intake import REPLY_SHUTTING_DOWN, ConnectionTracker, GuardrailSMTP, IntakeHandler
 from .metrics import Metrics
 from .rules import RuleSet, load_rules
-from .sla import EscalationScheduler
+from .sla import EscalationScheduler, ZombieWatch
 from .store import Store, StoreSettings
 
 log = structlog.get_logger("guardrail.daemon")
@@ -49,6 +49,7 @@ class Daemon:
         self.worker: DeliveryWorker | None = None
         self.scheduler: EscalationScheduler | None = None
         self.handler: IntakeHandler | None = None
+        self.zombies: ZombieWatch | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.Server | None = None
         self._http: HttpListener | None = None
@@ -93,6 +94,9 @@ class Daemon:
             asyncio.create_task(worker.run(), name="guardrail-outbox"),
             asyncio.create_task(scheduler.run(), name="guardrail-escalations"),
         ]
+        if config.zombie is not None:
+            self.zombies = ZombieWatch(self.store, self.clock, lambda: self.rules, sender, config.zombie, worker.wake.set)
+            self._tasks.append(asyncio.create_task(self.zombies.run(), name="guardrail-zombie-routes"))
 
         def committed() -> None:
             worker.wake.set()

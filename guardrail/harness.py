@@ -80,6 +80,12 @@ def run_case(eml: Path, rules: RuleSet, site: Site) -> CaseResult:
     return CaseResult(eml.name, tuple(compare(expected, actual)))
 
 
+def _shown(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return repr(value)
+
+
 def compare(expected: dict[str, Any], actual: Evaluation) -> list[str]:
     """Return one line per expectation that `actual` does not meet."""
     problems = []
@@ -92,6 +98,5 @@ def compare(expected: dict[str, Any], actual: Evaluation) -> list[str]:
         else:
             ok = got == want
         if not ok:
-            shown = got.isoformat().replace("+00:00", "Z") if isinstance(got, datetime) else got
-            problems.append(f"{key}: expected {want!r}, got {shown!r}")
+            problems.append(f"{key}: expected {_shown(want)}, got {_shown(got)}")
     return problems

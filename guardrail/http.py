@@ -22,11 +22,11 @@ import json
 import socket
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -147,7 +147,9 @@ class _Api:
         metrics.outbox_depth.set(depth.pending)
         metrics.outbox_oldest_age.set(max(age, 0.0))
         metrics.open_conversations.set(await count_open_conversations(store))
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # The scraper's Accept header picks the classic text format or OpenMetrics.
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encode(metrics.registry), headers={"Content-Type": content_type})
 
     async def conversations(self, request: Request) -> Response:
         query = request.query_params

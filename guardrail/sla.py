@@ -16,10 +16,12 @@ from datetime import timedelta
 import structlog
 
 from .clock import Clock
+from .config import ZombieSettings
 from .escalation import DueConversation, EscalationPlan, Sender, plan_escalation
 from .metrics import Metrics
 from .rules import RuleSet
 from .store import Store
+from .zombies import RouteFigures, ZombieAlarm, find_zombie_routes
 
 log = structlog.get_logger("guardrail.sla")
 
@@ -90,3 +92,46 @@ class EscalationScheduler:
         if planned:
             self._on_queued()
         return count
+
+
+class ZombieWatch:
+    """Checks every `check_every` for routes whose mail goes unanswered."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        rules: Callable[[], RuleSet],
+        sender: Sender,
+        settings: ZombieSettings,
+        on_queued: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._rules = rules
+        self._sender = sender
+        self._settings = settings
+        self._on_queued = on_queued
+        self.wake = asyncio.Event()
+
+    async def run(self) -> None:
+        """Check now, then every `check_every`, until cancelled."""
+        while True:
+            self.wake.clear()
+            await self.check()
+            await self._clock.sleep_until(self._clock.now() + self._settings.check_every, self.wake)
+
+    async def check(self) -> list[ZombieAlarm]:
+        """Raise the alarms due now; return them."""
+        now = self._clock.now()
+        rules = self._rules()
+
+        def planner(figures: list[RouteFigures], alarmed: set[str]) -> list[ZombieAlarm]:
+            return find_zombie_routes(figures, rules, self._settings, now, self._sender, alarmed)
+
+        alarms = await self._store.raise_zombie_alarms(now, self._settings.conversations, self._settings.period, planner)
+        for alarm in alarms:
+            log.warning("zombie_route_alarm", route=alarm.route, to=alarm.owner.address, figures=alarm.figures)
+        if alarms:
+            self._on_queued()
+        return alarms

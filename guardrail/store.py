@@ -54,9 +54,19 @@ class EscalationRun:
     planner: Callable[[DueConversation], EscalationPlan]
 
 
+@dataclass(frozen=True)
+class ZombieRun:
+    """A request to raise alarms for abandoned routes at `now`."""
+
+    now: datetime
+    recent: int
+    period: timedelta
+    planner: Callable[..., list[Any]]
+
+
 @dataclass
 class _Job:
-    item: Submission | AttemptResult | EscalationRun
+    item: Submission | AttemptResult | EscalationRun | ZombieRun
     future: asyncio.Future[Any]
 
 
@@ -118,7 +128,11 @@ class Store:
         """Escalate up to a batch of conversations due at `now`; return how many fired."""
         return await self._submit(EscalationRun(now, planner))
 
-    async def _submit(self, item: Submission | AttemptResult | EscalationRun) -> Any:
+    async def raise_zombie_alarms(self, now: datetime, recent: int, period: timedelta, planner: Callable[..., list[Any]]) -> list[Any]:
+        """Raise alarms for routes whose mail goes unanswered; return the alarms raised."""
+        return await self._submit(ZombieRun(now, recent, period, planner))
+
+    async def _submit(self, item: Submission | AttemptResult | EscalationRun | ZombieRun) -> Any:
         if self._committer is None or self._committer.done():
             raise StorageError("the store is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -146,12 +160,14 @@ class Store:
         submissions = [job.item for job in batch if isinstance(job.item, Submission)]
         attempts = [job.item for job in batch if isinstance(job.item, AttemptResult)]
         runs = [job.item for job in batch if isinstance(job.item, EscalationRun)]
+        zombie_runs = [job.item for job in batch if isinstance(job.item, ZombieRun)]
         await self._db.execute("BEGIN IMMEDIATE")
         try:
             writer = BatchWriter(self._db, self.settings, self._next_id)
             outcomes = iter(await writer.add_submissions(submissions))
             writer.add_attempts(attempts)
             fired = iter([await writer.add_escalations(run.now, run.planner, ESCALATION_BATCH) for run in runs])
+            alarms = iter([await writer.add_zombie_alarms(run.now, run.recent, run.period, run.planner) for run in zombie_runs])
             await writer.flush()
             await self._db.execute("COMMIT")
         except BaseException:
@@ -167,6 +183,8 @@ class Store:
                 results.append(next(outcomes))
             elif isinstance(job.item, EscalationRun):
                 results.append(next(fired))
+            elif isinstance(job.item, ZombieRun):
+                results.append(next(alarms))
             else:
                 results.append(None)
         return results

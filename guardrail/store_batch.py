@@ -28,6 +28,7 @@ from .plan import (
     plan_submission,
 )
 from .rules import Destination
+from .zombies import RouteFigures
 
 log = structlog.get_logger("guardrail.store")
 
@@ -448,6 +449,42 @@ class BatchWriter:
             self.rows["escalation_updates"].append((plan.level, next_at, at, conversation.id))
         return len(due)
 
+    # -- zombie-route alarms ----------------------------------------------------
+
+    async def add_zombie_alarms(self, now: datetime, recent: int, period: timedelta, planner: Callable[..., list[Any]]) -> list[Any]:
+        """Raise alarms for abandoned routes, skipping routes alarmed within `period`; return them."""
+        sql = (
+            "SELECT route, team, COUNT(*), SUM(state = 'answered') FROM ("
+            " SELECT route, team, state, ROW_NUMBER() OVER (PARTITION BY route ORDER BY opened_at DESC) AS position"
+            " FROM conversations WHERE deadline IS NOT NULL) WHERE position <= ? GROUP BY route, team"
+        )
+        async with self.db.execute(sql, (recent,)) as cursor:
+            counts = await cursor.fetchall()
+        sql = (
+            "SELECT route, MIN(opened_at), MAX(opened_at), MAX(answered_at) FROM conversations"
+            " WHERE deadline IS NOT NULL GROUP BY route"
+        )
+        async with self.db.execute(sql) as cursor:
+            times = {row[0]: row[1:] for row in await cursor.fetchall()}
+        async with self.db.execute("SELECT DISTINCT route FROM alarms WHERE at > ?", (format_instant(now - period),)) as cursor:
+            alarmed = {row[0] for row in await cursor.fetchall()}
+
+        figures = []
+        for route, team, total, answered in counts:
+            first, last, last_answer = times[route]
+            figures.append(RouteFigures(
+                route, team, total, answered or 0, parse_instant(first), parse_instant(last),
+                parse_instant(last_answer) if last_answer else None,
+            ))
+        alarms = planner(figures, alarmed)
+        at = format_instant(now)
+        for alarm in alarms:
+            self.rows["alarms"].append((alarm.route, at, alarm.figures))
+            target = {"kind": "smtp", "addresses": [alarm.owner.address], "purpose": "alarm"}
+            self._outbox("mail", None, None, target, alarm.data, at)
+            self._event(None, None, at, "zombie_route_alarm", {"route": alarm.route, "to": alarm.owner.address, "figures": alarm.figures})
+        return alarms
+
     # -- reads for decisions --------------------------------------------------
 
     async def _existing_keys(self, keys: list[str], cutoff: str) -> set[str]:
@@ -569,5 +606,6 @@ _STATEMENTS = {
         "INSERT INTO acknowledgements (message_row, conversation_id, at, recipient, decision, signal, language,"
         " variant, message_id) VALUES (?,?,?,?,?,?,?,?,?)"
     ),
+    "alarms": "INSERT INTO alarms (route, at, detail) VALUES (?,?,?)",
     "events": "INSERT INTO events (conversation_id, message_row, at, kind, detail) VALUES (?,?,?,?,?)",
 }

@@ -1,0 +1,250 @@
+"""Operator tools: rule test cases, replay, shadow routes, status, reload and the zombie-route alarm."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from guardrail.cli import main
+from guardrail.clock import ManualClock
+
+from conftest import ROOT, maildir_messages, message, send, settle, write_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+
+
+def example_copy(folder: Path) -> Path:
+    shutil.copy(ROOT / "config.example.toml", folder / "config.toml")
+    shutil.copytree(ROOT / "rules", folder / "rules")
+    return folder / "config.toml"
+
+
+def test_shipped_rule_tests_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = example_copy(tmp_path)
+    assert main(["test", "--config", str(config), str(ROOT / "rules" / "tests")]) == 0
+    output = capsys.readouterr().out
+    assert "0 failed" in output
+    assert "FAIL" not in output
+
+
+def test_failing_rule_test_names_case_and_difference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = example_copy(tmp_path)
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    shutil.copy(ROOT / "rules" / "tests" / "outage-report.eml", cases / "outage.eml")
+    (cases / "outage.toml").write_text(
+        'rcpt = "support@example.com"\narrival = 2026-03-02T09:00:00Z\n'
+        '[expect]\nroute = "support-inbox"\nacknowledgement = "suppressed"\ndeadline = 2026-03-02T13:00:00Z\n'
+    )
+
+    assert main(["test", "--config", str(config), str(cases)]) == 1
+    output = capsys.readouterr().out
+    assert "FAIL outage.eml" in output
+    assert "route: expected 'support-inbox', got 'outage-reports'" in output
+    assert "acknowledgement: expected 'suppressed', got 'sent'" in output
+    assert "deadline: expected 2026-03-02T13:00:00Z, got 2026-03-02T10:00:00Z" in output
+    assert "0 passed, 1 failed" in output
+
+
+SHADOW_RULES = """
+[[team]]
+name = "support"
+destination = { maildir = "var/maildir/support" }
+members = [{ name = "Sam Ortiz", address = "sam@example.org" }]
+
+[[team]]
+name = "billing"
+destination = { maildir = "var/maildir/billing" }
+members = [{ name = "Bea Keller", address = "bea@example.org" }]
+
+[[route]]
+name = "refunds-trial"
+team = "billing"
+mode = "shadow"
+any = [{ subject.contains = "refund" }]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+"""
+
+
+async def test_shadow_route_is_recorded_never_acted_on(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, rules=SHADOW_RULES)
+    daemon = await start_daemon(config)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(subject="Refund please", message_id="<r@x>"))
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(subject="Hello", message_id="<h@x>"))
+
+    rows = await daemon.store.fetch_all("SELECT message_id, team, shadow FROM messages ORDER BY id")
+    assert rows[0][:2] == ("<r@x>", "support")
+    assert rows[0][2] == '[{"route": "refunds-trial", "team": "billing", "would_win": true}]'
+    assert rows[1][2] == "[]"
+    assert maildir_messages(tmp_path / "var" / "maildir" / "billing") == []
+    capsys.readouterr()
+
+    assert await asyncio.to_thread(main, ["report", "shadow", "--config", str(config)]) == 0
+    output = capsys.readouterr().out
+    assert "<r@x>: live default -> support, shadow refunds-trial -> billing" in output
+    assert "1 message(s) where a shadow route would have won" in output
+
+
+async def test_replay_lists_changed_decisions(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, rules=SHADOW_RULES)
+    daemon = await start_daemon(config)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(subject="Refund please", message_id="<r@x>"))
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(subject="Hello", message_id="<h@x>"))
+    proposed = tmp_path / "proposed"
+    proposed.mkdir()
+    for path in (tmp_path / "rules").iterdir():
+        shutil.copy(path, proposed / path.name)
+    (proposed / "rules.toml").write_text(SHADOW_RULES.replace('mode = "shadow"\n', ""))
+    capsys.readouterr()
+
+    status = await asyncio.to_thread(main, ["replay", "--config", str(config), "--rules", str(proposed), "--last", "10"])
+
+    assert status == 0
+    output = capsys.readouterr().out
+    assert "<r@x> from alice@example.com" in output
+    assert "route: 'default' -> 'refunds-trial'" in output
+    assert "team: 'support' -> 'billing'" in output
+    assert "<h@x>" not in output
+    assert "1 of 2 messages would change" in output
+
+
+async def test_status_shows_open_and_overdue(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    clock = ManualClock(datetime.now(timezone.utc) - timedelta(days=2))
+    config = write_config(tmp_path)
+    daemon = await start_daemon(config, clock=clock)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(subject="Old question", message_id="<o@x>"))
+    await clock.set(datetime.now(timezone.utc))
+    await send(daemon.port, "bob@example.com", ["support@example.org"], message(subject="New question", message_id="<n@x>"))
+    capsys.readouterr()
+
+    assert await asyncio.to_thread(main, ["status", "--config", str(config)]) == 0
+    output = capsys.readouterr().out
+    assert "support                   2 (1 overdue)" in output
+    overdue_section = output.split("overdue:")[1].split("next deadlines:")[0]
+    assert "Old question" in overdue_section
+    assert "New question" in output.split("next deadlines:")[1]
+
+
+ZOMBIE_RULES = """
+[[team]]
+name = "support"
+destination = { maildir = "var/maildir/support" }
+members = [{ name = "Sam Ortiz", address = "sam@example.org" }]
+escalation = [{ after = "0m", name = "Sam Ortiz", address = "sam@example.org" }]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+owner = { name = "Olga Owner", address = "olga@example.org" }
+"""
+
+
+def alarms(folder: Path) -> list[email.message.Message]:
+    found = [email.message_from_bytes(data) for data in maildir_messages(folder / "var" / "outbound")]
+    return [m for m in found if m["Subject"] and m["Subject"].startswith("Route default looks abandoned")]
+
+
+async def test_zombie_route_alarms_once_per_period(tmp_path: Path, start_daemon) -> None:
+    config = write_config(
+        tmp_path, rules=ZOMBIE_RULES,
+        sections={"zombie": {"conversations": 3, "min_answered_share": 0.5, "silent_business_hours": "48h",
+                             "period": "1d", "check_every": "1h"}},
+    )
+    clock = ManualClock(at("2025-11-03T08:00:00"))
+    daemon = await start_daemon(config, clock=clock)
+    for number in range(3):
+        await send(daemon.port, f"c{number}@example.com", ["support@example.org"], message(message_id=f"<z{number}@x>"))
+    await settle(daemon, clock)
+    # Nothing is due yet: the share is judged from the check after the mail arrived.
+    for _ in range(30):
+        await clock.advance(timedelta(hours=1))
+        await settle(daemon, clock)
+
+    assert len(alarms(tmp_path)) == 2
+    (first, second) = alarms(tmp_path)
+    assert first["To"] == "Olga Owner <olga@example.org>"
+    body = first.get_payload(decode=True).decode()
+    assert "0 of the route's last 3 conversations were answered (0%, below 50%)" in body
+    rows = await daemon.store.fetch_all("SELECT route, at FROM alarms ORDER BY id")
+    assert [route for route, _ in rows] == ["default", "default"]
+    assert rows[1][1] > rows[0][1]
+    gap = datetime.fromisoformat(rows[1][1].replace("Z", "+00:00")) - datetime.fromisoformat(rows[0][1].replace("Z", "+00:00"))
+    assert gap >= timedelta(days=1)
+
+
+async def test_zombie_alarm_stops_once_answered(tmp_path: Path, start_daemon) -> None:
+    config = write_config(
+        tmp_path, rules=ZOMBIE_RULES,
+        sections={"zombie": {"conversations": 2, "min_answered_share": 0.5, "silent_business_hours": "100h", "check_every": "1h"}},
+    )
+    clock = ManualClock(at("2025-11-03T08:00:00"))
+    daemon = await start_daemon(config, clock=clock)
+    for number in range(2):
+        await send(daemon.port, f"c{number}@example.com", ["support@example.org"], message(message_id=f"<q{number}@x>"))
+        reply = message(sender="Sam Ortiz <sam@example.org>", message_id=f"<a{number}@x>",
+                        extra_headers=f"In-Reply-To: <q{number}@x>\r\n")
+        await send(daemon.port, "sam@example.org", ["support@example.org"], reply)
+    for _ in range(5):
+        await clock.advance(timedelta(hours=1))
+        await settle(daemon, clock)
+    assert alarms(tmp_path) == []
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_reload_command_validates_then_signals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    port = _free_port()
+    config = write_config(tmp_path, smtp={"port": port})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guardrail", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    pid_path = tmp_path / "var" / "guardrail.pid"
+    try:
+        deadline = time.monotonic() + 15
+        while not pid_path.exists() and time.monotonic() < deadline:
+            assert process.poll() is None
+            time.sleep(0.05)
+        assert pid_path.read_text().strip() == str(process.pid)
+
+        (tmp_path / "rules" / "99-broken.toml").write_text("[[route\n")
+        assert main(["reload", "--config", str(config)]) == 2
+        assert "99-broken.toml:1: invalid TOML" in capsys.readouterr().err
+
+        (tmp_path / "rules" / "99-broken.toml").unlink()
+        assert main(["reload", "--config", str(config)]) == 0
+        assert f"sent SIGHUP to guardrail (pid {process.pid})" in capsys.readouterr().out
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        assert not pid_path.exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=5)
+        if process.stderr:
+            process.stderr.close()
