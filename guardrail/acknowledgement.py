@@ -8,12 +8,12 @@ References so that replies thread.
 
 from __future__ import annotations
 
+import binascii
 import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from email.message import EmailMessage
-from email.policy import SMTP
+from email.header import Header
 from email.utils import format_datetime
 
 from babel.dates import format_date, format_time
@@ -28,7 +28,6 @@ from .rules_sla import Template
 MAX_REFERENCES = 20
 
 _LANGUAGE_TAG = re.compile(r"^\s*([A-Za-z]{1,8})(?:-[A-Za-z0-9]{1,8})*\s*(?:;\s*q\s*=\s*([01](?:\.\d{0,3})?))?\s*$")
-_POLICY = SMTP.clone(max_line_length=78)
 
 
 @dataclass(frozen=True)
@@ -116,6 +115,39 @@ def capped_references(summary: Summary) -> tuple[str, ...]:
     return tuple(chain)
 
 
+def fold_header(name: str, value: str) -> bytes:
+    """Return one header line, folded at spaces to 78 octets, RFC 2047-encoded when not ASCII.
+
+    `value` must be one line already: callers pass one_line() text, addresses
+    and message ids, so no merge field can start a header of its own.
+    """
+    # A word longer than a line allows is split by encoding it (RFC 2047).
+    if not value.isascii() or any(len(word) > 900 for word in value.split(" ")):
+        encoded = Header(value, "utf-8", maxlinelen=78, header_name=name).encode(linesep="\r\n")
+        return f"{name}: {encoded}\r\n".encode("ascii")
+    lines: list[str] = []
+    line = f"{name}:"
+    for word in value.split(" "):
+        if len(line) + 1 + len(word) > 78 and line.strip() and not line.endswith(":"):
+            lines.append(line)
+            line = ""
+        line += " " + word
+    lines.append(line)
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def build_text_message(headers: list[tuple[str, str]], body: str) -> bytes:
+    """Build a UTF-8 text/plain message with quoted-printable body and CRLF line endings."""
+    head = b"".join(fold_header(name, value) for name, value in headers)
+    head += (
+        b"MIME-Version: 1.0\r\n"
+        b'Content-Type: text/plain; charset="utf-8"\r\n'
+        b"Content-Transfer-Encoding: quoted-printable\r\n"
+    )
+    encoded = binascii.b2a_qp(body.encode("utf-8"), istext=True).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return head + b"\r\n" + encoded
+
+
 def new_message_id(kind: str, reference: str, hostname: str) -> str:
     return f"<{kind}.{reference.lower()}.{secrets.token_hex(6)}@{hostname}>"
 
@@ -141,21 +173,22 @@ def render_acknowledgement(request: AckRequest, reference: str, hostname: str, n
         subject, body = template.plain_subject, template.plain_body
 
     message_id = new_message_id("ack", reference, hostname)
-    message = EmailMessage(policy=_POLICY)
-    message["From"] = request.from_address
-    message["To"] = request.to_address
-    message["Subject"] = f"{one_line(subject)} [{reference}]"
-    message["Date"] = format_datetime(now)
-    message["Message-ID"] = message_id
+    headers = [
+        ("From", request.from_address),
+        ("To", request.to_address),
+        ("Subject", f"{one_line(subject)} [{reference}]"),
+        ("Date", format_datetime(now)),
+        ("Message-ID", message_id),
+    ]
     if request.in_reply_to:
-        message["In-Reply-To"] = request.in_reply_to
+        headers.append(("In-Reply-To", request.in_reply_to))
     if request.references:
-        message["References"] = " ".join(request.references)
-    message["Auto-Submitted"] = "auto-replied"
-    message["X-Auto-Response-Suppress"] = "All"
-    message[LOOP_HEADER] = hostname
-    message["X-Guardrail-Conversation"] = reference
-    message.set_content(body.strip() + "\n", charset="utf-8")
-    # set_content replaces every Content-* header, so this one comes after it.
-    message["Content-Language"] = request.language
-    return RenderedAck(message.as_bytes(), message_id, bool(problem), problem)
+        headers.append(("References", " ".join(request.references)))
+    headers += [
+        ("Auto-Submitted", "auto-replied"),
+        ("X-Auto-Response-Suppress", "All"),
+        (LOOP_HEADER, hostname),
+        ("X-Guardrail-Conversation", reference),
+        ("Content-Language", request.language),
+    ]
+    return RenderedAck(build_text_message(headers, body.strip() + "\n"), message_id, bool(problem), problem)

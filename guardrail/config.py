@@ -47,7 +47,7 @@ class HttpSettings:
     enabled: bool = True
     listen: str = "127.0.0.1"
     port: int = 8025
-    token: Secret | None = None  # None: every endpoint but /healthz answers 401
+    token: Secret | None = None  # None: every endpoint but /healthz returns 401
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,7 @@ class Daemon:
                 await self.stop()
                 raise
             if config.http.token is None:
-                log.warning("http_token_missing", detail="every HTTP endpoint but /healthz answers 401; set [http] token_env")
+                log.warning("http_token_missing", detail="every HTTP endpoint but /healthz returns 401; set [http] token_env")
         log.info(
             "daemon_started", listen=config.smtp.listen, port=self.port, database=str(config.database_path),
             rules=self.rules.digest[:12], routes=len(self.rules.routes), teams=len(self.rules.teams),

@@ -2,7 +2,7 @@
 
 A Starlette app served by uvicorn inside the daemon's event loop. Every path
 except /healthz needs `Authorization: Bearer TOKEN`; without a configured
-token those paths answer 401. Errors are JSON objects: {"error": "..."}.
+token those paths return 401. Errors are JSON objects: {"error": "..."}.
 
     GET  /healthz                              the process is alive
     GET  /readyz                               database writable, rules loaded, loops running
@@ -63,8 +63,8 @@ CONTACT_LIMIT = 100
 MAX_ADDRESS_LENGTH = 254
 MAX_ANSWERED_BODY = 4096
 MAX_NAME_LENGTH = 200
-# Readiness probes usually time out after a second or so; a longer wait for
-# the write lock would turn a busy database into a failed probe anyway.
+# Readiness probes often time out after about a second. A longer wait for the
+# write lock would fail the probe anyway, so the check gives up sooner.
 READY_WRITE_TIMEOUT = timedelta(seconds=1)
 START_TIMEOUT = timedelta(seconds=10)
 STOP_TIMEOUT = timedelta(seconds=5)
@@ -75,7 +75,7 @@ def _error(status: int, text: str, headers: dict[str, str] | None = None) -> JSO
 
 
 class RequireToken:
-    """ASGI middleware that answers 401 unless the request carries the bearer token.
+    """ASGI middleware that returns 401 unless the request carries the bearer token.
 
     Paths in PUBLIC_PATHS pass without one. New routes are therefore
     protected unless someone adds them there.
@@ -247,7 +247,7 @@ async def _small_body(request: Request, limit: int) -> bytes:
 
 
 def _answered_by(body: bytes) -> str:
-    """Return the name in an answered request's body, or "" when the body is empty."""
+    """Return the name in the body of a POST .../answered request, or "" when the body is empty."""
     if not body.strip():
         return ""
     try:

@@ -67,6 +67,11 @@ class Summary:
 def summarize(raw: bytes, *, with_body: bool = True) -> Summary:
     """Summarize `raw` message bytes; the body is decoded only if `with_body`."""
     parser = email.parser.BytesParser(policy=email.policy.compat32)
+    if not with_body:
+        # The parser reads every body line even with headersonly=True, so it
+        # gets only the header block (up to the first empty line).
+        end = raw.find(b"\r\n\r\n")
+        raw = raw[: end + 4] if end >= 0 else raw
     try:
         message = parser.parsebytes(raw, headersonly=not with_body)
     except Exception:  # noqa: BLE001 - the parser must never stop intake

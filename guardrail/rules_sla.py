@@ -9,6 +9,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 from datetime import date, timedelta
+from functools import cached_property
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -66,9 +67,9 @@ class Template:
     plain_subject: str
     plain_body: str
 
-    @property
-    def fields(self) -> set[str]:
-        return template_fields(self.subject) | template_fields(self.body)
+    @cached_property
+    def fields(self) -> frozenset[str]:
+        return frozenset(template_fields(self.subject) | template_fields(self.body))
 
 
 def template_fields(text: str) -> set[str]:

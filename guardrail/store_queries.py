@@ -1,8 +1,8 @@
 """Read-only SQL for the HTTP API and the metrics gauges.
 
 Every query goes through `Store.fetch_all`, on the daemon's one connection.
-NOTE: a read that runs while the group committer has a transaction open sees
-that transaction's rows before they are committed.
+NOTE: a read that runs while the group committer has a transaction open also
+reads that transaction's rows before they are committed.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ async def _timeline(store: Store, conversation_id: int) -> list[dict[str, Any]]:
     """Return the conversation's events in the order they were written, with facts from other tables added.
 
     An acknowledgement event is replaced by its row in `acknowledgements`,
-    which also holds the recipient, the suppression signal and the template
+    which also contains the recipient, the suppression signal and the template
     variant; outbox events name what was delivered.
     """
     events = await store.fetch_all(
