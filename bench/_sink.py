@@ -1,6 +1,6 @@
 """A bare aiosmtpd server that accepts every message at once: the baseline for bench/intake.py.
 
-It listens on 127.0.0.1, answers DATA with 250 without storing anything, and
+It listens on 127.0.0.1, replies 250 to DATA without storing anything, and
 stops on SIGTERM or SIGINT. Run it as `python bench/_sink.py --port N`.
 """
 

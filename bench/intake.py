@@ -1,11 +1,12 @@
 """Intake throughput: guardrail against a bare aiosmtpd sink, same load generator, same run.
 
 Each server runs in its own process on 127.0.0.1: the stock-asyncio sink
-(bench/_sink.py), the same sink on uvloop, and guardrail with a temporary
-config whose outbox worker delivers to a maildir as in production. For each
-message size and concurrency, C workers each keep one SMTP connection and send
-MAIL, RCPT and DATA in a loop; after a warm-up, the 250 replies to DATA that
-arrive during the measuring window are counted.
+(bench/_sink.py), the same sink on uvloop, and guardrail. Guardrail gets a
+temporary config and a copy of the repository's example rules, and its outbox
+worker delivers to maildirs as in production. For each message size and
+concurrency C, C workers each keep one SMTP connection and send MAIL, RCPT
+and DATA in a loop. After a warm-up, the 250 replies to DATA that arrive
+during the measuring window are counted.
 
 Run from the repository root, in a virtualenv with guardrail installed:
 
@@ -24,11 +25,12 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import format_datetime
 from datetime import datetime, timezone
@@ -38,8 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SINK_SCRIPT = Path(__file__).resolve().parent / "_sink.py"
 
-SENDER = "customer@example.net"
-RECIPIENT = "support@example.org"
+RECIPIENT = "support@example.com"
 LINE_LENGTH = 76  # RFC 2045 section 6.7: encoded lines are at most 76 characters
 STARTUP_TIMEOUT = 20.0  # seconds a server gets to accept its first connection
 REPLY_TIMEOUT = 30.0  # seconds one SMTP transaction may take before it counts as an error
@@ -58,7 +59,7 @@ GUARDRAIL_CONFIG = """\
 listen = "127.0.0.1"
 port = {port}
 hostname = "mx.bench"
-inboxes = ["{recipient}"]
+inboxes = ["support@example.com", "billing@example.com"]
 max_message_size = "16MiB"
 max_connections = 200
 
@@ -77,46 +78,12 @@ directory = "rules"
 [log]
 format = "json"
 level = "warning"
+
+# The benchmark sends no HTTP requests, and the default fixed port could be
+# taken by another guardrail on the same machine.
+[http]
+enabled = false
 """
-
-# One team and a default route, plus routes whose regex and contains
-# conditions are evaluated for every message and never match the load.
-GUARDRAIL_RULES = """\
-[[team]]
-name = "support"
-destination = { maildir = "maildir/support" }
-members = [{ name = "Sam Ortiz", address = "sam.ortiz@example.org" }]
-
-[[route]]
-name = "billing-words"
-team = "support"
-any = [
-    { subject.regex = '(?i)\\b(invoice|refund|receipt|chargeback)\\b' },
-    { from_domain.is = ["stripe.com", "paddle.com"] },
-]
-
-[[route]]
-name = "outage-reports"
-team = "support"
-all = [
-    { any = [{ subject.contains = ["outage", "not working", "is down"] }, { header.X-Priority.is = "1" }] },
-    { rcpt.is = "support@example.org" },
-]
-
-[[route]]
-name = "key-accounts"
-team = "support"
-any = [
-    { from.regex = '.*@(bigcorp|megacorp)\\.example' },
-    { to.contains = "escalations" },
-]
-
-[[route]]
-name = "default"
-team = "support"
-default = true
-"""
-
 
 # -- messages -------------------------------------------------------------------
 
@@ -124,21 +91,22 @@ default = true
 class MessageFactory:
     """Builds messages of about `size` bytes, each with a unique Message-ID."""
 
-    def __init__(self, size: int, run_id: str) -> None:
-        self._run_id = run_id
+    def __init__(self, size: int, cell_id: str) -> None:
+        self._cell_id = cell_id
         self._date = format_datetime(datetime.now(timezone.utc))
-        header_size = len(self._headers(0, 0, 0))
+        # Headers of a typical message: two-digit worker, five-digit sequence.
+        header_size = len(self._headers(10, 10_000, 0))
         self._body = _padding_body(max(size - header_size, LINE_LENGTH + 2))
 
     def _headers(self, worker: int, sequence: int, order: int) -> bytes:
         return (
             f"Received: from laptop.example.net (laptop.example.net [192.0.2.10])\r\n"
             f"\tby smtp.example.net with ESMTPSA id w{worker}s{sequence}; {self._date}\r\n"
-            f"From: Casey Customer <{SENDER}>\r\n"
+            f"From: Casey Customer <{self._sender(worker, sequence)}>\r\n"
             f"To: Support <{RECIPIENT}>\r\n"
             f"Subject: Question about my account settings (order {order:06d})\r\n"
             f"Date: {self._date}\r\n"
-            f"Message-ID: <{self._run_id}.{worker}.{sequence}@laptop.example.net>\r\n"
+            f"Message-ID: <{self._cell_id}.{worker}.{sequence}@laptop.example.net>\r\n"
             f"MIME-Version: 1.0\r\n"
             f"Content-Type: text/plain; charset=utf-8\r\n"
             f"Content-Transfer-Encoding: 7bit\r\n"
@@ -146,22 +114,29 @@ class MessageFactory:
             f"\r\n"
         ).encode()
 
-    def build(self, worker: int, sequence: int) -> bytes:
-        """Return one message ending with CRLF; no line starts with a dot, so no dot-stuffing is needed."""
-        return self._headers(worker, sequence, (worker * 7919 + sequence) % 1_000_000) + self._body
+    def build(self, worker: int, sequence: int) -> tuple[str, bytes]:
+        """Return the sender and one message ending with CRLF.
+
+        No line starts with a dot, so the message needs no dot-stuffing.
+        """
+        message = self._headers(worker, sequence, (worker * 7919 + sequence) % 1_000_000) + self._body
+        return self._sender(worker, sequence), message
+
+    def _sender(self, worker: int, sequence: int) -> str:
+        # A shared inbox hears from many customers: one sender per message means
+        # guardrail acknowledges each one instead of rate-limiting a single sender.
+        return f"casey.{self._cell_id}.{worker}.{sequence}@example.net"
 
 
 def _padding_body(size: int) -> bytes:
+    """Return whole 76-character lines of words, CRLF-terminated, at most `size` bytes (one line at least)."""
     generator = random.Random(size)
     lines = []
-    total = 0
-    while total < size:
+    for _ in range(max(1, size // (LINE_LENGTH + 2))):
         line = ""
         while len(line) < LINE_LENGTH:
             line += generator.choice(WORDS) + " "
-        line = line[:LINE_LENGTH]
-        lines.append(line.encode() + b"\r\n")
-        total += LINE_LENGTH + 2
+        lines.append(line[:LINE_LENGTH].encode() + b"\r\n")
     return b"".join(lines)
 
 
@@ -170,7 +145,7 @@ def _padding_body(size: int) -> bytes:
 
 @dataclass
 class Tally:
-    """What the workers of one cell counted."""
+    """Counters shared by the workers of one cell."""
 
     measuring: bool = False
     stopping: bool = False
@@ -204,16 +179,16 @@ class RawClient:
         self._writer.write(b"EHLO loadgen.bench\r\n")
         await self._expect(250)
 
-    async def send(self, message: bytes) -> None:
+    async def send(self, sender: str, message: bytes) -> None:
         assert self._writer is not None
-        self._writer.write(f"MAIL FROM:<{SENDER}>\r\n".encode())
+        self._writer.write(f"MAIL FROM:<{sender}>\r\n".encode())
         await self._expect(250)
         self._writer.write(f"RCPT TO:<{RECIPIENT}>\r\n".encode())
         await self._expect(250)
         self._writer.write(b"DATA\r\n")
         await self._expect(354)
-        self._writer.write(message)
-        self._writer.write(b".\r\n")
+        # One write: the message and the end-of-data line leave in as few segments as possible.
+        self._writer.write(message + b".\r\n")
         await self._expect(250)
 
     async def reset(self) -> None:
@@ -257,19 +232,27 @@ class AiosmtplibClient:
         )
 
     async def connect(self) -> None:
-        await self._client.connect()
-        await self._client.ehlo()
-
-    async def send(self, message: bytes) -> None:
         try:
-            await self._client.sendmail(SENDER, [RECIPIENT], message)
+            await self._client.connect()
+            await self._client.ehlo()
+        except self._library.SMTPException as error:
+            raise ConnectionError(f"aiosmtplib: {error}") from error
+
+    async def send(self, sender: str, message: bytes) -> None:
+        try:
+            await self._client.sendmail(sender, [RECIPIENT], message)
         except self._library.SMTPResponseException as error:
             raise SmtpError(f"{error.code} {error.message}") from error
         except self._library.SMTPRecipientsRefused as error:
             raise SmtpError(str(error)) from error
+        except self._library.SMTPException as error:
+            raise ConnectionError(f"aiosmtplib: {error}") from error
 
     async def reset(self) -> None:
-        await self._client.rset()
+        try:
+            await self._client.rset()
+        except self._library.SMTPException as error:
+            raise ConnectionError(f"aiosmtplib: {error}") from error
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -290,11 +273,11 @@ async def _worker(number: int, port: int, client_kind: str, messages: MessageFac
                 await client.connect()
             while not tally.stopping:
                 sequence += 1
-                message = messages.build(number, sequence)
+                sender, message = messages.build(number, sequence)
                 started = time.perf_counter()
                 try:
                     async with asyncio.timeout(REPLY_TIMEOUT):
-                        await client.send(message)
+                        await client.send(sender, message)
                 except SmtpError as error:
                     tally.error(str(error))
                     async with asyncio.timeout(REPLY_TIMEOUT):
@@ -318,29 +301,35 @@ class CellResult:
     tally: Tally
     generator_cpu: float  # share of one core used by this process during the window
     server_cpu: float  # share of one core used by the server process during the window
+    other_cpu: float  # share of one core used by everything else on the machine during the window
 
 
 async def run_cell(
-    port: int, server_pid: int, size: int, concurrency: int, seconds: float, warmup: float, client_kind: str, run_id: str,
+    port: int, server_pid: int, size: int, concurrency: int, seconds: float, warmup: float, client_kind: str, cell_id: str,
 ) -> CellResult:
-    """Load the server on `port` with `concurrency` workers; count 250s after the warm-up."""
-    messages = MessageFactory(size, run_id)
+    """Load the server on `port` with `concurrency` workers and count the 250 replies after the warm-up."""
+    messages = MessageFactory(size, cell_id)
     tally = Tally()
     workers = [asyncio.create_task(_worker(n, port, client_kind, messages, tally)) for n in range(concurrency)]
     await asyncio.sleep(warmup)
 
     tally.measuring = True
-    wall_start, cpu_start, server_start = time.perf_counter(), time.process_time(), _process_cpu(server_pid)
+    wall_start, cpu_start = time.perf_counter(), time.process_time()
+    server_start, machine_start = _process_cpu(server_pid), _machine_cpu()
     await asyncio.sleep(seconds)
     tally.measuring = False
-    wall, cpu, server = time.perf_counter() - wall_start, time.process_time() - cpu_start, _process_cpu(server_pid) - server_start
+    wall, cpu = time.perf_counter() - wall_start, time.process_time() - cpu_start
+    server, machine = _process_cpu(server_pid) - server_start, _machine_cpu() - machine_start
 
     tally.stopping = True
     _, pending = await asyncio.wait(workers, timeout=REPLY_TIMEOUT + 10)
     for task in pending:
         task.cancel()
-    await asyncio.gather(*workers, return_exceptions=True)
-    return CellResult(tally.accepted_in_window / wall, tally, cpu / wall, server / wall)
+    for outcome in await asyncio.gather(*workers, return_exceptions=True):
+        if isinstance(outcome, Exception):
+            tally.error(f"worker failed: {outcome!r}")
+    other = max(0.0, machine - cpu - server)
+    return CellResult(tally.accepted_in_window / wall, tally, cpu / wall, server / wall, other / wall)
 
 
 def _process_cpu(pid: int) -> float:
@@ -349,6 +338,15 @@ def _process_cpu(pid: int) -> float:
         fields = handle.read().rpartition(")")[2].split()
     # Fields 14 and 15 of proc(5), counted after the parenthesised command name.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_cpu() -> float:
+    """Return the CPU seconds all processes have used so far, from the first line of /proc/stat."""
+    with open("/proc/stat") as handle:
+        fields = handle.readline().split()
+    # user, nice, system, idle, iowait, irq, softirq, steal: everything but idle and iowait is busy.
+    busy = sum(int(value) for index, value in enumerate(fields[1:9]) if index not in (3, 4))
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 # -- servers ------------------------------------------------------------------------
@@ -361,8 +359,9 @@ class Server:
     port: int
     log_path: Path
     database: Path | None = None
-    maildir: Path | None = None
+    folder: Path | None = None  # where guardrail's maildirs are
     accepted_total: int = 0
+    max_backlog: int = 0  # outbox rows pending at the end of a measuring window, largest over all cells
 
 
 def _free_port() -> int:
@@ -381,12 +380,13 @@ def start_sink(loop_name: str, folder: Path) -> Server:
     return Server(name, process, port, log_path)
 
 
-def start_guardrail(folder: Path, profile: Path | None) -> Server:
+def start_guardrail(folder: Path, rules: Path, profile: Path | None) -> Server:
     port = _free_port()
-    (folder / "rules").mkdir()
-    (folder / "rules" / "10-bench.toml").write_text(GUARDRAIL_RULES)
+    # Relative maildir paths in the rules resolve against the config's folder,
+    # so every team's mail lands inside the temporary folder.
+    shutil.copytree(rules, folder / "rules")
     config = folder / "guardrail.toml"
-    config.write_text(GUARDRAIL_CONFIG.format(port=port, recipient=RECIPIENT))
+    config.write_text(GUARDRAIL_CONFIG.format(port=port))
     log_path = folder / "guardrail.log"
     profiler = [sys.executable, "-m", "cProfile", "-o", str(profile)] if profile else [sys.executable]
     command = [*profiler, "-m", "guardrail", "run", "--config", str(config)]
@@ -395,11 +395,14 @@ def start_guardrail(folder: Path, profile: Path | None) -> Server:
         # The working tree comes first on sys.path, so the checkout is measured
         # even when an older guardrail is installed.
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=environment)
-    return Server("guardrail", process, port, log_path, folder / "guardrail.db", folder / "maildir" / "support" / "new")
+    return Server("guardrail", process, port, log_path, folder / "guardrail.db", folder)
 
 
 async def wait_until_accepting(server: Server) -> None:
-    """Wait until `server` sends its 220 greeting; raise RuntimeError if it exits or times out."""
+    """Wait until `server` sends its 220 greeting.
+
+    Raises RuntimeError if the server exits or does not greet within STARTUP_TIMEOUT.
+    """
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
@@ -420,7 +423,7 @@ async def wait_until_accepting(server: Server) -> None:
 
 
 def stop(server: Server) -> None:
-    """Send SIGTERM to the server's PID and wait for it; SIGKILL it if it lingers."""
+    """Send SIGTERM to the server's PID and wait for it to exit, then SIGKILL it if it is still running."""
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGTERM)
         try:
@@ -443,8 +446,16 @@ def outbox_pending(database: Path) -> int:
         return db.execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0]
 
 
+def stored_counts(database: Path) -> tuple[int, dict[str, int]]:
+    """Return the number of stored messages and the outbox row count by state."""
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10)) as db:
+        messages = db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        states = dict(db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall())
+    return messages, states
+
+
 async def wait_for_drain(database: Path, timeout: float) -> tuple[int, float]:
-    """Poll the outbox until nothing is pending or `timeout` passes; return the pending count and the time waited."""
+    """Poll the outbox until nothing is pending or `timeout` passes, and return the pending count and the time waited."""
     started = time.monotonic()
     while True:
         pending = await asyncio.to_thread(outbox_pending, database)
@@ -473,23 +484,35 @@ def _print_detail(server: Server, size: int, concurrency: int, result: CellResul
     print(
         f"  {server.name:<12} {_size_label(size):>7} c={concurrency:<3} {result.rate:8.1f} msg/s"
         f"  p50 {_percentile(tally.latencies, 0.5) * 1000:6.1f} ms  p99 {_percentile(tally.latencies, 0.99) * 1000:6.1f} ms"
-        f"  server CPU {result.server_cpu:4.0%}  generator CPU {result.generator_cpu:4.0%}  errors {tally.errors}{backlog}",
+        f"  CPU server {result.server_cpu:4.0%} generator {result.generator_cpu:4.0%} other {result.other_cpu:4.0%}"
+        f"  errors {tally.errors}{backlog}",
         flush=True,
     )
     for sample in tally.error_samples:
         print(f"      error: {sample}")
 
 
-def _print_table(rates: dict[tuple[int, int, str], float], sizes: list[int], concurrencies: list[int], names: list[str]) -> None:
+def _print_table(cells: dict[tuple[int, int, str], list[CellResult]], sizes: list[int], concurrencies: list[int]) -> None:
+    """Print the median rate of each cell, the ratio guardrail/sink, and the busiest other load seen."""
     print()
-    print(f"{'size':>7} {'conc':>5} {'sink msg/s':>11} {'sink-uvloop msg/s':>18} {'guardrail msg/s':>16} {'guardrail/sink':>15}")
+    print(f"{'size':>7} {'conc':>5} {'sink msg/s':>11} {'sink-uvloop msg/s':>18} {'guardrail msg/s':>16} {'guardrail/sink':>15}"
+          f" {'other CPU':>10}")
     for size in sizes:
         for concurrency in concurrencies:
-            sink = rates.get((size, concurrency, "sink"), float("nan"))
-            sink_uvloop = rates.get((size, concurrency, "sink-uvloop"), float("nan"))
-            guardrail = rates.get((size, concurrency, "guardrail"), float("nan"))
-            ratio = guardrail / sink if sink else float("nan")
-            print(f"{_size_label(size):>7} {concurrency:>5} {sink:>11.1f} {sink_uvloop:>18.1f} {guardrail:>16.1f} {ratio:>14.2f}x")
+            rates = {name: _median_rate(cells.get((size, concurrency, name), [])) for name in ("sink", "sink-uvloop", "guardrail")}
+            ratio = rates["guardrail"] / rates["sink"] if rates["sink"] else float("nan")
+            others = [result.other_cpu for (s, c, _), results in cells.items() if (s, c) == (size, concurrency) for result in results]
+            print(
+                f"{_size_label(size):>7} {concurrency:>5} {rates['sink']:>11.1f} {rates['sink-uvloop']:>18.1f}"
+                f" {rates['guardrail']:>16.1f} {ratio:>14.2f}x {max(others, default=0):>10.0%}"
+            )
+    print("other CPU: the most CPU that processes outside this benchmark used during any window of the row, as a share of one core.")
+
+
+def _median_rate(results: list[CellResult]) -> float:
+    if not results:
+        return float("nan")
+    return statistics.median(result.rate for result in results)
 
 
 # -- main -------------------------------------------------------------------------------
@@ -511,12 +534,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=1.0, help="warm-up before each window, in seconds (default 1)")
     parser.add_argument("--sizes", type=_int_list, default=[4096, 65536], help="message sizes in bytes (default 4096,65536)")
     parser.add_argument("--concurrency", type=_int_list, default=[1, 10, 50], help="connections per cell (default 1,10,50)")
+    parser.add_argument("--repeat", type=int, default=1, help="measure each cell this many times and report the median (default 1)")
     parser.add_argument("--servers", default="sink,sink-uvloop,guardrail",
                         help="comma-separated servers to measure (default sink,sink-uvloop,guardrail)")
     parser.add_argument("--client", choices=sorted(CLIENTS), default="raw",
                         help="load generator's SMTP client (default raw: asyncio streams, cheaper than aiosmtplib)")
-    parser.add_argument("--drain-timeout", type=float, default=20.0,
-                        help="seconds to wait after each guardrail cell for the outbox to empty (default 20)")
+    parser.add_argument("--drain-timeout", type=float, default=15.0,
+                        help="seconds to wait after each guardrail cell for the outbox to empty (default 15)")
+    parser.add_argument("--rules", type=Path, default=REPO / "rules", metavar="DIR",
+                        help="rules folder guardrail routes with (default: the repository's example rules)")
     parser.add_argument("--cprofile", type=Path, metavar="FILE", help="run guardrail under cProfile and write its stats to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (database, maildir, logs)")
     return parser
@@ -530,7 +556,7 @@ async def run(arguments: argparse.Namespace, folder: Path) -> None:
     starters = {
         "sink": lambda: start_sink("asyncio", folder),
         "sink-uvloop": lambda: start_sink("uvloop", folder),
-        "guardrail": lambda: start_guardrail(folder, arguments.cprofile),
+        "guardrail": lambda: start_guardrail(folder, arguments.rules, arguments.cprofile),
     }
     servers: list[Server] = []
     try:
@@ -546,50 +572,84 @@ async def run(arguments: argparse.Namespace, folder: Path) -> None:
 
 
 async def _measure(arguments: argparse.Namespace, servers: list[Server]) -> None:
-    run_id = f"{int(time.time())}.{os.getpid()}"
-    rates: dict[tuple[int, int, str], float] = {}
-    print(f"per cell: {arguments.warmup:g} s warm-up, {arguments.seconds:g} s measured; client {arguments.client}", flush=True)
+    run_id = f"{int(time.time())}{os.getpid()}"
+    cell_number = 0
+    cells: dict[tuple[int, int, str], list[CellResult]] = {}
+    print(f"per cell: {arguments.warmup:g} s warm-up, {arguments.seconds:g} s measured, {arguments.repeat} time(s);"
+          f" client {arguments.client}", flush=True)
     for size in arguments.sizes:
         for concurrency in arguments.concurrency:
-            for server in servers:
-                result = await run_cell(
-                    server.port, server.process.pid, size, concurrency, arguments.seconds, arguments.warmup,
-                    arguments.client, run_id,
-                )
-                server.accepted_total += result.tally.accepted_total
-                rates[(size, concurrency, server.name)] = result.rate
-                backlog = ""
-                if server.database is not None:
-                    # Wait for the outbox to empty so a backlog does not steal
-                    # CPU from the next cell, whichever server it measures.
-                    at_end = await asyncio.to_thread(outbox_pending, server.database)
-                    left, waited = await wait_for_drain(server.database, arguments.drain_timeout)
-                    backlog = f"  outbox pending at end {at_end}, {left} after {waited:.1f} s"
-                _print_detail(server, size, concurrency, result, backlog)
-    _print_table(rates, arguments.sizes, arguments.concurrency, [server.name for server in servers])
+            # Servers take turns within a cell, so a change in background load
+            # touches all of them rather than one.
+            for _ in range(arguments.repeat):
+                for server in servers:
+                    # Message-IDs and senders are unique across cells too, so no
+                    # message is a duplicate of, or a reply to, an earlier one.
+                    cell_number += 1
+                    result = await run_cell(
+                        server.port, server.process.pid, size, concurrency, arguments.seconds, arguments.warmup,
+                        arguments.client, f"{run_id}c{cell_number}",
+                    )
+                    server.accepted_total += result.tally.accepted_total
+                    cells.setdefault((size, concurrency, server.name), []).append(result)
+                    backlog = await _drain(server, arguments.drain_timeout)
+                    _print_detail(server, size, concurrency, result, backlog)
+    _print_table(cells, arguments.sizes, arguments.concurrency)
+
+
+async def _drain(server: Server, timeout: float) -> str:
+    """Wait for guardrail's outbox to empty, and return the text to print about the backlog."""
+    if server.database is None:
+        return ""
+    # A backlog left behind would steal CPU from the next cell, whichever
+    # server that cell measures.
+    at_end = await asyncio.to_thread(outbox_pending, server.database)
+    server.max_backlog = max(server.max_backlog, at_end)
+    left, waited = await wait_for_drain(server.database, timeout)
+    note = "; their delivery shares the CPU with the next cells (see other CPU)" if left else ""
+    return f"  outbox pending at end {at_end}, {left} after {waited:.1f} s{note}"
 
 
 def _print_delivery(servers: list[Server]) -> None:
     for server in servers:
-        if server.database is None or server.maildir is None:
+        if server.database is None or server.folder is None:
             continue
-        pending = outbox_pending(server.database)
-        delivered = len(os.listdir(server.maildir)) if server.maildir.is_dir() else 0
-        kept_up = "yes" if pending == 0 and delivered == server.accepted_total else "no"
+        messages, states = stored_counts(server.database)
+        files = sum(len(os.listdir(new)) for new in server.folder.rglob("new") if new.is_dir())
+        during = "yes" if server.max_backlog == 0 else f"no (largest outbox backlog at the end of a window: {server.max_backlog})"
+        after = "yes" if states.get("pending", 0) == 0 and states.get("failed", 0) == 0 else "no"
+        print(f"\n{server.name} delivery kept up during the load: {during}")
         print(
-            f"\n{server.name} delivery kept up: {kept_up} (accepted {server.accepted_total}, "
-            f"delivered to the maildir {delivered}, outbox pending after the run {pending})"
+            f"{server.name} outbox empty after the run: {after} (generator got {server.accepted_total} x 250, "
+            f"messages stored {messages}, outbox rows by state {states}, files in maildirs {files})"
         )
         warnings = [line for line in server.log_path.read_text(errors="replace").splitlines() if line.strip()]
         if warnings:
             print(f"{server.name} logged {len(warnings)} line(s) at warning or above; last: {warnings[-1][:300]}")
 
 
+def _source_revision() -> str:
+    """Return the checkout's commit and whether it has uncommitted changes, or "unknown" without git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if commit.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + (" with uncommitted changes" if status.stdout.strip() else "")
+
+
 def main() -> None:
-    arguments = build_parser().parse_args()
+    parser = build_parser()
+    arguments = parser.parse_args()
+    if arguments.seconds <= 0 or arguments.warmup < 0 or arguments.repeat < 1 or arguments.drain_timeout < 0:
+        parser.error("--seconds and --repeat must be positive; --warmup and --drain-timeout must not be negative")
+    if not arguments.rules.is_dir():
+        parser.error(f"--rules {arguments.rules} is not a folder; pass the folder of *.toml rule files")
     print(f"python {platform.python_version()} ({platform.python_implementation()}), aiosmtpd {version('aiosmtpd')}, "
           f"aiosmtplib {version('aiosmtplib')}, uvloop {version('uvloop')}, CPUs {os.cpu_count()}")
-    print(f"{platform.platform()}; guardrail from {REPO}")
+    print(f"{platform.platform()}; guardrail from {REPO} at {_source_revision()}")
     folder = Path(tempfile.mkdtemp(prefix="guardrail-bench-"))
     try:
         try:
@@ -600,6 +660,9 @@ def main() -> None:
             # The generator runs on uvloop so that its own overhead stays low;
             # it is the same for every server measured.
             uvloop.run(run(arguments, folder))
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     finally:
         if arguments.keep:
             print(f"kept {folder}")
