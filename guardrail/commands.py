@@ -55,7 +55,8 @@ def run(arguments: argparse.Namespace) -> int:
     try:
         runner(Daemon(config, rules).serve(pid_file=pid_file(config)))
     except OSError as error:
-        print(f"error: cannot listen on {config.smtp.listen}:{config.smtp.port}: {error.strerror}", file=sys.stderr)
+        # The message names the address: SMTP or the HTTP listener.
+        print(f"error: cannot start the daemon: {error}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 

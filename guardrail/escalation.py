@@ -14,11 +14,9 @@ import hmac
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from email.message import EmailMessage
-from email.policy import SMTP
 from email.utils import format_datetime
 
-from .acknowledgement import new_message_id, one_line
+from .acknowledgement import build_text_message, new_message_id, one_line
 from .loops import LOOP_HEADER
 from .rules import RuleSet, Team
 from .rules_sla import EscalationLevel, Human, Webhook
@@ -175,17 +173,17 @@ def escalation_mail(conversation: DueConversation, human: Human, subject: str, t
         f"or run: {sender.answer_command} {conversation.reference}",
         "",
     ])
-    message = EmailMessage(policy=SMTP.clone(max_line_length=78))
-    message["From"] = f"guardrail <{sender.from_address}>"
-    message["To"] = human.formatted()
-    message["Subject"] = one_line(subject)
-    message["Date"] = format_datetime(now)
-    message["Message-ID"] = new_message_id("escalation", conversation.reference, sender.hostname)
-    message["Auto-Submitted"] = "auto-generated"
-    message[LOOP_HEADER] = sender.hostname
-    message["X-Guardrail-Conversation"] = conversation.reference
-    message.set_content(body, charset="utf-8")
-    return message.as_bytes()
+    headers = [
+        ("From", f"guardrail <{sender.from_address}>"),
+        ("To", human.formatted()),
+        ("Subject", one_line(subject)),
+        ("Date", format_datetime(now)),
+        ("Message-ID", new_message_id("escalation", conversation.reference, sender.hostname)),
+        ("Auto-Submitted", "auto-generated"),
+        (LOOP_HEADER, sender.hostname),
+        ("X-Guardrail-Conversation", conversation.reference),
+    ]
+    return build_text_message(headers, body)
 
 
 def webhook_body(conversation: DueConversation, level: int, human: Human | None, now: datetime, sender: Sender) -> dict[str, object]:

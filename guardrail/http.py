@@ -306,9 +306,18 @@ class _EmbeddedServer(uvicorn.Server):
     long as it runs, which would stop the daemon's own handlers from firing.
     """
 
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.exit_requested = asyncio.Event()
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def main_loop(self) -> None:
+        # uvicorn's own loop wakes every 0.1 s to poll should_exit and refresh
+        # the Date header; waiting on an event lets an idle daemon sleep.
+        await self.exit_requested.wait()
 
 
 class HttpListener:
@@ -322,6 +331,8 @@ class HttpListener:
     async def stop(self) -> None:
         """Stop listening, let requests in progress finish, and wait for the server to end."""
         self._server.should_exit = True
+        if isinstance(self._server, _EmbeddedServer):
+            self._server.exit_requested.set()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), STOP_TIMEOUT.total_seconds())
         except TimeoutError:
@@ -345,7 +356,7 @@ async def serve_http(app: ASGIApp, listen: str, port: int) -> HttpListener:
     sock = _bind(listen, port)
     config = uvicorn.Config(
         app, log_config=None, lifespan="off", access_log=False, http="h11", ws="none",
-        proxy_headers=False, server_header=False, reset_contextvars=True, log_level="warning",
+        proxy_headers=False, server_header=False, date_header=False, reset_contextvars=True, log_level="warning",
         timeout_graceful_shutdown=int(STOP_TIMEOUT.total_seconds()),
     )
     server = _EmbeddedServer(config)

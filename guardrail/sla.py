@@ -129,7 +129,8 @@ class ZombieWatch:
         def planner(figures: list[RouteFigures], alarmed: set[str]) -> list[ZombieAlarm]:
             return find_zombie_routes(figures, rules, self._settings, now, self._sender, alarmed)
 
-        alarms = await self._store.raise_zombie_alarms(now, self._settings.conversations, self._settings.period, planner)
+        routes = [route.name for route in rules.routes]
+        alarms = await self._store.raise_zombie_alarms(now, self._settings.conversations, self._settings.period, routes, planner)
         for alarm in alarms:
             log.warning("zombie_route_alarm", route=alarm.route, to=alarm.owner.address, figures=alarm.figures)
         if alarms:

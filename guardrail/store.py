@@ -30,7 +30,9 @@ log = structlog.get_logger("guardrail.store")
 # At most this many queued writes share one transaction.
 MAX_BATCH = 256
 # At most this many due conversations are escalated in one transaction.
-ESCALATION_BATCH = 100
+# Planning builds mail on the event loop inside the write transaction, so
+# batches stay small to keep intake responsive during a backlog.
+ESCALATION_BATCH = 20
 
 __all__ = ["AttemptResult", "Outcome", "OutboxRow", "Store", "StoreSettings"]
 
@@ -61,6 +63,7 @@ class ZombieRun:
     now: datetime
     recent: int
     period: timedelta
+    routes: list[str]
     planner: Callable[..., list[Any]]
 
 
@@ -128,9 +131,11 @@ class Store:
         """Escalate up to a batch of conversations due at `now`; return how many fired."""
         return await self._submit(EscalationRun(now, planner))
 
-    async def raise_zombie_alarms(self, now: datetime, recent: int, period: timedelta, planner: Callable[..., list[Any]]) -> list[Any]:
-        """Raise alarms for routes whose mail goes unanswered; return the alarms raised."""
-        return await self._submit(ZombieRun(now, recent, period, planner))
+    async def raise_zombie_alarms(
+        self, now: datetime, recent: int, period: timedelta, routes: list[str], planner: Callable[..., list[Any]]
+    ) -> list[Any]:
+        """Raise alarms for those of `routes` whose mail goes unanswered; return the alarms raised."""
+        return await self._submit(ZombieRun(now, recent, period, routes, planner))
 
     async def _submit(self, item: Submission | AttemptResult | EscalationRun | ZombieRun) -> Any:
         if self._committer is None or self._committer.done():
@@ -167,7 +172,10 @@ class Store:
             outcomes = iter(await writer.add_submissions(submissions))
             writer.add_attempts(attempts)
             fired = iter([await writer.add_escalations(run.now, run.planner, ESCALATION_BATCH) for run in runs])
-            alarms = iter([await writer.add_zombie_alarms(run.now, run.recent, run.period, run.planner) for run in zombie_runs])
+            alarms = iter([
+                await writer.add_zombie_alarms(run.now, run.recent, run.period, run.routes, run.planner)
+                for run in zombie_runs
+            ])
             await writer.flush()
             await self._db.execute("COMMIT")
         except BaseException:

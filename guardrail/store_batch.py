@@ -78,6 +78,10 @@ CREATE TABLE IF NOT EXISTS conversations (
 );
 CREATE INDEX IF NOT EXISTS conversations_due ON conversations (next_escalation_at)
     WHERE next_escalation_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS conversations_route_opened ON conversations (route, opened_at)
+    WHERE deadline IS NOT NULL;
+CREATE INDEX IF NOT EXISTS conversations_route_answered ON conversations (route, answered_at)
+    WHERE deadline IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS message_ids (
     message_id TEXT PRIMARY KEY,
@@ -451,21 +455,33 @@ class BatchWriter:
 
     # -- zombie-route alarms ----------------------------------------------------
 
-    async def add_zombie_alarms(self, now: datetime, recent: int, period: timedelta, planner: Callable[..., list[Any]]) -> list[Any]:
-        """Raise alarms for abandoned routes, skipping routes alarmed within `period`; return them."""
-        sql = (
-            "SELECT route, team, COUNT(*), SUM(state = 'answered') FROM ("
-            " SELECT route, team, state, ROW_NUMBER() OVER (PARTITION BY route ORDER BY opened_at DESC) AS position"
-            " FROM conversations WHERE deadline IS NOT NULL) WHERE position <= ? GROUP BY route, team"
-        )
-        async with self.db.execute(sql, (recent,)) as cursor:
-            counts = await cursor.fetchall()
-        sql = (
-            "SELECT route, MIN(opened_at), MAX(opened_at), MAX(answered_at) FROM conversations"
-            " WHERE deadline IS NOT NULL GROUP BY route"
-        )
-        async with self.db.execute(sql) as cursor:
-            times = {row[0]: row[1:] for row in await cursor.fetchall()}
+    async def add_zombie_alarms(
+        self, now: datetime, recent: int, period: timedelta, routes: list[str], planner: Callable[..., list[Any]]
+    ) -> list[Any]:
+        """Raise alarms for abandoned `routes`, skipping routes alarmed within `period`; return them.
+
+        Every query goes through an index on (route, time), so the cost
+        grows with the number of routes, not with the stored history.
+        """
+        counts = []
+        times = {}
+        for route in routes:
+            sql = (
+                "SELECT team, state FROM conversations WHERE route = ? AND deadline IS NOT NULL"
+                " ORDER BY opened_at DESC LIMIT ?"
+            )
+            async with self.db.execute(sql, (route, recent)) as cursor:
+                newest = await cursor.fetchall()
+            if not newest:
+                continue
+            counts.append((route, newest[0][0], len(newest), sum(1 for _, state in newest if state == "answered")))
+            sql = (
+                "SELECT (SELECT MIN(opened_at) FROM conversations WHERE route = ?1 AND deadline IS NOT NULL),"
+                " (SELECT MAX(opened_at) FROM conversations WHERE route = ?1 AND deadline IS NOT NULL),"
+                " (SELECT MAX(answered_at) FROM conversations WHERE route = ?1 AND deadline IS NOT NULL)"
+            )
+            async with self.db.execute(sql, (route,)) as cursor:
+                times[route] = await cursor.fetchone()
         async with self.db.execute("SELECT DISTINCT route FROM alarms WHERE at > ?", (format_instant(now - period),)) as cursor:
             alarmed = {row[0] for row in await cursor.fetchall()}
 

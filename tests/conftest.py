@@ -84,6 +84,8 @@ def write_config(
         "smtp": smtp_settings,
         "postmaster": {"owner": "ops@example.org"},
         "log": {"format": "json"},
+        # Port 0: test runs in parallel must not compete for the default 8025.
+        "http": {"port": 0},
     }
     for name, values in (sections or {}).items():
         all_sections.setdefault(name, {}).update(values)
