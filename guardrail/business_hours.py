@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
@@ -74,25 +75,36 @@ def _local_instant(day: date, minutes: int, zone: ZoneInfo) -> datetime:
     return wall.astimezone(timezone.utc)
 
 
+@lru_cache(maxsize=4096)
+def _day_intervals(calendar: Calendar, day: date) -> tuple[tuple[datetime, datetime], ...]:
+    """Return the UTC intervals of the windows that start on local date `day`, in order."""
+    if day in calendar.holidays:
+        return ()
+    intervals = []
+    for window in calendar.weekly[day.weekday()]:
+        opens = _local_instant(day, window.start, calendar.zone)
+        closes = _local_instant(day, window.end, calendar.zone)
+        if closes > opens:
+            intervals.append((opens, closes))
+    return tuple(intervals)
+
+
 def _intervals_from(calendar: Calendar, start: datetime, limit: datetime):
     """Yield (open, close) UTC intervals of business time that end after `start`, in order."""
     local_day = start.astimezone(calendar.zone).date() - timedelta(days=1)
     last_day = limit.astimezone(calendar.zone).date() + timedelta(days=1)
     pending: tuple[datetime, datetime] | None = None
     while local_day <= last_day:
-        if local_day not in calendar.holidays:
-            for window in calendar.weekly[local_day.weekday()]:
-                opens = _local_instant(local_day, window.start, calendar.zone)
-                closes = _local_instant(local_day, window.end, calendar.zone)
-                if closes <= start or closes <= opens:
-                    continue
-                # Merge windows that touch or overlap (24x7, 00:00-24:00 days).
-                if pending and opens <= pending[1]:
-                    pending = (pending[0], max(pending[1], closes))
-                    continue
-                if pending:
-                    yield pending
-                pending = (opens, closes)
+        for opens, closes in _day_intervals(calendar, local_day):
+            if closes <= start:
+                continue
+            # Merge windows that touch or overlap (24x7, 00:00-24:00 days).
+            if pending and opens <= pending[1]:
+                pending = (pending[0], max(pending[1], closes))
+                continue
+            if pending:
+                yield pending
+            pending = (opens, closes)
         local_day += timedelta(days=1)
     if pending:
         yield pending

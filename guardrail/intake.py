@@ -67,6 +67,8 @@ _DEFAULT_ENHANCED = {
     "555": "5.5.4",
 }
 _END_OF_DATA = b"\r\n.\r\n"
+# A path in angle brackets with a dot-atom local part, or the null path.
+_PLAIN_PATH = re.compile(r"^\s*<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9.-]+)?)>(.*)$")
 _CHUNK = 256 * 1024
 
 
@@ -133,6 +135,16 @@ class GuardrailSMTP(SMTP):
         if isinstance(status, str):
             status = _with_enhanced_code(status, self.hostname)
         await super().push(status)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd parses every MAIL and RCPT argument with the email
+        # package's full RFC 5322 parser, a tenth of intake's time in
+        # profiles. Plain <local@domain> addresses take this path; anything
+        # else (quoted local parts, source routes) still goes to aiosmtpd.
+        match = _PLAIN_PATH.match(arg)
+        if match is None:
+            return super()._getaddr(arg)
+        return match.group(1) or "<>", match.group(2).lstrip()
 
     async def smtp_EXPN(self, arg: str) -> None:
         await self.push(REPLY_EXPN)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime
 
 from .acknowledgement import AckRequest
@@ -53,7 +54,7 @@ class Submission:
     # Shadow routes that match: {"route", "team", "would_win"} each.
     shadow: tuple[dict[str, object], ...] = ()
 
-    @property
+    @cached_property
     def dedupe_key(self) -> str:
         """Identify a retransmission: same Message-ID, envelope and content."""
         digest = hashlib.sha256()
