@@ -84,7 +84,11 @@ def check(arguments: argparse.Namespace) -> int:
         )
     findings = [Finding("error", str(error.path), f"{error.key}: {error.problem}" if error.key else error.problem) for error in errors] + findings
     has_errors = any(finding.level == "error" for finding in findings)
-    status = EXIT_USAGE if has_errors else EXIT_FAILURE if findings else EXIT_OK
+    status = EXIT_OK
+    if has_errors:
+        status = EXIT_USAGE
+    elif findings:
+        status = EXIT_FAILURE
 
     if arguments.format == "json":
         print(json.dumps({

@@ -1,4 +1,4 @@
-"""SMTP intake: an aiosmtpd server that says 250 only once a message is committed.
+"""SMTP intake: an aiosmtpd server that replies 250 only once a message is committed.
 
 `GuardrailSMTP` changes the protocol where a hardened MTA must differ from
 stock aiosmtpd: DATA is read in large chunks, bare CR or LF is rejected,

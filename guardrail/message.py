@@ -28,7 +28,7 @@ _WHITESPACE = re.compile(r"\s+")
 
 @dataclass(frozen=True)
 class Summary:
-    """What routing, threading and later decisions need to know about a message."""
+    """The values that routing, threading and later decisions read from a message."""
 
     message_id: str
     from_address: str

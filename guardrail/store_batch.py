@@ -148,7 +148,7 @@ CREATE INDEX IF NOT EXISTS events_conversation ON events (conversation_id);
 
 @dataclass(frozen=True)
 class StoreSettings:
-    """What the store's decisions need from the config."""
+    """Config values that the store's decisions read."""
 
     reference_prefix: str = "GR"
     duplicate_window: timedelta = timedelta(days=1)
@@ -159,7 +159,7 @@ class StoreSettings:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the store did with one submitted message."""
+    """The result of storing one submitted message."""
 
     disposition: str
     message_row: int | None = None
