@@ -101,6 +101,7 @@ def compile_sender_patterns(patterns: Iterable[str]) -> tuple[re.Pattern[str], .
 
 
 DEFAULT_SENDERS = compile_sender_patterns(DEFAULT_SENDER_PATTERNS)
+_NOT_COMPUTED = object()
 
 
 def has_our_loop_marker(summary: Summary, hostname: str) -> bool:
@@ -191,10 +192,16 @@ def acknowledgement_signal(
     hostname: str,
     is_staff: bool,
     sender_patterns: tuple[re.Pattern[str], ...] = DEFAULT_SENDERS,
+    machine: str | None | object = _NOT_COMPUTED,
 ) -> str | None:
-    """Return why the message must not be acknowledged, or None when it must be."""
-    signal = machine_signal(summary, mail_from, hostname, sender_patterns)
-    if signal:
+    """Return why the message must not be acknowledged, or None when it must be.
+
+    Pass `machine` when machine_signal was already computed for the message.
+    """
+    if machine is _NOT_COMPUTED:
+        machine = machine_signal(summary, mail_from, hostname, sender_patterns)
+    signal = machine
+    if isinstance(signal, str) and signal:
         return signal
     if not summary.from_address:
         return "no From header"

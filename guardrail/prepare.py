@@ -93,7 +93,9 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     team = match.team
     is_staff = rules.is_staff(summary.from_address) or rules.is_staff(envelope.mail_from)
     machine = machine_signal(summary, envelope.mail_from, site.hostname, site.sender_patterns)
-    ack_signal = acknowledgement_signal(summary, envelope.mail_from, site.hostname, is_staff, site.sender_patterns)
+    ack_signal = acknowledgement_signal(
+        summary, envelope.mail_from, site.hostname, is_staff, site.sender_patterns, machine=machine
+    )
 
     first_response = match.route.first_response or team.first_response
     deadline = add_business_time(now, first_response, team.calendar)
