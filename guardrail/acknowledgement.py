@@ -121,6 +121,10 @@ def fold_header(name: str, value: str) -> bytes:
     `value` must be one line already: callers pass one_line() text, addresses
     and message ids, so no merge field can start a header of its own.
     """
+    if name in ("From", "To") and not value.isascii():
+        # An internationalized address is written as UTF-8 (RFC 6532);
+        # RFC 2047 encoding is not allowed inside an address.
+        return f"{name}: {value}\r\n".encode("utf-8")
     # A word longer than a line allows is split by encoding it (RFC 2047).
     if not value.isascii() or any(len(word) > 900 for word in value.split(" ")):
         encoded = Header(value, "utf-8", maxlinelen=78, header_name=name).encode(linesep="\r\n")

@@ -29,10 +29,13 @@ class SystemClock:
         delay = (deadline - self.now()).total_seconds()
         if delay <= 0:
             return
+        # asyncio.wait, unlike wait_for on Python 3.11, never swallows a
+        # cancellation that arrives together with the wake-up.
+        woken = asyncio.ensure_future(wake.wait())
         try:
-            await asyncio.wait_for(wake.wait(), timeout=delay)
-        except TimeoutError:
-            pass
+            await asyncio.wait({woken}, timeout=delay)
+        finally:
+            woken.cancel()
 
 
 class ManualClock:

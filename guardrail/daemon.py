@@ -160,6 +160,7 @@ class Daemon:
             self._http = None
         if self._server is not None:
             self._server.close()
+            self._tracker.closing = True
             try:
                 await asyncio.wait_for(self._tracker.idle.wait(), SHUTDOWN_GRACE.total_seconds())
             except TimeoutError:
@@ -185,7 +186,14 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # Close what did start (the store's thread keeps the process alive).
+            await self.stop()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            raise
         if pid_file is not None:
             pid_file.write_text(f"{os.getpid()}\n")
         try:

@@ -22,7 +22,7 @@ import tenacity
 
 from .clock import Clock
 from .config import Config
-from .errors import PermanentDeliveryError, TemporaryDeliveryError
+from .errors import PermanentDeliveryError, StorageError, TemporaryDeliveryError
 from .escalation import decode_fallback
 from .loops import LOOP_HEADER
 from .metrics import Metrics
@@ -253,7 +253,11 @@ class DeliveryWorker:
         else:
             log.info("delivered", attempts=attempts)
             result = AttemptResult(row.id, row.conversation_id, row.message_row, now(), "done", attempts, kind=row.kind)
-        await self._store.record_attempt(result)
+        try:
+            await self._store.record_attempt(result)
+        except StorageError as error:
+            # The row stays pending, so the attempt is repeated later.
+            log.error("attempt_not_recorded", error=str(error), state=result.state)
 
     def _failed(self, row: OutboxRow, attempts: int, error: str) -> AttemptResult:
         purpose = row.target.get("purpose", "")

@@ -43,6 +43,8 @@ REPLY_NOT_OURS = "550 5.7.1 Recipient not accepted here; this server relays only
 REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 REPLY_BAD_SENDER = "501 5.1.7 Invalid sender address"
 REPLY_BAD_RECIPIENT = "501 5.1.3 Invalid recipient address"
+REPLY_BAD_HELO = "501 5.5.2 Invalid host name in EHLO"
+REPLY_NEEDS_SMTPUTF8 = "553 5.6.7 A non-ASCII address needs the SMTPUTF8 parameter"
 REPLY_VRFY = "252 2.5.2 Cannot verify the user; send mail and delivery will be attempted"
 REPLY_EXPN = "502 5.5.1 EXPN is not available"
 REPLY_BUSY = "421 4.7.0 Too many connections, try again later"
@@ -84,6 +86,7 @@ class ConnectionTracker:
         self.limit = limit
         self.connections: set[GuardrailSMTP] = set()
         self.busy = 0
+        self.closing = False
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -161,6 +164,12 @@ class GuardrailSMTP(SMTP):
             return
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
+            return
+        if self._tracker.closing:
+            # Shutting down: the client retries the whole transaction later.
+            await self.push(REPLY_SHUTTING_DOWN)
+            assert self.transport is not None
+            self.transport.close()
             return
 
         await self.push("354 End data with <CR><LF>.<CR><LF>")
@@ -280,23 +289,35 @@ class IntakeHandler:
         self.site = Site.from_config(self.config)
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]) -> list[str]:
+        if not _is_utf8(hostname):
+            return [REPLY_BAD_HELO]
         session.host_name = hostname
         return [*responses[:-1], "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str) -> str:
+        if not _is_utf8(hostname):
+            return REPLY_BAD_HELO
+        session.host_name = hostname
+        return f"250 {server.hostname}"
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
         # A connection carries several transactions; each starts with MAIL.
         structlog.contextvars.clear_contextvars()
-        if _has_control_characters(address):
-            log.warning("sender_rejected", peer=_peer(session), reason="control character in address")
+        if _has_control_characters(address) or not _is_utf8(address):
+            log.warning("sender_rejected", peer=_peer(session), reason="control character or invalid UTF-8 in address")
             self.metrics.messages_rejected.labels("invalid sender").inc()
             return REPLY_BAD_SENDER
+        if not address.isascii() and "SMTPUTF8" not in options:
+            # RFC 6531 section 3.5: a non-ASCII address needs the SMTPUTF8 parameter.
+            self.metrics.messages_rejected.labels("invalid sender").inc()
+            return REPLY_NEEDS_SMTPUTF8
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
-        if _has_control_characters(address):
-            log.warning("recipient_rejected", peer=_peer(session), reason="control character in address")
+        if _has_control_characters(address) or not _is_utf8(address):
+            log.warning("recipient_rejected", peer=_peer(session), reason="control character or invalid UTF-8 in address")
             self.metrics.messages_rejected.labels("invalid recipient").inc()
             return REPLY_BAD_RECIPIENT
         if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
@@ -392,6 +413,11 @@ def _signal_label(signal: str) -> str:
     label = re.sub(r"\S+@\S+", "ADDRESS", signal)
     label = re.sub(r"'.*'", "'...'", label)
     return label.split(":")[0] if label.lower().startswith(("auto-submitted", "x-auto-response-suppress")) else label
+
+
+def _is_utf8(text: str) -> bool:
+    # aiosmtpd keeps bytes that are not UTF-8 as surrogate escapes.
+    return not any("\udc80" <= char <= "\udcff" for char in text)
 
 
 def _has_control_characters(address: str) -> bool:

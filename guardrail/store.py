@@ -149,17 +149,25 @@ class Store:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < MAX_BATCH:
                 batch.append(self._queue.get_nowait())
-            try:
-                results = await self._commit(batch)
-            except Exception as error:  # noqa: BLE001 - every waiter must hear of it
-                log.error("commit_failed", error=repr(error), batch_size=len(batch))
+            await self._commit_or_split(batch)
+
+    async def _commit_or_split(self, batch: list[_Job]) -> None:
+        """Commit `batch`; when it fails, commit each job alone so one bad job fails only itself."""
+        try:
+            results = await self._commit(batch)
+        except Exception as error:  # noqa: BLE001 - every waiter must hear of it
+            if len(batch) > 1:
+                log.warning("commit_retried_one_by_one", error=repr(error), batch_size=len(batch))
                 for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(StorageError("the database write failed"))
-                continue
-            for job, result in zip(batch, results):
-                if not job.future.done():
-                    job.future.set_result(result)
+                    await self._commit_or_split([job])
+                return
+            log.error("commit_failed", error=repr(error))
+            if not batch[0].future.done():
+                batch[0].future.set_exception(StorageError("the database write failed"))
+            return
+        for job, result in zip(batch, results):
+            if not job.future.done():
+                job.future.set_result(result)
 
     async def _commit(self, batch: list[_Job]) -> list[Any]:
         submissions = [job.item for job in batch if isinstance(job.item, Submission)]

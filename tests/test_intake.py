@@ -757,3 +757,59 @@ async def test_stop_lets_data_in_flight_finish(tmp_path: Path, start_daemon) -> 
     assert after == [["421 4.3.2 Service shutting down, try again later"]]
     assert stored_raws(daemon) == [content]
     assert await connection_refused(port)
+
+
+async def _exchange(port: int, commands: list[bytes]) -> list[bytes]:
+    """Send each command and return each reply (multi-line replies joined), greeting first."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def reply() -> bytes:
+        lines = b""
+        while True:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            lines += line
+            if line[3:4] != b"-":
+                return lines
+
+    replies = [await reply()]
+    for command in commands:
+        writer.write(command)
+        await writer.drain()
+        replies.append(await reply())
+    writer.close()
+    return replies
+
+
+async def test_invalid_utf8_is_rejected_per_command(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    replies = await _exchange(daemon.port, [
+        b"EHLO m\xfcller.example\r\n",
+        b"HELO m\xfcller.example\r\n",
+        b"EHLO client.example\r\n",
+        b"MAIL FROM:<j\xfcrgen@example.com>\r\n",
+        "MAIL FROM:<jürgen@example.com>\r\n".encode(),
+        b"MAIL FROM:<alice@example.com>\r\n",
+        b"RCPT TO:<s\xfcpport@example.org>\r\n",
+    ])
+    assert replies[1].startswith(b"501 5.5.2 ")
+    assert replies[2].startswith(b"501 5.5.2 ")
+    assert replies[3].startswith(b"250-")
+    assert replies[4].startswith(b"501 5.1.7 ")
+    assert replies[5].startswith(b"553 5.6.7 ")
+    assert replies[6].startswith(b"250 2.1.0 ")
+    assert replies[7].startswith(b"501 5.1.3 ")
+
+
+async def test_utf8_sender_with_smtputf8_is_acknowledged(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    replies = await _exchange(daemon.port, [
+        b"EHLO client.example\r\n",
+        "MAIL FROM:<jürgen@müller.example> SMTPUTF8\r\n".encode(),
+        b"RCPT TO:<support@example.org>\r\n",
+        b"DATA\r\n",
+        "From: Jürgen <jürgen@müller.example>\r\nSubject: Grüße\r\n\r\nHallo\r\n.\r\n".encode(),
+    ])
+    assert replies[-1].startswith(b"250 2.0.0 Ok: queued as GR-")
+    await wait_until(lambda: maildir_messages(tmp_path / "var" / "outbound"), what="the acknowledgement")
+    (ack,) = maildir_messages(tmp_path / "var" / "outbound")
+    assert "To: jürgen@müller.example\r\n".encode() in ack
