@@ -18,7 +18,7 @@ from .config import Config, load_config
 from .errors import ConfigError, ConfigErrors
 from .harness import evaluate, run_case
 from .message import summarize
-from .prepare import Site
+from .prepare import Site, is_inbox
 from .routing import Facts, match_route
 from .rules import RuleSet, load_rules
 from .tomlcheck import parse_duration
@@ -116,7 +116,11 @@ def route(arguments: argparse.Namespace) -> int:
     except OSError as error:
         print(f"error: cannot read {arguments.message}: {error.strerror}", file=sys.stderr)
         return EXIT_USAGE
-    rcpt_tos = tuple(address.lower() for address in arguments.rcpt) or tuple(sorted(config.smtp.inboxes))[:1]
+    rcpt_tos = tuple(address.lower() for address in arguments.rcpt) or (config.smtp.first_inbox,)
+    unknown = [address for address in rcpt_tos if not is_inbox(address, Site.from_config(config))]
+    if unknown:
+        print(f"error: --rcpt {unknown[0]!r} is not an inbox in {arguments.config}; use one of [smtp] inboxes", file=sys.stderr)
+        return EXIT_USAGE
     match = match_route(rules, Facts(rcpt_tos, summarize(raw)))
     destination = match.team.destination.describe() if match.team.destination else "none (team has no destination)"
     print(f"route:       {match.route.name}")

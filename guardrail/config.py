@@ -52,6 +52,7 @@ class HttpSettings:
 
 @dataclass(frozen=True)
 class SmtpSettings:
+    first_inbox: str  # the first address listed in inboxes
     listen: str
     port: int
     hostname: str
@@ -229,6 +230,7 @@ def _load_smtp(table: Table) -> SmtpSettings:
         hostname = socket.getfqdn()
 
     settings = SmtpSettings(
+        first_inbox=inboxes[0] if inboxes else "",
         listen=table.string("listen", "127.0.0.1") or "127.0.0.1",
         port=table.integer("port", 2525, minimum=0, maximum=65535),
         hostname=hostname,

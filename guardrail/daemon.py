@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,6 +31,14 @@ from .store import Store, StoreSettings
 log = structlog.get_logger("guardrail.daemon")
 
 SHUTDOWN_GRACE = timedelta(seconds=30)
+
+
+def _command_path() -> str:
+    """Return how this guardrail was started, so pasted commands work without the virtualenv on PATH."""
+    started_as = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if started_as is not None and started_as.name == "guardrail" and started_as.exists():
+        return str(started_as.resolve())
+    return "guardrail"
 
 
 def load_ruleset(config: Config) -> RuleSet:
@@ -85,7 +94,7 @@ class Daemon:
         sender = Sender(
             hostname=config.smtp.hostname,
             from_address=config.delivery.return_path,
-            answer_command=f"guardrail answer --config {config.path.resolve()}",
+            answer_command=f"{_command_path()} answer --config {config.path.resolve()}",
         )
         scheduler = self.scheduler = EscalationScheduler(
             self.store, self.clock, lambda: self.rules, sender, worker.wake.set, metrics=self.metrics

@@ -65,7 +65,7 @@ def run_case(eml: Path, rules: RuleSet, site: Site) -> CaseResult:
 
     raw = eml.read_bytes()
     summary = summarize(_LINE_ENDING.sub(b"\r\n", raw))
-    rcpt = spec.get("rcpt") or sorted(site.inboxes)[0]
+    rcpt = spec.get("rcpt") or site.first_inbox
     rcpt_tos = tuple(rcpt) if isinstance(rcpt, list) else (rcpt,)
     mail_from = spec.get("mail_from", summary.from_address)
     arrival = spec.get("arrival") or datetime.now(timezone.utc)

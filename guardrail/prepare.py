@@ -46,6 +46,7 @@ class Site:
     local_domains: frozenset[str]
     postmaster_owner: str
     sender_patterns: tuple[re.Pattern[str], ...]
+    first_inbox: str = ""
 
     @classmethod
     def from_config(cls, config: Config) -> Site:
@@ -57,6 +58,7 @@ class Site:
             local_domains=smtp.local_domains,
             postmaster_owner=config.postmaster_owner,
             sender_patterns=config.acknowledgements.sender_patterns,
+            first_inbox=smtp.first_inbox,
         )
 
 
