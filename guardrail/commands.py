@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import statistics
 import sys
 from datetime import datetime, timezone
@@ -57,6 +58,9 @@ def run(arguments: argparse.Namespace) -> int:
     except OSError as error:
         # The message names the address: SMTP or the HTTP listener.
         print(f"error: cannot start the daemon: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except sqlite3.DatabaseError as error:
+        print(f"error: cannot use the database {config.database_path}: {error}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 
@@ -137,6 +141,9 @@ def answer(arguments: argparse.Namespace) -> int:
 
     config = load_config(arguments.config)
     reference = arguments.reference.strip().upper()
+    if not config.database_path.exists():
+        print(f"error: conversation {reference} not found: {config.database_path} does not exist", file=sys.stderr)
+        return EXIT_USAGE
 
     async def mark() -> str:
         store = await Store.open(config.database_path, busy_timeout=config.busy_timeout)
