@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import smtplib
 import socket
 import time
@@ -278,3 +279,17 @@ def crlf(data: bytes) -> bytes:
 def case_file(*parts: str) -> bytes:
     """Return a test data message with CRLF line endings."""
     return crlf(DATA.joinpath(*parts).read_bytes())
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def example_copy(folder: Path) -> Path:
+    """Copy the example config and rules into `folder`, so a command reads a database of its own."""
+    shutil.copy(ROOT / "config.example.toml", folder / "config.toml")
+    shutil.copytree(ROOT / "rules", folder / "rules")
+    return folder / "config.toml"

@@ -14,7 +14,7 @@ from guardrail.config import load_config
 from guardrail.errors import ConfigErrors
 from guardrail.rules import load_rules
 
-from conftest import DATA, rules_folder, write_config
+from conftest import DATA, example_copy, rules_folder, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,12 +159,6 @@ def test_check_reports_rule_problems(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["check", "--config", str(path)]) == 2
     assert "route[0] (r).team: team 'x' does not exist" in capsys.readouterr().err
 
-
-def example_copy(folder: Path) -> Path:
-    """Copy the example config and rules into `folder`, so the check reads a database of its own."""
-    shutil.copy(ROOT / "config.example.toml", folder / "config.toml")
-    shutil.copytree(ROOT / "rules", folder / "rules")
-    return folder / "config.toml"
 
 
 def test_check_example_config_only_asks_for_inspection(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import maildir_messages, message, send, start_sink, wait_until, write_config
+from conftest import free_port, maildir_messages, message, send, start_sink, wait_until, write_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -37,12 +36,6 @@ default = true
 SMTP_RULES = RULES.format(destination='{ smtp = ["team@example.net"] }')
 MAILDIR_RULES = RULES.format(destination='{ maildir = "var/maildir/support" }')
 
-
-def free_port() -> int:
-    """Return a loopback TCP port that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def outbox_rows(database: Path) -> list[tuple[str, int]]:

@@ -7,7 +7,6 @@ import email
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 from guardrail.cli import main
 from guardrail.clock import ManualClock
 
-from conftest import ROOT, maildir_messages, message, send, settle, write_config
+from conftest import ROOT, example_copy, free_port, maildir_messages, message, send, settle, write_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -27,11 +26,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def at(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
 
-
-def example_copy(folder: Path) -> Path:
-    shutil.copy(ROOT / "config.example.toml", folder / "config.toml")
-    shutil.copytree(ROOT / "rules", folder / "rules")
-    return folder / "config.toml"
 
 
 def test_shipped_rule_tests_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -210,14 +204,9 @@ async def test_zombie_alarm_stops_once_answered(tmp_path: Path, start_daemon) ->
     assert alarms(tmp_path) == []
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def test_reload_command_validates_then_signals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    port = _free_port()
+    port = free_port()
     config = write_config(tmp_path, smtp={"port": port})
     process = subprocess.Popen(
         [sys.executable, "-m", "guardrail", "run", "--config", str(config)],

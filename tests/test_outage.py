@@ -7,12 +7,11 @@ the clock rather than after real waiting.
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from conftest import Sink, message, send, start_sink, wait_until, write_config
+from conftest import Sink, free_port, message, send, start_sink, wait_until, write_config
 from guardrail.clock import ManualClock, parse_instant
 from guardrail.daemon import Daemon
 
@@ -30,12 +29,6 @@ team = "support"
 default = true
 """
 
-
-def free_port() -> int:
-    """Return a loopback TCP port that was free a moment ago, so nothing listens on it after the call."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def outage_config(folder: Path, smarthost_port: int, **delivery: object) -> Path:

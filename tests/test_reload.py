@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from guardrail.cli import main
 
-from conftest import DATA, send, write_config
+from conftest import DATA, free_port, send, write_config
 
 GOOD_RULES = """
 [[team]]
@@ -107,11 +107,6 @@ def test_start_with_bad_rules_fails_fast(tmp_path: Path, capsys: pytest.CaptureF
     assert "invalid regular expression '(ceo@example\\\\.com'" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 15
@@ -126,7 +121,7 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
 
 
 async def test_sighup_reloads_and_sigterm_exits_zero(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     config = write_config(tmp_path, rules=GOOD_RULES, smtp={"port": port})
     process = subprocess.Popen(
         [sys.executable, "-m", "guardrail", "run", "--config", str(config)],
