@@ -12,6 +12,7 @@ import email.parser
 import email.policy
 import email.utils
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
 
@@ -40,7 +41,7 @@ class Summary:
     in_reply_to: tuple[str, ...]
     references: tuple[str, ...]
     date: str
-    headers: dict[str, tuple[str, ...]] = field(repr=False)
+    headers: Mapping[str, tuple[str, ...]] = field(repr=False)
     body_text: str = field(default="", repr=False)
     received_count: int = 0
 
@@ -93,19 +94,48 @@ def summarize(raw: bytes, *, with_body: bool = True) -> Summary:
         date=(headers.get("date") or ("",))[0],
         headers=headers,
         body_text=_body_text(message) if with_body else "",
-        received_count=len(headers.get("received", ())),
+        received_count=headers.count("received"),
     )
 
 
-def _decoded_headers(message: Message) -> dict[str, tuple[str, ...]]:
-    headers: dict[str, list[str]] = {}
+class DecodedHeaders(Mapping[str, tuple[str, ...]]):
+    """Header values by lower-case name, decoded on first access.
+
+    Most headers (Received, DKIM-Signature) are never read by a decision,
+    so decoding them all up front would be wasted work on every message.
+    """
+
+    def __init__(self, raw: dict[str, list[object]]) -> None:
+        self._raw = raw
+        self._decoded: dict[str, tuple[str, ...]] = {}
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        decoded = self._decoded.get(name)
+        if decoded is None:
+            decoded = self._decoded[name] = tuple(decode_header_value(value) for value in self._raw[name])
+        return decoded
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def count(self, name: str) -> int:
+        """Return how many times header `name` occurs, without decoding it."""
+        return len(self._raw.get(name, ()))
+
+
+def _decoded_headers(message: Message) -> DecodedHeaders:
+    headers: dict[str, list[object]] = {}
     try:
-        items = message.items()
+        # raw_items skips the per-header wrapping that items() does.
+        items = list(message.raw_items())
     except Exception:  # noqa: BLE001
         items = []
     for name, value in items:
-        headers.setdefault(name.lower(), []).append(decode_header_value(value))
-    return {name: tuple(values) for name, values in headers.items()}
+        headers.setdefault(name.lower(), []).append(value)
+    return DecodedHeaders(headers)
 
 
 def _raw_headers(message: Message) -> dict[str, tuple[str, ...]]:
