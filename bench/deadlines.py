@@ -54,6 +54,8 @@ from email.utils import format_datetime
 from importlib.metadata import version
 from pathlib import Path
 
+from _revision import source_revision
+
 from guardrail.clock import format_instant
 from guardrail.store import Store
 
@@ -626,18 +628,6 @@ def _measure_due(database: Path, daemon: Running, built: Built, figures: Figures
 # -- the report -----------------------------------------------------------------
 
 
-def _source_revision() -> str:
-    """Return the checkout's commit and whether it has uncommitted changes, or "unknown" without git."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        changes = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    if commit.returncode != 0:
-        return "unknown"
-    return commit.stdout.strip() + (" with uncommitted changes" if changes.stdout.strip() else "")
-
-
 def _loop_name() -> str:
     try:
         return f"uvloop {version('uvloop')}"
@@ -668,7 +658,7 @@ def main() -> None:
         parser.error("invalid arguments: use --conversations > 0, 0 <= --due <= --conversations and --seconds > 0")
     print(f"python {platform.python_version()} ({platform.python_implementation()}), SQLite {sqlite3.sqlite_version},"
           f" event loop {_loop_name()}, CPUs {os.cpu_count()}")
-    print(f"{platform.platform()}; guardrail from {REPO} at {_source_revision()}", flush=True)
+    print(f"{platform.platform()}; guardrail from {REPO} at {source_revision()}", flush=True)
     folder = Path(tempfile.mkdtemp(prefix="guardrail-deadlines-"))
     figures = Figures()
     # Both starts then find guardrail's modules compiled and cached alike.

@@ -37,6 +37,8 @@ from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
+from _revision import source_revision
+
 REPO = Path(__file__).resolve().parent.parent
 SINK_SCRIPT = Path(__file__).resolve().parent / "_sink.py"
 
@@ -628,18 +630,6 @@ def _print_delivery(servers: list[Server]) -> None:
             print(f"{server.name} logged {len(warnings)} line(s) at warning or above; last: {warnings[-1][:300]}")
 
 
-def _source_revision() -> str:
-    """Return the checkout's commit and whether it has uncommitted changes, or "unknown" without git."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    if commit.returncode != 0:
-        return "unknown"
-    return commit.stdout.strip() + (" with uncommitted changes" if status.stdout.strip() else "")
-
-
 def main() -> None:
     parser = build_parser()
     arguments = parser.parse_args()
@@ -649,7 +639,7 @@ def main() -> None:
         parser.error(f"--rules {arguments.rules} is not a folder; pass the folder of *.toml rule files")
     print(f"python {platform.python_version()} ({platform.python_implementation()}), aiosmtpd {version('aiosmtpd')}, "
           f"aiosmtplib {version('aiosmtplib')}, uvloop {version('uvloop')}, CPUs {os.cpu_count()}")
-    print(f"{platform.platform()}; guardrail from {REPO} at {_source_revision()}")
+    print(f"{platform.platform()}; guardrail from {REPO} at {source_revision()}")
     folder = Path(tempfile.mkdtemp(prefix="guardrail-bench-"))
     try:
         try:

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 from datetime import date, datetime, time, timedelta, timezone
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 
-# The longest stretch searched for business time before a calendar counts as
-# having none; also bounds every loop below.
+# Maximum stretch searched for business time before a calendar counts as
+# having none. It also bounds every loop below.
 SEARCH_LIMIT = timedelta(days=400)
 
 

@@ -72,7 +72,7 @@ def shadowed_routes(rules: RuleSet) -> list[Finding]:
 def route_covers(earlier: Route, later: Route) -> bool:
     """Return True when every message matching `later` also matches `earlier`.
 
-    The test is conservative: it only says True when the conditions show it.
+    The test is conservative: it returns True only when the conditions prove it.
     """
     for required in earlier.all:
         if not any(implies(condition, required) for condition in later.all):

@@ -27,9 +27,6 @@ def new_reference(prefix: str) -> str:
     return f"{prefix}-{code}"
 
 
-def subject_tag(reference: str) -> str:
-    return f"[{reference}]"
-
 
 @lru_cache(maxsize=16)
 def _tag_pattern(prefix: str) -> re.Pattern[str]:
@@ -43,7 +40,7 @@ def find_references(subject: str, prefix: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class KnownConversation:
-    """What threading needs to know about a stored conversation."""
+    """A stored conversation, with the fields that threading reads."""
 
     id: int
     reference: str

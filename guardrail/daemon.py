@@ -1,7 +1,7 @@
 """Wiring and lifecycle: open the store, start the outbox worker and the SMTP server.
 
 Shutdown on SIGTERM or SIGINT stops listening, lets transactions whose DATA
-has started finish (up to a grace period), tells idle clients 421, stops the
+has started finish (up to a grace period), sends 421 to idle clients, stops the
 worker and closes the database. SIGHUP reloads the rules.
 """
 

@@ -126,7 +126,7 @@ class Transport:
             codes = [refused.code for refused in error.recipients]
             message = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in error.recipients)
             if all(code >= 500 for code in codes):
-                raise PermanentDeliveryError(f"smarthost refused every recipient: {message}") from error
+                raise PermanentDeliveryError(f"smarthost rejected every recipient: {message}") from error
             raise TemporaryDeliveryError(f"smarthost deferred recipients: {message}") from error
         except aiosmtplib.SMTPAuthenticationError as error:
             # A credentials problem is ours to fix, not the destination's: keep the mail queued.

@@ -101,7 +101,6 @@ def compile_sender_patterns(patterns: Iterable[str]) -> tuple[re.Pattern[str], .
 
 
 DEFAULT_SENDERS = compile_sender_patterns(DEFAULT_SENDER_PATTERNS)
-_NOT_COMPUTED = object()
 
 
 def has_our_loop_marker(summary: Summary, hostname: str) -> bool:
@@ -186,25 +185,21 @@ def machine_signal(
     return None
 
 
+def person_signal(summary: Summary, is_staff: bool) -> str | None:
+    """Return why a message from a person still gets no acknowledgement, or None."""
+    if not summary.from_address:
+        return "no From header"
+    if is_staff:
+        return "sender is a team member"
+    return None
+
+
 def acknowledgement_signal(
     summary: Summary,
     mail_from: str,
     hostname: str,
     is_staff: bool,
     sender_patterns: tuple[re.Pattern[str], ...] = DEFAULT_SENDERS,
-    machine: str | None | object = _NOT_COMPUTED,
 ) -> str | None:
-    """Return why the message must not be acknowledged, or None when it must be.
-
-    Pass `machine` when machine_signal was already computed for the message.
-    """
-    if machine is _NOT_COMPUTED:
-        machine = machine_signal(summary, mail_from, hostname, sender_patterns)
-    signal = machine
-    if isinstance(signal, str) and signal:
-        return signal
-    if not summary.from_address:
-        return "no From header"
-    if is_staff:
-        return "sender is a team member"
-    return None
+    """Return why the message must not be acknowledged, or None when it must be."""
+    return machine_signal(summary, mail_from, hostname, sender_patterns) or person_signal(summary, is_staff)

@@ -157,8 +157,8 @@ def _raw_headers(message: Message) -> dict[str, tuple[str, ...]]:
 
 
 def _quote(match: re.Match[str]) -> str:
-    # Some mailers leave "@", ":" or "," raw inside an encoded word (RFC 2047
-    # section 5 forbids it); as a quoted string it stays part of the name.
+    # Some mailers leave "@", ":" or "," raw inside an encoded word, which RFC
+    # 2047 section 5 forbids. Quoted, the word stays part of the display name.
     word = match.group(0).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{word}"'
 
@@ -184,11 +184,13 @@ def decode_header_value(value: object) -> str:
 
 
 def _repair_surrogates(text: str) -> str:
-    # BytesParser keeps raw 8-bit header bytes as surrogate escapes; most such
+    # BytesParser keeps raw 8-bit header bytes as surrogate escapes. Most such
     # headers are UTF-8 written by clients that skip RFC 2047 encoding.
     if not any("\udc80" <= char <= "\udcff" for char in text):
         return text
-    raw = text.encode("ascii", "surrogateescape")
+    # UTF-8 with surrogateescape also takes text that mixes real non-ASCII
+    # characters with escapes, so this never raises.
+    raw = text.encode("utf-8", "surrogateescape")
     return _decode_bytes(raw, "utf-8")
 
 

@@ -1,7 +1,7 @@
 """Decide what accepting one message creates: a pure function over values.
 
 The store calls `plan_submission` inside its commit, with the lookups it made
-for the whole batch; the plan lists every row to write, so the message, its
+for the whole batch. The plan lists every row to write, so the message, its
 conversation and its outbox rows are committed together.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from functools import cached_property
 from datetime import datetime
+from functools import cached_property
 
 from .acknowledgement import AckRequest
 from .conversations import KnownConversation, choose_conversation, find_references
@@ -24,7 +24,7 @@ THREAD_IDS_CONSIDERED = 20
 
 @dataclass(frozen=True)
 class Submission:
-    """Everything intake knows about one message once its DATA is read."""
+    """The facts intake has about one message once its DATA is read."""
 
     raw: bytes
     mail_from: str

@@ -19,7 +19,7 @@ from .acknowledgement import (
 )
 from .business_hours import add_business_time
 from .config import Config
-from .loops import acknowledgement_signal, has_our_loop_marker, machine_signal
+from .loops import has_our_loop_marker, machine_signal, person_signal
 from .message import Summary
 from .plan import Submission
 from .routing import Facts, match_route, shadow_results
@@ -28,7 +28,7 @@ from .rules import Destination, RuleSet, Team, unstaffed_reason
 
 @dataclass(frozen=True)
 class Envelope:
-    """What the SMTP transaction says about a message."""
+    """The SMTP envelope of a message: sender, recipients, peer and HELO name."""
 
     mail_from: str  # "" for the null sender
     rcpt_tos: tuple[str, ...]
@@ -95,9 +95,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     team = match.team
     is_staff = rules.is_staff(summary.from_address) or rules.is_staff(envelope.mail_from)
     machine = machine_signal(summary, envelope.mail_from, site.hostname, site.sender_patterns)
-    ack_signal = acknowledgement_signal(
-        summary, envelope.mail_from, site.hostname, is_staff, site.sender_patterns, machine=machine
-    )
+    ack_signal = machine or person_signal(summary, is_staff)
 
     first_response = match.route.first_response or team.first_response
     deadline = add_business_time(now, first_response, team.calendar)

@@ -42,7 +42,7 @@ class Member:
 
 @dataclass(frozen=True)
 class Destination:
-    """Where a team's mail goes: a local maildir or SMTP addresses via the smarthost."""
+    """A team's mail destination: a local maildir, or SMTP addresses via the smarthost."""
 
     kind: str  # "maildir" or "smtp"
     maildir: str = ""
@@ -366,7 +366,7 @@ def _load_routes(
         else:
             (defaults if route.is_default else routes).append(route)
 
-    # A file that did not parse may hold the default route: say nothing then.
+    # A file that did not parse may contain the default route, so report nothing then.
     if check_default and not defaults and entries:
         errors.append(ConfigError(entries[-1].path, "route", "no default route; add a [[route]] with default = true"))
     if check_default and not entries:

@@ -23,7 +23,14 @@ from .clock import format_instant, parse_instant
 from .errors import StorageError
 from .escalation import DueConversation, EscalationPlan
 from .plan import Submission
-from .store_batch import SCHEMA, AttemptResult, BatchWriter, Outcome, StoreSettings
+from .store_batch import (
+    SCHEMA,
+    AttemptResult,
+    BatchWriter,
+    ManualAnswer,
+    Outcome,
+    StoreSettings,
+)
 
 log = structlog.get_logger("guardrail.store")
 
@@ -69,7 +76,7 @@ class ZombieRun:
 
 @dataclass
 class _Job:
-    item: Submission | AttemptResult | EscalationRun | ZombieRun
+    item: Submission | AttemptResult | ManualAnswer | EscalationRun | ZombieRun
     future: asyncio.Future[Any]
 
 
@@ -137,7 +144,7 @@ class Store:
         """Raise alarms for those of `routes` whose mail goes unanswered; return the alarms raised."""
         return await self._submit(ZombieRun(now, recent, period, routes, planner))
 
-    async def _submit(self, item: Submission | AttemptResult | EscalationRun | ZombieRun) -> Any:
+    async def _submit(self, item: Submission | AttemptResult | ManualAnswer | EscalationRun | ZombieRun) -> Any:
         if self._committer is None or self._committer.done():
             raise StorageError("the store is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -172,6 +179,7 @@ class Store:
     async def _commit(self, batch: list[_Job]) -> list[Any]:
         submissions = [job.item for job in batch if isinstance(job.item, Submission)]
         attempts = [job.item for job in batch if isinstance(job.item, AttemptResult)]
+        answers = [job.item for job in batch if isinstance(job.item, ManualAnswer)]
         runs = [job.item for job in batch if isinstance(job.item, EscalationRun)]
         zombie_runs = [job.item for job in batch if isinstance(job.item, ZombieRun)]
         await self._db.execute("BEGIN IMMEDIATE")
@@ -179,6 +187,7 @@ class Store:
             writer = BatchWriter(self._db, self.settings, self._next_id)
             outcomes = iter(await writer.add_submissions(submissions))
             writer.add_attempts(attempts)
+            writer.add_manual_answers(answers)
             fired = iter([await writer.add_escalations(run.now, run.planner, ESCALATION_BATCH) for run in runs])
             alarms = iter([
                 await writer.add_zombie_alarms(run.now, run.recent, run.period, run.routes, run.planner)
@@ -275,5 +284,5 @@ class Store:
             return ""
         conversation_id, state = rows[0]
         if state == "open":
-            await self._submit(AttemptResult.manual_answer(conversation_id, by, at))
+            await self._submit(ManualAnswer(conversation_id, by, at))
         return str(state)

@@ -86,17 +86,6 @@ def last_messages(path: Path, count: int) -> list[StoredMessage]:
     ]
 
 
-def stored_ack_decisions(path: Path, rows: list[int]) -> dict[int, tuple[str, str]]:
-    if not rows:
-        return {}
-    marks = ",".join("?" * len(rows))
-    with connect(path) as connection:
-        found = connection.execute(
-            f"SELECT message_row, decision, signal FROM acknowledgements WHERE message_row IN ({marks})", rows
-        ).fetchall()
-    return {row: (decision, signal) for row, decision, signal in found}
-
-
 def shadow_disagreements(path: Path, since: datetime) -> list[dict[str, Any]]:
     """Return messages since `since` where a shadow route would have won."""
     with connect(path) as connection:

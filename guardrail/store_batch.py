@@ -186,17 +186,21 @@ class AttemptResult:
     conversation_id: int | None
     message_row: int | None
     at: datetime
-    state: str  # "done", "pending" (retry later), "failed", or "answered" for a manual answer
+    state: str  # "done", "pending" (retry later) or "failed"
     attempts: int
     next_attempt_at: datetime | None = None
     error: str = ""
     kind: str = "deliver"
     fallback: dict[str, Any] | None = None  # a mail to queue because this attempt failed
-    answered_by: str = ""
 
-    @classmethod
-    def manual_answer(cls, conversation_id: int, by: str, at: datetime) -> AttemptResult:
-        return cls(0, conversation_id, None, at, "answered", 0, answered_by=by)
+
+@dataclass(frozen=True)
+class ManualAnswer:
+    """A conversation marked answered from the command line or the HTTP API."""
+
+    conversation_id: int
+    answered_by: str
+    at: datetime
 
 
 class BatchWriter:
@@ -392,13 +396,15 @@ class BatchWriter:
 
     # -- outbox attempts and manual answers -------------------------------------
 
+    def add_manual_answers(self, answers: list[ManualAnswer]) -> None:
+        for answer in answers:
+            at = format_instant(answer.at)
+            self.rows["answers"].append((at, answer.answered_by, at, answer.conversation_id))
+            self._event(answer.conversation_id, None, at, "answered", {"by": answer.answered_by})
+
     def add_attempts(self, attempts: list[AttemptResult]) -> None:
         for result in attempts:
             at = format_instant(result.at)
-            if result.state == "answered":
-                self.rows["answers"].append((at, result.answered_by, at, result.conversation_id))
-                self._event(result.conversation_id, None, at, "answered", {"by": result.answered_by})
-                continue
             next_at = format_instant(result.next_attempt_at) if result.next_attempt_at else at
             done_at = at if result.state != "pending" else None
             self.rows["outbox_updates"].append((result.state, result.attempts, next_at, done_at, result.error or None, result.outbox_id))

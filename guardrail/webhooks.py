@@ -7,7 +7,6 @@ receiver can drop repeats, including those after a restart.
 
 from __future__ import annotations
 
-import json
 import os
 from datetime import timedelta
 
@@ -81,9 +80,6 @@ class WebhookSender:
         if 200 <= status < 300:
             return
         if status == 429 or status >= 500:
-            raise TemporaryDeliveryError(f"webhook {url} answered {status}")
-        raise PermanentDeliveryError(f"webhook {url} answered {status}; not retried")
+            raise TemporaryDeliveryError(f"webhook {url} returned HTTP {status}")
+        raise PermanentDeliveryError(f"webhook {url} returned HTTP {status}; not retried")
 
-
-def decode_body(payload: bytes) -> dict[str, object]:
-    return json.loads(payload)

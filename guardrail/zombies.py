@@ -27,7 +27,7 @@ from .rules_sla import Human
 
 @dataclass(frozen=True)
 class RouteFigures:
-    """What the store knows about one route's person-opened conversations."""
+    """Figures for the conversations that people opened on one route."""
 
     route: str
     team: str

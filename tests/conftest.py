@@ -7,6 +7,7 @@ import re
 import shutil
 import smtplib
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -293,3 +294,16 @@ def example_copy(folder: Path) -> Path:
     shutil.copy(ROOT / "config.example.toml", folder / "config.toml")
     shutil.copytree(ROOT / "rules", folder / "rules")
     return folder / "config.toml"
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], *, timeout: float = 15.0) -> None:
+    """Wait until a daemon subprocess accepts connections on `port`; fail if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read().decode() if process.stderr else "daemon exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"daemon did not listen on port {port} within {timeout:g} s")

@@ -15,7 +15,7 @@ from guardrail.clock import SystemClock
 from guardrail.plan import Submission
 from guardrail.store import Store, StoreSettings
 
-from conftest import message, write_config
+from conftest import free_port, message, wait_for_port, write_config
 
 
 async def test_sleep_cancelled_while_woken_stays_cancelled() -> None:
@@ -76,9 +76,7 @@ def test_sigterm_during_burst_exits_promptly(tmp_path: Path) -> None:
     import smtplib
     import time
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = write_config(tmp_path, smtp={"port": port})
     for attempt in range(10):
         process = subprocess.Popen(
@@ -86,14 +84,8 @@ def test_sigterm_during_burst_exits_promptly(tmp_path: Path) -> None:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                try:
-                    client = smtplib.SMTP("127.0.0.1", port, timeout=5)
-                    break
-                except OSError:
-                    time.sleep(0.05)
-            with client:
+            wait_for_port(port, process)
+            with smtplib.SMTP("127.0.0.1", port, timeout=5) as client:
                 for index in range(3):
                     client.sendmail("alice@example.com", ["support@example.org"], message(message_id=f"<t{attempt}-{index}@x>"))
             # Deliveries finishing and SIGTERM arrive together.

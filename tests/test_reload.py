@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from structlog.testing import capture_logs
 
 from guardrail.cli import main
 
-from conftest import DATA, free_port, send, write_config
+from conftest import DATA, free_port, send, wait_for_port, write_config
 
 GOOD_RULES = """
 [[team]]
@@ -108,18 +107,6 @@ def test_start_with_bad_rules_fails_fast(tmp_path: Path, capsys: pytest.CaptureF
 
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read().decode() if process.stderr else "daemon exited"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"daemon did not listen on port {port} within 15 s")
-
-
 async def test_sighup_reloads_and_sigterm_exits_zero(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(tmp_path, rules=GOOD_RULES, smtp={"port": port})
@@ -128,7 +115,7 @@ async def test_sighup_reloads_and_sigterm_exits_zero(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        _wait_for_port(port, process)
+        wait_for_port(port, process)
         (tmp_path / "rules" / "rules.toml").write_text(GOOD_RULES.replace("ceo@example", "cfo@example"))
         process.send_signal(signal.SIGHUP)
         database = tmp_path / "var" / "guardrail.db"

@@ -83,7 +83,7 @@ async def test_locked_database_answers_451_then_retries_dedupe(config_path: Path
     assert len(maildir_messages(maildir)) == 1
 
 
-async def test_same_message_to_other_inbox_is_not_a_duplicate(config_path: Path, start_daemon) -> None:
+async def test_other_inbox_is_not_duplicate(config_path: Path, start_daemon) -> None:
     daemon = await start_daemon(write_config(config_path.parent))
     await send(daemon.port, "billing@example.net", ["support@example.org"], MESSAGE)
     await send(daemon.port, "billing@example.net", ["billing@example.org"], MESSAGE)
