@@ -9,8 +9,11 @@ resolves only after the transaction holding its rows has committed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -40,6 +43,23 @@ MAX_BATCH = 256
 # Planning builds mail on the event loop inside the write transaction, so
 # batches stay small to keep intake responsive during a backlog.
 ESCALATION_BATCH = 20
+# Seconds close() waits for queued writes before it gives up on them.
+CLOSE_TIMEOUT = 30.0
+
+def _connect_writer(path: Path, busy_ms: int) -> sqlite3.Connection:
+    # Opened in the writer thread, the only thread that uses it.
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute(f"PRAGMA busy_timeout = {busy_ms}")
+    writer.execute("PRAGMA synchronous = FULL")
+    return writer
+
+
+def _max_ids(writer: sqlite3.Connection) -> dict[str, int]:
+    return {
+        table: writer.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0]
+        for table in ("messages", "conversations", "outbox")
+    }
+
 
 __all__ = ["AttemptResult", "Outcome", "OutboxRow", "Store", "StoreSettings"]
 
@@ -83,45 +103,62 @@ class _Job:
 class Store:
     """The database handle the daemon shares between intake and workers."""
 
-    def __init__(self, db: aiosqlite.Connection, settings: StoreSettings) -> None:
+    def __init__(self, db: aiosqlite.Connection, writer: sqlite3.Connection, thread: ThreadPoolExecutor, settings: StoreSettings) -> None:
         self._db = db
+        self._writer = writer
+        self._thread = thread
         self.settings = settings
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._committer: asyncio.Task[None] | None = None
         self._next_id: dict[str, int] = {}
+        self._closing = False
 
     @classmethod
     async def open(cls, path: Path, settings: StoreSettings | None = None, *, busy_timeout: timedelta = timedelta(seconds=5)) -> Store:
-        """Open (creating if needed) the database at `path` and start the committer."""
+        """Open (creating if needed) the database at `path` and start the committer.
+
+        Reads go through an aiosqlite connection. Writes use a second
+        connection in a thread of their own, so a whole transaction runs
+        there in one hop instead of one round trip through the event loop
+        per statement.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
+        busy_ms = int(busy_timeout.total_seconds() * 1000)
         db = await aiosqlite.connect(path, isolation_level=None)
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardrail-writer")
+        loop = asyncio.get_running_loop()
+        writer: sqlite3.Connection | None = None
         try:
-            await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout.total_seconds() * 1000)}")
+            await db.execute(f"PRAGMA busy_timeout = {busy_ms}")
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = FULL")
             await db.executescript(SCHEMA)
-            store = cls(db, settings or StoreSettings())
-            for table in ("messages", "conversations", "outbox"):
-                async with db.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}") as cursor:
-                    (store._next_id[table],) = await cursor.fetchone()  # type: ignore[misc]
-        except Exception:
+            writer = await loop.run_in_executor(thread, _connect_writer, path, busy_ms)
+            store = cls(db, writer, thread, settings or StoreSettings())
+            store._next_id = await loop.run_in_executor(thread, _max_ids, writer)
+        except BaseException:
+            if writer is not None:
+                await loop.run_in_executor(thread, writer.close)
+            thread.shutdown(wait=False)
             await db.close()
             raise
         store._committer = asyncio.create_task(store._run_committer(), name="guardrail-committer")
         return store
 
     async def close(self) -> None:
-        """Finish queued writes, stop the committer and close the database."""
+        """Commit what is queued, stop the committer and close both connections."""
+        self._closing = True
         if self._committer is not None:
-            for _ in range(500):
-                if self._queue.empty():
-                    break
-                await asyncio.sleep(0.01)
-            self._committer.cancel()
+            self._queue.put_nowait(None)
             try:
+                await asyncio.wait_for(asyncio.shield(self._committer), CLOSE_TIMEOUT)
+            except TimeoutError:
+                log.error("store_close_timed_out", queued=self._queue.qsize())
+                self._committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._committer
-            except asyncio.CancelledError:
-                pass
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._writer.close)
+        self._thread.shutdown(wait=False)
         await self._db.close()
 
     # -- writes, through the group committer --------------------------------
@@ -145,17 +182,25 @@ class Store:
         return await self._submit(ZombieRun(now, recent, period, routes, planner))
 
     async def _submit(self, item: Submission | AttemptResult | ManualAnswer | EscalationRun | ZombieRun) -> Any:
-        if self._committer is None or self._committer.done():
+        if self._committer is None or self._committer.done() or self._closing:
             raise StorageError("the store is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Job(item, future))
         return await future
 
     async def _run_committer(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
+        closing = False
+        while not closing:
+            first = await self._queue.get()
+            if first is None:
+                return
+            batch = [first]
             while not self._queue.empty() and len(batch) < MAX_BATCH:
-                batch.append(self._queue.get_nowait())
+                job = self._queue.get_nowait()
+                if job is None:
+                    closing = True
+                    break
+                batch.append(job)
             await self._commit_or_split(batch)
 
     async def _commit_or_split(self, batch: list[_Job]) -> None:
@@ -177,38 +222,43 @@ class Store:
                 job.future.set_result(result)
 
     async def _commit(self, batch: list[_Job]) -> list[Any]:
-        submissions = [job.item for job in batch if isinstance(job.item, Submission)]
-        attempts = [job.item for job in batch if isinstance(job.item, AttemptResult)]
-        answers = [job.item for job in batch if isinstance(job.item, ManualAnswer)]
-        runs = [job.item for job in batch if isinstance(job.item, EscalationRun)]
-        zombie_runs = [job.item for job in batch if isinstance(job.item, ZombieRun)]
-        await self._db.execute("BEGIN IMMEDIATE")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._commit_in_thread, [job.item for job in batch])
+
+    def _commit_in_thread(self, items: list[Any]) -> list[Any]:
+        """Write `items` in one transaction on the writer connection; return one result per item."""
+        submissions = [item for item in items if isinstance(item, Submission)]
+        attempts = [item for item in items if isinstance(item, AttemptResult)]
+        answers = [item for item in items if isinstance(item, ManualAnswer)]
+        runs = [item for item in items if isinstance(item, EscalationRun)]
+        zombie_runs = [item for item in items if isinstance(item, ZombieRun)]
+        db = self._writer
+        db.execute("BEGIN IMMEDIATE")
         try:
-            writer = BatchWriter(self._db, self.settings, self._next_id)
-            outcomes = iter(await writer.add_submissions(submissions))
+            writer = BatchWriter(db, self.settings, self._next_id)
+            outcomes = iter(writer.add_submissions(submissions))
             writer.add_attempts(attempts)
             writer.add_manual_answers(answers)
-            fired = iter([await writer.add_escalations(run.now, run.planner, ESCALATION_BATCH) for run in runs])
+            fired = iter([writer.add_escalations(run.now, run.planner, ESCALATION_BATCH) for run in runs])
             alarms = iter([
-                await writer.add_zombie_alarms(run.now, run.recent, run.period, run.routes, run.planner)
+                writer.add_zombie_alarms(run.now, run.recent, run.period, run.routes, run.planner)
                 for run in zombie_runs
             ])
-            await writer.flush()
-            await self._db.execute("COMMIT")
+            writer.flush()
+            db.execute("COMMIT")
         except BaseException:
             try:
-                await self._db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
             except Exception:  # noqa: BLE001 - the original error matters more
                 pass
             raise
         self._next_id = writer.next_id
         results: list[Any] = []
-        for job in batch:
-            if isinstance(job.item, Submission):
+        for item in items:
+            if isinstance(item, Submission):
                 results.append(next(outcomes))
-            elif isinstance(job.item, EscalationRun):
+            elif isinstance(item, EscalationRun):
                 results.append(next(fired))
-            elif isinstance(job.item, ZombieRun):
+            elif isinstance(item, ZombieRun):
                 results.append(next(alarms))
             else:
                 results.append(None)

@@ -8,12 +8,13 @@ every row with executemany. Nothing here commits: store.Store does.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import aiosqlite
 import structlog
 
 from .acknowledgement import render_acknowledgement
@@ -206,7 +207,7 @@ class ManualAnswer:
 class BatchWriter:
     """Collects the rows of one transaction and writes them with executemany."""
 
-    def __init__(self, db: aiosqlite.Connection, settings: StoreSettings, next_id: dict[str, int]) -> None:
+    def __init__(self, db: sqlite3.Connection, settings: StoreSettings, next_id: dict[str, int]) -> None:
         self.db = db
         self.settings = settings
         self.next_id = dict(next_id)
@@ -227,14 +228,14 @@ class BatchWriter:
 
     # -- messages -------------------------------------------------------------
 
-    async def add_submissions(self, submissions: list[Submission]) -> list[Outcome]:
+    def add_submissions(self, submissions: list[Submission]) -> list[Outcome]:
         if not submissions:
             return []
         cutoff = format_instant(min(s.received_at for s in submissions) - self.settings.duplicate_window)
-        seen_keys = await self._existing_keys([s.dedupe_key for s in submissions], cutoff)
-        by_message_id, by_reference = await self._known_conversations(submissions)
-        fresh_references = await self._fresh_references(len(submissions))
-        ack_history = await self._ack_history(submissions)
+        seen_keys = self._existing_keys([s.dedupe_key for s in submissions], cutoff)
+        by_message_id, by_reference = self._known_conversations(submissions)
+        fresh_references = self._fresh_references(len(submissions))
+        ack_history = self._ack_history(submissions)
 
         outcomes = []
         for submission, reference in zip(submissions, fresh_references):
@@ -420,7 +421,7 @@ class BatchWriter:
 
     # -- escalations ----------------------------------------------------------
 
-    async def add_escalations(self, now: datetime, planner: Callable[[DueConversation], EscalationPlan], limit: int) -> int:
+    def add_escalations(self, now: datetime, planner: Callable[[DueConversation], EscalationPlan], limit: int) -> int:
         """Escalate conversations due at `now`, oldest first; return how many fired."""
         sql = (
             "SELECT c.id, c.reference, c.team, c.route, c.subject, c.customer, c.opened_at, c.deadline,"
@@ -429,13 +430,13 @@ class BatchWriter:
             " FROM conversations c WHERE c.next_escalation_at IS NOT NULL AND c.next_escalation_at <= ?"
             " AND c.state = 'open' ORDER BY c.next_escalation_at, c.id LIMIT ?"
         )
-        async with self.db.execute(sql, (format_instant(now), limit)) as cursor:
+        with closing(self.db.execute(sql, (format_instant(now), limit))) as cursor:
             due = [
                 DueConversation(
                     row[0], row[1], row[2], row[3], row[4], row[5], parse_instant(row[6]),
                     parse_instant(row[7]) if row[7] else None, row[8], row[9], row[10] or "",
                 )
-                for row in await cursor.fetchall()
+                for row in cursor.fetchall()
             ]
         at = format_instant(now)
         for conversation in due:
@@ -461,7 +462,7 @@ class BatchWriter:
 
     # -- zombie-route alarms ----------------------------------------------------
 
-    async def add_zombie_alarms(
+    def add_zombie_alarms(
         self, now: datetime, recent: int, period: timedelta, routes: list[str], planner: Callable[..., list[Any]]
     ) -> list[Any]:
         """Raise alarms for abandoned `routes`, skipping routes alarmed within `period`; return them.
@@ -476,8 +477,8 @@ class BatchWriter:
                 "SELECT team, state FROM conversations WHERE route = ? AND deadline IS NOT NULL"
                 " ORDER BY opened_at DESC LIMIT ?"
             )
-            async with self.db.execute(sql, (route, recent)) as cursor:
-                newest = await cursor.fetchall()
+            with closing(self.db.execute(sql, (route, recent))) as cursor:
+                newest = cursor.fetchall()
             if not newest:
                 continue
             counts.append((route, newest[0][0], len(newest), sum(1 for _, state in newest if state == "answered")))
@@ -486,10 +487,10 @@ class BatchWriter:
                 " (SELECT MAX(opened_at) FROM conversations WHERE route = ?1 AND deadline IS NOT NULL),"
                 " (SELECT MAX(answered_at) FROM conversations WHERE route = ?1 AND deadline IS NOT NULL)"
             )
-            async with self.db.execute(sql, (route,)) as cursor:
-                times[route] = await cursor.fetchone()
-        async with self.db.execute("SELECT DISTINCT route FROM alarms WHERE at > ?", (format_instant(now - period),)) as cursor:
-            alarmed = {row[0] for row in await cursor.fetchall()}
+            with closing(self.db.execute(sql, (route,))) as cursor:
+                times[route] = cursor.fetchone()
+        with closing(self.db.execute("SELECT DISTINCT route FROM alarms WHERE at > ?", (format_instant(now - period),))) as cursor:
+            alarmed = {row[0] for row in cursor.fetchall()}
 
         figures = []
         for route, team, total, answered in counts:
@@ -509,25 +510,25 @@ class BatchWriter:
 
     # -- reads for decisions --------------------------------------------------
 
-    async def _existing_keys(self, keys: list[str], cutoff: str) -> set[str]:
+    def _existing_keys(self, keys: list[str], cutoff: str) -> set[str]:
         marks = ",".join("?" * len(keys))
         sql = f"SELECT dedupe_key FROM messages WHERE dedupe_key IN ({marks}) AND received_at >= ?"
-        async with self.db.execute(sql, (*keys, cutoff)) as cursor:
-            return {row[0] for row in await cursor.fetchall()}
+        with closing(self.db.execute(sql, (*keys, cutoff))) as cursor:
+            return {row[0] for row in cursor.fetchall()}
 
-    async def _fresh_references(self, count: int) -> list[str]:
+    def _fresh_references(self, count: int) -> list[str]:
         """Return `count` distinct references that no stored conversation uses."""
         fresh: set[str] = set()
         while len(fresh) < count:
             candidates = {new_reference(self.settings.reference_prefix) for _ in range(count - len(fresh))} - fresh
             marks = ",".join("?" * len(candidates))
             sql = f"SELECT reference FROM conversations WHERE reference IN ({marks})"
-            async with self.db.execute(sql, sorted(candidates)) as cursor:
-                taken = {row[0] for row in await cursor.fetchall()}
+            with closing(self.db.execute(sql, sorted(candidates))) as cursor:
+                taken = {row[0] for row in cursor.fetchall()}
             fresh |= candidates - taken
         return sorted(fresh)
 
-    async def _ack_history(self, submissions: list[Submission]) -> dict[str, list[tuple[datetime, str, str]]]:
+    def _ack_history(self, submissions: list[Submission]) -> dict[str, list[tuple[datetime, str, str]]]:
         recipients = sorted({s.ack.to_address for s in submissions if s.ack is not None})
         if not recipients:
             return {}
@@ -535,12 +536,12 @@ class BatchWriter:
         marks = ",".join("?" * len(recipients))
         sql = f"SELECT recipient, at, decision, signal FROM acknowledgements WHERE recipient IN ({marks}) AND at >= ?"
         history: dict[str, list[tuple[datetime, str, str]]] = {}
-        async with self.db.execute(sql, (*recipients, cutoff)) as cursor:
-            for recipient, at, decision, signal in await cursor.fetchall():
+        with closing(self.db.execute(sql, (*recipients, cutoff))) as cursor:
+            for recipient, at, decision, signal in cursor.fetchall():
                 history.setdefault(recipient, []).append((parse_instant(at), decision, signal))
         return history
 
-    async def _known_conversations(
+    def _known_conversations(
         self, submissions: list[Submission]
     ) -> tuple[dict[str, KnownConversation], dict[str, KnownConversation]]:
         prefix = self.settings.reference_prefix
@@ -553,21 +554,21 @@ class BatchWriter:
             marks = ",".join("?" * len(thread_ids))
             sql = (f"SELECT m.message_id, {columns} FROM message_ids m"
                    f" JOIN conversations c ON c.id = m.conversation_id WHERE m.message_id IN ({marks})")
-            async with self.db.execute(sql, thread_ids) as cursor:
-                for row in await cursor.fetchall():
+            with closing(self.db.execute(sql, thread_ids)) as cursor:
+                for row in cursor.fetchall():
                     by_message_id[row[0]] = _known(row[1:])
         if references:
             marks = ",".join("?" * len(references))
             sql = f"SELECT {columns} FROM conversations c WHERE c.reference IN ({marks})"
-            async with self.db.execute(sql, references) as cursor:
-                for row in await cursor.fetchall():
+            with closing(self.db.execute(sql, references)) as cursor:
+                for row in cursor.fetchall():
                     by_reference[row[1]] = _known(row)
         return by_message_id, by_reference
 
-    async def flush(self) -> None:
+    def flush(self) -> None:
         for name, sql in _STATEMENTS.items():
             if self.rows[name]:
-                await self.db.executemany(sql, self.rows[name])
+                self.db.executemany(sql, self.rows[name])
 
 
 def _ack_counts(history: dict[str, list[tuple[datetime, str, str]]], submission: Submission, window: timedelta) -> tuple[int, bool]:
