@@ -302,7 +302,7 @@ class CellResult:
     rate: float
     tally: Tally
     generator_cpu: float  # share of one core used by this process during the window
-    server_cpu: float  # share of one core used by the server process during the window
+    server_cpu: float  # share of one core used by the server process and its children during the window
     other_cpu: float  # share of one core used by everything else on the machine during the window
 
 
@@ -335,11 +335,28 @@ async def run_cell(
 
 
 def _process_cpu(pid: int) -> float:
-    """Return the user plus system CPU seconds used so far by process `pid`, all threads included."""
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rpartition(")")[2].split()
-    # Fields 14 and 15 of proc(5), counted after the parenthesised command name.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """Return the user plus system CPU seconds used so far by process `pid` and its children, all threads included."""
+    total = 0.0
+    for member in _process_tree(pid):
+        try:
+            with open(f"/proc/{member}/stat") as handle:
+                fields = handle.read().rpartition(")")[2].split()
+        except FileNotFoundError:
+            continue  # exited between the listing and the read
+        # Fields 14 and 15 of proc(5), counted after the parenthesised command name.
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _process_tree(pid: int) -> list[int]:
+    """Return `pid` and its living descendants (guardrail's parse processes), from /proc."""
+    found, index = [pid], 0
+    while index < len(found):
+        for task in Path(f"/proc/{found[index]}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                found += [int(child) for child in task.read_text().split()]
+        index += 1
+    return found
 
 
 def _machine_cpu() -> float:

@@ -64,6 +64,7 @@ class SmtpSettings:
     max_connections: int
     timeout: timedelta
     data_timeout: timedelta
+    parse_processes: int = 0
 
     @property
     def local_domains(self) -> frozenset[str]:
@@ -242,6 +243,8 @@ def _load_smtp(table: Table) -> SmtpSettings:
         max_connections=table.integer("max_connections", 100, minimum=1),
         timeout=table.duration("timeout", timedelta(minutes=5)),
         data_timeout=table.duration("data_timeout", timedelta(minutes=10)),
+        # The event loop is one thread; a second CPU parses and routes.
+        parse_processes=table.integer("parse_processes", 1 if (os.cpu_count() or 1) > 1 else 0, minimum=0, maximum=64),
     )
     table.finish()
     return settings

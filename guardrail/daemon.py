@@ -24,6 +24,8 @@ from .escalation import Sender
 from .http import HttpListener, build_app, serve_http
 from .intake import REPLY_SHUTTING_DOWN, ConnectionTracker, GuardrailSMTP, IntakeHandler
 from .metrics import Metrics
+from .offload import ParseProcesses
+from .prepare import Site
 from .rules import RuleSet, load_rules
 from .sla import EscalationScheduler, ZombieWatch
 from .store import Store, StoreSettings
@@ -59,6 +61,7 @@ class Daemon:
         self.scheduler: EscalationScheduler | None = None
         self.handler: IntakeHandler | None = None
         self.zombies: ZombieWatch | None = None
+        self.parsers: ParseProcesses | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.Server | None = None
         self._http: HttpListener | None = None
@@ -111,8 +114,12 @@ class Daemon:
             worker.wake.set()
             scheduler.wake.set()
 
+        if config.smtp.parse_processes:
+            self.parsers = ParseProcesses(config.smtp.parse_processes, Site.from_config(config))
+            self.parsers.start(self.rules)
         handler = self.handler = IntakeHandler(
-            config, self.store, self.clock, lambda: self.rules, on_committed=committed, metrics=self.metrics
+            config, self.store, self.clock, lambda: self.rules, on_committed=committed, metrics=self.metrics,
+            parsers=self.parsers,
         )
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
@@ -157,6 +164,8 @@ class Daemon:
             self.metrics.reloads.labels("failed").inc()
             return False
         self.rules = rules
+        if self.parsers is not None:
+            self.parsers.set_rules(rules)
         self.metrics.reloads.labels("succeeded").inc()
         self.metrics.set_rules(rules.digest)
         log.info("rules_reloaded", rules=rules.digest[:12], routes=len(rules.routes), teams=len(rules.teams))
@@ -180,6 +189,9 @@ class Daemon:
                     connection.transport.close()
             await self._server.wait_closed()
             self._server = None
+        if self.parsers is not None:
+            await self.parsers.close()
+            self.parsers = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

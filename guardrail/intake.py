@@ -22,12 +22,11 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from .clock import Clock
 from .config import Config
-from .loops import has_too_many_hops
-from .message import summarize
 from .metrics import Metrics
+from .offload import ParseProcesses
 from .plan import Submission
 from .prepare import Envelope as PreparedEnvelope
-from .prepare import Site, is_inbox, is_postmaster, prepare_submission
+from .prepare import Site, TooManyHops, is_inbox, is_postmaster, prepare_message
 from .rules import RuleSet
 from .store import Outcome, Store
 
@@ -284,6 +283,7 @@ class IntakeHandler:
     on_committed: Callable[[], None] = lambda: None
     site: Site = field(init=False)
     metrics: Metrics = field(default_factory=Metrics)
+    parsers: ParseProcesses | None = None
 
     def __post_init__(self) -> None:
         self.site = Site.from_config(self.config)
@@ -350,23 +350,29 @@ class IntakeHandler:
     async def _receive(self, session: Session, envelope: Envelope, started: float) -> str:
         structlog.contextvars.clear_contextvars()
         raw = envelope.original_content or b""
-        rules = self.rules()
-        summary = summarize(raw, with_body=rules.needs_body)
-        structlog.contextvars.bind_contextvars(peer=_peer(session), message_id=summary.message_id)
-
-        if has_too_many_hops(summary, self.config.smtp.max_received_headers):
-            log.warning("message_rejected", reason="too many Received headers", hops=summary.received_count)
-            self.metrics.messages_rejected.labels("too many hops").inc()
-            return REPLY_TOO_MANY_HOPS
-
         facts = PreparedEnvelope(
             mail_from="" if envelope.mail_from in (None, "<>") else str(envelope.mail_from),
             rcpt_tos=tuple(address.lower() for address in envelope.rcpt_tos),
             peer=_peer(session),
             helo=session.host_name or "",
         )
-        submission = prepare_submission(facts, raw, summary, rules, self.site, self.clock.now())
-        structlog.contextvars.bind_contextvars(route=submission.route, team=submission.team)
+        now = self.clock.now()
+        prepared = await self.parsers.prepare(facts, raw, now) if self.parsers is not None else None
+        if prepared is None:
+            prepared = prepare_message(facts, raw, self.rules(), self.site, now)
+            self.metrics.messages_parsed.labels("daemon").inc()
+        else:
+            self.metrics.messages_parsed.labels("parse process").inc()
+        if isinstance(prepared, TooManyHops):
+            structlog.contextvars.bind_contextvars(peer=facts.peer, message_id=prepared.message_id)
+            log.warning("message_rejected", reason="too many Received headers", hops=prepared.received_count)
+            self.metrics.messages_rejected.labels("too many hops").inc()
+            return REPLY_TOO_MANY_HOPS
+        submission = prepared
+        summary = submission.summary
+        structlog.contextvars.bind_contextvars(
+            peer=facts.peer, message_id=summary.message_id, route=submission.route, team=submission.team
+        )
         outcome = await self.store.accept(submission)
 
         if outcome.disposition == "duplicate":

@@ -22,6 +22,10 @@ class Metrics:
         self.messages_rejected = Counter(
             "guardrail_messages_rejected", "Messages and recipients rejected, by reason", ["reason"], registry=registry
         )
+        self.messages_parsed = Counter(
+            "guardrail_messages_parsed", "Messages parsed and routed, by where: a parse process or the daemon itself",
+            ["where"], registry=registry,
+        )
         self.messages_routed = Counter("guardrail_messages_routed", "Messages routed, by route", ["route"], registry=registry)
         self.acks_sent = Counter("guardrail_acknowledgements_sent", "Acknowledgements queued", registry=registry)
         self.acks_suppressed = Counter(

@@ -8,12 +8,12 @@ conversation and its outbox rows are committed together.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cached_property
 
-from .acknowledgement import AckRequest
-from .conversations import KnownConversation, choose_conversation, find_references
+from .acknowledgement import AckRequest, RenderedAck, render_acknowledgement
+from .conversations import KnownConversation, choose_conversation, find_references, new_reference
 from .message import Summary
 from .rules import Destination
 
@@ -53,6 +53,11 @@ class Submission:
     machine_signal: str = ""  # why the message looks written by software, or ""
     # Shadow routes that match: {"route", "team", "would_win"} each.
     shadow: tuple[dict[str, object], ...] = ()
+    # An acknowledgement rendered ahead of the commit for a proposed new
+    # conversation reference; the store uses it if it gives the message
+    # that reference, and renders again otherwise.
+    proposed_reference: str = ""
+    rendered_ack: RenderedAck | None = None
 
     @cached_property
     def dedupe_key(self) -> str:
@@ -62,6 +67,32 @@ class Submission:
             digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
         digest.update(hashlib.sha256(self.raw).digest())
         return digest.hexdigest()
+
+    def with_rendered_ack(self, reference_prefix: str, hostname: str) -> Submission:
+        """Return a copy with a proposed reference and the acknowledgement rendered for it, if one is requested."""
+        if self.ack is None:
+            return self
+        reference = new_reference(reference_prefix)
+        rendered = render_acknowledgement(self.ack, reference, hostname, self.received_at)
+        return replace(self, proposed_reference=reference, rendered_ack=rendered)
+
+    def detached(self) -> Submission:
+        """Return a copy without the raw bytes, decoded headers and body, small enough to pass between processes.
+
+        The copy keeps the dedupe key computed from the raw bytes; `attached`
+        puts the bytes back.
+        """
+        copy = replace(self, raw=b"", summary=replace(self.summary, headers={}, body_text=""))
+        copy.__dict__["dedupe_key"] = self.dedupe_key
+        return copy
+
+    def attached(self, raw: bytes) -> Submission:
+        """Return a copy of a detached Submission carrying `raw`, the bytes it was prepared from."""
+        if "dedupe_key" not in self.__dict__:
+            raise ValueError("attached() needs a Submission made by detached()")
+        copy = replace(self, raw=raw)
+        copy.__dict__["dedupe_key"] = self.__dict__["dedupe_key"]
+        return copy
 
     @property
     def thread_ids(self) -> tuple[str, ...]:

@@ -19,8 +19,8 @@ from .acknowledgement import (
 )
 from .business_hours import add_business_time
 from .config import Config
-from .loops import has_our_loop_marker, machine_signal, person_signal
-from .message import Summary
+from .loops import has_our_loop_marker, has_too_many_hops, machine_signal, person_signal
+from .message import Summary, summarize
 from .plan import Submission
 from .routing import Facts, match_route, shadow_results
 from .rules import Destination, RuleSet, Team, unstaffed_reason
@@ -47,6 +47,8 @@ class Site:
     postmaster_owner: str
     sender_patterns: tuple[re.Pattern[str], ...]
     first_inbox: str = ""
+    max_received_headers: int = 30
+    reference_prefix: str = "GR"
 
     @classmethod
     def from_config(cls, config: Config) -> Site:
@@ -59,6 +61,8 @@ class Site:
             postmaster_owner=config.postmaster_owner,
             sender_patterns=config.acknowledgements.sender_patterns,
             first_inbox=smtp.first_inbox,
+            max_received_headers=smtp.max_received_headers,
+            reference_prefix=config.reference_prefix,
         )
 
 
@@ -74,6 +78,22 @@ def is_postmaster(address: str, site: Site) -> bool:
     if not at:
         return domain == "postmaster"
     return local == "postmaster" and domain in site.local_domains
+
+
+@dataclass(frozen=True)
+class TooManyHops:
+    """A message refused before routing: its Received headers show a mail loop."""
+
+    message_id: str
+    received_count: int
+
+
+def prepare_message(envelope: Envelope, raw: bytes, rules: RuleSet, site: Site, now: datetime) -> Submission | TooManyHops:
+    """Summarize `raw` and return its Submission, or TooManyHops when it has passed too many hosts."""
+    summary = summarize(raw, with_body=rules.needs_body)
+    if has_too_many_hops(summary, site.max_received_headers):
+        return TooManyHops(summary.message_id, summary.received_count)
+    return prepare_submission(envelope, raw, summary, rules, site, now)
 
 
 def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: RuleSet, site: Site, now: datetime) -> Submission:

@@ -234,7 +234,7 @@ class BatchWriter:
         cutoff = format_instant(min(s.received_at for s in submissions) - self.settings.duplicate_window)
         seen_keys = self._existing_keys([s.dedupe_key for s in submissions], cutoff)
         by_message_id, by_reference = self._known_conversations(submissions)
-        fresh_references = self._fresh_references(len(submissions))
+        fresh_references = self._fresh_references(submissions)
         ack_history = self._ack_history(submissions)
 
         outcomes = []
@@ -383,7 +383,9 @@ class BatchWriter:
             self.rows["acknowledgements"].append((row, conversation_id, at, recipient, "suppressed", plan.ack_signal, None, None, None))
             self._event(conversation_id, row, at, "ack_suppressed", {"signal": plan.ack_signal})
             return ""
-        rendered = render_acknowledgement(submission.ack, conversation.reference, self.settings.hostname, submission.received_at)
+        rendered = submission.rendered_ack
+        if rendered is None or submission.proposed_reference != conversation.reference:
+            rendered = render_acknowledgement(submission.ack, conversation.reference, self.settings.hostname, submission.received_at)
         variant = "plain" if rendered.used_plain else "template"
         target = {"kind": "smtp", "addresses": [recipient], "sender": "", "purpose": "acknowledgement"}
         self._outbox("mail", conversation.id, row, target, rendered.data, at)
@@ -516,17 +518,29 @@ class BatchWriter:
         with closing(self.db.execute(sql, (*keys, cutoff))) as cursor:
             return {row[0] for row in cursor.fetchall()}
 
-    def _fresh_references(self, count: int) -> list[str]:
-        """Return `count` distinct references that no stored conversation uses."""
-        fresh: set[str] = set()
-        while len(fresh) < count:
-            candidates = {new_reference(self.settings.reference_prefix) for _ in range(count - len(fresh))} - fresh
-            marks = ",".join("?" * len(candidates))
+    def _fresh_references(self, submissions: list[Submission]) -> list[str]:
+        """Return one reference per submission, distinct and unused by any stored conversation.
+
+        A submission's proposed reference is kept when it is free, so the
+        acknowledgement rendered for it can be used as it is.
+        """
+        prefix = self.settings.reference_prefix
+        references = [submission.proposed_reference for submission in submissions]
+        while True:
+            seen: set[str] = set()
+            for index, reference in enumerate(references):
+                if not reference or reference in seen:
+                    references[index] = reference = new_reference(prefix)
+                seen.add(reference)
+            if len(seen) < len(references):
+                continue  # a new reference repeated another one in the batch
+            marks = ",".join("?" * len(references))
             sql = f"SELECT reference FROM conversations WHERE reference IN ({marks})"
-            with closing(self.db.execute(sql, sorted(candidates))) as cursor:
+            with closing(self.db.execute(sql, references)) as cursor:
                 taken = {row[0] for row in cursor.fetchall()}
-            fresh |= candidates - taken
-        return sorted(fresh)
+            if not taken:
+                return references
+            references = ["" if reference in taken else reference for reference in references]
 
     def _ack_history(self, submissions: list[Submission]) -> dict[str, list[tuple[datetime, str, str]]]:
         recipients = sorted({s.ack.to_address for s in submissions if s.ack is not None})

@@ -1,0 +1,79 @@
+"""The parse process: runs `prepare_message` for the daemon on another CPU.
+
+The daemon starts this module with `python -m guardrail.offload_child` and
+talks to it over stdin and stdout in length-prefixed pickle frames (see
+offload.py). It holds no state but the rules and site settings the daemon
+sends, and it exits when its stdin closes, which also happens when the daemon
+dies. Signals from a terminal or a service manager are the daemon's to handle,
+so this process ignores SIGINT and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import struct
+import sys
+from typing import Any, BinaryIO
+
+from .prepare import Site, TooManyHops, prepare_message
+from .rules import RuleSet
+
+FRAME_HEADER = struct.Struct(">I")
+
+
+def read_frame(stream: BinaryIO) -> Any | None:
+    """Return the next unpickled frame, or None at the end of the stream."""
+    header = stream.read(FRAME_HEADER.size)
+    if len(header) < FRAME_HEADER.size:
+        return None
+    (size,) = FRAME_HEADER.unpack(header)
+    body = stream.read(size)
+    if len(body) < size:
+        return None
+    return pickle.loads(body)
+
+
+def write_frame(stream: BinaryIO, value: Any) -> None:
+    body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(FRAME_HEADER.pack(len(body)) + body)
+    stream.flush()
+
+
+def serve(requests: BinaryIO, replies: BinaryIO) -> None:
+    """Answer prepare requests until `requests` ends."""
+    site: Site | None = None
+    rules: RuleSet | None = None
+    while (frame := read_frame(requests)) is not None:
+        kind = frame[0]
+        if kind == "site":
+            site = frame[1]
+        elif kind == "rules":
+            rules = frame[1]
+            write_frame(replies, ("ready",))
+        elif kind == "prepare":
+            _, request_id, envelope, raw, now = frame
+            try:
+                assert site is not None and rules is not None, "prepare before site and rules"
+                result = prepare_message(envelope, raw, rules, site, now)
+                if not isinstance(result, TooManyHops):
+                    # Rendering here spares the daemon's commit that work.
+                    result = result.with_rendered_ack(site.reference_prefix, site.hostname).detached()
+                reply = (request_id, result)
+            except Exception as error:  # noqa: BLE001 - the daemon prepares it again itself
+                reply = (request_id, repr(error))
+            write_frame(replies, reply)
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    # Anything printed by accident goes to stderr instead of corrupting a frame.
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    serve(sys.stdin.buffer, replies)
+
+
+if __name__ == "__main__":
+    main()

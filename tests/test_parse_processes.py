@@ -1,0 +1,174 @@
+"""Parse processes: messages prepared in a child process, with the daemon as the fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import smtplib
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from guardrail.config import load_config
+from guardrail.daemon import Daemon, load_ruleset
+from guardrail.offload import ParseProcesses
+from guardrail.plan import Submission
+from guardrail.prepare import Envelope, Site, TooManyHops, prepare_message
+
+from conftest import DATA, ROUTES, TEAMS, crlf, maildir_messages, message, send, wait_until, write_config
+
+CHILD = {"parse_processes": 1}
+
+
+def parsed(daemon: Daemon, where: str) -> float:
+    return daemon.metrics.registry.get_sample_value("guardrail_messages_parsed_total", {"where": where}) or 0.0
+
+
+async def ready_daemon(tmp_path: Path, start_daemon, rules: str = TEAMS + ROUTES) -> Daemon:
+    daemon = await start_daemon(write_config(tmp_path, rules=rules, smtp=CHILD))
+    assert daemon.parsers is not None
+    await wait_until(lambda: daemon.parsers.ready == 1, timeout=20, what="the parse process to be ready")
+    return daemon
+
+
+def stored(database: Path) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(database) as connection:
+        return connection.execute(
+            "SELECT m.message_id, m.team, c.reference FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+            " ORDER BY m.id"
+        ).fetchall()
+
+
+async def test_child_prepares_and_renders_ack(tmp_path: Path, start_daemon) -> None:
+    daemon = await ready_daemon(tmp_path, start_daemon)
+    await send(daemon.port, "alice@example.com", ["billing@example.org"], message(message_id="<p1@example.com>"))
+
+    assert parsed(daemon, "parse process") == 1
+    assert parsed(daemon, "daemon") == 0
+    [(message_id, team, reference)] = stored(daemon.config.database_path)
+    assert (message_id, team) == ("<p1@example.com>", "billing")
+    await wait_until(lambda: len(maildir_messages(tmp_path / "var" / "outbound")) == 1, what="the acknowledgement")
+    [ack] = maildir_messages(tmp_path / "var" / "outbound")
+    # The child rendered the acknowledgement for the reference it proposed,
+    # and the commit gave the conversation that reference.
+    assert f"[{reference}]".encode() in ack
+    assert f"X-Guardrail-Conversation: {reference}".encode() in ack
+
+    # The dedupe key made in the child matches a retransmission.
+    reply = await send(daemon.port, "alice@example.com", ["billing@example.org"], message(message_id="<p1@example.com>"))
+    assert reply == {}
+    assert len(stored(daemon.config.database_path)) == 1
+
+
+async def test_killed_child_is_replaced(tmp_path: Path, start_daemon) -> None:
+    daemon = await ready_daemon(tmp_path, start_daemon)
+    [pid] = daemon.parsers.pids
+    os.kill(pid, signal.SIGKILL)
+    await wait_until(lambda: daemon.parsers.ready == 0, what="the daemon to notice the dead child")
+
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<k1@example.com>"))
+    assert parsed(daemon, "daemon") == 1
+
+    await wait_until(lambda: daemon.parsers.ready == 1, timeout=20, what="a new parse process")
+    assert daemon.parsers.pids != [pid]
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<k2@example.com>"))
+    assert parsed(daemon, "parse process") == 1
+    assert [row[:2] for row in stored(daemon.config.database_path)] == [
+        ("<k1@example.com>", "support"), ("<k2@example.com>", "support"),
+    ]
+
+
+async def test_reload_reaches_child_first(tmp_path: Path, start_daemon) -> None:
+    daemon = await ready_daemon(tmp_path, start_daemon)
+    rules_file = tmp_path / "rules" / "rules.toml"
+    rules_file.write_text(rules_file.read_text().replace('subject.contains = "invoice"', 'subject.contains = "printer"'))
+    assert daemon.reload()
+
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<r1@example.com>"))
+    assert parsed(daemon, "parse process") == 1
+    assert [row[:2] for row in stored(daemon.config.database_path)] == [("<r1@example.com>", "billing")]
+
+
+CATASTROPHIC = TEAMS + """
+[[route]]
+name = "slow"
+team = "billing"
+any = [{ subject.regex = '^(a+)+$' }]
+""" + ROUTES
+
+
+async def test_stalled_child_gives_451(tmp_path: Path, start_daemon) -> None:
+    daemon = await ready_daemon(tmp_path, start_daemon, CATASTROPHIC)
+    daemon.parsers.timeout = 1.0
+    [pid] = daemon.parsers.pids
+    with pytest.raises(smtplib.SMTPDataError) as raised:
+        await send(daemon.port, "alice@example.com", ["support@example.org"], message(subject="a" * 40 + "!"))
+    assert raised.value.smtp_code == 451
+    # The stalled child was killed; a new one takes the next message.
+    await wait_until(lambda: daemon.parsers.ready == 1 and daemon.parsers.pids != [pid], timeout=20, what="a new parse process")
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<s2@example.com>"))
+    assert [row[:2] for row in stored(daemon.config.database_path)] == [("<s2@example.com>", "support")]
+
+
+async def test_zero_processes_parse_in_daemon(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path, smtp={"parse_processes": 0}))
+    assert daemon.parsers is None
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message())
+    assert parsed(daemon, "daemon") == 1
+
+
+def sample_messages() -> list[tuple[str, bytes]]:
+    files = sorted(path for path in DATA.rglob("*.eml"))
+    built = [
+        ("many hops", message(extra_headers="Received: from a by b; Tue, 04 Nov 2025 10:00:00 +0100\r\n" * 40)),
+        ("french", message(subject="Facture manquante", body="Bonjour,\r\nma facture est introuvable.\r\n")),
+    ]
+    return [(path.name, crlf(path.read_bytes())) for path in files] + built
+
+
+async def test_child_decides_as_daemon(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path))
+    rules, site = load_ruleset(config), Site.from_config(config)
+    now = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
+    envelope = Envelope("alice@example.com", ("support@example.org",), "[127.0.0.1]:40000", "client.example")
+    parsers = ParseProcesses(1, site)
+    parsers.start(rules)
+    try:
+        await wait_until(lambda: parsers.ready == 1, timeout=20, what="the parse process to be ready")
+        samples = sample_messages()
+        assert len(samples) >= 10
+        for name, raw in samples:
+            remote = await parsers.prepare(envelope, raw, now)
+            local = prepare_message(envelope, raw, rules, site, now)
+            assert remote is not None, name
+            if isinstance(local, TooManyHops):
+                assert remote == local, name
+                continue
+            assert isinstance(remote, Submission), name
+            assert remote.raw == raw and remote.dedupe_key == local.dedupe_key, name
+            assert remote.summary.to_record() == local.summary.to_record(), name
+            ignored = {"raw", "summary", "proposed_reference", "rendered_ack"}
+            for field in dataclasses.fields(Submission):
+                if field.name not in ignored:
+                    assert getattr(remote, field.name) == getattr(local, field.name), (name, field.name)
+            assert (remote.rendered_ack is None) == (local.ack is None), name
+    finally:
+        await parsers.close()
+    assert parsers.pids == []
+
+
+async def test_close_stops_children(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path))
+    parsers = ParseProcesses(2, Site.from_config(config))
+    parsers.start(load_ruleset(config))
+    await wait_until(lambda: parsers.ready == 2, timeout=20, what="two parse processes")
+    pids = parsers.pids
+    await parsers.close()
+    await asyncio.sleep(0)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
