@@ -28,7 +28,7 @@ from .offload import ParseProcesses
 from .prepare import Site
 from .rules import RuleSet, load_rules
 from .sla import EscalationScheduler, ZombieWatch
-from .store import Store, StoreSettings
+from .store import AttemptResult, Outcome, Store, StoreSettings
 
 log = structlog.get_logger("guardrail.daemon")
 
@@ -110,9 +110,16 @@ class Daemon:
             self.zombies = ZombieWatch(self.store, self.clock, lambda: self.rules, sender, config.zombie, worker.wake.set)
             self._tasks.append(asyncio.create_task(self.zombies.run(), name="guardrail-zombie-routes"))
 
-        def committed() -> None:
+        def committed(outcome: Outcome) -> None:
             worker.wake.set()
-            scheduler.wake.set()
+            scheduler.due_at(outcome.next_escalation_at)
+
+        def recorded(result: AttemptResult) -> None:
+            # A permanent failure to reach the team escalates the conversation at once.
+            if result.state == "failed" and result.kind == "deliver" and result.conversation_id is not None:
+                scheduler.due_at(result.at)
+
+        worker.on_recorded = recorded
 
         if config.smtp.parse_processes:
             self.parsers = ParseProcesses(config.smtp.parse_processes, Site.from_config(config))
@@ -153,6 +160,11 @@ class Daemon:
     def is_idle(self) -> bool:
         """Return True when no delivery attempt is running (for tests and shutdown)."""
         return self.worker is None or not self.worker.in_flight
+
+    @property
+    def clock_loops(self) -> int:
+        """Return how many loops sleep on the clock: the outbox, the escalations and, when on, the zombie-route watch."""
+        return 2 + (self.zombies is not None)
 
     def reload(self) -> bool:
         """Load the rules again and swap them in whole; keep the old set on any error."""

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import format_datetime
@@ -192,6 +193,7 @@ class DeliveryWorker:
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self.wake = asyncio.Event()
         self.alive = False
+        self.on_recorded: Callable[[AttemptResult], None] = lambda result: None
 
     @property
     def in_flight(self) -> int:
@@ -258,6 +260,8 @@ class DeliveryWorker:
         except StorageError as error:
             # The row stays pending, so the attempt is repeated later.
             log.error("attempt_not_recorded", error=str(error), state=result.state)
+        else:
+            self.on_recorded(result)
 
     def _failed(self, row: OutboxRow, attempts: int, error: str) -> AttemptResult:
         purpose = row.target.get("purpose", "")

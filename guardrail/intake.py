@@ -280,7 +280,7 @@ class IntakeHandler:
     store: Store
     clock: Clock
     rules: Callable[[], RuleSet]
-    on_committed: Callable[[], None] = lambda: None
+    on_committed: Callable[[Outcome], None] = lambda outcome: None
     site: Site = field(init=False)
     metrics: Metrics = field(default_factory=Metrics)
     parsers: ParseProcesses | None = None
@@ -379,7 +379,7 @@ class IntakeHandler:
             log.info("message_duplicate", detail=f"duplicate of {summary.message_id or 'a message without Message-ID'}")
             self.metrics.messages_accepted.labels("duplicate").inc()
             return REPLY_DUPLICATE.format(message_id=summary.message_id or "an earlier message")
-        self.on_committed()
+        self.on_committed(outcome)
         self._log_outcome(outcome, submission, len(raw), started)
         return REPLY_ACCEPTED.format(reference=outcome.reference or f"message {outcome.message_row}")
 

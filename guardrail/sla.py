@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -50,6 +50,12 @@ class EscalationScheduler:
         self._on_queued = on_queued
         self.wake = asyncio.Event()
         self.alive = False
+        self._sleeping_until: datetime | None = None
+
+    def due_at(self, when: datetime | None) -> None:
+        """Note that a conversation falls due for escalation at `when`; wake the loop if that is before its next look."""
+        if when is not None and (self._sleeping_until is None or when < self._sleeping_until):
+            self.wake.set()
 
     async def run(self) -> None:
         """Escalate due conversations until cancelled."""
@@ -57,12 +63,14 @@ class EscalationScheduler:
         try:
             while True:
                 self.wake.clear()
+                self._sleeping_until = None
                 now = self._clock.now()
                 next_at = await self._store.next_escalation_due()
                 if next_at is not None and next_at <= now and await self.fire_due():
                     continue
                 if next_at is None or next_at <= now:
                     next_at = now + IDLE_SLEEP
+                self._sleeping_until = next_at
                 await self._clock.sleep_until(next_at, self.wake)
         finally:
             self.alive = False

@@ -177,6 +177,7 @@ class Outcome:
     answered: bool = False
     deadline: datetime | None = None
     escalates_now: bool = False
+    next_escalation_at: datetime | None = None  # when the conversation it opened is first escalated
 
 
 @dataclass(frozen=True)
@@ -282,9 +283,9 @@ class BatchWriter:
 
         at = format_instant(submission.received_at)
         conversation = plan.conversation
-        escalates_now = False
+        escalates_now, next_escalation_at = False, None
         if conversation is not None and plan.opens_conversation:
-            escalates_now = self._open_conversation(submission, conversation, at)
+            escalates_now, next_escalation_at = self._open_conversation(submission, conversation, at)
             by_reference[conversation.reference] = conversation
         elif conversation is not None:
             conversation = self._update_conversation(submission, plan, conversation, at)
@@ -318,18 +319,23 @@ class BatchWriter:
             ack_limit_reached=plan.ack_signal == RATE_LIMIT_SIGNAL and first_warning,
             ack_problem=ack_problem, answered=plan.answers,
             deadline=submission.deadline if plan.opens_conversation else None,
-            escalates_now=escalates_now,
+            escalates_now=escalates_now, next_escalation_at=next_escalation_at,
         )
 
-    def _open_conversation(self, submission: Submission, conversation: KnownConversation, at: str) -> bool:
-        """Queue the new conversation's row; return True when it must be escalated at once."""
+    def _open_conversation(self, submission: Submission, conversation: KnownConversation, at: str) -> tuple[bool, datetime | None]:
+        """Queue the new conversation's row.
+
+        Return whether it must be escalated at once, and when it is first
+        escalated (None for never).
+        """
         self._allocate("conversations")
         deadline = format_instant(submission.deadline) if submission.deadline and submission.sla_applies else None
-        reason, next_at = "", None
+        reason, first = "", None
         if submission.sla_applies and submission.unstaffed and not submission.is_loop:
-            reason, next_at = submission.unstaffed, at
+            reason, first = submission.unstaffed, submission.received_at
         elif deadline and submission.first_escalation_at and not submission.is_loop:
-            next_at = format_instant(submission.first_escalation_at)
+            first = submission.first_escalation_at
+        next_at = format_instant(first) if first else None
         self.rows["conversations"].append((
             conversation.id, conversation.reference, conversation.route, conversation.team,
             json.dumps(conversation.destination.to_record()) if conversation.destination else None,
@@ -340,7 +346,7 @@ class BatchWriter:
             self._event(conversation.id, None, at, "deadline_set", {"deadline": deadline})
         elif not submission.sla_applies:
             self._event(conversation.id, None, at, "no_deadline", {"reason": "automated message"})
-        return bool(reason)
+        return bool(reason), first
 
     def _update_conversation(self, submission: Submission, plan: Plan, conversation: KnownConversation, at: str) -> KnownConversation:
         participants = conversation.participants | plan.participants_added

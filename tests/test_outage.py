@@ -74,6 +74,11 @@ async def delivery_failed_flags(daemon: Daemon) -> list[int]:
     return [row[0] for row in await daemon.store.fetch_all("SELECT delivery_failed FROM conversations ORDER BY id")]
 
 
+async def escalations(daemon: Daemon) -> list[str]:
+    assert daemon.store is not None
+    return [row[0] for row in await daemon.store.fetch_all("SELECT detail FROM events WHERE kind = 'escalated'")]
+
+
 async def wait_for_row(daemon: Daemon, state: str, attempts: int, *, row: int = 0) -> OutboxState:
     """Wait until outbox row number `row` (0-based) has `state` after `attempts` attempts."""
 
@@ -130,6 +135,9 @@ async def test_550_reply_fails_without_retry(tmp_path: Path, start_daemon) -> No
         failed = await wait_for_row(daemon, "failed", 1)
         assert await delivery_failed_flags(daemon) == [1]
         assert [kind for kind, _ in await delivery_events(daemon)] == ["delivery_failed"]
+        # The failure escalates at once, without waiting for the deadline or for more mail.
+        await wait_until(lambda: escalations(daemon), what="an escalation of the failed delivery")
+        assert clock.now() == START
 
         await clock.advance(timedelta(hours=6))
         # A retry of the first row would be due before the second message's row,
