@@ -9,8 +9,8 @@ resolves only after the transaction holding its rows has committed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import queue
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +45,16 @@ MAX_BATCH = 256
 ESCALATION_BATCH = 20
 # Seconds close() waits for queued writes before it gives up on them.
 CLOSE_TIMEOUT = 30.0
+
+def _settle(settled: list[tuple[_Job, Any, Exception | None]]) -> None:
+    for job, result, error in settled:
+        if job.future.done():
+            continue
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
 
 def _connect_writer(path: Path, busy_ms: int) -> sqlite3.Connection:
     # Opened in the writer thread, the only thread that uses it.
@@ -108,8 +118,8 @@ class Store:
         self._writer = writer
         self._thread = thread
         self.settings = settings
-        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
-        self._committer: asyncio.Task[None] | None = None
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._committer: asyncio.Future[None] | None = None
         self._next_id: dict[str, int] = {}
         self._closing = False
 
@@ -118,9 +128,10 @@ class Store:
         """Open (creating if needed) the database at `path` and start the committer.
 
         Reads go through an aiosqlite connection. Writes use a second
-        connection in a thread of their own, so a whole transaction runs
-        there in one hop instead of one round trip through the event loop
-        per statement.
+        connection owned by the writer thread, which takes queued jobs,
+        commits them together and hands the results back to the event loop.
+        The next transaction starts as soon as the previous one is durable,
+        without waiting for the event loop.
         """
         path.parent.mkdir(parents=True, exist_ok=True)
         busy_ms = int(busy_timeout.total_seconds() * 1000)
@@ -142,22 +153,22 @@ class Store:
             thread.shutdown(wait=False)
             await db.close()
             raise
-        store._committer = asyncio.create_task(store._run_committer(), name="guardrail-committer")
+        store._committer = loop.run_in_executor(thread, store._write_until_closed, loop)
         return store
 
     async def close(self) -> None:
-        """Commit what is queued, stop the committer and close both connections."""
+        """Commit what is queued, stop the writer thread and close both connections."""
         self._closing = True
         if self._committer is not None:
-            self._queue.put_nowait(None)
+            self._jobs.put(None)
             try:
                 await asyncio.wait_for(asyncio.shield(self._committer), CLOSE_TIMEOUT)
             except TimeoutError:
-                log.error("store_close_timed_out", queued=self._queue.qsize())
-                self._committer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._committer
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._writer.close)
+                log.error("store_close_timed_out", queued=self._jobs.qsize())
+            except Exception as error:  # noqa: BLE001 - closing goes on
+                log.error("store_writer_failed", error=repr(error))
+        if self._committer is None or self._committer.done():
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._writer.close)
         self._thread.shutdown(wait=False)
         await self._db.close()
 
@@ -185,44 +196,41 @@ class Store:
         if self._committer is None or self._committer.done() or self._closing:
             raise StorageError("the store is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(item, future))
+        self._jobs.put(_Job(item, future))
         return await future
 
-    async def _run_committer(self) -> None:
-        closing = False
-        while not closing:
-            first = await self._queue.get()
+    def _write_until_closed(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Commit queued jobs in batches until the stop marker; runs in the writer thread."""
+        while True:
+            first = self._jobs.get()
             if first is None:
                 return
-            batch = [first]
-            while not self._queue.empty() and len(batch) < MAX_BATCH:
-                job = self._queue.get_nowait()
+            batch, stop = [first], False
+            while len(batch) < MAX_BATCH:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
                 if job is None:
-                    closing = True
+                    stop = True
                     break
                 batch.append(job)
-            await self._commit_or_split(batch)
+            settled = self._commit_or_split(batch)
+            loop.call_soon_threadsafe(_settle, settled)
+            if stop:
+                return
 
-    async def _commit_or_split(self, batch: list[_Job]) -> None:
+    def _commit_or_split(self, batch: list[_Job]) -> list[tuple[_Job, Any, Exception | None]]:
         """Commit `batch`; when it fails, commit each job alone so one bad job fails only itself."""
         try:
-            results = await self._commit(batch)
+            results = self._commit_in_thread([job.item for job in batch])
         except Exception as error:  # noqa: BLE001 - every waiter must hear of it
             if len(batch) > 1:
                 log.warning("commit_retried_one_by_one", error=repr(error), batch_size=len(batch))
-                for job in batch:
-                    await self._commit_or_split([job])
-                return
+                return [outcome for job in batch for outcome in self._commit_or_split([job])]
             log.error("commit_failed", error=repr(error))
-            if not batch[0].future.done():
-                batch[0].future.set_exception(StorageError("the database write failed"))
-            return
-        for job, result in zip(batch, results):
-            if not job.future.done():
-                job.future.set_result(result)
-
-    async def _commit(self, batch: list[_Job]) -> list[Any]:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._commit_in_thread, [job.item for job in batch])
+            return [(batch[0], None, StorageError("the database write failed"))]
+        return [(job, result, None) for job, result in zip(batch, results)]
 
     def _commit_in_thread(self, items: list[Any]) -> list[Any]:
         """Write `items` in one transaction on the writer connection; return one result per item."""
