@@ -206,13 +206,15 @@ class DeliveryWorker:
             while True:
                 self.wake.clear()
                 free = self._config.delivery.concurrency - len(self._in_flight)
-                started = 0
-                if free > 0:
-                    for row in await self._store.due_outbox(self._clock.now(), set(self._in_flight), free):
-                        self._start(row)
-                        started += 1
-                if started:
+                if free <= 0:
+                    # Every slot is busy; a finished attempt sets wake.
+                    await self.wake.wait()
                     continue
+                rows = await self._store.due_outbox(self._clock.now(), set(self._in_flight), free)
+                for row in rows:
+                    self._start(row)
+                if len(rows) == free:
+                    continue  # more may be due; look again when a slot frees
                 await self._clock.sleep_until(await self._next_wake(), self.wake)
         finally:
             self.alive = False
@@ -306,7 +308,7 @@ class DeliveryWorker:
     async def _forward(self, row: OutboxRow) -> None:
         destination = Destination.from_record(row.target)
         structlog.contextvars.bind_contextvars(destination=destination.describe())
-        raw, envelope = await self._store.message_for_delivery(row.message_row)  # type: ignore[arg-type]
+        raw, envelope = row.message or await self._store.message_for_delivery(row.message_row)  # type: ignore[arg-type]
         structlog.contextvars.bind_contextvars(conversation=envelope["reference"], route=envelope["route"])
         recipients = destination.addresses or (str(envelope["rcpt_tos"][0]) if envelope["rcpt_tos"] else "",)
         data = trace_headers(hostname=self._config.smtp.hostname, envelope=envelope, for_address=recipients[0]) + raw
@@ -321,7 +323,7 @@ class DeliveryWorker:
         """Send a message guardrail wrote itself (acknowledgement or escalation)."""
         recipients = tuple(row.target["addresses"])
         structlog.contextvars.bind_contextvars(destination="smtp " + ", ".join(recipients), purpose=row.target.get("purpose"))
-        data = await self._store.outbox_payload(row.id)
+        data = row.payload if row.payload is not None else await self._store.outbox_payload(row.id)
         # An acknowledgement carries a null return path (RFC 3834 section 3.3).
         sender = row.target.get("sender", self._config.delivery.return_path)
         destination = Destination("smtp", addresses=recipients)
@@ -330,6 +332,6 @@ class DeliveryWorker:
     async def _post_webhook(self, row: OutboxRow) -> None:
         webhook = Webhook(row.target["url"], row.target.get("format", "json"), row.target.get("secret_env"))
         structlog.contextvars.bind_contextvars(destination=f"webhook {webhook.url}")
-        body = json.loads(await self._store.outbox_payload(row.id))
+        body = json.loads(row.payload if row.payload is not None else await self._store.outbox_payload(row.id))
         tries = await self._webhooks.post(row.id, webhook, body)
         log.info("webhook_delivered", tries=tries)

@@ -13,7 +13,12 @@ from datetime import datetime
 from functools import cached_property
 
 from .acknowledgement import AckRequest, RenderedAck, render_acknowledgement
-from .conversations import KnownConversation, choose_conversation, find_references, new_reference
+from .conversations import (
+    KnownConversation,
+    choose_conversation,
+    find_references,
+    new_reference,
+)
 from .message import Summary
 from .rules import Destination
 

@@ -56,6 +56,26 @@ def _settle(settled: list[tuple[_Job, Any, Exception | None]]) -> None:
             job.future.set_result(result)
 
 
+_ENVELOPE_COLUMNS = (
+    "m.raw, m.mail_from, m.rcpt_tos, m.peer, m.helo, m.received_at, m.route, COALESCE(c.reference, ''), m.id"
+)
+
+
+def _message_for_delivery(row: Any) -> tuple[bytes, dict[str, Any]]:
+    """Return the raw bytes and envelope facts from the columns listed in _ENVELOPE_COLUMNS."""
+    raw, mail_from, rcpt_tos, peer, helo, received_at, route, reference, row_id = row
+    return bytes(raw), {
+        "mail_from": mail_from,
+        "rcpt_tos": json.loads(rcpt_tos),
+        "peer": peer,
+        "helo": helo,
+        "received_at": parse_instant(received_at),
+        "route": route,
+        "reference": reference,
+        "message_row": row_id,
+    }
+
+
 def _connect_writer(path: Path, busy_ms: int) -> sqlite3.Connection:
     # Opened in the writer thread, the only thread that uses it.
     writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -83,6 +103,11 @@ class OutboxRow:
     target: dict[str, Any]
     attempts: int
     created_at: datetime
+    # Read with the row, so an attempt needs no second query: the payload of
+    # a mail or webhook row, and the raw message and its envelope facts for
+    # a delivery to a team.
+    payload: bytes | None = None
+    message: tuple[bytes, dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -279,18 +304,25 @@ class Store:
             return list(await cursor.fetchall())
 
     async def due_outbox(self, now: datetime, skip: set[int], limit: int) -> list[OutboxRow]:
-        """Return pending outbox rows due at `now`, oldest first, except those in `skip`."""
+        """Return pending outbox rows due at `now`, oldest first, except those in `skip`, with what delivering them needs."""
+        marks = ",".join("?" * len(skip))
         rows = await self.fetch_all(
-            "SELECT id, kind, conversation_id, message_row, target, attempts, created_at FROM outbox"
-            " WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
-            (format_instant(now), limit + len(skip)),
+            "SELECT o.id, o.kind, o.conversation_id, o.message_row, o.target, o.attempts, o.created_at, o.payload,"
+            f" {_ENVELOPE_COLUMNS} FROM outbox o"
+            " LEFT JOIN messages m ON m.id = o.message_row AND o.kind = 'deliver'"
+            " LEFT JOIN conversations c ON c.id = m.conversation_id"
+            f" WHERE o.state = 'pending' AND o.next_attempt_at <= ? AND o.id NOT IN ({marks})"
+            " ORDER BY o.next_attempt_at, o.id LIMIT ?",
+            (format_instant(now), *sorted(skip), limit),
         )
-        due = [
-            OutboxRow(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], parse_instant(row[6]))
+        return [
+            OutboxRow(
+                row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], parse_instant(row[6]),
+                payload=None if row[7] is None else bytes(row[7]),
+                message=_message_for_delivery(row[8:]) if row[16] is not None else None,
+            )
             for row in rows
-            if row[0] not in skip
         ]
-        return due[:limit]
 
     async def next_outbox_due(self, after: datetime) -> datetime | None:
         """Return when the earliest pending outbox row due later than `after` falls due."""
@@ -316,24 +348,12 @@ class Store:
     async def message_for_delivery(self, message_row: int) -> tuple[bytes, dict[str, Any]]:
         """Return a stored message's raw bytes and the envelope facts for its trace headers."""
         rows = await self.fetch_all(
-            "SELECT m.raw, m.mail_from, m.rcpt_tos, m.peer, m.helo, m.received_at, m.route,"
-            " COALESCE(c.reference, ''), m.id FROM messages m"
-            " LEFT JOIN conversations c ON c.id = m.conversation_id WHERE m.id = ?",
+            f"SELECT {_ENVELOPE_COLUMNS} FROM messages m LEFT JOIN conversations c ON c.id = m.conversation_id WHERE m.id = ?",
             (message_row,),
         )
         if not rows:
             raise StorageError(f"message row {message_row} not found")
-        raw, mail_from, rcpt_tos, peer, helo, received_at, route, reference, row_id = rows[0]
-        return bytes(raw), {
-            "mail_from": mail_from,
-            "rcpt_tos": json.loads(rcpt_tos),
-            "peer": peer,
-            "helo": helo,
-            "received_at": parse_instant(received_at),
-            "route": route,
-            "reference": reference,
-            "message_row": row_id,
-        }
+        return _message_for_delivery(rows[0])
 
     async def mark_answered(self, reference: str, by: str, at: datetime) -> str:
         """Mark an open conversation answered by hand; return its state before."""
