@@ -1,0 +1,99 @@
+"""The group committer: batches share a transaction, a bad job fails alone, close commits what is queued."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from guardrail.config import load_config
+from guardrail.daemon import load_ruleset
+from guardrail.errors import StorageError
+from guardrail.plan import Submission
+from guardrail.prepare import Envelope, Site, prepare_message
+from guardrail.store import AttemptResult, Store
+
+from conftest import message, write_config
+
+NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
+
+
+def submissions(folder: Path, count: int) -> list[Submission]:
+    config = load_config(write_config(folder))
+    rules, site = load_ruleset(config), Site.from_config(config)
+    prepared = []
+    for number in range(count):
+        envelope = Envelope(f"customer{number}@example.com", ("support@example.org",), "[127.0.0.1]:40000", "client")
+        result = prepare_message(envelope, message(message_id=f"<s{number}@example.com>"), rules, site, NOW)
+        assert isinstance(result, Submission)
+        prepared.append(result)
+    return prepared
+
+
+def stored_message_ids(database: Path) -> list[str]:
+    with sqlite3.connect(database) as connection:
+        return [row[0] for row in connection.execute("SELECT message_id FROM messages ORDER BY id")]
+
+
+async def hold_writer(store: Store) -> tuple[asyncio.Future[object], threading.Event]:
+    """Queue a job that keeps the writer thread busy until the returned event is set."""
+    entered, release = threading.Event(), threading.Event()
+
+    def planner(figures: object, alarmed: object) -> list[object]:
+        entered.set()
+        release.wait(10)
+        return []
+
+    zombie_run = asyncio.ensure_future(store.raise_zombie_alarms(NOW, 10, timedelta(days=1), [], planner))
+    # Nothing else is queued until the writer is inside this job.
+    assert await asyncio.to_thread(entered.wait, 10)
+    return zombie_run, release
+
+
+async def test_bad_job_fails_alone(tmp_path: Path) -> None:
+    database = tmp_path / "store.db"
+    store = await Store.open(database)
+    try:
+        zombie_run, release = await hold_writer(store)
+        good = [asyncio.ensure_future(store.accept(submission)) for submission in submissions(tmp_path, 3)]
+        # An error text that SQLite cannot bind makes the whole transaction fail.
+        bad = asyncio.ensure_future(store.record_attempt(AttemptResult(1, None, None, NOW, "failed", 1, error={"x": 1})))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        with capture_logs() as events:
+            release.set()
+            await zombie_run
+            outcomes = await asyncio.gather(*good)
+            with pytest.raises(StorageError):
+                await bad
+    finally:
+        await store.close()
+
+    assert [outcome.disposition for outcome in outcomes] == ["new", "new", "new"]
+    assert stored_message_ids(database) == ["<s0@example.com>", "<s1@example.com>", "<s2@example.com>"]
+    retried = [event for event in events if event["event"] == "commit_retried_one_by_one"]
+    assert len(retried) == 1
+    assert retried[0]["batch_size"] == 4
+
+
+async def test_close_commits_queued_jobs(tmp_path: Path) -> None:
+    database = tmp_path / "store.db"
+    store = await Store.open(database)
+    zombie_run, release = await hold_writer(store)
+    queued = [asyncio.ensure_future(store.accept(submission)) for submission in submissions(tmp_path, 2)]
+    await asyncio.sleep(0.05)
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done()
+    release.set()
+    await closing
+
+    assert await zombie_run == []
+    assert [outcome.disposition for outcome in await asyncio.gather(*queued)] == ["new", "new"]
+    assert stored_message_ids(database) == ["<s0@example.com>", "<s1@example.com>"]
+    with pytest.raises(StorageError):
+        await store.accept(submissions(tmp_path, 1)[0])
