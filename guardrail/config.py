@@ -243,8 +243,9 @@ def _load_smtp(table: Table) -> SmtpSettings:
         max_connections=table.integer("max_connections", 100, minimum=1),
         timeout=table.duration("timeout", timedelta(minutes=5)),
         data_timeout=table.duration("data_timeout", timedelta(minutes=10)),
-        # The event loop is one thread; a second CPU parses and routes.
-        parse_processes=table.integer("parse_processes", 1 if (os.cpu_count() or 1) > 1 else 0, minimum=0, maximum=64),
+        # Children parse and route, so the event loop's one thread does less
+        # and a stuck message stalls only its child.
+        parse_processes=table.integer("parse_processes", 2, minimum=0, maximum=64),
     )
     table.finish()
     return settings

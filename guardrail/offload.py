@@ -6,12 +6,14 @@ event loop is one thread, so on a machine with spare CPUs the daemon hands
 that work to child processes (`python -m guardrail.offload_child`) and keeps
 the SMTP sessions, the commit and the workers to itself.
 
-Nothing depends on a child being there. Intake prepares a message itself,
-with the same function and the same result, whenever no child can take it:
-before a child has its rules, after one died, or when the rules cannot be
-sent. A dead child is started again after a delay that doubles each time. A child that takes longer than `timeout` on one message
-is killed and the message gets a temporary failure, so a pathological message
-cannot stall the daemon.
+The daemon prepares a message itself only before the first child is ready,
+or when the rules cannot be sent to a child. After that, a message waits for
+a child: a message prepared in the event loop could stall every session (a
+route regex with catastrophic backtracking, for instance), while a stalled
+child stalls only what it holds. A child that answers nothing for `timeout`
+seconds while it holds work is killed. The message it was working on gets a
+temporary failure; the others it held are sent to another child. A dead
+child is started again after a delay that doubles each time.
 
 Frames on the pipes are a 4-byte big-endian length and a pickle. The daemon
 sends ("site", Site), ("rules", RuleSet) and ("prepare", id, Envelope, raw,
@@ -27,6 +29,7 @@ import contextlib
 import itertools
 import pickle
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -42,10 +45,15 @@ log = structlog.get_logger("guardrail.offload")
 FIRST_RESTART_DELAY = 1.0  # seconds before a dead child is started again; doubles up to the maximum
 MAX_RESTART_DELAY = 60.0
 STOP_TIMEOUT = 5.0  # seconds a child gets to exit after its stdin closes
+ATTEMPTS = 2  # children a message is sent to before it gets a temporary failure
+
+# What a request resolves to when its child cannot answer it.
+_STALLED = "stalled"  # the child was killed while working on this message
+_LOST = "lost"  # the child died before it reached this message
 
 
 class ParseTimeout(Exception):
-    """A parse process took too long on one message; the message gets a temporary failure."""
+    """No parse process could prepare the message in time; the message gets a temporary failure."""
 
 
 def _frame(value: object) -> bytes:
@@ -57,11 +65,14 @@ def _frame(value: object) -> bytes:
 class _Child:
     process: asyncio.subprocess.Process
     ready: bool = False
+    # Requests in the order they were sent; the child answers them in that order.
     pending: dict[int, asyncio.Future[object]] = field(default_factory=dict)
+    last_progress: float = 0.0  # monotonic time of the last answer, or of work sent to an idle child
+    killed: bool = False
 
     def send(self, frame: bytes) -> bool:
         stdin = self.process.stdin
-        if stdin is None or stdin.is_closing():
+        if stdin is None or stdin.is_closing() or self.killed:
             return False
         stdin.write(frame)
         return True
@@ -69,16 +80,19 @@ class _Child:
     def fail_pending(self) -> None:
         for future in self.pending.values():
             if not future.done():
-                future.set_result(None)
+                future.set_result(_LOST)
         self.pending.clear()
 
 
 class ParseProcesses:
     """A fixed number of parse processes, each restarted when it dies."""
 
-    def __init__(self, count: int, site: Site, *, timeout: float = 30.0, command: list[str] | None = None) -> None:
+    def __init__(
+        self, count: int, site: Site, *, timeout: float = 10.0, ready_timeout: float = 30.0, command: list[str] | None = None,
+    ) -> None:
         self.count = count
-        self.timeout = timeout
+        self.timeout = timeout  # seconds a child holding work may go without answering
+        self.ready_timeout = ready_timeout  # seconds a message waits for a child to be ready
         self._site_frame = _frame(("site", site))
         self._rules_frame: bytes | None = None
         self._command = command or [sys.executable, "-m", "guardrail.offload_child"]
@@ -86,6 +100,8 @@ class ParseProcesses:
         self._slots: list[asyncio.Task[None]] = []
         self._ids = itertools.count(1)
         self._closing = False
+        self._ever_ready = False
+        self._became_ready = asyncio.Event()
 
     @property
     def pids(self) -> list[int]:
@@ -117,49 +133,82 @@ class ParseProcesses:
     async def prepare(self, envelope: Envelope, raw: bytes, now: datetime) -> Submission | TooManyHops | None:
         """Return what a child prepared for this message, or None when intake must prepare it itself.
 
-        Raises ParseTimeout when the child took longer than `timeout`.
+        Raises ParseTimeout when the child working on this message stalled,
+        when no child became ready within `ready_timeout`, or when the message's
+        children died ATTEMPTS times.
         """
-        if self._rules_frame is None:
+        if self._rules_frame is None or not self._ever_ready:
             return None
-        candidates = [child for child in self._children if child.ready]
-        if not candidates:
-            return None
-        child = min(candidates, key=lambda candidate: len(candidate.pending))
-        request_id = next(self._ids)
+        for _ in range(ATTEMPTS):
+            child = await self._ready_child()
+            result = await self._ask(child, next(self._ids), envelope, raw, now)
+            if result == _STALLED:
+                raise ParseTimeout(f"a parse process made no progress for {self.timeout:g} s on this message")
+            if result == _LOST:
+                continue
+            if isinstance(result, str):
+                log.warning("parse_process_failed", error=result, detail="preparing the message in the daemon instead")
+                return None
+            if isinstance(result, Submission):
+                return result.attached(raw)
+            if isinstance(result, TooManyHops):
+                return result
+        raise ParseTimeout(f"{ATTEMPTS} parse processes died while this message waited")
+
+    async def _ready_child(self) -> _Child:
+        """Return the ready child holding the least work; wait up to `ready_timeout` for one."""
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            candidates = [child for child in self._children if child.ready and not child.killed]
+            if candidates:
+                return min(candidates, key=lambda candidate: len(candidate.pending))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closing:
+                raise ParseTimeout(f"no parse process was ready within {self.ready_timeout:g} s")
+            self._became_ready.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._became_ready.wait(), remaining)
+
+    async def _ask(self, child: _Child, request_id: int, envelope: Envelope, raw: bytes, now: datetime) -> object:
+        """Send one request to `child` and return its answer, _STALLED or _LOST."""
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        if not child.pending:
+            child.last_progress = time.monotonic()
         child.pending[request_id] = future
         try:
             if not child.send(_frame(("prepare", request_id, envelope, raw, now))):
-                return None
-            try:
-                result = await asyncio.wait_for(asyncio.shield(future), self.timeout)
-            except TimeoutError:
-                log.error("parse_timed_out", pid=child.process.pid, seconds=self.timeout)
-                with contextlib.suppress(ProcessLookupError):
-                    child.process.kill()
-                raise ParseTimeout(f"a parse process took more than {self.timeout:g} s") from None
+                return _LOST
+            while True:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+                except TimeoutError:
+                    # Waiting behind other messages is fine while the child answers them.
+                    if time.monotonic() - child.last_progress >= self.timeout:
+                        self._kill_stalled(child)
         finally:
             child.pending.pop(request_id, None)
-        if isinstance(result, str):
-            log.warning("parse_process_failed", error=result, detail="preparing the message in the daemon instead")
-            return None
-        if isinstance(result, Submission):
-            return result.attached(raw)
-        return result if isinstance(result, TooManyHops) else None
+
+    def _kill_stalled(self, child: _Child) -> None:
+        """Kill a child that answered nothing for `timeout`; the message it was working on gets _STALLED."""
+        if child.killed:
+            return
+        child.killed = True
+        oldest = next(iter(child.pending.values()), None)
+        if oldest is not None and not oldest.done():
+            oldest.set_result(_STALLED)
+        log.error("parse_timed_out", pid=child.process.pid, seconds=self.timeout, waiting=len(child.pending) - 1)
+        with contextlib.suppress(ProcessLookupError):
+            child.process.kill()
 
     async def close(self) -> None:
         """Stop every child: close its stdin, wait for it to exit, kill it if it does not."""
         self._closing = True
+        self._became_ready.set()
         for child in self._children:
             if child.process.stdin is not None:
                 child.process.stdin.close()
         for child in list(self._children):
-            try:
-                await asyncio.wait_for(child.process.wait(), STOP_TIMEOUT)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    child.process.kill()
-                await child.process.wait()
+            await _reap(child.process)
         for task in self._slots:
             task.cancel()
         await asyncio.gather(*self._slots, return_exceptions=True)
@@ -176,27 +225,32 @@ class ParseProcesses:
                 log.error("parse_process_not_started", slot=slot, error=repr(error), retry_in=delay)
             else:
                 child = _Child(process)
-                child.send(self._site_frame)
-                if self._rules_frame is not None:
-                    child.send(self._rules_frame)
                 self._children.append(child)
                 try:
+                    if self._closing:
+                        return  # close() began while the child started; the finally stops it
+                    child.send(self._site_frame)
+                    if self._rules_frame is not None:
+                        child.send(self._rules_frame)
                     if await self._read_replies(child):
                         delay = FIRST_RESTART_DELAY
                 finally:
                     self._children.remove(child)
                     child.fail_pending()
-                    if process.returncode is None and self._closing:
-                        await process.wait()
+                    if process.stdin is not None:
+                        process.stdin.close()
+                    await _reap(process)
                 if self._closing:
                     return
-                returncode = await process.wait()
-                log.error("parse_process_exited", slot=slot, pid=process.pid, returncode=returncode, restart_in=delay)
+                log.error("parse_process_exited", slot=slot, pid=process.pid, returncode=process.returncode, restart_in=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_RESTART_DELAY)
 
     async def _read_replies(self, child: _Child) -> bool:
-        """Resolve the child's requests until its stdout ends; return True if it was ever ready."""
+        """Resolve the child's requests until its stdout ends; return True if it was ever ready.
+
+        Runs inside the slot's task, so cancelling the slot stops it.
+        """
         stdout = child.process.stdout
         assert stdout is not None
         was_ready = False
@@ -206,10 +260,22 @@ class ParseProcesses:
                 frame = pickle.loads(await stdout.readexactly(size))
             except (asyncio.IncompleteReadError, ConnectionError):
                 return was_ready
+            child.last_progress = time.monotonic()
             if frame == ("ready",):
-                child.ready = was_ready = True
+                child.ready = was_ready = self._ever_ready = True
+                self._became_ready.set()
                 continue
             request_id, result = frame
             future = child.pending.get(request_id)
             if future is not None and not future.done():
                 future.set_result(result)
+
+
+async def _reap(process: asyncio.subprocess.Process) -> None:
+    """Wait for `process` to exit after its stdin closed; kill it after STOP_TIMEOUT."""
+    try:
+        await asyncio.wait_for(asyncio.shield(process.wait()), STOP_TIMEOUT)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
