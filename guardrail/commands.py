@@ -13,7 +13,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import store_admin
+from . import pidfile, store_admin
 from .checks import Finding, check_rules
 from .config import Config, load_config
 from .errors import ConfigError, ConfigErrors
@@ -166,10 +166,11 @@ def answer(arguments: argparse.Namespace) -> int:
 def reload(arguments: argparse.Namespace) -> int:
     config, rules = _load(arguments)
     path = pid_file(config)
-    try:
-        pid = int(path.read_text().strip())
-    except (OSError, ValueError):
-        print(f"error: no running daemon: {path} is missing or invalid; start it with guardrail run", file=sys.stderr)
+    pid = pidfile.running_pid(path)
+    if pid is None:
+        # A file nobody locks is left over from a daemon that died; its pid may now be another process's.
+        state = "is left over from a daemon that stopped" if path.exists() else "is missing"
+        print(f"error: no running daemon: {path} {state}; start it with guardrail run", file=sys.stderr)
         return EXIT_FAILURE
     try:
         os.kill(pid, signal.SIGHUP)

@@ -23,6 +23,7 @@ from .errors import ConfigErrors
 from .escalation import Sender
 from .http import HttpListener, build_app, serve_http
 from .intake import REPLY_SHUTTING_DOWN, ConnectionTracker, GuardrailSMTP, IntakeHandler
+from . import pidfile
 from .metrics import Metrics
 from .offload import ParseProcesses
 from .prepare import Site
@@ -214,27 +215,34 @@ class Daemon:
         log.info("daemon_stopped")
 
     async def serve(self, pid_file: Path | None = None) -> None:
-        """Run until SIGTERM or SIGINT; reload rules on SIGHUP; write our pid to `pid_file` meanwhile."""
+        """Run until SIGTERM or SIGINT; reload rules on SIGHUP; hold `pid_file` meanwhile.
+
+        Raises PidFileBusy, before starting anything, when another daemon holds `pid_file`.
+        """
+        claimed = None
+        if pid_file is not None:
+            pid_file.parent.mkdir(parents=True, exist_ok=True)
+            claimed = pidfile.claim(pid_file)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
-            await self.start()
-        except BaseException:
-            # Close what did start (the store's thread keeps the process alive).
-            await self.stop()
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(signum)
-            raise
-        if pid_file is not None:
-            pid_file.write_text(f"{os.getpid()}\n")
-        try:
-            await self._stopping.wait()
-            log.info("shutdown_requested")
+            try:
+                await self.start()
+            except BaseException:
+                # Close what did start (the store's thread keeps the process alive).
+                await self.stop()
+                raise
+            if claimed is not None:
+                pidfile.publish(claimed)
+            try:
+                await self._stopping.wait()
+                log.info("shutdown_requested")
+            finally:
+                await self.stop()
         finally:
-            await self.stop()
-            if pid_file is not None:
-                pid_file.unlink(missing_ok=True)
+            if pid_file is not None and claimed is not None:
+                pidfile.release(pid_file, claimed)
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)

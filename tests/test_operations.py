@@ -205,6 +205,35 @@ async def test_zombie_alarm_stops_once_answered(tmp_path: Path, start_daemon) ->
 
 
 
+def wait_for_pid(pid_path: Path, process: subprocess.Popen[bytes]) -> None:
+    """Wait until the daemon has written its process id, which it does once it serves."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        assert process.poll() is None
+        if pid_path.exists() and pid_path.read_text().strip():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no process id in {pid_path} after 15 s")
+
+
+def test_reload_ignores_stale_pid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        # A daemon killed with SIGKILL leaves its pid file; the pid may be reused by another process.
+        pid_path = tmp_path / "var" / "guardrail.pid"
+        pid_path.parent.mkdir(parents=True, exist_ok=True)
+        pid_path.write_text(f"{bystander.pid}\n")
+
+        assert main(["reload", "--config", str(config)]) == 1
+        assert "is left over from a daemon that stopped" in capsys.readouterr().err
+        time.sleep(0.2)
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait(timeout=5)
+
+
 def test_reload_command_validates_then_signals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     port = free_port()
     config = write_config(tmp_path, smtp={"port": port})
@@ -214,11 +243,15 @@ def test_reload_command_validates_then_signals(tmp_path: Path, capsys: pytest.Ca
     )
     pid_path = tmp_path / "var" / "guardrail.pid"
     try:
-        deadline = time.monotonic() + 15
-        while not pid_path.exists() and time.monotonic() < deadline:
-            assert process.poll() is None
-            time.sleep(0.05)
+        wait_for_pid(pid_path, process)
         assert pid_path.read_text().strip() == str(process.pid)
+
+        # A second daemon on the same database refuses to start.
+        second = subprocess.run(
+            [sys.executable, "-m", "guardrail", "run", "--config", str(config)], capture_output=True, text=True, timeout=30,
+        )
+        assert second.returncode == 1
+        assert f"another guardrail (pid {process.pid}) runs on this database" in second.stderr
 
         (tmp_path / "rules" / "99-broken.toml").write_text("[[route\n")
         assert main(["reload", "--config", str(config)]) == 2
