@@ -86,6 +86,13 @@ def parse_size(value: Any) -> int | None:
     return None
 
 
+def toml_text(value: Any) -> str:
+    """Return `value` roughly as it is written in TOML, for error messages: true, not True."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
 class Table:
     """One TOML table being validated: reads keys and remembers which were used."""
 
@@ -111,7 +118,7 @@ class Table:
     def fail(self, name: str, value: Any, expected: str) -> None:
         """Record that key `name` holds `value` where `expected` was needed."""
         key = self.key(name) if name else self.prefix
-        self.errors.append(ConfigError(self.path, key, f"invalid value {value!r}; expected {expected}"))
+        self.errors.append(ConfigError(self.path, key, f"invalid value {toml_text(value)}; expected {expected}"))
 
     def problem(self, name: str, text: str) -> None:
         """Record a problem with key `name` described by `text`."""

@@ -43,6 +43,16 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
     assert str(error).startswith(f"{path}: smtp.prot: unknown key")
 
 
+@pytest.mark.parametrize("value", [-1, 65, "two", True])
+def test_parse_processes_must_be_a_count(tmp_path: Path, value: object) -> None:
+    path = write_config(tmp_path, smtp={"parse_processes": value})
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+    (error,) = caught.value.errors
+    shown = "true" if value is True else repr(value)
+    assert str(error) == f"{path}: smtp.parse_processes: invalid value {shown}; expected an integer of at least 0 and at most 64"
+
+
 def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
     path = write_config(tmp_path, smtp={"port": "abc", "max_message_size": "lots"}, sections={"log": {"format": "xml"}})
     with pytest.raises(ConfigErrors) as caught:
