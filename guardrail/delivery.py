@@ -190,11 +190,7 @@ class DeliveryWorker:
         self._clock = clock
         self._transport = transport or Transport(config)
         self._webhooks = WebhookSender(config.webhooks, clock)
-        # Every attempt until its outcome is committed; only those still
-        # delivering take one of the `concurrency` slots, so waiting for the
-        # commit does not hold up the next delivery.
         self._in_flight: dict[int, asyncio.Task[None]] = {}
-        self._delivering: set[int] = set()
         self.wake = asyncio.Event()
         self.alive = False
         self.on_recorded: Callable[[AttemptResult], None] = lambda result: None
@@ -209,7 +205,7 @@ class DeliveryWorker:
         try:
             while True:
                 self.wake.clear()
-                free = self._config.delivery.concurrency - len(self._delivering)
+                free = self._config.delivery.concurrency - len(self._in_flight)
                 if free <= 0:
                     # Every slot is busy; a finished attempt sets wake.
                     await self.wake.wait()
@@ -238,11 +234,9 @@ class DeliveryWorker:
     def _start(self, row: OutboxRow) -> None:
         task = asyncio.create_task(self._attempt(row), name=f"guardrail-outbox-{row.id}")
         self._in_flight[row.id] = task
-        self._delivering.add(row.id)
 
         def finished(_: asyncio.Task[None]) -> None:
             self._in_flight.pop(row.id, None)
-            self._delivering.discard(row.id)
             self.wake.set()
 
         task.add_done_callback(finished)
@@ -263,8 +257,6 @@ class DeliveryWorker:
         else:
             log.info("delivered", attempts=attempts)
             result = AttemptResult(row.id, row.conversation_id, row.message_row, now(), "done", attempts, kind=row.kind)
-        self._delivering.discard(row.id)
-        self.wake.set()
         try:
             await self._store.record_attempt(result)
         except StorageError as error:
