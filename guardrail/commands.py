@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import statistics
 import sys
+import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -65,6 +66,18 @@ def run(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _rules_folder(config_path: Path) -> Path | None:
+    """Return the rules folder a config names, read without validating the rest; None if the file is not TOML."""
+    try:
+        with open(config_path, "rb") as handle:
+            data = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    section = data.get("rules")
+    directory = section.get("directory", "rules") if isinstance(section, dict) else "rules"
+    return config_path.resolve().parent / directory if isinstance(directory, str) and directory else None
+
+
 def check(arguments: argparse.Namespace) -> int:
     errors: list[ConfigError] = []
     findings: list[Finding] = []
@@ -74,11 +87,11 @@ def check(arguments: argparse.Namespace) -> int:
     except ConfigErrors as problems:
         errors += problems.errors
         config = None
-    if config is not None:
-        from .daemon import load_ruleset
-
+    # The rules are checked even when the config has errors, so one run lists every problem.
+    folder = config.rules_dir if config is not None else _rules_folder(arguments.config)
+    if folder is not None:
         try:
-            rules = load_ruleset(config)
+            rules = load_rules(folder, arguments.config.resolve().parent)
         except ConfigErrors as problems:
             errors += problems.errors
     if config is not None and rules is not None:

@@ -162,6 +162,9 @@ def test_check_exits_2_and_lists_problems(tmp_path: Path, capsys: pytest.Capture
     assert status == 2
     output = capsys.readouterr().err
     assert "smtp.port: invalid value -1" in output
+    # The rules are checked in the same run, though the config has an error.
+    assert "route: no routes defined; add at least a [[route]] with default = true" in output
+    assert "2 error(s), 0 warning(s)" in output
 
 
 def test_check_reports_rule_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
