@@ -47,9 +47,9 @@ MAX_RESTART_DELAY = 60.0
 STOP_TIMEOUT = 5.0  # seconds a child gets to exit after its stdin closes
 ATTEMPTS = 2  # children a message is sent to before it gets a temporary failure
 
-# What a request resolves to when its child cannot answer it.
-_STALLED = "stalled"  # the child was killed while working on this message
-_LOST = "lost"  # the child died before it reached this message
+# What a request resolves to when its child cannot answer it; compared by identity.
+_STALLED = object()  # the child was killed while working on this message
+_LOST = object()  # the child died before it reached this message
 
 
 class ParseTimeout(Exception):
@@ -142,9 +142,9 @@ class ParseProcesses:
         for _ in range(ATTEMPTS):
             child = await self._ready_child()
             result = await self._ask(child, next(self._ids), envelope, raw, now)
-            if result == _STALLED:
+            if result is _STALLED:
                 raise ParseTimeout(f"a parse process made no progress for {self.timeout:g} s on this message")
-            if result == _LOST:
+            if result is _LOST:
                 continue
             if isinstance(result, str):
                 log.warning("parse_process_failed", error=result, detail="preparing the message in the daemon instead")
