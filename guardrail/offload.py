@@ -67,8 +67,9 @@ class _Child:
     ready: bool = False
     # Requests in the order they were sent; the child answers them in that order.
     pending: dict[int, asyncio.Future[object]] = field(default_factory=dict)
-    last_progress: float = 0.0  # monotonic time of the last answer, or of work sent to an idle child
+    last_progress: float = 0.0  # loop time of the last answer, or of work sent to an idle child
     killed: bool = False
+    watchdog: asyncio.TimerHandle | None = None
 
     def send(self, frame: bytes) -> bool:
         stdin = self.process.stdin
@@ -171,22 +172,33 @@ class ParseProcesses:
 
     async def _ask(self, child: _Child, request_id: int, envelope: Envelope, raw: bytes, now: datetime) -> object:
         """Send one request to `child` and return its answer, _STALLED or _LOST."""
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[object] = loop.create_future()
         if not child.pending:
-            child.last_progress = time.monotonic()
+            child.last_progress = loop.time()
         child.pending[request_id] = future
         try:
             if not child.send(_frame(("prepare", request_id, envelope, raw, now))):
                 return _LOST
-            while True:
-                try:
-                    return await asyncio.wait_for(asyncio.shield(future), self.timeout)
-                except TimeoutError:
-                    # Waiting behind other messages is fine while the child answers them.
-                    if time.monotonic() - child.last_progress >= self.timeout:
-                        self._kill_stalled(child)
+            if child.watchdog is None:
+                child.watchdog = loop.call_at(child.last_progress + self.timeout, self._watch, child)
+            # The answer is awaited directly: a timeout wrapper would cost the
+            # message extra event-loop turns. The watchdog bounds the wait.
+            return await future
         finally:
             child.pending.pop(request_id, None)
+
+    def _watch(self, child: _Child) -> None:
+        """Kill `child` if it holds work and answered nothing for `timeout`; otherwise look again later."""
+        child.watchdog = None
+        if not child.pending or child.killed:
+            return
+        loop = asyncio.get_running_loop()
+        # Waiting behind other messages is fine while the child answers them.
+        if loop.time() - child.last_progress < self.timeout:
+            child.watchdog = loop.call_at(child.last_progress + self.timeout, self._watch, child)
+            return
+        self._kill_stalled(child)
 
     def _kill_stalled(self, child: _Child) -> None:
         """Kill a child that answered nothing for `timeout`; the message it was working on gets _STALLED."""
@@ -236,6 +248,8 @@ class ParseProcesses:
                         delay = FIRST_RESTART_DELAY
                 finally:
                     self._children.remove(child)
+                    if child.watchdog is not None:
+                        child.watchdog.cancel()
                     child.fail_pending()
                     if process.stdin is not None:
                         process.stdin.close()
@@ -260,7 +274,7 @@ class ParseProcesses:
                 frame = pickle.loads(await stdout.readexactly(size))
             except (asyncio.IncompleteReadError, ConnectionError):
                 return was_ready
-            child.last_progress = time.monotonic()
+            child.last_progress = asyncio.get_running_loop().time()
             if frame == ("ready",):
                 child.ready = was_ready = self._ever_ready = True
                 self._became_ready.set()
