@@ -8,14 +8,16 @@ import os
 import signal
 import smtplib
 import sqlite3
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from guardrail.config import load_config
 from guardrail.daemon import Daemon, load_ruleset
-from guardrail.offload import ParseProcesses
+from guardrail.offload import ParseProcesses, ParseTimeout
 from guardrail.plan import Submission
 from guardrail.prepare import Envelope, Site, TooManyHops, prepare_message
 
@@ -188,3 +190,54 @@ async def test_close_stops_children(tmp_path: Path) -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+FAKE_CHILD = """
+import os, sys
+from guardrail.offload_child import read_frame, write_frame
+
+requests, replies = sys.stdin.buffer, sys.stdout.buffer
+while (frame := read_frame(requests)) is not None:
+    if frame[0] == "rules":
+        write_frame(replies, ("ready",))
+    elif frame[0] == "prepare":
+        if {behaviour!r} == "error":
+            write_frame(replies, (frame[1], "RuntimeError('cannot parse')"))
+        else:
+            os._exit(3)
+"""
+
+
+async def start_fake(tmp_path: Path, behaviour: str) -> ParseProcesses:
+    script = tmp_path / f"fake_{behaviour}.py"
+    script.write_text(FAKE_CHILD.format(behaviour=behaviour))
+    config = load_config(write_config(tmp_path))
+    parsers = ParseProcesses(1, Site.from_config(config), command=[sys.executable, str(script)])
+    parsers.start(load_ruleset(config))
+    await wait_until(lambda: parsers.ready == 1, timeout=20, what="the fake child to be ready")
+    return parsers
+
+
+ENVELOPE = Envelope("alice@example.com", ("support@example.org",), "[127.0.0.1]:40000", "client.example")
+
+
+async def test_child_error_hands_message_back(tmp_path: Path) -> None:
+    parsers = await start_fake(tmp_path, "error")
+    try:
+        with capture_logs() as events:
+            result = await parsers.prepare(ENVELOPE, message(), datetime(2026, 3, 2, 9, 30, tzinfo=UTC))
+    finally:
+        await parsers.close()
+    # None: the daemon prepares the message itself and meets the same error, if any.
+    assert result is None
+    [failed] = [event for event in events if event["event"] == "parse_process_failed"]
+    assert failed["error"] == "RuntimeError('cannot parse')"
+
+
+async def test_message_killing_children_gets_451(tmp_path: Path) -> None:
+    parsers = await start_fake(tmp_path, "exit")
+    try:
+        with pytest.raises(ParseTimeout, match="2 parse processes died"):
+            await parsers.prepare(ENVELOPE, message(), datetime(2026, 3, 2, 9, 30, tzinfo=UTC))
+    finally:
+        await parsers.close()
