@@ -7,17 +7,18 @@ that work to child processes (`python -m guardrail.offload_child`) and keeps
 the SMTP sessions, the commit and the workers to itself.
 
 The daemon prepares a message itself only before the first child is ready,
-or when the rules cannot be sent to a child. After that, a message waits for
-a child: a message prepared in the event loop could stall every session (a
-route regex with catastrophic backtracking, for instance), while a stalled
-child stalls only what it holds. A child that answers nothing for `timeout`
-seconds while it holds work is killed. The message it was working on gets a
-temporary failure; the others it held are sent to another child. A dead
-child is started again after a delay that doubles each time.
+while the rules cannot be sent to the children, and after a child raised an
+error on that message. Otherwise a message waits for a child, because a
+message prepared in the event loop could stall every session (a route regex
+with catastrophic backtracking, for instance), while a stalled child delays
+only the messages sent to it. A child with pending requests that sends no
+reply for `timeout` seconds is killed. The message it was processing gets a
+temporary failure, and its other pending messages go to another child. A
+dead child is started again after a delay that doubles each time.
 
 Frames on the pipes are a 4-byte big-endian length and a pickle. The daemon
 sends ("site", Site), ("rules", RuleSet) and ("prepare", id, Envelope, raw,
-now); the child answers ("ready",) after each rule set and (id, result) for
+now). The child replies ("ready",) after each rule set and (id, result) for
 each message, where result is a detached Submission, a TooManyHops or the
 text of an exception.
 """
@@ -35,7 +36,7 @@ from datetime import datetime
 
 import structlog
 
-from .offload_child import FRAME_HEADER
+from .offload_child import FRAME_HEADER, encode_frame
 from .plan import Submission
 from .prepare import Envelope, Site, TooManyHops
 from .rules import RuleSet
@@ -47,8 +48,8 @@ MAX_RESTART_DELAY = 60.0
 STOP_TIMEOUT = 5.0  # seconds a child gets to exit after its stdin closes
 ATTEMPTS = 2  # children a message is sent to before it gets a temporary failure
 
-# What a request resolves to when its child cannot answer it; compared by identity.
-_STALLED = object()  # the child was killed while working on this message
+# Results of a request whose child failed before replying. Compared by identity.
+_STALLED = object()  # the child was killed while processing this message
 _LOST = object()  # the child died before it reached this message
 
 
@@ -56,18 +57,13 @@ class ParseTimeout(Exception):
     """No parse process could prepare the message in time; the message gets a temporary failure."""
 
 
-def _frame(value: object) -> bytes:
-    body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    return FRAME_HEADER.pack(len(body)) + body
-
-
 @dataclass(eq=False)
 class _Child:
     process: asyncio.subprocess.Process
     ready: bool = False
-    # Requests in the order they were sent; the child answers them in that order.
+    # Requests in the order they were sent, which is the order the child processes them.
     pending: dict[int, asyncio.Future[object]] = field(default_factory=dict)
-    last_progress: float = 0.0  # loop time of the last answer, or of work sent to an idle child
+    last_progress: float = 0.0  # loop time of the last reply, or of the first request sent to an idle child
     killed: bool = False
     watchdog: asyncio.TimerHandle | None = None
 
@@ -92,9 +88,9 @@ class ParseProcesses:
         self, count: int, site: Site, *, timeout: float = 10.0, ready_timeout: float = 30.0, command: list[str] | None = None,
     ) -> None:
         self.count = count
-        self.timeout = timeout  # seconds a child holding work may go without answering
+        self.timeout = timeout  # seconds a child with pending requests may go without a reply
         self.ready_timeout = ready_timeout  # seconds a message waits for a child to be ready
-        self._site_frame = _frame(("site", site))
+        self._site_frame = encode_frame(("site", site))
         self._rules_frame: bytes | None = None
         self._command = command or [sys.executable, "-m", "guardrail.offload_child"]
         self._children: list[_Child] = []
@@ -122,13 +118,13 @@ class ParseProcesses:
     def set_rules(self, rules: RuleSet) -> None:
         """Send `rules` to every child; messages sent after this call are prepared with them."""
         try:
-            self._rules_frame = _frame(("rules", rules))
+            self._rules_frame = encode_frame(("rules", rules))
         except Exception as error:  # noqa: BLE001 - intake can always prepare in-process
             self._rules_frame = None
             log.warning("parse_processes_paused", reason=f"the rules cannot be sent to a child process: {error!r}")
             return
         for child in self._children:
-            # Frames are read in order, so no later request sees the old rules.
+            # The child reads frames in order, so every later request uses the new rules.
             child.send(self._rules_frame)
 
     async def prepare(self, envelope: Envelope, raw: bytes, now: datetime) -> Submission | TooManyHops | None:
@@ -157,7 +153,7 @@ class ParseProcesses:
         raise ParseTimeout(f"{ATTEMPTS} parse processes died while this message waited")
 
     async def _ready_child(self) -> _Child:
-        """Return the ready child holding the least work; wait up to `ready_timeout` for one."""
+        """Return the ready child with the fewest pending requests; wait up to `ready_timeout` for one."""
         deadline = time.monotonic() + self.ready_timeout
         while True:
             candidates = [child for child in self._children if child.ready and not child.killed]
@@ -171,37 +167,37 @@ class ParseProcesses:
                 await asyncio.wait_for(self._became_ready.wait(), remaining)
 
     async def _ask(self, child: _Child, request_id: int, envelope: Envelope, raw: bytes, now: datetime) -> object:
-        """Send one request to `child` and return its answer, _STALLED or _LOST."""
+        """Send one request to `child` and return its reply, _STALLED or _LOST."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
         if not child.pending:
             child.last_progress = loop.time()
         child.pending[request_id] = future
         try:
-            if not child.send(_frame(("prepare", request_id, envelope, raw, now))):
+            if not child.send(encode_frame(("prepare", request_id, envelope, raw, now))):
                 return _LOST
             if child.watchdog is None:
                 child.watchdog = loop.call_at(child.last_progress + self.timeout, self._watch, child)
-            # The answer is awaited directly: a timeout wrapper would cost the
-            # message extra event-loop turns. The watchdog bounds the wait.
+            # The reply is awaited directly, because a timeout wrapper adds
+            # event-loop turns to every message. The watchdog bounds the wait.
             return await future
         finally:
             child.pending.pop(request_id, None)
 
     def _watch(self, child: _Child) -> None:
-        """Kill `child` if it holds work and answered nothing for `timeout`; otherwise look again later."""
+        """Kill `child` if it has pending requests and sent no reply for `timeout`; otherwise check again later."""
         child.watchdog = None
         if not child.pending or child.killed:
             return
         loop = asyncio.get_running_loop()
-        # Waiting behind other messages is fine while the child answers them.
+        # Waiting behind other messages is fine while the child keeps replying.
         if loop.time() - child.last_progress < self.timeout:
             child.watchdog = loop.call_at(child.last_progress + self.timeout, self._watch, child)
             return
         self._kill_stalled(child)
 
     def _kill_stalled(self, child: _Child) -> None:
-        """Kill a child that answered nothing for `timeout`; the message it was working on gets _STALLED."""
+        """Kill a stalled child; the message it was processing gets _STALLED."""
         if child.killed:
             return
         child.killed = True
@@ -240,7 +236,7 @@ class ParseProcesses:
                 self._children.append(child)
                 try:
                     if self._closing:
-                        return  # close() began while the child started; the finally stops it
+                        return  # close() began while the child started, so the finally block stops it
                     child.send(self._site_frame)
                     if self._rules_frame is not None:
                         child.send(self._rules_frame)

@@ -2,8 +2,8 @@
 
 The daemon starts this module with `python -m guardrail.offload_child` and
 talks to it over stdin and stdout in length-prefixed pickle frames (see
-offload.py). It holds no state but the rules and site settings the daemon
-sends, and it exits when its stdin closes, which also happens when the daemon
+offload.py). Its only state is the rules and site settings the daemon
+sends. It exits when its stdin closes, which also happens when the daemon
 dies. Signals from a terminal or a service manager are the daemon's to handle,
 so this process ignores SIGINT and SIGTERM.
 """
@@ -35,14 +35,20 @@ def read_frame(stream: BinaryIO) -> Any | None:
     return pickle.loads(body)
 
 
-def write_frame(stream: BinaryIO, value: Any) -> None:
+def encode_frame(value: Any) -> bytes:
+    """Return `value` pickled behind its 4-byte big-endian length."""
     body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(FRAME_HEADER.pack(len(body)) + body)
+    return FRAME_HEADER.pack(len(body)) + body
+
+
+def write_frame(stream: BinaryIO, value: Any) -> None:
+    """Write one frame to `stream` and flush it."""
+    stream.write(encode_frame(value))
     stream.flush()
 
 
 def serve(requests: BinaryIO, replies: BinaryIO) -> None:
-    """Answer prepare requests until `requests` ends."""
+    """Process prepare requests from `requests` until it ends, writing each result to `replies`."""
     site: Site | None = None
     rules: RuleSet | None = None
     while (frame := read_frame(requests)) is not None:
