@@ -342,7 +342,7 @@ def _process_cpu(pid: int) -> float:
             with open(f"/proc/{member}/stat") as handle:
                 fields = handle.read().rpartition(")")[2].split()
         except FileNotFoundError:
-            continue  # exited between the listing and the read
+            continue  # The process exited between the listing and the read.
         # Fields 14 and 15 of proc(5), counted after the parenthesised command name.
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total

@@ -181,7 +181,7 @@ def reload(arguments: argparse.Namespace) -> int:
     path = pid_file(config)
     pid = pidfile.running_pid(path)
     if pid is None:
-        # A file nobody locks is left over from a daemon that died; its pid may now be another process's.
+        # An unlocked file is left over from a daemon that died, and its pid may now be another process's.
         state = "is left over from a daemon that stopped" if path.exists() else "is missing"
         print(f"error: no running daemon: {path} {state}; start it with guardrail run", file=sys.stderr)
         return EXIT_FAILURE

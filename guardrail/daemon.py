@@ -8,7 +8,6 @@ worker and closes the database. SIGHUP reloads the rules.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 from datetime import timedelta
@@ -215,9 +214,9 @@ class Daemon:
         log.info("daemon_stopped")
 
     async def serve(self, pid_file: Path | None = None) -> None:
-        """Run until SIGTERM or SIGINT; reload rules on SIGHUP; hold `pid_file` meanwhile.
+        """Run until SIGTERM or SIGINT, reloading the rules on SIGHUP and keeping `pid_file` locked.
 
-        Raises PidFileBusy, before starting anything, when another daemon holds `pid_file`.
+        Raises PidFileBusy, before starting anything, when another daemon has locked `pid_file`.
         """
         claimed = None
         if pid_file is not None:

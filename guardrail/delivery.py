@@ -207,14 +207,14 @@ class DeliveryWorker:
                 self.wake.clear()
                 free = self._config.delivery.concurrency - len(self._in_flight)
                 if free <= 0:
-                    # Every slot is busy; a finished attempt sets wake.
+                    # Every slot is busy, so wait until a finished attempt sets wake.
                     await self.wake.wait()
                     continue
                 rows = await self._store.due_outbox(self._clock.now(), set(self._in_flight), free)
                 for row in rows:
                     self._start(row)
                 if len(rows) == free:
-                    continue  # more may be due; look again when a slot frees
+                    continue  # More rows may be due, so query again when a slot frees.
                 await self._clock.sleep_until(await self._next_wake(), self.wake)
         finally:
             self.alive = False

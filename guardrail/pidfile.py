@@ -1,7 +1,7 @@
 """The pid file beside the database, locked for as long as the daemon runs.
 
-The lock, not the file, says whether a daemon runs: after a crash or a
-`kill -9` the file stays behind, and its process id may belong to another
+The lock, not the file, shows whether a daemon is running. After a crash or
+a `kill -9` the file remains, and its process id may belong to another
 process by then. `guardrail reload` signals a process only while the lock is
 held, and a second daemon on the same database refuses to start.
 """
@@ -14,14 +14,14 @@ from pathlib import Path
 
 
 class PidFileBusy(OSError):
-    """Another guardrail holds the pid file: it runs on the same database."""
+    """Error raised when another guardrail has locked the pid file, because it runs on the same database."""
 
 
 def claim(path: Path) -> int:
     """Lock `path` and empty it; return the open descriptor, which keeps the lock.
 
     The file stays empty until `publish` writes the process id, so a reader
-    sees a pid only once the daemon serves.
+    finds a pid only once the daemon accepts connections.
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -29,7 +29,7 @@ def claim(path: Path) -> int:
     except BlockingIOError:
         holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
-        raise PidFileBusy(f"another guardrail (pid {holder}) runs on this database and holds {path}; stop it first") from None
+        raise PidFileBusy(f"another guardrail (pid {holder}) runs on this database and has locked {path}; stop it first") from None
     os.ftruncate(fd, 0)
     return fd
 
@@ -47,7 +47,7 @@ def release(path: Path, fd: int) -> None:
 
 
 def running_pid(path: Path) -> int | None:
-    """Return the process id of the daemon holding `path`, or None when no daemon holds it."""
+    """Return the process id of the daemon that has locked `path`, or None when no daemon has."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -58,6 +58,6 @@ def running_pid(path: Path) -> int | None:
         except BlockingIOError:
             text = os.read(fd, 32).decode("ascii", "replace").strip()
             return int(text) if text.isdigit() else None
-        return None  # nobody holds the lock: the file is left over from a daemon that died
+        return None  # The file is unlocked, so it is left over from a daemon that died.
     finally:
         os.close(fd)

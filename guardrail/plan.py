@@ -58,9 +58,9 @@ class Submission:
     machine_signal: str = ""  # why the message looks written by software, or ""
     # Shadow routes that match: {"route", "team", "would_win"} each.
     shadow: tuple[dict[str, object], ...] = ()
-    # An acknowledgement rendered ahead of the commit for a proposed new
-    # conversation reference; the store uses it if it gives the message
-    # that reference, and renders again otherwise.
+    # An acknowledgement rendered before the commit for a proposed new
+    # conversation reference. The store uses it when the message gets that
+    # reference, and renders the acknowledgement again otherwise.
     proposed_reference: str = ""
     rendered_ack: RenderedAck | None = None
 

@@ -82,7 +82,7 @@ def is_postmaster(address: str, site: Site) -> bool:
 
 @dataclass(frozen=True)
 class TooManyHops:
-    """A message refused before routing: its Received headers show a mail loop."""
+    """A message rejected before routing, because its Received headers show a mail loop."""
 
     message_id: str
     received_count: int

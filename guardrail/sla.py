@@ -53,7 +53,7 @@ class EscalationScheduler:
         self._sleeping_until: datetime | None = None
 
     def due_at(self, when: datetime | None) -> None:
-        """Note that a conversation falls due for escalation at `when`; wake the loop if that is before its next look."""
+        """Wake the loop when a conversation falls due for escalation at `when`, before the loop's next check."""
         if when is not None and (self._sleeping_until is None or when < self._sleeping_until):
             self.wake.set()
 

@@ -40,13 +40,15 @@ log = structlog.get_logger("guardrail.store")
 # At most this many queued writes share one transaction.
 MAX_BATCH = 256
 # At most this many due conversations are escalated in one transaction.
-# Planning builds mail on the event loop inside the write transaction, so
-# batches stay small to keep intake responsive during a backlog.
+# Planning builds mail in the writer thread inside the write transaction, so
+# batches stay small to keep intake's commits short during a backlog.
 ESCALATION_BATCH = 20
 # Seconds close() waits for queued writes before it gives up on them.
 CLOSE_TIMEOUT = 30.0
 
+
 def _settle(settled: list[tuple[_Job, Any, Exception | None]]) -> None:
+    """Resolve each job's future with its result or error; runs on the event loop."""
     for job, result, error in settled:
         if job.future.done():
             continue

@@ -543,10 +543,10 @@ class BatchWriter:
             marks = ",".join("?" * len(references))
             sql = f"SELECT reference FROM conversations WHERE reference IN ({marks})"
             with closing(self.db.execute(sql, references)) as cursor:
-                taken = {row[0] for row in cursor.fetchall()}
-            if not taken:
+                in_use = {row[0] for row in cursor.fetchall()}
+            if not in_use:
                 return references
-            references = ["" if reference in taken else reference for reference in references]
+            references = ["" if reference in in_use else reference for reference in references]
 
     def _ack_history(self, submissions: list[Submission]) -> dict[str, list[tuple[datetime, str, str]]]:
         recipients = sorted({s.ack.to_address for s in submissions if s.ack is not None})

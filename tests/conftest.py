@@ -266,8 +266,8 @@ def message(
 
 async def settle(daemon: Daemon, clock: Any, *, timeout: float = 10.0) -> None:
     """Wait until the daemon's loops have handled everything due at the clock's current time."""
-    # Every loop must be asleep at the current time: with one fewer, the
-    # missing loop may be between a wake-up and its next query.
+    # All loops must sleep at the current time. A loop that is not asleep
+    # may be between a wake-up and its next query.
     loops = daemon.clock_loops
     await wait_until(lambda: clock.is_settled(loops) and daemon.is_idle(), timeout=timeout, what="the daemon to settle")
     # A finished delivery can wake the loops once more; check again after it.

@@ -49,8 +49,8 @@ def test_parse_processes_must_be_a_count(tmp_path: Path, value: object) -> None:
     with pytest.raises(ConfigErrors) as caught:
         load_config(path)
     (error,) = caught.value.errors
-    shown = "true" if value is True else repr(value)
-    assert str(error) == f"{path}: smtp.parse_processes: invalid value {shown}; expected an integer of at least 0 and at most 64"
+    written = "true" if value is True else repr(value)
+    assert str(error) == f"{path}: smtp.parse_processes: invalid value {written}; expected an integer of at least 0 and at most 64"
 
 
 def test_every_error_is_reported_at_once(tmp_path: Path) -> None:

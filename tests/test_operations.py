@@ -206,7 +206,7 @@ async def test_zombie_alarm_stops_once_answered(tmp_path: Path, start_daemon) ->
 
 
 def wait_for_pid(pid_path: Path, process: subprocess.Popen[bytes]) -> None:
-    """Wait until the daemon has written its process id, which it does once it serves."""
+    """Wait until the daemon has written its process id, which it does once it accepts connections."""
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         assert process.poll() is None

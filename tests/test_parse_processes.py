@@ -121,8 +121,8 @@ async def test_stalled_child_gives_451(tmp_path: Path, start_daemon) -> None:
     assert await stalled == 451
     assert daemon.parsers.pids != [pid]
 
-    # The sender's retry stalls the new child too, and is answered 451 again;
-    # the daemon never parses it itself, so it keeps serving other sessions.
+    # The sender's retry stalls the new child too and gets 451 again. The
+    # daemon never parses it itself, so it keeps serving other sessions.
     assert await send_slow() == 451
     await send(daemon.port, "carol@example.com", ["support@example.org"], message(message_id="<after@example.com>"))
 
@@ -228,7 +228,8 @@ async def test_child_error_hands_message_back(tmp_path: Path) -> None:
             result = await parsers.prepare(ENVELOPE, message(), datetime(2026, 3, 2, 9, 30, tzinfo=UTC))
     finally:
         await parsers.close()
-    # None: the daemon prepares the message itself and meets the same error, if any.
+    # None means the daemon prepares the message itself, which raises the
+    # same error again unless the error came from the child alone.
     assert result is None
     [failed] = [event for event in events if event["event"] == "parse_process_failed"]
     assert failed["error"] == "RuntimeError('cannot parse')"
