@@ -18,7 +18,7 @@ import pytest
 from guardrail.cli import main
 from guardrail.clock import ManualClock
 
-from conftest import ROOT, example_copy, free_port, maildir_messages, message, send, settle, write_config
+from conftest import ROOT, TEAMS, example_copy, free_port, maildir_messages, message, send, settle, write_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -55,17 +55,7 @@ def test_failing_rule_test_names_case_and_difference(tmp_path: Path, capsys: pyt
     assert "0 passed, 1 failed" in output
 
 
-SHADOW_RULES = """
-[[team]]
-name = "support"
-destination = { maildir = "var/maildir/support" }
-members = [{ name = "Sam Ortiz", address = "sam@example.org" }]
-
-[[team]]
-name = "billing"
-destination = { maildir = "var/maildir/billing" }
-members = [{ name = "Bea Keller", address = "bea@example.org" }]
-
+SHADOW_RULES = TEAMS + """
 [[route]]
 name = "refunds-trial"
 team = "billing"
