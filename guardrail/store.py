@@ -1,9 +1,10 @@
-"""The SQLite store: this module and store_batch.py hold all of guardrail's SQL.
+"""The SQLite store: this module, committer.py and store_batch.py hold all of guardrail's SQL.
 
-One connection in WAL mode with synchronous=FULL. Writes go through a group
-committer: everything queued while one transaction commits shares the next
-transaction, so many messages pay for one fsync, yet each caller's future
-resolves only after the transaction holding its rows has committed.
+The database is in WAL mode with synchronous=FULL. Reads go through an
+aiosqlite connection. Writes go through a group committer: everything queued
+while one transaction commits shares the next transaction, so many messages
+pay for one fsync, yet each caller's future resolves only after the
+transaction holding its rows has committed.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
-import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,13 +23,13 @@ import aiosqlite
 import structlog
 
 from .clock import format_instant, parse_instant
+from .committer import Committer, EscalationRun, WriteItem, ZombieRun
 from .errors import StorageError
 from .escalation import DueConversation, EscalationPlan
 from .plan import Submission
 from .store_batch import (
     SCHEMA,
     AttemptResult,
-    BatchWriter,
     ManualAnswer,
     Outcome,
     StoreSettings,
@@ -39,10 +39,6 @@ log = structlog.get_logger("guardrail.store")
 
 # At most this many queued writes share one transaction.
 MAX_BATCH = 256
-# At most this many due conversations are escalated in one transaction.
-# Planning builds mail in the writer thread inside the write transaction, so
-# batches stay small to keep intake's commits short during a backlog.
-ESCALATION_BATCH = 20
 # Seconds close() waits for queued writes before it gives up on them.
 CLOSE_TIMEOUT = 30.0
 
@@ -78,21 +74,6 @@ def _message_for_delivery(row: Any) -> tuple[bytes, dict[str, Any]]:
     }
 
 
-def _connect_writer(path: Path, busy_ms: int) -> sqlite3.Connection:
-    # Opened in the writer thread, the only thread that uses it.
-    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    writer.execute(f"PRAGMA busy_timeout = {busy_ms}")
-    writer.execute("PRAGMA synchronous = FULL")
-    return writer
-
-
-def _max_ids(writer: sqlite3.Connection) -> dict[str, int]:
-    return {
-        table: writer.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0]
-        for table in ("messages", "conversations", "outbox")
-    }
-
-
 __all__ = ["AttemptResult", "Outcome", "OutboxRow", "Store", "StoreSettings"]
 
 
@@ -112,42 +93,22 @@ class OutboxRow:
     message: tuple[bytes, dict[str, Any]] | None = None
 
 
-@dataclass(frozen=True)
-class EscalationRun:
-    """A request to escalate every conversation due at `now`."""
-
-    now: datetime
-    planner: Callable[[DueConversation], EscalationPlan]
-
-
-@dataclass(frozen=True)
-class ZombieRun:
-    """A request to raise alarms for abandoned routes at `now`."""
-
-    now: datetime
-    recent: int
-    period: timedelta
-    routes: list[str]
-    planner: Callable[..., list[Any]]
-
-
 @dataclass
 class _Job:
-    item: Submission | AttemptResult | ManualAnswer | EscalationRun | ZombieRun
+    item: WriteItem
     future: asyncio.Future[Any]
 
 
 class Store:
     """The database handle the daemon shares between intake and workers."""
 
-    def __init__(self, db: aiosqlite.Connection, writer: sqlite3.Connection, thread: ThreadPoolExecutor, settings: StoreSettings) -> None:
+    def __init__(self, db: aiosqlite.Connection, writer: Committer, thread: ThreadPoolExecutor, settings: StoreSettings) -> None:
         self._db = db
         self._writer = writer
         self._thread = thread
         self.settings = settings
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._committer: asyncio.Future[None] | None = None
-        self._next_id: dict[str, int] = {}
         self._closing = False
 
     @classmethod
@@ -165,15 +126,15 @@ class Store:
         db = await aiosqlite.connect(path, isolation_level=None)
         thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardrail-writer")
         loop = asyncio.get_running_loop()
-        writer: sqlite3.Connection | None = None
+        writer: Committer | None = None
         try:
             await db.execute(f"PRAGMA busy_timeout = {busy_ms}")
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = FULL")
             await db.executescript(SCHEMA)
-            writer = await loop.run_in_executor(thread, _connect_writer, path, busy_ms)
-            store = cls(db, writer, thread, settings or StoreSettings())
-            store._next_id = await loop.run_in_executor(thread, _max_ids, writer)
+            chosen = settings or StoreSettings()
+            writer = await loop.run_in_executor(thread, lambda: Committer(path, chosen, busy_timeout=busy_timeout))
+            store = cls(db, writer, thread, chosen)
         except BaseException:
             if writer is not None:
                 await loop.run_in_executor(thread, writer.close)
@@ -219,7 +180,7 @@ class Store:
         """Raise alarms for those of `routes` whose mail goes unanswered; return the alarms raised."""
         return await self._submit(ZombieRun(now, recent, period, routes, planner))
 
-    async def _submit(self, item: Submission | AttemptResult | ManualAnswer | EscalationRun | ZombieRun) -> Any:
+    async def _submit(self, item: WriteItem) -> Any:
         if self._committer is None or self._committer.done() or self._closing:
             raise StorageError("the store is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -248,56 +209,8 @@ class Store:
                 return
 
     def _commit_or_split(self, batch: list[_Job]) -> list[tuple[_Job, Any, Exception | None]]:
-        """Commit `batch`; when it fails, commit each job alone so one bad job fails only itself."""
-        try:
-            results = self._commit_in_thread([job.item for job in batch])
-        except Exception as error:  # noqa: BLE001 - every waiter must hear of it
-            if len(batch) > 1:
-                log.warning("commit_retried_one_by_one", error=repr(error), batch_size=len(batch))
-                return [outcome for job in batch for outcome in self._commit_or_split([job])]
-            log.error("commit_failed", error=repr(error))
-            return [(batch[0], None, StorageError("the database write failed"))]
-        return [(job, result, None) for job, result in zip(batch, results)]
-
-    def _commit_in_thread(self, items: list[Any]) -> list[Any]:
-        """Write `items` in one transaction on the writer connection; return one result per item."""
-        submissions = [item for item in items if isinstance(item, Submission)]
-        attempts = [item for item in items if isinstance(item, AttemptResult)]
-        answers = [item for item in items if isinstance(item, ManualAnswer)]
-        runs = [item for item in items if isinstance(item, EscalationRun)]
-        zombie_runs = [item for item in items if isinstance(item, ZombieRun)]
-        db = self._writer
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            writer = BatchWriter(db, self.settings, self._next_id)
-            outcomes = iter(writer.add_submissions(submissions))
-            writer.add_attempts(attempts)
-            writer.add_manual_answers(answers)
-            fired = iter([writer.add_escalations(run.now, run.planner, ESCALATION_BATCH) for run in runs])
-            alarms = iter([
-                writer.add_zombie_alarms(run.now, run.recent, run.period, run.routes, run.planner)
-                for run in zombie_runs
-            ])
-            writer.flush()
-            db.execute("COMMIT")
-        except BaseException:
-            try:
-                db.execute("ROLLBACK")
-            except Exception:  # noqa: BLE001 - the original error matters more
-                pass
-            raise
-        self._next_id = writer.next_id
-        results: list[Any] = []
-        for item in items:
-            if isinstance(item, Submission):
-                results.append(next(outcomes))
-            elif isinstance(item, EscalationRun):
-                results.append(next(fired))
-            elif isinstance(item, ZombieRun):
-                results.append(next(alarms))
-            else:
-                results.append(None)
-        return results
+        pairs = self._writer.commit_or_split([job.item for job in batch])
+        return [(job, result, error) for job, (result, error) in zip(batch, pairs)]
 
     # -- reads ----------------------------------------------------------------
 

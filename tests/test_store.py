@@ -97,3 +97,33 @@ async def test_close_commits_queued_jobs(tmp_path: Path) -> None:
     assert stored_message_ids(database) == ["<s0@example.com>", "<s1@example.com>"]
     with pytest.raises(StorageError):
         await store.accept(submissions(tmp_path, 1)[0])
+
+
+async def test_rows_written_by_another_connection_take_no_id_of_ours(tmp_path: Path) -> None:
+    database = tmp_path / "store.db"
+    store = await Store.open(database)
+    try:
+        first, second = submissions(tmp_path, 2)
+        assert (await store.accept(first)).disposition == "new"
+        # Another program writes to the same database while the store is open.
+        with sqlite3.connect(database) as other:
+            other.execute(
+                "INSERT INTO messages (id, received_at, peer, helo, mail_from, rcpt_tos, message_id, dedupe_key, size,"
+                " summary, route, team, route_reasons, disposition, raw)"
+                " SELECT MAX(id) + 1, received_at, peer, helo, mail_from, rcpt_tos, '<other@example.com>', 'other', 0,"
+                " summary, route, team, route_reasons, disposition, x'' FROM messages"
+            )
+            other.execute(
+                "INSERT INTO outbox (id, kind, target, state, created_at, next_attempt_at)"
+                " SELECT MAX(id) + 1, 'mail', '{}', 'done', created_at, next_attempt_at FROM outbox"
+            )
+            other.execute(
+                "INSERT INTO conversations (id, reference, route, team, state, opened_at, updated_at, subject, customer, participants)"
+                " SELECT MAX(id) + 1, 'GR-OTHER', route, team, 'answered', opened_at, updated_at, '', '', '[]' FROM conversations"
+            )
+        outcome = await store.accept(second)
+    finally:
+        await store.close()
+
+    assert outcome.disposition == "new"
+    assert stored_message_ids(database) == ["<s0@example.com>", "<other@example.com>", "<s1@example.com>"]

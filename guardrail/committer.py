@@ -1,0 +1,140 @@
+"""The write transaction: a list of items written and committed together on a sqlite3 connection.
+
+The store's writer thread owns one Committer. Row ids are read at the start
+of every transaction rather than kept in memory, because another program
+(`guardrail answer`, for instance) may have written to the database since
+the last commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .errors import StorageError
+from .escalation import DueConversation, EscalationPlan
+from .plan import Submission
+from .store_batch import (
+    AttemptResult,
+    BatchWriter,
+    ManualAnswer,
+    StoreSettings,
+)
+
+log = structlog.get_logger("guardrail.store")
+
+# At most this many due conversations are escalated in one transaction.
+# Planning builds mail inside the write transaction, so batches stay small to
+# keep intake's commits short during a backlog.
+ESCALATION_BATCH = 20
+
+_MAX_IDS = (
+    "SELECT (SELECT COALESCE(MAX(id), 0) FROM messages), (SELECT COALESCE(MAX(id), 0) FROM conversations),"
+    " (SELECT COALESCE(MAX(id), 0) FROM outbox)"
+)
+
+
+@dataclass(frozen=True)
+class EscalationRun:
+    """A request to escalate every conversation due at `now`."""
+
+    now: datetime
+    planner: Callable[[DueConversation], EscalationPlan]
+
+
+@dataclass(frozen=True)
+class ZombieRun:
+    """A request to raise alarms for abandoned routes at `now`."""
+
+    now: datetime
+    recent: int
+    period: timedelta
+    routes: list[str]
+    planner: Callable[..., list[Any]]
+
+
+WriteItem = Submission | AttemptResult | ManualAnswer | EscalationRun | ZombieRun
+
+
+class Committer:
+    """Writes lists of items, each list in one transaction; used from one thread at a time."""
+
+    def __init__(self, database: Path, settings: StoreSettings, *, busy_timeout: timedelta = timedelta(seconds=5)) -> None:
+        self.settings = settings
+        self.db = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+        try:
+            self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout.total_seconds() * 1000)}")
+            # synchronous is a setting of the connection, not of the file.
+            self.db.execute("PRAGMA synchronous = FULL")
+        except BaseException:
+            self.db.close()
+            raise
+
+    def close(self) -> None:
+        self.db.close()
+
+    def commit_or_split(self, items: list[WriteItem]) -> list[tuple[Any, Exception | None]]:
+        """Commit `items`, or each alone when they fail together; return one (result, error) pair per item, in order.
+
+        Split this way, a bad item fails only itself.
+        """
+        try:
+            return [(result, None) for result in self.commit(items)]
+        except Exception as error:  # noqa: BLE001 - every caller must hear of it
+            if len(items) > 1:
+                log.warning("commit_retried_one_by_one", error=repr(error), batch_size=len(items))
+                return [pair for item in items for pair in self.commit_or_split([item])]
+            log.error("commit_failed", error=repr(error))
+            return [(None, StorageError("the database write failed"))]
+
+    def commit(self, items: list[WriteItem]) -> list[Any]:
+        """Write `items` in one transaction; return one result per item.
+
+        A Submission's result is its Outcome, an EscalationRun's the number
+        of escalations fired, a ZombieRun's the alarms raised; other items
+        give None.
+        """
+        submissions = [item for item in items if isinstance(item, Submission)]
+        attempts = [item for item in items if isinstance(item, AttemptResult)]
+        answers = [item for item in items if isinstance(item, ManualAnswer)]
+        runs = [item for item in items if isinstance(item, EscalationRun)]
+        zombie_runs = [item for item in items if isinstance(item, ZombieRun)]
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            messages, conversations, outbox = db.execute(_MAX_IDS).fetchone()
+            writer = BatchWriter(db, self.settings, {"messages": messages, "conversations": conversations, "outbox": outbox})
+            outcomes = iter(writer.add_submissions(submissions))
+            writer.add_attempts(attempts)
+            writer.add_manual_answers(answers)
+            fired = iter([writer.add_escalations(run.now, run.planner, ESCALATION_BATCH) for run in runs])
+            alarms = iter([
+                writer.add_zombie_alarms(run.now, run.recent, run.period, run.routes, run.planner)
+                for run in zombie_runs
+            ])
+            writer.flush()
+            db.execute("COMMIT")
+        except BaseException:
+            # The original error matters more than one from the rollback.
+            with contextlib.suppress(Exception):
+                db.execute("ROLLBACK")
+            raise
+        results: list[Any] = []
+        for item in items:
+            if isinstance(item, Submission):
+                results.append(next(outcomes))
+            elif isinstance(item, EscalationRun):
+                results.append(next(fired))
+            elif isinstance(item, ZombieRun):
+                results.append(next(alarms))
+            else:
+                results.append(None)
+        return results
+
