@@ -11,11 +11,12 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import structlog
@@ -33,6 +34,9 @@ from .store import AttemptResult, OutboxRow, Store
 from .webhooks import WebhookSender
 
 log = structlog.get_logger("guardrail.delivery")
+
+# At most this many rows bound for maildirs are delivered by one attempt task.
+MAILDIR_BATCH = 32
 
 
 def retry_delay(attempt: int, initial: timedelta, maximum: timedelta) -> timedelta:
@@ -90,23 +94,33 @@ class Transport:
         self._config = config
         self._hostname = config.smtp.hostname
 
-    async def send(self, destination: Destination, data: bytes, envelope: Envelope, name: str) -> None:
-        """Deliver `data`; raise TemporaryDeliveryError or PermanentDeliveryError on failure."""
+    def maildir_for(self, destination: Destination, envelope: Envelope) -> tuple[Path, bytes] | None:
+        """Return the maildir that `destination` is delivered to and the header lines to put first, or None for SMTP."""
         if destination.kind == "maildir":
             # A maildir is final delivery: Return-Path carries the sender's
             # own envelope address, as a local delivery agent would write it.
             header = f"Return-Path: <{clean_header_value(envelope.original_sender)}>\r\n".encode()
-            await asyncio.to_thread(write_maildir, Path(destination.maildir), name, header + data, self._hostname)
-        elif self._config.smarthost is None:
+            return Path(destination.maildir), header
+        if self._config.smarthost is None:
             # Without a smarthost nothing leaves the machine: mail meant for
             # other hosts lands in the outbound maildir, addressed in headers.
             header = (
                 f"Return-Path: <{clean_header_value(envelope.sender)}>\r\n"
                 f"X-Guardrail-Envelope-To: {clean_header_value(', '.join(envelope.recipients))}\r\n"
             ).encode()
-            await asyncio.to_thread(write_maildir, self._config.outbound_maildir, name, header + data, self._hostname)
-        else:
+            return self._config.outbound_maildir, header
+        return None
+
+    async def send(self, destination: Destination, data: bytes, envelope: Envelope, name: str) -> None:
+        """Deliver `data`; raise TemporaryDeliveryError or PermanentDeliveryError on failure."""
+        target = self.maildir_for(destination, envelope)
+        if target is None:
             await self._send_smtp(data, envelope)
+            return
+        folder, header = target
+        [result] = await asyncio.to_thread(write_maildirs, [(folder, name, header + data)])
+        if isinstance(result, Exception):
+            raise result
 
     async def _send_smtp(self, data: bytes, envelope: Envelope) -> None:
         smarthost = self._config.smarthost
@@ -141,15 +155,47 @@ class Transport:
             raise TemporaryDeliveryError(f"smarthost {smarthost.host}:{smarthost.port} unreachable: {error!r}") from error
 
 
-def write_maildir(folder: Path, name: str, data: bytes, hostname: str) -> bool:
-    """Write `data` into maildir `folder` as new/NAME; return False if it is already there.
+def write_maildirs(files: list[tuple[Path, str, bytes]]) -> list[bool | Exception]:
+    """Write each (folder, name, data) into maildir `folder` as new/NAME, and return one result per file.
 
-    The file is written to tmp/, fsynced, then linked into new/, so a reader
-    never sees a partial message and a repeated delivery of the same outbox
-    row does not create a second copy.
+    A result is True when the file was written, False when new/NAME was
+    already there, or the exception that stopped it: TemporaryDeliveryError
+    naming the folder for a file system error. Each file is written to
+    tmp/, fsynced, then linked into new/, so a reader never sees a partial
+    message and a repeated delivery of the same outbox row does not create a
+    second copy. Each new/ folder is fsynced once, after all of its files,
+    and a file counts as written only after that.
     """
-    for sub in ("tmp", "new", "cur"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
+    results: list[bool | Exception] = []
+    ready: set[Path] = set()
+    for folder, name, data in files:
+        try:
+            if folder not in ready:
+                for sub in ("tmp", "new", "cur"):
+                    (folder / sub).mkdir(parents=True, exist_ok=True)
+                ready.add(folder)
+            results.append(_write_one(folder, name, data))
+        except OSError as error:
+            # Ops can fix a folder, so the row waits for a retry.
+            results.append(TemporaryDeliveryError(f"writing to maildir {folder} failed: {error}"))
+        except Exception as error:  # noqa: BLE001 - one bad file must not fail the others
+            results.append(error)
+    for folder in ready:
+        try:
+            directory = os.open(folder / "new", os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except OSError as error:
+            failure = TemporaryDeliveryError(f"fsync of maildir folder {folder / 'new'} failed: {error}")
+            for index, (file_folder, _, _) in enumerate(files):
+                if file_folder == folder and results[index] is True:
+                    results[index] = failure
+    return results
+
+
+def _write_one(folder: Path, name: str, data: bytes) -> bool:
     final = folder / "new" / name
     if final.exists():
         return False
@@ -164,11 +210,6 @@ def write_maildir(folder: Path, name: str, data: bytes, hostname: str) -> bool:
         return False
     finally:
         temporary.unlink()
-    directory = os.open(folder / "new", os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
     return True
 
 
@@ -179,7 +220,15 @@ def maildir_name(row: OutboxRow, hostname: str) -> str:
 
 
 class DeliveryWorker:
-    """Runs the outbox: at most `delivery.concurrency` attempts at a time."""
+    """The outbox runner: at most `delivery.concurrency` attempt tasks at a time.
+
+    A task delivers one row over SMTP or to a webhook, or up to MAILDIR_BATCH
+    rows to maildirs. Rows bound for maildirs share one trip to a worker
+    thread, one fsync of each new/ folder and one commit of their results,
+    which is most of what a maildir delivery costs. Only one maildir task
+    runs at a time: writing to local disk gains nothing from running in
+    parallel, and one task leaves CPU time to intake while mail arrives.
+    """
 
     def __init__(
         self, store: Store, config: Config, clock: Clock, transport: Transport | None = None, *, metrics: Metrics | None = None
@@ -190,13 +239,17 @@ class DeliveryWorker:
         self._clock = clock
         self._transport = transport or Transport(config)
         self._webhooks = WebhookSender(config.webhooks, clock)
-        self._in_flight: dict[int, asyncio.Task[None]] = {}
-        self.wake = asyncio.Event()
+        self._in_flight: dict[int, asyncio.Task[None]] = {}  # outbox row id to the task delivering it
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._maildir_task: asyncio.Task[None] | None = None
+        self._finished = asyncio.Event()  # set when an attempt task ends
+        self.wake = asyncio.Event()  # set when there may be new work
         self.alive = False
         self.on_recorded: Callable[[AttemptResult], None] = lambda result: None
 
     @property
     def in_flight(self) -> int:
+        """Return how many outbox rows are being delivered."""
         return len(self._in_flight)
 
     async def run(self) -> None:
@@ -205,23 +258,48 @@ class DeliveryWorker:
         try:
             while True:
                 self.wake.clear()
-                free = self._config.delivery.concurrency - len(self._in_flight)
+                self._finished.clear()
+                free = self._config.delivery.concurrency - len(self._tasks)
                 if free <= 0:
-                    # Every slot is busy, so wait until a finished attempt sets wake.
-                    await self.wake.wait()
+                    # Every slot is busy: new work waits for an attempt to finish.
+                    await self._finished.wait()
                     continue
-                rows = await self._store.due_outbox(self._clock.now(), set(self._in_flight), free)
-                for row in rows:
-                    self._start(row)
-                if len(rows) == free:
-                    continue  # More rows may be due, so query again when a slot frees.
+                limit = free + MAILDIR_BATCH
+                rows = await self._store.due_outbox(self._clock.now(), set(self._in_flight), limit)
+                if self._start_due(rows, free):
+                    # Some due rows wait for a slot or for the maildir task,
+                    # so querying again before an attempt finishes finds them again.
+                    await self._finished.wait()
+                    continue
+                if len(rows) == limit:
+                    continue  # More rows may be due.
                 await self._clock.sleep_until(await self._next_wake(), self.wake)
         finally:
             self.alive = False
-            for task in self._in_flight.values():
+            for task in self._tasks:
                 task.cancel()
-            await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._webhooks.close()
+
+    def _start_due(self, rows: list[OutboxRow], free: int) -> bool:
+        """Start tasks for `rows` in at most `free` slots; return True if a row was left waiting."""
+        left = False
+        maildir_rows = [row for row in rows if self._to_maildir(row)]
+        if maildir_rows and self._maildir_task is None:
+            batch = maildir_rows[:MAILDIR_BATCH]
+            self._maildir_task = self._start(batch, self._attempt_maildirs(batch))
+            free -= 1
+            left = len(maildir_rows) > len(batch)
+        elif maildir_rows:
+            left = True
+        for row in rows:
+            if self._to_maildir(row):
+                continue
+            if free <= 0:
+                return True
+            self._start([row], self._attempt(row))
+            free -= 1
+        return left
 
     async def _next_wake(self) -> datetime:
         now = self._clock.now()
@@ -231,21 +309,32 @@ class DeliveryWorker:
         # Nothing scheduled: sleep until woken by new work or a finished attempt.
         return now + timedelta(days=365)
 
-    def _start(self, row: OutboxRow) -> None:
-        task = asyncio.create_task(self._attempt(row), name=f"guardrail-outbox-{row.id}")
-        self._in_flight[row.id] = task
+    def _to_maildir(self, row: OutboxRow) -> bool:
+        if row.kind == "deliver":
+            return row.target.get("kind") == "maildir"
+        return row.kind == "mail" and self._config.smarthost is None
+
+    def _start(self, rows: list[OutboxRow], attempt: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(attempt, name=f"guardrail-outbox-{rows[0].id}")
+        self._tasks.add(task)
+        for row in rows:
+            self._in_flight[row.id] = task
 
         def finished(_: asyncio.Task[None]) -> None:
-            self._in_flight.pop(row.id, None)
+            self._tasks.discard(task)
+            if self._maildir_task is task:
+                self._maildir_task = None
+            for row in rows:
+                self._in_flight.pop(row.id, None)
+            self._finished.set()
             self.wake.set()
 
         task.add_done_callback(finished)
+        return task
 
     async def _attempt(self, row: OutboxRow) -> None:
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(outbox_id=row.id, kind=row.kind, conversation_id=row.conversation_id)
+        _bind_row(row)
         attempts = row.attempts + 1
-        now = self._clock.now
         try:
             await self._deliver(row)
         except PermanentDeliveryError as error:
@@ -256,7 +345,47 @@ class DeliveryWorker:
             result = self._retry_or_give_up(row, attempts, error)
         else:
             log.info("delivered", attempts=attempts)
-            result = AttemptResult(row.id, row.conversation_id, row.message_row, now(), "done", attempts, kind=row.kind)
+            result = self._done(row, attempts)
+        await self._record(result)
+
+    async def _attempt_maildirs(self, rows: list[OutboxRow]) -> None:
+        """Deliver `rows`, all bound for maildirs, with one trip to a worker thread."""
+        results: list[tuple[AttemptResult, dict[str, Any]]] = []
+        written: list[tuple[OutboxRow, dict[str, Any]]] = []
+        files: list[tuple[Path, str, bytes]] = []
+        for row in rows:
+            _bind_row(row)
+            try:
+                destination, data, envelope = await self._compose(row)
+                target = self._transport.maildir_for(destination, envelope)
+                if target is None:
+                    raise TemporaryDeliveryError("the destination is no longer a maildir")
+            except PermanentDeliveryError as error:
+                results.append((self._failed(row, row.attempts + 1, str(error)), structlog.contextvars.get_contextvars()))
+            except Exception as error:  # noqa: BLE001 - anything unexpected is retried, never dropped
+                results.append((self._retry_or_give_up(row, row.attempts + 1, error), structlog.contextvars.get_contextvars()))
+            else:
+                folder, header = target
+                files.append((folder, maildir_name(row, self._config.smtp.hostname), header + data))
+                written.append((row, structlog.contextvars.get_contextvars()))
+        outcomes = await asyncio.to_thread(write_maildirs, files) if files else []
+        for (row, context), outcome in zip(written, outcomes):
+            _restore(context)
+            attempts = row.attempts + 1
+            if isinstance(outcome, Exception):
+                result = self._retry_or_give_up(row, attempts, outcome)
+            else:
+                log.info("delivered", attempts=attempts)
+                result = self._done(row, attempts)
+            results.append((result, context))
+        await asyncio.gather(*(self._record(result, context) for result, context in results))
+
+    def _done(self, row: OutboxRow, attempts: int) -> AttemptResult:
+        return AttemptResult(row.id, row.conversation_id, row.message_row, self._clock.now(), "done", attempts, kind=row.kind)
+
+    async def _record(self, result: AttemptResult, context: dict[str, Any] | None = None) -> None:
+        if context is not None:
+            _restore(context)
         try:
             await self._store.record_attempt(result)
         except StorageError as error:
@@ -296,38 +425,37 @@ class DeliveryWorker:
                              next_attempt_at=now + delay, error=text, kind=row.kind)
 
     async def _deliver(self, row: OutboxRow) -> None:
-        if row.kind == "deliver" and row.message_row is not None:
-            await self._forward(row)
-        elif row.kind == "mail":
-            await self._send_mail(row)
-        elif row.kind == "webhook":
+        if row.kind == "webhook":
             await self._post_webhook(row)
-        else:
-            raise PermanentDeliveryError(f"outbox row kind {row.kind!r} is not known to this version")
+            return
+        destination, data, envelope = await self._compose(row)
+        await self._transport.send(destination, data, envelope, maildir_name(row, self._config.smtp.hostname))
 
-    async def _forward(self, row: OutboxRow) -> None:
+    async def _compose(self, row: OutboxRow) -> tuple[Destination, bytes, Envelope]:
+        """Return where a deliver or mail row goes, the bytes to send and the envelope."""
+        if row.kind == "deliver" and row.message_row is not None:
+            return await self._compose_forward(row)
+        if row.kind == "mail":
+            return await self._compose_mail(row)
+        raise PermanentDeliveryError(f"outbox row kind {row.kind!r} is not known to this version")
+
+    async def _compose_forward(self, row: OutboxRow) -> tuple[Destination, bytes, Envelope]:
         destination = Destination.from_record(row.target)
         structlog.contextvars.bind_contextvars(destination=destination.describe())
         raw, envelope = row.message or await self._store.message_for_delivery(row.message_row)  # type: ignore[arg-type]
         structlog.contextvars.bind_contextvars(conversation=envelope["reference"], route=envelope["route"])
         recipients = destination.addresses or (str(envelope["rcpt_tos"][0]) if envelope["rcpt_tos"] else "",)
         data = trace_headers(hostname=self._config.smtp.hostname, envelope=envelope, for_address=recipients[0]) + raw
-        await self._transport.send(
-            destination,
-            data,
-            Envelope(self._config.delivery.return_path, tuple(recipients), str(envelope["mail_from"])),
-            maildir_name(row, self._config.smtp.hostname),
-        )
+        return destination, data, Envelope(self._config.delivery.return_path, tuple(recipients), str(envelope["mail_from"]))
 
-    async def _send_mail(self, row: OutboxRow) -> None:
-        """Send a message guardrail wrote itself (acknowledgement or escalation)."""
+    async def _compose_mail(self, row: OutboxRow) -> tuple[Destination, bytes, Envelope]:
+        """Compose a message guardrail wrote itself (acknowledgement or escalation)."""
         recipients = tuple(row.target["addresses"])
         structlog.contextvars.bind_contextvars(destination="smtp " + ", ".join(recipients), purpose=row.target.get("purpose"))
         data = row.payload if row.payload is not None else await self._store.outbox_payload(row.id)
         # An acknowledgement carries a null return path (RFC 3834 section 3.3).
         sender = row.target.get("sender", self._config.delivery.return_path)
-        destination = Destination("smtp", addresses=recipients)
-        await self._transport.send(destination, data, Envelope(sender, recipients, sender), maildir_name(row, self._config.smtp.hostname))
+        return Destination("smtp", addresses=recipients), data, Envelope(sender, recipients, sender)
 
     async def _post_webhook(self, row: OutboxRow) -> None:
         webhook = Webhook(row.target["url"], row.target.get("format", "json"), row.target.get("secret_env"))
@@ -335,3 +463,13 @@ class DeliveryWorker:
         body = json.loads(row.payload if row.payload is not None else await self._store.outbox_payload(row.id))
         tries = await self._webhooks.post(row.id, webhook, body)
         log.info("webhook_delivered", tries=tries)
+
+
+def _bind_row(row: OutboxRow) -> None:
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(outbox_id=row.id, kind=row.kind, conversation_id=row.conversation_id)
+
+
+def _restore(context: dict[str, Any]) -> None:
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(**context)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from guardrail.delivery import clean_header_value, retry_delay, write_maildir
+from guardrail.delivery import clean_header_value, retry_delay, write_maildirs
+from guardrail.errors import TemporaryDeliveryError
 from guardrail.message import summarize
 
 
@@ -75,7 +76,28 @@ def test_clean_header_value_removes_line_breaks() -> None:
 
 
 def test_maildir_write_is_idempotent(tmp_path: Path) -> None:
-    assert write_maildir(tmp_path / "box", "1.G1.host", b"one", "host") is True
-    assert write_maildir(tmp_path / "box", "1.G1.host", b"two", "host") is False
+    assert write_maildirs([(tmp_path / "box", "1.G1.host", b"one")]) == [True]
+    assert write_maildirs([(tmp_path / "box", "1.G1.host", b"two")]) == [False]
     assert (tmp_path / "box" / "new" / "1.G1.host").read_bytes() == b"one"
     assert list((tmp_path / "box" / "tmp").iterdir()) == []
+
+
+def test_maildir_batch_reports_each_file(tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a maildir folder should be")
+    files = [
+        (tmp_path / "a", "1.G1.host", b"one"),
+        (blocked, "1.G2.host", b"two"),
+        (tmp_path / "b", "1.G3.host", b"three"),
+        (tmp_path / "a", "1.G1.host", b"again"),
+    ]
+
+    results = write_maildirs(files)
+
+    assert results[0] is True
+    assert isinstance(results[1], TemporaryDeliveryError)
+    assert str(results[1]).startswith(f"writing to maildir {blocked} failed: ")
+    assert results[2] is True
+    assert results[3] is False
+    assert (tmp_path / "a" / "new" / "1.G1.host").read_bytes() == b"one"
+    assert (tmp_path / "b" / "new" / "1.G3.host").read_bytes() == b"three"

@@ -1,0 +1,68 @@
+"""The outbox worker's maildir batches: many rows at once, and a bad folder that fails only its own rows."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import sqlite3
+from pathlib import Path
+
+from guardrail.delivery import MAILDIR_BATCH
+
+from conftest import maildir_messages, message, wait_until, write_config
+
+
+def send_many(port: int, messages: list[tuple[str, str, bytes]]) -> None:
+    """Send every (sender, recipient, data) over one SMTP connection, so the rows fall due together."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test.example", timeout=10) as client:
+        for sender, recipient, data in messages:
+            client.sendmail(sender, [recipient], data)
+
+
+def outbox_states(database: Path) -> dict[str, int]:
+    with sqlite3.connect(database) as connection:
+        return dict(connection.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall())
+
+
+async def test_rows_beyond_one_batch_delivered(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    count = MAILDIR_BATCH + 8
+    messages = [
+        (f"customer{number}@example.com", "support@example.org", message(message_id=f"<b{number}@example.com>"))
+        for number in range(count)
+    ]
+
+    await asyncio.to_thread(send_many, daemon.port, messages)
+
+    support = tmp_path / "var" / "maildir" / "support"
+    outbound = tmp_path / "var" / "outbound"
+    await wait_until(lambda: outbox_states(daemon.config.database_path) == {"done": 2 * count}, what="every delivery")
+    assert len(maildir_messages(support)) == count
+    assert len(maildir_messages(outbound)) == count
+
+
+async def test_unwritable_maildir_defers_only_its_rows(tmp_path: Path, start_daemon) -> None:
+    # A file where the billing maildir should be: creating its tmp/ folder fails.
+    (tmp_path / "var" / "maildir").mkdir(parents=True)
+    (tmp_path / "var" / "maildir" / "billing").write_text("not a folder")
+    daemon = await start_daemon(write_config(tmp_path))
+    messages = []
+    for number in range(3):
+        messages.append((f"payer{number}@example.com", "billing@example.org", message(message_id=f"<p{number}@example.com>")))
+        messages.append((f"user{number}@example.com", "support@example.org", message(message_id=f"<u{number}@example.com>")))
+
+    await asyncio.to_thread(send_many, daemon.port, messages)
+
+    database = daemon.config.database_path
+    # Six acknowledgements and three support deliveries succeed; the three billing deliveries wait for a retry.
+    await wait_until(lambda: outbox_states(database) == {"done": 9, "pending": 3}, what="the deliveries to be tried")
+    with sqlite3.connect(database) as connection:
+        deferred = connection.execute(
+            "SELECT o.attempts, o.last_error, m.team FROM outbox o JOIN messages m ON m.id = o.message_row"
+            " WHERE o.state = 'pending'"
+        ).fetchall()
+    assert [(attempts, team) for attempts, _, team in deferred] == [(1, "billing")] * 3
+    billing = tmp_path / "var" / "maildir" / "billing"
+    assert all(error.startswith(f"writing to maildir {billing} failed: ") for _, error, _ in deferred)
+    assert len(maildir_messages(tmp_path / "var" / "maildir" / "support")) == 3
+    assert len(maildir_messages(tmp_path / "var" / "outbound")) == 6
