@@ -333,7 +333,8 @@ class DeliveryWorker:
         return task
 
     async def _attempt(self, row: OutboxRow) -> None:
-        _bind_row(row)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(**_row_context(row))
         attempts = row.attempts + 1
         try:
             await self._deliver(row)
@@ -350,32 +351,38 @@ class DeliveryWorker:
 
     async def _attempt_maildirs(self, rows: list[OutboxRow]) -> None:
         """Deliver `rows`, all bound for maildirs, with one trip to a worker thread."""
+        # Each row's log context is passed to its log lines, and bound only
+        # around the calls that log on their own.
+        structlog.contextvars.clear_contextvars()
         results: list[tuple[AttemptResult, dict[str, Any]]] = []
         written: list[tuple[OutboxRow, dict[str, Any]]] = []
         files: list[tuple[Path, str, bytes]] = []
         for row in rows:
-            _bind_row(row)
+            context = _row_context(row)
             try:
-                destination, data, envelope = await self._compose(row)
+                destination, data, envelope, details = await self._compose(row)
+                context.update(details)
                 target = self._transport.maildir_for(destination, envelope)
                 if target is None:
                     raise TemporaryDeliveryError("the destination is no longer a maildir")
             except PermanentDeliveryError as error:
-                results.append((self._failed(row, row.attempts + 1, str(error)), structlog.contextvars.get_contextvars()))
+                with structlog.contextvars.bound_contextvars(**context):
+                    results.append((self._failed(row, row.attempts + 1, str(error)), context))
             except Exception as error:  # noqa: BLE001 - anything unexpected is retried, never dropped
-                results.append((self._retry_or_give_up(row, row.attempts + 1, error), structlog.contextvars.get_contextvars()))
+                with structlog.contextvars.bound_contextvars(**context):
+                    results.append((self._retry_or_give_up(row, row.attempts + 1, error), context))
             else:
                 folder, header = target
                 files.append((folder, maildir_name(row, self._config.smtp.hostname), header + data))
-                written.append((row, structlog.contextvars.get_contextvars()))
+                written.append((row, context))
         outcomes = await asyncio.to_thread(write_maildirs, files) if files else []
         for (row, context), outcome in zip(written, outcomes):
-            _restore(context)
             attempts = row.attempts + 1
             if isinstance(outcome, Exception):
-                result = self._retry_or_give_up(row, attempts, outcome)
+                with structlog.contextvars.bound_contextvars(**context):
+                    result = self._retry_or_give_up(row, attempts, outcome)
             else:
-                log.info("delivered", attempts=attempts)
+                log.info("delivered", attempts=attempts, **context)
                 result = self._done(row, attempts)
             results.append((result, context))
         await asyncio.gather(*(self._record(result, context) for result, context in results))
@@ -384,13 +391,11 @@ class DeliveryWorker:
         return AttemptResult(row.id, row.conversation_id, row.message_row, self._clock.now(), "done", attempts, kind=row.kind)
 
     async def _record(self, result: AttemptResult, context: dict[str, Any] | None = None) -> None:
-        if context is not None:
-            _restore(context)
         try:
             await self._store.record_attempt(result)
         except StorageError as error:
             # The row stays pending, so the attempt is repeated later.
-            log.error("attempt_not_recorded", error=str(error), state=result.state)
+            log.error("attempt_not_recorded", error=str(error), state=result.state, **(context or {}))
         else:
             self.on_recorded(result)
 
@@ -428,34 +433,34 @@ class DeliveryWorker:
         if row.kind == "webhook":
             await self._post_webhook(row)
             return
-        destination, data, envelope = await self._compose(row)
+        destination, data, envelope, details = await self._compose(row)
+        structlog.contextvars.bind_contextvars(**details)
         await self._transport.send(destination, data, envelope, maildir_name(row, self._config.smtp.hostname))
 
-    async def _compose(self, row: OutboxRow) -> tuple[Destination, bytes, Envelope]:
-        """Return where a deliver or mail row goes, the bytes to send and the envelope."""
+    async def _compose(self, row: OutboxRow) -> tuple[Destination, bytes, Envelope, dict[str, Any]]:
+        """Return where a deliver or mail row goes, the bytes to send, the envelope and what to log about it."""
         if row.kind == "deliver" and row.message_row is not None:
             return await self._compose_forward(row)
         if row.kind == "mail":
             return await self._compose_mail(row)
         raise PermanentDeliveryError(f"outbox row kind {row.kind!r} is not known to this version")
 
-    async def _compose_forward(self, row: OutboxRow) -> tuple[Destination, bytes, Envelope]:
+    async def _compose_forward(self, row: OutboxRow) -> tuple[Destination, bytes, Envelope, dict[str, Any]]:
         destination = Destination.from_record(row.target)
-        structlog.contextvars.bind_contextvars(destination=destination.describe())
         raw, envelope = row.message or await self._store.message_for_delivery(row.message_row)  # type: ignore[arg-type]
-        structlog.contextvars.bind_contextvars(conversation=envelope["reference"], route=envelope["route"])
         recipients = destination.addresses or (str(envelope["rcpt_tos"][0]) if envelope["rcpt_tos"] else "",)
         data = trace_headers(hostname=self._config.smtp.hostname, envelope=envelope, for_address=recipients[0]) + raw
-        return destination, data, Envelope(self._config.delivery.return_path, tuple(recipients), str(envelope["mail_from"]))
+        details = {"destination": destination.describe(), "conversation": envelope["reference"], "route": envelope["route"]}
+        return destination, data, Envelope(self._config.delivery.return_path, tuple(recipients), str(envelope["mail_from"])), details
 
-    async def _compose_mail(self, row: OutboxRow) -> tuple[Destination, bytes, Envelope]:
+    async def _compose_mail(self, row: OutboxRow) -> tuple[Destination, bytes, Envelope, dict[str, Any]]:
         """Compose a message guardrail wrote itself (acknowledgement or escalation)."""
         recipients = tuple(row.target["addresses"])
-        structlog.contextvars.bind_contextvars(destination="smtp " + ", ".join(recipients), purpose=row.target.get("purpose"))
         data = row.payload if row.payload is not None else await self._store.outbox_payload(row.id)
         # An acknowledgement carries a null return path (RFC 3834 section 3.3).
         sender = row.target.get("sender", self._config.delivery.return_path)
-        return Destination("smtp", addresses=recipients), data, Envelope(sender, recipients, sender)
+        details = {"destination": "smtp " + ", ".join(recipients), "purpose": row.target.get("purpose")}
+        return Destination("smtp", addresses=recipients), data, Envelope(sender, recipients, sender), details
 
     async def _post_webhook(self, row: OutboxRow) -> None:
         webhook = Webhook(row.target["url"], row.target.get("format", "json"), row.target.get("secret_env"))
@@ -465,11 +470,6 @@ class DeliveryWorker:
         log.info("webhook_delivered", tries=tries)
 
 
-def _bind_row(row: OutboxRow) -> None:
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(outbox_id=row.id, kind=row.kind, conversation_id=row.conversation_id)
-
-
-def _restore(context: dict[str, Any]) -> None:
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(**context)
+def _row_context(row: OutboxRow) -> dict[str, Any]:
+    """Return the log fields that name an outbox row."""
+    return {"outbox_id": row.id, "kind": row.kind, "conversation_id": row.conversation_id}

@@ -71,6 +71,8 @@ _END_OF_DATA = b"\r\n.\r\n"
 # A path in angle brackets with a dot-atom local part, or the null path.
 _PLAIN_PATH = re.compile(r"^\s*<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9.-]+)?)>(.*)$")
 _CHUNK = 256 * 1024
+_SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
 
 
 def _has_bare_line_ending(data: bytes) -> bool:
@@ -423,8 +425,8 @@ def _signal_label(signal: str) -> str:
 
 def _is_utf8(text: str) -> bool:
     # aiosmtpd keeps bytes that are not UTF-8 as surrogate escapes.
-    return not any("\udc80" <= char <= "\udcff" for char in text)
+    return _SURROGATE_ESCAPE.search(text) is None
 
 
 def _has_control_characters(address: str) -> bool:
-    return any(ord(char) < 0x20 or ord(char) == 0x7F for char in address)
+    return _CONTROL_CHARACTER.search(address) is not None

@@ -7,9 +7,10 @@ import smtplib
 import sqlite3
 from pathlib import Path
 
-from guardrail.delivery import MAILDIR_BATCH
-
 from conftest import maildir_messages, message, wait_until, write_config
+from structlog.testing import capture_logs
+
+from guardrail.delivery import MAILDIR_BATCH
 
 
 def send_many(port: int, messages: list[tuple[str, str, bytes]]) -> None:
@@ -32,13 +33,22 @@ async def test_rows_beyond_one_batch_delivered(tmp_path: Path, start_daemon) -> 
         for number in range(count)
     ]
 
-    await asyncio.to_thread(send_many, daemon.port, messages)
+    with capture_logs() as events:
+        await asyncio.to_thread(send_many, daemon.port, messages)
+        await wait_until(lambda: outbox_states(daemon.config.database_path) == {"done": 2 * count}, what="every delivery")
 
     support = tmp_path / "var" / "maildir" / "support"
     outbound = tmp_path / "var" / "outbound"
-    await wait_until(lambda: outbox_states(daemon.config.database_path) == {"done": 2 * count}, what="every delivery")
     assert len(maildir_messages(support)) == count
     assert len(maildir_messages(outbound)) == count
+    delivered = [event for event in events if event["event"] == "delivered"]
+    assert len(delivered) == 2 * count
+    forwarded = [event for event in delivered if event["kind"] == "deliver"]
+    assert len(forwarded) == count
+    # Each line names its own row, though the rows shared a task.
+    assert len({event["outbox_id"] for event in delivered}) == 2 * count
+    assert all(event["destination"] == f"maildir {support}" and event["route"] == "default" for event in forwarded)
+    assert len({event["conversation"] for event in forwarded}) == count
 
 
 async def test_unwritable_maildir_defers_only_its_rows(tmp_path: Path, start_daemon) -> None:
