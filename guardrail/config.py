@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -65,6 +66,8 @@ class SmtpSettings:
     timeout: timedelta
     data_timeout: timedelta
     parse_processes: int = 0
+    tls_certificate: Path | None = None  # PEM chain offered with STARTTLS; None offers no STARTTLS
+    tls_key: Path | None = None
 
     @property
     def local_domains(self) -> frozenset[str]:
@@ -158,7 +161,7 @@ def load_config(path: Path | str) -> Config:
 
     base = path.resolve().parent
     root = Table(path, data, "", errors)
-    smtp = _load_smtp(root.table("smtp"))
+    smtp = _load_smtp(root.table("smtp"), base)
     postmaster = root.table("postmaster")
     database = root.table("database")
     smarthost_table = root.table("smarthost") if root.has("smarthost") else None
@@ -216,7 +219,7 @@ def load_config(path: Path | str) -> Config:
     return config
 
 
-def _load_smtp(table: Table) -> SmtpSettings:
+def _load_smtp(table: Table, base: Path) -> SmtpSettings:
     inboxes = [address.lower() for address in table.strings("inboxes")]
     for address in inboxes:
         if not _is_address(address):
@@ -247,8 +250,32 @@ def _load_smtp(table: Table) -> SmtpSettings:
         # and a stuck message stalls only its child.
         parse_processes=table.integer("parse_processes", 2, minimum=0, maximum=64),
     )
+    certificate, key = table.string("tls_certificate"), table.string("tls_key")
+    if certificate is not None and key is None:
+        table.problem("tls_key", "missing; set it with tls_certificate to the PEM file of the certificate's private key")
+    elif key is not None and certificate is None:
+        table.problem("tls_certificate", "missing; set it with tls_key to the PEM file of the certificate chain")
+    elif certificate is not None and key is not None:
+        settings = replace(settings, tls_certificate=base / certificate, tls_key=base / key)
+        try:
+            tls_context(settings)
+        except (OSError, ssl.SSLError) as error:
+            table.problem(
+                "tls_certificate",
+                f"cannot load {settings.tls_certificate} with the key {settings.tls_key}: {error};"
+                " expected a PEM certificate chain and the PEM private key that matches it",
+            )
     table.finish()
     return settings
+
+
+def tls_context(smtp: SmtpSettings) -> ssl.SSLContext | None:
+    """Return the server TLS context for STARTTLS, or None when no certificate is configured."""
+    if smtp.tls_certificate is None or smtp.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(smtp.tls_certificate, smtp.tls_key)
+    return context
 
 
 def _load_smarthost(table: Table) -> Smarthost:

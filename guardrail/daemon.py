@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from .clock import Clock, SystemClock
-from .config import Config
+from .config import Config, tls_context
 from .delivery import DeliveryWorker, Transport
 from .errors import ConfigErrors
 from .escalation import Sender
@@ -129,6 +129,7 @@ class Daemon:
             parsers=self.parsers,
         )
         loop = asyncio.get_running_loop()
+        tls = tls_context(config.smtp)
         self._server = await loop.create_server(
             lambda: GuardrailSMTP(
                 handler,
@@ -138,6 +139,7 @@ class Daemon:
                 ident="ESMTP guardrail",
                 data_size_limit=config.smtp.max_message_size,
                 enable_SMTPUTF8=True,
+                tls_context=tls,
                 timeout=config.smtp.timeout.total_seconds(),
                 loop=loop,
             ),

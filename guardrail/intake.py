@@ -49,6 +49,8 @@ REPLY_EXPN = "502 5.5.1 EXPN is not available"
 REPLY_BUSY = "421 4.7.0 Too many connections, try again later"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_DATA_TIMEOUT = "421 4.4.2 Timed out waiting for message data"
+REPLY_STARTTLS_STOCK = "220 Ready to start TLS"  # aiosmtpd's text
+REPLY_STARTTLS = "220 2.0.0 Ready to start TLS"
 
 _ENHANCED = re.compile(r"^\d{3} \d\.\d{1,3}\.\d{1,3}\b")
 # Enhanced status codes (RFC 3463) for aiosmtpd's stock replies, by reply code.
@@ -56,6 +58,7 @@ _DEFAULT_ENHANCED = {
     "221": "2.0.0",
     "250": "2.0.0",
     "451": "4.3.0",
+    "454": "4.7.0",
     "500": "5.5.2",
     "501": "5.5.4",
     "502": "5.5.1",
@@ -257,6 +260,9 @@ class GuardrailSMTP(SMTP):
 
 def _with_enhanced_code(status: str, hostname: str) -> str:
     code = status[:3]
+    if status == REPLY_STARTTLS_STOCK:
+        # The one 220 that is a status reply rather than a greeting.
+        return REPLY_STARTTLS
     if status[3:4] != " " or _ENHANCED.match(status) or code not in _DEFAULT_ENHANCED:
         return status
     # The last EHLO line and the HELO reply are not status replies.

@@ -1,0 +1,101 @@
+"""STARTTLS on the listener: offered only with a certificate, and mail sent over it is accepted as usual."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import converse_sync, maildir_messages, message, wait_until, write_config
+
+from guardrail.config import load_config
+from guardrail.errors import ConfigErrors
+
+
+def make_certificate(folder: Path) -> tuple[Path, Path]:
+    """Write a self-signed certificate for mx.test.example and its key; return both paths."""
+    certificate, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=mx.test.example",
+         "-keyout", str(key), "-out", str(certificate)],
+        check=True, capture_output=True,
+    )
+    return certificate, key
+
+
+def send_over_tls(port: int, data: bytes) -> tuple[bool, bool, tuple[int, bytes], int, str | None]:
+    """Send `data` after STARTTLS.
+
+    Return whether EHLO offered STARTTLS before and after it, the STARTTLS
+    reply, the DATA reply code and the TLS version in use.
+    """
+    client_context = ssl.create_default_context()
+    client_context.check_hostname = False
+    client_context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test.example", timeout=10) as client:
+        client.ehlo()
+        offered = client.has_extn("starttls")
+        reply = client.starttls(context=client_context)
+        version = client.sock.version()  # type: ignore[union-attr]
+        client.ehlo()
+        offered_again = client.has_extn("starttls")
+        client.mail("alice@example.com")
+        client.rcpt("support@example.org")
+        data_code, _ = client.data(data)
+    return offered, offered_again, reply, data_code, version
+
+
+async def test_starttls_then_mail_is_delivered(tmp_path: Path, start_daemon) -> None:
+    certificate, key = make_certificate(tmp_path)
+    daemon = await start_daemon(write_config(tmp_path, smtp={"tls_certificate": certificate.name, "tls_key": key.name}))
+
+    offered, offered_again, reply, data_code, version = await asyncio.to_thread(send_over_tls, daemon.port, message())
+
+    assert offered is True
+    assert reply == (220, b"2.0.0 Ready to start TLS")
+    assert version in ("TLSv1.2", "TLSv1.3")
+    # RFC 3207: after the handshake the server no longer offers STARTTLS.
+    assert offered_again is False
+    assert data_code == 250
+    support = tmp_path / "var" / "maildir" / "support"
+    await wait_until(lambda: maildir_messages(support), what="the delivery")
+    [delivered] = maildir_messages(support)
+    assert b"Printer on floor 3 jams" in delivered
+
+
+async def test_no_certificate_no_starttls(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+
+    replies = await asyncio.to_thread(
+        converse_sync, daemon.port, b"EHLO client.test.example\r\nSTARTTLS\r\nQUIT\r\n"
+    )
+
+    assert not any("STARTTLS" in line for line in replies)
+    assert "454 4.7.0 TLS not available" in replies
+
+
+def test_key_without_certificate_is_an_error(tmp_path: Path) -> None:
+    path = write_config(tmp_path, smtp={"tls_key": "key.pem"})
+
+    with pytest.raises(ConfigErrors) as raised:
+        load_config(path)
+
+    assert [str(error) for error in raised.value.errors] == [
+        f"{path}: smtp.tls_certificate: missing; set it with tls_key to the PEM file of the certificate chain"
+    ]
+
+
+def test_unreadable_certificate_is_an_error(tmp_path: Path) -> None:
+    _, key = make_certificate(tmp_path)
+    (tmp_path / "other.pem").write_text("not a certificate\n")
+    path = write_config(tmp_path, smtp={"tls_certificate": "other.pem", "tls_key": key.name})
+
+    with pytest.raises(ConfigErrors) as raised:
+        load_config(path)
+
+    [error] = raised.value.errors
+    assert str(error).startswith(f"{path}: smtp.tls_certificate: cannot load {tmp_path / 'other.pem'} with the key {key}: ")
+    assert str(error).endswith("expected a PEM certificate chain and the PEM private key that matches it")
