@@ -10,8 +10,6 @@ so this process ignores SIGINT and SIGTERM.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import pickle
 import signal
@@ -23,7 +21,6 @@ from .prepare import Site, TooManyHops, prepare_message
 from .rules import RuleSet
 
 FRAME_HEADER = struct.Struct(">I")
-PIPE_SIZE = 1 << 20  # bytes; the most an unprivileged process may ask for by default on Linux
 
 
 def read_frame(stream: BinaryIO) -> Any | None:
@@ -75,20 +72,7 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
             write_frame(replies, reply)
 
 
-def _grow_pipes() -> None:
-    """Make the pipes to and from the daemon hold a whole large message, where the system allows it."""
-    # A 64 KiB message does not fit Linux's default 64 KiB pipe with its frame
-    # header, so each request took several writes and wake-ups on both sides.
-    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
-    if set_size is None:
-        return
-    for fd in (sys.stdin.fileno(), sys.stdout.fileno()):
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, set_size, PIPE_SIZE)
-
-
 def main() -> None:
-    _grow_pipes()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import fcntl
 import os
 import signal
 import smtplib
@@ -19,7 +18,6 @@ from structlog.testing import capture_logs
 from guardrail.config import load_config
 from guardrail.daemon import Daemon, load_ruleset
 from guardrail.offload import ParseProcesses, ParseTimeout
-from guardrail.offload_child import PIPE_SIZE
 from guardrail.plan import Submission
 from guardrail.prepare import Envelope, Site, TooManyHops, prepare_message
 
@@ -66,32 +64,6 @@ async def test_child_prepares_and_renders_ack(tmp_path: Path, start_daemon) -> N
     reply = await send(daemon.port, "alice@example.com", ["billing@example.org"], message(message_id="<p1@example.com>"))
     assert reply == {}
     assert len(stored(daemon.config.database_path)) == 1
-
-
-async def test_large_message_crosses_grown_pipes(tmp_path: Path, start_daemon) -> None:
-    daemon = await ready_daemon(tmp_path, start_daemon)
-    [pid] = daemon.parsers.pids
-    if hasattr(fcntl, "F_GETPIPE_SZ"):
-        # The child's stdin, and the copy of its stdout it replies on. Its
-        # stderr may be a pipe too, one the child does not grow.
-        fds = Path(f"/proc/{pid}/fd")
-        sizes = {}
-        for name in os.listdir(fds):
-            if os.readlink(fds / name).startswith("pipe:"):
-                pipe = os.open(fds / name, os.O_RDONLY | os.O_NONBLOCK)
-                try:
-                    sizes[int(name)] = fcntl.fcntl(pipe, fcntl.F_GETPIPE_SZ)
-                finally:
-                    os.close(pipe)
-        assert sizes[0] == PIPE_SIZE
-        assert any(size == PIPE_SIZE for fd, size in sizes.items() if fd > 2)
-
-    # Larger than the grown pipe, so the request still takes several writes.
-    body = ("x" * 70 + "\r\n") * (2 * PIPE_SIZE // 72)
-    await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<big@example.com>", body=body))
-
-    assert parsed(daemon, "parse process") == 1
-    assert [row[:2] for row in stored(daemon.config.database_path)] == [("<big@example.com>", "support")]
 
 
 async def test_killed_child_is_replaced(tmp_path: Path, start_daemon) -> None:
