@@ -265,7 +265,10 @@ class DeliveryWorker:
                     await self._finished.wait()
                     continue
                 limit = free + MAILDIR_BATCH
-                rows = await self._store.due_outbox(self._clock.now(), set(self._in_flight), limit)
+                # One reading of the clock for both queries: a row that falls
+                # due between two readings would be neither due nor next.
+                now = self._clock.now()
+                rows = await self._store.due_outbox(now, set(self._in_flight), limit)
                 if self._start_due(rows, free):
                     # Some due rows wait for a slot or for the maildir task,
                     # so querying again before an attempt finishes finds them again.
@@ -273,7 +276,7 @@ class DeliveryWorker:
                     continue
                 if len(rows) == limit:
                     continue  # More rows may be due.
-                await self._clock.sleep_until(await self._next_wake(), self.wake)
+                await self._clock.sleep_until(await self._next_wake(now), self.wake)
         finally:
             self.alive = False
             for task in self._tasks:
@@ -301,8 +304,8 @@ class DeliveryWorker:
             free -= 1
         return left
 
-    async def _next_wake(self) -> datetime:
-        now = self._clock.now()
+    async def _next_wake(self, now: datetime) -> datetime:
+        """Return when the earliest row not due at `now` falls due."""
         next_due = await self._store.next_outbox_due(after=now)
         if next_due is not None:
             return next_due

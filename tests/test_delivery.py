@@ -5,12 +5,19 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import sqlite3
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from conftest import maildir_messages, message, wait_until, write_config
 from structlog.testing import capture_logs
 
-from guardrail.delivery import MAILDIR_BATCH
+from guardrail.clock import ManualClock, format_instant
+from guardrail.config import load_config
+from guardrail.daemon import load_ruleset
+from guardrail.delivery import MAILDIR_BATCH, DeliveryWorker
+from guardrail.plan import Submission
+from guardrail.prepare import Envelope, Site, prepare_message
+from guardrail.store import Store
 
 
 def send_many(port: int, messages: list[tuple[str, str, bytes]]) -> None:
@@ -76,3 +83,35 @@ async def test_unwritable_maildir_defers_only_its_rows(tmp_path: Path, start_dae
     assert all(error.startswith(f"writing to maildir {billing} failed: ") for _, error, _ in deferred)
     assert len(maildir_messages(tmp_path / "var" / "maildir" / "support")) == 3
     assert len(maildir_messages(tmp_path / "var" / "outbound")) == 6
+
+
+class DriftingClock(ManualClock):
+    """A manual clock that moves a second forward each time it is read, as wall time does while a busy loop works."""
+
+    def now(self) -> datetime:
+        current = self._now
+        self._now = current + timedelta(seconds=1)
+        return current
+
+
+async def test_row_due_between_clock_readings_is_delivered(tmp_path: Path) -> None:
+    start = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
+    config = load_config(write_config(tmp_path))
+    envelope = Envelope("alice@example.com", ("support@example.org",), "[127.0.0.1]:40000", "client")
+    submission = prepare_message(envelope, message(), load_ruleset(config), Site.from_config(config), start)
+    assert isinstance(submission, Submission)
+    store = await Store.open(config.database_path)
+    try:
+        await store.accept(submission)
+        # Both rows fall due after the worker's first reading of the clock and before its second.
+        with sqlite3.connect(config.database_path) as connection:
+            connection.execute("UPDATE outbox SET next_attempt_at = ?", (format_instant(start + timedelta(milliseconds=500)),))
+        worker = DeliveryWorker(store, config, DriftingClock(start))
+        task = asyncio.create_task(worker.run())
+        try:
+            await wait_until(lambda: outbox_states(config.database_path) == {"done": 2}, timeout=5, what="both deliveries")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await store.close()
