@@ -196,13 +196,7 @@ class GuardrailSMTP(SMTP):
             self.transport.close()
             return
 
-        if too_big:
-            log.warning("message_rejected", peer=_peer(self.session), reason="too big")
-            self._reject("too big")
-            self._set_post_data_state()
-            await self.push(REPLY_TOO_BIG)
-            return
-        if _has_bare_line_ending(content):
+        if not too_big and _has_bare_line_ending(content):
             log.warning("bare_lf_rejected", peer=_peer(self.session), reason="bare LF or bare CR in DATA")
             self._reject("bare line ending")
             self._set_post_data_state()
@@ -214,6 +208,13 @@ class GuardrailSMTP(SMTP):
         content = content.replace(b"\r\n.", b"\r\n")
         if content.startswith(b"."):
             content = content[1:]
+        # RFC 1870 section 5 sizes the message without the dots added for transparency.
+        if too_big or (self.data_size_limit and len(content) > self.data_size_limit):
+            log.warning("message_rejected", peer=_peer(self.session), reason="too big")
+            self._reject("too big")
+            self._set_post_data_state()
+            await self.push(REPLY_TOO_BIG)
+            return
         self.envelope.content = content
         self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
@@ -221,13 +222,16 @@ class GuardrailSMTP(SMTP):
         await self.push(status)
 
     async def _read_data(self) -> tuple[bytes, bool]:
-        """Read up to the end-of-data line; return the raw content and whether it was too big.
+        """Read up to the end-of-data line; return the content as sent and whether it is surely too big.
 
-        The content keeps its final CRLF. Past the size limit the data is read
-        and dropped, so the client gets its single reply after the final dot.
+        The content keeps its final CRLF and its dot-stuffing. Once it is too
+        big even without the stuffing, the rest is read and dropped, so the
+        client gets its single reply after the final dot.
         """
         reader = self._reader
-        limit = self.data_size_limit or 0
+        # Stuffing adds at most one byte to a line of three (".", CR, LF), so
+        # data beyond 4/3 of the limit is over it once unstuffed.
+        limit = (self.data_size_limit or 0) * 4 // 3
         # The CRLF that ended the DATA command line starts the first line, so
         # an empty message (".\r\n" at once) is found like any other end.
         buffer = bytearray(b"\r\n")

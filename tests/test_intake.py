@@ -288,6 +288,37 @@ async def test_oversize_message_gets_one_552(tmp_path: Path, start_daemon) -> No
     assert count_rows(daemon, "conversations") == 1
 
 
+def dotted_message(size: int) -> bytes:
+    """Return a message of exactly `size` bytes with 100 lines that are a lone dot, which the client doubles."""
+    head = f"From: alice@example.com\r\nSubject: dots\r\nMessage-ID: <dots-{size}@example.com>\r\n\r\n".encode()
+    dots = b".\r\n" * 100
+    return head + dots + b"x" * (size - len(head) - len(dots) - 2) + b"\r\n"
+
+
+def data_reply(port: int, data: bytes) -> tuple[int, bytes]:
+    """Send `data` without a SIZE declaration, so only DATA can reject it; return the reply to DATA."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test.example", timeout=10) as client:
+        client.ehlo()
+        client.mail("alice@example.com")
+        client.rcpt("support@example.org")
+        try:
+            return client.data(data)
+        except smtplib.SMTPDataError as error:
+            return error.smtp_code, error.smtp_error
+
+
+async def test_size_limit_excludes_stuffed_dots(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path, smtp={"max_message_size": 1024}))
+
+    # On the wire the first message is 1,124 bytes, 100 of them dots the client added.
+    accepted = await asyncio.to_thread(data_reply, daemon.port, dotted_message(1024))
+    rejected = await asyncio.to_thread(data_reply, daemon.port, dotted_message(1025))
+
+    assert accepted[0] == 250
+    assert rejected == (552, b"5.3.4 Message size exceeds fixed maximum message size")
+    assert query(daemon, "SELECT message_id, size FROM messages") == [("<dots-1024@example.com>", 1024)]
+
+
 async def test_declared_size_over_limit_gets_552(tmp_path: Path, start_daemon) -> None:
     daemon = await start_daemon(write_config(tmp_path, smtp={"max_message_size": 1024}))
 
