@@ -37,6 +37,8 @@ log = structlog.get_logger("guardrail.delivery")
 
 # At most this many rows bound for maildirs are delivered by one attempt task.
 MAILDIR_BATCH = 32
+# The worker looks for due rows at least this often, woken or not.
+RESCAN_EVERY = timedelta(minutes=1)
 
 
 def retry_delay(attempt: int, initial: timedelta, maximum: timedelta) -> timedelta:
@@ -305,12 +307,12 @@ class DeliveryWorker:
         return left
 
     async def _next_wake(self, now: datetime) -> datetime:
-        """Return when the earliest row not due at `now` falls due."""
+        """Return when to look for due rows again: when the next row falls due, and at most RESCAN_EVERY from `now`."""
+        # New work wakes the worker at once. The rescan, like an MTA's queue
+        # run, bounds the delay for a row whose wake-up was missed.
         next_due = await self._store.next_outbox_due(after=now)
-        if next_due is not None:
-            return next_due
-        # Nothing scheduled: sleep until woken by new work or a finished attempt.
-        return now + timedelta(days=365)
+        rescan = now + RESCAN_EVERY
+        return rescan if next_due is None else min(next_due, rescan)
 
     def _to_maildir(self, row: OutboxRow) -> bool:
         if row.kind == "deliver":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import smtplib
 import sqlite3
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,7 @@ from structlog.testing import capture_logs
 from guardrail.clock import ManualClock, format_instant
 from guardrail.config import load_config
 from guardrail.daemon import load_ruleset
-from guardrail.delivery import MAILDIR_BATCH, DeliveryWorker
+from guardrail.delivery import MAILDIR_BATCH, RESCAN_EVERY, DeliveryWorker
 from guardrail.plan import Submission
 from guardrail.prepare import Envelope, Site, prepare_message
 from guardrail.store import Store
@@ -115,3 +116,32 @@ async def test_row_due_between_clock_readings_is_delivered(tmp_path: Path) -> No
             await asyncio.gather(task, return_exceptions=True)
     finally:
         await store.close()
+
+
+async def test_row_without_wake_is_found_by_rescan(tmp_path: Path) -> None:
+    start = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
+    config = load_config(write_config(tmp_path))
+    clock = ManualClock(start)
+    store = await Store.open(config.database_path)
+    worker = DeliveryWorker(store, config, clock)
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: clock.is_settled(1), what="the idle worker to sleep")
+        # Another program queues a row and wakes nobody.
+        with sqlite3.connect(config.database_path) as connection:
+            connection.execute(
+                "INSERT INTO outbox (id, kind, target, payload, state, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (1, "mail", json.dumps({"kind": "smtp", "addresses": ["bob@example.com"], "sender": ""}),
+                 message(), "pending", format_instant(start), format_instant(start)),
+            )
+        await clock.advance(RESCAN_EVERY - timedelta(seconds=1))
+        await wait_until(lambda: clock.is_settled(1), what="the worker to sleep again")
+        assert outbox_states(config.database_path) == {"pending": 1}
+
+        await clock.advance(timedelta(seconds=1))
+        await wait_until(lambda: outbox_states(config.database_path) == {"done": 1}, what="the rescan to deliver it")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.close()
+    assert len(maildir_messages(tmp_path / "var" / "outbound")) == 1
