@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -66,6 +67,7 @@ class Daemon:
         self._server: asyncio.Server | None = None
         self._http: HttpListener | None = None
         self._tracker = ConnectionTracker(config.smtp.max_connections)
+        self._tls: ssl.SSLContext | None = None  # offered with STARTTLS; replaced on reload
         self.metrics = Metrics()
         self.metrics.set_rules(rules.digest)
         self._stopping = asyncio.Event()
@@ -129,7 +131,7 @@ class Daemon:
             parsers=self.parsers,
         )
         loop = asyncio.get_running_loop()
-        tls = tls_context(config.smtp)
+        self._tls = tls_context(config.smtp)
         self._server = await loop.create_server(
             lambda: GuardrailSMTP(
                 handler,
@@ -139,7 +141,8 @@ class Daemon:
                 ident="ESMTP guardrail",
                 data_size_limit=config.smtp.max_message_size,
                 enable_SMTPUTF8=True,
-                tls_context=tls,
+                # Read per connection, so a reload's certificate serves the next client.
+                tls_context=self._tls,
                 timeout=config.smtp.timeout.total_seconds(),
                 loop=loop,
             ),
@@ -169,7 +172,11 @@ class Daemon:
         return 2 + (self.zombies is not None)
 
     def reload(self) -> bool:
-        """Load the rules again and swap them in whole; keep the old set on any error."""
+        """Load the TLS certificate and the rules again; keep the old ones on any error.
+
+        Return whether the rules were reloaded.
+        """
+        self._reload_tls()
         try:
             rules = load_ruleset(self.config)
         except ConfigErrors as errors:
@@ -184,6 +191,19 @@ class Daemon:
         self.metrics.set_rules(rules.digest)
         log.info("rules_reloaded", rules=rules.digest[:12], routes=len(rules.routes), teams=len(rules.teams))
         return True
+
+    def _reload_tls(self) -> None:
+        """Read the certificate and key files again, so a renewed certificate needs no restart."""
+        smtp = self.config.smtp
+        if smtp.tls_certificate is None:
+            return
+        try:
+            self._tls = tls_context(smtp)
+        except (OSError, ssl.SSLError) as error:
+            log.error("tls_reload_failed", error=repr(error), certificate=str(smtp.tls_certificate),
+                      detail="STARTTLS keeps the certificate loaded before")
+            return
+        log.info("tls_reloaded", certificate=str(smtp.tls_certificate))
 
     async def stop(self) -> None:
         """Stop accepting, let DATA in flight finish, stop the worker, close the store."""

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 from conftest import converse_sync, maildir_messages, message, wait_until, write_config
+from structlog.testing import capture_logs
 
 from guardrail.config import load_config
 from guardrail.errors import ConfigErrors
 
 
 def make_certificate(folder: Path) -> tuple[Path, Path]:
-    """Write a self-signed certificate for mx.test.example and its key; return both paths."""
+    """Write a self-signed certificate for mx.test.example and its key, new ones each call; return both paths."""
     certificate, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=mx.test.example",
@@ -99,3 +100,40 @@ def test_unreadable_certificate_is_an_error(tmp_path: Path) -> None:
     [error] = raised.value.errors
     assert str(error).startswith(f"{path}: smtp.tls_certificate: cannot load {tmp_path / 'other.pem'} with the key {key}: ")
     assert str(error).endswith("expected a PEM certificate chain and the PEM private key that matches it")
+
+
+def served_certificate(port: int) -> bytes:
+    """Return the certificate, in DER, that the listener presents after STARTTLS."""
+    client_context = ssl.create_default_context()
+    client_context.check_hostname = False
+    client_context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test.example", timeout=10) as client:
+        client.starttls(context=client_context)
+        return client.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+
+
+def der(certificate: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(certificate.read_text())
+
+
+async def test_reload_serves_renewed_certificate(tmp_path: Path, start_daemon) -> None:
+    certificate, key = make_certificate(tmp_path)
+    first = der(certificate)
+    daemon = await start_daemon(write_config(tmp_path, smtp={"tls_certificate": certificate.name, "tls_key": key.name}))
+    assert await asyncio.to_thread(served_certificate, daemon.port) == first
+
+    make_certificate(tmp_path)  # a renewal writes new files in place
+    renewed = der(certificate)
+    assert renewed != first
+    with capture_logs() as renewal_events:
+        daemon.reload()
+    assert await asyncio.to_thread(served_certificate, daemon.port) == renewed
+    assert [event["event"] for event in renewal_events if event["event"].startswith("tls_")] == ["tls_reloaded"]
+
+    # A file broken mid-renewal keeps the certificate that works.
+    certificate.write_text("half written\n")
+    with capture_logs() as broken_events:
+        daemon.reload()
+    assert await asyncio.to_thread(served_certificate, daemon.port) == renewed
+    [failure] = [event for event in broken_events if event["event"] == "tls_reload_failed"]
+    assert failure["certificate"] == str(certificate)
