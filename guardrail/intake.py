@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from .clock import Clock
 from .config import Config
@@ -51,6 +51,8 @@ REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_DATA_TIMEOUT = "421 4.4.2 Timed out waiting for message data"
 REPLY_STARTTLS_STOCK = "220 Ready to start TLS"  # aiosmtpd's text
 REPLY_STARTTLS = "220 2.0.0 Ready to start TLS"
+REPLY_TLS_ACTIVE = "503 5.5.1 TLS is already active"
+REPLY_AUTH = "502 5.5.1 AUTH is not available; this server accepts mail only for its own inboxes"
 
 _ENHANCED = re.compile(r"^\d{3} \d\.\d{1,3}\.\d{1,3}\b")
 # Enhanced status codes (RFC 3463) for aiosmtpd's stock replies, by reply code.
@@ -112,6 +114,7 @@ class GuardrailSMTP(SMTP):
         self._tracker = tracker
         self._data_timeout = data_timeout
         self._over_limit = False
+        self._lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self not in self._tracker.connections:
@@ -120,8 +123,35 @@ class GuardrailSMTP(SMTP):
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
         self._tracker.connections.discard(self)
         super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        if self._tls_protocol is not None and self.session is not None and self.session.ssl is None:
+            # Idle during the TLS handshake. Closing the TLS transport now
+            # would end the connection without connection_lost, so the slot
+            # and the session task would stay forever.
+            log.warning("tls_handshake_timed_out", peer=_peer(self.session))
+            self._reject("tls handshake timed out")
+            assert self._original_transport is not None
+            self._original_transport.abort()
+            self.connection_lost(None)
+            return
+        super()._timeout_cb()
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            # RFC 3207 section 4.2: a client must not start TLS twice.
+            await self.push(REPLY_TLS_ACTIVE)
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        # Mail is accepted only for our own inboxes, so no sender needs to log in.
+        await self.push(REPLY_AUTH)
 
     async def _handle_client(self) -> None:
         if self._over_limit:
@@ -304,7 +334,9 @@ class IntakeHandler:
         if not _is_utf8(hostname):
             return [REPLY_BAD_HELO]
         session.host_name = hostname
-        return [*responses[:-1], "250-ENHANCEDSTATUSCODES", responses[-1]]
+        # aiosmtpd lists AUTH once TLS is active, but AUTH is not offered here.
+        offered = [line for line in responses[:-1] if not line.startswith("250-AUTH")]
+        return [*offered, "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str) -> str:
         if not _is_utf8(hostname):
@@ -347,7 +379,11 @@ class IntakeHandler:
         return REPLY_VRFY
 
     async def handle_exception(self, error: Exception) -> str:
-        log.error("smtp_session_failed", error=repr(error))
+        if isinstance(error, TLSSetupException):
+            # Scanners and broken clients fail handshakes all day; aiosmtpd closes the connection.
+            log.warning("tls_handshake_failed", error=repr(error.__cause__ or error))
+        else:
+            log.error("smtp_session_failed", error=repr(error))
         return REPLY_TEMPORARY
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+import socket
 import ssl
 import subprocess
 from pathlib import Path
@@ -137,3 +138,79 @@ async def test_reload_serves_renewed_certificate(tmp_path: Path, start_daemon) -
     assert await asyncio.to_thread(served_certificate, daemon.port) == renewed
     [failure] = [event for event in broken_events if event["event"] == "tls_reload_failed"]
     assert failure["certificate"] == str(certificate)
+
+
+def greeting(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        return connection.recv(1024)
+
+
+def start_tls_then(port: int, after: bytes) -> bytes:
+    """Say EHLO and STARTTLS, send `after` in place of a TLS handshake, and return what the server sends until it closes."""
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(b"EHLO client.test.example\r\n")
+        while not received.endswith(b"250 HELP\r\n"):
+            received += connection.recv(4096)
+        connection.sendall(b"STARTTLS\r\n")
+        while b"Ready to start TLS\r\n" not in received:
+            received += connection.recv(4096)
+        if after:
+            connection.sendall(after)
+        try:
+            while chunk := connection.recv(4096):
+                received += chunk
+        except ConnectionResetError:
+            pass
+    return received
+
+
+async def test_silent_handshake_frees_its_slot(tmp_path: Path, start_daemon) -> None:
+    certificate, key = make_certificate(tmp_path)
+    smtp = {"tls_certificate": certificate.name, "tls_key": key.name, "timeout": "1s", "max_connections": 1}
+    daemon = await start_daemon(write_config(tmp_path, smtp=smtp))
+
+    with capture_logs() as events:
+        # Returns once the server gives up on the handshake and closes the connection.
+        await asyncio.to_thread(start_tls_then, daemon.port, b"")
+        reply = await asyncio.to_thread(greeting, daemon.port)
+
+    assert reply.startswith(b"220 ")
+    assert [event["event"] for event in events if event["event"].startswith("tls_")] == ["tls_handshake_timed_out"]
+
+
+async def test_failed_handshake_is_a_warning(tmp_path: Path, start_daemon) -> None:
+    certificate, key = make_certificate(tmp_path)
+    smtp = {"tls_certificate": certificate.name, "tls_key": key.name, "max_connections": 1}
+    daemon = await start_daemon(write_config(tmp_path, smtp=smtp))
+
+    with capture_logs() as events:
+        await asyncio.to_thread(start_tls_then, daemon.port, b"this is not a TLS ClientHello\r\n" * 4)
+        reply = await asyncio.to_thread(greeting, daemon.port)
+
+    assert reply.startswith(b"220 ")
+    [failure] = [event for event in events if event["event"] == "tls_handshake_failed"]
+    assert failure["log_level"] == "warning"
+    assert not [event for event in events if event["log_level"] == "error"]
+
+
+def commands_inside_tls(port: int) -> tuple[bool, tuple[int, bytes], tuple[int, bytes]]:
+    """Return whether EHLO inside TLS offers AUTH, and the replies to AUTH and to a second STARTTLS."""
+    client_context = ssl.create_default_context()
+    client_context.check_hostname = False
+    client_context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test.example", timeout=10) as client:
+        client.starttls(context=client_context)
+        client.ehlo()
+        return client.has_extn("auth"), client.docmd("AUTH", "PLAIN AGFsaWNlAHNlY3JldA=="), client.docmd("STARTTLS")
+
+
+async def test_inside_tls_no_auth_no_second_starttls(tmp_path: Path, start_daemon) -> None:
+    certificate, key = make_certificate(tmp_path)
+    daemon = await start_daemon(write_config(tmp_path, smtp={"tls_certificate": certificate.name, "tls_key": key.name}))
+
+    offers_auth, auth, again = await asyncio.to_thread(commands_inside_tls, daemon.port)
+
+    assert offers_auth is False
+    assert auth == (502, b"5.5.1 AUTH is not available; this server accepts mail only for its own inboxes")
+    assert again == (503, b"5.5.1 TLS is already active")
