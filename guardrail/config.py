@@ -257,14 +257,19 @@ def _load_smtp(table: Table, base: Path) -> SmtpSettings:
         table.problem("tls_certificate", "missing; set it with tls_key to the PEM file of the certificate chain")
     elif certificate is not None and key is not None:
         settings = replace(settings, tls_certificate=base / certificate, tls_key=base / key)
-        try:
-            tls_context(settings)
-        except (OSError, ssl.SSLError) as error:
-            table.problem(
-                "tls_certificate",
-                f"cannot load {settings.tls_certificate} with the key {settings.tls_key}: {error};"
-                " expected a PEM certificate chain and the PEM private key that matches it",
-            )
+        files = {"tls_certificate": settings.tls_certificate, "tls_key": settings.tls_key}
+        missing = [(name, path) for name, path in files.items() if path is not None and not path.is_file()]
+        for name, path in missing:
+            table.problem(name, f"file not found: {path}; expected a PEM file (a relative path starts at the config's folder)")
+        if not missing:
+            try:
+                tls_context(settings)
+            except (OSError, ssl.SSLError) as error:
+                table.problem(
+                    "tls_certificate",
+                    f"loading {settings.tls_certificate} with the key {settings.tls_key} failed: {error};"
+                    " expected a PEM certificate chain and the PEM private key that matches it",
+                )
     table.finish()
     return settings
 

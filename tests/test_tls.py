@@ -99,7 +99,7 @@ def test_unreadable_certificate_is_an_error(tmp_path: Path) -> None:
         load_config(path)
 
     [error] = raised.value.errors
-    assert str(error).startswith(f"{path}: smtp.tls_certificate: cannot load {tmp_path / 'other.pem'} with the key {key}: ")
+    assert str(error).startswith(f"{path}: smtp.tls_certificate: loading {tmp_path / 'other.pem'} with the key {key} failed: ")
     assert str(error).endswith("expected a PEM certificate chain and the PEM private key that matches it")
 
 
@@ -214,3 +214,16 @@ async def test_inside_tls_no_auth_no_second_starttls(tmp_path: Path, start_daemo
     assert offers_auth is False
     assert auth == (502, b"5.5.1 AUTH is not available; this server accepts mail only for its own inboxes")
     assert again == (503, b"5.5.1 TLS is already active")
+
+
+def test_missing_key_file_names_its_key(tmp_path: Path) -> None:
+    certificate, _ = make_certificate(tmp_path)
+    path = write_config(tmp_path, smtp={"tls_certificate": certificate.name, "tls_key": "tls/key.pem"})
+
+    with pytest.raises(ConfigErrors) as raised:
+        load_config(path)
+
+    assert [str(error) for error in raised.value.errors] == [
+        f"{path}: smtp.tls_key: file not found: {tmp_path / 'tls' / 'key.pem'};"
+        " expected a PEM file (a relative path starts at the config's folder)"
+    ]
