@@ -73,7 +73,7 @@ def trace_headers(
     assert isinstance(received_at, datetime)
     lines = [
         f"Received: from {clean_header_value(str(envelope['helo']) or 'unknown')} ({clean_header_value(str(envelope['peer']))})",
-        f"\tby {hostname} (guardrail) with ESMTP id {envelope['message_row']}",
+        f"\tby {hostname} (guardrail) with {envelope.get('protocol') or 'ESMTP'} id {envelope['message_row']}",
         f"\tfor <{clean_header_value(for_address)}>; {format_datetime(received_at)}",
         f"X-Guardrail-Conversation: {clean_header_value(str(envelope['reference']))}",
         f"X-Guardrail-Route: {clean_header_value(str(envelope['route']))}",

@@ -305,6 +305,13 @@ def _with_enhanced_code(status: str, hostname: str) -> str:
     return f"{code} {_DEFAULT_ENHANCED[code]} {status[4:]}"
 
 
+def _protocol(session: Session) -> str:
+    """Return the RFC 3848 protocol name of the session: SMTP, ESMTP or ESMTPS."""
+    if not session.extended_smtp:
+        return "SMTP"
+    return "ESMTPS" if session.ssl is not None else "ESMTP"
+
+
 def _peer(session: Session | None) -> str:
     if session is None or not session.peer:
         return ""
@@ -403,6 +410,7 @@ class IntakeHandler:
             rcpt_tos=tuple(address.lower() for address in envelope.rcpt_tos),
             peer=_peer(session),
             helo=session.host_name or "",
+            protocol=_protocol(session),
         )
         now = self.clock.now()
         prepared = await self.parsers.prepare(facts, raw, now) if self.parsers is not None else None

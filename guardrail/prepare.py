@@ -28,12 +28,13 @@ from .rules import Destination, RuleSet, Team, unstaffed_reason
 
 @dataclass(frozen=True)
 class Envelope:
-    """The SMTP envelope of a message: sender, recipients, peer and HELO name."""
+    """The SMTP envelope of a message: sender, recipients, peer, HELO name and protocol."""
 
     mail_from: str  # "" for the null sender
     rcpt_tos: tuple[str, ...]
     peer: str
     helo: str
+    protocol: str = "ESMTP"  # SMTP after HELO, ESMTP after EHLO, ESMTPS over TLS (RFC 3848)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     """Return the Submission for a message received at `now`."""
     common = dict(
         raw=raw, mail_from=envelope.mail_from, rcpt_tos=envelope.rcpt_tos, peer=envelope.peer, helo=envelope.helo,
+        protocol=envelope.protocol,
         received_at=now, summary=summary, is_loop=has_our_loop_marker(summary, site.hostname),
     )
     if any(is_postmaster(address, site) and not is_inbox(address, site) for address in envelope.rcpt_tos):

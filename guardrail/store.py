@@ -55,13 +55,13 @@ def _settle(settled: list[tuple[_Job, Any, Exception | None]]) -> None:
 
 
 _ENVELOPE_COLUMNS = (
-    "m.raw, m.mail_from, m.rcpt_tos, m.peer, m.helo, m.received_at, m.route, COALESCE(c.reference, ''), m.id"
+    "m.raw, m.mail_from, m.rcpt_tos, m.peer, m.helo, m.received_at, m.route, COALESCE(c.reference, ''), m.id, m.protocol"
 )
 
 
 def _message_for_delivery(row: Any) -> tuple[bytes, dict[str, Any]]:
     """Return the raw bytes and envelope facts from the columns listed in _ENVELOPE_COLUMNS."""
-    raw, mail_from, rcpt_tos, peer, helo, received_at, route, reference, row_id = row
+    raw, mail_from, rcpt_tos, peer, helo, received_at, route, reference, row_id, protocol = row
     return bytes(raw), {
         "mail_from": mail_from,
         "rcpt_tos": json.loads(rcpt_tos),
@@ -71,7 +71,16 @@ def _message_for_delivery(row: Any) -> tuple[bytes, dict[str, Any]]:
         "route": route,
         "reference": reference,
         "message_row": row_id,
+        "protocol": protocol,
     }
+
+
+async def _add_missing_columns(db: aiosqlite.Connection) -> None:
+    """Add the columns that a database made by an earlier version lacks."""
+    async with db.execute("PRAGMA table_info(messages)") as cursor:
+        columns = {row[1] for row in await cursor.fetchall()}
+    if "protocol" not in columns:
+        await db.execute("ALTER TABLE messages ADD COLUMN protocol TEXT NOT NULL DEFAULT 'ESMTP'")
 
 
 __all__ = ["AttemptResult", "Outcome", "OutboxRow", "Store", "StoreSettings"]
@@ -132,6 +141,7 @@ class Store:
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = FULL")
             await db.executescript(SCHEMA)
+            await _add_missing_columns(db)
             chosen = settings or StoreSettings()
             writer = await loop.run_in_executor(thread, lambda: Committer(path, chosen, busy_timeout=busy_timeout))
             store = cls(db, writer, thread, chosen)

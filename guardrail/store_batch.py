@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS messages (
     disposition TEXT NOT NULL,
     machine_signal TEXT NOT NULL DEFAULT '',
     shadow TEXT NOT NULL DEFAULT '[]',
-    raw BLOB NOT NULL
+    raw BLOB NOT NULL,
+    protocol TEXT NOT NULL DEFAULT 'ESMTP'
 );
 CREATE INDEX IF NOT EXISTS messages_dedupe ON messages (dedupe_key, received_at);
 CREATE INDEX IF NOT EXISTS messages_conversation ON messages (conversation_id);
@@ -298,7 +299,7 @@ class BatchWriter:
             json.dumps(list(submission.rcpt_tos)), submission.summary.message_id, submission.dedupe_key,
             len(submission.raw), json.dumps(submission.summary.to_record()), plan.route, plan.team,
             json.dumps(list(submission.route_reasons)), plan.disposition, submission.machine_signal,
-            json.dumps(list(submission.shadow)), submission.raw,
+            json.dumps(list(submission.shadow)), submission.raw, submission.protocol,
         ))
         if conversation is not None and submission.summary.message_id:
             self.rows["message_ids"].append((submission.summary.message_id, conversation.id))
@@ -623,8 +624,8 @@ _STATEMENTS = {
     ),
     "messages": (
         "INSERT INTO messages (id, conversation_id, received_at, peer, helo, mail_from, rcpt_tos, message_id,"
-        " dedupe_key, size, summary, route, team, route_reasons, disposition, machine_signal, shadow, raw)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        " dedupe_key, size, summary, route, team, route_reasons, disposition, machine_signal, shadow, raw, protocol)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
     ),
     "message_ids": "INSERT OR IGNORE INTO message_ids (message_id, conversation_id) VALUES (?,?)",
     "outbox": (

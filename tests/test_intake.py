@@ -19,8 +19,17 @@ from typing import Any
 
 import pytest
 import structlog
+from conftest import (
+    ROUTES,
+    TEAMS,
+    converse,
+    maildir_messages,
+    message,
+    send,
+    wait_until,
+    write_config,
+)
 
-from conftest import ROUTES, TEAMS, converse, maildir_messages, message, send, wait_until, write_config
 from guardrail.daemon import Daemon
 
 SMUGGLING = Path(__file__).parent / "data" / "smuggling"
@@ -286,6 +295,25 @@ async def test_oversize_message_gets_one_552(tmp_path: Path, start_daemon) -> No
     assert all(b"oversize-1" not in raw for raw in stored_raws(daemon))
     assert query(daemon, "SELECT message_id FROM message_ids WHERE message_id = ?", ("<oversize-1@example.com>",)) == []
     assert count_rows(daemon, "conversations") == 1
+
+
+def send_after_helo(port: int, data: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test.example", timeout=10) as client:
+        client.helo()
+        client.sendmail("alice@example.com", ["support@example.org"], data)
+
+
+async def test_received_header_names_protocol(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+
+    await asyncio.to_thread(send_after_helo, daemon.port, message(message_id="<helo@example.com>"))
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<ehlo@example.com>"))
+
+    support = tmp_path / "var" / "maildir" / "support"
+    await wait_until(lambda: len(maildir_messages(support)) == 2, what="both deliveries")
+    by_id = {b"<helo@example.com>" in data: data for data in maildir_messages(support)}
+    assert b"(guardrail) with SMTP id " in by_id[True]
+    assert b"(guardrail) with ESMTP id " in by_id[False]
 
 
 def dotted_message(size: int) -> bytes:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import message, write_config
 from structlog.testing import capture_logs
 
 from guardrail.config import load_config
@@ -17,8 +18,7 @@ from guardrail.errors import StorageError
 from guardrail.plan import Submission
 from guardrail.prepare import Envelope, Site, prepare_message
 from guardrail.store import AttemptResult, Store
-
-from conftest import message, write_config
+from guardrail.store_batch import SCHEMA
 
 NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
 
@@ -127,3 +127,20 @@ async def test_rows_written_by_another_connection_take_no_id_of_ours(tmp_path: P
 
     assert outcome.disposition == "new"
     assert stored_message_ids(database) == ["<s0@example.com>", "<other@example.com>", "<s1@example.com>"]
+
+
+async def test_database_without_protocol_column_is_upgraded(tmp_path: Path) -> None:
+    database = tmp_path / "store.db"
+    old_schema = SCHEMA.replace(",\n    protocol TEXT NOT NULL DEFAULT 'ESMTP'", "")
+    assert old_schema != SCHEMA
+    with sqlite3.connect(database) as connection:
+        connection.executescript(old_schema)
+
+    store = await Store.open(database)
+    try:
+        outcome = await store.accept(submissions(tmp_path, 1)[0])
+        _, envelope = await store.message_for_delivery(outcome.message_row)
+    finally:
+        await store.close()
+
+    assert envelope["protocol"] == "ESMTP"

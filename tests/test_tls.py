@@ -66,6 +66,8 @@ async def test_starttls_then_mail_is_delivered(tmp_path: Path, start_daemon) -> 
     await wait_until(lambda: maildir_messages(support), what="the delivery")
     [delivered] = maildir_messages(support)
     assert b"Printer on floor 3 jams" in delivered
+    # RFC 3848: the trace header says the message came over TLS.
+    assert b"\tby mx.test.example (guardrail) with ESMTPS id " in delivered
 
 
 async def test_no_certificate_no_starttls(tmp_path: Path, start_daemon) -> None:
