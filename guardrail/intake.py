@@ -306,7 +306,7 @@ def _with_enhanced_code(status: str, hostname: str) -> str:
 
 
 def _protocol(session: Session) -> str:
-    """Return the RFC 3848 protocol name of the session: SMTP, ESMTP or ESMTPS."""
+    """Return the session's protocol for the Received header: SMTP, ESMTP (RFC 5321) or ESMTPS (RFC 3848)."""
     if not session.extended_smtp:
         return "SMTP"
     return "ESMTPS" if session.ssl is not None else "ESMTP"

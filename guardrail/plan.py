@@ -63,7 +63,7 @@ class Submission:
     # reference, and renders the acknowledgement again otherwise.
     proposed_reference: str = ""
     rendered_ack: RenderedAck | None = None
-    protocol: str = "ESMTP"  # how the client sent it, as the Received header says (RFC 3848)
+    protocol: str = "ESMTP"  # how the client sent it, for the Received header: SMTP, ESMTP or ESMTPS
 
     @cached_property
     def dedupe_key(self) -> str:

@@ -34,7 +34,7 @@ class Envelope:
     rcpt_tos: tuple[str, ...]
     peer: str
     helo: str
-    protocol: str = "ESMTP"  # SMTP after HELO, ESMTP after EHLO, ESMTPS over TLS (RFC 3848)
+    protocol: str = "ESMTP"  # SMTP after HELO, ESMTP after EHLO, ESMTPS over STARTTLS
 
 
 @dataclass(frozen=True)
