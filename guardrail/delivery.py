@@ -96,22 +96,26 @@ class Transport:
         self._config = config
         self._hostname = config.smtp.hostname
 
+    def writes_maildir(self, destination_kind: str) -> bool:
+        """Return True when a destination of this kind ("maildir" or "smtp") is delivered into a maildir."""
+        return destination_kind == "maildir" or self._config.smarthost is None
+
     def maildir_for(self, destination: Destination, envelope: Envelope) -> tuple[Path, bytes] | None:
         """Return the maildir that `destination` is delivered to and the header lines to put first, or None for SMTP."""
+        if not self.writes_maildir(destination.kind):
+            return None
         if destination.kind == "maildir":
             # A maildir is final delivery: Return-Path carries the sender's
             # own envelope address, as a local delivery agent would write it.
             header = f"Return-Path: <{clean_header_value(envelope.original_sender)}>\r\n".encode()
             return Path(destination.maildir), header
-        if self._config.smarthost is None:
-            # Without a smarthost nothing leaves the machine: mail meant for
-            # other hosts lands in the outbound maildir, addressed in headers.
-            header = (
-                f"Return-Path: <{clean_header_value(envelope.sender)}>\r\n"
-                f"X-Guardrail-Envelope-To: {clean_header_value(', '.join(envelope.recipients))}\r\n"
-            ).encode()
-            return self._config.outbound_maildir, header
-        return None
+        # Without a smarthost nothing leaves the machine: mail meant for
+        # other hosts lands in the outbound maildir, addressed in headers.
+        header = (
+            f"Return-Path: <{clean_header_value(envelope.sender)}>\r\n"
+            f"X-Guardrail-Envelope-To: {clean_header_value(', '.join(envelope.recipients))}\r\n"
+        ).encode()
+        return self._config.outbound_maildir, header
 
     async def send(self, destination: Destination, data: bytes, envelope: Envelope, name: str) -> None:
         """Deliver `data`; raise TemporaryDeliveryError or PermanentDeliveryError on failure."""
@@ -288,8 +292,9 @@ class DeliveryWorker:
 
     def _start_due(self, rows: list[OutboxRow], free: int) -> bool:
         """Start tasks for `rows` in at most `free` slots; return True if a row was left waiting."""
-        left = False
         maildir_rows = [row for row in rows if self._to_maildir(row)]
+        other_rows = [row for row in rows if not self._to_maildir(row)]
+        left = False
         if maildir_rows and self._maildir_task is None:
             batch = maildir_rows[:MAILDIR_BATCH]
             self._maildir_task = self._start(batch, self._attempt_maildirs(batch))
@@ -297,14 +302,9 @@ class DeliveryWorker:
             left = len(maildir_rows) > len(batch)
         elif maildir_rows:
             left = True
-        for row in rows:
-            if self._to_maildir(row):
-                continue
-            if free <= 0:
-                return True
+        for row in other_rows[:free]:
             self._start([row], self._attempt(row))
-            free -= 1
-        return left
+        return left or len(other_rows) > free
 
     async def _next_wake(self, now: datetime) -> datetime:
         """Return when to look for due rows again: when the next row falls due, and at most RESCAN_EVERY from `now`."""
@@ -316,8 +316,9 @@ class DeliveryWorker:
 
     def _to_maildir(self, row: OutboxRow) -> bool:
         if row.kind == "deliver":
-            return row.target.get("kind") == "maildir"
-        return row.kind == "mail" and self._config.smarthost is None
+            return self._transport.writes_maildir(row.target.get("kind", ""))
+        # Mail guardrail wrote itself always has an SMTP destination.
+        return row.kind == "mail" and self._transport.writes_maildir("smtp")
 
     def _start(self, rows: list[OutboxRow], attempt: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(attempt, name=f"guardrail-outbox-{rows[0].id}")
@@ -368,8 +369,8 @@ class DeliveryWorker:
                 destination, data, envelope, details = await self._compose(row)
                 context.update(details)
                 target = self._transport.maildir_for(destination, envelope)
-                if target is None:
-                    raise TemporaryDeliveryError("the destination is no longer a maildir")
+                # _to_maildir chose this row by the rule maildir_for applies.
+                assert target is not None
             except PermanentDeliveryError as error:
                 with structlog.contextvars.bound_contextvars(**context):
                     results.append((self._failed(row, row.attempts + 1, str(error)), context))
