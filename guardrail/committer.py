@@ -2,8 +2,7 @@
 
 The store's writer thread owns one Committer. Row ids are read at the start
 of every transaction rather than kept in memory, because another program
-(`guardrail answer`, for instance) may have written to the database since
-the last commit.
+that writes the same database may have added rows since the last commit.
 """
 
 from __future__ import annotations
@@ -81,9 +80,9 @@ class Committer:
         self.db.close()
 
     def commit_or_split(self, items: list[WriteItem]) -> list[tuple[Any, Exception | None]]:
-        """Commit `items`, or each alone when they fail together; return one (result, error) pair per item, in order.
+        """Commit `items` together, or one by one after a failure; return one (result, error) pair per item, in order.
 
-        Split this way, a bad item fails only itself.
+        Committed one by one, a bad item fails alone and the others are kept.
         """
         try:
             return [(result, None) for result in self.commit(items)]

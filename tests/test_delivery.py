@@ -127,7 +127,7 @@ async def test_row_without_wake_is_found_by_rescan(tmp_path: Path) -> None:
     task = asyncio.create_task(worker.run())
     try:
         await wait_until(lambda: clock.is_settled(1), what="the idle worker to sleep")
-        # Another program queues a row and wakes nobody.
+        # Another program queues a row and does not wake the worker.
         with sqlite3.connect(config.database_path) as connection:
             connection.execute(
                 "INSERT INTO outbox (id, kind, target, payload, state, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -99,7 +99,7 @@ async def test_close_commits_queued_jobs(tmp_path: Path) -> None:
         await store.accept(submissions(tmp_path, 1)[0])
 
 
-async def test_rows_written_by_another_connection_take_no_id_of_ours(tmp_path: Path) -> None:
+async def test_commit_after_rows_from_another_program(tmp_path: Path) -> None:
     database = tmp_path / "store.db"
     store = await Store.open(database)
     try:

@@ -28,19 +28,24 @@ def make_certificate(folder: Path) -> tuple[Path, Path]:
     return certificate, key
 
 
+def trusting_context() -> ssl.SSLContext:
+    """Return a client TLS context that accepts the test's self-signed certificate."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def send_over_tls(port: int, data: bytes) -> tuple[bool, bool, tuple[int, bytes], int, str | None]:
     """Send `data` after STARTTLS.
 
     Return whether EHLO offered STARTTLS before and after it, the STARTTLS
     reply, the DATA reply code and the TLS version in use.
     """
-    client_context = ssl.create_default_context()
-    client_context.check_hostname = False
-    client_context.verify_mode = ssl.CERT_NONE
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test.example", timeout=10) as client:
         client.ehlo()
         offered = client.has_extn("starttls")
-        reply = client.starttls(context=client_context)
+        reply = client.starttls(context=trusting_context())
         version = client.sock.version()  # type: ignore[union-attr]
         client.ehlo()
         offered_again = client.has_extn("starttls")
@@ -107,11 +112,8 @@ def test_unreadable_certificate_is_an_error(tmp_path: Path) -> None:
 
 def served_certificate(port: int) -> bytes:
     """Return the certificate, in DER, that the listener presents after STARTTLS."""
-    client_context = ssl.create_default_context()
-    client_context.check_hostname = False
-    client_context.verify_mode = ssl.CERT_NONE
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test.example", timeout=10) as client:
-        client.starttls(context=client_context)
+        client.starttls(context=trusting_context())
         return client.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
 
 
@@ -125,7 +127,7 @@ async def test_reload_serves_renewed_certificate(tmp_path: Path, start_daemon) -
     daemon = await start_daemon(write_config(tmp_path, smtp={"tls_certificate": certificate.name, "tls_key": key.name}))
     assert await asyncio.to_thread(served_certificate, daemon.port) == first
 
-    make_certificate(tmp_path)  # a renewal writes new files in place
+    make_certificate(tmp_path)  # A renewal writes new files in place.
     renewed = der(certificate)
     assert renewed != first
     with capture_logs() as renewal_events:
@@ -198,11 +200,8 @@ async def test_failed_handshake_is_a_warning(tmp_path: Path, start_daemon) -> No
 
 def commands_inside_tls(port: int) -> tuple[bool, tuple[int, bytes], tuple[int, bytes]]:
     """Return whether EHLO inside TLS offers AUTH, and the replies to AUTH and to a second STARTTLS."""
-    client_context = ssl.create_default_context()
-    client_context.check_hostname = False
-    client_context.verify_mode = ssl.CERT_NONE
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test.example", timeout=10) as client:
-        client.starttls(context=client_context)
+        client.starttls(context=trusting_context())
         client.ehlo()
         return client.has_extn("auth"), client.docmd("AUTH", "PLAIN AGFsaWNlAHNlY3JldA=="), client.docmd("STARTTLS")
 
