@@ -25,6 +25,13 @@ _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _ADDRESS_HEADERS = ("from", "to", "cc", "reply-to")
 _ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[QqBb]\?[^?\s]*\?=")
 _WHITESPACE = re.compile(r"\s+")
+# Most address headers are a list of plain mailboxes: "local@domain", or
+# "<local@domain>" behind a display name of plain words. Those are read with
+# one regular expression; anything else (quotes, comments, groups, encoded
+# words, domain literals) goes to the email package's full parser.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ADDRESS = rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_PLAIN_MAILBOX = re.compile(rf"\s*(?:((?:{_ATOM}\s+)*{_ATOM})?\s*<({_PLAIN_ADDRESS})>|({_PLAIN_ADDRESS}))\s*")
 
 
 @dataclass(frozen=True)
@@ -205,9 +212,31 @@ def _decode_bytes(data: bytes, charset: str | None) -> str:
     return data.decode("latin-1")
 
 
+def parse_addresses(values: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
+    """Return (display name, address) pairs from address header values, as email.utils.getaddresses does."""
+    pairs: list[tuple[str, str]] = []
+    for value in values:
+        plain = _plain_mailboxes(value)
+        pairs += email.utils.getaddresses([value]) if plain is None else plain
+    return pairs
+
+
+def _plain_mailboxes(value: str) -> list[tuple[str, str]] | None:
+    """Return the pairs of a list of plain mailboxes, or None when `value` needs the full parser."""
+    pairs = []
+    for part in value.split(","):
+        match = _PLAIN_MAILBOX.fullmatch(part)
+        if match is None:
+            return None
+        name, bracketed, bare = match.groups()
+        # The full parser joins the words of a display name with one space.
+        pairs.append((" ".join(name.split()) if name else "", bracketed or bare))
+    return pairs
+
+
 def _addresses(values: tuple[str, ...]) -> tuple[str, ...]:
     try:
-        pairs = email.utils.getaddresses(list(values))
+        pairs = parse_addresses(values)
     except Exception:  # noqa: BLE001
         return ()
     return tuple(address.lower() for _, address in pairs if "@" in address)
@@ -215,7 +244,7 @@ def _addresses(values: tuple[str, ...]) -> tuple[str, ...]:
 
 def _first_address(values: tuple[str, ...]) -> tuple[str, str]:
     try:
-        pairs = email.utils.getaddresses(list(values[:1]))
+        pairs = parse_addresses(values[:1])
     except Exception:  # noqa: BLE001
         return "", ""
     for name, address in pairs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 from datetime import timedelta
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from guardrail.delivery import clean_header_value, retry_delay, write_maildirs
 from guardrail.errors import TemporaryDeliveryError
-from guardrail.message import summarize
+from guardrail.message import parse_addresses, summarize
 
 
 @pytest.mark.parametrize(
@@ -57,6 +58,32 @@ def test_summary_fields(raw: bytes, field: str, expected: object) -> None:
 )
 def test_body_text_decoding(raw: bytes, expected: str) -> None:
     assert summarize(raw).body_text.strip() == expected.strip()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "casey@example.net",
+        "Casey Customer <Casey@Example.NET>",
+        "Casey   Customer\t<casey@example.net>",
+        "<casey@example.net>",
+        "a@example.net, B Two <b.two+tag@mail.example.org>,c@example.com",
+        # These need the full parser: quotes, comments, groups, encoded words,
+        # an "@" in the display name, a domain literal, an empty list entry.
+        '"Customer, Casey" <casey@example.net>',
+        "casey@example.net (Casey Customer)",
+        "J. Doe <j@example.net>",
+        "undisclosed-recipients:;",
+        '"=?utf-8?q?Ren=C3=A9?=" <rene@example.net>',
+        "alice@example.org <bob@example.org>",
+        "user@[192.0.2.1]",
+        "a@example.net,,b@example.net",
+        "a..b@example.net",
+        "",
+    ],
+)
+def test_parse_addresses_agrees_with_the_email_package(value: str) -> None:
+    assert parse_addresses([value]) == email.utils.getaddresses([value])
 
 
 def test_headers_only_summary_skips_body() -> None:
