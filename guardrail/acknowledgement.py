@@ -9,10 +9,11 @@ References so that replies thread.
 from __future__ import annotations
 
 import binascii
+import functools
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, time
 from email.header import Header
 from email.utils import format_datetime
 
@@ -83,8 +84,15 @@ def format_deadline(deadline: datetime | None, team: Team, language: str) -> str
     if deadline is None:
         return ""
     local = deadline.astimezone(team.calendar.zone)
-    day = format_date(local.date(), format="full", locale=language)
-    return f"{day}, {format_time(local.time(), 'HH:mm', locale=language)} ({team.calendar.zone.key})"
+    return _local_deadline(local.date(), local.hour, local.minute, language, team.calendar.zone.key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _local_deadline(day: date, hour: int, minute: int, language: str, zone: str) -> str:
+    # Deadlines of messages that arrive together fall in the same minute, and
+    # Babel takes tens of microseconds for each date it formats.
+    written = format_date(day, format="full", locale=language)
+    return f"{written}, {format_time(time(hour, minute), 'HH:mm', locale=language)} ({zone})"
 
 
 def one_line(text: str) -> str:
