@@ -219,6 +219,15 @@ def load_config(path: Path | str) -> Config:
     return config
 
 
+def default_parse_processes(cpus: int | None) -> int:
+    """Return how many parse processes to start on a machine with `cpus` CPUs.
+
+    One CPU is left to the daemon's event loop and writer thread, which every
+    message passes through.
+    """
+    return max(1, min(4, (cpus or 1) - 1))
+
+
 def _load_smtp(table: Table, base: Path) -> SmtpSettings:
     inboxes = [address.lower() for address in table.strings("inboxes")]
     for address in inboxes:
@@ -248,7 +257,7 @@ def _load_smtp(table: Table, base: Path) -> SmtpSettings:
         data_timeout=table.duration("data_timeout", timedelta(minutes=10)),
         # Children parse and route, so the event loop's one thread does less
         # and a stuck message stalls only its child.
-        parse_processes=table.integer("parse_processes", 2, minimum=0, maximum=64),
+        parse_processes=table.integer("parse_processes", default_parse_processes(os.cpu_count()), minimum=0, maximum=64),
     )
     certificate, key = table.string("tls_certificate"), table.string("tls_key")
     if certificate is not None and key is None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from guardrail.cli import main
-from guardrail.config import load_config
+from guardrail.config import default_parse_processes, load_config
 from guardrail.errors import ConfigErrors
 from guardrail.rules import load_rules
 
@@ -51,6 +51,11 @@ def test_parse_processes_must_be_a_count(tmp_path: Path, value: object) -> None:
     (error,) = caught.value.errors
     written = "true" if value is True else repr(value)
     assert str(error) == f"{path}: smtp.parse_processes: invalid value {written}; expected an integer of at least 0 and at most 64"
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [(None, 1), (1, 1), (2, 1), (3, 2), (5, 4), (64, 4)])
+def test_parse_processes_leave_one_cpu_to_the_daemon(cpus: int | None, expected: int) -> None:
+    assert default_parse_processes(cpus) == expected
 
 
 def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
