@@ -9,9 +9,10 @@ signal as text, which is stored with the decision, or None.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .message import Summary
 
@@ -22,6 +23,12 @@ _PRECEDENCE_VALUES = {"bulk", "junk", "list", "auto_reply"}
 _LIST_HEADERS = ("list-id", "list-unsubscribe", "list-post", "mailing-list")
 _AUTOREPLY_HEADERS = ("x-autoreply", "x-autorespond", "x-autoresponder")
 _SUPPRESS_TOKENS = {"oof", "autoreply", "all"}
+_OTHER_SIGNAL_HEADERS = ("x-failed-recipients", "x-ms-exchange-inbox-rules-loop", "errors-to")
+# Every header _header_signal reads before Content-Type, by lower-case name.
+_SIGNAL_HEADERS = frozenset({
+    "auto-submitted", "precedence", "x-precedence", "x-auto-response-suppress", "x-apple-action",
+    *_AUTOREPLY_HEADERS, *_LIST_HEADERS, *_OTHER_SIGNAL_HEADERS,
+})
 
 # Local parts of role and robot senders, matched whole and ignoring case.
 DEFAULT_SENDER_PATTERNS = (
@@ -125,6 +132,9 @@ def _first_value(summary: Summary, name: str) -> str:
 
 
 def _header_signal(summary: Summary) -> str | None:
+    if _SIGNAL_HEADERS.isdisjoint(summary.headers):
+        # Most mail from people carries none of them; Content-Type is the one left to read.
+        return _report_signal(summary)
     auto_submitted = _first_value(summary, "auto-submitted")
     if auto_submitted and auto_submitted.split(";")[0].strip().lower() != "no":
         return f"Auto-Submitted: {auto_submitted}"
@@ -133,7 +143,7 @@ def _header_signal(summary: Summary) -> str | None:
         if value in _PRECEDENCE_VALUES:
             return f"{name.title()}: {value}"
     # Errors-To is a legacy header that only list and bulk software still sets.
-    for name in (*_AUTOREPLY_HEADERS, *_LIST_HEADERS, "x-failed-recipients", "x-ms-exchange-inbox-rules-loop", "errors-to"):
+    for name in (*_AUTOREPLY_HEADERS, *_LIST_HEADERS, *_OTHER_SIGNAL_HEADERS):
         if summary.header(name):
             return f"{name} header"
     suppress = _first_value(summary, "x-auto-response-suppress")
@@ -142,10 +152,12 @@ def _header_signal(summary: Summary) -> str | None:
         return f"X-Auto-Response-Suppress: {suppress}"
     if _first_value(summary, "x-apple-action").upper() == "VACATION":
         return "X-Apple-Action: VACATION"
+    return _report_signal(summary)
+
+
+def _report_signal(summary: Summary) -> str | None:
     content_type = _first_value(summary, "content-type").lower()
-    if content_type.startswith("multipart/report"):
-        return "multipart/report"
-    return None
+    return "multipart/report" if content_type.startswith("multipart/report") else None
 
 
 def _sender_signal(summary: Summary, mail_from: str, patterns: tuple[re.Pattern[str], ...]) -> str | None:
@@ -160,14 +172,37 @@ def _sender_signal(summary: Summary, mail_from: str, patterns: tuple[re.Pattern[
             match = re.search(r"[^\s<>\"]+@[^\s<>\"]+", value)
             if match:
                 candidates.append((name.title(), match.group(0)))
+    automated = _any_of(patterns)
     for where, address in candidates:
         local, _, domain = address.lower().rpartition("@")
-        if local and any(pattern.fullmatch(local) for pattern in patterns):
+        if local and automated(local):
             return f"{where} {address.lower()} looks automated"
         # Bulk senders use per-message (VERP) addresses at a bounce host.
         if domain.split(".")[0] in ("bounce", "bounces"):
             return f"{where} {address.lower()} is a bounce address"
     return None
+
+
+_GROUP_REFERENCE = re.compile(r"\\[1-9]|\(\?P=|\(\?\(")
+
+
+@functools.lru_cache(maxsize=16)
+def _any_of(patterns: tuple[re.Pattern[str], ...]) -> Callable[[str], bool]:
+    """Return a test for whether one of `patterns` matches a whole text, with one pattern where they combine."""
+
+    def each(text: str) -> bool:
+        return any(pattern.fullmatch(text) for pattern in patterns)
+
+    flags = {pattern.flags for pattern in patterns}
+    # Joined, a backreference or a conditional would count groups of the
+    # other patterns, and patterns compiled with different flags differ.
+    if len(flags) > 1 or any(_GROUP_REFERENCE.search(pattern.pattern) for pattern in patterns):
+        return each
+    try:
+        combined = re.compile("|".join(f"(?:{pattern.pattern})" for pattern in patterns), flags.pop() if flags else 0)
+    except re.error:
+        return each  # inline global flags, for instance, cannot be joined
+    return lambda text: combined.fullmatch(text) is not None
 
 
 def machine_signal(

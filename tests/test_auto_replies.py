@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import re
 from datetime import datetime, timezone
 from email.message import Message
 from pathlib import Path
@@ -126,6 +127,20 @@ async def test_human_reply_with_auto_submitted_no_answers(tmp_path: Path, start_
         ("Precedence: list", True),
         ("Precedence: auto_reply", True),
         ("Precedence: first-class", False),
+        ("X-Precedence: bulk", True),
+        ("X-Autoresponder: yes", True),
+        ("List-Id: <news.example.org>", True),
+        ("List-Unsubscribe: <mailto:leave@example.org>", True),
+        ("List-Post: <mailto:list@example.org>", True),
+        ("Mailing-List: contact list@example.org", True),
+        ("X-Failed-Recipients: gone@example.org", True),
+        ("X-MS-Exchange-Inbox-Rules-Loop: bob@example.org", True),
+        ("Errors-To: owner@example.org", True),
+        ("X-Auto-Response-Suppress: OOF, AutoReply", True),
+        ("X-Auto-Response-Suppress: DR", False),
+        ("X-Apple-Action: VACATION", True),
+        ("Content-Type: multipart/report; report-type=delivery-status", True),
+        ("Content-Type: text/plain; charset=utf-8", False),
     ],
 )
 def test_automatic_header_table(header: str, automatic: bool) -> None:
@@ -134,3 +149,30 @@ def test_automatic_header_table(header: str, automatic: bool) -> None:
 
     summary = summarize(f"From: Bob <bob@example.org>\r\nSubject: Re: hi\r\n{header}\r\n\r\nx".encode())
     assert (machine_signal(summary, "bob@example.org", "mx.test.example") is not None) is automatic
+
+
+@pytest.mark.parametrize(
+    ("patterns", "flags", "local", "expected"),
+    [
+        ([r"no[-_.]?reply([-+._].*)?", r"bounces?"], re.IGNORECASE, "no-reply+x", True),
+        ([r"no[-_.]?reply([-+._].*)?", r"bounces?"], re.IGNORECASE, "replyno", False),
+        # A backreference counts groups, so these patterns are tried one by one.
+        ([r"(x)y", r"(a)\1"], re.IGNORECASE, "aa", True),
+        ([r"(x)y", r"(a)\1"], re.IGNORECASE, "xx", False),
+        ([], 0, "anyone", False),
+    ],
+)
+def test_sender_patterns_match_whole_local_parts(patterns: list[str], flags: int, local: str, expected: bool) -> None:
+    from guardrail.loops import _any_of
+
+    compiled = tuple(re.compile(pattern, flags) for pattern in patterns)
+    assert _any_of(compiled)(local) is expected
+    assert any(pattern.fullmatch(local) for pattern in compiled) is expected
+
+
+def test_sender_patterns_with_different_flags_keep_their_own() -> None:
+    from guardrail.loops import _any_of
+
+    compiled = (re.compile("Robot"), re.compile("daemon", re.IGNORECASE))
+    assert _any_of(compiled)("robot") is False
+    assert _any_of(compiled)("DAEMON") is True
