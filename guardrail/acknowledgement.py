@@ -133,6 +133,8 @@ def fold_header(name: str, value: str) -> bytes:
         # An internationalized address is written as UTF-8 (RFC 6532);
         # RFC 2047 encoding is not allowed inside an address.
         return f"{name}: {value}\r\n".encode("utf-8")
+    if value.isascii() and len(name) + 2 + len(value) <= 78:
+        return f"{name}: {value}\r\n".encode("ascii")  # fits on one line as it is
     # A word longer than a line allows is split by encoding it (RFC 2047).
     if not value.isascii() or any(len(word) > 900 for word in value.split(" ")):
         encoded = Header(value, "utf-8", maxlinelen=78, header_name=name).encode(linesep="\r\n")
