@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiosmtplib
 import structlog
@@ -171,21 +171,50 @@ def write_maildirs(files: list[tuple[Path, str, bytes]]) -> list[bool | Exceptio
     message and a repeated delivery of the same outbox row does not create a
     second copy. Each new/ folder is fsynced once, after all of its files,
     and a file counts as written only after that.
+
+    Every file is written before the first fsync. On a journaling file
+    system the first fsync then commits them all, and the others return
+    without waiting for the disk again.
     """
-    results: list[bool | Exception] = []
+    results: list[bool | Exception] = [False] * len(files)
+    written: list[tuple[int, BinaryIO, Path, Path]] = []  # (index, open file, temporary, final)
     ready: set[Path] = set()
-    for folder, name, data in files:
-        try:
-            if folder not in ready:
-                for sub in ("tmp", "new", "cur"):
-                    (folder / sub).mkdir(parents=True, exist_ok=True)
-                ready.add(folder)
-            results.append(_write_one(folder, name, data))
-        except OSError as error:
-            # Ops can fix a folder, so the row waits for a retry.
-            results.append(TemporaryDeliveryError(f"writing to maildir {folder} failed: {error}"))
-        except Exception as error:  # noqa: BLE001 - one bad file must not fail the others
-            results.append(error)
+    try:
+        for index, (folder, name, data) in enumerate(files):
+            try:
+                if folder not in ready:
+                    for sub in ("tmp", "new", "cur"):
+                        (folder / sub).mkdir(parents=True, exist_ok=True)
+                    ready.add(folder)
+                final = folder / "new" / name
+                if final.exists():
+                    continue
+                temporary = folder / "tmp" / f"{name}.{os.getpid()}.{time.monotonic_ns()}"
+                handle = open(temporary, "wb")  # noqa: SIM115 - closed below, after its fsync
+                try:
+                    handle.write(data)
+                    handle.flush()
+                except BaseException:
+                    handle.close()
+                    temporary.unlink(missing_ok=True)
+                    raise
+                written.append((index, handle, temporary, final))
+            except Exception as error:  # noqa: BLE001 - one bad file must not fail the others
+                results[index] = _file_error(folder, error)
+        for index, handle, temporary, final in written:
+            try:
+                os.fsync(handle.fileno())
+                handle.close()
+                os.link(temporary, final)
+                results[index] = True
+            except FileExistsError:
+                results[index] = False
+            except Exception as error:  # noqa: BLE001
+                results[index] = _file_error(files[index][0], error)
+    finally:
+        for _, handle, temporary, _ in written:
+            handle.close()
+            temporary.unlink(missing_ok=True)
     for folder in ready:
         try:
             directory = os.open(folder / "new", os.O_RDONLY)
@@ -201,22 +230,11 @@ def write_maildirs(files: list[tuple[Path, str, bytes]]) -> list[bool | Exceptio
     return results
 
 
-def _write_one(folder: Path, name: str, data: bytes) -> bool:
-    final = folder / "new" / name
-    if final.exists():
-        return False
-    temporary = folder / "tmp" / f"{name}.{os.getpid()}.{time.monotonic_ns()}"
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    try:
-        os.link(temporary, final)
-    except FileExistsError:
-        return False
-    finally:
-        temporary.unlink()
-    return True
+def _file_error(folder: Path, error: Exception) -> Exception:
+    if isinstance(error, OSError):
+        # Ops can fix a folder, so the row waits for a retry.
+        return TemporaryDeliveryError(f"writing to maildir {folder} failed: {error}")
+    return error
 
 
 def maildir_name(row: OutboxRow, hostname: str) -> str:

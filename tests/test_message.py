@@ -109,6 +109,18 @@ def test_maildir_write_is_idempotent(tmp_path: Path) -> None:
     assert list((tmp_path / "box" / "tmp").iterdir()) == []
 
 
+def test_maildir_batch_leaves_no_temporary_files(tmp_path: Path) -> None:
+    write_maildirs([(tmp_path / "box", "1.G1.host", b"one")])
+    files = [(tmp_path / "box", f"1.G{row}.host", b"message %d" % row) for row in range(1, 40)]
+
+    results = write_maildirs(files)
+
+    assert results == [False] + [True] * 38
+    assert sorted(path.name for path in (tmp_path / "box" / "new").iterdir()) == sorted(name for _, name, _ in files)
+    assert (tmp_path / "box" / "new" / "1.G7.host").read_bytes() == b"message 7"
+    assert list((tmp_path / "box" / "tmp").iterdir()) == []
+
+
 def test_maildir_batch_reports_each_file(tmp_path: Path) -> None:
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where a maildir folder should be")
