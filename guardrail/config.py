@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import ConfigError, ConfigErrors
 from .loops import DEFAULT_SENDER_PATTERNS
-from .tomlcheck import Table, read_toml
+from .tomlcheck import Table, read_toml, resolve_path
 
 
 class Secret:
@@ -184,11 +184,11 @@ def load_config(path: Path | str) -> Config:
         path=path,
         smtp=smtp,
         postmaster_owner=owner.lower(),
-        database_path=base / (database.string("path") or "var/guardrail.db"),
+        database_path=resolve_path(base, database.string("path") or "var/guardrail.db"),
         busy_timeout=database.duration("busy_timeout", timedelta(seconds=5)),
         smarthost=_load_smarthost(smarthost_table) if smarthost_table else None,
-        outbound_maildir=base / (outbound.string("maildir") or "var/outbound"),
-        rules_dir=base / (rules.string("directory") or "rules"),
+        outbound_maildir=resolve_path(base, outbound.string("maildir") or "var/outbound"),
+        rules_dir=resolve_path(base, rules.string("directory") or "rules"),
         delivery=_load_delivery(delivery_table, f"postmaster@{first_domain}"),
         reference_prefix=_load_prefix(conversations),
         duplicate_window=conversations.duration("duplicate_window", timedelta(days=1)),
@@ -265,7 +265,7 @@ def _load_smtp(table: Table, base: Path) -> SmtpSettings:
     elif key is not None and certificate is None:
         table.problem("tls_certificate", "missing; set it with tls_key to the PEM file of the certificate chain")
     elif certificate is not None and key is not None:
-        settings = replace(settings, tls_certificate=base / certificate, tls_key=base / key)
+        settings = replace(settings, tls_certificate=resolve_path(base, certificate), tls_key=resolve_path(base, key))
         files = {"tls_certificate": settings.tls_certificate, "tls_key": settings.tls_key}
         missing = [(name, path) for name, path in files.items() if path is not None and not path.is_file()]
         for name, path in missing:

@@ -59,6 +59,11 @@ def read_toml(path: Path, errors: list[ConfigError]) -> dict[str, Any] | None:
     return None
 
 
+def resolve_path(base: Path, text: str) -> Path:
+    """Return the path `text` from a config or rule file in folder `base`: "~" is the home folder, a relative path starts at `base`."""
+    return base / Path(text).expanduser()
+
+
 def parse_duration(value: Any) -> timedelta | None:
     """Parse "30s", "5m", "2h", "1d", "1w", "250ms" or a number of seconds."""
     if isinstance(value, bool):

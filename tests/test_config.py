@@ -35,6 +35,29 @@ def test_example_config_loads() -> None:
     assert config.delivery.retry_initial == timedelta(seconds=30)
 
 
+def test_paths_may_start_at_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    path = write_config(
+        tmp_path / "etc",
+        smtp={"tls_certificate": "~/tls/missing.pem", "tls_key": "~/tls/missing.key"},
+        sections={"database": {"path": "~/state/guardrail.db"}, "outbound": {"maildir": "~/outbound"}},
+    )
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+    assert [str(error) for error in caught.value.errors] == [
+        f"{path}: smtp.tls_certificate: file not found: {home / 'tls' / 'missing.pem'};"
+        " expected a PEM file (a relative path starts at the config's folder)",
+        f"{path}: smtp.tls_key: file not found: {home / 'tls' / 'missing.key'};"
+        " expected a PEM file (a relative path starts at the config's folder)",
+    ]
+    config = load_config(write_config(
+        tmp_path / "etc2", sections={"database": {"path": "~/state/guardrail.db"}, "outbound": {"maildir": "~/outbound"}},
+    ))
+    assert config.database_path == home / "state" / "guardrail.db"
+    assert config.outbound_maildir == home / "outbound"
+
+
 def test_unknown_key_is_named(tmp_path: Path) -> None:
     path = write_config(tmp_path, smtp={"prot": 25})
     with pytest.raises(ConfigErrors) as caught:
