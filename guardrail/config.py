@@ -223,9 +223,10 @@ def default_parse_processes(cpus: int | None) -> int:
     """Return how many parse processes to start on a machine with `cpus` CPUs.
 
     One CPU is left to the daemon's event loop and writer thread, which every
-    message passes through.
+    message passes through. At least two run, so that while a message stalls
+    one child, the other keeps parsing.
     """
-    return max(1, min(4, (cpus or 1) - 1))
+    return max(2, min(4, (cpus or 1) - 1))
 
 
 def _load_smtp(table: Table, base: Path) -> SmtpSettings:

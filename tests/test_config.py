@@ -76,7 +76,7 @@ def test_parse_processes_must_be_a_count(tmp_path: Path, value: object) -> None:
     assert str(error) == f"{path}: smtp.parse_processes: invalid value {written}; expected an integer of at least 0 and at most 64"
 
 
-@pytest.mark.parametrize(("cpus", "expected"), [(None, 1), (1, 1), (2, 1), (3, 2), (5, 4), (64, 4)])
+@pytest.mark.parametrize(("cpus", "expected"), [(None, 2), (1, 2), (2, 2), (3, 2), (4, 3), (5, 4), (64, 4)])
 def test_parse_processes_leave_one_cpu_to_the_daemon(cpus: int | None, expected: int) -> None:
     assert default_parse_processes(cpus) == expected
 
