@@ -31,7 +31,13 @@ _WHITESPACE = re.compile(r"\s+")
 # words, domain literals) goes to the email package's full parser.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_ADDRESS = rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
-_PLAIN_MAILBOX = re.compile(rf"\s*(?:((?:{_ATOM}\s+)*{_ATOM})?\s*<({_PLAIN_ADDRESS})>|({_PLAIN_ADDRESS}))\s*")
+# Only the whitespace of RFC 5322 separates words; the email package keeps
+# any other (a no-break space, for one) inside the word.
+_SPACE = r"[ \t\r\n]"
+_PLAIN_MAILBOX = re.compile(
+    rf"{_SPACE}*(?:((?:{_ATOM}{_SPACE}+)*{_ATOM})?{_SPACE}*<({_PLAIN_ADDRESS})>|({_PLAIN_ADDRESS})){_SPACE}*"
+)
+_WORD_BREAK = re.compile(rf"{_SPACE}+")
 
 
 @dataclass(frozen=True)
@@ -217,7 +223,11 @@ def parse_addresses(values: tuple[str, ...] | list[str]) -> list[tuple[str, str]
     pairs: list[tuple[str, str]] = []
     for value in values:
         plain = _plain_mailboxes(value)
-        pairs += email.utils.getaddresses([value]) if plain is None else plain
+        if plain is None:
+            # The email package reads the values joined by commas, so a
+            # comment or quote opened in one can run into the next.
+            return email.utils.getaddresses(list(values))
+        pairs += plain
     return pairs
 
 
@@ -230,7 +240,7 @@ def _plain_mailboxes(value: str) -> list[tuple[str, str]] | None:
             return None
         name, bracketed, bare = match.groups()
         # The full parser joins the words of a display name with one space.
-        pairs.append((" ".join(name.split()) if name else "", bracketed or bare))
+        pairs.append((_WORD_BREAK.sub(" ", name) if name else "", bracketed or bare))
     return pairs
 
 

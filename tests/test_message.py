@@ -80,10 +80,29 @@ def test_body_text_decoding(raw: bytes, expected: str) -> None:
         "a@example.net,,b@example.net",
         "a..b@example.net",
         "",
+        # Only spaces, tabs and line breaks separate words.
+        "Casey\xa0Customer <casey@example.net>",
+        "casey@example.net\x0b",
+        "\x85casey@example.net",
+        "Casey\r\n Customer <casey@example.net>",
     ],
 )
 def test_parse_addresses_agrees_with_the_email_package(value: str) -> None:
     assert parse_addresses([value]) == email.utils.getaddresses([value])
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        ["a@example.net", "B <b@example.net>"],
+        # A comment opened in one value runs into the next.
+        ["a@example.net (comment", "c@example.net"],
+        ["group: a@example.net", "c@example.net;"],
+    ],
+)
+def test_parse_addresses_reads_several_values_as_one_list(values: list[str]) -> None:
+    assert parse_addresses(values) == email.utils.getaddresses(values)
 
 
 def test_headers_only_summary_skips_body() -> None:
