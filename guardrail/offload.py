@@ -67,9 +67,17 @@ class _Child:
     killed: bool = False
     watchdog: asyncio.TimerHandle | None = None
 
+    @property
+    def usable(self) -> bool:
+        """Return True while the child can take requests: ready, not killed, and its stdin open."""
+        stdin = self.process.stdin
+        return self.ready and not self.killed and stdin is not None and not stdin.is_closing()
+
     def send(self, frame: bytes) -> bool:
         stdin = self.process.stdin
         if stdin is None or stdin.is_closing() or self.killed:
+            # A child that died is noticed here before its stdout ends.
+            self.ready = False
             return False
         stdin.write(frame)
         return True
@@ -108,7 +116,7 @@ class ParseProcesses:
     @property
     def ready(self) -> int:
         """Return how many children can take work now."""
-        return 0 if self._rules_frame is None else sum(child.ready for child in self._children)
+        return 0 if self._rules_frame is None else sum(child.usable for child in self._children)
 
     def start(self, rules: RuleSet) -> None:
         """Start the children in the background; intake prepares messages itself until one is ready."""
@@ -156,7 +164,7 @@ class ParseProcesses:
         """Return the ready child with the fewest pending requests; wait up to `ready_timeout` for one."""
         deadline = time.monotonic() + self.ready_timeout
         while True:
-            candidates = [child for child in self._children if child.ready and not child.killed]
+            candidates = [child for child in self._children if child.usable]
             if candidates:
                 return min(candidates, key=lambda candidate: len(candidate.pending))
             remaining = deadline - time.monotonic()

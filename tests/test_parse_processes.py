@@ -9,6 +9,7 @@ import signal
 import smtplib
 import sqlite3
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -190,6 +191,45 @@ async def test_close_stops_children(tmp_path: Path) -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def dead(pid: int) -> bool:
+    """Return True once process `pid` has exited: a zombie waiting to be reaped, or gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+async def test_message_waits_for_a_new_child_when_the_only_one_just_died(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path))
+    parsers = ParseProcesses(1, Site.from_config(config))
+    parsers.start(load_ruleset(config))
+    envelope = Envelope("alice@example.com", ("support@example.org",), "[127.0.0.1]:40000", "client.example")
+    raw = crlf(message(message_id="<died@example.com>"))
+    now = datetime.now(UTC)
+    try:
+        await wait_until(lambda: parsers.ready == 1, timeout=20, what="the parse process")
+        [pid] = parsers.pids
+        os.kill(pid, signal.SIGKILL)
+        # Blocking calls, so that the event loop runs nothing meanwhile.
+        for _ in range(500):
+            if dead(pid):
+                break
+            time.sleep(0.01)
+        assert dead(pid)
+        # The event loop has not yet read the end of the dead child's
+        # output. The first message finds its stdin broken; the second
+        # must not be sent to the same child again.
+        first = asyncio.ensure_future(parsers.prepare(envelope, raw, now))
+        await asyncio.sleep(0)
+        second = await parsers.prepare(envelope, raw, now)
+        assert isinstance(second, Submission)
+        assert isinstance(await first, Submission)
+        assert parsers.pids != [pid]
+    finally:
+        await parsers.close()
 
 
 FAKE_CHILD = """
