@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import ConfigError, ConfigErrors
 from .loops import DEFAULT_SENDER_PATTERNS
-from .tomlcheck import Table, read_toml, resolve_path
+from .tomlcheck import Table, read_toml
 
 
 class Secret:
@@ -184,11 +184,11 @@ def load_config(path: Path | str) -> Config:
         path=path,
         smtp=smtp,
         postmaster_owner=owner.lower(),
-        database_path=resolve_path(base, database.string("path") or "var/guardrail.db"),
+        database_path=database.local_path("path", base, "var/guardrail.db") or base / "var/guardrail.db",
         busy_timeout=database.duration("busy_timeout", timedelta(seconds=5)),
         smarthost=_load_smarthost(smarthost_table) if smarthost_table else None,
-        outbound_maildir=resolve_path(base, outbound.string("maildir") or "var/outbound"),
-        rules_dir=resolve_path(base, rules.string("directory") or "rules"),
+        outbound_maildir=outbound.local_path("maildir", base, "var/outbound") or base / "var/outbound",
+        rules_dir=rules.local_path("directory", base, "rules") or base / "rules",
         delivery=_load_delivery(delivery_table, f"postmaster@{first_domain}"),
         reference_prefix=_load_prefix(conversations),
         duplicate_window=conversations.duration("duplicate_window", timedelta(days=1)),
@@ -266,7 +266,11 @@ def _load_smtp(table: Table, base: Path) -> SmtpSettings:
     elif key is not None and certificate is None:
         table.problem("tls_certificate", "missing; set it with tls_key to the PEM file of the certificate chain")
     elif certificate is not None and key is not None:
-        settings = replace(settings, tls_certificate=resolve_path(base, certificate), tls_key=resolve_path(base, key))
+        certificate_path, key_path = table.local_path("tls_certificate", base), table.local_path("tls_key", base)
+        if certificate_path is None or key_path is None:
+            table.finish()
+            return settings
+        settings = replace(settings, tls_certificate=certificate_path, tls_key=key_path)
         files = {"tls_certificate": settings.tls_certificate, "tls_key": settings.tls_key}
         missing = [(name, path) for name, path in files.items() if path is not None and not path.is_file()]
         for name, path in missing:

@@ -25,7 +25,7 @@ from .rules_sla import (
     load_human,
     load_template,
 )
-from .tomlcheck import Table, read_toml, resolve_path
+from .tomlcheck import Table, read_toml
 
 ADDRESS_FIELDS = ("rcpt", "from", "to")
 TEXT_FIELDS = ("subject", "body")
@@ -334,7 +334,8 @@ def _load_destination(table: Table, base: Path) -> Destination | None:
         spec.problem("", 'set exactly one of maildir = "PATH" or smtp = ["ADDRESS", ...]')
         return None
     if maildir is not None:
-        return Destination("maildir", maildir=str(resolve_path(base, maildir)))
+        folder = spec.local_path("maildir", base)
+        return Destination("maildir", maildir=str(folder)) if folder is not None else None
     addresses = [smtp] if isinstance(smtp, str) else smtp
     if not isinstance(addresses, list) or not addresses or not all(isinstance(a, str) and "@" in a for a in addresses):
         spec.fail("smtp", smtp, "an email address or a list of email addresses")

@@ -60,7 +60,10 @@ def read_toml(path: Path, errors: list[ConfigError]) -> dict[str, Any] | None:
 
 
 def resolve_path(base: Path, text: str) -> Path:
-    """Return the path `text` from a config or rule file in folder `base`: "~" is the home folder, a relative path starts at `base`."""
+    """Return the path `text` from a config or rule file in folder `base`: "~" is the home folder, a relative path starts at `base`.
+
+    Raises RuntimeError when "~" or "~user" names no known home folder.
+    """
     return base / Path(text).expanduser()
 
 
@@ -147,6 +150,18 @@ class Table:
             self.fail(name, value, "a string")
             return default
         return value
+
+    def local_path(self, name: str, base: Path, default: str | None = None) -> Path | None:
+        """Return the path under `name` resolved against folder `base` (see resolve_path), or None when unset or bad."""
+        value = self.string(name)
+        text = value if value is not None else default
+        if text is None:
+            return None
+        try:
+            return resolve_path(base, text)
+        except RuntimeError:
+            self.fail(name, text, 'a path whose "~" names a user of this machine, or one without "~"')
+            return None
 
     def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
         value = self.raw(name)

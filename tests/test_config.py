@@ -11,10 +11,11 @@ import pytest
 
 from guardrail.cli import main
 from guardrail.config import default_parse_processes, load_config
+from guardrail.daemon import load_ruleset
 from guardrail.errors import ConfigErrors
 from guardrail.rules import load_rules
 
-from conftest import DATA, example_copy, rules_folder, write_config
+from conftest import DATA, ROUTES, TEAMS, example_copy, rules_folder, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,6 +57,22 @@ def test_paths_may_start_at_the_home_folder(tmp_path: Path, monkeypatch: pytest.
     ))
     assert config.database_path == home / "state" / "guardrail.db"
     assert config.outbound_maildir == home / "outbound"
+
+
+def test_home_folder_of_an_unknown_user_is_a_config_error(tmp_path: Path) -> None:
+    rules = TEAMS.replace('"var/maildir/billing"', '"~nosuchuser-guardrail/billing"') + ROUTES
+    path = write_config(tmp_path, rules=rules, sections={"database": {"path": "~nosuchuser-guardrail/guardrail.db"}})
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+    expected = 'expected a path whose "~" names a user of this machine, or one without "~"'
+    assert [str(error) for error in caught.value.errors] == [
+        f"{path}: database.path: invalid value '~nosuchuser-guardrail/guardrail.db'; {expected}",
+    ]
+    config = load_config(write_config(tmp_path, rules=rules))
+    with pytest.raises(ConfigErrors) as caught:
+        load_ruleset(config)
+    [error] = caught.value.errors
+    assert str(error).endswith(f"destination.maildir: invalid value '~nosuchuser-guardrail/billing'; {expected}")
 
 
 def test_unknown_key_is_named(tmp_path: Path) -> None:
