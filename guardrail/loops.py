@@ -42,61 +42,62 @@ DEFAULT_SENDER_PATTERNS = (
     r"announce(ments?)?",
 )
 
-# Subjects of out-of-office replies and delivery reports. Subjects are
-# compared after case folding and removing accents, so patterns are written
-# without them. Phrases in _SUBJECT_WORDS start at a word boundary; the
-# others (a prefix, and scripts written without spaces) match anywhere.
-_SUBJECT_WORDS = (
-    # English
-    r"auto(matic|mated)?[- ]?(reply|response|answer)\b",
-    r"autoreply\b",
-    r"out of (the )?office\b",
-    r"away from (the |my )?office\b",
-    r"on (vacation|holiday|leave)\b",
-    r"vacation (reply|notice|message)\b",
-    r"undeliver(able|ed)\b",
-    r"delivery (status notification|failure|has failed|delayed)\b",
-    r"mail delivery (failed|failure|system)\b",
-    r"returned mail\b",
-    r"failure notice\b",
+# Subjects of out-of-office replies and delivery reports. Software puts the
+# phrase first, alone or before a separator and the original subject
+# ("Automatic reply: Order 1234"). People write the same words inside
+# sentences ("My parcel is undelivered", "Question about auto-reply
+# settings"), and those must still be acknowledged, so a phrase counts only
+# at the start. Subjects are compared after case folding and removing
+# accents, so patterns are written without them.
+_SUBJECT_PHRASES = (
+    # English ("Auto:" is the prefix Outlook puts on some replies)
+    r"auto(?=\s*:)",
+    r"auto(matic|mated)?[- ]?(reply|response|answer)",
+    r"out of (the )?office( reply| notice)?",
+    r"away from (the |my )?office",
+    r"on (vacation|holiday|leave)",
+    r"vacation (reply|notice|message)",
+    r"undeliverable",
+    r"undelivered mail( returned to sender)?",
+    r"delivery (status notification|failure|has failed|delayed)",
+    r"mail delivery (failed|failure|system)",
+    r"returned mail",
+    r"failure notice",
     # French
-    r"reponse automatique\b",
-    r"(message d'|notification d')?absence\b",
-    r"absent(e)? du bureau\b",
-    r"non remis\b",
+    r"reponse automatique",
+    r"(message d'|notification d')?absence",
+    r"absent(e)? du bureau",
+    r"non remis",
     # German
-    r"automatische antwort\b",
-    r"abwesenheit(snotiz|smeldung|sassistent)?\b",
-    r"nicht im buro\b",
-    r"ausser haus\b",
-    r"unzustellbar\b",
+    r"automatische antwort",
+    r"abwesenheit(snotiz|smeldung|sassistent)?",
+    r"nicht im buro",
+    r"ausser haus",
+    r"unzustellbar",
     # Spanish
-    r"respuesta automatica\b",
-    r"fuera de (la )?oficina\b",
-    r"ausente\b",
-    r"no entregado\b",
+    r"respuesta automatica",
+    r"fuera de (la )?oficina",
+    r"ausente",
+    r"no entregado",
     # Dutch
-    r"automatisch antwoord\b",
-    r"afwezig(heidsbericht|heidsmelding)?\b",
-    r"niet aanwezig\b",
-    r"onbestelbaar\b",
+    r"automatisch antwoord",
+    r"afwezig(heidsbericht|heidsmelding)?",
+    r"niet aanwezig",
+    r"onbestelbaar",
     # Polish
-    r"automatyczna odpowiedz\b",
-    r"odpowiedz automatyczna\b",
-    r"nieobecnosc\b",
-    r"poza biurem\b",
-)
-_SUBJECT_ANYWHERE = (
-    r"^auto:",
+    r"automatyczna odpowiedz",
+    r"odpowiedz automatyczna",
+    r"nieobecnosc",
+    r"poza biurem",
     # Japanese
     "自動応答",
     "自動返信",
     "不在",
     "休暇",
 )
-# One word boundary in front of all the phrases, rather than one per phrase,
-# lets the matcher skip most positions of a subject at once.
-_AUTOREPLY_SUBJECTS = re.compile(r"\b(?:" + "|".join(_SUBJECT_WORDS) + ")|" + "|".join(_SUBJECT_ANYWHERE))
+# The phrase, in brackets or not, then the end of the subject, a colon, a
+# closing bracket or an opening parenthesis.
+_AUTOREPLY_SUBJECTS = re.compile(r"\s*\[?(?:" + "|".join(_SUBJECT_PHRASES) + r")\s*(?:$|[:：\]\(])")
 
 
 def fold(text: str) -> str:
@@ -217,7 +218,7 @@ def machine_signal(
     signal = _header_signal(summary) or _sender_signal(summary, mail_from, sender_patterns)
     if signal:
         return signal
-    if _AUTOREPLY_SUBJECTS.search(fold(summary.subject)):
+    if _AUTOREPLY_SUBJECTS.match(fold(summary.subject)):
         return f"auto-reply subject {summary.subject[:80]!r}"
     return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import email.header
 import re
 from datetime import datetime, timezone
 from email.message import Message
@@ -176,3 +177,42 @@ def test_sender_patterns_with_different_flags_keep_their_own() -> None:
     compiled = (re.compile("Robot"), re.compile("daemon", re.IGNORECASE))
     assert _any_of(compiled)("robot") is False
     assert _any_of(compiled)("DAEMON") is True
+
+
+@pytest.mark.parametrize(
+    ("subject", "automatic"),
+    [
+        # Software puts the phrase first, before a colon or alone.
+        ("Out of Office: Re: my order", True),
+        ("Automatic reply: Order 1234", True),
+        ("Auto: hello", True),
+        ("[Auto-Reply] hello", True),
+        ("Undeliverable: invoice", True),
+        ("Undelivered Mail Returned to Sender", True),
+        ("Delivery Status Notification (Failure)", True),
+        ("Mail delivery failed: returning message to sender", True),
+        ("failure notice", True),
+        ("Réponse automatique : votre demande", True),
+        ("Automatische Antwort: Ihre Anfrage", True),
+        ("Respuesta automática: pedido", True),
+        ("自動応答: お問い合わせ", True),
+        # People use the same words inside their own subjects.
+        ("Delivery delayed for order 1234", False),
+        ("My parcel is undelivered", False),
+        ("Colis non remis", False),
+        ("I am on holiday next week, please answer before", False),
+        ("Question about auto-reply settings", False),
+        ("Auto-renewal charged twice", False),
+        ("Pedido ausente de la caja", False),
+        ("不在票が届きました", False),
+        ("Re: Out of office?", False),
+    ],
+)
+def test_auto_reply_subject_table(subject: str, automatic: bool) -> None:
+    from guardrail.loops import machine_signal
+    from guardrail.message import summarize
+
+    header = email.header.Header(subject, "utf-8").encode()
+    summary = summarize(f"From: Bob <bob@example.org>\r\nSubject: {header}\r\n\r\nx".encode())
+    assert summary.subject == subject
+    assert (machine_signal(summary, "bob@example.org", "mx.test.example") is not None) is automatic
