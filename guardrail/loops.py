@@ -50,7 +50,7 @@ DEFAULT_SENDER_PATTERNS = (
 # at the start. Subjects are compared after case folding and removing
 # accents, so patterns are written without them.
 _SUBJECT_PHRASES = (
-    # English ("Auto:" is the prefix Outlook puts on some replies)
+    # English ("Auto:" starts some out-of-office replies)
     r"auto(?=\s*:)",
     r"auto(matic|mated)?[- ]?(reply|response|answer)",
     r"out of (the )?office( reply| notice)?",
@@ -134,7 +134,7 @@ def _first_value(summary: Summary, name: str) -> str:
 
 def _header_signal(summary: Summary) -> str | None:
     if _SIGNAL_HEADERS.isdisjoint(summary.headers):
-        # Most mail from people carries none of them; Content-Type is the one left to read.
+        # Most mail from people carries none of them, so only Content-Type is left to read.
         return _report_signal(summary)
     auto_submitted = _first_value(summary, "auto-submitted")
     if auto_submitted and auto_submitted.split(";")[0].strip().lower() != "no":

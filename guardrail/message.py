@@ -27,11 +27,11 @@ _ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[QqBb]\?[^?\s]*\?=")
 _WHITESPACE = re.compile(r"\s+")
 # Most address headers are a list of plain mailboxes: "local@domain", or
 # "<local@domain>" behind a display name of plain words. Those are read with
-# one regular expression; anything else (quotes, comments, groups, encoded
+# one regular expression. Anything else (quotes, comments, groups, encoded
 # words, domain literals) goes to the email package's full parser.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_ADDRESS = rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
-# Only the whitespace of RFC 5322 separates words; the email package keeps
+# Only the whitespace of RFC 5322 separates words. The email package keeps
 # any other (a no-break space, for one) inside the word.
 _SPACE = r"[ \t\r\n]"
 _PLAIN_MAILBOX = re.compile(
