@@ -73,11 +73,32 @@ _DEFAULT_ENHANCED = {
     "555": "5.5.4",
 }
 _END_OF_DATA = b"\r\n.\r\n"
+_DOT_LINE = b"\r\n."  # a line that starts with a dot: the end of the data, or a dot added by the client
 # A path in angle brackets with a dot-atom local part, or the null path.
 _PLAIN_PATH = re.compile(r"^\s*<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9.-]+)?)>(.*)$")
 _CHUNK = 256 * 1024
 _SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+
+
+def _scan_data(buffer: bytearray, start: int) -> tuple[int, int, bool]:
+    """Search `buffer` from `start` for the end-of-data line.
+
+    Return the offset of the CRLF that the final "." follows, or -1; where
+    to search from once more data has arrived; and whether a line that
+    starts with a dot, other than the final one, was found.
+    """
+    stuffed = False
+    hit = buffer.find(_DOT_LINE, start)
+    while hit >= 0:
+        if len(buffer) < hit + len(_END_OF_DATA):
+            return -1, hit, stuffed  # the two bytes after the dot are still to come
+        if buffer[hit + len(_DOT_LINE):hit + len(_END_OF_DATA)] == b"\r\n":
+            return hit, hit, stuffed
+        stuffed = True
+        hit = buffer.find(_DOT_LINE, hit + len(_DOT_LINE))
+    # The last two bytes may be a CRLF whose dot is still to come.
+    return -1, max(0, len(buffer) - 2), stuffed
 
 
 def _has_bare_line_ending(data: bytes) -> bool:
@@ -217,7 +238,7 @@ class GuardrailSMTP(SMTP):
         assert self.envelope is not None
         try:
             async with asyncio.timeout(self._data_timeout):
-                content, too_big = await self._read_data()
+                content, too_big, stuffed = await self._read_data()
         except TimeoutError:
             log.warning("data_timed_out", peer=_peer(self.session))
             self._reject("data timed out")
@@ -233,11 +254,12 @@ class GuardrailSMTP(SMTP):
             await self.push(REPLY_BARE_LINE_ENDING)
             return
 
-        # RFC 5321 section 4.5.2: remove the leading dot the client added to
-        # every line that starts with one.
-        content = content.replace(b"\r\n.", b"\r\n")
-        if content.startswith(b"."):
-            content = content[1:]
+        if stuffed:
+            # RFC 5321 section 4.5.2: remove the leading dot the client added
+            # to every line that starts with one.
+            content = content.replace(b"\r\n.", b"\r\n")
+            if content.startswith(b"."):
+                content = content[1:]
         # RFC 1870 section 5 sizes the message without the dots added for transparency.
         if too_big or (self.data_size_limit and len(content) > self.data_size_limit):
             log.warning("message_rejected", peer=_peer(self.session), reason="too big")
@@ -251,8 +273,8 @@ class GuardrailSMTP(SMTP):
         self._set_post_data_state()
         await self.push(status)
 
-    async def _read_data(self) -> tuple[bytes, bool]:
-        """Read up to the end-of-data line; return the content as sent and whether it is surely too big.
+    async def _read_data(self) -> tuple[bytes, bool, bool]:
+        """Read up to the end-of-data line; return the content as sent, whether it is surely too big, and whether it is dot-stuffed.
 
         The content keeps its final CRLF and its dot-stuffing. Once it is too
         big even without the stuffing, the rest is read and dropped, so the
@@ -267,8 +289,12 @@ class GuardrailSMTP(SMTP):
         buffer = bytearray(b"\r\n")
         scanned = 0
         dropped = 0
+        stuffed = False
         while True:
-            end = buffer.find(_END_OF_DATA, scanned)
+            # One pass finds both the end and any dot-stuffing, so content
+            # without stuffed lines needs no second pass to undo it.
+            end, scanned, seen = _scan_data(buffer, scanned)
+            stuffed = stuffed or seen
             if end >= 0:
                 break
             # Trim only after the search: a chunk can hold the end-of-data line.
@@ -276,11 +302,11 @@ class GuardrailSMTP(SMTP):
                 keep = len(_END_OF_DATA) - 1
                 dropped += len(buffer) - keep
                 del buffer[:-keep]
+                scanned = 0
             chunk = await reader.read(_CHUNK)
             if not chunk:
                 raise ConnectionResetError("connection closed during DATA")
             self._reset_timeout()
-            scanned = max(0, len(buffer) - len(_END_OF_DATA) + 1)
             buffer += chunk
 
         leftover = bytes(buffer[end + len(_END_OF_DATA):])
@@ -289,7 +315,7 @@ class GuardrailSMTP(SMTP):
             # command loop; StreamReader has no unread, so put them back.
             reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
         content = bytes(buffer[2:end + 2])
-        return content, dropped > 0 or (limit > 0 and len(content) > limit)
+        return content, dropped > 0 or (limit > 0 and len(content) > limit), stuffed
 
 
 def _with_enhanced_code(status: str, hostname: str) -> str:

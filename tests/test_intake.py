@@ -31,6 +31,7 @@ from conftest import (
 )
 
 from guardrail.daemon import Daemon
+from guardrail.intake import _scan_data
 
 SMUGGLING = Path(__file__).parent / "data" / "smuggling"
 OVERSIZE = Path(__file__).parent / "data" / "oversize"
@@ -872,3 +873,36 @@ async def test_utf8_sender_with_smtputf8_is_acknowledged(tmp_path: Path, start_d
     await wait_until(lambda: maildir_messages(tmp_path / "var" / "outbound"), what="the acknowledgement")
     (ack,) = maildir_messages(tmp_path / "var" / "outbound")
     assert "To: jürgen@müller.example\r\n".encode() in ack
+
+
+def scan_in_pieces(wire: bytes, sizes: list[int]) -> tuple[int, bool]:
+    """Feed `wire` to _scan_data in pieces of `sizes` (the rest at once), as reads deliver it."""
+    buffer, scanned, stuffed, offset = bytearray(b"\r\n"), 0, False, 0
+    for size in [*sizes, len(wire)]:
+        buffer += wire[offset:offset + size]
+        offset += size
+        end, scanned, seen = _scan_data(buffer, scanned)
+        stuffed = stuffed or seen
+        if end >= 0:
+            return end, stuffed
+    return -1, stuffed
+
+
+@pytest.mark.parametrize(
+    ("wire", "stuffed"),
+    [
+        (b"Subject: x\r\n\r\nplain\r\n.\r\n", False),
+        (b"..profile\r\n...\r\n..\r\nend\r\n.\r\nQUIT\r\n", True),
+        (b".\r\n", False),
+        (b"a\r\n.\r\n.\r\n", False),
+        (b"x\r\n..\r\n.\r\n", True),
+        # No end yet: whether the last dot is stuffing is not known.
+        (b"no end yet\r\n.", False),
+        (b"..no end yet\r\n.\r", True),
+    ],
+)
+def test_end_of_data_found_in_any_pieces(wire: bytes, stuffed: bool) -> None:
+    end = (b"\r\n" + wire).find(b"\r\n.\r\n")
+    for split in range(len(wire) + 1):
+        assert scan_in_pieces(wire, [split]) == (end, stuffed), split
+    assert scan_in_pieces(wire, [1] * len(wire)) == (end, stuffed)
