@@ -84,9 +84,10 @@ _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
 def _scan_data(buffer: bytearray, start: int) -> tuple[int, int, bool]:
     """Search `buffer` from `start` for the end-of-data line.
 
-    Return the offset of the CRLF that the final "." follows, or -1; where
-    to search from once more data has arrived; and whether a line that
-    starts with a dot, other than the final one, was found.
+    Return three values. The first is the offset of the CRLF before the
+    final ".", or -1 while the end has not arrived. The second is where to
+    search from once more data has arrived. The third is True when a line
+    that starts with a dot, other than the final one, was passed.
     """
     stuffed = False
     hit = buffer.find(_DOT_LINE, start)
