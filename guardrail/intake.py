@@ -22,6 +22,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from .clock import Clock
 from .config import Config
+from .message import ATOM
 from .metrics import Metrics
 from .offload import ParseProcesses
 from .plan import Submission
@@ -75,7 +76,7 @@ _DEFAULT_ENHANCED = {
 _END_OF_DATA = b"\r\n.\r\n"
 _DOT_LINE = b"\r\n."  # a line that starts with a dot: the end of the data, or a dot added by the client
 # A path in angle brackets with a dot-atom local part, or the null path.
-_PLAIN_PATH = re.compile(r"^\s*<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9.-]+)?)>(.*)$")
+_PLAIN_PATH = re.compile(rf"^\s*<((?:{ATOM}(?:\.{ATOM})*@[A-Za-z0-9.-]+)?)>(.*)$")
 _CHUNK = 256 * 1024
 _SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")

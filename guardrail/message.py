@@ -29,13 +29,13 @@ _WHITESPACE = re.compile(r"\s+")
 # "<local@domain>" behind a display name of plain words. Those are read with
 # one regular expression. Anything else (quotes, comments, groups, encoded
 # words, domain literals) goes to the email package's full parser.
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_PLAIN_ADDRESS = rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"  # RFC 5322 atext, one or more
+_PLAIN_ADDRESS = rf"{ATOM}(?:\.{ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
 # Only the whitespace of RFC 5322 separates words. The email package keeps
 # any other (a no-break space, for one) inside the word.
 _SPACE = r"[ \t\r\n]"
 _PLAIN_MAILBOX = re.compile(
-    rf"{_SPACE}*(?:((?:{_ATOM}{_SPACE}+)*{_ATOM})?{_SPACE}*<({_PLAIN_ADDRESS})>|({_PLAIN_ADDRESS})){_SPACE}*"
+    rf"{_SPACE}*(?:((?:{ATOM}{_SPACE}+)*{ATOM})?{_SPACE}*<({_PLAIN_ADDRESS})>|({_PLAIN_ADDRESS})){_SPACE}*"
 )
 _WORD_BREAK = re.compile(rf"{_SPACE}+")
 
