@@ -59,14 +59,6 @@ def read_toml(path: Path, errors: list[ConfigError]) -> dict[str, Any] | None:
     return None
 
 
-def resolve_path(base: Path, text: str) -> Path:
-    """Return the path `text` from a config or rule file in folder `base`: "~" is the home folder, a relative path starts at `base`.
-
-    Raises RuntimeError when "~" or "~user" names no known home folder.
-    """
-    return base / Path(text).expanduser()
-
-
 def parse_duration(value: Any) -> timedelta | None:
     """Parse "30s", "5m", "2h", "1d", "1w", "250ms" or a number of seconds."""
     if isinstance(value, bool):
@@ -152,14 +144,17 @@ class Table:
         return value
 
     def local_path(self, name: str, base: Path, default: str | None = None) -> Path | None:
-        """Return the path under `name` resolved against folder `base` (see resolve_path), or None when unset or bad."""
+        """Return the path under `name`, or `default`, resolved against folder `base`; None when unset or invalid.
+
+        A leading "~" or "~user" is that home folder, and a relative path starts at `base`.
+        """
         value = self.string(name)
         text = value if value is not None else default
         if text is None:
             return None
         try:
-            return resolve_path(base, text)
-        except RuntimeError:
+            return base / Path(text).expanduser()
+        except RuntimeError:  # "~" or "~user" names no known home folder
             self.fail(name, text, 'a path whose "~" names a user of this machine, or one without "~"')
             return None
 
