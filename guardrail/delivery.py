@@ -190,15 +190,7 @@ def write_maildirs(files: list[tuple[Path, str, bytes]]) -> list[bool | Exceptio
                 if final.exists():
                     continue
                 temporary = folder / "tmp" / f"{name}.{os.getpid()}.{time.monotonic_ns()}"
-                handle = open(temporary, "wb")  # noqa: SIM115 - closed below, after its fsync
-                try:
-                    handle.write(data)
-                    handle.flush()
-                except BaseException:
-                    handle.close()
-                    temporary.unlink(missing_ok=True)
-                    raise
-                written.append((index, handle, temporary, final))
+                written.append((index, _write_unsynced(temporary, data), temporary, final))
             except Exception as error:  # noqa: BLE001 - one bad file must not fail the others
                 results[index] = _file_error(folder, error)
         for index, handle, temporary, final in written:
@@ -228,6 +220,19 @@ def write_maildirs(files: list[tuple[Path, str, bytes]]) -> list[bool | Exceptio
                 if file_folder == folder and results[index] is True:
                     results[index] = failure
     return results
+
+
+def _write_unsynced(temporary: Path, data: bytes) -> BinaryIO:
+    """Write `data` to a new file and return it still open, for an fsync later; remove the file if writing failed."""
+    handle = open(temporary, "wb")  # noqa: SIM115 - the caller closes it after the fsync
+    try:
+        handle.write(data)
+        handle.flush()
+    except BaseException:
+        handle.close()
+        temporary.unlink(missing_ok=True)
+        raise
+    return handle
 
 
 def _file_error(folder: Path, error: Exception) -> Exception:
