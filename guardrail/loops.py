@@ -134,7 +134,7 @@ def _first_value(summary: Summary, name: str) -> str:
 
 def _header_signal(summary: Summary) -> str | None:
     if _SIGNAL_HEADERS.isdisjoint(summary.headers):
-        # Most mail from people carries none of them, so only Content-Type is left to read.
+        # Most mail from people carries none of these headers, so only Content-Type is left to read.
         return _report_signal(summary)
     auto_submitted = _first_value(summary, "auto-submitted")
     if auto_submitted and auto_submitted.split(";")[0].strip().lower() != "no":
@@ -184,6 +184,7 @@ def _sender_signal(summary: Summary, mail_from: str, patterns: tuple[re.Pattern[
     return None
 
 
+# A numbered or named backreference, or a conditional group.
 _GROUP_REFERENCE = re.compile(r"\\[1-9]|\(\?P=|\(\?\(")
 
 

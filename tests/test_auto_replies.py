@@ -171,7 +171,7 @@ def test_sender_patterns_match_whole_local_parts(patterns: list[str], flags: int
     assert any(pattern.fullmatch(local) for pattern in compiled) is expected
 
 
-def test_sender_patterns_with_different_flags_keep_their_own() -> None:
+def test_sender_patterns_keep_own_flags() -> None:
     from guardrail.loops import _any_of
 
     compiled = (re.compile("Robot"), re.compile("daemon", re.IGNORECASE))

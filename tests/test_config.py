@@ -59,7 +59,7 @@ def test_paths_may_start_at_the_home_folder(tmp_path: Path, monkeypatch: pytest.
     assert config.outbound_maildir == home / "outbound"
 
 
-def test_home_folder_of_an_unknown_user_is_a_config_error(tmp_path: Path) -> None:
+def test_unknown_user_home_is_config_error(tmp_path: Path) -> None:
     rules = TEAMS.replace('"var/maildir/billing"', '"~nosuchuser-guardrail/billing"') + ROUTES
     path = write_config(tmp_path, rules=rules, sections={"database": {"path": "~nosuchuser-guardrail/guardrail.db"}})
     with pytest.raises(ConfigErrors) as caught:
@@ -94,7 +94,7 @@ def test_parse_processes_must_be_a_count(tmp_path: Path, value: object) -> None:
 
 
 @pytest.mark.parametrize(("cpus", "expected"), [(None, 2), (1, 2), (2, 2), (3, 2), (4, 3), (5, 4), (64, 4)])
-def test_parse_processes_leave_one_cpu_to_the_daemon(cpus: int | None, expected: int) -> None:
+def test_parse_process_default_by_cpus(cpus: int | None, expected: int) -> None:
     assert default_parse_processes(cpus) == expected
 
 

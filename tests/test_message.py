@@ -101,7 +101,7 @@ def test_parse_addresses_agrees_with_the_email_package(value: str) -> None:
         ["group: a@example.net", "c@example.net;"],
     ],
 )
-def test_parse_addresses_reads_several_values_as_one_list(values: list[str]) -> None:
+def test_parse_addresses_joins_values(values: list[str]) -> None:
     assert parse_addresses(values) == email.utils.getaddresses(values)
 
 

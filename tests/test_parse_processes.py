@@ -202,7 +202,7 @@ def dead(pid: int) -> bool:
     return "\nState:\tZ" in status
 
 
-async def test_message_waits_for_a_new_child_when_the_only_one_just_died(tmp_path: Path) -> None:
+async def test_message_waits_for_replacement_child(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path))
     parsers = ParseProcesses(1, Site.from_config(config))
     parsers.start(load_ruleset(config))
