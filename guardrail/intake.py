@@ -1,11 +1,11 @@
 """SMTP intake: an aiosmtpd server that replies 250 only once a message is committed.
 
 `GuardrailSMTP` changes the protocol where a hardened MTA must differ from
-stock aiosmtpd: DATA is read in large chunks, bare CR or LF is rejected,
-oversized data gets one 552 after the final dot, every reply carries an
-enhanced status code, and concurrent connections are capped.
-`IntakeHandler` holds the steps of a transaction: check the envelope, read
-the message, route it, commit it, reply.
+stock aiosmtpd: DATA is read in large chunks, oversized data gets one 552
+after the final dot, every reply carries an enhanced status code, and
+concurrent connections are capped. `IntakeHandler` holds the steps of a
+transaction: check the envelope, read the message, reject bare CR or LF,
+route it, commit it, reply.
 """
 
 from __future__ import annotations
@@ -26,8 +26,15 @@ from .message import ATOM
 from .metrics import Metrics
 from .offload import ParseProcesses
 from .plan import Submission
+from .prepare import (
+    BareLineEnding,
+    Site,
+    TooManyHops,
+    is_inbox,
+    is_postmaster,
+    prepare_received,
+)
 from .prepare import Envelope as PreparedEnvelope
-from .prepare import Site, TooManyHops, is_inbox, is_postmaster, prepare_message
 from .rules import RuleSet
 from .store import Outcome, Store
 
@@ -101,11 +108,6 @@ def _scan_data(buffer: bytearray, start: int) -> tuple[int, int, bool]:
         hit = buffer.find(_DOT_LINE, hit + len(_DOT_LINE))
     # The last two bytes may be a CRLF whose dot is still to come.
     return -1, max(0, len(buffer) - 2), stuffed
-
-
-def _has_bare_line_ending(data: bytes) -> bool:
-    crlf = data.count(b"\r\n")
-    return data.count(b"\n") != crlf or data.count(b"\r") != crlf
 
 
 class ConnectionTracker:
@@ -247,13 +249,6 @@ class GuardrailSMTP(SMTP):
             await self.push(REPLY_DATA_TIMEOUT)
             assert self.transport is not None
             self.transport.close()
-            return
-
-        if not too_big and _has_bare_line_ending(content):
-            log.warning("bare_lf_rejected", peer=_peer(self.session), reason="bare LF or bare CR in DATA")
-            self._reject("bare line ending")
-            self._set_post_data_state()
-            await self.push(REPLY_BARE_LINE_ENDING)
             return
 
         if stuffed:
@@ -443,10 +438,14 @@ class IntakeHandler:
         now = self.clock.now()
         prepared = await self.parsers.prepare(facts, raw, now) if self.parsers is not None else None
         if prepared is None:
-            prepared = prepare_message(facts, raw, self.rules(), self.site, now)
+            prepared = prepare_received(facts, raw, self.rules(), self.site, now)
             self.metrics.messages_parsed.labels("daemon").inc()
         else:
             self.metrics.messages_parsed.labels("parse process").inc()
+        if isinstance(prepared, BareLineEnding):
+            log.warning("bare_lf_rejected", peer=facts.peer, reason="bare LF or bare CR in DATA")
+            self.metrics.messages_rejected.labels("bare line ending").inc()
+            return REPLY_BARE_LINE_ENDING
         if isinstance(prepared, TooManyHops):
             structlog.contextvars.bind_contextvars(peer=facts.peer, message_id=prepared.message_id)
             log.warning("message_rejected", reason="too many Received headers", hops=prepared.received_count)

@@ -1,4 +1,4 @@
-"""Parse processes: run `prepare_message` beside the event loop, on other CPUs.
+"""Parse processes: run `prepare_received` beside the event loop, on other CPUs.
 
 Parsing, routing and the acknowledgement decision are pure functions of the
 message, the rules and the time, and they are most of intake's CPU time. The
@@ -19,8 +19,8 @@ dead child is started again after a delay that doubles each time.
 Frames on the pipes are a 4-byte big-endian length and a pickle. The daemon
 sends ("site", Site), ("rules", RuleSet) and ("prepare", id, Envelope, raw,
 now). The child replies ("ready",) after each rule set and (id, result) for
-each message, where result is a detached Submission, a TooManyHops or the
-text of an exception.
+each message, where result is what `prepare_received` returned (a Submission
+is detached) or the text of an exception.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import structlog
 
 from .offload_child import FRAME_HEADER, encode_frame
 from .plan import Submission
-from .prepare import Envelope, Site, TooManyHops
+from .prepare import BareLineEnding, Envelope, Site, TooManyHops
 from .rules import RuleSet
 
 log = structlog.get_logger("guardrail.offload")
@@ -135,7 +135,9 @@ class ParseProcesses:
             # The child reads frames in order, so every later request uses the new rules.
             child.send(self._rules_frame)
 
-    async def prepare(self, envelope: Envelope, raw: bytes, now: datetime) -> Submission | TooManyHops | None:
+    async def prepare(
+        self, envelope: Envelope, raw: bytes, now: datetime
+    ) -> Submission | TooManyHops | BareLineEnding | None:
         """Return what a child prepared for this message, or None when intake must prepare it itself.
 
         Raises ParseTimeout when the child working on this message stalled,
@@ -156,7 +158,7 @@ class ParseProcesses:
                 return None
             if isinstance(result, Submission):
                 return result.attached(raw)
-            if isinstance(result, TooManyHops):
+            if isinstance(result, (TooManyHops, BareLineEnding)):
                 return result
         raise ParseTimeout(f"{ATTEMPTS} parse processes died while this message waited")
 

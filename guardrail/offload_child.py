@@ -1,4 +1,4 @@
-"""The parse process: runs `prepare_message` for the daemon on another CPU.
+"""The parse process: runs `prepare_received` for the daemon on another CPU.
 
 The daemon starts this module with `python -m guardrail.offload_child` and
 talks to it over stdin and stdout in length-prefixed pickle frames (see
@@ -17,7 +17,8 @@ import struct
 import sys
 from typing import Any, BinaryIO
 
-from .prepare import Site, TooManyHops, prepare_message
+from .plan import Submission
+from .prepare import Site, prepare_received
 from .rules import RuleSet
 
 FRAME_HEADER = struct.Struct(">I")
@@ -62,8 +63,8 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
             _, request_id, envelope, raw, now = frame
             try:
                 assert site is not None and rules is not None, "prepare before site and rules"
-                result = prepare_message(envelope, raw, rules, site, now)
-                if not isinstance(result, TooManyHops):
+                result = prepare_received(envelope, raw, rules, site, now)
+                if isinstance(result, Submission):
                     # Rendering here spares the daemon's commit that work.
                     result = result.with_rendered_ack(site.reference_prefix, site.hostname).detached()
                 reply = (request_id, result)

@@ -32,6 +32,7 @@ from conftest import (
 
 from guardrail.daemon import Daemon
 from guardrail.intake import _scan_data
+from guardrail.prepare import has_bare_line_ending
 
 SMUGGLING = Path(__file__).parent / "data" / "smuggling"
 OVERSIZE = Path(__file__).parent / "data" / "oversize"
@@ -191,6 +192,10 @@ def count_rows(daemon: Daemon, table: str) -> int:
     return query(daemon, f"SELECT COUNT(*) FROM {table}")[0][0]
 
 
+def metric(daemon: Daemon, name: str, **labels: str) -> float:
+    return daemon.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
 def stored_raws(daemon: Daemon) -> list[bytes]:
     return [bytes(row[0]) for row in query(daemon, "SELECT raw FROM messages ORDER BY id")]
 
@@ -218,9 +223,12 @@ async def connection_refused(port: int) -> bool:
 # -- SMTP smuggling ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("processes", [0, 1], ids=["in daemon", "in parse process"])
 @pytest.mark.parametrize("name", ["client-smuggle.bin", "client-smuggle-lf-lf.bin"])
-async def test_smuggled_message_gets_one_550(tmp_path: Path, start_daemon, name: str) -> None:
-    daemon = await start_daemon(write_config(tmp_path))
+async def test_smuggled_message_gets_one_550(tmp_path: Path, start_daemon, name: str, processes: int) -> None:
+    daemon = await start_daemon(write_config(tmp_path, smtp={"parse_processes": processes}))
+    if processes:
+        await wait_until(lambda: daemon.parsers.ready == 1, timeout=20, what="the parse process to be ready")
     client = await Client.connect(daemon.port)
     with structlog.testing.capture_logs() as events:
         greeting = await client.reply()
@@ -239,6 +247,9 @@ async def test_smuggled_message_gets_one_550(tmp_path: Path, start_daemon, name:
     assert [event["event"] for event in warnings] == ["bare_lf_rejected"]
     assert warnings[0]["peer"] == client.peer
     assert "bare LF" in warnings[0]["reason"]
+    where = "parse process" if processes else "daemon"
+    assert metric(daemon, "guardrail_messages_parsed_total", where=where) == 1
+    assert metric(daemon, "guardrail_messages_rejected_total", reason="bare line ending") == 1
 
 
 async def test_dot_stuffed_lines_survive_relay(tmp_path: Path, start_daemon, sink) -> None:
@@ -906,3 +917,26 @@ def test_end_of_data_found_in_any_pieces(wire: bytes, stuffed: bool) -> None:
     for split in range(len(wire) + 1):
         assert scan_in_pieces(wire, [split]) == (end, stuffed), split
     assert scan_in_pieces(wire, [1] * len(wire)) == (end, stuffed)
+
+
+@pytest.mark.parametrize(
+    ("data", "bare"),
+    [
+        (b"", False),
+        (b"Subject: x\r\n\r\nbody\r\n", False),
+        (b"no line ending at all", False),
+        (b"\r\n\r\n\r\n", False),
+        (b"Subject: x\n\nbody\n", True),
+        (b"one\r\ntwo\n", True),
+        (b"one\rtwo\r\n", True),
+        (b"ends with CR\r", True),
+        (b"\nstarts with LF", True),
+        (b"reversed\n\r", True),
+        (b"doubled CR\r\r\n", True),
+        (b"doubled LF\r\n\n", True),
+        (b"dot line\r\n.\n.\r\n", True),
+    ],
+)
+def test_bare_line_endings_found(data: bytes, bare: bool) -> None:
+    assert has_bare_line_ending(data) is bare
+    assert has_bare_line_ending(data * 3) is bare
