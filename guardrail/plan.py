@@ -64,6 +64,8 @@ class Submission:
     proposed_reference: str = ""
     rendered_ack: RenderedAck | None = None
     protocol: str = "ESMTP"  # how the client sent it, for the Received header: SMTP, ESMTP or ESMTPS
+    # The postmaster owner, when postmaster was a recipient beside an inbox.
+    postmaster_copy: Destination | None = None
 
     @cached_property
     def dedupe_key(self) -> str:

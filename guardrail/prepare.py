@@ -132,8 +132,9 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         protocol=envelope.protocol,
         received_at=now, summary=summary, is_loop=has_our_loop_marker(summary, site.hostname),
     )
-    if any(is_postmaster(address, site) and not is_inbox(address, site) for address in envelope.rcpt_tos):
-        owner = Destination("smtp", addresses=(site.postmaster_owner,))
+    postmaster = sum(is_postmaster(address, site) and not is_inbox(address, site) for address in envelope.rcpt_tos)
+    owner = Destination("smtp", addresses=(site.postmaster_owner,)) if postmaster else None
+    if postmaster and postmaster == len(envelope.rcpt_tos):
         return Submission(
             **common, route="postmaster", team="postmaster", destination=owner,
             route_reasons=("recipient is postmaster",), team_members=frozenset(), is_postmaster=True,
@@ -163,6 +164,9 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
             {"route": result.route, "team": result.team, "would_win": result.would_win}
             for result in shadow_results(rules, facts, match)
         ),
+        # RFC 5321 section 3.3: every accepted recipient gets the message, so
+        # postmaster beside an inbox gets a copy while the inbox's is routed.
+        postmaster_copy=owner,
     )
 
 

@@ -312,6 +312,11 @@ class BatchWriter:
             detail["automatic"] = submission.machine_signal
         self._event(conversation_id, row, at, "received", detail)
         self._queue_delivery(plan, conversation_id, row, at)
+        if submission.postmaster_copy is not None and plan.disposition != "duplicate":
+            # Outside the conversation: a failure to reach the postmaster owner
+            # says nothing about whether the team got the message.
+            self._outbox("deliver", None, row, submission.postmaster_copy.to_record(), None, at)
+            self._event(conversation_id, row, at, "postmaster_copy", {"to": submission.postmaster_copy.describe()})
         ack_problem = self._record_acknowledgement(submission, plan, conversation, row, at, by_message_id)
         return Outcome(
             plan.disposition, row, conversation_id, conversation.reference if conversation else "",

@@ -418,6 +418,27 @@ async def test_postmaster_mail_reaches_owner(tmp_path: Path, start_daemon, recip
     assert delivered.endswith(message(to="postmaster@example.org"))
 
 
+async def test_postmaster_beside_inbox_gets_copy(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    content = message(message_id="<both@example.com>")
+
+    reply = await transaction(daemon.port, content, rcpt_tos=["support@example.org", "postmaster@example.org"])
+
+    # The inbox's copy is routed as if postmaster were not there.
+    assert re.fullmatch(r"250 2\.0\.0 Ok: queued as GR-\w+", reply), reply
+    assert query(daemon, "SELECT disposition, team FROM messages") == [("new", "support")]
+    assert count_rows(daemon, "conversations") == 1
+    await wait_until(lambda: len(maildir_messages(tmp_path / "var" / "maildir" / "support")) == 1, what="the team copy")
+    (team_copy,) = maildir_messages(tmp_path / "var" / "maildir" / "support")
+    assert team_copy.endswith(content)
+    # The outbound maildir gets the acknowledgement and the postmaster owner's copy.
+    outbound = tmp_path / "var" / "outbound"
+    await wait_until(lambda: len(maildir_messages(outbound)) == 2, what="the acknowledgement and the postmaster copy")
+    copies = [mail for mail in maildir_messages(outbound) if b"X-Guardrail-Envelope-To: ops@example.org\r\n" in mail]
+    assert len(copies) == 1 and copies[0].endswith(content)
+    assert query(daemon, "SELECT COUNT(*) FROM outbox WHERE kind = 'deliver' AND conversation_id IS NULL") == [(1,)]
+
+
 async def test_null_sender_message_is_stored(tmp_path: Path, start_daemon) -> None:
     daemon = await start_daemon(write_config(tmp_path))
 
