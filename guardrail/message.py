@@ -22,6 +22,7 @@ BODY_TEXT_LIMIT = 256 * 1024
 
 _MESSAGE_ID = re.compile(r"<[^<>\s]+>")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
+_SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")
 _ADDRESS_HEADERS = ("from", "to", "cc", "reply-to")
 _ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[QqBb]\?[^?\s]*\?=")
 _WHITESPACE = re.compile(r"\s+")
@@ -199,7 +200,7 @@ def decode_header_value(value: object) -> str:
 def _repair_surrogates(text: str) -> str:
     # BytesParser keeps raw 8-bit header bytes as surrogate escapes. Most such
     # headers are UTF-8 written by clients that skip RFC 2047 encoding.
-    if not any("\udc80" <= char <= "\udcff" for char in text):
+    if text.isascii() or _SURROGATE_ESCAPE.search(text) is None:
         return text
     # UTF-8 with surrogateescape also takes text that mixes real non-ASCII
     # characters with escapes, so this never raises.

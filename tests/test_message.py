@@ -19,6 +19,8 @@ from guardrail.message import parse_addresses, summarize
         (b"From: =?utf-8?q?Ren=C3=A9?= <rene@example.com>\r\n\r\nx", "from_name", "René"),
         (b"From: Ren\xc3\xa9 <Rene@Example.com>\r\n\r\nx", "from_address", "rene@example.com"),
         (b"Subject: caf\xe9 latin-1 bytes\r\n\r\nx", "subject", "café latin-1 bytes"),
+        (b"Subject: caf\xc3\xa9 UTF-8 bytes\r\n\r\nx", "subject", "café UTF-8 bytes"),
+        (b"From: Ren\xc3\xa9 <rene@example.com>\r\n\r\nx", "from_name", "René"),
         (b"Subject: =?x-unknown-charset?q?abc?=\r\n\r\nx", "subject", "abc"),
         (b"Subject: line one\r\n  folded\r\n\r\nx", "subject", "line one folded"),
         (b"To: a@example.com, \"B, Jr\" <b@example.com>\r\n\r\nx", "to", ("a@example.com", "b@example.com")),
