@@ -23,7 +23,10 @@ REFERENCE_LENGTH = 6
 
 def new_reference(prefix: str) -> str:
     """Return a random reference such as GR-7K3M9Q (32**6, about 1e9, values)."""
-    code = "".join(secrets.choice(_ALPHABET) for _ in range(REFERENCE_LENGTH))
+    # Five random bits per character, since the alphabet has 32 letters: one
+    # read of the system's random source instead of one per character.
+    bits = secrets.randbits(5 * REFERENCE_LENGTH)
+    code = "".join(_ALPHABET[(bits >> shift) & 31] for shift in range(0, 5 * REFERENCE_LENGTH, 5))
     return f"{prefix}-{code}"
 
 

@@ -8,9 +8,10 @@ conversation and its outbox rows are committed together.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
+from typing import Any, TypeVar
 
 from .acknowledgement import AckRequest, RenderedAck, render_acknowledgement
 from .conversations import (
@@ -21,6 +22,20 @@ from .conversations import (
 )
 from .message import Summary
 from .rules import Destination
+
+_Frozen = TypeVar("_Frozen")
+
+
+def _copy(value: _Frozen, **changes: Any) -> _Frozen:
+    """Return a copy of a frozen dataclass instance with `changes`, and with any cached properties it holds.
+
+    dataclasses.replace runs __init__ again, which costs as much as the rest
+    of preparing a message; the values here were valid already.
+    """
+    copy = object.__new__(type(value))
+    copy.__dict__.update(value.__dict__, **changes)
+    return copy
+
 
 # Threading looks at the newest ids only: a References header can list
 # hundreds, and the newest ones are the nearest parents.
@@ -82,7 +97,7 @@ class Submission:
             return self
         reference = new_reference(reference_prefix)
         rendered = render_acknowledgement(self.ack, reference, hostname, self.received_at)
-        return replace(self, proposed_reference=reference, rendered_ack=rendered)
+        return _copy(self, proposed_reference=reference, rendered_ack=rendered)
 
     def detached(self) -> Submission:
         """Return a copy without the raw bytes, decoded headers and body, small enough to pass between processes.
@@ -90,17 +105,14 @@ class Submission:
         The copy keeps the dedupe key computed from the raw bytes; `attached`
         puts the bytes back.
         """
-        copy = replace(self, raw=b"", summary=replace(self.summary, headers={}, body_text=""))
-        copy.__dict__["dedupe_key"] = self.dedupe_key
-        return copy
+        summary = _copy(self.summary, headers={}, body_text="")
+        return _copy(self, raw=b"", summary=summary, dedupe_key=self.dedupe_key)
 
     def attached(self, raw: bytes) -> Submission:
         """Return a copy of a detached Submission carrying `raw`, the bytes it was prepared from."""
         if "dedupe_key" not in self.__dict__:
             raise ValueError("attached() needs a Submission made by detached()")
-        copy = replace(self, raw=raw)
-        copy.__dict__["dedupe_key"] = self.__dict__["dedupe_key"]
-        return copy
+        return _copy(self, raw=raw)
 
     @property
     def thread_ids(self) -> tuple[str, ...]:
