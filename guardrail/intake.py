@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
 from .clock import Clock
 from .config import Config
@@ -50,6 +50,8 @@ REPLY_NOT_OURS = "550 5.7.1 Recipient not accepted here; this server relays only
 REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 REPLY_BAD_SENDER = "501 5.1.7 Invalid sender address"
 REPLY_BAD_RECIPIENT = "501 5.1.3 Invalid recipient address"
+REPLY_MALFORMED_SENDER = "553 5.1.7 Malformed sender address"
+REPLY_MALFORMED_RECIPIENT = "553 5.1.3 Malformed recipient address"
 REPLY_BAD_HELO = "501 5.5.2 Invalid host name in EHLO"
 REPLY_NEEDS_SMTPUTF8 = "553 5.6.7 A non-ASCII address needs the SMTPUTF8 parameter"
 REPLY_VRFY = "252 2.5.2 Cannot verify the user; send mail and delivery will be attempted"
@@ -58,12 +60,14 @@ REPLY_BUSY = "421 4.7.0 Too many connections, try again later"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_DATA_TIMEOUT = "421 4.4.2 Timed out waiting for message data"
 REPLY_STARTTLS_STOCK = "220 Ready to start TLS"  # aiosmtpd's text
+REPLY_MALFORMED_STOCK = "553 5.1.3 Error: malformed address"  # aiosmtpd's text for MAIL and RCPT
 REPLY_STARTTLS = "220 2.0.0 Ready to start TLS"
 REPLY_TLS_ACTIVE = "503 5.5.1 TLS is already active"
 REPLY_AUTH = "502 5.5.1 AUTH is not available; this server accepts mail only for its own inboxes"
 
 _ENHANCED = re.compile(r"^\d{3} \d\.\d{1,3}\.\d{1,3}\b")
 # Enhanced status codes (RFC 3463) for aiosmtpd's stock replies, by reply code.
+# _COMMAND_ENHANCED takes precedence where the code depends on the command.
 _DEFAULT_ENHANCED = {
     "221": "2.0.0",
     "250": "2.0.0",
@@ -76,9 +80,20 @@ _DEFAULT_ENHANCED = {
     "504": "5.5.4",
     "530": "5.7.0",
     "552": "5.3.4",
-    "553": "5.1.3",
-    "554": "5.3.0",
+    "553": "5.1.0",
+    # aiosmtpd's one 554 refuses commands after a failed TLS handshake
+    # (RFC 3207 section 4.1), a security status.
+    "554": "5.7.0",
     "555": "5.5.4",
+}
+# RFC 3463 section 3.2: a malformed sender is X.1.7 and a malformed recipient
+# X.1.3. An accepted recipient is X.1.5 (destination address valid), and an
+# accepted sender X.1.0 (other address status), as Postfix and Sendmail send.
+_COMMAND_ENHANCED = {
+    ("MAIL", "250"): "2.1.0",
+    ("MAIL", "553"): "5.1.7",
+    ("RCPT", "250"): "2.1.5",
+    ("RCPT", "553"): "5.1.3",
 }
 _END_OF_DATA = b"\r\n.\r\n"
 _DOT_LINE = b"\r\n."  # a line that starts with a dot: the end of the data, or a dot added by the client
@@ -140,6 +155,8 @@ class GuardrailSMTP(SMTP):
         self._data_timeout = data_timeout
         self._over_limit = False
         self._lost = False
+        # The command whose replies are being sent, for enhanced codes that depend on it.
+        self._command = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self not in self._tracker.connections:
@@ -195,8 +212,24 @@ class GuardrailSMTP(SMTP):
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
-            status = _with_enhanced_code(status, self.hostname)
+            status = _with_enhanced_code(status, self.hostname, self._command)
         await super().push(status)
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self._command = "MAIL"
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self._command = ""
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self._command = "RCPT"
+        try:
+            await super().smtp_RCPT(arg)
+        finally:
+            self._command = ""
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd parses every MAIL and RCPT argument with the email
@@ -315,17 +348,22 @@ class GuardrailSMTP(SMTP):
         return content, dropped > 0 or (limit > 0 and len(content) > limit), stuffed
 
 
-def _with_enhanced_code(status: str, hostname: str) -> str:
+def _with_enhanced_code(status: str, hostname: str, command: str = "") -> str:
+    """Return `status` with the enhanced status code for its reply code and `command`, unless it has one."""
     code = status[:3]
     if status == REPLY_STARTTLS_STOCK:
         # The one 220 that is a status reply rather than a greeting.
         return REPLY_STARTTLS
+    if status == REPLY_MALFORMED_STOCK:
+        # aiosmtpd gives both MAIL and RCPT the recipient's code.
+        return REPLY_MALFORMED_SENDER if command == "MAIL" else REPLY_MALFORMED_RECIPIENT
     if status[3:4] != " " or _ENHANCED.match(status) or code not in _DEFAULT_ENHANCED:
         return status
     # The last EHLO line and the HELO reply are not status replies.
     if status in ("250 HELP", f"250 {hostname}"):
         return status
-    return f"{code} {_DEFAULT_ENHANCED[code]} {status[4:]}"
+    enhanced = _COMMAND_ENHANCED.get((command, code), _DEFAULT_ENHANCED[code])
+    return f"{code} {enhanced} {status[4:]}"
 
 
 def _protocol(session: Session) -> str:

@@ -31,7 +31,7 @@ from conftest import (
 )
 
 from guardrail.daemon import Daemon
-from guardrail.intake import _scan_data
+from guardrail.intake import _scan_data, _with_enhanced_code
 from guardrail.prepare import has_bare_line_ending
 
 SMUGGLING = Path(__file__).parent / "data" / "smuggling"
@@ -672,6 +672,69 @@ async def test_replies_carry_enhanced_codes(tmp_path: Path, start_daemon) -> Non
         match = ENHANCED_REPLY.match(reply[-1])
         assert match, f"{command}: {reply[-1]!r} has no enhanced status code"
         assert match.group(1) == match.group(2), f"{command}: {reply[-1]!r} has a mismatched class"
+
+
+@pytest.mark.parametrize(
+    ("commands", "expected"),
+    [
+        ([b"MAIL FROM:<<alice@example.com>>"], "553 5.1.7 Malformed sender address"),
+        ([b"MAIL FROM:<alice@>"], "553 5.1.7 Malformed sender address"),
+        ([b"MAIL FROM:,"], "553 5.1.7 Malformed sender address"),
+        ([b"MAIL FROM:<alice@example.com>", b"RCPT TO:<<support@example.org>>"], "553 5.1.3 Malformed recipient address"),
+        ([b"MAIL FROM:<alice@example.com>", b"RCPT TO:<support@>"], "553 5.1.3 Malformed recipient address"),
+        ([b"MAIL FROM:<alice@example.com>", b"RCPT TO:,"], "553 5.1.3 Malformed recipient address"),
+    ],
+    ids=["sender in double brackets", "sender without domain", "sender a comma",
+         "recipient in double brackets", "recipient without domain", "recipient a comma"],
+)
+async def test_malformed_address_code_per_command(tmp_path: Path, start_daemon, commands: list[bytes], expected: str) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    client = await Client.connect(daemon.port)
+    await client.reply()
+    await client.command(EHLO)
+
+    replies = [await client.command(command) for command in commands]
+    await client.command(b"QUIT")
+    await client.close()
+
+    assert replies[-1] == [expected]
+    assert all(reply[-1].startswith("250 ") for reply in replies[:-1])
+
+
+@pytest.mark.parametrize(
+    ("status", "command", "expected"),
+    [
+        ("250 OK", "MAIL", "250 2.1.0 OK"),
+        ("250 OK", "RCPT", "250 2.1.5 OK"),
+        ("250 OK", "", "250 2.0.0 OK"),
+        ("553 5.1.3 Error: malformed address", "MAIL", "553 5.1.7 Malformed sender address"),
+        ("553 5.1.3 Error: malformed address", "RCPT", "553 5.1.3 Malformed recipient address"),
+        ("553 Mailbox name not allowed", "MAIL", "553 5.1.7 Mailbox name not allowed"),
+        ("553 Mailbox name not allowed", "RCPT", "553 5.1.3 Mailbox name not allowed"),
+        ("553 Mailbox name not allowed", "", "553 5.1.0 Mailbox name not allowed"),
+        ("221 Bye", "", "221 2.0.0 Bye"),
+        ("451 Local error", "", "451 4.3.0 Local error"),
+        ("454 TLS not available", "", "454 4.7.0 TLS not available"),
+        ("500 Error: bad syntax", "", "500 5.5.2 Error: bad syntax"),
+        ("501 Syntax: MAIL FROM: <address>", "MAIL", "501 5.5.4 Syntax: MAIL FROM: <address>"),
+        ("502 EXPN not implemented", "", "502 5.5.1 EXPN not implemented"),
+        ("503 Error: need MAIL command", "RCPT", "503 5.5.1 Error: need MAIL command"),
+        ("504 Unrecognized authentication type", "", "504 5.5.4 Unrecognized authentication type"),
+        ("530 Must issue a STARTTLS command first", "MAIL", "530 5.7.0 Must issue a STARTTLS command first"),
+        ("552 Error: message size exceeds fixed maximum message size", "MAIL",
+         "552 5.3.4 Error: message size exceeds fixed maximum message size"),
+        ("554 Command refused due to lack of security", "MAIL", "554 5.7.0 Command refused due to lack of security"),
+        ("555 MAIL FROM parameters not recognized or not implemented", "MAIL",
+         "555 5.5.4 MAIL FROM parameters not recognized or not implemented"),
+        # Replies that carry a code already, and lines that are no status reply, are left alone.
+        ("501 5.1.7 Invalid sender address", "MAIL", "501 5.1.7 Invalid sender address"),
+        ("250 HELP", "", "250 HELP"),
+        ("250 mx.test.example", "", "250 mx.test.example"),
+        ("250-SIZE 1000", "", "250-SIZE 1000"),
+    ],
+)
+def test_enhanced_code_table(status: str, command: str, expected: str) -> None:
+    assert _with_enhanced_code(status, "mx.test.example", command) == expected
 
 
 # -- Resource limits ----------------------------------------------------------------------
