@@ -55,12 +55,16 @@ REPLY_MALFORMED_RECIPIENT = "553 5.1.3 Malformed recipient address"
 REPLY_BAD_HELO = "501 5.5.2 Invalid host name in EHLO"
 REPLY_NEEDS_SMTPUTF8 = "553 5.6.7 A non-ASCII address needs the SMTPUTF8 parameter"
 REPLY_VRFY = "252 2.5.2 Cannot verify the user; send mail and delivery will be attempted"
+REPLY_VRFY_SYNTAX = "501 5.5.4 Syntax: VRFY <address>"
 REPLY_EXPN = "502 5.5.1 EXPN is not available"
+REPLY_EXPN_SYNTAX = "501 5.5.4 Syntax: EXPN <mailing list>"
+REPLY_UNKNOWN_COMMAND = "500 5.5.2 Command not recognized"
 REPLY_BUSY = "421 4.7.0 Too many connections, try again later"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_DATA_TIMEOUT = "421 4.4.2 Timed out waiting for message data"
 REPLY_STARTTLS_STOCK = "220 Ready to start TLS"  # aiosmtpd's text
 REPLY_MALFORMED_STOCK = "553 5.1.3 Error: malformed address"  # aiosmtpd's text for MAIL and RCPT
+REPLY_UNKNOWN_COMMAND_STOCK = '500 Error: command "'  # how aiosmtpd's text starts; it repeats the command
 REPLY_STARTTLS = "220 2.0.0 Ready to start TLS"
 REPLY_TLS_ACTIVE = "503 5.5.1 TLS is already active"
 REPLY_AUTH = "502 5.5.1 AUTH is not available; this server accepts mail only for its own inboxes"
@@ -102,6 +106,9 @@ _PLAIN_PATH = re.compile(rf"^\s*<((?:{ATOM}(?:\.{ATOM})*@[A-Za-z0-9.-]+)?)>(.*)$
 _CHUNK = 256 * 1024
 _SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+# A Message-ID that a reply may repeat: printable ASCII, short enough to keep
+# the reply line within 512 octets (RFC 5321 section 4.5.3.1.5).
+_SHOWN_MESSAGE_ID = re.compile(r"<[!-~]{1,400}>")
 
 
 def _scan_data(buffer: bytearray, start: int) -> tuple[int, int, bool]:
@@ -238,11 +245,24 @@ class GuardrailSMTP(SMTP):
         # else (quoted local parts, source routes) still goes to aiosmtpd.
         match = _PLAIN_PATH.match(arg)
         if match is None:
-            return super()._getaddr(arg)
+            try:
+                return super()._getaddr(arg)
+            except Exception:  # noqa: BLE001 - a client's argument must never end the command with 451
+                # The email package's parser (Python 3.11.7) raises IndexError
+                # on "<" or '"', and AttributeError or UnboundLocalError on
+                # some domain literals ("a@[ x", "a@[ "). All are malformed.
+                return None, None
         return match.group(1) or "<>", match.group(2).lstrip()
 
-    async def smtp_EXPN(self, arg: str) -> None:
-        await self.push(REPLY_EXPN)
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        # The argument is neither parsed nor repeated: every address gets the
+        # same 252 (RFC 5321 section 3.5.3), so VRFY reveals no inboxes.
+        await self.push(REPLY_VRFY if arg else REPLY_VRFY_SYNTAX)
+
+    @syntax("EXPN <mailing list>")
+    async def smtp_EXPN(self, arg: str | None) -> None:
+        await self.push(REPLY_EXPN if arg else REPLY_EXPN_SYNTAX)
 
     async def smtp_DATA(self, arg: str) -> None:
         # Mirrors the checks of aiosmtpd 1.4.6's smtp_DATA; only the reading differs.
@@ -357,6 +377,9 @@ def _with_enhanced_code(status: str, hostname: str, command: str = "") -> str:
     if status == REPLY_MALFORMED_STOCK:
         # aiosmtpd gives both MAIL and RCPT the recipient's code.
         return REPLY_MALFORMED_SENDER if command == "MAIL" else REPLY_MALFORMED_RECIPIENT
+    if status.startswith(REPLY_UNKNOWN_COMMAND_STOCK):
+        # The command name may hold any ASCII byte, control characters included.
+        return REPLY_UNKNOWN_COMMAND
     if status[3:4] != " " or _ENHANCED.match(status) or code not in _DEFAULT_ENHANCED:
         return status
     # The last EHLO line and the HELO reply are not status replies.
@@ -399,7 +422,7 @@ class IntakeHandler:
         self.site = Site.from_config(self.config)
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]) -> list[str]:
-        if not _is_utf8(hostname):
+        if _has_control_characters(hostname) or not _is_utf8(hostname):
             return [REPLY_BAD_HELO]
         session.host_name = hostname
         # aiosmtpd lists AUTH once TLS is active, but AUTH is not offered here.
@@ -407,7 +430,7 @@ class IntakeHandler:
         return [*offered, "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str) -> str:
-        if not _is_utf8(hostname):
+        if _has_control_characters(hostname) or not _is_utf8(hostname):
             return REPLY_BAD_HELO
         session.host_name = hostname
         return f"250 {server.hostname}"
@@ -442,9 +465,6 @@ class IntakeHandler:
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Ok"
-
-    async def handle_VRFY(self, server: SMTP, session: Session, envelope: Envelope, address: str) -> str:
-        return REPLY_VRFY
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, TLSSetupException):
@@ -499,7 +519,7 @@ class IntakeHandler:
         if outcome.disposition == "duplicate":
             log.info("message_duplicate", detail=f"duplicate of {summary.message_id or 'a message without Message-ID'}")
             self.metrics.messages_accepted.labels("duplicate").inc()
-            return REPLY_DUPLICATE.format(message_id=summary.message_id or "an earlier message")
+            return REPLY_DUPLICATE.format(message_id=_shown_message_id(summary.message_id))
         self.on_committed(outcome)
         self._log_outcome(outcome, submission, len(raw), started)
         return REPLY_ACCEPTED.format(reference=outcome.reference or f"message {outcome.message_row}")
@@ -547,5 +567,10 @@ def _is_utf8(text: str) -> bool:
     return _SURROGATE_ESCAPE.search(text) is None
 
 
-def _has_control_characters(address: str) -> bool:
-    return _CONTROL_CHARACTER.search(address) is not None
+def _has_control_characters(text: str) -> bool:
+    return _CONTROL_CHARACTER.search(text) is not None
+
+
+def _shown_message_id(message_id: str) -> str:
+    """Return `message_id` for a reply line, or "an earlier message" when it is missing or unsafe to repeat."""
+    return message_id if _SHOWN_MESSAGE_ID.fullmatch(message_id) else "an earlier message"

@@ -488,6 +488,69 @@ async def test_expn_is_not_available(tmp_path: Path, start_daemon) -> None:
     assert lines[-2] == "502 5.5.1 EXPN is not available"
 
 
+# Command lines with NUL, control or non-UTF-8 bytes, or with paths the email
+# package's parser fails on, each sent after EHLO and MAIL, with its reply.
+HOSTILE_COMMANDS = {
+    "vrfy nul bytes": (b"VRFY @\x00\x00>", "252 2.5.2 Cannot verify the user; send mail and delivery will be attempted"),
+    "vrfy invalid utf-8": (b"VRFY @,\xff", "252 2.5.2 Cannot verify the user; send mail and delivery will be attempted"),
+    "vrfy open bracket": (b"VRFY <", "252 2.5.2 Cannot verify the user; send mail and delivery will be attempted"),
+    "vrfy no argument": (b"VRFY", "501 5.5.4 Syntax: VRFY <address>"),
+    "expn invalid utf-8": (b"EXPN staff\x00\xff", "502 5.5.1 EXPN is not available"),
+    "expn no argument": (b"EXPN", "501 5.5.4 Syntax: EXPN <mailing list>"),
+    "unknown command": (b"FROB\x01\x1b[2J", "500 5.5.2 Command not recognized"),
+    "rcpt open bracket": (b"RCPT TO:<", "553 5.1.3 Malformed recipient address"),
+    "rcpt lone quote": (b'RCPT TO:"', "553 5.1.3 Malformed recipient address"),
+    "rcpt open domain literal": (b"RCPT TO:support@[ x", "553 5.1.3 Malformed recipient address"),
+    "rcpt unfinished domain literal": (b"RCPT TO:support@[ \x00", "553 5.1.3 Malformed recipient address"),
+    "rcpt invalid parameter": (b"RCPT TO:<support@example.org> \xff=1", "501 5.5.4 Syntax: RCPT TO: <address> [SP <mail-parameters>]"),
+    "noop invalid utf-8": (b"NOOP \xff\x00", "250 2.0.0 OK"),
+    "rset argument": (b"RSET \xff", "501 5.5.4 Syntax: RSET"),
+    "auth invalid utf-8": (b"AUTH PLAIN \xff",
+                           "502 5.5.1 AUTH is not available; this server accepts mail only for its own inboxes"),
+    "ehlo bare cr": (b"EHLO client\rX-Injected: yes", "501 5.5.2 Invalid host name in EHLO"),
+    "helo control character": (b"HELO client\x01.example", "501 5.5.2 Invalid host name in EHLO"),
+}
+
+
+@pytest.mark.parametrize(("command", "expected"), HOSTILE_COMMANDS.values(), ids=HOSTILE_COMMANDS.keys())
+async def test_hostile_argument_gets_fixed_reply(tmp_path: Path, start_daemon, command: bytes, expected: str) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    client = await Client.connect(daemon.port)
+    await client.reply()
+    await client.command(EHLO)
+    await client.command(b"MAIL FROM:<alice@example.com>")
+
+    with structlog.testing.capture_logs() as events:
+        reply = await client.command(command)
+        after = await client.command(b"NOOP")
+    await client.close()
+
+    assert reply == [expected]
+    assert after == ["250 2.0.0 OK"], "the session should go on"
+    assert [event for event in events if event["log_level"] == "error"] == []
+
+
+@pytest.mark.parametrize(
+    ("message_id", "shown"),
+    [
+        (b"<order-1@example.com>", "<order-1@example.com>"),
+        (b"<a\x01\x1b[31m@example.com>", "an earlier message"),
+        (b"<a\xff@example.com>", "an earlier message"),
+        (b"<" + b"x" * 500 + b"@example.com>", "an earlier message"),
+    ],
+    ids=["printable", "control characters", "8-bit", "too long for a reply line"],
+)
+async def test_duplicate_reply_repeats_safe_message_id(tmp_path: Path, start_daemon, message_id: bytes, shown: str) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    content = message().replace(b"Message-ID: <m1@example.com>", b"Message-ID: " + message_id)
+
+    first = await transaction(daemon.port, content)
+    again = await transaction(daemon.port, content)
+
+    assert first.startswith("250 2.0.0 Ok: queued as ")
+    assert again == f"250 2.0.0 Ok: already queued (duplicate of {shown})"
+
+
 # -- Mail loops ---------------------------------------------------------------------
 
 
