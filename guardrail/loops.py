@@ -18,7 +18,6 @@ from .message import Summary
 
 LOOP_HEADER = "X-Guardrail-Loop"
 
-# RFC 3834 section 5: any Auto-Submitted value except "no" marks automatic mail.
 _PRECEDENCE_VALUES = {"bulk", "junk", "list", "auto_reply"}
 _LIST_HEADERS = ("list-id", "list-unsubscribe", "list-post", "mailing-list")
 _AUTOREPLY_HEADERS = ("x-autoreply", "x-autorespond", "x-autoresponder")
@@ -127,6 +126,36 @@ def has_too_many_hops(summary: Summary, max_received: int) -> bool:
     return summary.received_count > max_received
 
 
+def auto_submitted_keyword(value: str) -> str:
+    """Return the keyword of an Auto-Submitted value in lower case, without comments, whitespace and parameters.
+
+    RFC 3834 section 5 allows comments (which nest and may hold quoted
+    pairs) around the keyword, and parameters after a ";". A value without a
+    keyword gives "", and words left over after the keyword stay in the
+    result, so neither equals "no".
+    """
+    outside_comments: list[str] = []
+    depth = 0
+    escaped = False
+    for char in value:
+        if escaped:
+            escaped = False
+        elif depth and char == "\\":
+            escaped = True
+        elif char == "(":
+            depth += 1
+            outside_comments.append(" ")  # a comment separates words, as whitespace does
+        elif char == ")" and depth:
+            depth -= 1
+        elif depth:
+            continue
+        elif char == ";":
+            break
+        else:
+            outside_comments.append(char)
+    return " ".join("".join(outside_comments).split()).lower()
+
+
 def _first_value(summary: Summary, name: str) -> str:
     values = summary.header(name)
     return values[0].strip() if values else ""
@@ -136,9 +165,10 @@ def _header_signal(summary: Summary) -> str | None:
     if _SIGNAL_HEADERS.isdisjoint(summary.headers):
         # Most mail from people carries none of these headers, so only Content-Type is left to read.
         return _report_signal(summary)
-    auto_submitted = _first_value(summary, "auto-submitted")
-    if auto_submitted and auto_submitted.split(";")[0].strip().lower() != "no":
-        return f"Auto-Submitted: {auto_submitted}"
+    # RFC 3834 section 5: any Auto-Submitted keyword except "no" marks automatic mail.
+    auto_submitted = summary.header("auto-submitted")
+    if auto_submitted and auto_submitted_keyword(auto_submitted[0]) != "no":
+        return f"Auto-Submitted: {auto_submitted[0].strip()}"
     for name in ("precedence", "x-precedence"):
         value = _first_value(summary, name).lower()
         if value in _PRECEDENCE_VALUES:

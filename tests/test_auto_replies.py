@@ -119,6 +119,10 @@ async def test_human_reply_with_auto_submitted_no_answers(tmp_path: Path, start_
     [
         ("Auto-Submitted: no", False),
         ("Auto-Submitted: NO", False),
+        ("Auto-Submitted: no (sent by hand)", False),
+        ("Auto-Submitted: (typed by a person) no", False),
+        ("Auto-Submitted: auto-notified", True),
+        ("Auto-Submitted: yes", True),
         ("Auto-Submitted: auto-replied", True),
         ("Auto-Submitted: auto-generated (failure)", True),
         ("X-Autoreply: yes", True),
@@ -150,6 +154,51 @@ def test_automatic_header_table(header: str, automatic: bool) -> None:
 
     summary = summarize(f"From: Bob <bob@example.org>\r\nSubject: Re: hi\r\n{header}\r\n\r\nx".encode())
     assert (machine_signal(summary, "bob@example.org", "mx.test.example") is not None) is automatic
+
+
+@pytest.mark.parametrize(
+    ("value", "keyword"),
+    [
+        ("no", "no"),
+        ("No", "no"),
+        ("NO", "no"),
+        (" no ", "no"),
+        ("\tno\t", "no"),
+        ("no (sent by hand)", "no"),
+        ("no(sent by hand)", "no"),
+        ("(comment) no", "no"),
+        ("(a (nested) comment) no", "no"),
+        ("(a \\) quoted bracket) no", "no"),
+        ("no; x=y", "no"),
+        ("no ; x=y", "no"),
+        ("no (comment); reason=\"a;b\"", "no"),
+        ("auto-replied", "auto-replied"),
+        ("Auto-Replied", "auto-replied"),
+        ("auto-generated (x)", "auto-generated"),
+        ("auto-generated (failure); type=bounce", "auto-generated"),
+        ("auto-notified", "auto-notified"),
+        ("yes", "yes"),
+        # A comment splits a word, and words after the keyword are kept, so neither is "no".
+        ("n(x)o", "n o"),
+        ("no way", "no way"),
+        ("", ""),
+        ("(only a comment)", ""),
+        ("(unclosed comment no", ""),
+    ],
+)
+def test_auto_submitted_keyword_table(value: str, keyword: str) -> None:
+    from guardrail.loops import auto_submitted_keyword, machine_signal
+    from guardrail.message import summarize
+
+    summary = summarize(f"From: Bob <bob@example.org>\r\nSubject: Re: hi\r\nAuto-Submitted: {value}\r\n\r\nx".encode())
+    signal = machine_signal(summary, "bob@example.org", "mx.test.example")
+
+    assert auto_submitted_keyword(value) == keyword
+    # RFC 3834 section 5: every value but the keyword "no" marks automatic mail.
+    if keyword == "no":
+        assert signal is None
+    else:
+        assert signal is not None and signal.startswith("Auto-Submitted:")
 
 
 @pytest.mark.parametrize(
