@@ -59,6 +59,9 @@ REPLY_VRFY_SYNTAX = "501 5.5.4 Syntax: VRFY <address>"
 REPLY_EXPN = "502 5.5.1 EXPN is not available"
 REPLY_EXPN_SYNTAX = "501 5.5.4 Syntax: EXPN <mailing list>"
 REPLY_UNKNOWN_COMMAND = "500 5.5.2 Command not recognized"
+REPLY_HELP = "214 2.0.0 Supported commands: {commands}"
+REPLY_HELP_SYNTAX = "214 2.0.0 Syntax: {syntax}"
+REPLY_HELP_UNKNOWN = "504 5.5.4 No help for that command; supported commands: {commands}"
 REPLY_BUSY = "421 4.7.0 Too many connections, try again later"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_DATA_TIMEOUT = "421 4.4.2 Timed out waiting for message data"
@@ -191,6 +194,11 @@ class GuardrailSMTP(SMTP):
             return
         super()._timeout_cb()
 
+    @property
+    def _offers_starttls(self) -> bool:
+        return self.tls_context is not None and self._tls_protocol is None
+
+    @syntax("STARTTLS", when="_offers_starttls")
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self._tls_protocol is not None:
             # RFC 3207 section 4.2: a client must not start TLS twice.
@@ -199,7 +207,8 @@ class GuardrailSMTP(SMTP):
         await super().smtp_STARTTLS(arg)
 
     async def smtp_AUTH(self, arg: str) -> None:
-        # Mail is accepted only for our own inboxes, so no sender needs to log in.
+        # Mail is accepted only for our own inboxes, so no sender needs to log
+        # in. Without a @syntax line, HELP does not list AUTH either.
         await self.push(REPLY_AUTH)
 
     async def _handle_client(self) -> None:
@@ -254,6 +263,28 @@ class GuardrailSMTP(SMTP):
                 return None, None
         return match.group(1) or "<>", match.group(2).lstrip()
 
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str | None) -> None:
+        # RFC 5321 section 4.3.2 lists 214 as the success reply to HELP.
+        commands = self._helped_commands()
+        listed = " ".join(commands)
+        name = (arg or "").upper()
+        if not name:
+            await self.push(REPLY_HELP.format(commands=listed))
+        elif name not in commands:
+            await self.push(REPLY_HELP_UNKNOWN.format(commands=listed))
+        else:
+            method = self._smtp_methods[name]
+            text = method.__smtp_syntax__
+            assert self.session is not None
+            if self.session.extended_smtp and method.__smtp_syntax_extended__:
+                text += method.__smtp_syntax_extended__
+            await self.push(REPLY_HELP_SYNTAX.format(syntax=text))
+
+    def _helped_commands(self) -> list[str]:
+        """Return the names of the commands that have a @syntax line and are offered now, sorted."""
+        return sorted(name for name, method in self._smtp_methods.items() if self._syntax_available(method))
+
     @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str | None) -> None:
         # The argument is neither parsed nor repeated: every address gets the
@@ -264,6 +295,7 @@ class GuardrailSMTP(SMTP):
     async def smtp_EXPN(self, arg: str | None) -> None:
         await self.push(REPLY_EXPN if arg else REPLY_EXPN_SYNTAX)
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         # Mirrors the checks of aiosmtpd 1.4.6's smtp_DATA; only the reading differs.
         if await self.check_helo_needed():

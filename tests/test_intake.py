@@ -551,6 +551,33 @@ async def test_duplicate_reply_repeats_safe_message_id(tmp_path: Path, start_dae
     assert again == f"250 2.0.0 Ok: already queued (duplicate of {shown})"
 
 
+async def test_help_replies_214_with_commands(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    client = await Client.connect(daemon.port)
+    await client.reply()
+
+    before_ehlo = await client.command(b"HELP")
+    await client.command(EHLO)
+    replies = {
+        topic: await client.command(b"HELP " + topic if topic else b"HELP")
+        for topic in (b"", b"mail", b"DATA", b"EXPN", b"AUTH", b"STARTTLS", b"FROB\x01\xff")
+    }
+    await client.command(b"QUIT")
+    await client.close()
+
+    # Without a certificate STARTTLS is not offered, and AUTH never is.
+    listed = "DATA EHLO EXPN HELO HELP MAIL NOOP QUIT RCPT RSET VRFY"
+    assert before_ehlo == [f"214 2.0.0 Supported commands: {listed}"]
+    assert replies[b""] == [f"214 2.0.0 Supported commands: {listed}"]
+    assert replies[b"mail"] == ["214 2.0.0 Syntax: MAIL FROM: <address> [SP <mail-parameters>]"]
+    assert replies[b"DATA"] == ["214 2.0.0 Syntax: DATA"]
+    assert replies[b"EXPN"] == ["214 2.0.0 Syntax: EXPN <mailing list>"]
+    unknown = [f"504 5.5.4 No help for that command; supported commands: {listed}"]
+    assert replies[b"AUTH"] == unknown
+    assert replies[b"STARTTLS"] == unknown
+    assert replies[b"FROB\x01\xff"] == unknown
+
+
 # -- Mail loops ---------------------------------------------------------------------
 
 

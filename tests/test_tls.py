@@ -217,6 +217,25 @@ async def test_inside_tls_no_auth_no_second_starttls(tmp_path: Path, start_daemo
     assert again == (503, b"5.5.1 TLS is already active")
 
 
+def help_before_and_inside_tls(port: int) -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test.example", timeout=10) as client:
+        client.ehlo()
+        before = client.docmd("HELP")
+        client.starttls(context=trusting_context())
+        client.ehlo()
+        return before, client.docmd("HELP")
+
+
+async def test_help_lists_starttls_while_offered(tmp_path: Path, start_daemon) -> None:
+    certificate, key = make_certificate(tmp_path)
+    daemon = await start_daemon(write_config(tmp_path, smtp={"tls_certificate": certificate.name, "tls_key": key.name}))
+
+    before, inside = await asyncio.to_thread(help_before_and_inside_tls, daemon.port)
+
+    assert before == (214, b"2.0.0 Supported commands: DATA EHLO EXPN HELO HELP MAIL NOOP QUIT RCPT RSET STARTTLS VRFY")
+    assert inside == (214, b"2.0.0 Supported commands: DATA EHLO EXPN HELO HELP MAIL NOOP QUIT RCPT RSET VRFY")
+
+
 def test_missing_key_file_names_its_key(tmp_path: Path) -> None:
     certificate, _ = make_certificate(tmp_path)
     path = write_config(tmp_path, smtp={"tls_certificate": certificate.name, "tls_key": "tls/key.pem"})
