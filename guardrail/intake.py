@@ -63,6 +63,8 @@ REPLY_HELP = "214 2.0.0 Supported commands: {commands}"
 REPLY_HELP_SYNTAX = "214 2.0.0 Syntax: {syntax}"
 REPLY_HELP_UNKNOWN = "504 5.5.4 No help for that command; supported commands: {commands}"
 REPLY_BUSY = "421 4.7.0 Too many connections, try again later"
+REPLY_NEED_MAIL = "503 5.5.1 Error: need MAIL command"
+REPLY_NEED_RCPT = "503 5.5.1 Error: need RCPT command"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_DATA_TIMEOUT = "421 4.4.2 Timed out waiting for message data"
 REPLY_STARTTLS_STOCK = "220 Ready to start TLS"  # aiosmtpd's text
@@ -303,8 +305,11 @@ class GuardrailSMTP(SMTP):
         if await self.check_auth_needed("DATA"):
             return
         assert self.envelope is not None
+        if not self.envelope.mail_from:
+            await self.push(REPLY_NEED_MAIL)
+            return
         if not self.envelope.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
+            await self.push(REPLY_NEED_RCPT)
             return
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")

@@ -767,6 +767,30 @@ async def test_replies_carry_enhanced_codes(tmp_path: Path, start_daemon) -> Non
 @pytest.mark.parametrize(
     ("commands", "expected"),
     [
+        ([b"DATA"], "503 5.5.1 Error: need MAIL command"),
+        ([b"RCPT TO:<support@example.org>", b"DATA"], "503 5.5.1 Error: need MAIL command"),
+        ([b"MAIL FROM:<alice@example.com>", b"DATA"], "503 5.5.1 Error: need RCPT command"),
+        ([b"MAIL FROM:<alice@example.com>", b"RCPT TO:<nobody@example.org>", b"DATA"], "503 5.5.1 Error: need RCPT command"),
+        ([b"MAIL FROM:<>", b"DATA"], "503 5.5.1 Error: need RCPT command"),
+    ],
+    ids=["nothing before", "rcpt without mail before", "mail before", "mail and a refused rcpt before", "null sender before"],
+)
+async def test_data_out_of_order_names_missing_step(tmp_path: Path, start_daemon, commands: list[bytes], expected: str) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    client = await Client.connect(daemon.port)
+    await client.reply()
+    await client.command(EHLO)
+
+    replies = [await client.command(command) for command in commands]
+    await client.command(b"QUIT")
+    await client.close()
+
+    assert replies[-1] == [expected]
+
+
+@pytest.mark.parametrize(
+    ("commands", "expected"),
+    [
         ([b"MAIL FROM:<<alice@example.com>>"], "553 5.1.7 Malformed sender address"),
         ([b"MAIL FROM:<alice@>"], "553 5.1.7 Malformed sender address"),
         ([b"MAIL FROM:,"], "553 5.1.7 Malformed sender address"),
