@@ -46,6 +46,7 @@ REPLY_TEMPORARY = "451 4.3.0 Temporary local problem, try again later"
 REPLY_BARE_LINE_ENDING = "550 5.5.2 Bare LF or bare CR in message; lines must end with CRLF"
 REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 REPLY_TOO_MANY_HOPS = "554 5.4.6 Too many Received headers; mail loop suspected"
+REPLY_RECIPIENT_OK = "250 2.1.5 Ok"
 REPLY_NOT_OURS = "550 5.7.1 Recipient not accepted here; this server relays only to its own inboxes"
 REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 REPLY_BAD_SENDER = "501 5.1.7 Invalid sender address"
@@ -492,16 +493,19 @@ class IntakeHandler:
             log.warning("recipient_rejected", peer=_peer(session), reason="control character or invalid UTF-8 in address")
             self.metrics.messages_rejected.labels("invalid recipient").inc()
             return REPLY_BAD_RECIPIENT
-        if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
-            self.metrics.messages_rejected.labels("too many recipients").inc()
-            return REPLY_TOO_MANY_RECIPIENTS
         if not is_inbox(address, self.site) and not is_postmaster(address, self.site):
             log.warning("recipient_rejected", peer=_peer(session), recipient=address, reason="not an inbox of ours")
             self.metrics.messages_rejected.labels("relay denied").inc()
             return REPLY_NOT_OURS
+        if address.lower() in (accepted.lower() for accepted in envelope.rcpt_tos):
+            # A repeated recipient gets the message once and does not count toward the limit.
+            return REPLY_RECIPIENT_OK
+        if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
+            self.metrics.messages_rejected.labels("too many recipients").inc()
+            return REPLY_TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
-        return "250 2.1.5 Ok"
+        return REPLY_RECIPIENT_OK
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, TLSSetupException):

@@ -402,6 +402,46 @@ async def test_extra_recipients_get_452(tmp_path: Path, start_daemon) -> None:
     assert query(daemon, "SELECT rcpt_tos FROM messages") == [('["support@example.org", "billing@example.org", "sales@example.org"]',)]
 
 
+async def test_recipient_limit_counts_accepted_once(tmp_path: Path, start_daemon) -> None:
+    inboxes = ["support@example.org", "billing@example.org", "sales@example.org"]
+    daemon = await start_daemon(write_config(tmp_path, smtp={"max_recipients": 2, "inboxes": inboxes}))
+    client = await Client.connect(daemon.port)
+    await client.reply()
+    await client.command(EHLO)
+    await client.command(b"MAIL FROM:<alice@example.com>")
+
+    replies = {
+        "first": await client.command(b"RCPT TO:<support@example.org>"),
+        "same again": await client.command(b"RCPT TO:<support@example.org>"),
+        "same in capitals": await client.command(b"RCPT TO:<SUPPORT@Example.ORG>"),
+        "second": await client.command(b"RCPT TO:<billing@example.org>"),
+        "not ours at the limit": await client.command(b"RCPT TO:<nobody@example.net>"),
+        "third": await client.command(b"RCPT TO:<sales@example.org>"),
+        "second again at the limit": await client.command(b"RCPT TO:<Billing@example.org>"),
+    }
+    await client.command(b"DATA")
+    await client.send(dot_stuff(message()))
+    final = await client.reply()
+    await client.command(b"QUIT")
+    await client.close()
+
+    assert replies["first"] == ["250 2.1.5 Ok"]
+    assert replies["same again"] == ["250 2.1.5 Ok"]
+    assert replies["same in capitals"] == ["250 2.1.5 Ok"]
+    assert replies["second"] == ["250 2.1.5 Ok"]
+    assert replies["not ours at the limit"][-1].startswith("550 5.7.1 ")
+    assert replies["third"] == ["452 4.5.3 Too many recipients"]
+    assert replies["second again at the limit"] == ["250 2.1.5 Ok"]
+    assert final[-1].startswith("250 2.0.0 ")
+    assert query(daemon, "SELECT rcpt_tos FROM messages") == [('["support@example.org", "billing@example.org"]',)]
+    # The billing route matches billing@ among the recipients.
+    billing = tmp_path / "var" / "maildir" / "billing"
+    await wait_until(lambda: maildir_messages(billing), what="delivery to the billing maildir")
+    assert query(daemon, "SELECT COUNT(*) FROM outbox WHERE kind = 'deliver'") == [(1,)]
+    assert len(maildir_messages(billing)) == 1
+    assert maildir_messages(tmp_path / "var" / "maildir" / "support") == []
+
+
 @pytest.mark.parametrize("recipient", ["postmaster@example.org", "Postmaster@EXAMPLE.org", "postmaster"])
 async def test_postmaster_mail_reaches_owner(tmp_path: Path, start_daemon, recipient: str) -> None:
     daemon = await start_daemon(write_config(tmp_path))
