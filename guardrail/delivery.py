@@ -68,17 +68,23 @@ def trace_headers(
     envelope: dict[str, object],
     for_address: str,
 ) -> bytes:
-    """Build the headers prepended to a forwarded message; the body is never touched."""
+    """Build the headers prepended to a forwarded message; the body is never touched.
+
+    X-Guardrail-Conversation and X-Guardrail-Route are left out when they
+    have no value, as for postmaster mail, which opens no conversation.
+    """
     received_at = envelope["received_at"]
     assert isinstance(received_at, datetime)
     lines = [
         f"Received: from {clean_header_value(str(envelope['helo']) or 'unknown')} ({clean_header_value(str(envelope['peer']))})",
         f"\tby {hostname} (guardrail) with {envelope.get('protocol') or 'ESMTP'} id {envelope['message_row']}",
         f"\tfor <{clean_header_value(for_address)}>; {format_datetime(received_at)}",
-        f"X-Guardrail-Conversation: {clean_header_value(str(envelope['reference']))}",
-        f"X-Guardrail-Route: {clean_header_value(str(envelope['route']))}",
-        f"{LOOP_HEADER}: {hostname}",
     ]
+    for name, key in (("X-Guardrail-Conversation", "reference"), ("X-Guardrail-Route", "route")):
+        value = clean_header_value(str(envelope.get(key) or "")).strip()
+        if value:
+            lines.append(f"{name}: {value}")
+    lines.append(f"{LOOP_HEADER}: {hostname}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 

@@ -9,13 +9,19 @@ import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from conftest import maildir_messages, message, wait_until, write_config
 from structlog.testing import capture_logs
 
 from guardrail.clock import ManualClock, format_instant
 from guardrail.config import load_config
 from guardrail.daemon import load_ruleset
-from guardrail.delivery import MAILDIR_BATCH, RESCAN_EVERY, DeliveryWorker
+from guardrail.delivery import (
+    MAILDIR_BATCH,
+    RESCAN_EVERY,
+    DeliveryWorker,
+    trace_headers,
+)
 from guardrail.plan import Submission
 from guardrail.prepare import Envelope, Site, prepare_message
 from guardrail.store import Store
@@ -145,3 +151,29 @@ async def test_row_without_wake_is_found_by_rescan(tmp_path: Path) -> None:
         await asyncio.gather(task, return_exceptions=True)
         await store.close()
     assert len(maildir_messages(tmp_path / "var" / "outbound")) == 1
+
+
+@pytest.mark.parametrize(
+    ("reference", "route", "expected"),
+    [
+        ("GR-7K3M9Q", "default", ["X-Guardrail-Conversation: GR-7K3M9Q", "X-Guardrail-Route: default"]),
+        ("", "postmaster", ["X-Guardrail-Route: postmaster"]),
+        (None, "postmaster", ["X-Guardrail-Route: postmaster"]),
+        ("GR-7K3M9Q", "", ["X-Guardrail-Conversation: GR-7K3M9Q"]),
+        (" \r\n", None, []),
+    ],
+)
+def test_trace_headers_omit_empty_values(reference: str | None, route: str | None, expected: list[str]) -> None:
+    envelope = {
+        "helo": "client.example", "peer": "[127.0.0.1]:40512", "message_row": 7, "protocol": "ESMTP",
+        "received_at": datetime(2026, 12, 4, 20, 9, 59, tzinfo=UTC), "reference": reference, "route": route,
+    }
+
+    lines = trace_headers(hostname="mx.test.example", envelope=envelope, for_address="support@example.org").decode().split("\r\n")
+
+    assert lines[:3] == [
+        "Received: from client.example ([127.0.0.1]:40512)",
+        "\tby mx.test.example (guardrail) with ESMTP id 7",
+        "\tfor <support@example.org>; Fri, 04 Dec 2026 20:09:59 +0000",
+    ]
+    assert lines[3:] == [*expected, "X-Guardrail-Loop: mx.test.example", ""]

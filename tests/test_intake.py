@@ -456,6 +456,10 @@ async def test_postmaster_mail_reaches_owner(tmp_path: Path, start_daemon, recip
     (delivered,) = maildir_messages(outbound)
     assert b"X-Guardrail-Envelope-To: ops@example.org\r\n" in delivered
     assert delivered.endswith(message(to="postmaster@example.org"))
+    # Postmaster mail opens no conversation, so the copy has no conversation header.
+    prepended = delivered[: len(delivered) - len(message(to="postmaster@example.org"))]
+    assert header_names(prepended) == ["Return-Path", "X-Guardrail-Envelope-To", "Received", "X-Guardrail-Route", "X-Guardrail-Loop"]
+    assert b"X-Guardrail-Route: postmaster\r\n" in prepended
 
 
 async def test_postmaster_beside_inbox_gets_copy(tmp_path: Path, start_daemon) -> None:
