@@ -31,8 +31,9 @@ from conftest import (
 )
 
 from guardrail.daemon import Daemon
-from guardrail.intake import _scan_data, _with_enhanced_code
+from guardrail.intake import _scan_data
 from guardrail.prepare import has_bare_line_ending
+from guardrail.replies import with_enhanced_code
 
 SMUGGLING = Path(__file__).parent / "data" / "smuggling"
 OVERSIZE = Path(__file__).parent / "data" / "oversize"
@@ -892,7 +893,7 @@ async def test_malformed_address_code_per_command(tmp_path: Path, start_daemon, 
     ],
 )
 def test_enhanced_code_table(status: str, command: str, expected: str) -> None:
-    assert _with_enhanced_code(status, "mx.test.example", command) == expected
+    assert with_enhanced_code(status, "mx.test.example", command) == expected
 
 
 # -- Resource limits ----------------------------------------------------------------------
