@@ -34,7 +34,7 @@ REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_DATA_TIMEOUT = "421 4.4.2 Timed out waiting for message data"
 REPLY_STARTTLS_STOCK = "220 Ready to start TLS"  # aiosmtpd's text
 REPLY_MALFORMED_STOCK = "553 5.1.3 Error: malformed address"  # aiosmtpd's text for MAIL and RCPT
-REPLY_UNKNOWN_COMMAND_STOCK = '500 Error: command "'  # how aiosmtpd's text starts; it repeats the command
+REPLY_UNKNOWN_COMMAND_STOCK = '500 Error: command "'  # the start of aiosmtpd's text, which repeats the command
 REPLY_STARTTLS = "220 2.0.0 Ready to start TLS"
 REPLY_TLS_ACTIVE = "503 5.5.1 TLS is already active"
 REPLY_AUTH = "502 5.5.1 AUTH is not available; this server accepts mail only for its own inboxes"
@@ -55,14 +55,14 @@ _DEFAULT_ENHANCED = {
     "530": "5.7.0",
     "552": "5.3.4",
     "553": "5.1.0",
-    # aiosmtpd's one 554 refuses commands after a failed TLS handshake
-    # (RFC 3207 section 4.1), a security status.
+    # aiosmtpd's one 554 refuses every command once a handle_STARTTLS hook
+    # finds the TLS session too weak (RFC 3207 section 4.1), a security status.
     "554": "5.7.0",
     "555": "5.5.4",
 }
 # RFC 3463 section 3.2: a malformed sender is X.1.7 and a malformed recipient
-# X.1.3. An accepted recipient is X.1.5 (destination address valid), and an
-# accepted sender X.1.0 (other address status), as Postfix and Sendmail send.
+# X.1.3. An accepted recipient is X.1.5 (destination address valid) and an
+# accepted sender X.1.0 (other address status).
 _COMMAND_ENHANCED = {
     ("MAIL", "250"): "2.1.0",
     ("MAIL", "553"): "5.1.7",
