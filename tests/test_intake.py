@@ -809,6 +809,17 @@ async def test_replies_carry_enhanced_codes(tmp_path: Path, start_daemon) -> Non
         assert match.group(1) == match.group(2), f"{command}: {reply[-1]!r} has a mismatched class"
 
 
+async def replies_after_ehlo(port: int, commands: list[bytes]) -> list[list[str]]:
+    """Send EHLO, then each of `commands`; return the reply to each command."""
+    client = await Client.connect(port)
+    await client.reply()
+    await client.command(EHLO)
+    replies = [await client.command(command) for command in commands]
+    await client.command(b"QUIT")
+    await client.close()
+    return replies
+
+
 @pytest.mark.parametrize(
     ("commands", "expected"),
     [
@@ -822,13 +833,8 @@ async def test_replies_carry_enhanced_codes(tmp_path: Path, start_daemon) -> Non
 )
 async def test_data_out_of_order_names_missing_step(tmp_path: Path, start_daemon, commands: list[bytes], expected: str) -> None:
     daemon = await start_daemon(write_config(tmp_path))
-    client = await Client.connect(daemon.port)
-    await client.reply()
-    await client.command(EHLO)
 
-    replies = [await client.command(command) for command in commands]
-    await client.command(b"QUIT")
-    await client.close()
+    replies = await replies_after_ehlo(daemon.port, commands)
 
     assert replies[-1] == [expected]
 
@@ -848,13 +854,8 @@ async def test_data_out_of_order_names_missing_step(tmp_path: Path, start_daemon
 )
 async def test_malformed_address_code_per_command(tmp_path: Path, start_daemon, commands: list[bytes], expected: str) -> None:
     daemon = await start_daemon(write_config(tmp_path))
-    client = await Client.connect(daemon.port)
-    await client.reply()
-    await client.command(EHLO)
 
-    replies = [await client.command(command) for command in commands]
-    await client.command(b"QUIT")
-    await client.close()
+    replies = await replies_after_ehlo(daemon.port, commands)
 
     assert replies[-1] == [expected]
     assert all(reply[-1].startswith("250 ") for reply in replies[:-1])
