@@ -10,7 +10,6 @@ import signal
 import sqlite3
 import statistics
 import sys
-import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from .message import summarize
 from .prepare import Site, is_inbox
 from .routing import Facts, match_route
 from .rules import RuleSet, load_rules
-from .tomlcheck import parse_duration
+from .tomlcheck import parse_duration, read_toml
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -68,10 +67,8 @@ def run(arguments: argparse.Namespace) -> int:
 
 def _rules_folder(config_path: Path) -> Path | None:
     """Return the rules folder a config names, read without validating the rest; None if the file is not TOML."""
-    try:
-        with open(config_path, "rb") as handle:
-            data = tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError):
+    data = read_toml(config_path, [])
+    if data is None:
         return None
     section = data.get("rules")
     directory = section.get("directory", "rules") if isinstance(section, dict) else "rules"

@@ -184,6 +184,12 @@ class Daemon:
                 log.error("rules_reload_failed", error=str(error), kept=self.rules.digest[:12])
             self.metrics.reloads.labels("failed").inc()
             return False
+        except Exception as error:
+            # The signal handler is a task boundary, so an error that the loaders
+            # do not turn into ConfigErrors still keeps the old rules and is counted.
+            log.exception("rules_reload_failed", error=f"unexpected {type(error).__name__}: {error}", kept=self.rules.digest[:12])
+            self.metrics.reloads.labels("failed").inc()
+            return False
         self.rules = rules
         if self.parsers is not None:
             self.parsers.set_rules(rules)

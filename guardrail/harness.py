@@ -9,15 +9,16 @@ acknowledgement rate window.
 from __future__ import annotations
 
 import re
-import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .message import summarize
 from .prepare import Envelope, Site, prepare_submission
 from .rules import RuleSet
+from .tomlcheck import read_toml
 
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 EXPECTATION_KEYS = ("route", "team", "acknowledgement", "signal", "deadline")
@@ -56,12 +57,12 @@ class CaseResult:
 def run_case(eml: Path, rules: RuleSet, site: Site) -> CaseResult:
     """Run one test case: `eml` with its expectations in the .toml file of the same name."""
     spec_path = eml.with_suffix(".toml")
-    try:
-        spec = tomllib.loads(spec_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not spec_path.exists():
         return CaseResult(eml.name, (f"expectations file {spec_path.name} not found",))
-    except tomllib.TOMLDecodeError as error:
-        return CaseResult(eml.name, (f"{spec_path.name}: invalid TOML: {error}",))
+    errors: list[ConfigError] = []
+    spec = read_toml(spec_path, errors)
+    if spec is None:
+        return CaseResult(eml.name, tuple(str(replace(error, path=spec_path.name)) for error in errors))
 
     raw = eml.read_bytes()
     summary = summarize(_LINE_ENDING.sub(b"\r\n", raw))

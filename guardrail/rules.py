@@ -25,7 +25,7 @@ from .rules_sla import (
     load_human,
     load_template,
 )
-from .tomlcheck import Table, read_toml
+from .tomlcheck import Table, parse_toml, read_file
 
 ADDRESS_FIELDS = ("rcpt", "from", "to")
 TEXT_FIELDS = ("subject", "body")
@@ -157,10 +157,11 @@ def load_rules(directory: Path, base: Path, *, today: date | None = None) -> Rul
     entries: dict[str, list[Table]] = {"team": [], "route": [], "calendar": [], "template": []}
     settings: list[Table] = []
     for path in files:
-        data = read_toml(path, errors)
-        if data is None:
+        raw = read_file(path, errors)
+        data = parse_toml(path, raw, errors) if raw is not None else None
+        if raw is None or data is None:
             continue
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        digest.update(path.name.encode() + b"\0" + raw + b"\0")
         top = Table(path, data, "", errors)
         for name in entries:
             entries[name] += _entries(top, name)

@@ -7,7 +7,10 @@ all problems at once instead of stopping at the first.
 
 from __future__ import annotations
 
+import codecs
+import os
 import re
+import stat
 import tomllib
 from datetime import timedelta
 from pathlib import Path
@@ -39,13 +42,58 @@ _TOML_LINE = re.compile(r"at line (\d+)")
 
 def read_toml(path: Path, errors: list[ConfigError]) -> dict[str, Any] | None:
     """Parse a TOML file, or record why it could not be read and return None."""
+    raw = read_file(path, errors)
+    if raw is None:
+        return None
+    return parse_toml(path, raw, errors)
+
+
+def read_file(path: Path, errors: list[ConfigError]) -> bytes | None:
+    """Return the bytes of the regular file at `path`, or record why it could not be read and return None.
+
+    A named pipe, a device or a directory is rejected without reading, because
+    reading a pipe blocks until some other process writes to it.
+    """
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        # O_NONBLOCK makes opening a named pipe return at once instead of
+        # waiting for a writer; it does not change reads of a regular file.
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         errors.append(ConfigError(path, "", "file not found"))
+        return None
     except OSError as error:
         errors.append(ConfigError(path, "", f"cannot be read: {error.strerror}"))
+        return None
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        errors.append(ConfigError(path, "", f"{_file_kind(mode)}, not a regular file; expected a TOML file"))
+        return None
+    with os.fdopen(descriptor, "rb") as handle:
+        try:
+            return handle.read()
+        except OSError as error:
+            errors.append(ConfigError(path, "", f"cannot be read: {error.strerror}"))
+            return None
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device"
+    return "is a special file"
+
+
+def parse_toml(path: Path, raw: bytes, errors: list[ConfigError]) -> dict[str, Any] | None:
+    """Parse `raw`, the contents of the TOML file `path`, or record why it is invalid and return None."""
+    text = _decode_utf8(path, raw, errors)
+    if text is None:
+        return None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         match = _TOML_LINE.search(str(error))
         line = int(match.group(1)) if match else None
@@ -57,6 +105,22 @@ def read_toml(path: Path, errors: list[ConfigError]) -> dict[str, Any] | None:
             )
         errors.append(ConfigError(path, "", f"invalid TOML: {error}{hint}", line=line))
     return None
+
+
+def _decode_utf8(path: Path, raw: bytes, errors: list[ConfigError]) -> str | None:
+    """Decode `raw` as UTF-8 (TOML 1.0 files are UTF-8), skipping a leading byte order mark."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        errors.append(ConfigError(path, "", "not UTF-8 (it starts with a UTF-16 or UTF-32 byte order mark); save the file as UTF-8"))
+        return None
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[start:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        offset = start + error.start
+        line = raw[:offset].count(b"\n") + 1
+        problem = f"not UTF-8 (byte 0x{raw[offset]:02x} at offset {offset}); save the file as UTF-8"
+        errors.append(ConfigError(path, "", problem, line=line))
+        return None
 
 
 def parse_duration(value: Any) -> timedelta | None:

@@ -55,6 +55,19 @@ def test_failing_rule_test_names_case_and_difference(tmp_path: Path, capsys: pyt
     assert "0 passed, 1 failed" in output
 
 
+def test_rule_test_expectations_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = example_copy(tmp_path)
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    shutil.copy(ROOT / "rules" / "tests" / "outage-report.eml", cases / "outage.eml")
+    (cases / "outage.toml").write_bytes('# café\n[expect]\nroute = "outage-reports"\n'.encode("latin-1"))
+
+    assert main(["test", "--config", str(config), str(cases)]) == 1
+    output = capsys.readouterr().out
+    assert "FAIL outage.eml" in output
+    assert "outage.toml:1: not UTF-8 (byte 0xe9 at offset 5); save the file as UTF-8" in output
+
+
 SHADOW_RULES = TEAMS + """
 [[route]]
 name = "refunds-trial"

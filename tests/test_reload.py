@@ -138,3 +138,48 @@ async def test_sighup_reloads_and_sigterm_exits_zero(tmp_path: Path) -> None:
             process.wait(timeout=5)
         if process.stderr:
             process.stderr.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("write", "problem"),
+    [
+        (lambda path: path.write_bytes(GOOD_RULES.replace("vip", "vïp").encode("latin-1")), "not UTF-8 (byte 0xef at offset"),
+        (lambda path: path.write_bytes(GOOD_RULES.encode("utf-16")), "not UTF-8 (it starts with a UTF-16"),
+        (lambda path: (path.unlink(), os.mkfifo(path)), "is a named pipe (FIFO), not a regular file"),
+    ],
+    ids=["latin-1", "utf-16", "fifo"],
+)
+async def test_unreadable_rule_file_fails_reload(tmp_path: Path, start_daemon, write, problem: str) -> None:
+    daemon = await start_daemon(write_config(tmp_path, rules=GOOD_RULES))
+    old_digest = daemon.rules.digest
+    write(tmp_path / "rules" / "rules.toml")
+
+    with capture_logs() as events:
+        assert daemon.reload() is False
+
+    (event,) = [event for event in events if event["log_level"] == "error"]
+    assert event["event"] == "rules_reload_failed"
+    assert problem in event["error"]
+    assert daemon.rules.digest == old_digest
+    registry = daemon.metrics.registry
+    assert registry.get_sample_value("guardrail_rule_reloads_total", {"result": "failed"}) == 1
+    assert registry.get_sample_value("guardrail_rule_reloads_total", {"result": "succeeded"}) in (None, 0)
+
+
+async def test_unexpected_reload_error_is_counted(tmp_path: Path, start_daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon = await start_daemon(write_config(tmp_path, rules=GOOD_RULES))
+    old_digest = daemon.rules.digest
+
+    def broken_loader(config):
+        raise RuntimeError("loader bug")
+
+    monkeypatch.setattr("guardrail.daemon.load_ruleset", broken_loader)
+    with capture_logs() as events:
+        assert daemon.reload() is False
+
+    (event,) = [event for event in events if event["log_level"] == "error"]
+    assert event["event"] == "rules_reload_failed"
+    assert event["error"] == "unexpected RuntimeError: loader bug"
+    assert daemon.rules.digest == old_digest
+    assert daemon.metrics.registry.get_sample_value("guardrail_rule_reloads_total", {"result": "failed"}) == 1
