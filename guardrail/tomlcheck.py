@@ -124,15 +124,21 @@ def _decode_utf8(path: Path, raw: bytes, errors: list[ConfigError]) -> str | Non
 
 
 def parse_duration(value: Any) -> timedelta | None:
-    """Parse "30s", "5m", "2h", "1d", "1w", "250ms" or a number of seconds."""
+    """Parse "30s", "5m", "2h", "1d", "1w", "250ms" or a number of seconds.
+
+    Return None when the value is invalid, negative or too long for a timedelta.
+    """
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return timedelta(seconds=value) if value >= 0 else None
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    try:
+        if isinstance(value, (int, float)):
+            return timedelta(seconds=value) if value >= 0 else None
+        if isinstance(value, str):
+            match = _DURATION.match(value)
+            if match:
+                return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    except OverflowError:  # inf, or more days than timedelta allows (999999999)
+        return None
     return None
 
 
@@ -245,12 +251,13 @@ class Table:
         return value
 
     def duration(self, name: str, default: timedelta) -> timedelta:
+        """Return the duration under `name`, which must be more than zero, or `default` when unset or invalid."""
         value = self.raw(name)
         if value is None:
             return default
         parsed = parse_duration(value)
-        if parsed is None:
-            self.fail(name, value, 'a duration such as "30s", "5m", "2h" or "1d"')
+        if parsed is None or parsed <= timedelta(0):
+            self.fail(name, value, 'a positive duration such as "30s", "5m", "2h" or "1d"')
             return default
         return parsed
 

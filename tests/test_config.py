@@ -254,3 +254,64 @@ def test_route_command_explains_decision(capsys: pytest.CaptureFixture[str]) -> 
     assert "team:        billing" in output
     assert "destination: maildir " in output
     assert "because:     rcpt is 'billing@example.com' matched 'billing@example.com'" in output
+
+
+POSITIVE = 'expected a positive duration such as "30s", "5m", "2h" or "1d"'
+CONFIG_DURATIONS = [
+    ("smtp", "timeout"),
+    ("smtp", "data_timeout"),
+    ("database", "busy_timeout"),
+    ("smarthost", "timeout"),
+    ("delivery", "retry_initial"),
+    ("delivery", "retry_max"),
+    ("delivery", "give_up_after"),
+    ("conversations", "duplicate_window"),
+    ("acknowledgements", "window"),
+    ("webhooks", "timeout"),
+    ("webhooks", "retry_initial"),
+    ("webhooks", "retry_max"),
+    ("inspection", "max_age"),
+    ("zombie", "silent_business_hours"),
+    ("zombie", "period"),
+    ("zombie", "check_every"),
+]
+
+
+@pytest.mark.parametrize(("section", "key"), CONFIG_DURATIONS)
+def test_config_duration_must_be_positive(tmp_path: Path, section: str, key: str) -> None:
+    values = {key: "0s"}
+    if section == "smarthost":
+        values["host"] = "127.0.0.1"
+    path = write_config(tmp_path, sections={section: values})
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+
+    assert [str(error) for error in caught.value.errors] == [f"{path}: {section}.{key}: invalid value '0s'; {POSITIVE}"]
+
+
+@pytest.mark.parametrize(
+    ("value", "written"),
+    [(0, "0"), (0.0, "0.0"), ("0ms", "'0ms'"), ("0.0000001ms", "'0.0000001ms'"), (-5, "-5"),
+     (float("inf"), "inf"), ("99999999999w", "'99999999999w'"), (True, "true")],
+)
+def test_smtp_timeout_rejects_value(tmp_path: Path, value: object, written: str) -> None:
+    path = write_config(tmp_path, smtp={"timeout": value})
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+
+    assert [str(error) for error in caught.value.errors] == [f"{path}: smtp.timeout: invalid value {written}; {POSITIVE}"]
+
+
+@pytest.mark.parametrize(
+    ("rules", "key"),
+    [
+        (TEAMS.replace('name = "support"', 'name = "support"\nfirst_response = "0h"', 1) + ROUTES, "team[0] (support).first_response"),
+        (TEAMS + ROUTES.replace('name = "billing"', 'name = "billing"\nfirst_response = "0h"', 1), "route[0] (billing).first_response"),
+        (TEAMS + ROUTES + '[escalation]\nunstaffed_horizon = "0h"\n', "escalation.unstaffed_horizon"),
+    ],
+)
+def test_rule_duration_must_be_positive(tmp_path: Path, rules: str, key: str) -> None:
+    errors = rule_errors(tmp_path, rules)
+    assert errors == [f"{tmp_path / 'rules' / 'rules.toml'}: {key}: invalid value '0h'; {POSITIVE}"]
