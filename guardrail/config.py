@@ -342,19 +342,24 @@ def _load_delivery(table: Table, default_return_path: str) -> DeliverySettings:
 
 
 def _load_zombie(table: Table) -> ZombieSettings | None:
-    if not table.boolean("enabled", True):
-        return None
+    """Load [zombie], or return None when it is disabled.
+
+    Every key is validated either way, so that turning the watch off needs
+    only `enabled = false` and turning it back on finds no new errors.
+    """
+    enabled = table.boolean("enabled", True)
     share = table.raw("min_answered_share", 0.2)
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
         table.fail("min_answered_share", share, "a number from 0 to 1, such as 0.2")
         share = 0.2
-    return ZombieSettings(
+    settings = ZombieSettings(
         conversations=table.integer("conversations", 20, minimum=1),
         min_answered_share=float(share),
         silent_business_hours=table.duration("silent_business_hours", timedelta(hours=24)),
         period=table.duration("period", timedelta(days=1)),
         check_every=table.duration("check_every", timedelta(minutes=15)),
     )
+    return settings if enabled else None
 
 
 def _load_http(table: Table) -> HttpSettings:

@@ -315,3 +315,31 @@ def test_smtp_timeout_rejects_value(tmp_path: Path, value: object, written: str)
 def test_rule_duration_must_be_positive(tmp_path: Path, rules: str, key: str) -> None:
     errors = rule_errors(tmp_path, rules)
     assert errors == [f"{tmp_path / 'rules' / 'rules.toml'}: {key}: invalid value '0h'; {POSITIVE}"]
+
+
+ZOMBIE_KEYS = {"conversations": 20, "min_answered_share": 0.2, "silent_business_hours": "24h", "period": "1d", "check_every": "15m"}
+
+
+def test_disabled_zombie_keeps_its_keys(tmp_path: Path) -> None:
+    path = write_config(tmp_path, sections={"zombie": {"enabled": False, **ZOMBIE_KEYS}})
+    assert load_config(path).zombie is None
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("check_every", "0s", f"invalid value '0s'; {POSITIVE}"),
+        ("min_answered_share", 2, "invalid value 2; expected a number from 0 to 1, such as 0.2"),
+        ("conversations", 0, "invalid value 0; expected an integer of at least 1"),
+        ("every", "15m", "unknown key"),
+    ],
+)
+def test_zombie_keys_checked_when_disabled(tmp_path: Path, enabled: bool, key: str, value: object, problem: str) -> None:
+    path = write_config(tmp_path, sections={"zombie": {"enabled": enabled, key: value}})
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+
+    (error,) = caught.value.errors
+    assert str(error).startswith(f"{path}: zombie.{key}: {problem}")
