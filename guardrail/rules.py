@@ -258,7 +258,7 @@ def _load_team(
     first_response = table.duration("first_response", timedelta(hours=4))
     language = (table.string("language", "en") or "en").lower()
     template_name = table.string("template", "standard") or "standard"
-    urgent_contact = table.string("urgent_contact", "") or ""
+    urgent_contact = table.string("urgent_contact", "", allow_empty=True) or ""
     escalation = load_escalation(table, "escalation")
     contact = load_human(table.table("escalation_contact")) if table.has("escalation_contact") else None
     table.finish()

@@ -78,10 +78,12 @@ def template_fields(text: str) -> set[str]:
 
 
 def load_human(table: Table, name_key: str = "name", address_key: str = "address") -> Human | None:
+    errors_before = len(table.errors)
     name = table.string(name_key)
     address = table.string(address_key)
     if address is not None and "@" not in address:
         table.fail(address_key, address, "an email address")
+    if len(table.errors) > errors_before:
         return None
     if name and address:
         return Human(name, address.lower())
@@ -95,9 +97,10 @@ def load_calendar(table: Table, today: date) -> Calendar | None:
     name = table.string("name", required=True)
     if name:
         table.prefix = f"{table.prefix} ({name})"
-    zone_name = table.string("timezone", "UTC") or "UTC"
+    # An empty name goes to ZoneInfo like any other, so it gets the unknown-zone error.
+    zone_name = table.string("timezone", allow_empty=True)
     try:
-        zone = ZoneInfo(zone_name)
+        zone = ZoneInfo(zone_name if zone_name is not None else "UTC")
     except (ZoneInfoNotFoundError, ValueError):
         table.fail("timezone", zone_name, 'an IANA time zone such as "Europe/Paris"')
         zone = ZoneInfo("UTC")

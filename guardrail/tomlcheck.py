@@ -202,7 +202,14 @@ class Table:
         self._used.add(name)
         return self.data.get(name, default)
 
-    def string(self, name: str, default: str | None = None, *, required: bool = False) -> str | None:
+    def string(
+        self, name: str, default: str | None = None, *, required: bool = False, allow_empty: bool = False,
+    ) -> str | None:
+        """Return the string under `name`, or `default` when unset or invalid.
+
+        An empty or blank string is an error unless `allow_empty` is set,
+        because falling back to the default or dropping the entry would hide it.
+        """
         value = self.raw(name)
         if value is None:
             if required:
@@ -210,6 +217,10 @@ class Table:
             return default
         if not isinstance(value, str):
             self.fail(name, value, "a string")
+            return default
+        if not allow_empty and not value.strip():
+            fix = "" if required else "; remove the key or give it a value"
+            self.problem(name, f"invalid value {toml_text(value)}; must not be empty{fix}")
             return default
         return value
 

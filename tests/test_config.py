@@ -343,3 +343,85 @@ def test_zombie_keys_checked_when_disabled(tmp_path: Path, enabled: bool, key: s
 
     (error,) = caught.value.errors
     assert str(error).startswith(f"{path}: zombie.{key}: {problem}")
+
+
+TEMPLATE = '[[template]]\nname = {name}\nlanguage = {language}\nsubject = "s"\nbody = "b"\nplain_subject = "s"\nplain_body = "b"\n'
+EMPTY_NAMES = [
+    # (rules added to a valid set, key of the one expected error)
+    ('[[team]]\nname = {blank}\ndestination = {{ maildir = "x" }}\n', "team[2].name"),
+    ('[[route]]\nname = {blank}\nteam = "support"\nany = [{{ subject.is = "x" }}]\n', "route[2].name"),
+    ("[[calendar]]\nname = {blank}\n", "calendar[0].name"),
+    (TEMPLATE.replace("{name}", "{blank}").replace("{language}", '"en"'), "template[0].name"),
+    (TEMPLATE.replace("{name}", '"custom"').replace("{language}", "{blank}"), "template[0].language"),
+]
+
+
+@pytest.mark.parametrize("blank", ['""', '"  "'], ids=["empty", "blank"])
+@pytest.mark.parametrize(("extra", "key"), EMPTY_NAMES, ids=["team", "route", "calendar", "template", "language"])
+def test_empty_name_is_rejected(tmp_path: Path, extra: str, key: str, blank: str) -> None:
+    errors = rule_errors(tmp_path, TEAMS + ROUTES + extra.format(blank=blank))
+    value = blank.strip('"')
+    assert errors == [f"{tmp_path / 'rules' / 'rules.toml'}: {key}: invalid value {value!r}; must not be empty"]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        ('{ name = "Sam Ortiz",', '{ name = "",', "team[0] (support).members[0].name"),
+        ('address = "sam@example.org"', 'address = " "', "team[0] (support).members[0].address"),
+    ],
+    ids=["name", "address"],
+)
+def test_empty_member_is_rejected(tmp_path: Path, old: str, new: str, key: str) -> None:
+    errors = rule_errors(tmp_path, TEAMS.replace(old, new) + ROUTES)
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{tmp_path / 'rules' / 'rules.toml'}: {key}: invalid value")
+    assert errors[0].endswith("; must not be empty")
+
+
+@pytest.mark.parametrize("zone", ["", "Mars/Olympus", "Europe", "../etc", "zone.tab"])
+def test_unknown_timezone_is_rejected(tmp_path: Path, zone: str) -> None:
+    errors = rule_errors(tmp_path, TEAMS + ROUTES + f'[[calendar]]\nname = "office"\ntimezone = "{zone}"\n')
+    expected = (
+        f"{tmp_path / 'rules' / 'rules.toml'}: calendar[0] (office).timezone: invalid value {zone!r};"
+        ' expected an IANA time zone such as "Europe/Paris"'
+    )
+    assert errors == [expected]
+
+
+@pytest.mark.parametrize(
+    ("owner", "key"),
+    [
+        ('{ name = "", address = "dana@example.org" }', "route[0] (billing).owner.name"),
+        ('{ name = "Dana Duty", address = "dana" }', "route[0] (billing).owner.address"),
+    ],
+)
+def test_bad_owner_reported_once(tmp_path: Path, owner: str, key: str) -> None:
+    routes = ROUTES.replace('name = "billing"\n', f'name = "billing"\nowner = {owner}\n', 1)
+    errors = rule_errors(tmp_path, TEAMS + routes)
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{tmp_path / 'rules' / 'rules.toml'}: {key}: invalid value")
+
+
+REMOVE_OR_SET = "must not be empty; remove the key or give it a value"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "problem"),
+    [
+        ("smtp", "hostname", REMOVE_OR_SET),
+        ("smtp", "listen", REMOVE_OR_SET),
+        ("database", "path", REMOVE_OR_SET),
+        ("rules", "directory", REMOVE_OR_SET),
+        ("conversations", "reference_prefix", REMOVE_OR_SET),
+        ("delivery", "return_path", REMOVE_OR_SET),
+        ("postmaster", "owner", "must not be empty"),
+    ],
+)
+def test_empty_config_string_is_rejected(tmp_path: Path, section: str, key: str, problem: str) -> None:
+    path = write_config(tmp_path, smtp={key: ""} if section == "smtp" else None, sections={section: {key: ""}} if section != "smtp" else None)
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+
+    assert [str(error) for error in caught.value.errors] == [f"{path}: {section}.{key}: invalid value ''; {problem}"]
