@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from functools import cached_property
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -139,14 +139,16 @@ def _load_hours(table: Table, hours: Any) -> tuple[tuple[Window, ...], ...] | No
 
 def _load_holidays(table: Table, today: date) -> frozenset[date]:
     dates: set[date] = set()
-    for value in table.raw("holidays", []) or []:
-        if isinstance(value, date):
-            dates.add(value)
-            continue
-        try:
-            dates.add(date.fromisoformat(str(value)))
-        except ValueError:
-            table.fail("holidays", value, 'a date such as 2025-12-25')
+    values = table.raw("holidays", [])
+    if not isinstance(values, list):
+        table.fail("holidays", values, "a list of dates such as [2026-12-24]")
+        values = []
+    for index, value in enumerate(values):
+        day = _holiday(value)
+        if day is None:
+            table.fail(f"holidays[{index}]", value, "a date such as 2026-12-24")
+        else:
+            dates.add(day)
     country = table.string("country")
     subdivision = table.string("subdivision")
     if country:
@@ -160,6 +162,21 @@ def _load_holidays(table: Table, today: date) -> frozenset[date]:
         except NotImplementedError:
             table.fail("country", country, 'a country code known to the holidays package, such as "FR"')
     return frozenset(dates)
+
+
+def _holiday(value: Any) -> date | None:
+    """Return `value` as a date when it is a TOML date or an ISO date string, else None."""
+    # A TOML date-time is a datetime, which is a subclass of date but never equals one.
+    if isinstance(value, datetime):
+        return None
+    if isinstance(value, date):
+        return value
+    if isinstance(value, str):
+        try:
+            return date.fromisoformat(value)
+        except ValueError:
+            return None
+    return None
 
 
 def load_template(table: Table) -> Template | None:

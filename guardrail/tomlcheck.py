@@ -12,7 +12,7 @@ import os
 import re
 import stat
 import tomllib
-from datetime import timedelta
+from datetime import date, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,8 @@ def toml_text(value: Any) -> str:
     """Return `value` roughly as it is written in TOML, for error messages: true, not True."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, (date, time)):  # TOML writes dates and times bare, in ISO 8601
+        return value.isoformat()
     return repr(value)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
@@ -425,3 +425,34 @@ def test_empty_config_string_is_rejected(tmp_path: Path, section: str, key: str,
         load_config(path)
 
     assert [str(error) for error in caught.value.errors] == [f"{path}: {section}.{key}: invalid value ''; {problem}"]
+
+
+LIST_OF_DATES = "expected a list of dates such as [2026-12-24]"
+
+
+@pytest.mark.parametrize(
+    ("holidays", "error"),
+    [
+        ("5", f"holidays: invalid value 5; {LIST_OF_DATES}"),
+        ("true", f"holidays: invalid value true; {LIST_OF_DATES}"),
+        ("2026-12-24", f"holidays: invalid value 2026-12-24; {LIST_OF_DATES}"),
+        ('"2026-12-24"', f"holidays: invalid value '2026-12-24'; {LIST_OF_DATES}"),
+        ('{ christmas = 2026-12-25 }', f"holidays: invalid value {{'christmas': datetime.date(2026, 12, 25)}}; {LIST_OF_DATES}"),
+        ("[2026-12-24, 5]", "holidays[1]: invalid value 5; expected a date such as 2026-12-24"),
+        ('[2026-12-24, "24 Dec"]', "holidays[1]: invalid value '24 Dec'; expected a date such as 2026-12-24"),
+        ("[2026-12-24T00:00:00]", "holidays[0]: invalid value 2026-12-24T00:00:00; expected a date such as 2026-12-24"),
+    ],
+    ids=["integer", "boolean", "date", "string", "table", "list-integer", "list-text", "list-datetime"],
+)
+def test_holidays_wrong_type_one_error(tmp_path: Path, holidays: str, error: str) -> None:
+    errors = rule_errors(tmp_path, TEAMS + ROUTES + f'[[calendar]]\nname = "office"\nholidays = {holidays}\n')
+    assert errors == [f"{tmp_path / 'rules' / 'rules.toml'}: calendar[0] (office).{error}"]
+
+
+def test_holidays_accept_dates_and_iso_text(tmp_path: Path) -> None:
+    teams = TEAMS.replace('name = "support"', 'name = "support"\ncalendar = "office"', 1)
+    calendar = '[[calendar]]\nname = "office"\nholidays = [2026-12-24, "2026-12-31"]\n'
+
+    rules = load_rules(rules_folder(tmp_path, teams + ROUTES + calendar), tmp_path)
+
+    assert rules.teams["support"].calendar.holidays == {date(2026, 12, 24), date(2026, 12, 31)}
