@@ -151,6 +151,8 @@ def _load_holidays(table: Table, today: date) -> frozenset[date]:
             dates.add(day)
     country = table.string("country")
     subdivision = table.string("subdivision")
+    if subdivision is not None and country is None and not table.has("country"):
+        table.problem("subdivision", f"{subdivision!r} is set without country; set country to its country code, such as \"DE\"")
     if country:
         import holidays as holiday_calendars
 
@@ -160,8 +162,19 @@ def _load_holidays(table: Table, today: date) -> frozenset[date]:
         try:
             dates |= set(holiday_calendars.country_holidays(country, subdiv=subdivision, years=years))
         except NotImplementedError:
-            table.fail("country", country, 'a country code known to the holidays package, such as "FR"')
+            # holidays (0.109) raises NotImplementedError for an unknown country and for an unknown subdivision.
+            subdivisions = holiday_calendars.list_supported_countries().get(country)
+            if subdivisions is None:
+                table.fail("country", country, 'a country code known to the holidays package, such as "FR"')
+            else:
+                table.fail("subdivision", subdivision, f"a subdivision of {country}: {_shortened(subdivisions)}")
     return frozenset(dates)
+
+
+def _shortened(names: list[str], limit: int = 20) -> str:
+    if len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join(names[:limit]) + f" and {len(names) - limit} more"
 
 
 def _holiday(value: Any) -> date | None:

@@ -456,3 +456,26 @@ def test_holidays_accept_dates_and_iso_text(tmp_path: Path) -> None:
     rules = load_rules(rules_folder(tmp_path, teams + ROUTES + calendar), tmp_path)
 
     assert rules.teams["support"].calendar.holidays == {date(2026, 12, 24), date(2026, 12, 31)}
+
+
+@pytest.mark.parametrize(
+    ("keys", "error"),
+    [
+        ('country = "FR"\nsubdivision = "ZZ"', "subdivision: invalid value 'ZZ'; expected a subdivision of FR: "),
+        ('country = "DE"\nsubdivision = "by"', "subdivision: invalid value 'by'; expected a subdivision of DE: BB, BE, BW, BY,"),
+        ('country = "ZZ"', "country: invalid value 'ZZ'; expected a country code known to the holidays package"),
+        ('country = "ZZ"\nsubdivision = "BY"', "country: invalid value 'ZZ'; expected a country code known to the holidays package"),
+        ('subdivision = "BY"', "subdivision: 'BY' is set without country; set country to its country code, such as \"DE\""),
+    ],
+    ids=["unknown-subdivision", "lower-case-subdivision", "unknown-country", "unknown-country-with-subdivision", "no-country"],
+)
+def test_holiday_region_error_names_key(tmp_path: Path, keys: str, error: str) -> None:
+    errors = rule_errors(tmp_path, TEAMS + ROUTES + f'[[calendar]]\nname = "office"\n{keys}\n')
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{tmp_path / 'rules' / 'rules.toml'}: calendar[0] (office).{error}")
+
+
+def test_long_subdivision_list_is_shortened(tmp_path: Path) -> None:
+    errors = rule_errors(tmp_path, TEAMS + ROUTES + '[[calendar]]\nname = "office"\ncountry = "IT"\nsubdivision = "ZZ"\n')
+    assert len(errors) == 1
+    assert errors[0].endswith(" more")
