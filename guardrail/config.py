@@ -230,12 +230,13 @@ def default_parse_processes(cpus: int | None) -> int:
 
 
 def _load_smtp(table: Table, base: Path) -> SmtpSettings:
+    errors_before = len(table.errors)
     inboxes = [address.lower() for address in table.strings("inboxes")]
     for address in inboxes:
         if not _is_address(address):
             table.fail("inboxes", address, "an email address such as support@example.com")
     domains = [domain.lower().strip(".") for domain in table.strings("inbox_domains")]
-    if not inboxes and not domains:
+    if not inboxes and not domains and len(table.errors) == errors_before:
         table.problem("inboxes", "missing; list at least one address we accept mail for, such as support@example.com")
 
     hostname = table.string("hostname")
@@ -274,7 +275,7 @@ def _load_smtp(table: Table, base: Path) -> SmtpSettings:
         files = {"tls_certificate": settings.tls_certificate, "tls_key": settings.tls_key}
         missing = [(name, path) for name, path in files.items() if path is not None and not path.is_file()]
         for name, path in missing:
-            table.problem(name, f"file not found: {path}; expected a PEM file (a relative path starts at the config's folder)")
+            table.problem(name, _not_a_file(path) + "; expected a PEM file (a relative path starts at the config's folder)")
         if not missing:
             try:
                 tls_context(settings)
@@ -286,6 +287,15 @@ def _load_smtp(table: Table, base: Path) -> SmtpSettings:
                 )
     table.finish()
     return settings
+
+
+def _not_a_file(path: Path) -> str:
+    """Describe why `path`, which is not a regular file, cannot be read as one."""
+    if path.is_dir():
+        return f"is a directory: {path}"
+    if path.exists():
+        return f"is not a regular file: {path}"
+    return f"file not found: {path}"
 
 
 def tls_context(smtp: SmtpSettings) -> ssl.SSLContext | None:

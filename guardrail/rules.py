@@ -327,7 +327,7 @@ def unstaffed_reason(team: Team, now: Any, horizon: timedelta) -> str | None:
 def _load_destination(table: Table, base: Path) -> Destination | None:
     if not table.has("destination"):
         return None
-    spec = table.table("destination")
+    spec = table.table("destination", expected='a table such as { maildir = "PATH" } or { smtp = ["ADDRESS", ...] }')
     maildir = spec.string("maildir")
     smtp = spec.raw("smtp")
     spec.finish()

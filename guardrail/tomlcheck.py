@@ -174,26 +174,35 @@ class Table:
         data: Any,
         prefix: str,
         errors: list[ConfigError],
+        *,
+        expected: str = "a table",
     ) -> None:
         self.path = path
         self.prefix = prefix
         self.errors = errors
-        if not isinstance(data, dict):
-            self.fail("", data, "a table")
-            data = {}
-        self.data: dict[str, Any] = data
         self._used: set[str] = set()
+        self._is_table = True
+        if not isinstance(data, dict):
+            self.fail("", data, expected)
+            data = {}
+            # Its keys read as missing now, which the error above already explains.
+            self._is_table = False
+        self.data: dict[str, Any] = data
 
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
 
     def fail(self, name: str, value: Any, expected: str) -> None:
         """Record that key `name` holds `value` where `expected` was needed."""
+        if not self._is_table:
+            return
         key = self.key(name) if name else self.prefix
         self.errors.append(ConfigError(self.path, key, f"invalid value {toml_text(value)}; expected {expected}"))
 
     def problem(self, name: str, text: str) -> None:
         """Record a problem with key `name` described by `text`."""
+        if not self._is_table:
+            return
         key = self.key(name) if name else self.prefix
         self.errors.append(ConfigError(self.path, key, text))
 
@@ -302,9 +311,10 @@ class Table:
             return default
         return value
 
-    def table(self, name: str) -> Table:
+    def table(self, name: str, expected: str = "a table") -> Table:
+        """Return the table under `name`. `expected` describes the value in the error when it is not a table."""
         self._used.add(name)
-        return Table(self.path, self.data.get(name, {}), self.key(name), self.errors)
+        return Table(self.path, self.data.get(name, {}), self.key(name), self.errors, expected=expected)
 
     def finish(self) -> None:
         """Record every key that no read asked for as unknown."""

@@ -479,3 +479,76 @@ def test_long_subdivision_list_is_shortened(tmp_path: Path) -> None:
     errors = rule_errors(tmp_path, TEAMS + ROUTES + '[[calendar]]\nname = "office"\ncountry = "IT"\nsubdivision = "ZZ"\n')
     assert len(errors) == 1
     assert errors[0].endswith(" more")
+
+
+@pytest.mark.parametrize(
+    ("smtp", "error"),
+    [
+        ({"inboxes": "support@example.org"}, "smtp.inboxes: invalid value 'support@example.org'; expected a list of strings"),
+        ({"inboxes": 5}, "smtp.inboxes: invalid value 5; expected a list of strings"),
+        ({"inboxes": [], "inbox_domains": "example.org"}, "smtp.inbox_domains: invalid value 'example.org'; expected a list of strings"),
+        ({"inboxes": []}, "smtp.inboxes: missing; list at least one address we accept mail for, such as support@example.com"),
+    ],
+    ids=["inboxes-string", "inboxes-integer", "domains-string", "both-empty"],
+)
+def test_inboxes_error_reported_once(tmp_path: Path, smtp: dict[str, object], error: str) -> None:
+    path = write_config(tmp_path, smtp=smtp)
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+
+    assert [str(found) for found in caught.value.errors] == [f"{path}: {error}"]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("smtp = 5\n", "smtp: invalid value 5; expected a table"),
+        ('postmaster = "ops@example.org"\n[smtp]\ninboxes = ["support@example.org"]\n', "postmaster: invalid value 'ops@example.org'; expected a table"),
+        ('smarthost = "mail.example.org"\n[smtp]\ninboxes = ["support@example.org"]\n', "smarthost: invalid value 'mail.example.org'; expected a table"),
+    ],
+    ids=["smtp", "postmaster", "smarthost"],
+)
+def test_section_not_a_table_reported_once(tmp_path: Path, text: str, error: str) -> None:
+    path = write_config(tmp_path)
+    owner = "" if text.startswith("postmaster") else '[postmaster]\nowner = "ops@example.org"\n'
+    path.write_text(text + owner)
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+
+    assert [str(found) for found in caught.value.errors] == [f"{path}: {error}"]
+
+
+@pytest.mark.parametrize(
+    ("rules", "error"),
+    [
+        (
+            TEAMS.replace('{ maildir = "var/maildir/support" }', '"var/x"') + ROUTES,
+            (
+                "team[0] (support).destination: invalid value 'var/x';"
+                ' expected a table such as { maildir = "PATH" } or { smtp = ["ADDRESS", ...] }'
+            ),
+        ),
+        ("route = [5]\n" + TEAMS, "route[0]: invalid value 5; expected a table"),
+        (TEAMS + ROUTES.replace('name = "billing"\n', 'name = "billing"\nowner = "dana@example.org"\n'), "route[0] (billing).owner: invalid value 'dana@example.org'; expected a table"),
+    ],
+    ids=["destination", "route", "owner"],
+)
+def test_rule_not_a_table_reported_once(tmp_path: Path, rules: str, error: str) -> None:
+    assert rule_errors(tmp_path, rules) == [f"{tmp_path / 'rules' / 'rules.toml'}: {error}"]
+
+
+def test_tls_certificate_directory_is_named(tmp_path: Path) -> None:
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "tls.key").write_text("")
+    path = write_config(tmp_path, smtp={"tls_certificate": "tls", "tls_key": "tls.key"})
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+
+    expected = (
+        f"{path}: smtp.tls_certificate: is a directory: {tmp_path / 'tls'};"
+        " expected a PEM file (a relative path starts at the config's folder)"
+    )
+    assert [str(error) for error in caught.value.errors] == [expected]
