@@ -92,10 +92,13 @@ def check(arguments: argparse.Namespace) -> int:
         except ConfigErrors as problems:
             errors += problems.errors
     if config is not None and rules is not None:
-        findings = check_rules(
-            rules, datetime.now(timezone.utc), store_admin.inspections(config.database_path),
-            inspection_max_age=config.inspection_max_age,
-        )
+        try:
+            inspections = store_admin.inspections(config.database_path)
+        except sqlite3.DatabaseError as error:
+            # The header looked right, but the rest of the file is damaged or locked.
+            errors.append(ConfigError(config.path, "database.path", f"cannot read {config.database_path}: {error}"))
+        else:
+            findings = check_rules(rules, datetime.now(timezone.utc), inspections, inspection_max_age=config.inspection_max_age)
     findings = [Finding("error", str(error.path), f"{error.key}: {error.problem}" if error.key else error.problem) for error in errors] + findings
     has_errors = any(finding.level == "error" for finding in findings)
     status = EXIT_OK

@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import ssl
+import stat
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -39,6 +40,9 @@ class Secret:
 # RFC 6750 section 2.1: the characters a bearer token may contain.
 _BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 MIN_TOKEN_LENGTH = 16
+
+# Every SQLite 3 database file starts with these 16 bytes.
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,7 @@ def load_config(path: Path | str) -> Config:
         ),
     )
 
+    _check_database(database, config.database_path)
     config = replace(
         config,
         inspection_max_age=inspection.duration("max_age", timedelta(days=90)),
@@ -217,6 +222,37 @@ def load_config(path: Path | str) -> Config:
     if errors:
         raise ConfigErrors(errors)
     return config
+
+
+def _check_database(table: Table, path: Path) -> None:
+    """Record why `path` cannot hold the daemon's SQLite database. A path that does not exist yet is fine."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        table.problem("path", f"cannot use {path}: {error.strerror}")
+        return
+    if stat.S_ISDIR(info.st_mode):
+        table.problem("path", f"{path} is a directory; expected the path of an SQLite database file, such as var/guardrail.db")
+        return
+    if not stat.S_ISREG(info.st_mode):
+        table.problem("path", f"{path} is not a regular file; expected the path of an SQLite database file")
+        return
+    if info.st_size == 0:
+        return  # SQLite starts a new database in an empty file.
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(len(SQLITE_HEADER))
+    except OSError as error:
+        table.problem("path", f"cannot read {path}: {error.strerror}")
+        return
+    if header != SQLITE_HEADER:
+        table.problem(
+            "path",
+            f"{path} is not an SQLite database; point database.path at the daemon's database,"
+            " or at a path that does not exist yet to start a new one",
+        )
 
 
 def default_parse_processes(cpus: int | None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from datetime import date, timedelta
 from pathlib import Path
@@ -552,3 +553,60 @@ def test_tls_certificate_directory_is_named(tmp_path: Path) -> None:
         " expected a PEM file (a relative path starts at the config's folder)"
     )
     assert [str(error) for error in caught.value.errors] == [expected]
+
+
+def _directory(path: Path) -> None:
+    path.mkdir(parents=True)
+
+
+def _text_file(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    path.write_text("not a database, just some notes\n")
+
+
+def _fifo(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (_directory, "is a directory; expected the path of an SQLite database file, such as var/guardrail.db"),
+        (_text_file, "is not an SQLite database; point database.path at the daemon's database"),
+        (_fifo, "is not a regular file; expected the path of an SQLite database file"),
+    ],
+    ids=["directory", "text-file", "fifo"],
+)
+@pytest.mark.parametrize("command", ["check", "run", "status"])
+def test_unusable_database_path_is_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make, problem: str, command: str,
+) -> None:
+    path = write_config(tmp_path)
+    database = tmp_path / "var" / "guardrail.db"
+    make(database)
+
+    assert main([command, "--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert f"error: {path}: database.path: {database} {problem}" in error
+    assert "Traceback" not in error
+
+
+def test_damaged_database_is_check_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path)
+    database = tmp_path / "var" / "guardrail.db"
+    database.parent.mkdir(parents=True)
+    database.write_bytes(b"SQLite format 3\x00" + b"\xff" * 200)
+
+    assert main(["check", "--config", str(path)]) == 2
+    assert f"error: {path}: database.path: cannot read {database}: " in capsys.readouterr().err
+
+
+def test_empty_database_file_is_accepted(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    database = tmp_path / "var" / "guardrail.db"
+    database.parent.mkdir(parents=True)
+    database.touch()
+
+    assert load_config(path).database_path == database
