@@ -9,16 +9,14 @@ References so that replies thread.
 from __future__ import annotations
 
 import binascii
-import functools
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import date, datetime, time
+from datetime import datetime
 from email.header import Header
 from email.utils import format_datetime
 
-from babel.dates import format_date, format_time
-
+from .locales import deadline_text
 from .loops import LOOP_HEADER
 from .message import Summary
 from .rules import Team
@@ -84,15 +82,7 @@ def format_deadline(deadline: datetime | None, team: Team, language: str) -> str
     if deadline is None:
         return ""
     local = deadline.astimezone(team.calendar.zone)
-    return _local_deadline(local.date(), local.hour, local.minute, language, team.calendar.zone.key)
-
-
-@functools.lru_cache(maxsize=1024)
-def _local_deadline(day: date, hour: int, minute: int, language: str, zone: str) -> str:
-    # Deadlines of messages that arrive together fall in the same minute, and
-    # Babel takes tens of microseconds for each date it formats.
-    written = format_date(day, format="full", locale=language)
-    return f"{written}, {format_time(time(hour, minute), 'HH:mm', locale=language)} ({zone})"
+    return deadline_text(local.date(), local.hour, local.minute, language, team.calendar.zone.key)
 
 
 def one_line(text: str) -> str:

@@ -16,7 +16,9 @@ from typing import Any
 
 from .business_hours import Calendar, next_open_interval, utc_calendar
 from .errors import ConfigError, ConfigErrors
+from .locales import is_supported_language
 from .rules_sla import (
+    LANGUAGE_EXPECTED,
     EscalationLevel,
     Human,
     Template,
@@ -267,6 +269,8 @@ def _load_team(
     if not team_templates:
         known = ", ".join(sorted(templates)) or "none"
         table.problem("template", f"template {template_name!r} does not exist; defined templates: {known}")
+    elif not is_supported_language(language):
+        table.fail("language", language, LANGUAGE_EXPECTED)
     elif language not in team_templates:
         table.problem("language", f"template {template_name!r} has no {language!r} variant; it has {sorted(team_templates)}")
     first_human = next((level.human for level in escalation if level.human), None) or fallback

@@ -14,6 +14,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .business_hours import ALWAYS_OPEN, DAYS, Calendar, Window, parse_window
+from .locales import is_supported_language
 from .tomlcheck import Table, parse_duration
 
 # Merge fields an acknowledgement template may use.
@@ -27,6 +28,7 @@ TEMPLATE_FIELDS = {
     "urgent_contact": "the team's urgent_contact text",
 }
 WEBHOOK_FORMATS = ("json", "slack")
+LANGUAGE_EXPECTED = 'a BCP 47 language tag that Babel has dates for, such as "en", "fr", "pt-BR" or "zh-Hant"'
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,9 @@ def load_template(table: Table) -> Template | None:
         table.prefix = f"{table.prefix} ({name}/{language})"
     texts = {key: table.string(key, required=True) for key in ("subject", "body", "plain_subject", "plain_body")}
     table.finish()
+    if language and not is_supported_language(language):
+        table.fail("language", language, LANGUAGE_EXPECTED)
+        language = None
     for key, text in texts.items():
         if text is None:
             continue

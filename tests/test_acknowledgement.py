@@ -244,6 +244,10 @@ def test_choose_language_table(rules: RuleSet, team_name: str, headers: str, lan
         ("2025-12-01T08:30:00", "es", "lunes, 1 de diciembre de 2025, 09:30 (Europe/Paris)"),
         # Summer time: the same UTC hour is one hour later in Paris.
         ("2025-07-01T08:30:00", "fr", "mardi 1 juillet 2025, 10:30 (Europe/Paris)"),
+        # BCP 47 tags, lowercased by the loader; Babel writes them with "_".
+        ("2025-12-01T08:30:00", "pt-br", "segunda-feira, 1 de dezembro de 2025, 09:30 (Europe/Paris)"),
+        ("2025-12-01T08:30:00", "zh-hant", "2025年12月1日 星期一, 09:30 (Europe/Paris)"),
+        ("2025-12-01T08:30:00", "de-ch", "Montag, 1. Dezember 2025, 09:30 (Europe/Paris)"),
     ],
 )
 def test_format_deadline_table(rules: RuleSet, deadline: str, language: str, text: str) -> None:
@@ -336,6 +340,52 @@ def test_bad_template_rejected_at_load(tmp_path: Path, key: str, text: str, prob
     assert Path(error.path).name == "rules.toml"
     assert error.key == f"template[0] (custom/en).{key}"
     assert problem in error.problem
+
+
+LANGUAGE_EXPECTED = 'expected a BCP 47 language tag that Babel has dates for, such as "en", "fr", "pt-BR" or "zh-Hant"'
+UNKNOWN_LANGUAGES = ["tlh", "xx", "pt_BR", "en-US-u-ca-gregory", "i-klingon", "en US"]
+
+
+@pytest.mark.parametrize("language", UNKNOWN_LANGUAGES)
+def test_template_language_babel_lacks(tmp_path: Path, language: str) -> None:
+    rules = custom_template("body", "Hello {sender_name}.").replace('language = "en"', f'language = "{language}"', 1)
+
+    with pytest.raises(ConfigErrors) as raised:
+        load_rules(rules_folder(tmp_path, rules), tmp_path)
+
+    messages = [str(error) for error in raised.value.errors]
+    key = f"template[0] (custom/{language})"
+    assert f"{tmp_path / 'rules' / 'rules.toml'}: {key}.language: invalid value {language!r}; {LANGUAGE_EXPECTED}" in messages
+
+
+@pytest.mark.parametrize("language", UNKNOWN_LANGUAGES)
+def test_team_language_babel_lacks(tmp_path: Path, language: str) -> None:
+    rules = RULES.replace('language = "fr"', f'language = "{language}"', 1)
+
+    with pytest.raises(ConfigErrors) as raised:
+        load_rules(rules_folder(tmp_path, rules), tmp_path)
+
+    (error,) = raised.value.errors
+    assert str(error) == (
+        f"{tmp_path / 'rules' / 'rules.toml'}: team[1] (billing).language: invalid value {language.lower()!r}; {LANGUAGE_EXPECTED}"
+    )
+
+
+@pytest.mark.parametrize("language", ["pt-BR", "zh-Hant", "sr-Latn"])
+async def test_regional_language_acknowledged(tmp_path: Path, start_daemon, language: str) -> None:
+    template = custom_template("body", "Hello {sender_name}, we answer by {deadline}.")
+    rules = template.replace('language = "en"', f'language = "{language}"', 1).replace(
+        'template = "custom"', f'template = "custom"\nlanguage = "{language}"', 1,
+    )
+    daemon = await start_daemon(write_config(tmp_path, rules=rules), clock=ManualClock(ARRIVAL))
+
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(to="support@example.org"))
+    await settle(daemon, daemon.clock)
+    await wait_until(lambda: sent_acknowledgements(tmp_path), what="the acknowledgement")
+
+    ((_, ack),) = sent_acknowledgements(tmp_path)
+    assert ack["Content-Language"] == language.lower()
+    assert "we answer by " in body(ack)
 
 
 def test_good_custom_template_loads(tmp_path: Path) -> None:
