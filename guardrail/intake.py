@@ -3,7 +3,7 @@
 `GuardrailSMTP` changes the protocol where a hardened MTA must differ from
 stock aiosmtpd: DATA is read in large chunks, oversized data gets one 552
 after the final dot, every reply carries an enhanced status code, and
-concurrent connections are capped. `IntakeHandler` holds the steps of a
+concurrent connections are capped. `IntakeHandler` runs the steps of a
 transaction: check the envelope, read the message, reject bare CR or LF,
 route it, commit it, reply.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,17 +201,17 @@ class GuardrailSMTP(SMTP):
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
-        self._command = "MAIL"
-        try:
-            await super().smtp_MAIL(arg)
-        finally:
-            self._command = ""
+        await self._run_command("MAIL", super().smtp_MAIL, arg)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
-        self._command = "RCPT"
+        await self._run_command("RCPT", super().smtp_RCPT, arg)
+
+    async def _run_command(self, name: str, command: Callable[[str | None], Awaitable[None]], arg: str | None) -> None:
+        """Run aiosmtpd's `command`, with `name` set so that its replies get that command's enhanced codes."""
+        self._command = name
         try:
-            await super().smtp_RCPT(arg)
+            await command(arg)
         finally:
             self._command = ""
 
