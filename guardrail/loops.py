@@ -129,7 +129,7 @@ def has_too_many_hops(summary: Summary, max_received: int) -> bool:
 def auto_submitted_keyword(value: str) -> str:
     """Return the keyword of an Auto-Submitted value in lower case, without comments, whitespace and parameters.
 
-    RFC 3834 section 5 allows comments (which nest and may hold quoted
+    RFC 3834 section 5 allows comments (which nest and may contain quoted
     pairs) around the keyword, and parameters after a ";". A value without a
     keyword gives "", and words left over after the keyword stay in the
     result, so neither equals "no".

@@ -27,10 +27,10 @@ _Frozen = TypeVar("_Frozen")
 
 
 def _copy(value: _Frozen, **changes: Any) -> _Frozen:
-    """Return a copy of a frozen dataclass instance with `changes`, and with any cached properties it holds.
+    """Return a copy of a frozen dataclass instance with `changes`, keeping the cached properties it contains.
 
-    dataclasses.replace runs __init__ again, which costs as much as the rest
-    of preparing a message; the values here were valid already.
+    dataclasses.replace runs __init__ again, which is slow for a class with
+    this many fields, and the values here were valid already.
     """
     copy = object.__new__(type(value))
     copy.__dict__.update(value.__dict__, **changes)

@@ -95,7 +95,7 @@ class BareLineEnding:
 
 
 def has_bare_line_ending(data: bytes) -> bool:
-    """Return True if `data` holds a CR not followed by LF, or an LF not preceded by CR.
+    """Return True if `data` contains a CR not followed by LF, or an LF not preceded by CR.
 
     Servers that accept such line endings can be fooled into reading one
     transaction as two (SMTP smuggling), so intake rejects them.
@@ -132,9 +132,9 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         protocol=envelope.protocol,
         received_at=now, summary=summary, is_loop=has_our_loop_marker(summary, site.hostname),
     )
-    postmaster = sum(is_postmaster(address, site) and not is_inbox(address, site) for address in envelope.rcpt_tos)
-    owner = Destination("smtp", addresses=(site.postmaster_owner,)) if postmaster else None
-    if postmaster and postmaster == len(envelope.rcpt_tos):
+    postmasters = sum(is_postmaster(address, site) and not is_inbox(address, site) for address in envelope.rcpt_tos)
+    owner = Destination("smtp", addresses=(site.postmaster_owner,)) if postmasters else None
+    if postmasters and postmasters == len(envelope.rcpt_tos):
         return Submission(
             **common, route="postmaster", team="postmaster", destination=owner,
             route_reasons=("recipient is postmaster",), team_members=frozenset(), is_postmaster=True,

@@ -55,7 +55,7 @@ _DEFAULT_ENHANCED = {
     "530": "5.7.0",
     "552": "5.3.4",
     "553": "5.1.0",
-    # aiosmtpd's one 554 refuses every command once a handle_STARTTLS hook
+    # aiosmtpd's one 554 rejects every command once a handle_STARTTLS hook
     # finds the TLS session too weak (RFC 3207 section 4.1), a security status.
     "554": "5.7.0",
     "555": "5.5.4",
@@ -81,7 +81,7 @@ def with_enhanced_code(status: str, hostname: str, command: str = "") -> str:
         # aiosmtpd gives both MAIL and RCPT the recipient's code.
         return REPLY_MALFORMED_SENDER if command == "MAIL" else REPLY_MALFORMED_RECIPIENT
     if status.startswith(REPLY_UNKNOWN_COMMAND_STOCK):
-        # The command name may hold any ASCII byte, control characters included.
+        # The command name may contain any ASCII byte, control characters included.
         return REPLY_UNKNOWN_COMMAND
     if status[3:4] != " " or _ENHANCED.match(status) or code not in _DEFAULT_ENHANCED:
         return status

@@ -480,7 +480,8 @@ async def test_postmaster_beside_inbox_gets_copy(tmp_path: Path, start_daemon) -
     outbound = tmp_path / "var" / "outbound"
     await wait_until(lambda: len(maildir_messages(outbound)) == 2, what="the acknowledgement and the postmaster copy")
     copies = [mail for mail in maildir_messages(outbound) if b"X-Guardrail-Envelope-To: ops@example.org\r\n" in mail]
-    assert len(copies) == 1 and copies[0].endswith(content)
+    assert len(copies) == 1
+    assert copies[0].endswith(content)
     assert query(daemon, "SELECT COUNT(*) FROM outbox WHERE kind = 'deliver' AND conversation_id IS NULL") == [(1,)]
 
 
@@ -831,7 +832,7 @@ async def replies_after_ehlo(port: int, commands: list[bytes]) -> list[list[str]
     ],
     ids=["nothing before", "rcpt without mail before", "mail before", "mail and a refused rcpt before", "null sender before"],
 )
-async def test_data_out_of_order_names_missing_step(tmp_path: Path, start_daemon, commands: list[bytes], expected: str) -> None:
+async def test_early_data_names_missing_step(tmp_path: Path, start_daemon, commands: list[bytes], expected: str) -> None:
     daemon = await start_daemon(write_config(tmp_path))
 
     replies = await replies_after_ehlo(daemon.port, commands)
