@@ -24,7 +24,7 @@ from .rules_sla import (
     Template,
     load_calendar,
     load_escalation,
-    load_human,
+    load_named_human,
     load_template,
 )
 from .tomlcheck import Table, parse_toml, read_file
@@ -225,7 +225,7 @@ def _load_settings(tables: list[Table]) -> tuple[Human | None, timedelta, frozen
             if escalation.has("fallback"):
                 if fallback is not None:
                     escalation.problem("fallback", "the fallback human is defined in more than one file; keep one")
-                fallback = load_human(escalation.table("fallback")) or fallback
+                fallback = load_named_human(escalation, "fallback") or fallback
             horizon = escalation.duration("unstaffed_horizon", horizon)
             escalation.finish()
         if top.has("staff"):
@@ -262,7 +262,7 @@ def _load_team(
     template_name = table.string("template", "standard") or "standard"
     urgent_contact = table.string("urgent_contact", "", allow_empty=True) or ""
     escalation = load_escalation(table, "escalation")
-    contact = load_human(table.table("escalation_contact")) if table.has("escalation_contact") else None
+    contact = load_named_human(table, "escalation_contact") if table.has("escalation_contact") else None
     table.finish()
 
     team_templates = templates.get(template_name, {})
@@ -393,7 +393,7 @@ def _load_route(table: Table, teams: dict[str, Team]) -> Route | None:
     is_default = table.boolean("default", False)
     first_response = table.duration("first_response", timedelta(0)) if table.has("first_response") else None
     mode = table.choice("mode", "live", ("live", "shadow"))
-    owner = load_human(table.table("owner")) if table.has("owner") else None
+    owner = load_named_human(table, "owner") if table.has("owner") else None
     all_conditions = _load_condition_list(table, "all")
     any_conditions = _load_condition_list(table, "any")
     table.finish()

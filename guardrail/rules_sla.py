@@ -94,6 +94,14 @@ def load_human(table: Table, name_key: str = "name", address_key: str = "address
     return None
 
 
+def load_named_human(parent: Table, key: str) -> Human | None:
+    """Load the table under `key`, which must contain only a human's name and address."""
+    table = parent.table(key)
+    human = load_human(table)
+    table.finish(allowed=("name", "address"))
+    return human
+
+
 def load_calendar(table: Table, today: date) -> Calendar | None:
     """Load one [[calendar]] table."""
     name = table.string("name", required=True)

@@ -316,8 +316,9 @@ class Table:
         self._used.add(name)
         return Table(self.path, self.data.get(name, {}), self.key(name), self.errors, expected=expected)
 
-    def finish(self) -> None:
-        """Record every key that no read asked for as unknown."""
+    def finish(self, allowed: tuple[str, ...] = ()) -> None:
+        """Record every key that no read asked for as unknown; the error lists `allowed` when it is given."""
+        hint = f"allowed keys: {', '.join(allowed)}" if allowed else "check its spelling against config.example.toml or the README"
         for name in self.data:
             if name not in self._used:
-                self.problem(name, "unknown key; check its spelling against config.example.toml or the README")
+                self.problem(name, f"unknown key; {hint}")

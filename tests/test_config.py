@@ -404,6 +404,55 @@ def test_bad_owner_reported_once(tmp_path: Path, owner: str, key: str) -> None:
     assert errors[0].startswith(f"{tmp_path / 'rules' / 'rules.toml'}: {key}: invalid value")
 
 
+ACKNOWLEDGEMENTS = (ROOT / "rules" / "30-acknowledgements.toml").read_text()
+FALLBACK = '[escalation]\nfallback = { name = "Dana Duty", address = "duty-manager@example.org" }\n'
+UNKNOWN_HUMAN_KEY = [
+    # (rules.toml, the key path of its misspelled key), each beside a complete name and address
+    (
+        TEAMS + FALLBACK + ROUTES.replace('name = "billing"\n', 'name = "billing"\nowner = { name = "Olga", address = "olga@example.org", adress = "o@example.org" }\n', 1),
+        "route[0] (billing).owner.adress",
+    ),
+    (
+        TEAMS.replace('name = "support"\n', 'name = "support"\nescalation_contact = { name = "Ann", nmae = "Ann Lee", address = "ann@example.org" }\n', 1)
+        + FALLBACK + ROUTES,
+        "team[0] (support).escalation_contact.nmae",
+    ),
+    (
+        TEAMS + ROUTES + '[escalation]\nfallback = { name = "Fay", address = "fay@example.org", adress = "fay@example.org" }\n',
+        "escalation.fallback.adress",
+    ),
+]
+
+
+def write_human_rules(folder: Path, rules: str) -> Path:
+    """Write `rules` beside the shipped templates, without the shared fallback human."""
+    directory = rules_folder(folder, rules, shared=False)
+    (directory / "00-acknowledgements.toml").write_text(ACKNOWLEDGEMENTS)
+    return directory / "rules.toml"
+
+
+@pytest.mark.parametrize(("rules", "key"), UNKNOWN_HUMAN_KEY, ids=["route-owner", "escalation-contact", "fallback"])
+def test_unknown_key_in_human_rejected(tmp_path: Path, rules: str, key: str) -> None:
+    path = write_human_rules(tmp_path, rules)
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_rules(path.parent, tmp_path)
+
+    expected = f"{path}: {key}: unknown key; allowed keys: name, address"
+    assert [str(error) for error in caught.value.errors] == [expected]
+
+
+@pytest.mark.parametrize(("rules", "key"), UNKNOWN_HUMAN_KEY, ids=["route-owner", "escalation-contact", "fallback"])
+def test_check_rejects_unknown_human_key(tmp_path: Path, capsys: pytest.CaptureFixture[str], rules: str, key: str) -> None:
+    config = write_config(tmp_path)
+    (tmp_path / "rules" / "00-shared.toml").unlink()
+    path = write_human_rules(tmp_path, rules)
+
+    assert main(["check", "--config", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert f"error: {path}: {key}: unknown key; allowed keys: name, address" in error
+    assert "1 error(s), 0 warning(s)" in error
+
 REMOVE_OR_SET = "must not be empty; remove the key or give it a value"
 
 
