@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .checks import Inspection
 from .clock import format_instant, parse_instant
@@ -34,7 +35,9 @@ def connect(path: Path, *, write: bool = False) -> Iterator[sqlite3.Connection]:
         connection.execute("PRAGMA synchronous = FULL")
         connection.executescript(SCHEMA)
     else:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        # In an SQLite URI, "?" and "#" end the path and "%" starts an escape, so the path is percent-encoded.
+        uri = f"file:{quote(str(path.resolve()), safe='/')}?mode=ro"
+        connection = sqlite3.connect(uri, uri=True, timeout=10)
     try:
         yield connection
     finally:

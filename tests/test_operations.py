@@ -141,6 +141,32 @@ async def test_status_shows_open_and_overdue(tmp_path: Path, start_daemon, capsy
     assert "New question" in output.split("next deadlines:")[1]
 
 
+async def test_read_commands_quote_database_path(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    # "?" and "#" end the path of an SQLite URI, and an unquoted "%41" would be read as "A".
+    database = tmp_path / "db ?#%41 copy" / "guardrail.db"
+    config = write_config(tmp_path, rules=SHADOW_RULES, sections={"database": {"path": str(database)}})
+    daemon = await start_daemon(config)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(subject="Refund please", message_id="<r@x>"))
+    capsys.readouterr()
+
+    assert await asyncio.to_thread(main, ["status", "--config", str(config)]) == 0
+    assert "support                   1 (0 overdue)" in capsys.readouterr().out
+
+    assert await asyncio.to_thread(main, ["report", "shadow", "--config", str(config)]) == 0
+    assert "1 message(s) where a shadow route would have won" in capsys.readouterr().out
+
+    replay = ["replay", "--config", str(config), "--rules", str(tmp_path / "rules")]
+    assert await asyncio.to_thread(main, replay) == 0
+    assert "0 of 1 messages would change" in capsys.readouterr().out
+
+    inspect = ["inspect", "--config", str(config), "--by", "Dana Duty", "--note", "reviewed"]
+    assert await asyncio.to_thread(main, inspect) == 0
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["check", "--config", str(config)]) == 0
+    assert "never inspected" not in capsys.readouterr().err
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["db ?#%41 copy", "guardrail.toml", "rules", "var"]
+
 ZOMBIE_RULES = """
 [[team]]
 name = "support"
