@@ -1,7 +1,8 @@
 """The `guardrail` command line: arguments in, a command run, an exit code out.
 
 Exit codes: 0 success, 1 a runtime failure (or, for check and test, warnings
-or failed cases), 2 invalid usage, configuration or rules.
+or failed cases), 2 invalid usage, configuration or rules, or a database file
+that is not SQLite, is damaged or lacks guardrail's tables.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, commands
-from .errors import ConfigErrors
+from .errors import ConfigError, ConfigErrors, DatabaseFileError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     handler = getattr(commands, arguments.command)
     try:
         return handler(arguments)
-    except ConfigErrors as errors:
-        for error in errors.errors:
-            print(f"error: {error}", file=sys.stderr)
-        return commands.EXIT_USAGE
+    except ConfigErrors as problems:
+        errors = problems.errors
+    except DatabaseFileError as problem:
+        # Every command finds its database through database.path in the config.
+        errors = [ConfigError(arguments.config, "database.path", str(problem))]
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return commands.EXIT_USAGE

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import pidfile, store_admin
 from .checks import Finding, check_rules
 from .config import Config, load_config
-from .errors import ConfigError, ConfigErrors
+from .errors import ConfigError, ConfigErrors, DatabaseFileError
 from .harness import evaluate, run_case
 from .message import summarize
 from .prepare import Site, is_inbox
@@ -94,8 +94,10 @@ def check(arguments: argparse.Namespace) -> int:
     if config is not None and rules is not None:
         try:
             inspections = store_admin.inspections(config.database_path)
+        except DatabaseFileError as error:
+            errors.append(ConfigError(config.path, "database.path", str(error)))
         except sqlite3.DatabaseError as error:
-            # The header looked right, but the rest of the file is damaged or locked.
+            # Another SQLite error, such as a database that stays locked.
             errors.append(ConfigError(config.path, "database.path", f"cannot read {config.database_path}: {error}"))
         else:
             findings = check_rules(rules, datetime.now(timezone.utc), inspections, inspection_max_age=config.inspection_max_age)
@@ -165,7 +167,10 @@ def answer(arguments: argparse.Namespace) -> int:
         finally:
             await store.close()
 
-    before = asyncio.run(mark())
+    # Store.open would add guardrail's tables to any SQLite file, so the file is checked first.
+    store_admin.verify(config.database_path)
+    with store_admin.file_errors(config.database_path):
+        before = asyncio.run(mark())
     if not before:
         print(f"error: conversation {reference} not found in {config.database_path}", file=sys.stderr)
         return EXIT_USAGE

@@ -4,6 +4,7 @@
     ├── ConfigError              one invalid setting in a config or rule file
     ├── ConfigErrors             every ConfigError found while loading, at once
     ├── StorageError             the database could not be read or written
+    │   └── DatabaseFileError    the database file is not SQLite, is damaged or is not guardrail's
     └── DeliveryError            a destination did not take a message
         ├── TemporaryDeliveryError   retry later (4xx, refused, timed out)
         └── PermanentDeliveryError   never retry (5xx, bad destination)
@@ -47,6 +48,15 @@ class ConfigErrors(GuardrailError):
 
 class StorageError(GuardrailError):
     """The database could not be read or written."""
+
+
+class DatabaseFileError(StorageError):
+    """The database file is not an SQLite database, is damaged, or lacks guardrail's tables."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path} {problem}")
+        self.path = path
+        self.problem = problem
 
 
 class DeliveryError(GuardrailError):

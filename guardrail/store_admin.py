@@ -19,29 +19,89 @@ from urllib.parse import quote
 
 from .checks import Inspection
 from .clock import format_instant, parse_instant
+from .errors import DatabaseFileError
 from .store_batch import SCHEMA
+
+# Tables that every version of the schema has, so a file without them was not made by guardrail.
+GUARDRAIL_TABLES = ("messages", "conversations")
 
 
 @contextmanager
 def connect(path: Path, *, write: bool = False) -> Iterator[sqlite3.Connection]:
-    """Open the database; a read-only open of a missing file yields an empty schema in memory."""
-    if not write and not path.exists():
+    """Open the database, or an empty schema in memory for a read-only open of a missing or empty file.
+
+    Raises DatabaseFileError, from the open or from the statements run inside
+    the block, when the file is not an SQLite database, is damaged, or is an
+    SQLite database without guardrail's tables.
+    """
+    with file_errors(path):
+        connection = _open(path, write=write)
+        try:
+            yield connection
+        finally:
+            connection.close()
+
+
+def _open(path: Path, *, write: bool) -> sqlite3.Connection:
+    # SQLite treats an empty file as a new database, which the daemon gives its tables when it starts.
+    is_new = not path.exists() or path.stat().st_size == 0
+    if is_new and not write:
         connection = sqlite3.connect(":memory:")
         connection.executescript(SCHEMA)
-    elif write:
+        return connection
+    if write:
         path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(path, timeout=10, isolation_level=None)
-        connection.execute("PRAGMA journal_mode = WAL")
-        connection.execute("PRAGMA synchronous = FULL")
-        connection.executescript(SCHEMA)
     else:
         # In an SQLite URI, "?" and "#" end the path and "%" starts an escape, so the path is percent-encoded.
         uri = f"file:{quote(str(path.resolve()), safe='/')}?mode=ro"
         connection = sqlite3.connect(uri, uri=True, timeout=10)
     try:
-        yield connection
-    finally:
+        if not is_new:
+            # Checked first, because the pragmas and the schema below would write into any SQLite file.
+            _check_tables(connection, path)
+        if write:
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = FULL")
+            connection.executescript(SCHEMA)
+    except BaseException:
         connection.close()
+        raise
+    return connection
+
+
+def _check_tables(connection: sqlite3.Connection, path: Path) -> None:
+    rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    missing = [name for name in GUARDRAIL_TABLES if (name,) not in rows]
+    if missing:
+        raise DatabaseFileError(
+            path, f"has no guardrail tables ({', '.join(missing)}); was it created by `guardrail run`?",
+        )
+
+
+@contextmanager
+def file_errors(path: Path) -> Iterator[None]:
+    """Raise DatabaseFileError in place of an SQLite error that means the file at `path` is not SQLite or is damaged.
+
+    Other SQLite errors, such as a locked database, pass through unchanged.
+    """
+    try:
+        yield
+    except sqlite3.DatabaseError as error:
+        # sqlite_errorname (Python 3.11+) names SQLite's result code. Errors that the sqlite3 module raises itself lack it.
+        name = getattr(error, "sqlite_errorname", "")
+        if name == "SQLITE_NOTADB":
+            problem = f"is not an SQLite database, or its header is damaged: {error}; restore it from a backup"
+            raise DatabaseFileError(path, problem) from error
+        if name.startswith("SQLITE_CORRUPT"):
+            raise DatabaseFileError(path, f"is damaged: {error}; restore it from a backup") from error
+        raise
+
+
+def verify(path: Path) -> None:
+    """Raise DatabaseFileError unless the file at `path` is missing, empty or a readable guardrail database."""
+    with connect(path):
+        pass
 
 
 def inspections(path: Path) -> list[Inspection]:

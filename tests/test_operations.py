@@ -7,9 +7,11 @@ import email
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pytest
 
 from guardrail.cli import main
 from guardrail.clock import ManualClock
+from guardrail.store_batch import SCHEMA
 
 from conftest import ROOT, TEAMS, example_copy, free_port, maildir_messages, message, send, settle, write_config
 
@@ -166,6 +169,117 @@ async def test_read_commands_quote_database_path(tmp_path: Path, start_daemon, c
     assert "never inspected" not in capsys.readouterr().err
 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["db ?#%41 copy", "guardrail.toml", "rules", "var"]
+
+def _random_bytes(database: Path) -> None:
+    database.write_bytes(bytes(range(256)) * 32)
+
+
+def _junk_after_header(database: Path) -> None:
+    database.write_bytes(b"SQLite format 3\x00" + b"\xff" * 8176)
+
+
+def _truncated(database: Path) -> None:
+    with closing(sqlite3.connect(database)) as connection:
+        connection.executescript(SCHEMA)
+    with database.open("r+b") as handle:
+        handle.truncate(2 * 4096)
+
+
+def _foreign(database: Path) -> None:
+    with closing(sqlite3.connect(database)) as connection:
+        connection.execute("CREATE TABLE notes (text TEXT)")
+
+
+DAMAGE = [
+    # (how the file is written, what the error line contains after "error: CONFIG: database.path: ")
+    (_random_bytes, "{database} is not an SQLite database; point database.path at the daemon's database"),
+    (_junk_after_header, "{database} is not an SQLite database, or its header is damaged: file is not a database; restore it"),
+    (_truncated, "{database} is damaged: database disk image is malformed; restore it from a backup"),
+    (_foreign, "{database} has no guardrail tables (messages, conversations); was it created by `guardrail run`?"),
+]
+DATABASE_COMMANDS = [
+    ["status"],
+    ["report", "shadow"],
+    ["replay", "--rules", "rules"],
+    ["inspect", "--by", "Dana Duty", "--note", "reviewed"],
+    ["answer", "GR-7K3M9Q"],
+    ["check"],
+]
+
+
+@pytest.mark.parametrize(("damage", "line"), DAMAGE, ids=["random-bytes", "junk-after-header", "truncated", "foreign"])
+@pytest.mark.parametrize("command", DATABASE_COMMANDS, ids=lambda command: command[0])
+def test_damaged_database_named_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage, line: str, command: list[str],
+) -> None:
+    config = write_config(tmp_path)
+    database = tmp_path / "var" / "guardrail.db"
+    database.parent.mkdir()
+    damage(database)
+    before = database.read_bytes()
+    arguments = [str(tmp_path / "rules") if argument == "rules" else argument for argument in command]
+
+    assert main([*arguments, "--config", str(config)]) == 2
+    error = capsys.readouterr().err
+    lines = error.splitlines()
+    assert lines[0].startswith(f"error: {config}: database.path: " + line.format(database=database))
+    assert "Traceback" not in error
+    assert len(lines) == (2 if command == ["check"] else 1)
+    assert database.read_bytes() == before
+    assert sorted(path.name for path in database.parent.iterdir()) == ["guardrail.db"]
+
+
+def _damaged_pages(database: Path) -> None:
+    """Write a guardrail database with rows, then overwrite all but its first quarter, where the schema is."""
+    with closing(sqlite3.connect(database)) as connection:
+        connection.executescript(SCHEMA)
+        for number in range(300):
+            connection.execute(
+                "INSERT INTO conversations (reference, route, team, state, opened_at, updated_at, subject, customer,"
+                " participants) VALUES (?, 'default', 'support', 'open', ?, ?, 'Printer jams', 'a@example.com', '[]')",
+                (f"GR-{number:06d}", "2025-11-04T09:00:00Z", "2025-11-04T09:00:00Z"),
+            )
+            connection.execute(
+                "INSERT INTO messages (received_at, peer, helo, mail_from, rcpt_tos, message_id, dedupe_key, size, summary,"
+                " route, team, route_reasons, disposition, raw) VALUES (?, '127.0.0.1', 'client', 'a@example.com',"
+                " '[\"support@example.org\"]', ?, ?, 1000, '{}', 'default', 'support', '[]', 'delivered', ?)",
+                ("2025-11-04T09:00:00Z", f"<{number}@x>", f"key-{number}", b"x" * 1000),
+            )
+        connection.commit()
+    size = database.stat().st_size
+    with database.open("r+b") as handle:
+        handle.seek(size // 4)
+        handle.write(b"\xff" * (size - size // 4))
+
+
+READ_COMMANDS = [["status"], ["report", "shadow"], ["replay", "--rules", "rules"]]
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=lambda command: command[0])
+def test_damaged_pages_found_while_reading(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    config = write_config(tmp_path)
+    database = tmp_path / "var" / "guardrail.db"
+    database.parent.mkdir()
+    _damaged_pages(database)
+    arguments = [str(tmp_path / "rules") if argument == "rules" else argument for argument in command]
+
+    assert main([*arguments, "--config", str(config)]) == 2
+    expected = f"error: {config}: database.path: {database} is damaged: database disk image is malformed; restore it from a backup"
+    assert capsys.readouterr().err.splitlines() == [expected]
+
+
+def test_empty_database_file_reads_as_empty(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    database = tmp_path / "var" / "guardrail.db"
+    database.parent.mkdir()
+    database.touch()
+
+    assert main(["status", "--config", str(config)]) == 0
+    assert "open conversations by team (overdue):" in capsys.readouterr().out
+    assert main(["report", "shadow", "--config", str(config)]) == 0
+    assert "0 message(s) where a shadow route would have won" in capsys.readouterr().out
+    assert database.read_bytes() == b""
+
 
 ZOMBIE_RULES = """
 [[team]]
