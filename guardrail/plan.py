@@ -79,8 +79,10 @@ class Submission:
     proposed_reference: str = ""
     rendered_ack: RenderedAck | None = None
     protocol: str = "ESMTP"  # how the client sent it, for the Received header: SMTP, ESMTP or ESMTPS
-    # The postmaster owner, when postmaster was a recipient beside an inbox.
+    # The postmaster owner, when postmaster was a recipient beside an inbox,
+    # and that postmaster recipient, which the copy's Received header names.
     postmaster_copy: Destination | None = None
+    postmaster_recipient: str = ""
 
     @cached_property
     def dedupe_key(self) -> str:

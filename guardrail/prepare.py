@@ -132,9 +132,9 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         protocol=envelope.protocol,
         received_at=now, summary=summary, is_loop=has_our_loop_marker(summary, site.hostname),
     )
-    postmasters = sum(is_postmaster(address, site) and not is_inbox(address, site) for address in envelope.rcpt_tos)
+    postmasters = [address for address in envelope.rcpt_tos if is_postmaster(address, site) and not is_inbox(address, site)]
     owner = Destination("smtp", addresses=(site.postmaster_owner,)) if postmasters else None
-    if postmasters and postmasters == len(envelope.rcpt_tos):
+    if postmasters and len(postmasters) == len(envelope.rcpt_tos):
         return Submission(
             **common, route="postmaster", team="postmaster", destination=owner,
             route_reasons=("recipient is postmaster",), team_members=frozenset(), is_postmaster=True,
@@ -167,6 +167,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         # RFC 5321 section 3.3: every accepted recipient gets the message, so
         # postmaster beside an inbox gets a copy while the inbox's is routed.
         postmaster_copy=owner,
+        postmaster_recipient=postmasters[0] if postmasters else "",
     )
 
 

@@ -315,7 +315,8 @@ class BatchWriter:
         if submission.postmaster_copy is not None and plan.disposition != "duplicate":
             # Outside the conversation: a failure to reach the postmaster owner
             # says nothing about whether the team got the message.
-            self._outbox("deliver", None, row, submission.postmaster_copy.to_record(), None, at)
+            target = {**submission.postmaster_copy.to_record(), "received_for": submission.postmaster_recipient}
+            self._outbox("deliver", None, row, target, None, at)
             self._event(conversation_id, row, at, "postmaster_copy", {"to": submission.postmaster_copy.describe()})
         ack_problem = self._record_acknowledgement(submission, plan, conversation, row, at, by_message_id)
         return Outcome(

@@ -485,6 +485,25 @@ async def test_postmaster_beside_inbox_gets_copy(tmp_path: Path, start_daemon) -
     assert query(daemon, "SELECT COUNT(*) FROM outbox WHERE kind = 'deliver' AND conversation_id IS NULL") == [(1,)]
 
 
+@pytest.mark.parametrize(
+    ("recipient", "named"),
+    [("postmaster@example.org", "postmaster@example.org"), ("Postmaster@EXAMPLE.org", "postmaster@example.org"), ("postmaster", "postmaster")],
+)
+async def test_postmaster_copy_received_for_postmaster(tmp_path: Path, start_daemon, recipient: str, named: str) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+
+    await transaction(daemon.port, message(message_id="<both@example.com>"), rcpt_tos=["support@example.org", recipient])
+
+    # The Received "for" clause names the RCPT TO path the copy was received for (RFC 5321 section 4.4).
+    outbound = tmp_path / "var" / "outbound"
+    await wait_until(lambda: len(maildir_messages(outbound)) == 2, what="the acknowledgement and the postmaster copy")
+    (copy,) = [mail for mail in maildir_messages(outbound) if b"X-Guardrail-Envelope-To: ops@example.org\r\n" in mail]
+    assert re.findall(rb"\tfor <([^>]*)>;", copy) == [named.encode()]
+    await wait_until(lambda: maildir_messages(tmp_path / "var" / "maildir" / "support"), what="the team copy")
+    (team_copy,) = maildir_messages(tmp_path / "var" / "maildir" / "support")
+    assert re.findall(rb"\tfor <([^>]*)>;", team_copy) == [b"support@example.org"]
+
+
 async def test_null_sender_message_is_stored(tmp_path: Path, start_daemon) -> None:
     daemon = await start_daemon(write_config(tmp_path))
 
