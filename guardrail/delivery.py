@@ -484,8 +484,8 @@ class DeliveryWorker:
         destination = Destination.from_record(row.target)
         raw, envelope = row.message or await self._store.message_for_delivery(row.message_row)  # type: ignore[arg-type]
         recipients = destination.addresses or (str(envelope["rcpt_tos"][0]) if envelope["rcpt_tos"] else "",)
-        # The postmaster owner's copy records the postmaster recipient it was
-        # received for, which its Received header names in place of the owner.
+        # A delivery to the postmaster owner records the postmaster recipient
+        # it was received for, which its Received header names in place of the owner.
         received_for = row.target.get("received_for") or recipients[0]
         data = trace_headers(hostname=self._config.smtp.hostname, envelope=envelope, for_address=received_for) + raw
         details = {"destination": destination.describe(), "conversation": envelope["reference"], "route": envelope["route"]}

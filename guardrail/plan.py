@@ -79,9 +79,10 @@ class Submission:
     proposed_reference: str = ""
     rendered_ack: RenderedAck | None = None
     protocol: str = "ESMTP"  # how the client sent it, for the Received header: SMTP, ESMTP or ESMTPS
-    # The postmaster owner, when postmaster was a recipient beside an inbox,
-    # and that postmaster recipient, which the copy's Received header names.
+    # The postmaster owner, when postmaster was a recipient beside an inbox.
     postmaster_copy: Destination | None = None
+    # The first postmaster recipient, which the Received header of the
+    # owner's copy names, or "" when postmaster was not a recipient.
     postmaster_recipient: str = ""
 
     @cached_property

@@ -138,6 +138,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         return Submission(
             **common, route="postmaster", team="postmaster", destination=owner,
             route_reasons=("recipient is postmaster",), team_members=frozenset(), is_postmaster=True,
+            postmaster_recipient=postmasters[0],
             ack_signal="mail to postmaster", sla_applies=False,
         )
 

@@ -311,11 +311,11 @@ class BatchWriter:
         if submission.machine_signal:
             detail["automatic"] = submission.machine_signal
         self._event(conversation_id, row, at, "received", detail)
-        self._queue_delivery(plan, conversation_id, row, at)
+        self._queue_delivery(plan, conversation_id, row, at, submission.postmaster_recipient if submission.is_postmaster else "")
         if submission.postmaster_copy is not None and plan.disposition != "duplicate":
             # Outside the conversation: a failure to reach the postmaster owner
             # says nothing about whether the team got the message.
-            target = {**submission.postmaster_copy.to_record(), "received_for": submission.postmaster_recipient}
+            target = _delivery_target(submission.postmaster_copy, submission.postmaster_recipient)
             self._outbox("deliver", None, row, target, None, at)
             self._event(conversation_id, row, at, "postmaster_copy", {"to": submission.postmaster_copy.describe()})
         ack_problem = self._record_acknowledgement(submission, plan, conversation, row, at, by_message_id)
@@ -370,13 +370,14 @@ class BatchWriter:
             self._event(conversation.id, None, at, "answered", {"by": sender})
         return updated
 
-    def _queue_delivery(self, plan: Plan, conversation_id: int | None, row: int, at: str) -> None:
+    def _queue_delivery(self, plan: Plan, conversation_id: int | None, row: int, at: str, received_for: str) -> None:
+        """Queue delivery to the plan's destination. Its Received header names `received_for` when that is set."""
         if plan.disposition == "loop":
             return
         if plan.destination is None:
             self._event(conversation_id, row, at, "not_delivered", {"reason": "team has no destination"})
             return
-        self._outbox("deliver", conversation_id, row, plan.destination.to_record(), None, at)
+        self._outbox("deliver", conversation_id, row, _delivery_target(plan.destination, received_for), None, at)
 
     def _record_acknowledgement(
         self,
@@ -607,6 +608,14 @@ def _ack_counts(history: dict[str, list[tuple[datetime, str, str]]], submission:
     sent = sum(1 for _, decision, _ in entries if decision == "sent")
     warned = any(signal == RATE_LIMIT_SIGNAL for _, _, signal in entries)
     return sent, warned
+
+
+def _delivery_target(destination: Destination, received_for: str) -> dict[str, Any]:
+    """Return the outbox target of a delivery to `destination`, with the recipient its Received header names, if given."""
+    target = destination.to_record()
+    if received_for:
+        target["received_for"] = received_for
+    return target
 
 
 def _known(row: Any) -> KnownConversation:

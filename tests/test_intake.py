@@ -461,6 +461,7 @@ async def test_postmaster_mail_reaches_owner(tmp_path: Path, start_daemon, recip
     prepended = delivered[: len(delivered) - len(message(to="postmaster@example.org"))]
     assert header_names(prepended) == ["Return-Path", "X-Guardrail-Envelope-To", "Received", "X-Guardrail-Route", "X-Guardrail-Loop"]
     assert b"X-Guardrail-Route: postmaster\r\n" in prepended
+    assert re.findall(rb"\tfor <([^>]*)>;", prepended) == [recipient.lower().encode()]
 
 
 async def test_postmaster_beside_inbox_gets_copy(tmp_path: Path, start_daemon) -> None:
