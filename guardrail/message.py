@@ -20,7 +20,10 @@ from email.message import Message
 # NOTE: a body condition does not see text past the first 256 KiB characters.
 BODY_TEXT_LIMIT = 256 * 1024
 
-_MESSAGE_ID = re.compile(r"<[^<>\s]+>")
+# A message id between angle brackets. Control characters (NUL, ESC, DEL)
+# are not allowed in one (RFC 5322 section 3.6.4). An id containing them is
+# dropped, because ids are copied into the headers of our own mail.
+_MESSAGE_ID = re.compile(r"<[^<>\s\x00-\x1f\x7f]+>")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")
 _ADDRESS_HEADERS = ("from", "to", "cc", "reply-to")

@@ -123,3 +123,23 @@ async def test_ack_limit_resets_after_window(tmp_path: Path, start_daemon) -> No
     await send(daemon.port, vendor, ["support@example.org"], vendor_message(2005, 0))
     await settle(daemon, clock)
     assert len(acks_to(tmp_path, vendor)) == 4
+
+
+@pytest.mark.parametrize("control", ["\x00", "\x1b", "\x7f"])
+async def test_ack_drops_control_message_id(tmp_path: Path, start_daemon, control: str) -> None:
+    # RFC 5322 message ids are printable. A NUL or escape copied from the
+    # customer's Message-ID would reach In-Reply-To and References of our mail.
+    clock = ManualClock(at("2025-11-07T09:00:00"))
+    daemon = await start_daemon(write_config(tmp_path), clock=clock)
+    request = (
+        f"From: Alice <alice@example.com>\r\nSubject: Question\r\nMessage-ID: <q{control}1@example.com>\r\n"
+        f"References: <root@example.com> <bad{control}@example.com>\r\n\r\nHi\r\n"
+    ).encode()
+    await send(daemon.port, "alice@example.com", ["support@example.org"], request)
+    await settle(daemon, clock)
+
+    (ack,) = acks_to(tmp_path, "alice@example.com")
+    assert ack["In-Reply-To"] is None
+    assert ack["References"] == "<root@example.com>"
+    stored = await daemon.store.fetch_all("SELECT message_id FROM messages")
+    assert stored == [("",)]
