@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .message import summarize
 from .prepare import Envelope, Site, prepare_submission
 from .rules import RuleSet
-from .tomlcheck import read_toml
+from .tomlcheck import read_toml, toml_text
 
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 EXPECTATION_KEYS = ("route", "team", "acknowledgement", "signal", "deadline")
@@ -64,13 +64,16 @@ def run_case(eml: Path, rules: RuleSet, site: Site) -> CaseResult:
     if spec is None:
         return CaseResult(eml.name, tuple(str(replace(error, path=spec_path.name)) for error in errors))
 
+    misshapen = _misshapen_key(spec)
+    if misshapen:
+        return CaseResult(eml.name, (misshapen,))
     raw = eml.read_bytes()
     summary = summarize(_LINE_ENDING.sub(b"\r\n", raw))
     rcpt = spec.get("rcpt") or site.first_inbox
     rcpt_tos = tuple(rcpt) if isinstance(rcpt, list) else (rcpt,)
     mail_from = spec.get("mail_from", summary.from_address)
     arrival = spec.get("arrival") or datetime.now(timezone.utc)
-    if isinstance(arrival, datetime) and arrival.tzinfo is None:
+    if arrival.tzinfo is None:
         return CaseResult(eml.name, ("arrival needs a time zone, such as 2026-03-02T10:00:00Z",))
     expected = spec.get("expect", {})
     unknown = sorted(set(expected) - set(EXPECTATION_KEYS)) + sorted(set(spec) - {"rcpt", "mail_from", "arrival", "expect"})
@@ -79,6 +82,27 @@ def run_case(eml: Path, rules: RuleSet, site: Site) -> CaseResult:
 
     actual = evaluate(raw, rcpt_tos, mail_from, rules, site, arrival)
     return CaseResult(eml.name, tuple(compare(expected, actual)))
+
+
+def _misshapen_key(spec: dict[str, Any]) -> str:
+    """Return the first case key whose value has the wrong TOML type, as a problem line, or ""."""
+    rcpt = spec.get("rcpt", "")
+    if not (isinstance(rcpt, str) or (isinstance(rcpt, list) and all(isinstance(item, str) for item in rcpt))):
+        return f"rcpt: invalid value {toml_text(rcpt)}; expected an address or a list of addresses"
+    mail_from = spec.get("mail_from", "")
+    if not isinstance(mail_from, str):
+        return f'mail_from: invalid value {toml_text(mail_from)}; expected an address, or "" for the null sender'
+    # A TOML date or time without the other half would reach the clock as the wrong type.
+    arrival = spec.get("arrival")
+    if arrival is not None and not isinstance(arrival, datetime):
+        return (
+            f"arrival: invalid value {toml_text(arrival)};"
+            " expected a date and time with a time zone, such as 2026-03-02T10:00:00Z"
+        )
+    expect = spec.get("expect", {})
+    if not isinstance(expect, dict):
+        return f"expect: invalid value {toml_text(expect)}; expected a table such as [expect]"
+    return ""
 
 
 def _shown(value: Any) -> str:

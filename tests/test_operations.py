@@ -71,6 +71,30 @@ def test_rule_test_expectations_not_utf8(tmp_path: Path, capsys: pytest.CaptureF
     assert "outage.toml:1: not UTF-8 (byte 0xe9 at offset 5); save the file as UTF-8" in output
 
 
+
+@pytest.mark.parametrize(("spec", "problem"), [
+    ("arrival = 2026-03-02\n", "arrival: invalid value 2026-03-02; expected a date and time with a time zone, such as 2026-03-02T10:00:00Z"),
+    ('arrival = "2026-03-02T10:00:00Z"\n', "arrival: invalid value '2026-03-02T10:00:00Z'; expected a date and time with a time zone"),
+    ("arrival = 10:00:00\n", "arrival: invalid value 10:00:00; expected a date and time with a time zone"),
+    ("rcpt = 5\n", "rcpt: invalid value 5; expected an address or a list of addresses"),
+    ('rcpt = ["support@example.com", 5]\n', "rcpt: invalid value ['support@example.com', 5]; expected an address or a list of addresses"),
+    ("mail_from = true\n", "mail_from: invalid value true; expected an address, or \"\" for the null sender"),
+    ('expect = "outage-reports"\n', "expect: invalid value 'outage-reports'; expected a table such as [expect]"),
+])
+def test_rule_test_reports_misshapen_case(tmp_path: Path, capsys: pytest.CaptureFixture[str], spec: str, problem: str) -> None:
+    config = example_copy(tmp_path)
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    shutil.copy(ROOT / "rules" / "tests" / "outage-report.eml", cases / "outage.eml")
+    (cases / "outage.toml").write_text(spec)
+
+    assert main(["test", "--config", str(config), str(cases)]) == 1
+    output = capsys.readouterr().out
+    assert "FAIL outage.eml" in output
+    assert problem in output
+    assert "0 passed, 1 failed" in output
+
+
 SHADOW_RULES = TEAMS + """
 [[route]]
 name = "refunds-trial"
