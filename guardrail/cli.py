@@ -16,6 +16,23 @@ from . import __version__, commands
 from .errors import ConfigError, ConfigErrors, DatabaseFileError
 
 
+# The largest SQLite INTEGER, which a LIMIT takes.
+_SQLITE_MAX_INTEGER = 2**63 - 1
+
+
+def _message_count(text: str) -> int:
+    """Parse a --last count. SQLite reads a negative LIMIT as no limit, so counts below 1 are rejected."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= _SQLITE_MAX_INTEGER:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}; expected a whole number from 1 to {_SQLITE_MAX_INTEGER}"
+        )
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardrail", description="SMTP relay in front of a shared inbox.")
     parser.add_argument("--version", action="version", version=f"guardrail {__version__}")
@@ -40,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("directory", type=Path, metavar="DIR", help="folder of test cases")
     replay = sub.add_parser("replay", help="list stored messages whose route, team or acknowledgement would change")
     replay.add_argument("--rules", type=Path, required=True, metavar="NEW_DIR", help="the proposed rules folder")
-    replay.add_argument("--last", type=int, default=100, metavar="N", help="how many of the newest messages (default: 100)")
+    replay.add_argument("--last", type=_message_count, default=100, metavar="N", help="how many of the newest messages (default: 100)")
     report = sub.add_parser("report", help="reports from stored data")
     report.add_argument("kind", choices=("shadow",), help="shadow: where a shadow route disagreed with the live decision")
     report.add_argument("--since", default="7d", metavar="DURATION", help="how far back to look (default: 7d)")

@@ -151,6 +151,20 @@ async def test_replay_lists_changed_decisions(tmp_path: Path, start_daemon, caps
     assert "1 of 2 messages would change" in output
 
 
+
+@pytest.mark.parametrize("count", ["0", "-5", "99999999999999999999"])
+def test_replay_rejects_count_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixture[str], count: str) -> None:
+    # SQLite reads a negative LIMIT as no limit, and the third count does not fit in its integers.
+    config = example_copy(tmp_path)
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["replay", "--config", str(config), "--rules", str(tmp_path / "rules"), "--last", count])
+
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument --last: invalid value {count!r}; expected a whole number from 1 to 9223372036854775807" in error
+
+
 async def test_status_shows_open_and_overdue(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
     clock = ManualClock(datetime.now(timezone.utc) - timedelta(days=2))
     config = write_config(tmp_path)
