@@ -41,6 +41,11 @@ class Secret:
 _BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 MIN_TOKEN_LENGTH = 16
 
+# A domain name as RFC 5321 section 4.1.2 defines it, with labels of ASCII
+# letters, digits and inner hyphens joined by dots. An IDN is written as its A-label.
+_DOMAIN_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+MAX_DOMAIN_LENGTH = 253
+
 # Every SQLite 3 database file starts with these 16 bytes.
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -150,6 +155,10 @@ class Config:
 def _is_address(text: str) -> bool:
     local, at, domain = text.rpartition("@")
     return bool(at and local and domain) and " " not in text and "\x00" not in text
+
+
+def _is_domain(text: str) -> bool:
+    return len(text) <= MAX_DOMAIN_LENGTH and all(_DOMAIN_LABEL.fullmatch(label) for label in text.split("."))
 
 
 def load_config(path: Path | str) -> Config:
@@ -276,6 +285,13 @@ def _load_smtp(table: Table, base: Path) -> SmtpSettings:
         table.problem("inboxes", "missing; list at least one address we accept mail for, such as support@example.com")
 
     hostname = table.string("hostname")
+    if hostname is not None and not _is_domain(hostname):
+        # The name goes into the greeting, Received headers and the Message-IDs of our mail.
+        table.fail(
+            "hostname", hostname,
+            "a domain name such as mx.example.com (labels of letters, digits and hyphens, up to 63 characters each, joined by dots)",
+        )
+        hostname = None
     if hostname is None:
         # Resolved once here: aiosmtpd would otherwise look it up per connection.
         hostname = socket.getfqdn()

@@ -453,6 +453,29 @@ def test_check_rejects_unknown_human_key(tmp_path: Path, capsys: pytest.CaptureF
     assert f"error: {path}: {key}: unknown key; allowed keys: name, address" in error
     assert "1 error(s), 0 warning(s)" in error
 
+
+@pytest.mark.parametrize("hostname", ["mx.example.com\r\nX-Injected: yes", "my host", "mx_1.example.com", "-mx.example.com",
+                                      "mx..example.com", "mx.example.com.", "a" * 64 + ".example.com", "mx.exämple.com"])
+def test_smtp_hostname_must_be_domain(tmp_path: Path, hostname: str) -> None:
+    # The name goes into the greeting, Received headers and our Message-IDs.
+    path = write_config(tmp_path, smtp={"hostname": "placeholder"})
+    # A JSON string is also a TOML basic string, with CR and LF escaped.
+    path.write_text(path.read_text().replace('"placeholder"', json.dumps(hostname, ensure_ascii=False)))
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+
+    assert [str(error) for error in caught.value.errors] == [
+        f"{path}: smtp.hostname: invalid value {hostname!r}; expected a domain name such as mx.example.com"
+        " (labels of letters, digits and hyphens, up to 63 characters each, joined by dots)"
+    ]
+
+
+@pytest.mark.parametrize("hostname", ["mx.example.com", "localhost", "MX-1.Example.COM", "a" * 63 + ".example.com", "1.example"])
+def test_smtp_hostname_accepts_domains(tmp_path: Path, hostname: str) -> None:
+    assert load_config(write_config(tmp_path, smtp={"hostname": hostname})).smtp.hostname == hostname
+
+
 REMOVE_OR_SET = "must not be empty; remove the key or give it a value"
 
 
