@@ -16,6 +16,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
 
+# Header values are decoded up to this many characters, because the email
+# package's decode_header (Python 3.11.7) takes time quadratic in the number
+# of RFC 2047 words. A long value of short words could stall parsing for minutes.
+HEADER_DECODE_LIMIT = 64 * 1024
+
 # Text bodies are decoded up to this many characters for body conditions.
 # NOTE: a body condition does not see text past the first 256 KiB characters.
 BODY_TEXT_LIMIT = 256 * 1024
@@ -188,9 +193,9 @@ def decode_header_value(value: object) -> str:
             # is unknown-8bit; its chunks are bytes decoded below.
             parts = email.header.decode_header(value)
         else:
-            parts = email.header.decode_header(_repair_surrogates(str(value)))
+            parts = email.header.decode_header(_repair_surrogates(str(value)[:HEADER_DECODE_LIMIT]))
     except Exception:  # noqa: BLE001
-        return _repair_surrogates(str(value))
+        return _repair_surrogates(str(value)[:HEADER_DECODE_LIMIT])
     decoded = []
     for chunk, charset in parts:
         if isinstance(chunk, bytes):
