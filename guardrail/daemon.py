@@ -18,7 +18,7 @@ import structlog
 
 from .clock import Clock, SystemClock
 from .config import Config, tls_context
-from .delivery import DeliveryWorker, Transport
+from .delivery import DeliveryWorker, Transport, write_in_thread
 from .errors import ConfigErrors
 from .escalation import Sender
 from .http import HttpListener, build_app, serve_http
@@ -34,6 +34,9 @@ from .store import AttemptResult, Outcome, Store, StoreSettings
 log = structlog.get_logger("guardrail.daemon")
 
 SHUTDOWN_GRACE = timedelta(seconds=30)
+# Seconds the maildir process may hold files without replying before it is
+# killed and the daemon writes them itself. A batch is 32 files with an fsync each.
+MAILDIR_TIMEOUT = 60.0
 
 
 def _command_path() -> str:
@@ -63,6 +66,7 @@ class Daemon:
         self.handler: IntakeHandler | None = None
         self.zombies: ZombieWatch | None = None
         self.parsers: ParseProcesses | None = None
+        self.maildir_process: ParseProcesses | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.Server | None = None
         self._http: HttpListener | None = None
@@ -95,7 +99,9 @@ class Daemon:
             ack_window=config.acknowledgements.window,
         )
         self.store = await Store.open(config.database_path, settings, busy_timeout=config.busy_timeout)
-        worker = self.worker = DeliveryWorker(self.store, config, self.clock, self._transport, metrics=self.metrics)
+        worker = self.worker = DeliveryWorker(
+            self.store, config, self.clock, self._transport, metrics=self.metrics, write_files=self._write_files
+        )
         sender = Sender(
             hostname=config.smtp.hostname,
             from_address=config.delivery.return_path,
@@ -126,6 +132,9 @@ class Daemon:
         if config.smtp.parse_processes:
             self.parsers = ParseProcesses(config.smtp.parse_processes, Site.from_config(config))
             self.parsers.start(self.rules)
+            # Its fsyncs wait on the disk, so it is not one of the parse processes, where they would delay messages.
+            self.maildir_process = ParseProcesses(1, Site.from_config(config), timeout=MAILDIR_TIMEOUT, role="maildir")
+            self.maildir_process.start(self.rules)
         handler = self.handler = IntakeHandler(
             config, self.store, self.clock, lambda: self.rules, on_committed=committed, metrics=self.metrics,
             parsers=self.parsers,
@@ -165,6 +174,16 @@ class Daemon:
     def is_idle(self) -> bool:
         """Return True when no delivery attempt is running (for tests and shutdown)."""
         return self.worker is None or not self.worker.in_flight
+
+    async def _write_files(self, files: list[tuple[Path, str, bytes]]) -> list[bool | Exception]:
+        """Write maildir files in the maildir process, or in a thread of the daemon while that process is not ready."""
+        if self.maildir_process is not None:
+            results = await self.maildir_process.write_maildirs(files)
+            if results is not None:
+                self.metrics.maildir_files.labels("maildir process").inc(len(files))
+                return results
+        self.metrics.maildir_files.labels("daemon").inc(len(files))
+        return await write_in_thread(files)
 
     @property
     def clock_loops(self) -> int:
@@ -236,6 +255,10 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self.maildir_process is not None:
+            # After the outbox worker, which may have been waiting for it.
+            await self.maildir_process.close()
+            self.maildir_process = None
         if self.store is not None:
             await self.store.close()
             self.store = None

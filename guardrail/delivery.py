@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import aiosmtplib
 import structlog
@@ -27,6 +25,7 @@ from .config import Config
 from .errors import PermanentDeliveryError, StorageError, TemporaryDeliveryError
 from .escalation import decode_fallback
 from .loops import LOOP_HEADER
+from .maildir import write_maildirs
 from .metrics import Metrics
 from .rules import Destination
 from .rules_sla import Webhook
@@ -167,91 +166,20 @@ class Transport:
             raise TemporaryDeliveryError(f"smarthost {smarthost.host}:{smarthost.port} unreachable: {error!r}") from error
 
 
-def write_maildirs(files: list[tuple[Path, str, bytes]]) -> list[bool | Exception]:
-    """Write each (folder, name, data) into maildir `folder` as new/NAME, and return one result per file.
-
-    A result is True when the file was written, False when new/NAME was
-    already there, or the exception that stopped it: TemporaryDeliveryError
-    naming the folder for a file system error. Each file is written to
-    tmp/, fsynced, then linked into new/, so a reader never sees a partial
-    message and a repeated delivery of the same outbox row does not create a
-    second copy. Each new/ folder is fsynced once, after all of its files,
-    and a file counts as written only after that.
-
-    Every file is written before the first fsync. On ext4, in its default
-    data=ordered mode, the first fsync then commits them all in one journal
-    commit, and the others return without waiting for the disk again.
-    """
-    results: list[bool | Exception] = [False] * len(files)
-    written: list[tuple[int, BinaryIO, Path, Path]] = []  # (index, open file, temporary, final)
-    ready: set[Path] = set()
-    try:
-        for index, (folder, name, data) in enumerate(files):
-            try:
-                if folder not in ready:
-                    for sub in ("tmp", "new", "cur"):
-                        (folder / sub).mkdir(parents=True, exist_ok=True)
-                    ready.add(folder)
-                final = folder / "new" / name
-                if final.exists():
-                    continue
-                temporary = folder / "tmp" / f"{name}.{os.getpid()}.{time.monotonic_ns()}"
-                written.append((index, _write_unsynced(temporary, data), temporary, final))
-            except Exception as error:  # noqa: BLE001 - one bad file must not fail the others
-                results[index] = _file_error(folder, error)
-        for index, handle, temporary, final in written:
-            try:
-                os.fsync(handle.fileno())
-                handle.close()
-                os.link(temporary, final)
-                results[index] = True
-            except FileExistsError:
-                results[index] = False
-            except Exception as error:  # noqa: BLE001
-                results[index] = _file_error(files[index][0], error)
-    finally:
-        for _, handle, temporary, _ in written:
-            handle.close()
-            temporary.unlink(missing_ok=True)
-    for folder in ready:
-        try:
-            directory = os.open(folder / "new", os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-        except OSError as error:
-            failure = TemporaryDeliveryError(f"fsync of maildir folder {folder / 'new'} failed: {error}")
-            for index, (file_folder, _, _) in enumerate(files):
-                if file_folder == folder and results[index] is True:
-                    results[index] = failure
-    return results
-
-
-def _write_unsynced(temporary: Path, data: bytes) -> BinaryIO:
-    """Write `data` to a new file and return it still open, for an fsync later; remove the file if writing failed."""
-    handle = open(temporary, "wb")  # noqa: SIM115 - the caller closes it after the fsync
-    try:
-        handle.write(data)
-        handle.flush()
-    except BaseException:
-        handle.close()
-        temporary.unlink(missing_ok=True)
-        raise
-    return handle
-
-
-def _file_error(folder: Path, error: Exception) -> Exception:
-    if isinstance(error, OSError):
-        # Ops can fix a folder, so the row waits for a retry.
-        return TemporaryDeliveryError(f"writing to maildir {folder} failed: {error}")
-    return error
-
-
 def maildir_name(row: OutboxRow, hostname: str) -> str:
     """Return a stable maildir file name for an outbox row, the same on every retry."""
     safe_host = hostname.replace("/", "\\057").replace(":", "\\072")
     return f"{int(row.created_at.timestamp())}.G{row.id}.{safe_host}"
+
+
+# Writes (folder, name, data) files into maildirs and returns one result per
+# file, as write_maildirs does.
+FileWriter = Callable[[list[tuple[Path, str, bytes]]], Awaitable[list[bool | Exception]]]
+
+
+async def write_in_thread(files: list[tuple[Path, str, bytes]]) -> list[bool | Exception]:
+    """Write `files` with write_maildirs in a worker thread."""
+    return await asyncio.to_thread(write_maildirs, files)
 
 
 class DeliveryWorker:
@@ -266,9 +194,17 @@ class DeliveryWorker:
     """
 
     def __init__(
-        self, store: Store, config: Config, clock: Clock, transport: Transport | None = None, *, metrics: Metrics | None = None
+        self,
+        store: Store,
+        config: Config,
+        clock: Clock,
+        transport: Transport | None = None,
+        *,
+        metrics: Metrics | None = None,
+        write_files: FileWriter | None = None,
     ) -> None:
         self._metrics = metrics or Metrics()
+        self._write_files = write_files or write_in_thread
         self._store = store
         self._config = config
         self._clock = clock
@@ -410,7 +346,7 @@ class DeliveryWorker:
                 folder, header = target
                 files.append((folder, maildir_name(row, self._config.smtp.hostname), header + data))
                 written.append((row, context))
-        outcomes = await asyncio.to_thread(write_maildirs, files) if files else []
+        outcomes = await self._write_files(files) if files else []
         for (row, context), outcome in zip(written, outcomes):
             attempts = row.attempts + 1
             if isinstance(outcome, Exception):

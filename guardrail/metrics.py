@@ -26,6 +26,11 @@ class Metrics:
             "guardrail_messages_parsed", "Messages parsed and routed, by where: a parse process or the daemon itself",
             ["where"], registry=registry,
         )
+        self.maildir_files = Counter(
+            "guardrail_maildir_files_written",
+            "Maildir files written or found already there, by where: the maildir process or the daemon itself",
+            ["where"], registry=registry,
+        )
         self.messages_routed = Counter("guardrail_messages_routed", "Messages routed, by route", ["route"], registry=registry)
         self.acks_sent = Counter("guardrail_acknowledgements_sent", "Acknowledgements queued", registry=registry)
         self.acks_suppressed = Counter(

@@ -16,11 +16,19 @@ reply for `timeout` seconds is killed. The message it was processing gets a
 temporary failure, and its other pending messages go to another child. A
 dead child is started again after a delay that doubles each time.
 
+The same children can write maildir files for the outbox worker
+(`write_maildirs`). The daemon keeps one child for that alone, so that its
+fsyncs delay no message, and so that the many system calls of a maildir
+delivery run outside the daemon, where each would otherwise hand the
+interpreter lock to another thread and back.
+
 Frames on the pipes are a 4-byte big-endian length and a pickle. The daemon
-sends ("site", Site), ("rules", RuleSet) and ("prepare", id, Envelope, raw,
-now). The child replies ("ready",) after each rule set and (id, result) for
-each message, where result is what `prepare_received` returned (a Submission
-is detached) or the text of an exception.
+sends ("site", Site), ("rules", RuleSet), ("prepare", id, Envelope, raw,
+now) and ("maildirs", id, files). The child replies ("ready",) after each
+rule set, (id, result) for each message, where result is what
+`prepare_received` returned (a Submission is detached) or the text of an
+exception, and (id, results) for each list of files, as `write_maildirs`
+returns them.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 import structlog
 
@@ -90,12 +99,20 @@ class _Child:
 
 
 class ParseProcesses:
-    """A fixed number of parse processes, each restarted when it dies."""
+    """A fixed number of child processes that prepare messages or write maildir files, each restarted when it dies."""
 
     def __init__(
-        self, count: int, site: Site, *, timeout: float = 10.0, ready_timeout: float = 30.0, command: list[str] | None = None,
+        self,
+        count: int,
+        site: Site,
+        *,
+        timeout: float = 10.0,
+        ready_timeout: float = 30.0,
+        command: list[str] | None = None,
+        role: str = "parse",
     ) -> None:
         self.count = count
+        self.role = role  # named in log lines: "parse", or "maildir" for the child that writes maildirs
         self.timeout = timeout  # seconds a child with pending requests may go without a reply
         self.ready_timeout = ready_timeout  # seconds a message waits for a child to be ready
         self._site_frame = encode_frame(("site", site))
@@ -148,7 +165,8 @@ class ParseProcesses:
             return None
         for _ in range(ATTEMPTS):
             child = await self._ready_child()
-            result = await self._ask(child, next(self._ids), envelope, raw, now)
+            request_id = next(self._ids)
+            result = await self._ask(child, request_id, ("prepare", request_id, envelope, raw, now))
             if result is _STALLED:
                 raise ParseTimeout(f"a parse process made no progress for {self.timeout:g} s on this message")
             if result is _LOST:
@@ -176,15 +194,35 @@ class ParseProcesses:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._became_ready.wait(), remaining)
 
-    async def _ask(self, child: _Child, request_id: int, envelope: Envelope, raw: bytes, now: datetime) -> object:
-        """Send one request to `child` and return its reply, _STALLED or _LOST."""
+    async def write_maildirs(self, files: list[tuple[Path, str, bytes]]) -> list[bool | Exception] | None:
+        """Return what a child's `write_maildirs(files)` returned, or None when the caller must write them itself.
+
+        None comes when no child is ready, or when the child died or stalled
+        before it replied. The child may have written some of the files by
+        then. Writing them again is safe: a file already in new/ is left as
+        it is and reported as there already.
+        """
+        candidates = [child for child in self._children if child.usable] if self._rules_frame is not None else []
+        if not candidates:
+            return None
+        child = min(candidates, key=lambda candidate: len(candidate.pending))
+        request_id = next(self._ids)
+        result = await self._ask(child, request_id, ("maildirs", request_id, files))
+        if isinstance(result, str):
+            log.warning("maildir_process_failed", error=result, detail="writing the files in the daemon instead")
+        if not isinstance(result, list):
+            return None
+        return result
+
+    async def _ask(self, child: _Child, request_id: int, request: tuple[object, ...]) -> object:
+        """Send `request` to `child` and return its reply, _STALLED or _LOST."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
         if not child.pending:
             child.last_progress = loop.time()
         child.pending[request_id] = future
         try:
-            if not child.send(encode_frame(("prepare", request_id, envelope, raw, now))):
+            if not child.send(encode_frame(request)):
                 return _LOST
             if child.watchdog is None:
                 child.watchdog = loop.call_at(child.last_progress + self.timeout, self._watch, child)
@@ -214,7 +252,7 @@ class ParseProcesses:
         oldest = next(iter(child.pending.values()), None)
         if oldest is not None and not oldest.done():
             oldest.set_result(_STALLED)
-        log.error("parse_timed_out", pid=child.process.pid, seconds=self.timeout, waiting=len(child.pending) - 1)
+        log.error("parse_timed_out", role=self.role, pid=child.process.pid, seconds=self.timeout, waiting=len(child.pending) - 1)
         with contextlib.suppress(ProcessLookupError):
             child.process.kill()
 
@@ -240,7 +278,7 @@ class ParseProcesses:
                     *self._command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 )
             except OSError as error:
-                log.error("parse_process_not_started", slot=slot, error=repr(error), retry_in=delay)
+                log.error("parse_process_not_started", role=self.role, slot=slot, error=repr(error), retry_in=delay)
             else:
                 child = _Child(process)
                 self._children.append(child)
@@ -262,7 +300,7 @@ class ParseProcesses:
                     await _reap(process)
                 if self._closing:
                     return
-                log.error("parse_process_exited", slot=slot, pid=process.pid, returncode=process.returncode, restart_in=delay)
+                log.error("parse_process_exited", role=self.role, slot=slot, pid=process.pid, returncode=process.returncode, restart_in=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_RESTART_DELAY)
 

@@ -2,7 +2,8 @@
 
 The daemon starts this module with `python -m guardrail.offload_child` and
 talks to it over stdin and stdout in length-prefixed pickle frames (see
-offload.py). Its only state is the rules and site settings the daemon
+offload.py). The same process also writes maildir files for the outbox
+worker when the daemon asks. Its only state is the rules and site settings the daemon
 sends. It exits when its stdin closes, which also happens when the daemon
 dies. Signals from a terminal or a service manager are the daemon's to handle,
 so this process ignores SIGINT and SIGTERM.
@@ -17,6 +18,7 @@ import struct
 import sys
 from typing import Any, BinaryIO
 
+from .maildir import write_maildirs
 from .plan import Submission
 from .prepare import Site, prepare_received
 from .rules import RuleSet
@@ -59,6 +61,13 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
         elif kind == "rules":
             rules = frame[1]
             write_frame(replies, ("ready",))
+        elif kind == "maildirs":
+            _, request_id, files = frame
+            try:
+                results: object = write_maildirs(files)
+            except Exception as error:  # noqa: BLE001 - the daemon writes the files itself
+                results = repr(error)
+            write_frame(replies, (request_id, results))
         elif kind == "prepare":
             _, request_id, envelope, raw, now = frame
             try:

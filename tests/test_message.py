@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from guardrail.delivery import clean_header_value, retry_delay, write_maildirs
+from guardrail.delivery import clean_header_value, retry_delay
 from guardrail.errors import TemporaryDeliveryError
+from guardrail.maildir import write_maildirs
 from guardrail.message import parse_addresses, summarize
 
 

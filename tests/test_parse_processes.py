@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from guardrail.config import load_config
 from guardrail.daemon import Daemon, load_ruleset
+from guardrail.errors import TemporaryDeliveryError
 from guardrail.offload import ParseProcesses, ParseTimeout
 from guardrail.plan import Submission
 from guardrail.prepare import Envelope, Site, TooManyHops, prepare_message
@@ -282,3 +283,75 @@ async def test_message_killing_children_gets_451(tmp_path: Path) -> None:
             await parsers.prepare(ENVELOPE, message(), datetime(2026, 3, 2, 9, 30, tzinfo=UTC))
     finally:
         await parsers.close()
+
+
+def maildir_files(daemon: Daemon, where: str) -> float:
+    return daemon.metrics.registry.get_sample_value("guardrail_maildir_files_written_total", {"where": where}) or 0.0
+
+
+async def ready_maildir_process(tmp_path: Path, start_daemon) -> Daemon:
+    daemon = await ready_daemon(tmp_path, start_daemon)
+    assert daemon.maildir_process is not None
+    await wait_until(lambda: daemon.maildir_process.ready == 1, timeout=20, what="the maildir process to be ready")
+    return daemon
+
+
+def delivered(tmp_path: Path) -> tuple[list[bytes], list[bytes]]:
+    """Return the team's messages and the acknowledgements, as files in their maildirs."""
+    return maildir_messages(tmp_path / "var" / "maildir" / "support"), maildir_messages(tmp_path / "var" / "outbound")
+
+
+async def test_maildir_process_writes_deliveries(tmp_path: Path, start_daemon) -> None:
+    daemon = await ready_maildir_process(tmp_path, start_daemon)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<w1@example.com>"))
+    await wait_until(lambda: delivered(tmp_path) != ([], []) and all(delivered(tmp_path)), what="both deliveries")
+
+    [team_copy], [ack] = delivered(tmp_path)
+    assert b"Message-ID: <w1@example.com>" in team_copy
+    assert b"In-Reply-To: <w1@example.com>" in ack
+    assert maildir_files(daemon, "maildir process") == 2
+    assert maildir_files(daemon, "daemon") == 0
+
+
+async def test_killed_maildir_process_loses_nothing(tmp_path: Path, start_daemon) -> None:
+    daemon = await ready_maildir_process(tmp_path, start_daemon)
+    [pid] = daemon.maildir_process.pids
+    os.kill(pid, signal.SIGKILL)
+    for number in range(5):
+        # One sender each, so that the per-sender limit leaves every acknowledgement.
+        sender = f"customer{number}@example.com"
+        await send(daemon.port, sender, ["support@example.org"], message(sender=sender, message_id=f"<x{number}@example.com>"))
+
+    def all_delivered() -> bool:
+        team, acks = delivered(tmp_path)
+        return len(team) == 5 and len(acks) == 5
+
+    await wait_until(all_delivered, timeout=20, what="five messages and five acknowledgements")
+    team, _ = delivered(tmp_path)
+    assert sorted(line for copy in team for line in copy.splitlines() if line.startswith(b"Message-ID:")) == [
+        f"Message-ID: <x{number}@example.com>".encode() for number in range(5)
+    ]
+    with sqlite3.connect(daemon.config.database_path) as connection:
+        assert connection.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall() == [("done", 10)]
+
+
+async def test_maildir_process_reports_each_file(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path))
+    processes = ParseProcesses(1, Site.from_config(config), role="maildir")
+    # Before a child is ready, the caller writes the files itself.
+    assert await processes.write_maildirs([(tmp_path / "box", "1.G1.host", b"one")]) is None
+    processes.start(load_ruleset(config))
+    try:
+        await wait_until(lambda: processes.ready == 1, timeout=20, what="the maildir process to be ready")
+        blocked = tmp_path / "blocked"
+        blocked.write_text("a file where a maildir should be\n")
+        files = [(blocked, "1.G1.host", b"one"), (tmp_path / "box", "1.G2.host", b"two"), (tmp_path / "box", "1.G2.host", b"two")]
+        results = await processes.write_maildirs(files)
+    finally:
+        await processes.close()
+
+    assert results is not None
+    assert isinstance(results[0], TemporaryDeliveryError)
+    assert str(blocked) in str(results[0])
+    assert results[1:] == [True, False]
+    assert maildir_messages(tmp_path / "box") == [b"two"]
