@@ -13,17 +13,23 @@ from typing import BinaryIO
 
 from .errors import TemporaryDeliveryError
 
+# Names tried for one file, NAME then NAME.1 and on, before the delivery is retried later.
+MAX_NAME_VARIANTS = 100
+
 
 def write_maildirs(files: list[tuple[Path, str, bytes]]) -> list[bool | Exception]:
     """Write each (folder, name, data) into maildir `folder` as new/NAME, and return one result per file.
 
     A result is True when the file was written, False when new/NAME was
-    already there, or the exception that stopped it: TemporaryDeliveryError
-    naming the folder for a file system error. Each file is written to
-    tmp/, fsynced, then linked into new/, so a reader never sees a partial
-    message and a repeated delivery of the same outbox row does not create a
-    second copy. Each new/ folder is fsynced once, after all of its files,
-    and a file counts as written only after that.
+    already there with the same content, or the exception that stopped it:
+    TemporaryDeliveryError naming the folder for a file system error. Each
+    file is written to tmp/, fsynced, then linked into new/, so a reader
+    never sees a partial message and a repeated delivery of the same outbox
+    row does not create a second copy. A different message under the same
+    name (from another guardrail database that delivers to the same folder,
+    for instance) is kept, and this one is linked as new/NAME.1, NAME.2 and
+    so on. Each new/ folder is fsynced once, after all of its files, and a
+    file counts as written only after that.
 
     Every file is written before the first fsync. On ext4, in its default
     data=ordered mode, the first fsync then commits them all in one journal
@@ -40,7 +46,7 @@ def write_maildirs(files: list[tuple[Path, str, bytes]]) -> list[bool | Exceptio
                         (folder / sub).mkdir(parents=True, exist_ok=True)
                     ready.add(folder)
                 final = folder / "new" / name
-                if final.exists():
+                if _holds(final, data):
                     continue
                 temporary = folder / "tmp" / f"{name}.{os.getpid()}.{time.monotonic_ns()}"
                 written.append((index, _write_unsynced(temporary, data), temporary, final))
@@ -50,10 +56,7 @@ def write_maildirs(files: list[tuple[Path, str, bytes]]) -> list[bool | Exceptio
             try:
                 os.fsync(handle.fileno())
                 handle.close()
-                os.link(temporary, final)
-                results[index] = True
-            except FileExistsError:
-                results[index] = False
+                results[index] = _link_unique(temporary, final, files[index][2])
             except Exception as error:  # noqa: BLE001
                 results[index] = _file_error(files[index][0], error)
     finally:
@@ -73,6 +76,33 @@ def write_maildirs(files: list[tuple[Path, str, bytes]]) -> list[bool | Exceptio
                 if file_folder == folder and results[index] is True:
                     results[index] = failure
     return results
+
+
+def _link_unique(temporary: Path, final: Path, data: bytes) -> bool:
+    """Link `temporary` as `final`, or as the first free NAME.N when another message has that name.
+
+    Return False without linking when one of those names already holds `data`.
+    """
+    for number in range(MAX_NAME_VARIANTS):
+        target = final if number == 0 else final.with_name(f"{final.name}.{number}")
+        try:
+            os.link(temporary, target)
+        except FileExistsError:
+            if _holds(target, data):
+                return False
+            continue
+        return True
+    raise FileExistsError(f"{final} and {MAX_NAME_VARIANTS - 1} variants of its name hold other messages")
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Return True when the file at `path` exists and contains exactly `data`."""
+    try:
+        if path.stat().st_size != len(data):
+            return False
+        return path.read_bytes() == data
+    except FileNotFoundError:
+        return False
 
 
 def _write_unsynced(temporary: Path, data: bytes) -> BinaryIO:

@@ -126,13 +126,28 @@ def test_clean_header_value_removes_line_breaks() -> None:
 
 def test_maildir_write_is_idempotent(tmp_path: Path) -> None:
     assert write_maildirs([(tmp_path / "box", "1.G1.host", b"one")]) == [True]
-    assert write_maildirs([(tmp_path / "box", "1.G1.host", b"two")]) == [False]
-    assert (tmp_path / "box" / "new" / "1.G1.host").read_bytes() == b"one"
+    assert write_maildirs([(tmp_path / "box", "1.G1.host", b"one")]) == [False]
+    assert [path.name for path in (tmp_path / "box" / "new").iterdir()] == ["1.G1.host"]
+    assert list((tmp_path / "box" / "tmp").iterdir()) == []
+
+
+def test_maildir_name_collision_keeps_both(tmp_path: Path) -> None:
+    # Two databases that deliver to one folder can give different messages the same name.
+    assert write_maildirs([(tmp_path / "box", "1.G1.host", b"one")]) == [True]
+    assert write_maildirs([(tmp_path / "box", "1.G1.host", b"two"), (tmp_path / "box", "1.G1.host", b"three")]) == [True, True]
+    # Written again, each message is found under the name it got.
+    assert write_maildirs([(tmp_path / "box", "1.G1.host", b"three"), (tmp_path / "box", "1.G1.host", b"two")]) == [False, False]
+
+    new = tmp_path / "box" / "new"
+    contents = {path.name: path.read_bytes() for path in new.iterdir()}
+    assert contents["1.G1.host"] == b"one"
+    assert sorted(contents) == ["1.G1.host", "1.G1.host.1", "1.G1.host.2"]
+    assert sorted(contents.values()) == [b"one", b"three", b"two"]
     assert list((tmp_path / "box" / "tmp").iterdir()) == []
 
 
 def test_maildir_batch_leaves_no_temporary_files(tmp_path: Path) -> None:
-    write_maildirs([(tmp_path / "box", "1.G1.host", b"one")])
+    write_maildirs([(tmp_path / "box", "1.G1.host", b"message 1")])
     files = [(tmp_path / "box", f"1.G{row}.host", b"message %d" % row) for row in range(1, 40)]
 
     results = write_maildirs(files)
@@ -150,7 +165,7 @@ def test_maildir_batch_reports_each_file(tmp_path: Path) -> None:
         (tmp_path / "a", "1.G1.host", b"one"),
         (blocked, "1.G2.host", b"two"),
         (tmp_path / "b", "1.G3.host", b"three"),
-        (tmp_path / "a", "1.G1.host", b"again"),
+        (tmp_path / "a", "1.G1.host", b"one"),
     ]
 
     results = write_maildirs(files)
