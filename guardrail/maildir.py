@@ -81,7 +81,7 @@ def write_maildirs(files: list[tuple[Path, str, bytes]]) -> list[bool | Exceptio
 def _link_unique(temporary: Path, final: Path, data: bytes) -> bool:
     """Link `temporary` as `final`, or as the first free NAME.N when another message has that name.
 
-    Return False without linking when one of those names already holds `data`.
+    Return False without linking when one of those names already contains `data`.
     """
     for number in range(MAX_NAME_VARIANTS):
         target = final if number == 0 else final.with_name(f"{final.name}.{number}")
@@ -92,7 +92,7 @@ def _link_unique(temporary: Path, final: Path, data: bytes) -> bool:
                 return False
             continue
         return True
-    raise FileExistsError(f"{final} and {MAX_NAME_VARIANTS - 1} variants of its name hold other messages")
+    raise FileExistsError(f"{final} and {MAX_NAME_VARIANTS - 1} variants of its name contain other messages")
 
 
 def _holds(path: Path, data: bytes) -> bool:

@@ -3,7 +3,7 @@
 The daemon starts this module with `python -m guardrail.offload_child` and
 talks to it over stdin and stdout in length-prefixed pickle frames (see
 offload.py). The same process also writes maildir files for the outbox
-worker when the daemon asks. Its only state is the rules and site settings the daemon
+worker on request. Its only state is the rules and site settings the daemon
 sends. It exits when its stdin closes, which also happens when the daemon
 dies. Signals from a terminal or a service manager are the daemon's to handle,
 so this process ignores SIGINT and SIGTERM.
