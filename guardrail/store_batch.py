@@ -488,12 +488,15 @@ class BatchWriter:
         """
         counts = []
         times = {}
+        due = format_instant(now)
         for route in routes:
+            # Only conversations that were answered or are past their deadline
+            # count: a burst of new mail still within its deadline is not neglect.
             sql = (
                 "SELECT team, state FROM conversations WHERE route = ? AND deadline IS NOT NULL"
-                " ORDER BY opened_at DESC LIMIT ?"
+                " AND (state = 'answered' OR deadline <= ?) ORDER BY opened_at DESC LIMIT ?"
             )
-            with closing(self.db.execute(sql, (route, recent))) as cursor:
+            with closing(self.db.execute(sql, (route, due, recent))) as cursor:
                 newest = cursor.fetchall()
             if not newest:
                 continue
@@ -516,7 +519,7 @@ class BatchWriter:
                 parse_instant(last_answer) if last_answer else None,
             ))
         alarms = planner(figures, alarmed)
-        at = format_instant(now)
+        at = due
         for alarm in alarms:
             self.rows["alarms"].append((alarm.route, at, alarm.figures))
             target = {"kind": "smtp", "addresses": [alarm.owner.address], "purpose": "alarm"}

@@ -1,7 +1,8 @@
 """The zombie-route alarm: a route that keeps receiving mail nobody answers.
 
 `find_zombie_routes` is a pure function over per-route figures. A route
-alarms when too small a share of its newest conversations were answered, or
+alarms when too small a share of its newest conversations were answered
+(of those answered or past their deadline), or
 when mail keeps arriving but nothing was answered for a stretch of business
 time. The store records each alarm with its outbox mail in one transaction
 and skips routes alarmed within the period, so each route alarms at most once
@@ -31,7 +32,7 @@ class RouteFigures:
 
     route: str
     team: str
-    recent_total: int  # newest conversations looked at (at most the configured number)
+    recent_total: int  # newest conversations answered or past their deadline (at most the configured number)
     recent_answered: int
     first_received: datetime
     last_received: datetime

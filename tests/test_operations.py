@@ -367,6 +367,34 @@ async def test_zombie_route_alarms_once_per_period(tmp_path: Path, start_daemon)
     assert gap >= timedelta(days=1)
 
 
+async def test_zombie_ignores_mail_within_deadline(tmp_path: Path, start_daemon) -> None:
+    config = write_config(
+        tmp_path, rules=ZOMBIE_RULES,
+        sections={"zombie": {"conversations": 3, "min_answered_share": 0.5, "silent_business_hours": "100h",
+                             "period": "1d", "check_every": "1h"}},
+    )
+    clock = ManualClock(at("2025-11-03T08:00:00"))
+    daemon = await start_daemon(config, clock=clock)
+    for number in range(5):
+        await send(daemon.port, f"c{number}@example.com", ["support@example.org"], message(message_id=f"<b{number}@x>"))
+    await settle(daemon, clock)
+    [(deadline,)] = await daemon.store.fetch_all("SELECT MAX(deadline) FROM conversations")
+    due = datetime.fromisoformat(deadline.replace("Z", "+00:00"))
+
+    # A burst of new mail is not neglect while its deadlines are ahead.
+    while clock.now() + timedelta(hours=1) < due:
+        await clock.advance(timedelta(hours=1))
+        await settle(daemon, clock)
+    assert alarms(tmp_path) == []
+
+    for _ in range(2):
+        await clock.advance(timedelta(hours=1))
+        await settle(daemon, clock)
+    [alarm] = alarms(tmp_path)
+    body = alarm.get_payload(decode=True).decode()
+    assert "0 of the route's last 3 conversations were answered (0%, below 50%)" in body
+
+
 async def test_zombie_alarm_stops_once_answered(tmp_path: Path, start_daemon) -> None:
     config = write_config(
         tmp_path, rules=ZOMBIE_RULES,
