@@ -19,7 +19,12 @@ from .message import Summary
 LOOP_HEADER = "X-Guardrail-Loop"
 
 _PRECEDENCE_VALUES = {"bulk", "junk", "list", "auto_reply"}
-_LIST_HEADERS = ("list-id", "list-unsubscribe", "list-post", "mailing-list")
+# List-Id (RFC 2919), the six List-* headers of RFC 2369, and Mailing-List,
+# which ezmlm sets.
+_LIST_HEADERS = (
+    "list-id", "list-help", "list-unsubscribe", "list-subscribe", "list-post", "list-owner", "list-archive",
+    "mailing-list",
+)
 _AUTOREPLY_HEADERS = ("x-autoreply", "x-autorespond", "x-autoresponder")
 _SUPPRESS_TOKENS = {"oof", "autoreply", "all"}
 _OTHER_SIGNAL_HEADERS = ("x-failed-recipients", "x-ms-exchange-inbox-rules-loop", "errors-to")

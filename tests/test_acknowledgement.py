@@ -494,6 +494,8 @@ HUMAN = "Alice Example <alice@example.com>"
         ("alice@example.com", HUMAN, "Auto-Submitted: auto-generated\r\n", "Printer", False, "Auto-Submitted: auto-generated"),
         ("alice@example.com", HUMAN, "Precedence: bulk\r\n", "Printer", False, "Precedence: bulk"),
         ("alice@example.com", HUMAN, "List-Id: <printers.lists.example.com>\r\n", "Printer", False, "list-id header"),
+        ("alice@example.com", HUMAN, "List-Archive: <https://lists.example.com/printers/>\r\n", "Printer", False,
+         "list-archive header"),
         ("alice@example.com", HUMAN, "X-Autoreply: yes\r\n", "Printer", False, "x-autoreply header"),
         ("alice@example.com", HUMAN, "X-Auto-Response-Suppress: OOF\r\n", "Printer", False, "X-Auto-Response-Suppress: OOF"),
         ("alice@example.com", HUMAN, "X-Apple-Action: VACATION\r\n", "Printer", False, "X-Apple-Action: VACATION"),

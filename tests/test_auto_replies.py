@@ -137,6 +137,13 @@ async def test_human_reply_with_auto_submitted_no_answers(tmp_path: Path, start_
         ("List-Id: <news.example.org>", True),
         ("List-Unsubscribe: <mailto:leave@example.org>", True),
         ("List-Post: <mailto:list@example.org>", True),
+        # RFC 2369: each List-* header alone marks list mail.
+        ("List-Help: <mailto:list-request@example.org?subject=help>", True),
+        ("List-Subscribe: <mailto:list-request@example.org?subject=subscribe>", True),
+        ("List-Owner: <mailto:list-owner@example.org>", True),
+        ("List-Archive: <https://lists.example.org/archive/list/>", True),
+        # An announcement list, where nobody may post, still sends list mail.
+        ("List-Post: NO", True),
         ("Mailing-List: contact list@example.org", True),
         ("X-Failed-Recipients: gone@example.org", True),
         ("X-MS-Exchange-Inbox-Rules-Loop: bob@example.org", True),
