@@ -170,23 +170,24 @@ def _header_signal(summary: Summary) -> str | None:
     if _SIGNAL_HEADERS.isdisjoint(summary.headers):
         # Most mail from people carries none of these headers, so only Content-Type is left to read.
         return _report_signal(summary)
+    # A header may appear more than once, and a machine value in any of them counts.
     # RFC 3834 section 5: any Auto-Submitted keyword except "no" marks automatic mail.
-    auto_submitted = summary.header("auto-submitted")
-    if auto_submitted and auto_submitted_keyword(auto_submitted[0]) != "no":
-        return f"Auto-Submitted: {auto_submitted[0].strip()}"
+    for value in summary.header("auto-submitted"):
+        if auto_submitted_keyword(value) != "no":
+            return f"Auto-Submitted: {value.strip()}"
     for name in ("precedence", "x-precedence"):
-        value = _first_value(summary, name).lower()
-        if value in _PRECEDENCE_VALUES:
-            return f"{name.title()}: {value}"
+        for value in summary.header(name):
+            if value.strip().lower() in _PRECEDENCE_VALUES:
+                return f"{name.title()}: {value.strip().lower()}"
     # Errors-To is a legacy header that only list and bulk software still sets.
     for name in (*_AUTOREPLY_HEADERS, *_LIST_HEADERS, *_OTHER_SIGNAL_HEADERS):
         if summary.header(name):
             return f"{name} header"
-    suppress = _first_value(summary, "x-auto-response-suppress")
-    tokens = {token.strip().lower() for token in suppress.split(",")}
-    if tokens & _SUPPRESS_TOKENS:
-        return f"X-Auto-Response-Suppress: {suppress}"
-    if _first_value(summary, "x-apple-action").upper() == "VACATION":
+    for suppress in summary.header("x-auto-response-suppress"):
+        tokens = {token.strip().lower() for token in suppress.split(",")}
+        if tokens & _SUPPRESS_TOKENS:
+            return f"X-Auto-Response-Suppress: {suppress.strip()}"
+    if any(value.strip().upper() == "VACATION" for value in summary.header("x-apple-action")):
         return "X-Apple-Action: VACATION"
     return _report_signal(summary)
 

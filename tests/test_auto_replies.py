@@ -164,6 +164,29 @@ def test_automatic_header_table(header: str, automatic: bool) -> None:
 
 
 @pytest.mark.parametrize(
+    ("headers", "signal"),
+    [
+        (["Auto-Submitted: no", "Auto-Submitted: auto-replied"], "Auto-Submitted: auto-replied"),
+        (["Auto-Submitted: auto-generated", "Auto-Submitted: no"], "Auto-Submitted: auto-generated"),
+        (["Auto-Submitted: no", "Auto-Submitted: no (sent by hand)"], None),
+        (["Precedence: first-class", "Precedence: bulk"], "Precedence: bulk"),
+        (["Precedence: normal", "Precedence: list"], "Precedence: list"),
+        (["Precedence: first-class", "Precedence: normal"], None),
+        (["X-Precedence: normal", "X-Precedence: junk"], "X-Precedence: junk"),
+        (["X-Auto-Response-Suppress: DR", "X-Auto-Response-Suppress: OOF"], "X-Auto-Response-Suppress: OOF"),
+        (["X-Apple-Action: OTHER", "X-Apple-Action: VACATION"], "X-Apple-Action: VACATION"),
+    ],
+)
+def test_repeated_header_any_value_counts(headers: list[str], signal: str | None) -> None:
+    from guardrail.loops import machine_signal
+    from guardrail.message import summarize
+
+    block = "".join(f"{header}\r\n" for header in headers)
+    summary = summarize(f"From: Bob <bob@example.org>\r\nSubject: Re: hi\r\n{block}\r\nx".encode())
+    assert machine_signal(summary, "bob@example.org", "mx.test.example") == signal
+
+
+@pytest.mark.parametrize(
     ("value", "keyword"),
     [
         ("no", "no"),
