@@ -133,6 +133,9 @@ class GuardrailSMTP(SMTP):
         self._data_timeout = data_timeout
         self._over_limit = False
         self._lost = False
+        # True from the 354 reply until the DATA reader finds the final dot, and the bytes received in that time.
+        self._receiving_data = False
+        self._data_bytes = 0
         # The command whose replies are being sent, for enhanced codes that depend on it.
         self._command = ""
 
@@ -146,8 +149,31 @@ class GuardrailSMTP(SMTP):
         if self._lost:
             return
         self._lost = True
+        if error is not None:
+            # A reset or another socket error. Without an error, either the
+            # client closed first (eof_received logs that) or we closed it.
+            self._log_lost_during_data("connection error", error)
         self._tracker.connections.discard(self)
         super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        self._log_lost_during_data("closed by client", None)
+        return super().eof_received()
+
+    def data_received(self, data: bytes) -> None:
+        if self._receiving_data:
+            self._data_bytes += len(data)
+        super().data_received(data)
+
+    def _log_lost_during_data(self, reason: str, error: Exception | None) -> None:
+        """Log a connection that ended before the DATA reader found the final dot. Nothing of that message is stored."""
+        if not self._receiving_data:
+            return
+        self._receiving_data = False
+        log.warning(
+            "connection_lost", peer=_peer(self.session), state="DATA", bytes_received=self._data_bytes,
+            reason=reason, error=repr(error) if error is not None else None,
+        )
 
     def _timeout_cb(self) -> None:
         if self._tls_protocol is not None and self.session is not None and self.session.ssl is None:
@@ -287,12 +313,19 @@ class GuardrailSMTP(SMTP):
             self.transport.close()
             return
 
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        self._tracker.begin()
+        # Counting starts before the 354 reply, because the client may send
+        # data as soon as the reply is written.
+        self._data_bytes = 0
+        self._receiving_data = True
         try:
-            await self._finish_data()
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            self._tracker.begin()
+            try:
+                await self._finish_data()
+            finally:
+                self._tracker.end()
         finally:
-            self._tracker.end()
+            self._receiving_data = False
 
     async def _finish_data(self) -> None:
         assert self.envelope is not None
@@ -300,6 +333,7 @@ class GuardrailSMTP(SMTP):
             async with asyncio.timeout(self._data_timeout):
                 content, too_big, stuffed = await self._read_data()
         except TimeoutError:
+            self._receiving_data = False  # closed by us, so not logged as connection_lost
             log.warning("data_timed_out", peer=_peer(self.session))
             self._reject("data timed out")
             await self.push(REPLY_DATA_TIMEOUT)
@@ -362,6 +396,7 @@ class GuardrailSMTP(SMTP):
             self._reset_timeout()
             buffer += chunk
 
+        self._receiving_data = False
         leftover = bytes(buffer[end + len(_END_OF_DATA):])
         if leftover:
             # Commands the client sent right after the final dot belong to the

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import re
 import smtplib
+import socket
 import sqlite3
+import struct
 import time
 from collections.abc import Iterable
 from contextlib import closing
@@ -1003,17 +1005,23 @@ async def test_slow_data_gets_421(tmp_path: Path, start_daemon) -> None:
 
     dribbler = asyncio.create_task(dribble())
     started = time.monotonic()
-    try:
-        replies = await client.replies_until_closed(timeout=3)
-    finally:
-        dribbler.cancel()
-        await asyncio.gather(dribbler, return_exceptions=True)
-    elapsed = time.monotonic() - started
-    await client.close()
+    with structlog.testing.capture_logs() as events:
+        try:
+            replies = await client.replies_until_closed(timeout=3)
+        finally:
+            dribbler.cancel()
+            await asyncio.gather(dribbler, return_exceptions=True)
+        elapsed = time.monotonic() - started
+        await client.close()
+        await wait_until(lambda: not daemon._tracker.connections, what="the server to drop the connection")
 
     assert replies == [["421 4.4.2 Timed out waiting for message data"]]
     assert elapsed < 3
     assert count_rows(daemon, "messages") == 0
+    # The server closed the connection itself, so only the timeout is logged.
+    logged = [event["event"] for event in events]
+    assert "data_timed_out" in logged
+    assert "connection_lost" not in logged
 
 
 # -- The chunked DATA reader against stock aiosmtpd ------------------------------------------
@@ -1091,6 +1099,80 @@ async def test_pipelined_quit_after_final_dot(tmp_path: Path, start_daemon) -> N
     await client.close()
 
     assert codes(replies) == ["250", "221"]
+    assert count_rows(daemon, "messages") == 1
+
+
+# -- Connections lost during DATA ---------------------------------------------------------------
+
+
+def send_partial_data(port: int, partial: bytes, *, reset: bool) -> str:
+    """Run a transaction up to DATA over a blocking socket, send `partial`, then close or reset.
+
+    Return the client's own address as the server logs it in `peer`.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        lines = connection.makefile("rb")
+        assert lines.readline().startswith(b"220 ")
+        connection.sendall(EHLO)
+        while not (line := lines.readline()).startswith(b"250 "):
+            assert line.startswith(b"250-"), line
+        for command in (b"MAIL FROM:<alice@example.com>\r\n", f"RCPT TO:<{SUPPORT}>\r\n".encode(), b"DATA\r\n"):
+            connection.sendall(command)
+            reply = lines.readline()
+            assert reply[:1] in (b"2", b"3"), reply
+        assert reply.startswith(b"354 "), reply
+        connection.sendall(partial)
+        host, port_number = connection.getsockname()[:2]
+        if reset:
+            # A zero linger time makes close() send RST instead of FIN.
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        lines.close()
+    return f"[{host}]:{port_number}"
+
+
+@pytest.mark.parametrize(
+    ("reset", "reason"),
+    [(False, "closed by client"), (True, "connection error")],
+    ids=["FIN", "RST"],
+)
+async def test_connection_lost_mid_data_is_logged(tmp_path: Path, start_daemon, reset: bool, reason: str) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    partial = message(body="the first lines\r\n")[:-2]
+
+    with structlog.testing.capture_logs() as events:
+        peer = await asyncio.to_thread(send_partial_data, daemon.port, partial, reset=reset)
+        await wait_until(lambda: [event for event in events if event["event"] == "connection_lost"],
+                         what="a connection_lost event")
+        # The complete message that follows shows the server serves the next client.
+        await send(daemon.port, "alice@example.com", [SUPPORT], message(message_id="<after-drop@example.com>"))
+
+    lost = [event for event in events if event["event"] == "connection_lost"]
+    assert len(lost) == 1
+    assert lost[0]["log_level"] == "warning"
+    assert lost[0]["peer"] == peer
+    assert lost[0]["state"] == "DATA"
+    assert lost[0]["bytes_received"] == len(partial)
+    assert lost[0]["reason"] == reason
+    if reset:
+        assert "ConnectionResetError" in lost[0]["error"]
+    else:
+        assert lost[0]["error"] is None
+    assert [row[0] for row in query(daemon, "SELECT message_id FROM messages")] == ["<after-drop@example.com>"]
+
+
+async def test_connection_closed_after_final_dot_not_logged(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    client = await open_transaction(daemon.port)
+
+    with structlog.testing.capture_logs() as events:
+        await client.send(dot_stuff(message()))
+        reply = await client.reply()
+        # No QUIT: the client closes as soon as it has the reply.
+        await client.close()
+        await wait_until(lambda: not daemon._tracker.connections, what="the server to see the close")
+
+    assert reply[-1].startswith("250 2.0.0 ")
+    assert "connection_lost" not in [event["event"] for event in events]
     assert count_rows(daemon, "messages") == 1
 
 
