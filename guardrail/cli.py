@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="envelope recipient to assume (repeatable; default: the first inbox in the config)")
     answer = sub.add_parser("answer", help="mark a conversation answered by hand, which stops its escalations")
     answer.add_argument("reference", metavar="REF", help="the conversation reference, such as GR-7K3M9Q")
-    answer.add_argument("--by", default=os.environ.get("USER", "operator"), metavar="NAME",
-                        help="who answered, recorded on the conversation (default: $USER)")
+    answer.add_argument("--by", default=os.environ.get("USER") or "operator", metavar="NAME",
+                        help="who answered, recorded on the conversation (default: $USER, or operator when it is unset or empty)")
     sub.add_parser("reload", help="validate the rules, then tell the running daemon to load them (SIGHUP)")
     inspect = sub.add_parser("inspect", help="record that NAME reviewed the rules as they are now")
     inspect.add_argument("--by", required=True, metavar="NAME", help="who reviewed the rules")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from guardrail.clock import ManualClock
-from guardrail.cli import main
+from guardrail.cli import build_parser, main
 
 from conftest import case_file, maildir_messages, send, settle, wait_until, write_config
 from webhook_receiver import webhook_receiver
@@ -206,6 +206,16 @@ async def test_escalation_due_while_down_fires_once_after_restart(tmp_path: Path
     assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
     assert escalations_to(tmp_path, "head-of-facilities@example.org") == []
     assert len(receiver.requests) == 1
+
+
+@pytest.mark.parametrize(("user", "by"), [("carol", "carol"), ("", "operator"), (None, "operator")])
+def test_answer_by_defaults_to_user(monkeypatch: pytest.MonkeyPatch, user: str | None, by: str) -> None:
+    if user is None:
+        monkeypatch.delenv("USER", raising=False)
+    else:
+        monkeypatch.setenv("USER", user)
+    arguments = build_parser().parse_args(["answer", "--config", "guardrail.toml", "GR-7K3M9Q"])
+    assert arguments.by == by
 
 
 async def test_answer_command_rejects_unknown_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
