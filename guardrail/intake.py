@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import structlog
@@ -534,15 +535,38 @@ class IntakeHandler:
         structlog.contextvars.bind_contextvars(
             peer=facts.peer, message_id=summary.message_id, route=submission.route, team=submission.team
         )
-        outcome = await self.store.accept(submission)
+        committing = self.store.queue_submission(submission)
+        try:
+            outcome = await asyncio.shield(committing)
+        except asyncio.CancelledError:
+            # The client closed the connection after its final dot, and
+            # aiosmtpd cancelled the session. The commit goes on, so the
+            # workers must still hear of it and the log must still show it.
+            committing.add_done_callback(partial(self._committed_after_close, submission, len(raw), started))
+            raise
+        return self._committed(outcome, submission, len(raw), started)
 
+    def _committed(self, outcome: Outcome, submission: Submission, size: int, started: float) -> str:
+        """Tell the workers and the log about a committed message; return the reply to its final dot."""
         if outcome.disposition == "duplicate":
-            log.info("message_duplicate", detail=f"duplicate of {summary.message_id or 'a message without Message-ID'}")
+            message_id = submission.summary.message_id
+            log.info("message_duplicate", detail=f"duplicate of {message_id or 'a message without Message-ID'}")
             self.metrics.messages_accepted.labels("duplicate").inc()
-            return REPLY_DUPLICATE.format(message_id=_shown_message_id(summary.message_id))
+            return REPLY_DUPLICATE.format(message_id=_shown_message_id(message_id))
         self.on_committed(outcome)
-        self._log_outcome(outcome, submission, len(raw), started)
+        self._log_outcome(outcome, submission, size, started)
         return REPLY_ACCEPTED.format(reference=outcome.reference or f"message {outcome.message_row}")
+
+    def _committed_after_close(self, submission: Submission, size: int, started: float, committing: asyncio.Future[Outcome]) -> None:
+        """Finish a commit whose client left before the reply; runs as a callback of the commit's future."""
+        if committing.cancelled():
+            return
+        error = committing.exception()
+        if error is not None:
+            log.error("message_not_accepted", error=repr(error), reason="commit failed after the client disconnected")
+            return
+        self._committed(committing.result(), submission, size, started)
+        log.info("reply_not_sent", reason="the client disconnected before the reply to its final dot")
 
     def _log_outcome(self, outcome: Outcome, submission: Submission, size: int, started: float) -> None:
         structlog.contextvars.bind_contextvars(

@@ -190,12 +190,23 @@ class Store:
         """Raise alarms for those of `routes` whose mail goes unanswered; return the alarms raised."""
         return await self._submit(ZombieRun(now, recent, period, routes, planner))
 
+    def queue_submission(self, submission: Submission) -> asyncio.Future[Outcome]:
+        """Queue a received message for the next commit and return the future of its Outcome.
+
+        Unlike `accept`, the commit's result stays reachable when the caller
+        is cancelled while it waits, as when a client disconnects.
+        """
+        return self._queue(submission)
+
     async def _submit(self, item: WriteItem) -> Any:
+        return await self._queue(item)
+
+    def _queue(self, item: WriteItem) -> asyncio.Future[Any]:
         if self._committer is None or self._committer.done() or self._closing:
             raise StorageError("the store is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._jobs.put(_Job(item, future))
-        return await future
+        return future
 
     def _write_until_closed(self, loop: asyncio.AbstractEventLoop) -> None:
         """Commit queued jobs in batches until the stop marker; runs in the writer thread."""

@@ -1160,6 +1160,38 @@ async def test_connection_lost_mid_data_is_logged(tmp_path: Path, start_daemon, 
     assert [row[0] for row in query(daemon, "SELECT message_id FROM messages")] == ["<after-drop@example.com>"]
 
 
+def send_and_leave(port: int, content: bytes) -> None:
+    """Send a whole transaction, the final dot and QUIT at once, then half-close without reading the replies."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        lines = connection.makefile("rb")
+        assert lines.readline().startswith(b"220 ")
+        connection.sendall(EHLO)
+        while not (line := lines.readline()).startswith(b"250 "):
+            assert line.startswith(b"250-"), line
+        for command in (b"MAIL FROM:<alice@example.com>\r\n", f"RCPT TO:<{SUPPORT}>\r\n".encode(), b"DATA\r\n"):
+            connection.sendall(command)
+            reply = lines.readline()
+            assert reply[:1] in (b"2", b"3"), reply
+        connection.sendall(dot_stuff(content) + b"QUIT\r\n")
+        connection.shutdown(socket.SHUT_WR)
+        lines.close()
+
+
+async def test_client_leaving_after_final_dot_still_delivered(tmp_path: Path, start_daemon) -> None:
+    # The end of input cancels aiosmtpd's session while the commit is under
+    # way. The message is committed all the same, so it must be logged and
+    # the outbox worker woken, not left for its next rescan a minute later.
+    daemon = await start_daemon(write_config(tmp_path))
+
+    with structlog.testing.capture_logs() as events:
+        await asyncio.to_thread(send_and_leave, daemon.port, message(message_id="<left@example.com>"))
+        await wait_until(lambda: maildir_messages(tmp_path / "var" / "maildir" / "support"), timeout=10,
+                         what="the team's copy")
+
+    assert [event["event"] for event in events].count("message_accepted") == 1
+    assert [row[0] for row in query(daemon, "SELECT message_id FROM messages")] == ["<left@example.com>"]
+
+
 async def test_connection_closed_after_final_dot_not_logged(tmp_path: Path, start_daemon) -> None:
     daemon = await start_daemon(write_config(tmp_path))
     client = await open_transaction(daemon.port)
