@@ -6,6 +6,7 @@ daemon behaves the same whatever its working directory.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -298,7 +299,7 @@ def _load_smtp(table: Table, base: Path) -> SmtpSettings:
 
     settings = SmtpSettings(
         first_inbox=inboxes[0] if inboxes else "",
-        listen=table.string("listen", "127.0.0.1") or "127.0.0.1",
+        listen=_listen_address(table),
         port=table.integer("port", 2525, minimum=0, maximum=65535),
         hostname=hostname,
         inboxes=frozenset(inboxes),
@@ -389,7 +390,20 @@ def _load_smarthost(table: Table) -> Smarthost:
     return smarthost
 
 
+def _listen_address(table: Table) -> str:
+    """Read `listen`: an IP address, or a host name that the listener resolves when it starts."""
+    listen = table.string("listen", "127.0.0.1") or "127.0.0.1"
+    try:
+        ipaddress.ip_address(listen)
+    except ValueError:
+        # A name of digits only, such as 256.1.1.1, is a mistyped IPv4 address.
+        if not _is_domain(listen) or listen.replace(".", "").isdigit():
+            table.fail("listen", listen, "an IP address such as 127.0.0.1, 0.0.0.0 or ::1, or a host name such as localhost")
+    return listen
+
+
 def _load_delivery(table: Table, default_return_path: str) -> DeliverySettings:
+    errors_before = len(table.errors)
     return_path = table.string("return_path", default_return_path) or default_return_path
     if not _is_address(return_path):
         table.fail("return_path", return_path, "an email address")
@@ -400,6 +414,12 @@ def _load_delivery(table: Table, default_return_path: str) -> DeliverySettings:
         concurrency=table.integer("concurrency", 4, minimum=1, maximum=100),
         return_path=return_path.lower(),
     )
+    if settings.retry_initial > settings.retry_max and len(table.errors) == errors_before:
+        table.problem(
+            "retry_initial",
+            "is longer than retry_max; the wait between attempts starts at retry_initial and doubles up to retry_max,"
+            " so retry_initial must be the shorter",
+        )
     return settings
 
 
@@ -443,7 +463,7 @@ def _load_http(table: Table) -> HttpSettings:
         token = None
     settings = HttpSettings(
         enabled=table.boolean("enabled", True),
-        listen=table.string("listen", "127.0.0.1") or "127.0.0.1",
+        listen=_listen_address(table),
         port=table.integer("port", 8025, minimum=0, maximum=65535),
         token=Secret(token) if token is not None else None,
     )

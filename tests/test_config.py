@@ -682,3 +682,44 @@ def test_empty_database_file_is_accepted(tmp_path: Path) -> None:
     database.touch()
 
     assert load_config(path).database_path == database
+
+
+@pytest.mark.parametrize("section", ["smtp", "http"])
+@pytest.mark.parametrize("listen", ["not an address", "127.0.0.1:2525", "256.1.1.1", "[::1]"])
+def test_listen_address_checked(tmp_path: Path, section: str, listen: str) -> None:
+    settings = {"listen": listen}
+    path = write_config(tmp_path, smtp=settings) if section == "smtp" else write_config(tmp_path, sections={"http": settings})
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+
+    assert [str(error) for error in caught.value.errors] == [
+        f"{path}: {section}.listen: invalid value {listen!r}; expected an IP address such as 127.0.0.1, 0.0.0.0"
+        " or ::1, or a host name such as localhost"
+    ]
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1", "0.0.0.0", "::1", "::", "localhost"])
+def test_listen_address_accepted(tmp_path: Path, listen: str) -> None:
+    assert load_config(write_config(tmp_path, smtp={"listen": listen})).smtp.listen == listen
+
+
+def test_retry_initial_longer_than_max_rejected(tmp_path: Path) -> None:
+    path = write_config(tmp_path, sections={"delivery": {"retry_initial": "2h", "retry_max": "1m"}})
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+
+    assert [str(error) for error in caught.value.errors] == [
+        f"{path}: delivery.retry_initial: is longer than retry_max; the wait between attempts starts at retry_initial"
+        " and doubles up to retry_max, so retry_initial must be the shorter"
+    ]
+
+
+def test_bad_retry_max_gives_one_error(tmp_path: Path) -> None:
+    path = write_config(tmp_path, sections={"delivery": {"retry_initial": "2h", "retry_max": "soon"}})
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+
+    assert [error.key for error in caught.value.errors] == ["delivery.retry_max"]
