@@ -61,6 +61,7 @@ from .replies import (
     REPLY_TLS_ACTIVE,
     REPLY_TOO_BIG,
     REPLY_TOO_MANY_HOPS,
+    REPLY_TOO_MANY_JUNK,
     REPLY_TOO_MANY_RECIPIENTS,
     REPLY_VRFY,
     REPLY_VRFY_SYNTAX,
@@ -70,6 +71,11 @@ from .rules import RuleSet
 from .store import Outcome, Store
 
 log = structlog.get_logger("guardrail.intake")
+
+# Commands that carry no mail (NOOP, RSET, VRFY, EXPN, HELP) allowed between
+# two DATA commands of a session; the next one gets 421. A client that sends
+# RSET between messages stays far below it.
+JUNK_COMMAND_LIMIT = 100
 
 _END_OF_DATA = b"\r\n.\r\n"
 _DOT_LINE = b"\r\n."  # a line that starts with a dot: the end of the data, or a dot added by the client
@@ -139,6 +145,8 @@ class GuardrailSMTP(SMTP):
         self._data_bytes = 0
         # The command whose replies are being sent, for enhanced codes that depend on it.
         self._command = ""
+        # NOOP, RSET, VRFY, EXPN and HELP commands since the connection opened or the last DATA.
+        self._junk = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self not in self._tracker.connections:
@@ -258,8 +266,36 @@ class GuardrailSMTP(SMTP):
                 return None, None
         return match.group(1) or "<>", match.group(2).lstrip()
 
+    async def _too_much_junk(self) -> bool:
+        """Count a command that carries no mail; past JUNK_COMMAND_LIMIT, reply 421, close and return True.
+
+        Each command restarts the idle timeout, so without this limit a
+        client sending NOOP now and then would keep its connection slot.
+        """
+        self._junk += 1
+        if self._junk <= JUNK_COMMAND_LIMIT:
+            return False
+        log.warning("connection_closed", peer=_peer(self.session), reason="too many commands without mail", commands=self._junk)
+        self._reject("too many commands without mail")
+        await self.push(REPLY_TOO_MANY_JUNK)
+        assert self.transport is not None
+        self.transport.close()
+        return True
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        if not await self._too_much_junk():
+            await super().smtp_NOOP(arg)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        if not await self._too_much_junk():
+            await super().smtp_RSET(arg)
+
     @syntax("HELP [command]")
     async def smtp_HELP(self, arg: str | None) -> None:
+        if await self._too_much_junk():
+            return
         # RFC 5321 section 4.3.2 lists 214 as the success reply to HELP.
         commands = self._helped_commands()
         listed = " ".join(commands)
@@ -282,12 +318,16 @@ class GuardrailSMTP(SMTP):
 
     @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str | None) -> None:
+        if await self._too_much_junk():
+            return
         # The argument is neither parsed nor repeated: every address gets the
         # same 252 (RFC 5321 section 3.5.3), so VRFY reveals no inboxes.
         await self.push(REPLY_VRFY if arg else REPLY_VRFY_SYNTAX)
 
     @syntax("EXPN <mailing list>")
     async def smtp_EXPN(self, arg: str | None) -> None:
+        if await self._too_much_junk():
+            return
         await self.push(REPLY_EXPN if arg else REPLY_EXPN_SYNTAX)
 
     @syntax("DATA")
@@ -321,6 +361,7 @@ class GuardrailSMTP(SMTP):
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             self._tracker.begin()
+            self._junk = 0
             try:
                 await self._finish_data()
             finally:

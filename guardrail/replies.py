@@ -31,6 +31,7 @@ REPLY_BUSY = "421 4.7.0 Too many connections, try again later"
 REPLY_NEED_MAIL = "503 5.5.1 Error: need MAIL command"
 REPLY_NEED_RCPT = "503 5.5.1 Error: need RCPT command"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+REPLY_TOO_MANY_JUNK = "421 4.7.0 Too many commands without mail, closing the connection"
 REPLY_DATA_TIMEOUT = "421 4.4.2 Timed out waiting for message data"
 REPLY_STARTTLS_STOCK = "220 Ready to start TLS"  # aiosmtpd's text
 REPLY_MALFORMED_STOCK = "553 5.1.3 Error: malformed address"  # aiosmtpd's text for MAIL and RCPT

@@ -33,7 +33,7 @@ from conftest import (
 )
 
 from guardrail.daemon import Daemon
-from guardrail.intake import _scan_data
+from guardrail.intake import JUNK_COMMAND_LIMIT, _scan_data
 from guardrail.prepare import has_bare_line_ending
 from guardrail.replies import with_enhanced_code
 
@@ -1345,3 +1345,36 @@ def test_end_of_data_found_in_any_pieces(wire: bytes, stuffed: bool) -> None:
 def test_bare_line_endings_found(data: bytes, bare: bool) -> None:
     assert has_bare_line_ending(data) is bare
     assert has_bare_line_ending(data * 3) is bare
+
+
+def noop_session(port: int, content: bytes) -> tuple[list[int], list[int], tuple[int, bytes], bool]:
+    """Send NOOPs up to the limit, a message, NOOPs up to the limit again and one more; return the codes."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.example")
+        before = [client.noop()[0] for _ in range(JUNK_COMMAND_LIMIT)]
+        client.sendmail("alice@example.com", [SUPPORT], content)
+        junk = (("RSET", ""), ("VRFY", "alice"), ("HELP", ""), ("EXPN", "staff")) * (JUNK_COMMAND_LIMIT // 4)
+        after = [client.docmd(command, argument)[0] for command, argument in junk]
+        after += [client.noop()[0] for _ in range(JUNK_COMMAND_LIMIT - len(after))]
+        last = client.noop()
+        try:
+            client.noop()
+        except smtplib.SMTPServerDisconnected:
+            closed = True
+        else:
+            closed = False
+    return before, after, last, closed
+
+
+async def test_junk_commands_limited(tmp_path: Path, start_daemon) -> None:
+    # Each command restarts the idle timeout, so a client sending NOOPs would keep its slot forever.
+    daemon = await start_daemon(write_config(tmp_path))
+
+    before, after, last, closed = await asyncio.to_thread(noop_session, daemon.port, message())
+
+    assert set(before) == {250}
+    assert len(after) == JUNK_COMMAND_LIMIT
+    assert set(after) == {214, 250, 252, 502}
+    assert last == (421, b"4.7.0 Too many commands without mail, closing the connection")
+    assert closed
+    assert count_rows(daemon, "messages") == 1
