@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 import structlog
@@ -1105,22 +1105,28 @@ async def test_pipelined_quit_after_final_dot(tmp_path: Path, start_daemon) -> N
 # -- Connections lost during DATA ---------------------------------------------------------------
 
 
+def start_data(connection: socket.socket) -> BinaryIO:
+    """Run EHLO, MAIL, RCPT and DATA on a blocking socket up to the 354 reply; return the reader of its replies."""
+    lines = connection.makefile("rb")
+    assert lines.readline().startswith(b"220 ")
+    connection.sendall(EHLO)
+    while not (line := lines.readline()).startswith(b"250 "):
+        assert line.startswith(b"250-"), line
+    for command in (b"MAIL FROM:<alice@example.com>\r\n", f"RCPT TO:<{SUPPORT}>\r\n".encode(), b"DATA\r\n"):
+        connection.sendall(command)
+        reply = lines.readline()
+        assert reply[:1] in (b"2", b"3"), reply
+    assert reply.startswith(b"354 "), reply
+    return lines
+
+
 def send_partial_data(port: int, partial: bytes, *, reset: bool) -> str:
     """Run a transaction up to DATA over a blocking socket, send `partial`, then close or reset.
 
     Return the client's own address as the server logs it in `peer`.
     """
     with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
-        lines = connection.makefile("rb")
-        assert lines.readline().startswith(b"220 ")
-        connection.sendall(EHLO)
-        while not (line := lines.readline()).startswith(b"250 "):
-            assert line.startswith(b"250-"), line
-        for command in (b"MAIL FROM:<alice@example.com>\r\n", f"RCPT TO:<{SUPPORT}>\r\n".encode(), b"DATA\r\n"):
-            connection.sendall(command)
-            reply = lines.readline()
-            assert reply[:1] in (b"2", b"3"), reply
-        assert reply.startswith(b"354 "), reply
+        lines = start_data(connection)
         connection.sendall(partial)
         host, port_number = connection.getsockname()[:2]
         if reset:
@@ -1163,15 +1169,7 @@ async def test_connection_lost_mid_data_is_logged(tmp_path: Path, start_daemon, 
 def send_and_leave(port: int, content: bytes) -> None:
     """Send a whole transaction, the final dot and QUIT at once, then half-close without reading the replies."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
-        lines = connection.makefile("rb")
-        assert lines.readline().startswith(b"220 ")
-        connection.sendall(EHLO)
-        while not (line := lines.readline()).startswith(b"250 "):
-            assert line.startswith(b"250-"), line
-        for command in (b"MAIL FROM:<alice@example.com>\r\n", f"RCPT TO:<{SUPPORT}>\r\n".encode(), b"DATA\r\n"):
-            connection.sendall(command)
-            reply = lines.readline()
-            assert reply[:1] in (b"2", b"3"), reply
+        lines = start_data(connection)
         connection.sendall(dot_stuff(content) + b"QUIT\r\n")
         connection.shutdown(socket.SHUT_WR)
         lines.close()
