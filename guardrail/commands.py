@@ -227,10 +227,17 @@ def test(arguments: argparse.Namespace) -> int:
     return EXIT_FAILURE if failed else EXIT_OK
 
 
+def _note_if_missing(database: Path) -> None:
+    """Say on stderr that `database` does not exist, so that empty figures from a mistyped path are not taken for real ones."""
+    if not database.exists():
+        print(f"note: {database} does not exist yet (`guardrail run` creates it); the figures below are empty", file=sys.stderr)
+
+
 def replay(arguments: argparse.Namespace) -> int:
     config, current = _load(arguments)
     proposed = load_rules(arguments.rules, config.path.resolve().parent)
     site = Site.from_config(config)
+    _note_if_missing(config.database_path)
     messages = store_admin.last_messages(config.database_path, arguments.last)
     changed = 0
     for message in messages:
@@ -257,6 +264,7 @@ def report(arguments: argparse.Namespace) -> int:
     if since is None:
         print(f"error: --since {arguments.since!r} is not a duration such as 7d or 12h", file=sys.stderr)
         return EXIT_USAGE
+    _note_if_missing(config.database_path)
     rows = store_admin.shadow_disagreements(config.database_path, datetime.now(timezone.utc) - since)
     for row in rows:
         print(
@@ -269,6 +277,7 @@ def report(arguments: argparse.Namespace) -> int:
 
 def status(arguments: argparse.Namespace) -> int:
     config = load_config(arguments.config)
+    _note_if_missing(config.database_path)
     figures = store_admin.status_rows(config.database_path, datetime.now(timezone.utc))
     print("open conversations by team (overdue):")
     for team, count, overdue in figures["open_by_team"] or [("-", 0, 0)]:

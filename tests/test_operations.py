@@ -319,6 +319,18 @@ def test_empty_database_file_reads_as_empty(tmp_path: Path, capsys: pytest.Captu
     assert database.read_bytes() == b""
 
 
+def test_missing_database_noted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A mistyped database.path must not pass for a database with nothing in it.
+    config = write_config(tmp_path)
+    database = tmp_path / "var" / "guardrail.db"
+    note = f"note: {database} does not exist yet (`guardrail run` creates it); the figures below are empty"
+
+    for command in (["status"], ["report", "shadow"], ["replay", "--rules", str(tmp_path / "rules")]):
+        assert main([*command, "--config", str(config)]) == 0
+        assert note in capsys.readouterr().err, command
+    assert not database.exists()
+
+
 ZOMBIE_RULES = """
 [[team]]
 name = "support"
