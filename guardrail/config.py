@@ -76,6 +76,7 @@ class SmtpSettings:
     timeout: timedelta
     data_timeout: timedelta
     parse_processes: int = 0
+    max_connections_per_client: int = 0  # connections from one IP address at once; 0 for no limit
     tls_certificate: Path | None = None  # PEM chain offered with STARTTLS; None offers no STARTTLS
     tls_key: Path | None = None
 
@@ -308,6 +309,7 @@ def _load_smtp(table: Table, base: Path) -> SmtpSettings:
         max_recipients=table.integer("max_recipients", 100, minimum=1),
         max_received_headers=table.integer("max_received_headers", 30, minimum=1),
         max_connections=table.integer("max_connections", 100, minimum=1),
+        max_connections_per_client=table.integer("max_connections_per_client", 0, minimum=0),
         timeout=table.duration("timeout", timedelta(minutes=5)),
         data_timeout=table.duration("data_timeout", timedelta(minutes=10)),
         # Children parse and route, so the event loop's one thread does less

@@ -70,7 +70,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.Server | None = None
         self._http: HttpListener | None = None
-        self._tracker = ConnectionTracker(config.smtp.max_connections)
+        self._tracker = ConnectionTracker(config.smtp.max_connections, config.smtp.max_connections_per_client)
         self._tls: ssl.SSLContext | None = None  # offered with STARTTLS; replaced on reload
         self.metrics = Metrics()
         self.metrics.set_rules(rules.digest)

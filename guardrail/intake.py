@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -44,6 +45,7 @@ from .replies import (
     REPLY_BAD_SENDER,
     REPLY_BARE_LINE_ENDING,
     REPLY_BUSY,
+    REPLY_BUSY_CLIENT,
     REPLY_DATA_TIMEOUT,
     REPLY_DUPLICATE,
     REPLY_EXPN,
@@ -111,11 +113,13 @@ def _scan_data(buffer: bytearray, start: int) -> tuple[int, int, bool]:
 
 
 class ConnectionTracker:
-    """Counts open connections and transactions whose DATA is being processed."""
+    """Counts open connections, per client address too, and transactions whose DATA is being processed."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_client: int = 0) -> None:
         self.limit = limit
+        self.per_client = per_client  # 0 for no limit per client address
         self.connections: set[GuardrailSMTP] = set()
+        self.by_client: Counter[str] = Counter()
         self.busy = 0
         self.closing = False
         self.idle = asyncio.Event()
@@ -138,7 +142,9 @@ class GuardrailSMTP(SMTP):
         super().__init__(handler, **kwargs)
         self._tracker = tracker
         self._data_timeout = data_timeout
-        self._over_limit = False
+        # Why the connection is refused and its reply, when over a connection limit.
+        self._rejection: tuple[str, str] | None = None
+        self._client = ""  # the client's IP address
         self._lost = False
         # True from the 354 reply until the DATA reader finds the final dot, and the bytes received in that time.
         self._receiving_data = False
@@ -149,9 +155,16 @@ class GuardrailSMTP(SMTP):
         self._junk = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self not in self._tracker.connections:
-            self._over_limit = len(self._tracker.connections) >= self._tracker.limit
-            self._tracker.connections.add(self)
+        tracker = self._tracker
+        if self not in tracker.connections:
+            peer = transport.get_extra_info("peername")
+            self._client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+            if len(tracker.connections) >= tracker.limit:
+                self._rejection = ("too many connections", REPLY_BUSY)
+            elif tracker.per_client and tracker.by_client[self._client] >= tracker.per_client:
+                self._rejection = ("too many connections from one client", REPLY_BUSY_CLIENT)
+            tracker.connections.add(self)
+            tracker.by_client[self._client] += 1
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -162,7 +175,11 @@ class GuardrailSMTP(SMTP):
             # A reset or another socket error. Without an error, either the
             # client closed first (eof_received logs that) or we closed it.
             self._log_lost_during_data("connection error", error)
-        self._tracker.connections.discard(self)
+        if self in self._tracker.connections:
+            self._tracker.connections.discard(self)
+            self._tracker.by_client[self._client] -= 1
+            if self._tracker.by_client[self._client] <= 0:
+                del self._tracker.by_client[self._client]
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
@@ -215,10 +232,11 @@ class GuardrailSMTP(SMTP):
         await self.push(REPLY_AUTH)
 
     async def _handle_client(self) -> None:
-        if self._over_limit:
-            log.warning("connection_rejected", peer=_peer(self.session), reason="too many connections")
-            self._reject("too many connections")
-            await self.push(REPLY_BUSY)
+        if self._rejection is not None:
+            reason, reply = self._rejection
+            log.warning("connection_rejected", peer=_peer(self.session), reason=reason)
+            self._reject(reason)
+            await self.push(reply)
             assert self.transport is not None
             self.transport.close()
             return

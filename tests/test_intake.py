@@ -975,6 +975,28 @@ async def test_third_connection_gets_421(tmp_path: Path, start_daemon) -> None:
     assert count_rows(daemon, "messages") == 2
 
 
+async def test_connections_per_client_limited(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path, smtp={"max_connections": 10, "max_connections_per_client": 2}))
+    first = await Client.connect(daemon.port)
+    second = await Client.connect(daemon.port)
+    greetings = [await first.reply(), await second.reply()]
+
+    third = await Client.connect(daemon.port)
+    rejected = await third.replies_until_closed()
+    await third.close()
+    # A closed connection frees its client's place.
+    await first.command(b"QUIT")
+    await first.close()
+    await wait_until(lambda: len(daemon._tracker.connections) == 1, what="the server to see the close")
+    fourth = await Client.connect(daemon.port)
+    greetings.append(await fourth.reply())
+    for client in (second, fourth):
+        await client.close()
+
+    assert codes(greetings) == ["220", "220", "220"]
+    assert rejected == [["421 4.7.0 Too many connections from your address, try again later"]]
+
+
 async def test_idle_connection_is_closed(tmp_path: Path, start_daemon) -> None:
     daemon = await start_daemon(write_config(tmp_path, smtp={"timeout": "1s"}))
     client = await Client.connect(daemon.port)
