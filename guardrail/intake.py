@@ -125,6 +125,26 @@ class ConnectionTracker:
         self.idle = asyncio.Event()
         self.idle.set()
 
+    def open(self, connection: GuardrailSMTP, client: str) -> tuple[str, str] | None:
+        """Count a new connection from IP address `client`; return (reason, reply) when it is over a limit."""
+        over = None
+        if len(self.connections) >= self.limit:
+            over = ("too many connections", REPLY_BUSY)
+        elif self.per_client and self.by_client[client] >= self.per_client:
+            over = ("too many connections from one client", REPLY_BUSY_CLIENT)
+        self.connections.add(connection)
+        self.by_client[client] += 1
+        return over
+
+    def close(self, connection: GuardrailSMTP, client: str) -> None:
+        """Stop counting a connection that `open` counted."""
+        if connection not in self.connections:
+            return
+        self.connections.discard(connection)
+        self.by_client[client] -= 1
+        if self.by_client[client] <= 0:
+            del self.by_client[client]
+
     def begin(self) -> None:
         self.busy += 1
         self.idle.clear()
@@ -155,16 +175,11 @@ class GuardrailSMTP(SMTP):
         self._junk = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        tracker = self._tracker
-        if self not in tracker.connections:
+        # STARTTLS calls this again for the same connection, which is counted once.
+        if self not in self._tracker.connections:
             peer = transport.get_extra_info("peername")
             self._client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-            if len(tracker.connections) >= tracker.limit:
-                self._rejection = ("too many connections", REPLY_BUSY)
-            elif tracker.per_client and tracker.by_client[self._client] >= tracker.per_client:
-                self._rejection = ("too many connections from one client", REPLY_BUSY_CLIENT)
-            tracker.connections.add(self)
-            tracker.by_client[self._client] += 1
+            self._rejection = self._tracker.open(self, self._client)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -175,11 +190,7 @@ class GuardrailSMTP(SMTP):
             # A reset or another socket error. Without an error, either the
             # client closed first (eof_received logs that) or we closed it.
             self._log_lost_during_data("connection error", error)
-        if self in self._tracker.connections:
-            self._tracker.connections.discard(self)
-            self._tracker.by_client[self._client] -= 1
-            if self._tracker.by_client[self._client] <= 0:
-                del self._tracker.by_client[self._client]
+        self._tracker.close(self, self._client)
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:

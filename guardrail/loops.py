@@ -177,8 +177,9 @@ def _header_signal(summary: Summary) -> str | None:
             return f"Auto-Submitted: {value.strip()}"
     for name in ("precedence", "x-precedence"):
         for value in summary.header(name):
-            if value.strip().lower() in _PRECEDENCE_VALUES:
-                return f"{name.title()}: {value.strip().lower()}"
+            keyword = value.strip().lower()
+            if keyword in _PRECEDENCE_VALUES:
+                return f"{name.title()}: {keyword}"
     # Errors-To is a legacy header that only list and bulk software still sets.
     for name in (*_AUTOREPLY_HEADERS, *_LIST_HEADERS, *_OTHER_SIGNAL_HEADERS):
         if summary.header(name):

@@ -46,7 +46,7 @@ def write_maildirs(files: list[tuple[Path, str, bytes]]) -> list[bool | Exceptio
                         (folder / sub).mkdir(parents=True, exist_ok=True)
                     ready.add(folder)
                 final = folder / "new" / name
-                if _holds(final, data):
+                if _has_content(final, data):
                     continue
                 temporary = folder / "tmp" / f"{name}.{os.getpid()}.{time.monotonic_ns()}"
                 written.append((index, _write_unsynced(temporary, data), temporary, final))
@@ -88,14 +88,14 @@ def _link_unique(temporary: Path, final: Path, data: bytes) -> bool:
         try:
             os.link(temporary, target)
         except FileExistsError:
-            if _holds(target, data):
+            if _has_content(target, data):
                 return False
             continue
         return True
     raise FileExistsError(f"{final} and {MAX_NAME_VARIANTS - 1} variants of its name contain other messages")
 
 
-def _holds(path: Path, data: bytes) -> bool:
+def _has_content(path: Path, data: bytes) -> bool:
     """Return True when the file at `path` exists and contains exactly `data`."""
     try:
         if path.stat().st_size != len(data):

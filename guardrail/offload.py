@@ -180,13 +180,18 @@ class ParseProcesses:
                 return result
         raise ParseTimeout(f"{ATTEMPTS} parse processes died while this message waited")
 
+    def _least_busy_child(self) -> _Child | None:
+        """Return the usable child with the fewest pending requests, or None when no child is usable."""
+        candidates = [child for child in self._children if child.usable]
+        return min(candidates, key=lambda candidate: len(candidate.pending)) if candidates else None
+
     async def _ready_child(self) -> _Child:
         """Return the ready child with the fewest pending requests; wait up to `ready_timeout` for one."""
         deadline = time.monotonic() + self.ready_timeout
         while True:
-            candidates = [child for child in self._children if child.usable]
-            if candidates:
-                return min(candidates, key=lambda candidate: len(candidate.pending))
+            child = self._least_busy_child()
+            if child is not None:
+                return child
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._closing:
                 raise ParseTimeout(f"no parse process was ready within {self.ready_timeout:g} s")
@@ -199,13 +204,12 @@ class ParseProcesses:
 
         None comes when no child is ready, or when the child died or stalled
         before it replied. The child may have written some of the files by
-        then. Writing them again is safe: a file already in new/ is left as
-        it is and reported as there already.
+        then. Writing them again is safe: a file already in new/ with the
+        same content is left as it is and reported as there already.
         """
-        candidates = [child for child in self._children if child.usable] if self._rules_frame is not None else []
-        if not candidates:
+        child = self._least_busy_child() if self._rules_frame is not None else None
+        if child is None:
             return None
-        child = min(candidates, key=lambda candidate: len(candidate.pending))
         request_id = next(self._ids)
         result = await self._ask(child, request_id, ("maildirs", request_id, files))
         if isinstance(result, str):
