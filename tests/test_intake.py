@@ -949,15 +949,23 @@ def test_enhanced_code_table(status: str, command: str, expected: str) -> None:
 # -- Resource limits ----------------------------------------------------------------------
 
 
-async def test_third_connection_gets_421(tmp_path: Path, start_daemon) -> None:
-    daemon = await start_daemon(write_config(tmp_path, smtp={"max_connections": 2}))
-    first = await Client.connect(daemon.port)
-    second = await Client.connect(daemon.port)
-    greetings = [await first.reply(), await second.reply()]
+async def two_open_third_rejected(port: int) -> tuple[tuple[Client, Client], list[list[str]], list[list[str]]]:
+    """Open two connections and read their greetings, then a third until the server closes it.
 
-    third = await Client.connect(daemon.port)
+    Return the two open clients, their greetings and the replies the third got.
+    """
+    first = await Client.connect(port)
+    second = await Client.connect(port)
+    greetings = [await first.reply(), await second.reply()]
+    third = await Client.connect(port)
     rejected = await third.replies_until_closed()
     await third.close()
+    return (first, second), greetings, rejected
+
+
+async def test_third_connection_gets_421(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path, smtp={"max_connections": 2}))
+    (first, second), greetings, rejected = await two_open_third_rejected(daemon.port)
     results = []
     for index, client in enumerate((first, second)):
         await client.command(EHLO)
@@ -977,13 +985,7 @@ async def test_third_connection_gets_421(tmp_path: Path, start_daemon) -> None:
 
 async def test_connections_per_client_limited(tmp_path: Path, start_daemon) -> None:
     daemon = await start_daemon(write_config(tmp_path, smtp={"max_connections": 10, "max_connections_per_client": 2}))
-    first = await Client.connect(daemon.port)
-    second = await Client.connect(daemon.port)
-    greetings = [await first.reply(), await second.reply()]
-
-    third = await Client.connect(daemon.port)
-    rejected = await third.replies_until_closed()
-    await third.close()
+    (first, second), greetings, rejected = await two_open_third_rejected(daemon.port)
     # A closed connection frees its client's place.
     await first.command(b"QUIT")
     await first.close()

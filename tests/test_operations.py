@@ -19,6 +19,7 @@ import pytest
 
 from guardrail.cli import main
 from guardrail.clock import ManualClock
+from guardrail.daemon import Daemon
 from guardrail.store_batch import SCHEMA
 
 from conftest import ROOT, TEAMS, example_copy, free_port, maildir_messages, message, send, settle, write_config
@@ -351,21 +352,34 @@ def alarms(folder: Path) -> list[email.message.Message]:
     return [m for m in found if m["Subject"] and m["Subject"].startswith("Route default looks abandoned")]
 
 
-async def test_zombie_route_alarms_once_per_period(tmp_path: Path, start_daemon) -> None:
-    config = write_config(
-        tmp_path, rules=ZOMBIE_RULES,
-        sections={"zombie": {"conversations": 3, "min_answered_share": 0.5, "silent_business_hours": "48h",
-                             "period": "1d", "check_every": "1h"}},
-    )
+async def zombie_daemon(tmp_path: Path, start_daemon, **zombie: object) -> tuple[Daemon, ManualClock]:
+    """Start a daemon on ZOMBIE_RULES with these [zombie] settings, on a manual clock at Monday 08:00."""
+    config = write_config(tmp_path, rules=ZOMBIE_RULES, sections={"zombie": {"check_every": "1h", **zombie}})
     clock = ManualClock(at("2025-11-03T08:00:00"))
-    daemon = await start_daemon(config, clock=clock)
-    for number in range(3):
-        await send(daemon.port, f"c{number}@example.com", ["support@example.org"], message(message_id=f"<z{number}@x>"))
-    await settle(daemon, clock)
-    # Nothing is due yet: the share is judged from the check after the mail arrived.
-    for _ in range(30):
+    return await start_daemon(config, clock=clock), clock
+
+
+async def advance_hours(daemon: Daemon, clock: ManualClock, hours: int) -> None:
+    """Advance the clock by `hours`, one hour at a time, letting the daemon finish what falls due after each."""
+    for _ in range(hours):
         await clock.advance(timedelta(hours=1))
         await settle(daemon, clock)
+
+
+async def customers_write(daemon: Daemon, clock: ManualClock, count: int, tag: str) -> None:
+    """Send `count` messages from different customers to support@, with Message-IDs <TAG0@x>, <TAG1@x> and on."""
+    for number in range(count):
+        await send(daemon.port, f"c{number}@example.com", ["support@example.org"], message(message_id=f"<{tag}{number}@x>"))
+    await settle(daemon, clock)
+
+
+async def test_zombie_route_alarms_once_per_period(tmp_path: Path, start_daemon) -> None:
+    daemon, clock = await zombie_daemon(
+        tmp_path, start_daemon, conversations=3, min_answered_share=0.5, silent_business_hours="48h", period="1d",
+    )
+    await customers_write(daemon, clock, 3, "z")
+    # The first alarm comes at the first check after the deadlines passed unanswered.
+    await advance_hours(daemon, clock, 30)
 
     assert len(alarms(tmp_path)) == 2
     (first, second) = alarms(tmp_path)
@@ -380,16 +394,10 @@ async def test_zombie_route_alarms_once_per_period(tmp_path: Path, start_daemon)
 
 
 async def test_zombie_ignores_mail_within_deadline(tmp_path: Path, start_daemon) -> None:
-    config = write_config(
-        tmp_path, rules=ZOMBIE_RULES,
-        sections={"zombie": {"conversations": 3, "min_answered_share": 0.5, "silent_business_hours": "100h",
-                             "period": "1d", "check_every": "1h"}},
+    daemon, clock = await zombie_daemon(
+        tmp_path, start_daemon, conversations=3, min_answered_share=0.5, silent_business_hours="100h", period="1d",
     )
-    clock = ManualClock(at("2025-11-03T08:00:00"))
-    daemon = await start_daemon(config, clock=clock)
-    for number in range(5):
-        await send(daemon.port, f"c{number}@example.com", ["support@example.org"], message(message_id=f"<b{number}@x>"))
-    await settle(daemon, clock)
+    await customers_write(daemon, clock, 5, "b")
     [(deadline,)] = await daemon.store.fetch_all("SELECT MAX(deadline) FROM conversations")
     due = datetime.fromisoformat(deadline.replace("Z", "+00:00"))
 
@@ -399,31 +407,21 @@ async def test_zombie_ignores_mail_within_deadline(tmp_path: Path, start_daemon)
         await settle(daemon, clock)
     assert alarms(tmp_path) == []
 
-    for _ in range(2):
-        await clock.advance(timedelta(hours=1))
-        await settle(daemon, clock)
+    await advance_hours(daemon, clock, 2)
     [alarm] = alarms(tmp_path)
     body = alarm.get_payload(decode=True).decode()
     assert "0 of the route's last 3 conversations were answered (0%, below 50%)" in body
 
 
 async def test_zombie_alarm_stops_once_answered(tmp_path: Path, start_daemon) -> None:
-    config = write_config(
-        tmp_path, rules=ZOMBIE_RULES,
-        sections={"zombie": {"conversations": 2, "min_answered_share": 0.5, "silent_business_hours": "100h", "check_every": "1h"}},
-    )
-    clock = ManualClock(at("2025-11-03T08:00:00"))
-    daemon = await start_daemon(config, clock=clock)
+    daemon, clock = await zombie_daemon(tmp_path, start_daemon, conversations=2, min_answered_share=0.5, silent_business_hours="100h")
     for number in range(2):
         await send(daemon.port, f"c{number}@example.com", ["support@example.org"], message(message_id=f"<q{number}@x>"))
         reply = message(sender="Sam Ortiz <sam@example.org>", message_id=f"<a{number}@x>",
                         extra_headers=f"In-Reply-To: <q{number}@x>\r\n")
         await send(daemon.port, "sam@example.org", ["support@example.org"], reply)
-    for _ in range(5):
-        await clock.advance(timedelta(hours=1))
-        await settle(daemon, clock)
+    await advance_hours(daemon, clock, 5)
     assert alarms(tmp_path) == []
-
 
 
 def wait_for_pid(pid_path: Path, process: subprocess.Popen[bytes]) -> None:
