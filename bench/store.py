@@ -55,7 +55,7 @@ def prepared_messages(size: int, count: int, cell_id: str) -> list[Submission]:
 
 
 async def commit_all(database: Path, submissions: list[Submission], concurrency: int) -> tuple[float, float]:
-    """Commit every submission through C concurrent callers; return (wall seconds, CPU seconds of this process)."""
+    """Commit every submission through C concurrent callers. Return (wall seconds, CPU seconds of this process)."""
     store = await Store.open(database)
     pending = iter(submissions)
 

@@ -228,7 +228,7 @@ def test(arguments: argparse.Namespace) -> int:
 
 
 def _note_if_missing(database: Path) -> None:
-    """Say on stderr that `database` does not exist, so that empty figures from a mistyped path are not taken for real ones."""
+    """Print a note on stderr when `database` does not exist, so that empty figures from a mistyped path are not taken for real ones."""
     if not database.exists():
         print(f"note: {database} does not exist yet (`guardrail run` creates it); the figures below are empty", file=sys.stderr)
 

@@ -76,7 +76,7 @@ class SmtpSettings:
     timeout: timedelta
     data_timeout: timedelta
     parse_processes: int = 0
-    max_connections_per_client: int = 0  # connections from one IP address at once; 0 for no limit
+    max_connections_per_client: int = 0  # connections from one IP address at once, or 0 for no limit
     tls_certificate: Path | None = None  # PEM chain offered with STARTTLS; None offers no STARTTLS
     tls_key: Path | None = None
 

@@ -75,8 +75,8 @@ from .store import Outcome, Store
 log = structlog.get_logger("guardrail.intake")
 
 # Commands that carry no mail (NOOP, RSET, VRFY, EXPN, HELP) allowed between
-# two DATA commands of a session; the next one gets 421. A client that sends
-# RSET between messages stays far below it.
+# two DATA commands of a session. The next one gets 421, and a client that
+# sends RSET between messages stays far below the limit.
 JUNK_COMMAND_LIMIT = 100
 
 _END_OF_DATA = b"\r\n.\r\n"
@@ -117,7 +117,7 @@ class ConnectionTracker:
 
     def __init__(self, limit: int, per_client: int = 0) -> None:
         self.limit = limit
-        self.per_client = per_client  # 0 for no limit per client address
+        self.per_client = per_client  # connections from one IP address, or 0 for no limit
         self.connections: set[GuardrailSMTP] = set()
         self.by_client: Counter[str] = Counter()
         self.busy = 0
@@ -126,7 +126,7 @@ class ConnectionTracker:
         self.idle.set()
 
     def open(self, connection: GuardrailSMTP, client: str) -> tuple[str, str] | None:
-        """Count a new connection from IP address `client`; return (reason, reply) when it is over a limit."""
+        """Count a new connection from IP address `client`, and return (reason, reply) when it is over a limit, else None."""
         over = None
         if len(self.connections) >= self.limit:
             over = ("too many connections", REPLY_BUSY)
@@ -162,7 +162,7 @@ class GuardrailSMTP(SMTP):
         super().__init__(handler, **kwargs)
         self._tracker = tracker
         self._data_timeout = data_timeout
-        # Why the connection is refused and its reply, when over a connection limit.
+        # Why the connection is rejected and its reply, when it is over a connection limit.
         self._rejection: tuple[str, str] | None = None
         self._client = ""  # the client's IP address
         self._lost = False
@@ -296,7 +296,7 @@ class GuardrailSMTP(SMTP):
         return match.group(1) or "<>", match.group(2).lstrip()
 
     async def _too_much_junk(self) -> bool:
-        """Count a command that carries no mail; past JUNK_COMMAND_LIMIT, reply 421, close and return True.
+        """Count a command that carries no mail. Past JUNK_COMMAND_LIMIT, reply 421, close the connection and return True.
 
         Each command restarts the idle timeout, so without this limit a
         client sending NOOP now and then would keep its connection slot.
@@ -617,7 +617,7 @@ class IntakeHandler:
         return self._committed(outcome, submission, len(raw), started)
 
     def _committed(self, outcome: Outcome, submission: Submission, size: int, started: float) -> str:
-        """Tell the workers and the log about a committed message; return the reply to its final dot."""
+        """Notify the workers of a committed message and log it, then return the reply to its final dot."""
         if outcome.disposition == "duplicate":
             message_id = submission.summary.message_id
             log.info("message_duplicate", detail=f"duplicate of {message_id or 'a message without Message-ID'}")
@@ -628,8 +628,9 @@ class IntakeHandler:
         return REPLY_ACCEPTED.format(reference=outcome.reference or f"message {outcome.message_row}")
 
     def _committed_after_close(self, submission: Submission, size: int, started: float, committing: asyncio.Future[Outcome]) -> None:
-        """Finish a commit whose client left before the reply; runs as a callback of the commit's future."""
+        """Finish a commit whose client left before the reply. Runs as a done callback of the commit's future."""
         if committing.cancelled():
+            log.warning("message_not_accepted", reason="commit cancelled after the client disconnected")
             return
         error = committing.exception()
         if error is not None:

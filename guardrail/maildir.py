@@ -106,7 +106,7 @@ def _has_content(path: Path, data: bytes) -> bool:
 
 
 def _write_unsynced(temporary: Path, data: bytes) -> BinaryIO:
-    """Write `data` to a new file and return it still open, for an fsync later; remove the file if writing failed."""
+    """Write `data` to a new file and return it still open for a later fsync. Remove the file if writing fails."""
     handle = open(temporary, "wb")  # noqa: SIM115 - the caller closes it after the fsync
     try:
         handle.write(data)

@@ -491,7 +491,7 @@ class BatchWriter:
         due = format_instant(now)
         for route in routes:
             # Only conversations that were answered or are past their deadline
-            # count: a burst of new mail still within its deadline is not neglect.
+            # count, because a burst of new mail within its deadlines is not neglect.
             sql = (
                 "SELECT team, state FROM conversations WHERE route = ? AND deadline IS NOT NULL"
                 " AND (state = 'answered' OR deadline <= ?) ORDER BY opened_at DESC LIMIT ?"

@@ -1130,7 +1130,7 @@ async def test_pipelined_quit_after_final_dot(tmp_path: Path, start_daemon) -> N
 
 
 def start_data(connection: socket.socket) -> BinaryIO:
-    """Run EHLO, MAIL, RCPT and DATA on a blocking socket up to the 354 reply; return the reader of its replies."""
+    """Run EHLO, MAIL, RCPT and DATA on a blocking socket up to the 354 reply. Return the reader of its replies."""
     lines = connection.makefile("rb")
     assert lines.readline().startswith(b"220 ")
     connection.sendall(EHLO)
@@ -1199,7 +1199,7 @@ def send_and_leave(port: int, content: bytes) -> None:
         lines.close()
 
 
-async def test_client_leaving_after_final_dot_still_delivered(tmp_path: Path, start_daemon) -> None:
+async def test_client_gone_after_dot_delivered(tmp_path: Path, start_daemon) -> None:
     # The end of input cancels aiosmtpd's session while the commit is under
     # way. The message is committed all the same, so it must be logged and
     # the outbox worker woken, not left for its next rescan a minute later.
@@ -1214,7 +1214,7 @@ async def test_client_leaving_after_final_dot_still_delivered(tmp_path: Path, st
     assert [row[0] for row in query(daemon, "SELECT message_id FROM messages")] == ["<left@example.com>"]
 
 
-async def test_connection_closed_after_final_dot_not_logged(tmp_path: Path, start_daemon) -> None:
+async def test_close_after_dot_not_logged(tmp_path: Path, start_daemon) -> None:
     daemon = await start_daemon(write_config(tmp_path))
     client = await open_transaction(daemon.port)
 
@@ -1370,7 +1370,7 @@ def test_bare_line_endings_found(data: bytes, bare: bool) -> None:
 
 
 def noop_session(port: int, content: bytes) -> tuple[list[int], list[int], tuple[int, bytes], bool]:
-    """Send NOOPs up to the limit, a message, NOOPs up to the limit again and one more; return the codes."""
+    """Send NOOPs up to the limit, a message, other junk commands up to the limit again and one NOOP more. Return the reply codes."""
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
         client.ehlo("client.example")
         before = [client.noop()[0] for _ in range(JUNK_COMMAND_LIMIT)]
