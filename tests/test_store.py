@@ -23,13 +23,13 @@ from guardrail.store_batch import SCHEMA
 NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
 
 
-def submissions(folder: Path, count: int) -> list[Submission]:
+def submissions(folder: Path, count: int, body: str = "Hello,\r\nthe printer jams.\r\n") -> list[Submission]:
     config = load_config(write_config(folder))
     rules, site = load_ruleset(config), Site.from_config(config)
     prepared = []
     for number in range(count):
         envelope = Envelope(f"customer{number}@example.com", ("support@example.org",), "[127.0.0.1]:40000", "client")
-        result = prepare_message(envelope, message(message_id=f"<s{number}@example.com>"), rules, site, NOW)
+        result = prepare_message(envelope, message(message_id=f"<s{number}@example.com>", body=body), rules, site, NOW)
         assert isinstance(result, Submission)
         prepared.append(result)
     return prepared
@@ -144,3 +144,51 @@ async def test_database_without_protocol_column_is_upgraded(tmp_path: Path) -> N
         await store.close()
 
     assert envelope["protocol"] == "ESMTP"
+
+
+def wal_pages(database: Path) -> int:
+    """Return how many pages the WAL file beside `database` holds, counted from its size."""
+    wal = database.with_name(database.name + "-wal")
+    return (wal.stat().st_size - 32) // (4096 + 24) if wal.exists() else 0
+
+
+async def commit_large(store: Store, folder: Path, count: int) -> int:
+    """Commit `count` messages of about 52 KiB each; return the database file's size before."""
+    size_before = store_path(folder).stat().st_size
+    for submission in submissions(folder, count, body=("y" * 76 + "\r\n") * 680):
+        await store.accept(submission)
+    return size_before
+
+
+def store_path(folder: Path) -> Path:
+    return folder / "store.db"
+
+
+async def test_commits_leave_checkpoints_to_the_checkpointer(tmp_path: Path) -> None:
+    database = store_path(tmp_path)
+    store = await Store.open(database, checkpoint_delay=3600)
+    try:
+        empty_size = await commit_large(store, tmp_path, 80)
+        # Past SQLite's default threshold of 1000 pages, no commit
+        # checkpointed: the rows are in the WAL, not in the database file.
+        assert wal_pages(database) > 1000
+        assert database.stat().st_size == empty_size
+        assert store.checkpointer.checkpoints == 0
+    finally:
+        await store.close()
+    assert len(stored_message_ids(database)) == 80
+
+
+async def test_checkpointer_copies_committed_pages_into_the_database_file(tmp_path: Path) -> None:
+    database = store_path(tmp_path)
+    store = await Store.open(database, checkpoint_delay=0)
+    try:
+        empty_size = await commit_large(store, tmp_path, 20)
+        for _ in range(200):
+            if database.stat().st_size > empty_size + 20 * 50_000:
+                break
+            await asyncio.sleep(0.05)
+        assert database.stat().st_size > empty_size + 20 * 50_000
+        assert store.checkpointer.checkpoints >= 1
+    finally:
+        await store.close()
