@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 1 a runtime failure (or, for check and test, warnings
 or failed cases), 2 invalid usage, configuration or rules, or a database file
-that is not SQLite, is damaged or lacks guardrail's tables.
+that is not SQLite, is damaged, lacks guardrail's tables or stays locked by
+another process.
 """
 
 from __future__ import annotations

@@ -93,11 +93,11 @@ def check(arguments: argparse.Namespace) -> int:
             errors += problems.errors
     if config is not None and rules is not None:
         try:
-            inspections = store_admin.inspections(config.database_path)
+            inspections = store_admin.inspections(config.database_path, busy_timeout=config.busy_timeout)
         except DatabaseFileError as error:
             errors.append(ConfigError(config.path, "database.path", str(error)))
         except sqlite3.DatabaseError as error:
-            # Another SQLite error, such as a database that stays locked.
+            # Another SQLite error, such as a disk I/O error.
             errors.append(ConfigError(config.path, "database.path", f"cannot read {config.database_path}: {error}"))
         else:
             findings = check_rules(rules, datetime.now(timezone.utc), inspections, inspection_max_age=config.inspection_max_age)
@@ -168,7 +168,9 @@ def answer(arguments: argparse.Namespace) -> int:
             await store.close()
 
     # Store.open would add guardrail's tables to any SQLite file, so the file is checked first.
-    store_admin.verify(config.database_path)
+    store_admin.verify(config.database_path, busy_timeout=config.busy_timeout)
+    # The store's writer reports a failed write without its cause, so a lock that another process holds is found here first.
+    store_admin.wait_for_write_lock(config.database_path, busy_timeout=config.busy_timeout)
     with store_admin.file_errors(config.database_path):
         before = asyncio.run(mark())
     if not before:
@@ -201,7 +203,10 @@ def reload(arguments: argparse.Namespace) -> int:
 
 def inspect(arguments: argparse.Namespace) -> int:
     config, rules = _load(arguments)
-    store_admin.record_inspection(config.database_path, rules.digest, datetime.now(timezone.utc), arguments.by, arguments.note)
+    store_admin.record_inspection(
+        config.database_path, rules.digest, datetime.now(timezone.utc), arguments.by, arguments.note,
+        busy_timeout=config.busy_timeout,
+    )
     print(f"recorded: rules {rules.digest[:12]} inspected by {arguments.by}")
     return EXIT_OK
 
@@ -238,7 +243,7 @@ def replay(arguments: argparse.Namespace) -> int:
     proposed = load_rules(arguments.rules, config.path.resolve().parent)
     site = Site.from_config(config)
     _note_if_missing(config.database_path)
-    messages = store_admin.last_messages(config.database_path, arguments.last)
+    messages = store_admin.last_messages(config.database_path, arguments.last, busy_timeout=config.busy_timeout)
     changed = 0
     for message in messages:
         now = message.received_at
@@ -265,7 +270,7 @@ def report(arguments: argparse.Namespace) -> int:
         print(f"error: --since {arguments.since!r} is not a duration such as 7d or 12h", file=sys.stderr)
         return EXIT_USAGE
     _note_if_missing(config.database_path)
-    rows = store_admin.shadow_disagreements(config.database_path, datetime.now(timezone.utc) - since)
+    rows = store_admin.shadow_disagreements(config.database_path, datetime.now(timezone.utc) - since, busy_timeout=config.busy_timeout)
     for row in rows:
         print(
             f"{row['received_at']} {row['message_id'] or '(no Message-ID)'}: live {row['live_route']} -> {row['live_team']},"
@@ -278,7 +283,7 @@ def report(arguments: argparse.Namespace) -> int:
 def status(arguments: argparse.Namespace) -> int:
     config = load_config(arguments.config)
     _note_if_missing(config.database_path)
-    figures = store_admin.status_rows(config.database_path, datetime.now(timezone.utc))
+    figures = store_admin.status_rows(config.database_path, datetime.now(timezone.utc), busy_timeout=config.busy_timeout)
     print("open conversations by team (overdue):")
     for team, count, overdue in figures["open_by_team"] or [("-", 0, 0)]:
         print(f"  {team:20} {count:6} ({overdue or 0} overdue)")

@@ -5,6 +5,7 @@
     ├── ConfigErrors             every ConfigError found while loading, at once
     ├── StorageError             the database could not be read or written
     │   └── DatabaseFileError    the database file is not SQLite, is damaged or is not guardrail's
+    │       └── DatabaseLockedError  another process held the database's lock past the busy timeout
     └── DeliveryError            a destination did not take a message
         ├── TemporaryDeliveryError   retry later (4xx, refused, timed out)
         └── PermanentDeliveryError   never retry (5xx, bad destination)
@@ -57,6 +58,10 @@ class DatabaseFileError(StorageError):
         super().__init__(f"{path} {problem}")
         self.path = path
         self.problem = problem
+
+
+class DatabaseLockedError(DatabaseFileError):
+    """The database stayed locked by another process for longer than the busy timeout."""
 
 
 class DeliveryError(GuardrailError):

@@ -12,37 +12,41 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from .checks import Inspection
 from .clock import format_instant, parse_instant
-from .errors import DatabaseFileError
+from .errors import DatabaseFileError, DatabaseLockedError
 from .store_batch import SCHEMA
 
 # Tables that every version of the schema has, so a file without them was not made by guardrail.
 GUARDRAIL_TABLES = ("messages", "conversations")
 
+# How long a command waits for another process's lock when the caller does not pass [database] busy_timeout.
+BUSY_TIMEOUT = timedelta(seconds=5)
+
 
 @contextmanager
-def connect(path: Path, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+def connect(path: Path, *, write: bool = False, busy_timeout: timedelta = BUSY_TIMEOUT) -> Iterator[sqlite3.Connection]:
     """Open the database, or an empty schema in memory for a read-only open of a missing or empty file.
 
     Raises DatabaseFileError, from the open or from the statements run inside
     the block, when the file is not an SQLite database, is damaged, or is an
-    SQLite database without guardrail's tables.
+    SQLite database without guardrail's tables. Raises DatabaseLockedError
+    when another process holds a lock for longer than `busy_timeout`.
     """
     with file_errors(path):
-        connection = _open(path, write=write)
+        connection = _open(path, write=write, busy_timeout=busy_timeout)
         try:
             yield connection
         finally:
             connection.close()
 
 
-def _open(path: Path, *, write: bool) -> sqlite3.Connection:
+def _open(path: Path, *, write: bool, busy_timeout: timedelta) -> sqlite3.Connection:
     # SQLite treats an empty file as a new database, which the daemon gives its tables when it starts.
     is_new = not path.exists() or path.stat().st_size == 0
     if is_new and not write:
@@ -51,11 +55,11 @@ def _open(path: Path, *, write: bool) -> sqlite3.Connection:
         return connection
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(path, timeout=10, isolation_level=None)
+        connection = sqlite3.connect(path, timeout=busy_timeout.total_seconds(), isolation_level=None)
     else:
         # In an SQLite URI, "?" and "#" end the path and "%" starts an escape, so the path is percent-encoded.
         uri = f"file:{quote(str(path.resolve()), safe='/')}?mode=ro"
-        connection = sqlite3.connect(uri, uri=True, timeout=10)
+        connection = sqlite3.connect(uri, uri=True, timeout=busy_timeout.total_seconds())
     try:
         if not is_new:
             # Checked first, because the pragmas and the schema below would write into any SQLite file.
@@ -81,9 +85,9 @@ def _check_tables(connection: sqlite3.Connection, path: Path) -> None:
 
 @contextmanager
 def file_errors(path: Path) -> Iterator[None]:
-    """Raise DatabaseFileError in place of an SQLite error that means the file at `path` is not SQLite or is damaged.
+    """Raise DatabaseFileError in place of an SQLite error that means the file at `path` is not SQLite, is damaged or is locked.
 
-    Other SQLite errors, such as a locked database, pass through unchanged.
+    Other SQLite errors, such as a disk I/O error, pass through unchanged.
     """
     try:
         yield
@@ -95,27 +99,43 @@ def file_errors(path: Path) -> Iterator[None]:
             raise DatabaseFileError(path, problem) from error
         if name.startswith("SQLITE_CORRUPT"):
             raise DatabaseFileError(path, f"is damaged: {error}; restore it from a backup") from error
+        if name.startswith("SQLITE_BUSY"):
+            # SQLite returns SQLITE_BUSY once the busy timeout has run out.
+            problem = "is locked by another process; try again, or stop the process that holds the lock"
+            raise DatabaseLockedError(path, problem) from error
         raise
 
 
-def verify(path: Path) -> None:
+def verify(path: Path, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> None:
     """Raise DatabaseFileError unless the file at `path` is missing, empty or a readable guardrail database."""
-    with connect(path):
+    with connect(path, busy_timeout=busy_timeout):
         pass
 
 
-def inspections(path: Path) -> list[Inspection]:
-    with connect(path) as connection:
-        try:
-            rows = connection.execute("SELECT rules_hash, at, inspected_by, note FROM inspections ORDER BY id").fetchall()
-        except sqlite3.OperationalError:
+def wait_for_write_lock(path: Path, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> None:
+    """Take the write lock on the database at `path` and release it at once.
+
+    Raises DatabaseLockedError when another process keeps the lock for longer than `busy_timeout`.
+    """
+    with connect(path, write=True, busy_timeout=busy_timeout) as connection:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("ROLLBACK")
+
+
+def inspections(path: Path, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> list[Inspection]:
+    with connect(path, busy_timeout=busy_timeout) as connection:
+        # Looked up rather than caught as an OperationalError, which a locked database raises too.
+        if not connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'inspections'").fetchone():
             # A database the daemon has not opened since inspections existed.
             return []
+        rows = connection.execute("SELECT rules_hash, at, inspected_by, note FROM inspections ORDER BY id").fetchall()
     return [Inspection(rules_hash, parse_instant(at), by, note) for rules_hash, at, by, note in rows]
 
 
-def record_inspection(path: Path, rules_hash: str, at: datetime, inspected_by: str, note: str) -> None:
-    with connect(path, write=True) as connection:
+def record_inspection(
+    path: Path, rules_hash: str, at: datetime, inspected_by: str, note: str, *, busy_timeout: timedelta = BUSY_TIMEOUT,
+) -> None:
+    with connect(path, write=True, busy_timeout=busy_timeout) as connection:
         connection.execute(
             "INSERT INTO inspections (rules_hash, at, inspected_by, note) VALUES (?, ?, ?, ?)",
             (rules_hash, format_instant(at), inspected_by, note),
@@ -135,9 +155,9 @@ class StoredMessage:
     raw: bytes
 
 
-def last_messages(path: Path, count: int) -> list[StoredMessage]:
+def last_messages(path: Path, count: int, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> list[StoredMessage]:
     """Return the `count` newest stored messages, oldest first."""
-    with connect(path) as connection:
+    with connect(path, busy_timeout=busy_timeout) as connection:
         rows = connection.execute(
             "SELECT id, received_at, mail_from, rcpt_tos, message_id, route, team, disposition, raw"
             " FROM messages ORDER BY id DESC LIMIT ?",
@@ -149,9 +169,9 @@ def last_messages(path: Path, count: int) -> list[StoredMessage]:
     ]
 
 
-def shadow_disagreements(path: Path, since: datetime) -> list[dict[str, Any]]:
+def shadow_disagreements(path: Path, since: datetime, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> list[dict[str, Any]]:
     """Return messages since `since` where a shadow route would have won."""
-    with connect(path) as connection:
+    with connect(path, busy_timeout=busy_timeout) as connection:
         rows = connection.execute(
             "SELECT received_at, message_id, route, team, shadow FROM messages"
             " WHERE received_at >= ? AND shadow != '[]' ORDER BY id",
@@ -168,10 +188,10 @@ def shadow_disagreements(path: Path, since: datetime) -> list[dict[str, Any]]:
     return found
 
 
-def status_rows(path: Path, now: datetime) -> dict[str, Any]:
+def status_rows(path: Path, now: datetime, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> dict[str, Any]:
     """Return the figures `guardrail status` prints."""
     instant = format_instant(now)
-    with connect(path) as connection:
+    with connect(path, busy_timeout=busy_timeout) as connection:
         open_by_team = connection.execute(
             "SELECT team, COUNT(*), SUM(deadline IS NOT NULL AND deadline < ?) FROM conversations"
             " WHERE state = 'open' GROUP BY team ORDER BY team",

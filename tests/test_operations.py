@@ -11,7 +11,8 @@ import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -330,6 +331,109 @@ def test_missing_database_noted(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert main([*command, "--config", str(config)]) == 0
         assert note in capsys.readouterr().err, command
     assert not database.exists()
+
+
+@contextmanager
+def exclusive_lock(database: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `database` from another connection. In locking_mode EXCLUSIVE it blocks WAL readers too."""
+    with closing(sqlite3.connect(database, isolation_level=None)) as connection:
+        connection.execute("PRAGMA locking_mode = EXCLUSIVE")
+        connection.execute("BEGIN EXCLUSIVE")
+        yield
+
+
+@pytest.mark.parametrize("command", DATABASE_COMMANDS, ids=lambda command: command[0])
+def test_locked_database_named_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    config = write_config(tmp_path, sections={"database": {"busy_timeout": "200ms"}})
+    database = tmp_path / "var" / "guardrail.db"
+    database.parent.mkdir()
+    with closing(sqlite3.connect(database)) as connection:
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.executescript(SCHEMA)
+    arguments = [str(tmp_path / "rules") if argument == "rules" else argument for argument in command]
+
+    with exclusive_lock(database):
+        started = time.monotonic()
+        status = main([*arguments, "--config", str(config)])
+        waited = time.monotonic() - started
+
+    assert status == 2
+    error = capsys.readouterr().err
+    lines = error.splitlines()
+    expected = (
+        f"error: {config}: database.path: {database} is locked by another process;"
+        " try again, or stop the process that holds the lock"
+    )
+    assert lines[0] == expected
+    assert "Traceback" not in error
+    assert len(lines) == (2 if command == ["check"] else 1)
+    # [database] busy_timeout bounds the wait, with room for a slow machine.
+    assert waited < 5
+
+
+WRITE_COMMANDS = [["inspect", "--by", "Dana Duty", "--note", "reviewed"], ["answer", "GR-7K3M9Q"]]
+
+
+@pytest.mark.parametrize("command", WRITE_COMMANDS, ids=lambda command: command[0])
+def test_write_lock_named_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    config = write_config(tmp_path, sections={"database": {"busy_timeout": "200ms"}})
+    database = tmp_path / "var" / "guardrail.db"
+    database.parent.mkdir()
+    with closing(sqlite3.connect(database)) as connection:
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.executescript(SCHEMA)
+        connection.execute(
+            "INSERT INTO conversations (reference, route, team, state, opened_at, updated_at, subject, customer, participants)"
+            " VALUES ('GR-7K3M9Q', 'default', 'support', 'open', ?, ?, 'Printer jams', 'a@example.com', '[]')",
+            ("2025-11-04T09:00:00Z", "2025-11-04T09:00:00Z"),
+        )
+        connection.commit()
+
+    # A write transaction in WAL mode lets the commands read, but not write.
+    with closing(sqlite3.connect(database, isolation_level=None)) as writer:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE conversations SET subject = subject")
+        status = main([*command, "--config", str(config)])
+
+    assert status == 2
+    error = capsys.readouterr().err
+    expected = (
+        f"error: {config}: database.path: {database} is locked by another process;"
+        " try again, or stop the process that holds the lock"
+    )
+    assert error.splitlines() == [expected]
+
+
+async def test_read_commands_run_beside_writing_daemon(
+    tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = write_config(tmp_path, rules=SHADOW_RULES, sections={"database": {"busy_timeout": "200ms"}})
+    clock = ManualClock(datetime.now(timezone.utc))
+    daemon = await start_daemon(config, clock=clock)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(subject="Refund please", message_id="<r@x>"))
+    await settle(daemon, clock)
+    capsys.readouterr()
+    database = tmp_path / "var" / "guardrail.db"
+
+    # A write transaction left open, as the daemon's writer has while it commits. WAL lets readers go on.
+    with closing(sqlite3.connect(database, isolation_level=None)) as writer:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE conversations SET subject = subject")
+        status = await asyncio.to_thread(main, ["status", "--config", str(config)])
+        status_output = capsys.readouterr()
+        report = await asyncio.to_thread(main, ["report", "shadow", "--config", str(config)])
+        report_output = capsys.readouterr()
+        replay = await asyncio.to_thread(main, ["replay", "--config", str(config), "--rules", str(tmp_path / "rules")])
+        replay_output = capsys.readouterr()
+        writer.execute("ROLLBACK")
+
+    assert status == 0
+    assert "support                   1 (0 overdue)" in status_output.out
+    assert report == 0
+    assert "1 message(s) where a shadow route would have won" in report_output.out
+    assert replay == 0
+    assert "0 of 1 messages would change" in replay_output.out
+    assert "locked" not in status_output.err + report_output.err + replay_output.err
 
 
 ZOMBIE_RULES = """
