@@ -46,6 +46,8 @@ def run(arguments: argparse.Namespace) -> int:
     from .logs import configure_logging
 
     config, rules = _load(arguments)
+    # The daemon creates its tables in any SQLite file, so one that belongs to another application is rejected first.
+    store_admin.verify_for_daemon(config.database_path, busy_timeout=config.busy_timeout)
     configure_logging(config.log_format, config.log_level)
     try:
         import uvloop

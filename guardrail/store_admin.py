@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from functools import cache
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -30,23 +31,26 @@ BUSY_TIMEOUT = timedelta(seconds=5)
 
 
 @contextmanager
-def connect(path: Path, *, write: bool = False, busy_timeout: timedelta = BUSY_TIMEOUT) -> Iterator[sqlite3.Connection]:
+def connect(
+    path: Path, *, write: bool = False, busy_timeout: timedelta = BUSY_TIMEOUT, require_tables: bool = True,
+) -> Iterator[sqlite3.Connection]:
     """Open the database, or an empty schema in memory for a read-only open of a missing or empty file.
 
     Raises DatabaseFileError, from the open or from the statements run inside
-    the block, when the file is not an SQLite database, is damaged, or is an
-    SQLite database without guardrail's tables. Raises DatabaseLockedError
-    when another process holds a lock for longer than `busy_timeout`.
+    the block, when the file is not an SQLite database, is damaged, contains
+    another application's tables, or lacks guardrail's tables while
+    `require_tables` is true. Raises DatabaseLockedError when another process
+    holds a lock for longer than `busy_timeout`.
     """
     with file_errors(path):
-        connection = _open(path, write=write, busy_timeout=busy_timeout)
+        connection = _open(path, write=write, busy_timeout=busy_timeout, require_tables=require_tables)
         try:
             yield connection
         finally:
             connection.close()
 
 
-def _open(path: Path, *, write: bool, busy_timeout: timedelta) -> sqlite3.Connection:
+def _open(path: Path, *, write: bool, busy_timeout: timedelta, require_tables: bool) -> sqlite3.Connection:
     # SQLite treats an empty file as a new database, which the daemon gives its tables when it starts.
     is_new = not path.exists() or path.stat().st_size == 0
     if is_new and not write:
@@ -63,7 +67,7 @@ def _open(path: Path, *, write: bool, busy_timeout: timedelta) -> sqlite3.Connec
     try:
         if not is_new:
             # Checked first, because the pragmas and the schema below would write into any SQLite file.
-            _check_tables(connection, path)
+            _check_tables(connection, path, require_tables=require_tables)
         if write:
             connection.execute("PRAGMA journal_mode = WAL")
             connection.execute("PRAGMA synchronous = FULL")
@@ -74,13 +78,33 @@ def _open(path: Path, *, write: bool, busy_timeout: timedelta) -> sqlite3.Connec
     return connection
 
 
-def _check_tables(connection: sqlite3.Connection, path: Path) -> None:
+def _check_tables(connection: sqlite3.Connection, path: Path, *, require_tables: bool) -> None:
     rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
-    missing = [name for name in GUARDRAIL_TABLES if (name,) not in rows]
-    if missing:
+    # SQLite creates tables named sqlite_* itself, such as sqlite_sequence for AUTOINCREMENT.
+    names = {name for (name,) in rows if not name.startswith("sqlite_")}
+    missing = [name for name in GUARDRAIL_TABLES if name not in names]
+    # A table that guardrail never creates marks another application's file. Without one, guardrail's schema is only unfinished.
+    foreign = sorted(names - _schema_tables())
+    if missing and foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise DatabaseFileError(
+            path,
+            f"contains another application's tables ({listed}), not guardrail's;"
+            " set [database] path to guardrail's database, or to a path where no file exists yet",
+        )
+    if missing and require_tables:
         raise DatabaseFileError(
             path, f"has no guardrail tables ({', '.join(missing)}); was it created by `guardrail run`?",
         )
+
+
+@cache
+def _schema_tables() -> frozenset[str]:
+    """Return the names of the tables that guardrail's schema creates."""
+    with closing(sqlite3.connect(":memory:")) as connection:
+        connection.executescript(SCHEMA)
+        rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    return frozenset(name for (name,) in rows if not name.startswith("sqlite_"))
 
 
 @contextmanager
@@ -112,6 +136,17 @@ def verify(path: Path, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> None:
         pass
 
 
+def verify_for_daemon(path: Path, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> None:
+    """Raise DatabaseFileError when the daemon must not use the file at `path`.
+
+    That is when the file is not SQLite, is damaged or contains another
+    application's tables. An SQLite file that lacks some or all of
+    guardrail's tables passes, because the daemon creates them.
+    """
+    with connect(path, busy_timeout=busy_timeout, require_tables=False):
+        pass
+
+
 def wait_for_write_lock(path: Path, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> None:
     """Take the write lock on the database at `path` and release it at once.
 
@@ -123,10 +158,11 @@ def wait_for_write_lock(path: Path, *, busy_timeout: timedelta = BUSY_TIMEOUT) -
 
 
 def inspections(path: Path, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> list[Inspection]:
-    with connect(path, busy_timeout=busy_timeout) as connection:
+    # Tables may be missing, as for the daemon, so that `guardrail check` rejects the files that `guardrail run` rejects.
+    with connect(path, busy_timeout=busy_timeout, require_tables=False) as connection:
         # Looked up rather than caught as an OperationalError, which a locked database raises too.
         if not connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'inspections'").fetchone():
-            # A database the daemon has not opened since inspections existed.
+            # A database without tables yet, or one the daemon has not opened since inspections existed.
             return []
         rows = connection.execute("SELECT rules_hash, at, inspected_by, note FROM inspections ORDER BY id").fetchall()
     return [Inspection(rules_hash, parse_instant(at), by, note) for rules_hash, at, by, note in rows]

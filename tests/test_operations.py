@@ -235,7 +235,7 @@ DAMAGE = [
     (_random_bytes, "{database} is not an SQLite database; point database.path at the daemon's database"),
     (_junk_after_header, "{database} is not an SQLite database, or its header is damaged: file is not a database; restore it"),
     (_truncated, "{database} is damaged: database disk image is malformed; restore it from a backup"),
-    (_foreign, "{database} has no guardrail tables (messages, conversations); was it created by `guardrail run`?"),
+    (_foreign, "{database} contains another application's tables (notes), not guardrail's; set [database] path to guardrail's"),
 ]
 DATABASE_COMMANDS = [
     ["status"],
@@ -331,6 +331,84 @@ def test_missing_database_noted(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert main([*command, "--config", str(config)]) == 0
         assert note in capsys.readouterr().err, command
     assert not database.exists()
+
+
+def _chat_application(database: Path) -> None:
+    # Shares a table name with guardrail's schema, but lacks its conversations table.
+    with closing(sqlite3.connect(database)) as connection:
+        connection.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, text TEXT)")
+        connection.execute("CREATE TABLE users (name TEXT)")
+        connection.execute("CREATE TABLE rooms (name TEXT)")
+        connection.execute("CREATE TABLE invites (code TEXT)")
+        connection.execute("CREATE TABLE settings (key TEXT)")
+
+
+@pytest.mark.parametrize(("write", "shown"), [(_foreign, "notes"), (_chat_application, "invites, rooms, settings and 1 more")],
+                         ids=["notes", "chat"])
+def test_run_rejects_other_application_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], write, shown: str,
+) -> None:
+    config = write_config(tmp_path)
+    database = tmp_path / "var" / "guardrail.db"
+    database.parent.mkdir()
+    write(database)
+    before = database.read_bytes()
+
+    # In a child process, so that a daemon that starts after all is stopped by the timeout.
+    run = subprocess.run(
+        [sys.executable, "-m", "guardrail", "run", "--config", str(config)], capture_output=True, text=True, timeout=30,
+    )
+
+    assert run.returncode == 2
+    expected = (
+        f"error: {config}: database.path: {database} contains another application's tables ({shown}), not guardrail's;"
+        " set [database] path to guardrail's database, or to a path where no file exists yet"
+    )
+    assert run.stderr.splitlines() == [expected]
+    assert database.read_bytes() == before
+    assert sorted(path.name for path in database.parent.iterdir()) == ["guardrail.db"]
+
+    assert main(["check", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == expected
+
+
+def _table_less(database: Path) -> None:
+    # An SQLite header without tables, as a daemon leaves that stops between setting WAL mode and creating its schema.
+    with closing(sqlite3.connect(database)) as connection:
+        connection.execute("PRAGMA user_version = 1")
+
+
+def _guardrail(database: Path) -> None:
+    with closing(sqlite3.connect(database)) as connection:
+        connection.executescript(SCHEMA)
+
+
+@pytest.mark.parametrize("write", [None, Path.touch, _table_less, _guardrail], ids=["missing", "empty", "table-less", "guardrail"])
+def test_run_accepts_new_or_guardrail_database(tmp_path: Path, write) -> None:
+    config = write_config(tmp_path, smtp={"port": free_port()})
+    database = tmp_path / "var" / "guardrail.db"
+    database.parent.mkdir()
+    if write is not None:
+        write(database)
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guardrail", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        wait_for_pid(tmp_path / "var" / "guardrail.pid", process)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=5)
+        if process.stderr:
+            process.stderr.close()
+
+    with closing(sqlite3.connect(database)) as connection:
+        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"messages", "conversations", "inspections"} <= tables
 
 
 @contextmanager
