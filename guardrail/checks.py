@@ -1,15 +1,18 @@
 """Static checks of a loaded rule set: pure functions that return findings.
 
 Loading already rejects what cannot work (errors). These find what works
-but is probably wrong: routes that can never match, templates missing a
-shipped language, teams nobody staffs soon, rules nobody has inspected.
+but is probably wrong: routes that can never match, route patterns that can
+backtrack catastrophically, templates missing a shipped language, teams
+nobody staffs soon, rules nobody has inspected.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from .backtracking import find_backtracking
 from .rules import Condition, Route, RuleSet, unstaffed_reason
 
 SHIPPED_LANGUAGES = ("en", "fr", "de", "es")
@@ -45,7 +48,7 @@ def check_rules(
     staffing_horizon: timedelta = timedelta(days=14),
 ) -> list[Finding]:
     """Return the warnings for `rules` at `now`."""
-    findings = [*shadowed_routes(rules), *missing_languages(rules)]
+    findings = [*shadowed_routes(rules), *slow_patterns(rules), *missing_languages(rules)]
     for team in rules.teams.values():
         reason = unstaffed_reason(team, now, max(staffing_horizon, rules.unstaffed_horizon))
         if reason:
@@ -82,6 +85,37 @@ def route_covers(earlier: Route, later: Route) -> bool:
     if any(implies(condition, option) for condition in later.all for option in earlier.any):
         return True
     return bool(later.any) and all(any(implies(branch, option) for option in earlier.any) for branch in later.any)
+
+
+def slow_patterns(rules: RuleSet) -> list[Finding]:
+    """Return a finding for each route regex, live or shadow, that can backtrack catastrophically."""
+    findings = []
+    for route in [*rules.routes, *(route for _, route in rules.shadow_routes)]:
+        for key, condition in _regex_conditions(route):
+            for pattern in condition.patterns:
+                backtracking = find_backtracking(pattern)
+                if backtracking:
+                    message = f"route {route.name}, {key}: {backtracking.describe(pattern.pattern)}"
+                    findings.append(Finding("warning", route.source, message))
+    return findings
+
+
+def _regex_conditions(route: Route) -> Iterator[tuple[str, Condition]]:
+    """Yield each regex condition of `route` with its key as the rules file spells it, such as all[1].any[0].subject.regex."""
+    for name, conditions in (("all", route.all), ("any", route.any)):
+        for index, condition in enumerate(conditions):
+            yield from _regex_leaves(condition, f"{name}[{index}]")
+
+
+def _regex_leaves(condition: Condition, key: str) -> Iterator[tuple[str, Condition]]:
+    if condition.field in ("all", "any"):
+        for index, child in enumerate(condition.children):
+            yield from _regex_leaves(child, f"{key}.{condition.field}[{index}]")
+    elif condition.field == "not":
+        yield from _regex_leaves(condition.children[0], f"{key}.not")
+    elif condition.operator == "regex":
+        field = f"header.{condition.header_name}" if condition.field == "header" else condition.field
+        yield f"{key}.{field}.regex", condition
 
 
 def implies(first: Condition, second: Condition) -> bool:

@@ -246,6 +246,30 @@ def test_check_json_lists_findings(tmp_path: Path, capsys: pytest.CaptureFixture
     assert all(finding["level"] == "warning" for finding in report["findings"])
 
 
+def test_check_warns_of_backtracking_regex(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = example_copy(tmp_path)
+    rules = tmp_path / "rules" / "20-routes.toml"
+    with rules.open("a") as handle:
+        handle.write("\n[[route]]\nname = \"urgent\"\nteam = \"support\"\nall = [{ subject.regex = '(a+)+$' }]\n")
+    assert main(["inspect", "--config", str(config), "--by", "Dana Duty", "--note", "routes and teams reviewed"]) == 0
+    capsys.readouterr()
+
+    # A warning, not an error: the rules still load and check exits 1, as for any warning.
+    assert main(["check", "--config", str(config)]) == 1
+    output = capsys.readouterr()
+    assert output.out.startswith("ok: ")
+    expected = (
+        f"warning: {rules}: route urgent, all[0].subject.regex: the pattern '(a+)+$' can take exponential time on some"
+        " inputs; rewrite it without a repeat inside a repeat, or make the inner repeat possessive (such as a++ for a+)"
+        " or atomic ((?>...))"
+    )
+    assert output.err.splitlines() == [expected, "0 error(s), 1 warning(s)"]
+
+    rules.write_text(rules.read_text().replace("'(a+)+$'", "'(a++)+$'"))
+    assert main(["inspect", "--config", str(config), "--by", "Dana Duty", "--note", "made the repeat possessive"]) == 0
+    assert main(["check", "--config", str(config)]) == 0
+
+
 def test_route_command_explains_decision(capsys: pytest.CaptureFixture[str]) -> None:
     message = DATA / "routing" / "m3-real-vip-mixed-case.eml"
     status = main(["route", "--config", str(ROOT / "config.example.toml"), str(message), "--rcpt", "billing@example.com"])

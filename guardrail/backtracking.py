@@ -1,0 +1,284 @@
+"""Find regular expressions that can backtrack catastrophically: a pure look at a compiled pattern's parse tree.
+
+Python's backtracking engine can take exponential time when a repeat that
+can give back text contains another such repeat, as in (a+)+$, or repeats
+alternatives that can match the same text, as in (a|aa)+. Possessive
+repeats (a++) and atomic groups (?>...), both new in Python 3.11, give
+nothing back, so they are never reported.
+
+The parse tree comes from the standard library's private re._parser
+module. The tests' table of patterns gives the same results on Python
+3.11.7, 3.12.1 and 3.13.0. If the module is missing or its tree changes
+shape, find_backtracking returns None for every pattern rather than guess.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    from re import _constants as sre
+    from re import _parser as sre_parser
+except ImportError:  # re's private modules were renamed or removed
+    sre = sre_parser = None  # type: ignore[assignment]
+
+# A bounded repeat of a repeat takes time that grows with the input's length
+# to the power of its maximum. From this maximum on it is reported.
+LARGE_REPEAT = 3
+
+# How many strings a repeat's body may stand for before its alternatives are not compared.
+_MAX_LITERALS = 256
+
+# The characters on which two single-character matchers are compared: Latin-1
+# and a few others that Unicode classes treat specially.
+_PROBES = tuple(chr(code) for code in range(256)) + tuple("\u017f\u0130\u212a\u2028\u3000\u0663\u4e2d\u2014")
+
+
+@dataclass(frozen=True)
+class Backtracking:
+    """The reason a pattern can backtrack catastrophically."""
+
+    cause: str  # "nested" (a repeat inside a repeat) or "alternatives" (ones that can match the same text)
+    maximum: int | None  # the outer repeat's maximum count, or None when unbounded
+
+    def describe(self, pattern: str) -> str:
+        """Return a sentence naming `pattern`, the time it can take, and the fix."""
+        # Quoted as written in regex syntax, because repr would double every backslash.
+        quoted = f"'{pattern}'" if pattern.isprintable() else repr(pattern)
+        growth = "exponential time" if self.maximum is None else f"time that grows with the input's length to the power {self.maximum}"
+        if self.cause == "alternatives":
+            return (
+                f"the pattern {quoted} can take {growth} on some inputs, because alternatives under a repeat can match"
+                " the same text; rewrite them so that they cannot, or make the repeat possessive (such as ++ for +)"
+            )
+        return (
+            f"the pattern {quoted} can take {growth} on some inputs; rewrite it without a repeat inside a repeat,"
+            " or make the inner repeat possessive (such as a++ for a+) or atomic ((?>...))"
+        )
+
+
+def find_backtracking(pattern: re.Pattern[str]) -> Backtracking | None:
+    """Return the reason `pattern` can backtrack catastrophically, or None if its structure shows no such risk.
+
+    NOTE: alternatives are compared only when every one is literal text, so
+    (.|\\s)* is not reported, and a bounded repeat below LARGE_REPEAT, such
+    as (.*a){2}, is not reported either.
+    """
+    if sre_parser is None:
+        return None
+    try:
+        tree = sre_parser.parse(pattern.pattern, pattern.flags)
+        ignore_case = bool(tree.state.flags & re.IGNORECASE)
+        for op, argument in _walk(list(tree)):
+            found = _check_repeat(op, argument, ignore_case)
+            if found:
+                return found
+    except Exception:  # noqa: BLE001 - re._parser is private, so a changed tree shape means "unknown"
+        return None
+    return None
+
+
+def _check_repeat(op: Any, argument: Any, ignore_case: bool) -> Backtracking | None:
+    if op not in (sre.MAX_REPEAT, sre.MIN_REPEAT):
+        return None
+    _, maximum, body = argument
+    if maximum != sre.MAXREPEAT and maximum < LARGE_REPEAT:
+        return None
+    reported_maximum = None if maximum == sre.MAXREPEAT else maximum
+    items = _flatten(body)
+    # The next iteration starts with the body again, so that is what follows the body's last item.
+    if _has_ambiguous_repeat(items, _first_characters(items, None)):
+        return Backtracking("nested", reported_maximum)
+    words = _literal_words(items)
+    if words is not None and not _is_uniquely_decodable(words, ignore_case):
+        return Backtracking("alternatives", reported_maximum)
+    return None
+
+
+def _walk(items: list[Any]) -> Iterator[tuple[Any, Any]]:
+    """Yield every node of a parse tree, outer nodes first."""
+    for op, argument in items:
+        yield op, argument
+        for child in _children(op, argument):
+            yield from _walk(list(child))
+
+
+def _children(op: Any, argument: Any) -> list[Any]:
+    if op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+        return [argument[2]]
+    if op is sre.SUBPATTERN:
+        return [argument[3]]
+    if op is sre.ATOMIC_GROUP:
+        return [argument]
+    if op is sre.BRANCH:
+        return list(argument[1])
+    if op in (sre.ASSERT, sre.ASSERT_NOT):
+        return [argument[1]]
+    if op is sre.GROUPREF_EXISTS:
+        return [branch for branch in argument[1:] if branch is not None]
+    return []
+
+
+def _flatten(items: Any) -> list[Any]:
+    """Return the items of a sequence with groups spliced in, since a group adds no choice of its own."""
+    flat = []
+    for op, argument in items:
+        if op is sre.SUBPATTERN:
+            flat += _flatten(argument[3])
+        else:
+            flat.append((op, argument))
+    return flat
+
+
+def _has_ambiguous_repeat(items: list[Any], after: list[Any] | None) -> bool:
+    """Return True when the sequence contains a repeat that can give back text to what follows it.
+
+    `after` lists the single-character matchers that can follow the sequence,
+    or is None when that is not known. A repeat is safe when the character
+    after it can never start another of its iterations, because then where
+    it stops is fixed.
+    """
+    for index, (op, argument) in enumerate(items):
+        follower = _first_characters(items[index + 1:], after)
+        if op in (sre.MAX_REPEAT, sre.MIN_REPEAT):
+            _, maximum, body = argument
+            if maximum == sre.MAXREPEAT:
+                starts = _first_characters(_flatten(body), None)
+                if starts is None or follower is None or _overlap(starts, follower):
+                    return True
+            elif _has_ambiguous_repeat(_flatten(body), None):
+                return True
+        elif op is sre.BRANCH:
+            if any(_has_ambiguous_repeat(_flatten(branch), follower) for branch in argument[1]):
+                return True
+        elif op is sre.GROUPREF_EXISTS:
+            branches = [branch for branch in argument[1:] if branch is not None]
+            if any(_has_ambiguous_repeat(_flatten(branch), follower) for branch in branches):
+                return True
+    return False
+
+
+def _first_characters(items: list[Any], after: list[Any] | None) -> list[Any] | None:
+    """Return the single-character matchers one of which the sequence's first character meets, or None if unknown."""
+    for index, (op, argument) in enumerate(items):
+        if op is sre.AT:
+            continue  # an anchor such as \b matches no character
+        if op in (sre.LITERAL, sre.NOT_LITERAL, sre.IN, sre.ANY):
+            return [(op, argument)]
+        if op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+            starts = _first_characters(_flatten(argument[2]), None)
+            if argument[0] >= 1 or starts is None:
+                return starts
+            # A repeat that may match nothing lets the items after it supply the first character too.
+            rest = _first_characters(items[index + 1:], after)
+            return None if rest is None else starts + rest
+        if op is sre.ATOMIC_GROUP:
+            return _first_characters(_flatten(argument), None)
+        if op is sre.BRANCH:
+            found: list[Any] = []
+            for branch in argument[1]:
+                starts = _first_characters(_flatten(branch) + items[index + 1:], after)
+                if starts is None:
+                    return None
+                found += starts
+            return found
+        return None
+    return after
+
+
+def _overlap(first: list[Any], second: list[Any]) -> bool:
+    """Return True when some character meets a matcher in `first` and one in `second`."""
+    return any(
+        any(_matches(matcher, probe) for matcher in first) and any(_matches(matcher, probe) for matcher in second)
+        for probe in _PROBES
+    )
+
+
+def _matches(matcher: tuple[Any, Any], character: str) -> bool:
+    """Return True when `character`, in either case, meets a single-character matcher; unknown items meet every character."""
+    return any(_matches_exactly(matcher, variant) for variant in {character, character.lower(), character.upper()})
+
+
+def _matches_exactly(matcher: tuple[Any, Any], character: str) -> bool:
+    op, argument = matcher
+    if op is sre.LITERAL:
+        return ord(character) == argument
+    if op is sre.NOT_LITERAL:
+        return ord(character) != argument
+    if op is sre.IN:
+        negated = bool(argument) and argument[0][0] is sre.NEGATE
+        items = argument[1:] if negated else argument
+        return any(_in_item(item, character) for item in items) != negated
+    return True  # ANY, and anything else, is taken to match every character
+
+
+def _in_item(item: tuple[Any, Any], character: str) -> bool:
+    op, argument = item
+    code = ord(character)
+    if op is sre.LITERAL:
+        return code == argument
+    if op is sre.RANGE:
+        return argument[0] <= code <= argument[1]
+    if op is sre.CATEGORY:
+        categories = {
+            sre.CATEGORY_DIGIT: character.isdecimal(),
+            sre.CATEGORY_SPACE: character.isspace(),
+            sre.CATEGORY_WORD: character.isalnum() or character == "_",
+        }
+        negations = {sre.CATEGORY_NOT_DIGIT: sre.CATEGORY_DIGIT, sre.CATEGORY_NOT_SPACE: sre.CATEGORY_SPACE,
+                     sre.CATEGORY_NOT_WORD: sre.CATEGORY_WORD}
+        if argument in categories:
+            return categories[argument]
+        if argument in negations:
+            return not categories[negations[argument]]
+    return True
+
+
+def _literal_words(items: list[Any]) -> list[str] | None:
+    """Return every text the sequence matches, when it is built only of literal characters and alternatives of them."""
+    words = [""]
+    for op, argument in items:
+        if op is sre.LITERAL:
+            words = [word + chr(argument) for word in words]
+        elif op is sre.BRANCH:
+            choices: list[str] = []
+            for branch in argument[1]:
+                found = _literal_words(_flatten(branch))
+                if found is None:
+                    return None
+                choices += found
+            words = [word + choice for word in words for choice in choices]
+        else:
+            return None
+        if len(words) > _MAX_LITERALS:
+            return None
+    return words
+
+
+def _is_uniquely_decodable(words: list[str], ignore_case: bool) -> bool:
+    """Return True when no text splits into `words` in two ways (the Sardinas-Patterson test).
+
+    An empty word is left out, because the engine stops a repeat whose iteration matched nothing.
+    """
+    normalized = [word.casefold() if ignore_case else word for word in words if word]
+    code = set(normalized)
+    if len(code) < len(normalized):
+        return False
+    # Each dangling suffix is a suffix of a word, so the search ends once no new one turns up.
+    pending = _dangling_suffixes(code, code)
+    seen: set[str] = set()
+    while pending:
+        suffix = pending.pop()
+        if suffix in code:
+            return False
+        seen.add(suffix)
+        pending |= (_dangling_suffixes(code, {suffix}) | _dangling_suffixes({suffix}, code)) - seen
+    return True
+
+
+def _dangling_suffixes(prefixes: set[str], words: set[str]) -> set[str]:
+    """Return what is left of each word in `words` after a shorter one of `prefixes` that starts it."""
+    return {word[len(prefix):] for prefix in prefixes for word in words if len(word) > len(prefix) and word.startswith(prefix)}

@@ -1,0 +1,114 @@
+"""The structural check for route regexes that can backtrack catastrophically."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from guardrail import backtracking
+from guardrail.backtracking import Backtracking, find_backtracking
+
+FLAGGED = [
+    # (pattern, flags, cause, maximum of the outer repeat or None when unbounded)
+    (r"(a+)+$", 0, "nested", None),
+    (r"(\w+\s?)*$", 0, "nested", None),
+    (r"(.*a){12}", 0, "nested", 12),
+    (r"(.*,){3}", 0, "nested", 3),
+    (r"(a+?)+", 0, "nested", None),
+    (r"(\d+)*", 0, "nested", None),
+    (r"((ab)*)+", 0, "nested", None),
+    (r"(x+x+)+y", 0, "nested", None),
+    (r"^(\w+\.?)+@", 0, "nested", None),
+    (r"(?:a+|b)+", 0, "nested", None),
+    (r"((a+){2})+", 0, "nested", None),
+    (r"(?=(a+)+b)", 0, "nested", None),
+    (r"(?>(a+)+b)", 0, "nested", None),
+    (r"(a)?(?(1)a+|b)+", 0, "nested", None),
+    (r"(a|aa)+", 0, "alternatives", None),
+    (r"(?:x|x)*", 0, "alternatives", None),
+    (r"(a|b|ab)*", 0, "alternatives", None),
+    (r"(a|ab|ba)+", 0, "alternatives", None),
+    (r"(?i)(ab|AB)+", 0, "alternatives", None),
+    (r"(ab|AB)+", re.IGNORECASE, "alternatives", None),
+]
+
+NOT_FLAGGED = [
+    r"^\[ticket #\d+\]",
+    r"(?i)invoice|receipt",
+    r"\b(refund|chargeback)\b",
+    r".*urgent.*",
+    r"[a-z]+@example\.com",
+    r"^(re|fwd?):\s*",
+    r"[^@]+@[^@]+",
+    # Possessive repeats and atomic groups give nothing back.
+    r"(a++)+",
+    r"(a*+)*",
+    r"(?>a+)+",
+    r"(a+)*+",
+    r"(?>a|aa)+",
+    r"(a|aa)++",
+    # The character after the inner repeat fixes where it stops.
+    r"^([a-z0-9-]+\.)*example\.com$",
+    r"(\d+\.){3}\d+",
+    r"(a+b)+",
+    r"(\w+\s)*",
+    r"([a-z]+\s+)*",
+    r"(\.a+)+",
+    r"\d{1,3}(,\d{3})*",
+    r"([a-z]+[0-9]*\.)+",
+    r"(\w+\b\s)*",
+    # Alternatives that no text can be split into in two ways.
+    r"(ab|a)+",
+    r"(ab|AB)+",
+    r"(?i)(a|A)+",
+    # A bounded repeat below LARGE_REPEAT takes polynomial time.
+    r"(.*a){2}",
+]
+
+
+@pytest.mark.parametrize(("pattern", "flags", "cause", "maximum"), FLAGGED, ids=[row[0] for row in FLAGGED])
+def test_backtracking_pattern_flagged(pattern: str, flags: int, cause: str, maximum: int | None) -> None:
+    assert find_backtracking(re.compile(pattern, flags)) == Backtracking(cause, maximum)
+
+
+@pytest.mark.parametrize("pattern", NOT_FLAGGED)
+def test_safe_pattern_not_flagged(pattern: str) -> None:
+    assert find_backtracking(re.compile(pattern)) is None
+
+
+def test_description_names_pattern_and_fix() -> None:
+    nested = Backtracking("nested", None).describe(r"(\w+\s?)*$")
+
+    assert nested.startswith(r"the pattern '(\w+\s?)*$' can take exponential time on some inputs;")
+    assert "make the inner repeat possessive (such as a++ for a+) or atomic ((?>...))" in nested
+
+
+def test_description_of_bounded_repeat_names_power() -> None:
+    bounded = Backtracking("nested", 12).describe("(.*a){12}")
+
+    assert "can take time that grows with the input's length to the power 12 on some inputs" in bounded
+
+
+def test_description_of_alternatives_names_cause() -> None:
+    alternatives = Backtracking("alternatives", None).describe("(a|aa)+")
+
+    assert "because alternatives under a repeat can match the same text" in alternatives
+    assert "make the repeat possessive (such as ++ for +)" in alternatives
+
+
+def test_missing_parser_reports_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backtracking, "sre_parser", None)
+
+    assert find_backtracking(re.compile(r"(a+)+$")) is None
+
+
+def test_changed_parse_tree_reports_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    class ChangedParser:
+        @staticmethod
+        def parse(pattern: str, flags: int) -> list[str]:
+            return ["a node of a shape this module does not know"]
+
+    monkeypatch.setattr(backtracking, "sre_parser", ChangedParser)
+
+    assert find_backtracking(re.compile(r"(a+)+$")) is None
