@@ -171,8 +171,6 @@ def answer(arguments: argparse.Namespace) -> int:
 
     # Store.open would add guardrail's tables to any SQLite file, so the file is checked first.
     store_admin.verify(config.database_path, busy_timeout=config.busy_timeout)
-    # The store's writer reports a failed write without its cause, so a lock that another process holds is found here first.
-    store_admin.wait_for_write_lock(config.database_path, busy_timeout=config.busy_timeout)
     with store_admin.file_errors(config.database_path):
         before = asyncio.run(mark())
     if not before:

@@ -100,7 +100,10 @@ class Committer:
                 log.warning("commit_retried_one_by_one", error=repr(error), batch_size=len(items))
                 return [pair for item in items for pair in self.commit_or_split([item])]
             log.error("commit_failed", error=repr(error))
-            return [(None, StorageError("the database write failed"))]
+            failure = StorageError("the database write failed")
+            # Kept for callers that name the cause, such as the CLI; SMTP clients never see it.
+            failure.__cause__ = error
+            return [(None, failure)]
 
     def commit(self, items: list[WriteItem]) -> list[Any]:
         """Write `items` in one transaction; return one result per item.

@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 from .checks import Inspection
 from .clock import format_instant, parse_instant
-from .errors import DatabaseFileError, DatabaseLockedError
+from .errors import DatabaseFileError, DatabaseLockedError, StorageError
 from .store_batch import SCHEMA
 
 # Tables that every version of the schema has, so a file without them was not made by guardrail.
@@ -115,6 +115,12 @@ def file_errors(path: Path) -> Iterator[None]:
     """
     try:
         yield
+    except StorageError as error:
+        # The store's writer reports a failed write as a StorageError caused by the SQLite error.
+        if isinstance(error.__cause__, sqlite3.DatabaseError):
+            with file_errors(path):
+                raise error.__cause__ from None
+        raise
     except sqlite3.DatabaseError as error:
         # sqlite_errorname (Python 3.11+) names SQLite's result code. Errors that the sqlite3 module raises itself lack it.
         name = getattr(error, "sqlite_errorname", "")
@@ -145,16 +151,6 @@ def verify_for_daemon(path: Path, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> 
     """
     with connect(path, busy_timeout=busy_timeout, require_tables=False):
         pass
-
-
-def wait_for_write_lock(path: Path, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> None:
-    """Take the write lock on the database at `path` and release it at once.
-
-    Raises DatabaseLockedError when another process keeps the lock for longer than `busy_timeout`.
-    """
-    with connect(path, write=True, busy_timeout=busy_timeout) as connection:
-        connection.execute("BEGIN IMMEDIATE")
-        connection.execute("ROLLBACK")
 
 
 def inspections(path: Path, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> list[Inspection]:
