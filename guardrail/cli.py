@@ -16,7 +16,6 @@ from pathlib import Path
 from . import __version__, commands
 from .errors import ConfigError, ConfigErrors, DatabaseFileError
 
-
 # The largest SQLite INTEGER, which a LIMIT takes.
 _SQLITE_MAX_INTEGER = 2**63 - 1
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import structlog
 
+from . import pidfile
 from .clock import Clock, SystemClock
 from .config import Config, tls_context
 from .delivery import DeliveryWorker, Transport, write_in_thread
@@ -23,7 +24,6 @@ from .errors import ConfigErrors
 from .escalation import Sender
 from .http import HttpListener, build_app, serve_http
 from .intake import REPLY_SHUTTING_DOWN, ConnectionTracker, GuardrailSMTP, IntakeHandler
-from . import pidfile
 from .metrics import Metrics
 from .offload import ParseProcesses
 from .prepare import Site

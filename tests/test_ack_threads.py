@@ -8,11 +8,10 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
+from conftest import case_file, maildir_messages, send, settle, write_config
 from structlog.testing import capture_logs
 
 from guardrail.clock import ManualClock
-
-from conftest import case_file, maildir_messages, send, settle, write_config
 
 
 def at(text: str) -> datetime:

@@ -13,6 +13,16 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
+from conftest import (
+    case_file,
+    maildir_messages,
+    message,
+    rules_folder,
+    send,
+    settle,
+    wait_until,
+    write_config,
+)
 from structlog.testing import capture_logs
 
 from guardrail.acknowledgement import (
@@ -30,8 +40,6 @@ from guardrail.errors import ConfigErrors
 from guardrail.loops import acknowledgement_signal
 from guardrail.message import summarize
 from guardrail.rules import RuleSet, load_rules
-
-from conftest import case_file, maildir_messages, message, rules_folder, send, settle, wait_until, write_config
 
 HOSTNAME = "mx.test.example"
 ARRIVAL = datetime(2025, 11, 4, 10, 0, tzinfo=timezone.utc)  # Tue 11:00 in Paris

@@ -10,10 +10,9 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
+from conftest import case_file, maildir_messages, send, settle, write_config
 
 from guardrail.clock import ManualClock
-
-from conftest import case_file, maildir_messages, send, settle, write_config
 
 IT_RULES = """
 [[calendar]]

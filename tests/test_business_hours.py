@@ -7,7 +7,13 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from guardrail.business_hours import ALWAYS_OPEN, Calendar, Window, add_business_time, parse_window
+from guardrail.business_hours import (
+    ALWAYS_OPEN,
+    Calendar,
+    Window,
+    add_business_time,
+    parse_window,
+)
 
 PARIS = ZoneInfo("Europe/Paris")
 

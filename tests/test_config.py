@@ -9,14 +9,13 @@ from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import DATA, ROUTES, TEAMS, example_copy, rules_folder, write_config
 
 from guardrail.cli import main
 from guardrail.config import default_parse_processes, load_config
 from guardrail.daemon import load_ruleset
 from guardrail.errors import ConfigErrors
 from guardrail.rules import load_rules
-
-from conftest import DATA, ROUTES, TEAMS, example_copy, rules_folder, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

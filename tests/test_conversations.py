@@ -6,10 +6,14 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
-from guardrail.conversations import KnownConversation, choose_conversation, find_references, new_reference
-
 from conftest import maildir_messages, message, send, wait_until, write_config
+
+from guardrail.conversations import (
+    KnownConversation,
+    choose_conversation,
+    find_references,
+    new_reference,
+)
 
 KNOWN = KnownConversation(7, "GR-7K3M9Q", "default", "support", frozenset({"alice@example.com"}), None)
 

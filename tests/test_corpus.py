@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import maildir_messages, wait_until, write_config
 
 CORPUS = Path(os.environ.get("GUARDRAIL_CORPUS") or Path(__file__).resolve().parents[2] / "shared" / "corpus")

@@ -17,8 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-from conftest import free_port, maildir_messages, message, send, start_sink, wait_until, write_config
+from conftest import (
+    free_port,
+    maildir_messages,
+    message,
+    send,
+    start_sink,
+    wait_until,
+    write_config,
+)
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 

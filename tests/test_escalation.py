@@ -13,12 +13,11 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
-
-from guardrail.clock import ManualClock
-from guardrail.cli import build_parser, main
-
 from conftest import case_file, maildir_messages, send, settle, wait_until, write_config
 from webhook_receiver import webhook_receiver
+
+from guardrail.cli import build_parser, main
+from guardrail.clock import ManualClock
 
 SECRET = "test-webhook-secret"
 

@@ -13,16 +13,23 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import (
+    ROUTES,
+    converse,
+    maildir_messages,
+    message,
+    send,
+    settle,
+    write_config,
+)
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
+from webhook_receiver import webhook_receiver
 
 from guardrail.clock import ManualClock
 from guardrail.config import load_config
 from guardrail.errors import ConfigErrors
-
-from conftest import ROUTES, converse, maildir_messages, message, send, settle, write_config
-from webhook_receiver import webhook_receiver
 
 TOKEN = "test-api-token-4f9c2a7d1e"
 TOKEN_ENV = "GUARDRAIL_TEST_API_TOKEN"

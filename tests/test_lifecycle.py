@@ -11,11 +11,11 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from conftest import free_port, message, wait_for_port, write_config
+
 from guardrail.clock import SystemClock
 from guardrail.plan import Submission
 from guardrail.store import Store, StoreSettings
-
-from conftest import free_port, message, wait_for_port, write_config
 
 
 async def test_sleep_cancelled_while_woken_stays_cancelled() -> None:

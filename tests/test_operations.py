@@ -17,13 +17,22 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from conftest import (
+    ROOT,
+    TEAMS,
+    example_copy,
+    free_port,
+    maildir_messages,
+    message,
+    send,
+    settle,
+    write_config,
+)
 
 from guardrail.cli import main
 from guardrail.clock import ManualClock
 from guardrail.daemon import Daemon
 from guardrail.store_batch import SCHEMA
-
-from conftest import ROOT, TEAMS, example_copy, free_port, maildir_messages, message, send, settle, write_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

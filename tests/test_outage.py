@@ -11,7 +11,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from conftest import Sink, free_port, message, send, start_sink, wait_until, write_config
+from conftest import (
+    Sink,
+    free_port,
+    message,
+    send,
+    start_sink,
+    wait_until,
+    write_config,
+)
+
 from guardrail.clock import ManualClock, parse_instant
 from guardrail.daemon import Daemon
 

@@ -14,6 +14,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from conftest import (
+    DATA,
+    ROUTES,
+    TEAMS,
+    crlf,
+    maildir_messages,
+    message,
+    send,
+    wait_until,
+    write_config,
+)
 from structlog.testing import capture_logs
 
 from guardrail.config import load_config
@@ -22,8 +33,6 @@ from guardrail.errors import TemporaryDeliveryError
 from guardrail.offload import ParseProcesses, ParseTimeout
 from guardrail.plan import Submission
 from guardrail.prepare import Envelope, Site, TooManyHops, prepare_message
-
-from conftest import DATA, ROUTES, TEAMS, crlf, maildir_messages, message, send, wait_until, write_config
 
 CHILD = {"parse_processes": 1}
 

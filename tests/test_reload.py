@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import DATA, free_port, send, wait_for_port, write_config
 from structlog.testing import capture_logs
 
 from guardrail.cli import main
-
-from conftest import DATA, free_port, send, wait_for_port, write_config
 
 GOOD_RULES = """
 [[team]]

@@ -9,11 +9,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from conftest import DATA, maildir_messages, send, wait_until, write_config
 from structlog.testing import capture_logs
 
 from guardrail.clock import ManualClock
-
-from conftest import DATA, maildir_messages, send, wait_until, write_config
 
 MESSAGE = (DATA / "retry" / "message.eml").read_bytes()
 

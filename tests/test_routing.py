@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import rules_folder
 
 from guardrail.message import summarize
 from guardrail.routing import Facts, match_route
 from guardrail.rules import load_rules
-
-from conftest import rules_folder
 
 RULES = """
 [[team]]

@@ -8,14 +8,13 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
+from conftest import maildir_messages, message, send, settle, write_config
 
 from guardrail.cli import main
 from guardrail.clock import ManualClock
 from guardrail.config import load_config
 from guardrail.daemon import Daemon
 from guardrail.rules import load_rules
-
-from conftest import maildir_messages, message, send, settle, write_config
 
 LEAD = "lead@example.org"
 

@@ -8,11 +8,10 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
+from conftest import case_file, maildir_messages, send, settle, write_config
 
 from guardrail.cli import main
 from guardrail.clock import ManualClock
-
-from conftest import case_file, maildir_messages, send, settle, write_config
 
 RULES = r"""
 [[calendar]]
