@@ -145,9 +145,18 @@ class Transport:
             password=smarthost.password.reveal() if smarthost.password else None,
             timeout=smarthost.timeout.total_seconds(),
         )
+        # A non-ASCII address needs the SMTPUTF8 parameter (RFC 6531), which
+        # aiosmtplib's sendmail (checked with 5.1) adds only when it is passed.
+        addresses = (envelope.sender, *envelope.recipients)
+        mail_options = [] if all(address.isascii() for address in addresses) else ["SMTPUTF8"]
         try:
             async with client:
-                await client.sendmail(envelope.sender, list(envelope.recipients), data)
+                await client.sendmail(envelope.sender, list(envelope.recipients), data, mail_options=mail_options)
+        except aiosmtplib.SMTPNotSupported as error:
+            raise PermanentDeliveryError(
+                f"smarthost {smarthost.host}:{smarthost.port} does not offer SMTPUTF8, which a non-ASCII address needs; "
+                f"relay through one that does: {error}"
+            ) from error
         except aiosmtplib.SMTPRecipientsRefused as error:
             codes = [refused.code for refused in error.recipients]
             message = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in error.recipients)

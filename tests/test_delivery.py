@@ -1,4 +1,4 @@
-"""The outbox worker's maildir batches: many rows at once, and a bad folder that fails only its own rows."""
+"""The outbox worker: maildir batches, a bad folder that fails only its own rows, SMTPUTF8 at the smarthost."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import maildir_messages, message, wait_until, write_config
+from aiosmtpd.smtp import SMTP
+from conftest import SinkHandler, maildir_messages, message, wait_until, write_config
 from structlog.testing import capture_logs
 
 from guardrail.clock import ManualClock, format_instant
@@ -151,6 +152,54 @@ async def test_row_without_wake_is_found_by_rescan(tmp_path: Path) -> None:
         await asyncio.gather(task, return_exceptions=True)
         await store.close()
     assert len(maildir_messages(tmp_path / "var" / "outbound")) == 1
+
+
+async def test_smarthost_gets_smtputf8_for_non_ascii_sender(tmp_path: Path, start_daemon, sink) -> None:
+    # The acknowledgement goes back to the envelope sender, here an
+    # internationalized address (RFC 6531) that needs SMTPUTF8 on the way out.
+    config = write_config(tmp_path, sections={"smarthost": {"host": "127.0.0.1", "port": sink.port, "starttls": False}})
+    daemon = await start_daemon(config)
+    sender = "jürgen@bücher.example"
+
+    def send_internationalized() -> None:
+        with smtplib.SMTP("127.0.0.1", daemon.port, local_hostname="client.test.example", timeout=10) as client:
+            client.sendmail(sender, ["support@example.org"], message(sender=f"Jürgen <{sender}>"), mail_options=["SMTPUTF8"])
+
+    await asyncio.to_thread(send_internationalized)
+    await wait_until(lambda: sink.to(sender), what="the acknowledgement at the smarthost")
+
+    [acknowledgement] = sink.to(sender)
+    assert acknowledgement.mail_from == "<>"
+    assert b"Auto-Submitted: auto-replied" in acknowledgement.content
+    await wait_until(lambda: outbox_states(daemon.config.database_path) == {"done": 2}, what="both rows recorded as done")
+
+
+async def test_smarthost_without_smtputf8_fails_permanently(tmp_path: Path, start_daemon) -> None:
+    handler = SinkHandler()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTP(handler, hostname="sink.test.example", enable_SMTPUTF8=False, loop=loop), "127.0.0.1", 0,
+    )
+    port = server.sockets[0].getsockname()[1]
+    config = write_config(tmp_path, sections={"smarthost": {"host": "127.0.0.1", "port": port, "starttls": False}})
+    daemon = await start_daemon(config)
+    sender = "jürgen@bücher.example"
+
+    def send_internationalized() -> None:
+        with smtplib.SMTP("127.0.0.1", daemon.port, local_hostname="client.test.example", timeout=10) as client:
+            client.sendmail(sender, ["support@example.org"], message(sender=f"Jürgen <{sender}>"), mail_options=["SMTPUTF8"])
+
+    try:
+        await asyncio.to_thread(send_internationalized)
+        await wait_until(lambda: outbox_states(daemon.config.database_path) == {"done": 1, "failed": 1}, what="the failed acknowledgement")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    with sqlite3.connect(daemon.config.database_path) as connection:
+        [(error,)] = connection.execute("SELECT last_error FROM outbox WHERE state = 'failed'").fetchall()
+    assert "does not offer SMTPUTF8" in error
+    assert handler.messages == []
 
 
 @pytest.mark.parametrize(
