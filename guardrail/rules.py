@@ -150,7 +150,9 @@ def load_rules(directory: Path, base: Path, *, today: date | None = None) -> Rul
     Raises ConfigErrors listing every problem in every file.
     """
     errors: list[ConfigError] = []
-    files = sorted(directory.glob("*.toml")) if directory.is_dir() else []
+    # Skip names that start with a dot, as a shell's *.toml does. Emacs keeps a
+    # lock ".#NAME.toml", a dangling symbolic link, beside a file being edited.
+    files = sorted(path for path in directory.glob("*.toml") if not path.name.startswith(".")) if directory.is_dir() else []
     if not files:
         what = "contains no *.toml rule files" if directory.is_dir() else "is not a folder"
         raise ConfigErrors([ConfigError(directory, "", f"rules folder {what}; set rules.directory in the config")])

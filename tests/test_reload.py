@@ -166,6 +166,21 @@ async def test_unreadable_rule_file_fails_reload(tmp_path: Path, start_daemon, w
     assert registry.get_sample_value("guardrail_rule_reloads_total", {"result": "succeeded"}) in (None, 0)
 
 
+async def test_reload_skips_hidden_rule_files(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path, rules=GOOD_RULES))
+    old_digest = daemon.rules.digest
+    rules = tmp_path / "rules"
+    # The lock file Emacs writes while rules.toml has unsaved changes.
+    (rules / ".#rules.toml").symlink_to("editor@host.4242:1796459000")
+    (rules / ".rules.toml").write_text("this is not TOML [")
+
+    assert daemon.reload() is True
+
+    assert daemon.rules.digest == old_digest
+    # Exit 2 means errors. Exit 1 means warnings only, such as rules never inspected.
+    assert main(["check", "--config", str(tmp_path / "guardrail.toml")]) != 2
+
+
 async def test_unexpected_reload_error_is_counted(tmp_path: Path, start_daemon, monkeypatch: pytest.MonkeyPatch) -> None:
     daemon = await start_daemon(write_config(tmp_path, rules=GOOD_RULES))
     old_digest = daemon.rules.digest
