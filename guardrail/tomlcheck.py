@@ -8,6 +8,7 @@ all problems at once instead of stopping at the first.
 from __future__ import annotations
 
 import codecs
+import difflib
 import os
 import re
 import stat
@@ -317,8 +318,20 @@ class Table:
         return Table(self.path, self.data.get(name, {}), self.key(name), self.errors, expected=expected)
 
     def finish(self, allowed: tuple[str, ...] = ()) -> None:
-        """Record every key that no read asked for as unknown; the error lists `allowed` when it is given."""
-        hint = f"allowed keys: {', '.join(allowed)}" if allowed else "check its spelling against config.example.toml or the README"
+        """Record every key that no read asked for as unknown.
+
+        The error lists `allowed` when it is given, else names the closest key
+        that was read but is not set, as a likely correction of a misspelling.
+        """
         for name in self.data:
             if name not in self._used:
-                self.problem(name, f"unknown key; {hint}")
+                self.problem(name, f"unknown key; {self._unknown_key_hint(name, allowed)}")
+
+    def _unknown_key_hint(self, name: str, allowed: tuple[str, ...]) -> str:
+        if allowed:
+            return f"allowed keys: {', '.join(allowed)}"
+        unset = sorted(key for key in self._used if key not in self.data)
+        matches = difflib.get_close_matches(name, unset, n=1)
+        if matches:
+            return f"did you mean {matches[0]!r}?"
+        return "check its spelling against config.example.toml or the README"

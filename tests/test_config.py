@@ -83,6 +83,36 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
     assert str(error).startswith(f"{path}: smtp.prot: unknown key")
 
 
+@pytest.mark.parametrize(
+    ("smtp", "sections", "error"),
+    [
+        ({"max_recipent": 5}, {}, "smtp.max_recipent: unknown key; did you mean 'max_recipients'?"),
+        ({}, {"databse": {"path": "var/guardrail.db"}}, "databse: unknown key; did you mean 'database'?"),
+        ({"zzz": 1}, {}, "smtp.zzz: unknown key; check its spelling against config.example.toml or the README"),
+    ],
+    ids=["key", "section", "no-close-key"],
+)
+def test_unknown_key_names_closest_key(tmp_path: Path, smtp: dict[str, object], sections: dict[str, dict[str, object]], error: str) -> None:
+    path = write_config(tmp_path, smtp=smtp, sections=sections)
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+
+    assert [str(found) for found in caught.value.errors] == [f"{path}: {error}"]
+
+
+def test_unknown_team_key_names_closest_key(tmp_path: Path) -> None:
+    rules = TEAMS.replace('name = "support"\n', 'name = "support"\nfirst_respons = "4h"\n', 1)
+    path = rules_folder(tmp_path, rules + ROUTES) / "rules.toml"
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_rules(path.parent, tmp_path)
+
+    assert [str(found) for found in caught.value.errors] == [
+        f"{path}: team[0] (support).first_respons: unknown key; did you mean 'first_response'?",
+    ]
+
+
 @pytest.mark.parametrize("value", [-1, 65, "two", True])
 def test_parse_processes_must_be_a_count(tmp_path: Path, value: object) -> None:
     path = write_config(tmp_path, smtp={"parse_processes": value})
