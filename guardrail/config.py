@@ -156,11 +156,22 @@ class Config:
 
 def _is_address(text: str) -> bool:
     local, at, domain = text.rpartition("@")
-    return bool(at and local and domain) and " " not in text and "\x00" not in text
+    if not (at and local) or "@" in local:
+        return False
+    return " " not in text and "\x00" not in text and _is_mail_domain(domain)
 
 
 def _is_domain(text: str) -> bool:
     return len(text) <= MAX_DOMAIN_LENGTH and all(_DOMAIN_LABEL.fullmatch(label) for label in text.split("."))
+
+
+def _is_mail_domain(text: str) -> bool:
+    """Return True for a domain name, where non-ASCII labels are checked in their IDNA form."""
+    try:
+        ascii_form = text.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    return _is_domain(ascii_form)
 
 
 def load_config(path: Path | str) -> Config:
@@ -283,6 +294,13 @@ def _load_smtp(table: Table, base: Path) -> SmtpSettings:
         if not _is_address(address):
             table.fail("inboxes", address, "an email address such as support@example.com")
     domains = [domain.lower().strip(".") for domain in table.strings("inbox_domains")]
+    for domain in domains:
+        if not _is_mail_domain(domain):
+            table.fail("inbox_domains", domain, "a domain name such as example.com")
+    # Invalid entries are reported above, and must not reach the default
+    # return path, which is built from the first inbox domain.
+    inboxes = [address for address in inboxes if _is_address(address)]
+    domains = [domain for domain in domains if _is_mail_domain(domain)]
     if not inboxes and not domains and len(table.errors) == errors_before:
         table.problem("inboxes", "missing; list at least one address we accept mail for, such as support@example.com")
 

@@ -610,6 +610,44 @@ def test_long_subdivision_list_is_shortened(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("smtp", "error"),
     [
+        ({"inboxes": ["support@@example.org"]}, "smtp.inboxes: invalid value 'support@@example.org'; expected an email address such as support@example.com"),
+        ({"inboxes": ["support@example..org"]}, "smtp.inboxes: invalid value 'support@example..org'; expected an email address such as support@example.com"),
+        ({"inboxes": ["support@.example.org"]}, "smtp.inboxes: invalid value 'support@.example.org'; expected an email address such as support@example.com"),
+        ({"inboxes": [], "inbox_domains": ["*.example.org"]}, "smtp.inbox_domains: invalid value '*.example.org'; expected a domain name such as example.com"),
+        ({"inboxes": [], "inbox_domains": ["exa mple.org"]}, "smtp.inbox_domains: invalid value 'exa mple.org'; expected a domain name such as example.com"),
+    ],
+    ids=["two-at-signs", "empty-label", "leading-dot", "wildcard-domain", "space-in-domain"],
+)
+def test_inbox_with_bad_domain_rejected(tmp_path: Path, smtp: dict[str, object], error: str) -> None:
+    path = write_config(tmp_path, smtp=smtp)
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+
+    assert [str(found) for found in caught.value.errors] == [f"{path}: {error}"]
+
+
+def test_inbox_with_international_domain_accepted(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, smtp={"inboxes": ["support@bücher.example"], "inbox_domains": ["bücher.example"]}))
+
+    assert config.smtp.inboxes == {"support@bücher.example"}
+    assert config.smtp.inbox_domains == {"bücher.example"}
+
+
+def test_postmaster_owner_with_two_at_signs_rejected(tmp_path: Path) -> None:
+    path = write_config(tmp_path, sections={"postmaster": {"owner": "ops@@example.org"}})
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+
+    assert [str(found) for found in caught.value.errors] == [
+        f"{path}: postmaster.owner: invalid value 'ops@@example.org'; expected an email address such as ops@example.com",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("smtp", "error"),
+    [
         ({"inboxes": "support@example.org"}, "smtp.inboxes: invalid value 'support@example.org'; expected a list of strings"),
         ({"inboxes": 5}, "smtp.inboxes: invalid value 5; expected a list of strings"),
         ({"inboxes": [], "inbox_domains": "example.org"}, "smtp.inbox_domains: invalid value 'example.org'; expected a list of strings"),
