@@ -145,7 +145,13 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     facts = Facts(envelope.rcpt_tos, summary)
     match = match_route(rules, facts)
     team = match.team
-    is_staff = rules.is_staff(summary.from_address) or rules.is_staff(envelope.mail_from)
+    # A reply written as the shared inbox itself is the team's. Only From
+    # counts here: a forwarder may put the inbox in the envelope sender of
+    # every customer's message.
+    is_staff = (
+        rules.is_staff(summary.from_address) or rules.is_staff(envelope.mail_from)
+        or summary.from_address.lower() in site.inboxes
+    )
     machine = machine_signal(summary, envelope.mail_from, site.hostname, site.sender_patterns)
     ack_signal = machine or person_signal(summary, is_staff)
 

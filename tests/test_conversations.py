@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from conftest import maildir_messages, message, send, wait_until, write_config
 
+from guardrail.config import load_config
 from guardrail.conversations import (
     KnownConversation,
     choose_conversation,
     find_references,
     new_reference,
 )
+from guardrail.daemon import load_ruleset
+from guardrail.plan import Submission
+from guardrail.prepare import Envelope, Site, prepare_message
 
+NOW = datetime(2025, 11, 4, 9, 0, tzinfo=UTC)
 KNOWN = KnownConversation(7, "GR-7K3M9Q", "default", "support", frozenset({"alice@example.com"}), None)
 
 
@@ -92,6 +98,54 @@ async def test_follow_ups_join_and_keep_their_team(tmp_path: Path, start_daemon)
     maildir = tmp_path / "var" / "maildir" / "support"
     await wait_until(lambda: len(maildir_messages(maildir)) == 4, what="four deliveries to support")
     assert maildir_messages(tmp_path / "var" / "maildir" / "billing") == []
+
+
+@pytest.mark.parametrize(
+    ("from_header", "mail_from", "staff"),
+    [
+        ("Alice <alice@example.com>", "alice@example.com", False),
+        # Written as the shared inbox: the team's own mail.
+        ("Support <support@example.org>", "support@example.org", True),
+        ("Support <SUPPORT@Example.ORG>", "agent7@helpdesk.example.net", True),
+        ("billing@example.org", "billing@example.org", True),
+        # A forwarder that puts the inbox in the envelope sender of a customer's message.
+        ("Alice <alice@example.com>", "support@example.org", False),
+        # The inbox's domain is not the inbox.
+        ("Pat <pat@example.org>", "pat@example.org", False),
+        # A team member still counts.
+        ("Sam Ortiz <sam@example.org>", "sam@example.org", True),
+    ],
+)
+def test_staff_sender_table(tmp_path: Path, from_header: str, mail_from: str, staff: bool) -> None:
+    config = load_config(write_config(tmp_path))
+    envelope = Envelope(mail_from, ("support@example.org",), "[127.0.0.1]:40000", "client")
+    submission = prepare_message(envelope, message(sender=from_header), load_ruleset(config), Site.from_config(config), NOW)
+
+    assert isinstance(submission, Submission)
+    assert submission.is_staff is staff
+    assert (submission.ack is None) is staff
+    assert submission.ack_signal == ("sender is a team member" if staff else None)
+
+
+async def test_reply_written_as_the_inbox_answers(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    database = daemon.config.database_path
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<q@example.com>"))
+    reply = message(
+        sender="Support <support@example.org>", subject="Re: Printer on floor 3 jams", message_id="<a@example.org>",
+        extra_headers="In-Reply-To: <q@example.com>\r\n",
+    )
+    await send(daemon.port, "support@example.org", ["support@example.org"], reply)
+    # New mail written as the inbox gets no acknowledgement addressed to the inbox.
+    note = message(sender="Support <support@example.org>", subject="Shift notes", message_id="<n@example.org>")
+    await send(daemon.port, "support@example.org", ["support@example.org"], note)
+
+    assert rows(database, "SELECT state, answered_by FROM conversations ORDER BY id")[0] == ("answered", "support@example.org")
+    assert rows(database, "SELECT recipient, decision, signal FROM acknowledgements ORDER BY id") == [
+        ("alice@example.com", "sent", ""),
+        ("support@example.org", "suppressed", "follow-up in an existing conversation"),
+        ("support@example.org", "suppressed", "sender is a team member"),
+    ]
 
 
 async def test_reply_to_team_forward_joins(tmp_path: Path, start_daemon) -> None:
