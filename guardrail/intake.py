@@ -49,7 +49,6 @@ from .replies import (
     REPLY_DATA_TIMEOUT,
     REPLY_DUPLICATE,
     REPLY_EXPN,
-    REPLY_EXPN_SYNTAX,
     REPLY_HELP,
     REPLY_HELP_SYNTAX,
     REPLY_HELP_UNKNOWN,
@@ -63,6 +62,7 @@ from .replies import (
     REPLY_TLS_ACTIVE,
     REPLY_TOO_BIG,
     REPLY_TOO_MANY_HOPS,
+    REPLY_TOO_MANY_ERRORS,
     REPLY_TOO_MANY_JUNK,
     REPLY_TOO_MANY_RECIPIENTS,
     REPLY_VRFY,
@@ -78,6 +78,9 @@ log = structlog.get_logger("guardrail.intake")
 # two DATA commands of a session. The next one gets 421, and a client that
 # sends RSET between messages stays far below the limit.
 JUNK_COMMAND_LIMIT = 100
+# 5xx replies a client may draw before the connection is closed; a message
+# accepted starts the count again.
+ERROR_REPLY_LIMIT = 20
 
 _END_OF_DATA = b"\r\n.\r\n"
 _DOT_LINE = b"\r\n."  # a line that starts with a dot: the end of the data, or a dot added by the client
@@ -173,6 +176,9 @@ class GuardrailSMTP(SMTP):
         self._command = ""
         # NOOP, RSET, VRFY, EXPN and HELP commands since the connection opened or the last DATA.
         self._junk = 0
+        # 5xx replies since the connection opened or the last message accepted.
+        self._errors = 0
+        self._closed_for_errors = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # STARTTLS calls this again for the same connection, which is counted once.
@@ -259,9 +265,29 @@ class GuardrailSMTP(SMTP):
             metrics.messages_rejected.labels(reason).inc()
 
     async def push(self, status: Any) -> None:
+        if self._closed_for_errors:
+            return
         if isinstance(status, str):
             status = with_enhanced_code(status, self.hostname, self._command)
         await super().push(status)
+        if isinstance(status, str) and status.startswith("5"):
+            await self._count_error()
+
+    async def _count_error(self) -> None:
+        """Count a 5xx reply. At ERROR_REPLY_LIMIT, reply 421 and close the connection.
+
+        A client that draws one rejection after another (unknown recipients,
+        bad commands) is probing or broken; each rejection is also a log line.
+        """
+        self._errors += 1
+        if self._errors < ERROR_REPLY_LIMIT:
+            return
+        log.warning("connection_closed", peer=_peer(self.session), reason="too many errors", errors=self._errors)
+        self._reject("too many errors")
+        await super().push(REPLY_TOO_MANY_ERRORS)
+        self._closed_for_errors = True
+        assert self.transport is not None
+        self.transport.close()
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -353,11 +379,11 @@ class GuardrailSMTP(SMTP):
         # same 252 (RFC 5321 section 3.5.3), so VRFY reveals no inboxes.
         await self.push(REPLY_VRFY if arg else REPLY_VRFY_SYNTAX)
 
-    @syntax("EXPN <mailing list>")
+    # Without a @syntax line, HELP does not list EXPN, which is never available.
     async def smtp_EXPN(self, arg: str | None) -> None:
         if await self._too_much_junk():
             return
-        await self.push(REPLY_EXPN if arg else REPLY_EXPN_SYNTAX)
+        await self.push(REPLY_EXPN)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -429,6 +455,8 @@ class GuardrailSMTP(SMTP):
         self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
+        if status.startswith("2"):
+            self._errors = 0
         await self.push(status)
 
     async def _read_data(self) -> tuple[bytes, bool, bool]:
@@ -541,6 +569,11 @@ class IntakeHandler:
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
         if _has_control_characters(address) or not _is_utf8(address):
             log.warning("recipient_rejected", peer=_peer(session), reason="control character or invalid UTF-8 in address")
+            self.metrics.messages_rejected.labels("invalid recipient").inc()
+            return REPLY_BAD_RECIPIENT
+        if address in ("", "<>"):
+            # The null path is a sender's only (RFC 5321 section 4.1.1.3).
+            log.warning("recipient_rejected", peer=_peer(session), reason="null recipient")
             self.metrics.messages_rejected.labels("invalid recipient").inc()
             return REPLY_BAD_RECIPIENT
         if not is_inbox(address, self.site) and not is_postmaster(address, self.site):

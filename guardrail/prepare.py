@@ -74,11 +74,11 @@ def is_inbox(address: str, site: Site) -> bool:
 
 
 def is_postmaster(address: str, site: Site) -> bool:
-    """Return True for postmaster@ one of our domains, and for the bare "postmaster" (RFC 5321 section 4.5.1)."""
+    """Return True for postmaster@ one of our domains or our host name, and for the bare "postmaster" (RFC 5321 section 4.5.1)."""
     local, at, domain = address.lower().rpartition("@")
     if not at:
         return domain == "postmaster"
-    return local == "postmaster" and domain in site.local_domains
+    return local == "postmaster" and (domain in site.local_domains or domain == site.hostname.lower())
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from conftest import (
 )
 
 from guardrail.daemon import Daemon
-from guardrail.intake import JUNK_COMMAND_LIMIT, _scan_data
+from guardrail.intake import ERROR_REPLY_LIMIT, JUNK_COMMAND_LIMIT, _scan_data
 from guardrail.prepare import has_bare_line_ending
 from guardrail.replies import with_enhanced_code
 
@@ -445,11 +445,12 @@ async def test_recipient_limit_counts_accepted_once(tmp_path: Path, start_daemon
     assert maildir_messages(tmp_path / "var" / "maildir" / "support") == []
 
 
-@pytest.mark.parametrize("recipient", ["postmaster@example.org", "Postmaster@EXAMPLE.org", "postmaster"])
+@pytest.mark.parametrize("recipient", ["postmaster@example.org", "Postmaster@EXAMPLE.org", "postmaster", "postmaster@MX.test.example"])
 async def test_postmaster_mail_reaches_owner(tmp_path: Path, start_daemon, recipient: str) -> None:
     daemon = await start_daemon(write_config(tmp_path))
 
-    # A bare "postmaster" without a domain must be accepted (RFC 5321 section 4.5.1).
+    # A bare "postmaster" without a domain must be accepted (RFC 5321 section
+    # 4.5.1), and so must postmaster at our host name, where reports go.
     reply = await transaction(daemon.port, message(to="postmaster@example.org"), rcpt_tos=[recipient])
 
     assert reply.startswith("250 2.0.0 ")
@@ -564,7 +565,7 @@ HOSTILE_COMMANDS = {
     "vrfy open bracket": (b"VRFY <", "252 2.5.2 Cannot verify the user; send mail and delivery will be attempted"),
     "vrfy no argument": (b"VRFY", "501 5.5.4 Syntax: VRFY <address>"),
     "expn invalid utf-8": (b"EXPN staff\x00\xff", "502 5.5.1 EXPN is not available"),
-    "expn no argument": (b"EXPN", "501 5.5.4 Syntax: EXPN <mailing list>"),
+    "expn no argument": (b"EXPN", "502 5.5.1 EXPN is not available"),
     "unknown command": (b"FROB\x01\x1b[2J", "500 5.5.2 Command not recognized"),
     "rcpt open bracket": (b"RCPT TO:<", "553 5.1.3 Malformed recipient address"),
     "rcpt lone quote": (b'RCPT TO:"', "553 5.1.3 Malformed recipient address"),
@@ -633,14 +634,14 @@ async def test_help_replies_214_with_commands(tmp_path: Path, start_daemon) -> N
     await client.command(b"QUIT")
     await client.close()
 
-    # Without a certificate STARTTLS is not offered, and AUTH never is.
-    listed = "DATA EHLO EXPN HELO HELP MAIL NOOP QUIT RCPT RSET VRFY"
+    # Without a certificate STARTTLS is not offered, and AUTH and EXPN never are.
+    listed = "DATA EHLO HELO HELP MAIL NOOP QUIT RCPT RSET VRFY"
     assert before_ehlo == [f"214 2.0.0 Supported commands: {listed}"]
     assert replies[b""] == [f"214 2.0.0 Supported commands: {listed}"]
     assert replies[b"mail"] == ["214 2.0.0 Syntax: MAIL FROM: <address> [SP <mail-parameters>]"]
     assert replies[b"DATA"] == ["214 2.0.0 Syntax: DATA"]
-    assert replies[b"EXPN"] == ["214 2.0.0 Syntax: EXPN <mailing list>"]
     unknown = [f"504 5.5.4 No help for that command; supported commands: {listed}"]
+    assert replies[b"EXPN"] == unknown
     assert replies[b"AUTH"] == unknown
     assert replies[b"STARTTLS"] == unknown
     assert replies[b"FROB\x01\xff"] == unknown
@@ -1375,7 +1376,8 @@ def noop_session(port: int, content: bytes) -> tuple[list[int], list[int], tuple
         client.ehlo("client.example")
         before = [client.noop()[0] for _ in range(JUNK_COMMAND_LIMIT)]
         client.sendmail("alice@example.com", [SUPPORT], content)
-        junk = (("RSET", ""), ("VRFY", "alice"), ("HELP", ""), ("EXPN", "staff")) * (JUNK_COMMAND_LIMIT // 4)
+        junk = (("RSET", ""), ("VRFY", "alice"), ("HELP", ""), ("EXPN", "staff")) * 4
+        junk += (("RSET", ""), ("VRFY", "alice"), ("HELP", "")) * ((JUNK_COMMAND_LIMIT - len(junk)) // 3)
         after = [client.docmd(command, argument)[0] for command, argument in junk]
         after += [client.noop()[0] for _ in range(JUNK_COMMAND_LIMIT - len(after))]
         last = client.noop()
@@ -1386,6 +1388,51 @@ def noop_session(port: int, content: bytes) -> tuple[list[int], list[int], tuple
         else:
             closed = False
     return before, after, last, closed
+
+
+def error_session(port: int, content: bytes) -> tuple[list[int], list[int], list[tuple[int, bytes]], bool]:
+    """Draw 5xx replies up to one below the limit, send a message, then draw them up to the limit. Return the reply codes."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.example")
+        client.mail("alice@example.com")
+        before = [client.rcpt(f"nobody{number}@example.org")[0] for number in range(ERROR_REPLY_LIMIT - 1)]
+        client.rcpt(SUPPORT)
+        client.data(content)
+        client.mail("alice@example.com")
+        after = [client.rcpt(f"nobody{number}@example.org")[0] for number in range(ERROR_REPLY_LIMIT - 2)]
+        after.append(client.docmd("RCPT TO:<>")[0])
+        last = client.rcpt("nobody@example.org")
+        # The 421 that followed the last 550 is read as the reply to the next command.
+        goodbye = client.noop()
+        try:
+            client.noop()
+        except smtplib.SMTPServerDisconnected:
+            closed = True
+        else:
+            closed = False
+    return before, after, [last, goodbye], closed
+
+
+async def test_error_replies_limited(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+
+    before, after, last, closed = await asyncio.to_thread(error_session, daemon.port, message())
+
+    # The accepted message started the count again.
+    assert before == [550] * (ERROR_REPLY_LIMIT - 1)
+    assert count_rows(daemon, "messages") == 1
+    assert after == [550] * (ERROR_REPLY_LIMIT - 2) + [501]
+    assert last[0][0] == 550
+    assert last[1] == (421, b"4.7.0 Too many errors, closing the connection")
+    assert closed
+
+
+async def test_null_recipient_is_a_syntax_error(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+
+    lines = await converse(daemon.port, EHLO + b"MAIL FROM:<>\r\nRCPT TO:<>\r\nQUIT\r\n")
+
+    assert lines[-2] == "501 5.1.3 Invalid recipient address"
 
 
 async def test_junk_commands_limited(tmp_path: Path, start_daemon) -> None:
