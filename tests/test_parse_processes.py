@@ -318,7 +318,8 @@ async def test_maildir_process_writes_deliveries(tmp_path: Path, start_daemon) -
     [team_copy], [ack] = delivered(tmp_path)
     assert b"Message-ID: <w1@example.com>" in team_copy
     assert b"In-Reply-To: <w1@example.com>" in ack
-    assert maildir_files(daemon, "maildir process") == 2
+    # The files appear before the daemon has read the child's reply.
+    await wait_until(lambda: maildir_files(daemon, "maildir process") == 2, what="the child's reply")
     assert maildir_files(daemon, "daemon") == 0
 
 
@@ -340,8 +341,13 @@ async def test_killed_maildir_process_loses_nothing(tmp_path: Path, start_daemon
     assert sorted(line for copy in team for line in copy.splitlines() if line.startswith(b"Message-ID:")) == [
         f"Message-ID: <x{number}@example.com>".encode() for number in range(5)
     ]
-    with sqlite3.connect(daemon.config.database_path) as connection:
-        assert connection.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall() == [("done", 10)]
+
+    def outbox_states() -> list[tuple[str, int]]:
+        with sqlite3.connect(daemon.config.database_path) as connection:
+            return connection.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
+
+    # The files appear before their rows are marked done.
+    await wait_until(lambda: outbox_states() == [("done", 10)], what="every outbox row done")
 
 
 async def test_maildir_process_reports_each_file(tmp_path: Path) -> None:
