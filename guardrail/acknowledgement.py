@@ -11,11 +11,13 @@ from __future__ import annotations
 import binascii
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email.header import Header
 from email.utils import format_datetime
 
+from .language import guess_language
 from .locales import deadline_text
 from .loops import LOOP_HEADER
 from .message import Summary
@@ -50,11 +52,20 @@ class RenderedAck:
     problem: str  # why the plain variant was used, or ""
 
 
-def choose_language(summary: Summary, team: Team) -> str:
-    """Return the first language the sender names that the team's template has, else the team's."""
+def choose_language(summary: Summary, team: Team, sample: Callable[[], str] = str) -> str:
+    """Return the language of the acknowledgement, one that the team's template has.
+
+    That is the first language the sender names in Content-Language or
+    Accept-Language; else the one `sample()` (the subject and the start of
+    the body) is written in, when that is clear; else the team's.
+    """
     for language in requested_languages(summary):
         if language in team.templates:
             return language
+    if len(team.templates) > 1:
+        guessed = guess_language(sample(), team.templates)
+        if guessed is not None:
+            return guessed
     return team.language
 
 

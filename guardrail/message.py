@@ -281,6 +281,19 @@ def _first_message_id(values: tuple[str, ...]) -> str:
     return found[0] if found else ""
 
 
+def body_sample(raw: bytes, limit: int = 8192) -> str:
+    """Return the start of the first text/plain part, read from the first `limit` bytes of `raw` only.
+
+    Cheaper than a full parse on large mail, for decisions that need a few
+    words of the body, such as the language of the acknowledgement.
+    """
+    try:
+        message = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw[:limit])
+    except Exception:  # noqa: BLE001 - the parser must never stop intake
+        return ""
+    return _body_text(message)
+
+
 def _body_text(message: Message) -> str:
     try:
         for part in message.walk():

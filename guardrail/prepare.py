@@ -20,7 +20,7 @@ from .acknowledgement import (
 from .business_hours import add_business_time
 from .config import Config
 from .loops import has_our_loop_marker, has_too_many_hops, machine_signal, person_signal
-from .message import Summary, summarize
+from .message import Summary, body_sample, summarize
 from .plan import Submission
 from .routing import Facts, match_route, shadow_results
 from .rules import Destination, RuleSet, Team, unstaffed_reason
@@ -159,7 +159,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     deadline = add_business_time(now, first_response, team.calendar)
     ack = None
     if ack_signal is None and team.templates:
-        ack = _ack_request(envelope, summary, team, site, deadline)
+        ack = _ack_request(envelope, raw, summary, team, site, deadline)
     return Submission(
         **common, route=match.route.name, team=team.name, destination=team.destination,
         route_reasons=match.reasons, team_members=team.member_addresses,
@@ -186,8 +186,8 @@ def _first_escalation(team: Team, rules: RuleSet, deadline: datetime | None) -> 
     return deadline if rules.fallback else None
 
 
-def _ack_request(envelope: Envelope, summary: Summary, team: Team, site: Site, deadline: datetime | None) -> AckRequest:
-    language = choose_language(summary, team)
+def _ack_request(envelope: Envelope, raw: bytes, summary: Summary, team: Team, site: Site, deadline: datetime | None) -> AckRequest:
+    language = choose_language(summary, team, lambda: f"{summary.subject}\n{summary.body_text or body_sample(raw)}")
     inbox = next((address for address in envelope.rcpt_tos if is_inbox(address, site)), envelope.rcpt_tos[0])
     return AckRequest(
         # RFC 3834 section 4: answer the envelope sender, never Reply-To.

@@ -186,20 +186,33 @@ async def test_each_acknowledgement_has_own_message_id(tmp_path: Path, start_dae
 # -- language ------------------------------------------------------------------
 
 
+PRINTER = ("Printer on floor 3 jams", "Hello,\r\nthe printer jams.\r\n")
+FRENCH = ("Facture", "Bonjour, je ne trouve pas ma facture. Merci\r\n")
+
+
 @pytest.mark.parametrize(
-    ("rcpt", "headers", "language"),
+    ("rcpt", "headers", "text", "language"),
     [
-        ("support@example.org", "Content-Language: fr\r\n", "fr"),
-        ("support@example.org", "Accept-Language: de-CH, de;q=0.9, en;q=0.5\r\n", "de"),
-        ("support@example.org", "Accept-Language: es\r\n", "es"),
+        ("support@example.org", "Content-Language: fr\r\n", PRINTER, "fr"),
+        ("support@example.org", "Accept-Language: de-CH, de;q=0.9, en;q=0.5\r\n", PRINTER, "de"),
+        ("support@example.org", "Accept-Language: es\r\n", PRINTER, "es"),
         # No Portuguese template: the team's language.
-        ("support@example.org", "Content-Language: pt\r\n", "en"),
-        # Billing's language is French.
-        ("billing@example.org", "", "fr"),
+        ("support@example.org", "Content-Language: pt\r\n", PRINTER, "en"),
+        # Without a header, the language the message is written in.
+        ("billing@example.org", "", PRINTER, "en"),
+        ("support@example.org", "", FRENCH, "fr"),
+        ("support@example.org", "", ("Rechnung", "Hallo, ich habe die Rechnung nicht bekommen. Danke\r\n"), "de"),
+        ("support@example.org", "", ("Factura", "Hola, no encuentro mi factura. Gracias\r\n"), "es"),
+        # A header still comes first.
+        ("support@example.org", "Content-Language: de\r\n", FRENCH, "de"),
+        # Nothing to tell the language by: billing's, which is French.
+        ("billing@example.org", "", ("INV-2025-114", "INV-2025-114\r\n"), "fr"),
     ],
 )
-async def test_acknowledgement_uses_requested_language(tmp_path: Path, start_daemon, rcpt: str, headers: str, language: str) -> None:
-    data = message(to=rcpt, extra_headers=headers)
+async def test_acknowledgement_uses_requested_language(
+    tmp_path: Path, start_daemon, rcpt: str, headers: str, text: tuple[str, str], language: str
+) -> None:
+    data = message(to=rcpt, extra_headers=headers, subject=text[0], body=text[1])
     daemon, _, ack = await acknowledge_one(tmp_path, start_daemon, "alice@example.com", data, rcpt=rcpt)
 
     assert ack["Content-Language"] == language

@@ -1,0 +1,81 @@
+"""The language of a message's text, for acknowledgements sent without a language header to go by."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from conftest import message
+
+from guardrail.language import guess_language
+from guardrail.message import body_sample
+
+SHIPPED = ("en", "fr", "de", "es")
+
+
+@pytest.mark.parametrize(
+    ("text", "candidates", "language"),
+    [
+        ("Hello, I cannot log in to my account since yesterday. Thanks for your help", SHIPPED, "en"),
+        ("Bonjour, je n'arrive plus à me connecter à mon compte depuis hier. Merci d'avance", SHIPPED, "fr"),
+        ("Guten Tag, ich kann mich seit gestern nicht mehr anmelden. Vielen Dank", SHIPPED, "de"),
+        ("Hola, desde ayer no puedo entrar en mi cuenta. Muchas gracias", SHIPPED, "es"),
+        ("Goedemorgen, ik kan sinds gisteren niet inloggen op mijn account. Bedankt", (*SHIPPED, "nl"), "nl"),
+        ("Buongiorno, non riesco ad accedere al mio account. Grazie mille", (*SHIPPED, "it"), "it"),
+        ("Olá, não consigo entrar na minha conta. Obrigado", (*SHIPPED, "pt"), "pt"),
+        ("お世話になっております。ログインできません。", (*SHIPPED, "ja"), "ja"),
+        # Capitals and accents do not matter.
+        ("BONJOUR, MERCI POUR VOTRE AIDE", SHIPPED, "fr"),
+        # An English message with a French sign-off is English.
+        ("Hi team, the invoice you sent has the wrong address and I need it fixed for our records. "
+         "Thanks! Cordialement, Marie", SHIPPED, "en"),
+        # Too little to go by.
+        ("Merci", SHIPPED, None),
+        ("INV-2025-114 / 4711", SHIPPED, None),
+        ("", SHIPPED, None),
+        # Two languages in equal measure.
+        ("Hello and thanks. Bonjour et merci.", SHIPPED, None),
+        # Only the candidates count: French text for a team without French.
+        ("Bonjour, je n'arrive plus à me connecter à mon compte. Merci", ("en", "de"), None),
+        # Kana without a Japanese template is not Japanese.
+        ("ログインできません。よろしくお願いします。", SHIPPED, None),
+        # A language that has no word list is never chosen.
+        ("Dzień dobry, nie mogę się zalogować. Dziękuję", ("pl",), None),
+    ],
+)
+def test_guess_language_table(text: str, candidates: tuple[str, ...], language: str | None) -> None:
+    assert guess_language(text, candidates) == language
+
+
+def test_guess_reads_a_bounded_number_of_words() -> None:
+    # Thousands of English words after the first 400 do not outvote the French start.
+    text = "Bonjour, merci pour votre aide avec mon compte. " * 40 + "the and you with " * 5000
+    assert guess_language(text, SHIPPED) == "fr"
+
+
+@pytest.mark.parametrize(
+    ("extra_headers", "body", "expected"),
+    [
+        ("", "Bonjour, merci.\r\n", "Bonjour, merci.\r\n"),
+        (
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n",
+            base64.encodebytes("Grüße, danke schön\r\n".encode()).decode().replace("\n", "\r\n"),
+            "Grüße, danke schön\r\n",
+        ),
+        (
+            'MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary="b"\r\n',
+            "--b\r\nContent-Type: text/html\r\n\r\n<p>Hola</p>\r\n--b\r\nContent-Type: text/plain\r\n\r\nHola, gracias\r\n--b--\r\n",
+            # The CRLF before a boundary belongs to the boundary (RFC 2046 section 5.1.1).
+            "Hola, gracias",
+        ),
+    ],
+)
+def test_body_sample_reads_the_first_text_part(extra_headers: str, body: str, expected: str) -> None:
+    assert body_sample(message(extra_headers=extra_headers, body=body)) == expected
+
+
+def test_body_sample_reads_only_the_start_of_large_mail() -> None:
+    raw = message(body="Bonjour, merci.\r\n" + ("y" * 76 + "\r\n") * 20_000)
+    sample = body_sample(raw, limit=4096)
+    assert sample.startswith("Bonjour, merci.\r\n")
+    assert len(sample) < 4096
