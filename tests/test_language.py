@@ -27,8 +27,11 @@ SHIPPED = ("en", "fr", "de", "es")
         # Capitals and accents do not matter.
         ("BONJOUR, MERCI POUR VOTRE AIDE", SHIPPED, "fr"),
         # An English message with a French sign-off is English.
-        ("Hi team, the invoice you sent has the wrong address and I need it fixed for our records. "
-         "Thanks! Cordialement, Marie", SHIPPED, "en"),
+        (
+            "Hi team, the invoice you sent has the wrong address and I need it fixed for our records. Thanks! Cordialement, Marie",
+            SHIPPED,
+            "en",
+        ),
         # Too little to go by.
         ("Merci", SHIPPED, None),
         ("INV-2025-114 / 4711", SHIPPED, None),
