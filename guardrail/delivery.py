@@ -151,6 +151,13 @@ class Transport:
         mail_options = [] if all(address.isascii() for address in addresses) else ["SMTPUTF8"]
         try:
             async with client:
+                if not data.isascii():
+                    # RFC 6152: 8-bit data goes with BODY=8BITMIME to a server that
+                    # offers it. One that does not gets it as it is, as most accept it.
+                    if client.is_ehlo_or_helo_needed:
+                        await client.ehlo()
+                    if client.supports_extension("8BITMIME"):
+                        mail_options.append("BODY=8BITMIME")
                 await client.sendmail(envelope.sender, list(envelope.recipients), data, mail_options=mail_options)
         except aiosmtplib.SMTPNotSupported as error:
             raise PermanentDeliveryError(

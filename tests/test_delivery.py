@@ -226,3 +226,43 @@ def test_trace_headers_omit_empty_values(reference: str | None, route: str | Non
         "\tfor <support@example.org>; Fri, 04 Dec 2026 20:09:59 +0000",
     ]
     assert lines[3:] == [*expected, "X-Guardrail-Loop: mx.test.example", ""]
+
+
+EIGHT_BIT_RULES = """
+[[team]]
+name = "support"
+destination = { smtp = ["team@example.net"] }
+members = [{ name = "Sam Ortiz", address = "sam@example.org" }]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+"""
+
+
+async def test_smarthost_gets_body_8bitmime_for_8bit_data(tmp_path: Path, start_daemon, sink) -> None:
+    config = write_config(
+        tmp_path, rules=EIGHT_BIT_RULES, sections={"smarthost": {"host": "127.0.0.1", "port": sink.port, "starttls": False}}
+    )
+    daemon = await start_daemon(config)
+    eight_bit = message(
+        message_id="<8bit@example.com>", body="Grüße aus Köln\r\n",
+        extra_headers="MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n",
+    )
+
+    def send_both() -> None:
+        with smtplib.SMTP("127.0.0.1", daemon.port, local_hostname="client.test.example", timeout=10) as client:
+            client.sendmail("alice@example.com", ["support@example.org"], eight_bit, mail_options=["BODY=8BITMIME"])
+            client.sendmail("bob@example.com", ["support@example.org"], message(message_id="<7bit@example.com>"))
+
+    await asyncio.to_thread(send_both)
+    await wait_until(lambda: len(sink.to("team@example.net")) == 2, what="both forwarded copies")
+
+    options = {
+        next(line for line in copy.content.splitlines() if line.startswith(b"Message-ID:")): copy.mail_options
+        for copy in sink.to("team@example.net")
+    }
+    # aiosmtplib adds SIZE= itself.
+    assert "BODY=8BITMIME" in options[b"Message-ID: <8bit@example.com>"]
+    assert not any(option.startswith("BODY=") for option in options[b"Message-ID: <7bit@example.com>"])
