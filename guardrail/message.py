@@ -111,8 +111,10 @@ def summarize(raw: bytes, *, with_body: bool = True) -> Summary:
         to=_addresses(raw_headers.get("to", ())),
         cc=_addresses(raw_headers.get("cc", ())),
         subject=_WHITESPACE.sub(" ", " ".join(headers.get("subject", ()))).strip(),
-        in_reply_to=_message_ids(headers.get("in-reply-to", ())),
-        references=_message_ids(headers.get("references", ())),
+        # Read undecoded and whole: ids need no decoding, and in a References
+        # header past HEADER_DECODE_LIMIT the newest ids come last.
+        in_reply_to=_message_ids(_undecoded(message, "in-reply-to")),
+        references=_message_ids(_undecoded(message, "references")),
         date=(headers.get("date") or ("",))[0],
         headers=headers,
         body_text=_body_text(message) if with_body else "",
@@ -270,6 +272,14 @@ def _first_address(values: tuple[str, ...]) -> tuple[str, str]:
         if "@" in address:
             return " ".join(decode_header_value(name).split()).strip('"'), address.lower()
     return "", ""
+
+
+def _undecoded(message: Message, name: str) -> tuple[str, ...]:
+    """Return the values of header `name` as received, with surrogates for raw 8-bit bytes repaired."""
+    try:
+        return tuple(_repair_surrogates(str(value)) for value in message.get_all(name, ()))
+    except Exception:  # noqa: BLE001
+        return ()
 
 
 def _message_ids(values: tuple[str, ...]) -> tuple[str, ...]:

@@ -28,6 +28,13 @@ from guardrail.message import parse_addresses, summarize
         (b"Message-ID: junk <id@x> more\r\n\r\nx", "message_id", "<id@x>"),
         (b"Message-ID: no brackets\r\n\r\nx", "message_id", ""),
         (b"In-Reply-To: <a@x>\r\nReferences: <r1@x>\r\n <r2@x>\r\n\r\nx", "references", ("<r1@x>", "<r2@x>")),
+        (b"In-Reply-To: <a@x>\r\n <b@x>\r\n\r\nx", "in_reply_to", ("<a@x>", "<b@x>")),
+        # A References header longer than the decoding limit keeps its newest ids, which come last.
+        (
+            b"References: " + b"\r\n ".join(b"<r%d@example.com>" % number for number in range(5000)) + b"\r\n\r\nx",
+            "references",
+            tuple(f"<r{number}@example.com>" for number in range(5000)),
+        ),
         (b"Subject: no from at all\r\n\r\nx", "from_address", ""),
         (b"", "subject", ""),
         (b"\r\n\r\n\r\n", "subject", ""),
