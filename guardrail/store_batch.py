@@ -285,8 +285,9 @@ class BatchWriter:
         at = format_instant(submission.received_at)
         conversation = plan.conversation
         escalates_now, next_escalation_at = False, None
+        deadline = None
         if conversation is not None and plan.opens_conversation:
-            escalates_now, next_escalation_at = self._open_conversation(submission, conversation, at)
+            deadline, escalates_now, next_escalation_at = self._open_conversation(submission, conversation, at)
             by_reference[conversation.reference] = conversation
         elif conversation is not None:
             conversation = self._update_conversation(submission, plan, conversation, at)
@@ -311,6 +312,8 @@ class BatchWriter:
         if submission.machine_signal:
             detail["automatic"] = submission.machine_signal
         self._event(conversation_id, row, at, "received", detail)
+        if conversation is not None and plan.opens_conversation:
+            self._record_deadline(submission, conversation.id, deadline, at)
         self._queue_delivery(plan, conversation_id, row, at, submission.postmaster_recipient if submission.is_postmaster else "")
         if submission.postmaster_copy is not None and plan.disposition != "duplicate":
             # Outside the conversation: a failure to reach the postmaster owner
@@ -329,11 +332,11 @@ class BatchWriter:
             escalates_now=escalates_now, next_escalation_at=next_escalation_at,
         )
 
-    def _open_conversation(self, submission: Submission, conversation: KnownConversation, at: str) -> tuple[bool, datetime | None]:
+    def _open_conversation(self, submission: Submission, conversation: KnownConversation, at: str) -> tuple[str | None, bool, datetime | None]:
         """Queue the new conversation's row.
 
-        Return whether it must be escalated at once, and when it is first
-        escalated (None for never).
+        Return its deadline as stored (None for none), whether it must be
+        escalated at once, and when it is first escalated (None for never).
         """
         self._allocate("conversations")
         deadline = format_instant(submission.deadline) if submission.deadline and submission.sla_applies else None
@@ -349,11 +352,14 @@ class BatchWriter:
             "open", at, at, submission.summary.subject, submission.summary.from_address or submission.mail_from,
             json.dumps(sorted(conversation.participants)), deadline, reason, next_at,
         ))
+        return deadline, bool(reason), first
+
+    def _record_deadline(self, submission: Submission, conversation_id: int, deadline: str | None, at: str) -> None:
+        """Record the deadline a new conversation got, after its `received` event so the timeline reads in order."""
         if deadline:
-            self._event(conversation.id, None, at, "deadline_set", {"deadline": deadline})
+            self._event(conversation_id, None, at, "deadline_set", {"deadline": deadline})
         elif not submission.sla_applies:
-            self._event(conversation.id, None, at, "no_deadline", {"reason": "automated message"})
-        return bool(reason), first
+            self._event(conversation_id, None, at, "no_deadline", {"reason": "automated message"})
 
     def _update_conversation(self, submission: Submission, plan: Plan, conversation: KnownConversation, at: str) -> KnownConversation:
         participants = conversation.participants | plan.participants_added

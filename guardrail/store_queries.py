@@ -25,6 +25,10 @@ _CONVERSATION_COLUMNS = (
 )
 
 
+# Event detail keys whose values are instants stored in format_instant's text.
+_INSTANT_DETAILS = ("deadline",)
+
+
 @dataclass(frozen=True)
 class OutboxDepth:
     """How much outbox work is waiting."""
@@ -115,6 +119,9 @@ async def _timeline(store: Store, conversation_id: int) -> list[dict[str, Any]]:
     timeline = []
     for at, kind, detail_text, message_row in events:
         detail = json.loads(detail_text)
+        for key in _INSTANT_DETAILS:
+            if isinstance(detail.get(key), str):
+                detail[key] = _instant(detail[key])
         if kind in ("ack_queued", "ack_suppressed") and message_row in acknowledgements:
             timeline.append(_acknowledgement(acknowledgements[message_row]))
             continue

@@ -433,10 +433,11 @@ async def test_timeline_shows_whole_history(tmp_path: Path, start_daemon, client
     assert body["escalation_level"] == 1
     timeline = body["timeline"]
     assert [entry["kind"] for entry in timeline] == [
-        "deadline_set", "received", "acknowledgement", "delivered", "delivered", "escalated", "delivered", "answered",
+        "received", "deadline_set", "acknowledgement", "delivered", "delivered", "escalated", "delivered", "answered",
     ]
-    deadline_set, received, acknowledgement, first_delivery, second_delivery, escalated, third_delivery, answer = timeline
-    assert deadline_set["detail"] == {"deadline": "2025-11-17T11:00:00.000000Z"}
+    received, deadline_set, acknowledgement, first_delivery, second_delivery, escalated, third_delivery, answer = timeline
+    assert deadline_set["at"] == "2025-11-17T10:00:00+00:00"
+    assert deadline_set["detail"] == {"deadline": "2025-11-17T11:00:00+00:00"}
     assert received["at"] == "2025-11-17T10:00:00+00:00"
     assert received["detail"]["route"] == "default"
     assert received["detail"]["team"] == "support"
