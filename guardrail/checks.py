@@ -3,7 +3,8 @@
 Loading already rejects what cannot work (errors). These find what works
 but is probably wrong: routes that can never match, route patterns that can
 backtrack catastrophically, templates missing a shipped language, teams
-nobody staffs soon, rules nobody has inspected.
+nobody staffs soon, rules nobody has inspected, teams removed while
+conversations of theirs are still open.
 """
 
 from __future__ import annotations
@@ -144,6 +145,20 @@ def missing_languages(rules: RuleSet) -> list[Finding]:
         if name and missing and name not in reported:
             reported.add(name)
             findings.append(Finding("warning", f"template {name}", f"has no {', '.join(missing)} variant"))
+    return findings
+
+
+def removed_team_findings(rules: RuleSet, open_by_team: dict[str, int]) -> list[Finding]:
+    """Return a warning for each team that has open conversations in the database but is missing from `rules`."""
+    findings = []
+    for team, count in sorted(open_by_team.items()):
+        if team in rules.teams or count == 0:
+            continue
+        findings.append(Finding(
+            "warning", f"team {team}",
+            f"removed from the rules but has {count} open conversation(s); their follow-ups are routed again"
+            " by the current rules, and their escalations go to the fallback human",
+        ))
     return findings
 
 

@@ -682,6 +682,8 @@ class IntakeHandler:
             deadline=outcome.deadline.isoformat() if outcome.deadline else None,
             elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
         )
+        if outcome.moved_from:
+            log.warning("conversation_team_changed", from_team=outcome.moved_from, reason="team removed from the rules")
         self.metrics.messages_accepted.labels(outcome.disposition).inc()
         self.metrics.messages_routed.labels(outcome.route or "none").inc()
         if outcome.ack_decision == "sent":

@@ -84,6 +84,10 @@ class Submission:
     # The first postmaster recipient, which the Received header of the
     # owner's copy names, or "" when postmaster was not a recipient.
     postmaster_recipient: str = ""
+    # The teams of the rules the message was routed by. A follow-up whose
+    # conversation's team is not among them takes this message's route, team
+    # and destination. None keeps every conversation's team.
+    team_names: frozenset[str] | None = None
 
     @cached_property
     def dedupe_key(self) -> str:
@@ -143,6 +147,7 @@ class Plan:
     answers: bool = False
     ack_decision: str = ""  # "sent", "suppressed" or "" when none was considered
     ack_signal: str = ""
+    moved_from: str = ""  # the conversation's former team, when it no longer exists in the rules
 
 
 def plan_submission(
@@ -177,18 +182,7 @@ def plan_submission(
         submission.thread_ids, tagged, submission.sender_addresses, by_message_id, by_reference
     )
     if known is not None:
-        return Plan(
-            "loop" if submission.is_loop else "follow_up",
-            conversation=known,
-            thread_reason=reason,
-            route=known.route,
-            team=known.team,
-            destination=known.destination,
-            participants_added=submission.sender_addresses - known.participants,
-            answers=known.state == "open" and submission.is_staff and not submission.machine_signal,
-            ack_decision="suppressed",
-            ack_signal="follow-up in an existing conversation",
-        )
+        return _plan_follow_up(submission, known, reason)
     decision, signal = decide_acknowledgement(submission, acks_in_window, ack_limit)
     return Plan(
         "loop" if submission.is_loop else "new",
@@ -200,6 +194,38 @@ def plan_submission(
         ack_decision=decision,
         ack_signal=signal,
     )
+
+
+def _plan_follow_up(submission: Submission, known: KnownConversation, reason: str) -> Plan:
+    """Return the plan of a message that joins `known`.
+
+    A follow-up of a conversation whose team was removed from the rules is
+    routed as a new message would be, and the conversation moves to that team.
+    """
+    moved = is_team_removed(known.team, submission.team_names)
+    joining = submission.sender_addresses
+    route, team, destination = known.route, known.team, known.destination
+    if moved:
+        joining = joining | submission.team_members
+        route, team, destination = submission.route, submission.team, submission.destination
+    return Plan(
+        "loop" if submission.is_loop else "follow_up",
+        conversation=known,
+        thread_reason=reason,
+        route=route,
+        team=team,
+        destination=destination,
+        participants_added=joining - known.participants,
+        answers=known.state == "open" and submission.is_staff and not submission.machine_signal,
+        ack_decision="suppressed",
+        ack_signal="follow-up in an existing conversation",
+        moved_from=known.team if moved else "",
+    )
+
+
+def is_team_removed(team: str, team_names: frozenset[str] | None) -> bool:
+    """Return True when `team` is missing from `team_names`, the teams of the current rules; False when those are unknown (None)."""
+    return team_names is not None and team not in team_names
 
 
 RATE_LIMIT_SIGNAL = "rate limit"

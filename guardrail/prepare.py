@@ -175,6 +175,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         # postmaster beside an inbox gets a copy while the inbox's is routed.
         postmaster_copy=owner,
         postmaster_recipient=postmasters[0] if postmasters else "",
+        team_names=frozenset(rules.teams),
     )
 
 

@@ -174,6 +174,16 @@ def record_inspection(
         )
 
 
+def open_conversations_by_team(path: Path, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> dict[str, int]:
+    """Return how many conversations await an answer, by team."""
+    # Tables may be missing, as for `inspections`, so that `guardrail check` reads any file the daemon accepts.
+    with connect(path, busy_timeout=busy_timeout, require_tables=False) as connection:
+        if not connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'conversations'").fetchone():
+            return {}
+        rows = connection.execute("SELECT team, COUNT(*) FROM conversations WHERE state = 'open' GROUP BY team").fetchall()
+    return {team: count for team, count in rows}
+
+
 @dataclass(frozen=True)
 class StoredMessage:
     row: int

@@ -171,6 +171,7 @@ class Outcome:
     route: str = ""
     destination: Destination | None = None
     thread_reason: str = ""
+    moved_from: str = ""  # the conversation's former team, when the message moved it to `team`
     ack_decision: str = ""
     ack_signal: str = ""
     ack_limit_reached: bool = False  # True only for the first suppression in a window
@@ -324,7 +325,7 @@ class BatchWriter:
         ack_problem = self._record_acknowledgement(submission, plan, conversation, row, at, by_message_id)
         return Outcome(
             plan.disposition, row, conversation_id, conversation.reference if conversation else "",
-            plan.team, plan.route, plan.destination, plan.thread_reason,
+            plan.team, plan.route, plan.destination, plan.thread_reason, plan.moved_from,
             ack_decision=plan.ack_decision, ack_signal=plan.ack_signal,
             ack_limit_reached=plan.ack_signal == RATE_LIMIT_SIGNAL and first_warning,
             ack_problem=ack_problem, answered=plan.answers,
@@ -365,9 +366,14 @@ class BatchWriter:
         participants = conversation.participants | plan.participants_added
         state = "answered" if plan.answers else conversation.state
         updated = KnownConversation(
-            conversation.id, conversation.reference, conversation.route, conversation.team,
-            participants, conversation.destination, state,
+            conversation.id, conversation.reference, plan.route, plan.team, participants, plan.destination, state,
         )
+        if plan.moved_from:
+            destination = json.dumps(plan.destination.to_record()) if plan.destination else None
+            self.rows["moves"].append((plan.route, plan.team, destination, at, conversation.id))
+            self._event(conversation.id, None, at, "team_changed", {
+                "from": plan.moved_from, "to": plan.team, "route": plan.route, "reason": "team removed from the rules",
+            })
         if plan.participants_added:
             self.rows["participants"].append((json.dumps(sorted(participants)), at, conversation.id))
         if plan.answers:
@@ -641,6 +647,7 @@ _STATEMENTS = {
         " subject, customer, participants, deadline, escalation_reason, next_escalation_at)"
         " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
     ),
+    "moves": "UPDATE conversations SET route = ?, team = ?, destination = ?, updated_at = ? WHERE id = ?",
     "participants": "UPDATE conversations SET participants = ?, updated_at = ? WHERE id = ?",
     "answers": (
         "UPDATE conversations SET state = 'answered', answered_at = ?, answered_by = ?, updated_at = ?,"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from conftest import maildir_messages, message, send, wait_until, write_config
+from structlog.testing import capture_logs
 
+from guardrail.checks import removed_team_findings
 from guardrail.config import load_config
 from guardrail.conversations import (
     KnownConversation,
@@ -17,8 +20,9 @@ from guardrail.conversations import (
     new_reference,
 )
 from guardrail.daemon import load_ruleset
-from guardrail.plan import Submission
+from guardrail.plan import Submission, is_team_removed
 from guardrail.prepare import Envelope, Site, prepare_message
+from guardrail.store_admin import open_conversations_by_team
 
 NOW = datetime(2025, 11, 4, 9, 0, tzinfo=UTC)
 KNOWN = KnownConversation(7, "GR-7K3M9Q", "default", "support", frozenset({"alice@example.com"}), None)
@@ -167,3 +171,72 @@ async def test_long_references_thread_by_newest_ids(tmp_path: Path, start_daemon
     reply = message(message_id="<child@example.com>", extra_headers=f"References: {folded}\r\n")
     await send(daemon.port, "alice@example.com", ["support@example.org"], reply)
     assert rows(daemon.config.database_path, "SELECT disposition FROM messages ORDER BY id") == [("new",), ("follow_up",)]
+
+
+@pytest.mark.parametrize(
+    ("team", "team_names", "removed"),
+    [
+        ("frontdesk", frozenset({"frontdesk", "support"}), False),
+        ("frontdesk", frozenset({"support"}), True),
+        ("frontdesk", frozenset(), True),
+        # Without the current teams every conversation keeps its team.
+        ("frontdesk", None, False),
+    ],
+)
+def test_is_team_removed_table(team: str, team_names: frozenset[str] | None, removed: bool) -> None:
+    assert is_team_removed(team, team_names) is removed
+
+
+FRONTDESK_RULES = """
+[[team]]
+name = "frontdesk"
+destination = { maildir = "var/maildir/frontdesk" }
+
+[[team]]
+name = "support"
+destination = { maildir = "var/maildir/support" }
+members = [{ name = "Sam Ortiz", address = "sam@example.org" }]
+
+[[route]]
+name = "default"
+team = "frontdesk"
+default = true
+"""
+
+WITHOUT_FRONTDESK = FRONTDESK_RULES.replace(
+    '[[team]]\nname = "frontdesk"\ndestination = { maildir = "var/maildir/frontdesk" }\n', ""
+).replace('team = "frontdesk"', 'team = "support"')
+
+
+async def test_follow_up_of_removed_team_is_routed_again(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path, rules=FRONTDESK_RULES))
+    database = daemon.config.database_path
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<printer-3@example.com>"))
+    (tmp_path / "rules" / "rules.toml").write_text(WITHOUT_FRONTDESK)
+    assert daemon.reload() is True
+    (before,) = removed_team_findings(daemon.rules, open_conversations_by_team(database))
+
+    reply = message(subject="Re: Printer on floor 3 jams", message_id="<r1@example.com>",
+                    extra_headers="In-Reply-To: <printer-3@example.com>\r\n")
+    with capture_logs() as events:
+        await send(daemon.port, "alice@example.com", ["support@example.org"], reply)
+
+    assert rows(database, "SELECT message_id, disposition, team, conversation_id FROM messages ORDER BY id") == [
+        ("<printer-3@example.com>", "new", "frontdesk", 1),
+        ("<r1@example.com>", "follow_up", "support", 1),
+    ]
+    ((team, route, destination, participants),) = rows(database, "SELECT team, route, destination, participants FROM conversations")
+    assert team == "support"
+    assert route == "default"
+    assert json.loads(destination)["maildir"].endswith("var/maildir/support")
+    assert "sam@example.org" in json.loads(participants)
+    ((detail,),) = rows(database, "SELECT detail FROM events WHERE kind = 'team_changed'")
+    assert json.loads(detail) == {"from": "frontdesk", "to": "support", "route": "default", "reason": "team removed from the rules"}
+    (warning,) = [event for event in events if event["event"] == "conversation_team_changed"]
+    assert warning["log_level"] == "warning"
+    assert warning["from_team"] == "frontdesk"
+    support = tmp_path / "var" / "maildir" / "support"
+    await wait_until(lambda: len(maildir_messages(support)) == 1, what="the follow-up in the new team's maildir")
+    assert len(maildir_messages(tmp_path / "var" / "maildir" / "frontdesk")) == 1
+    assert str(before).startswith("warning: team frontdesk: removed from the rules but has 1 open conversation(s)")
+    assert removed_team_findings(daemon.rules, open_conversations_by_team(database)) == []
