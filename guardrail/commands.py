@@ -287,13 +287,21 @@ def status(arguments: argparse.Namespace) -> int:
     print("open conversations by team (overdue):")
     for team, count, overdue in figures["open_by_team"] or [("-", 0, 0)]:
         print(f"  {team:20} {count:6} ({overdue or 0} overdue)")
-    print("overdue:")
+    # Sections without rows print no heading.
+    if figures["no_reply_by_team"]:
+        print("no reply needed (machine and loop mail) by team:")
+    for team, count in figures["no_reply_by_team"]:
+        print(f"  {team:20} {count:6}")
+    if figures["overdue"]:
+        print("overdue:")
     for reference, team, deadline, level, subject in figures["overdue"]:
         print(f"  {reference} {team:12} due {deadline} escalation level {level}: {subject[:60]}")
-    print("next deadlines:")
+    if figures["next_deadlines"]:
+        print("next deadlines:")
     for reference, team, deadline, subject in figures["next_deadlines"]:
         print(f"  {reference} {team:12} due {deadline}: {subject[:60]}")
-    print("routes (received, answered, median first response):")
+    if figures["routes"]:
+        print("routes (received, answered, median first response):")
     durations: dict[str, list[float]] = {}
     for route_name, opened, answered in figures["response_times"]:
         durations.setdefault(route_name, []).append((answered - opened).total_seconds())

@@ -56,7 +56,7 @@ class Metrics:
         self.outbox_oldest_age = Gauge(
             "guardrail_outbox_oldest_age_seconds", "Age of the oldest pending outbox row", registry=registry
         )
-        self.open_conversations = Gauge("guardrail_open_conversations", "Conversations not yet answered", registry=registry)
+        self.open_conversations = Gauge("guardrail_open_conversations", "Conversations awaiting an answer, without those that need no reply", registry=registry)
 
     def set_rules(self, digest: str) -> None:
         self.rules.info({"hash": digest})

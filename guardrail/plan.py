@@ -148,6 +148,7 @@ class Plan:
     ack_decision: str = ""  # "sent", "suppressed" or "" when none was considered
     ack_signal: str = ""
     moved_from: str = ""  # the conversation's former team, when it no longer exists in the rules
+    starts_clock: bool = False  # a person wrote to a conversation that needed no reply so far
 
 
 def plan_submission(
@@ -208,6 +209,9 @@ def _plan_follow_up(submission: Submission, known: KnownConversation, reason: st
     if moved:
         joining = joining | submission.team_members
         route, team, destination = submission.route, submission.team, submission.destination
+    # NOTE: a clock started here uses the deadline and escalation computed for
+    # the message's own route, which differs from the conversation's when the
+    # rules route the follow-up to another team.
     return Plan(
         "loop" if submission.is_loop else "follow_up",
         conversation=known,
@@ -220,7 +224,16 @@ def _plan_follow_up(submission: Submission, known: KnownConversation, reason: st
         ack_decision="suppressed",
         ack_signal="follow-up in an existing conversation",
         moved_from=known.team if moved else "",
+        starts_clock=known.state == "no_reply_needed" and is_reply_expected(submission) and not submission.is_staff,
     )
+
+
+def is_reply_expected(submission: Submission) -> bool:
+    """Return True when `submission` is a person's message, so the conversation it opens or joins awaits a reply.
+
+    Machine mail and our own mail coming back (loop messages) need none.
+    """
+    return submission.sla_applies and not submission.is_loop
 
 
 def is_team_removed(team: str, team_names: frozenset[str] | None) -> bool:

@@ -239,6 +239,9 @@ def status_rows(path: Path, now: datetime, *, busy_timeout: timedelta = BUSY_TIM
             " WHERE state = 'open' GROUP BY team ORDER BY team",
             (instant,),
         ).fetchall()
+        no_reply_by_team = connection.execute(
+            "SELECT team, COUNT(*) FROM conversations WHERE state = 'no_reply_needed' GROUP BY team ORDER BY team"
+        ).fetchall()
         next_deadlines = connection.execute(
             "SELECT reference, team, deadline, subject FROM conversations"
             " WHERE state = 'open' AND deadline IS NOT NULL AND deadline >= ? ORDER BY deadline LIMIT 10",
@@ -257,6 +260,7 @@ def status_rows(path: Path, now: datetime, *, busy_timeout: timedelta = BUSY_TIM
         ).fetchall()
     return {
         "open_by_team": open_by_team,
+        "no_reply_by_team": no_reply_by_team,
         "next_deadlines": next_deadlines,
         "overdue": overdue,
         "routes": routes,

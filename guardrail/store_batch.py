@@ -11,7 +11,7 @@ import json
 import sqlite3
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,6 +25,7 @@ from .plan import (
     RATE_LIMIT_SIGNAL,
     Plan,
     Submission,
+    is_reply_expected,
     opening_participants,
     plan_submission,
 )
@@ -207,6 +208,37 @@ class ManualAnswer:
     at: datetime
 
 
+@dataclass
+class _ConversationChange:
+    """What a message does to its conversation, for the Outcome and for the events written after `received`."""
+
+    conversation: KnownConversation | None
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    deadline: datetime | None = None
+    escalates_now: bool = False
+    next_escalation_at: datetime | None = None  # the first escalation, when the message started the SLA clock
+
+
+def _start_clock(submission: Submission, change: _ConversationChange) -> tuple[str | None, str, datetime | None]:
+    """Fill `change` for an SLA clock that starts with `submission`.
+
+    Return the deadline as stored (None for none), the unstaffed reason ("" for
+    a staffed team) and when the conversation is first escalated (None for never).
+    """
+    deadline = format_instant(submission.deadline) if submission.deadline else None
+    reason, first = "", None
+    if submission.unstaffed:
+        reason, first = submission.unstaffed, submission.received_at
+    elif deadline and submission.first_escalation_at:
+        first = submission.first_escalation_at
+    if deadline:
+        change.events.append(("deadline_set", {"deadline": deadline}))
+    change.deadline = submission.deadline
+    change.escalates_now = bool(reason)
+    change.next_escalation_at = first
+    return deadline, reason, first
+
+
 class BatchWriter:
     """Collects the rows of one transaction and writes them with executemany."""
 
@@ -284,14 +316,13 @@ class BatchWriter:
             return Outcome("duplicate")
 
         at = format_instant(submission.received_at)
-        conversation = plan.conversation
-        escalates_now, next_escalation_at = False, None
-        deadline = None
-        if conversation is not None and plan.opens_conversation:
-            deadline, escalates_now, next_escalation_at = self._open_conversation(submission, conversation, at)
-            by_reference[conversation.reference] = conversation
-        elif conversation is not None:
-            conversation = self._update_conversation(submission, plan, conversation, at)
+        change = _ConversationChange(plan.conversation)
+        if plan.conversation is not None and plan.opens_conversation:
+            change = self._open_conversation(submission, plan.conversation, at)
+        elif plan.conversation is not None:
+            change = self._update_conversation(submission, plan, plan.conversation, at)
+        conversation = change.conversation
+        if conversation is not None:
             by_reference[conversation.reference] = conversation
 
         row = self._allocate("messages")
@@ -313,8 +344,8 @@ class BatchWriter:
         if submission.machine_signal:
             detail["automatic"] = submission.machine_signal
         self._event(conversation_id, row, at, "received", detail)
-        if conversation is not None and plan.opens_conversation:
-            self._record_deadline(submission, conversation.id, deadline, at)
+        for kind, change_detail in change.events:
+            self._event(conversation_id, None, at, kind, change_detail)
         self._queue_delivery(plan, conversation_id, row, at, submission.postmaster_recipient if submission.is_postmaster else "")
         if submission.postmaster_copy is not None and plan.disposition != "duplicate":
             # Outside the conversation: a failure to reach the postmaster owner
@@ -329,58 +360,56 @@ class BatchWriter:
             ack_decision=plan.ack_decision, ack_signal=plan.ack_signal,
             ack_limit_reached=plan.ack_signal == RATE_LIMIT_SIGNAL and first_warning,
             ack_problem=ack_problem, answered=plan.answers,
-            deadline=submission.deadline if plan.opens_conversation else None,
-            escalates_now=escalates_now, next_escalation_at=next_escalation_at,
+            deadline=change.deadline, escalates_now=change.escalates_now, next_escalation_at=change.next_escalation_at,
         )
 
-    def _open_conversation(self, submission: Submission, conversation: KnownConversation, at: str) -> tuple[str | None, bool, datetime | None]:
-        """Queue the new conversation's row.
-
-        Return its deadline as stored (None for none), whether it must be
-        escalated at once, and when it is first escalated (None for never).
-        """
+    def _open_conversation(self, submission: Submission, conversation: KnownConversation, at: str) -> _ConversationChange:
+        """Queue the new conversation's row, in state open when the message expects a reply, else no_reply_needed."""
         self._allocate("conversations")
-        deadline = format_instant(submission.deadline) if submission.deadline and submission.sla_applies else None
-        reason, first = "", None
-        if submission.sla_applies and submission.unstaffed and not submission.is_loop:
-            reason, first = submission.unstaffed, submission.received_at
-        elif deadline and submission.first_escalation_at and not submission.is_loop:
-            first = submission.first_escalation_at
-        next_at = format_instant(first) if first else None
+        change = _ConversationChange(conversation)
+        state = "no_reply_needed"
+        deadline, reason, first = None, "", None
+        if is_reply_expected(submission):
+            state = "open"
+            deadline, reason, first = _start_clock(submission, change)
+        elif submission.is_loop:
+            change.events.append(("no_deadline", {"reason": "our own mail came back"}))
+        else:
+            change.events.append(("no_deadline", {"reason": "automated message"}))
         self.rows["conversations"].append((
             conversation.id, conversation.reference, conversation.route, conversation.team,
             json.dumps(conversation.destination.to_record()) if conversation.destination else None,
-            "open", at, at, submission.summary.subject, submission.summary.from_address or submission.mail_from,
-            json.dumps(sorted(conversation.participants)), deadline, reason, next_at,
+            state, at, at, submission.summary.subject, submission.summary.from_address or submission.mail_from,
+            json.dumps(sorted(conversation.participants)), deadline, reason, format_instant(first) if first else None,
         ))
-        return deadline, bool(reason), first
+        return change
 
-    def _record_deadline(self, submission: Submission, conversation_id: int, deadline: str | None, at: str) -> None:
-        """Record the deadline a new conversation got, after its `received` event so the timeline reads in order."""
-        if deadline:
-            self._event(conversation_id, None, at, "deadline_set", {"deadline": deadline})
-        elif not submission.sla_applies:
-            self._event(conversation_id, None, at, "no_deadline", {"reason": "automated message"})
-
-    def _update_conversation(self, submission: Submission, plan: Plan, conversation: KnownConversation, at: str) -> KnownConversation:
+    def _update_conversation(self, submission: Submission, plan: Plan, conversation: KnownConversation, at: str) -> _ConversationChange:
         participants = conversation.participants | plan.participants_added
-        state = "answered" if plan.answers else conversation.state
-        updated = KnownConversation(
+        state = conversation.state
+        if plan.answers:
+            state = "answered"
+        elif plan.starts_clock:
+            state = "open"
+        change = _ConversationChange(KnownConversation(
             conversation.id, conversation.reference, plan.route, plan.team, participants, plan.destination, state,
-        )
+        ))
         if plan.moved_from:
             destination = json.dumps(plan.destination.to_record()) if plan.destination else None
             self.rows["moves"].append((plan.route, plan.team, destination, at, conversation.id))
-            self._event(conversation.id, None, at, "team_changed", {
+            change.events.append(("team_changed", {
                 "from": plan.moved_from, "to": plan.team, "route": plan.route, "reason": "team removed from the rules",
-            })
+            }))
         if plan.participants_added:
             self.rows["participants"].append((json.dumps(sorted(participants)), at, conversation.id))
+        if plan.starts_clock:
+            deadline, reason, first = _start_clock(submission, change)
+            self.rows["clock_starts"].append((deadline, reason, format_instant(first) if first else None, at, conversation.id))
         if plan.answers:
             sender = submission.summary.from_address or submission.mail_from
             self.rows["answers"].append((at, sender, at, conversation.id))
-            self._event(conversation.id, None, at, "answered", {"by": sender})
-        return updated
+            change.events.append(("answered", {"by": sender}))
+        return change
 
     def _queue_delivery(self, plan: Plan, conversation_id: int | None, row: int, at: str, received_for: str) -> None:
         """Queue delivery to the plan's destination. Its Received header names `received_for` when that is set."""
@@ -649,6 +678,10 @@ _STATEMENTS = {
     ),
     "moves": "UPDATE conversations SET route = ?, team = ?, destination = ?, updated_at = ? WHERE id = ?",
     "participants": "UPDATE conversations SET participants = ?, updated_at = ? WHERE id = ?",
+    "clock_starts": (
+        "UPDATE conversations SET state = 'open', deadline = ?, escalation_reason = ?, next_escalation_at = ?,"
+        " updated_at = ? WHERE id = ? AND state = 'no_reply_needed'"
+    ),
     "answers": (
         "UPDATE conversations SET state = 'answered', answered_at = ?, answered_by = ?, updated_at = ?,"
         " next_escalation_at = NULL WHERE id = ? AND state = 'open'"
@@ -667,11 +700,16 @@ _STATEMENTS = {
         "UPDATE outbox SET state = ?, attempts = ?, next_attempt_at = ?, done_at = ?, last_error = ? WHERE id = ?"
     ),
     # A permanent delivery failure escalates at once, unless the conversation
-    # was already escalated as unstaffed or is answered.
+    # was already escalated as unstaffed or is answered. A conversation that
+    # needed no reply becomes open, because someone must now act on it.
+    # SQLite computes every SET expression from the row as it was before.
     "failed_conversations": (
         "UPDATE conversations SET delivery_failed = 1, updated_at = ?,"
-        " escalation_reason = CASE WHEN escalation_reason = '' AND state = 'open' THEN ? ELSE escalation_reason END,"
-        " next_escalation_at = CASE WHEN escalation_reason = '' AND state = 'open' THEN ? ELSE next_escalation_at END"
+        " escalation_reason = CASE WHEN escalation_reason = '' AND state IN ('open', 'no_reply_needed')"
+        " THEN ? ELSE escalation_reason END,"
+        " next_escalation_at = CASE WHEN escalation_reason = '' AND state IN ('open', 'no_reply_needed')"
+        " THEN ? ELSE next_escalation_at END,"
+        " state = CASE WHEN state = 'no_reply_needed' THEN 'open' ELSE state END"
         " WHERE id = ?"
     ),
     "escalation_updates": (

@@ -17,7 +17,8 @@ from typing import Any
 from .clock import parse_instant
 from .store import Store
 
-CONVERSATION_STATES = ("open", "answered")
+# open: awaits the team's answer; no_reply_needed: opened by machine mail or a loop message.
+CONVERSATION_STATES = ("open", "answered", "no_reply_needed")
 
 _CONVERSATION_COLUMNS = (
     "id, reference, state, team, route, subject, customer, opened_at, deadline, answered_at, answered_by,"

@@ -193,6 +193,24 @@ async def test_status_shows_open_and_overdue(tmp_path: Path, start_daemon, capsy
     assert "New question" in output.split("next deadlines:")[1]
 
 
+async def test_status_lists_machine_mail_apart(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    daemon = await start_daemon(config)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(subject="Question", message_id="<q@x>"))
+    for index, header in enumerate(["Auto-Submitted: auto-replied", "List-Id: <news.example.net>", "Precedence: bulk"]):
+        machine = message(subject=f"Machine {index}", message_id=f"<machine-{index}@x>", extra_headers=f"{header}\r\n")
+        await send(daemon.port, "robot@example.net", ["support@example.org"], machine)
+    capsys.readouterr()
+
+    assert await asyncio.to_thread(main, ["status", "--config", str(config)]) == 0
+    output = capsys.readouterr().out
+    assert "support                   1 (0 overdue)" in output
+    no_reply = output.split("no reply needed (machine and loop mail) by team:\n")[1]
+    assert no_reply.startswith("  support                   3\n")
+    assert "overdue:" not in output
+    assert "next deadlines:\n" in output
+
+
 async def test_read_commands_quote_database_path(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
     # "?" and "#" end the path of an SQLite URI, and an unquoted "%41" would be read as "A".
     database = tmp_path / "db ?#%41 copy" / "guardrail.db"

@@ -300,3 +300,29 @@ async def test_machine_mail_never_escalates(tmp_path: Path, start_daemon, header
     assert escalations(tmp_path) == []
     _, _, level = await conversation_row(daemon, "<m1@example.com>")
     assert level == 0
+    assert await daemon.store.fetch_all("SELECT state FROM conversations") == [("no_reply_needed",)]
+
+
+async def test_person_joining_machine_mail_starts_clock(tmp_path: Path, start_daemon) -> None:
+    daemon, clock = await start_at(tmp_path, start_daemon, one_team_rules("support", "paris-24x7", "1h"), "2025-11-04T10:00:00Z")
+    await receive(daemon, clock, subject="Nightly backup report", extra_headers="Auto-Submitted: auto-generated\r\n")
+    await move_to(daemon, clock, utc("2025-11-04T10:30:00Z"))
+    # A team member's reply to machine mail answers nothing and starts no clock.
+    await send(daemon.port, "sam@example.org", ["support@example.org"], message(
+        sender="Sam Ortiz <sam@example.org>", subject="Re: Nightly backup report", message_id="<sam-1@example.org>",
+        extra_headers="In-Reply-To: <m1@example.com>\r\n",
+    ))
+    staff_reply = await daemon.store.fetch_all("SELECT state, deadline, answered_at FROM conversations")
+
+    await receive(daemon, clock, message_id="<m2@example.com>", subject="Re: Nightly backup report",
+                  extra_headers="In-Reply-To: <m1@example.com>\r\n")
+
+    assert staff_reply == [("no_reply_needed", None, None)]
+    rows = await daemon.store.fetch_all("SELECT state, deadline, next_escalation_at FROM conversations")
+    assert rows == [("open", stored("2025-11-04T11:30:00Z"), stored("2025-11-04T11:30:00Z"))]
+    events = await daemon.store.fetch_all("SELECT kind FROM events WHERE kind IN ('no_deadline', 'deadline_set') ORDER BY id")
+    assert [row[0] for row in events] == ["no_deadline", "deadline_set"]
+    await move_to(daemon, clock, utc("2025-11-04T11:29:00Z"))
+    assert escalations(tmp_path) == []
+    await move_to(daemon, clock, utc("2025-11-04T11:30:00Z"))
+    assert len(escalations(tmp_path)) == 1

@@ -192,3 +192,23 @@ async def test_checkpointer_copies_committed_pages_into_the_database_file(tmp_pa
         assert store.checkpointer.checkpoints >= 1
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("header", ["", "Auto-Submitted: auto-generated\r\n"], ids=["person", "machine"])
+async def test_failed_delivery_escalates_any_unanswered(tmp_path: Path, header: str) -> None:
+    config = load_config(write_config(tmp_path))
+    envelope = Envelope("robot@example.net", ("support@example.org",), "[127.0.0.1]:40000", "client")
+    raw = message(message_id="<report@example.net>", extra_headers=header)
+    prepared = prepare_message(envelope, raw, load_ruleset(config), Site.from_config(config), NOW)
+    assert isinstance(prepared, Submission)
+    store = await Store.open(tmp_path / "store.db")
+    try:
+        outcome = await store.accept(prepared)
+        ((outbox_id,),) = await store.fetch_all("SELECT id FROM outbox WHERE kind = 'deliver'")
+        await store.record_attempt(AttemptResult(outbox_id, outcome.conversation_id, outcome.message_row, NOW, "failed", 1, error="550 no such mailbox"))
+        rows = await store.fetch_all("SELECT state, delivery_failed, next_escalation_at FROM conversations")
+    finally:
+        await store.close()
+
+    # The team never got the message, so someone must act on it even when it needed no reply.
+    assert rows == [("open", 1, "2026-03-02T09:30:00.000000Z")]
