@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import pidfile, store_admin
-from .checks import Finding, check_rules
+from .checks import Finding, check_rules, removed_team_findings
 from .config import Config, load_config
 from .errors import ConfigError, ConfigErrors, DatabaseFileError
 from .harness import evaluate, run_case
@@ -96,6 +96,7 @@ def check(arguments: argparse.Namespace) -> int:
     if config is not None and rules is not None:
         try:
             inspections = store_admin.inspections(config.database_path, busy_timeout=config.busy_timeout)
+            open_by_team = store_admin.open_conversations_by_team(config.database_path, busy_timeout=config.busy_timeout)
         except DatabaseFileError as error:
             errors.append(ConfigError(config.path, "database.path", str(error)))
         except sqlite3.DatabaseError as error:
@@ -103,6 +104,7 @@ def check(arguments: argparse.Namespace) -> int:
             errors.append(ConfigError(config.path, "database.path", f"cannot read {config.database_path}: {error}"))
         else:
             findings = check_rules(rules, datetime.now(timezone.utc), inspections, inspection_max_age=config.inspection_max_age)
+            findings += removed_team_findings(rules, open_by_team)
     findings = [Finding("error", str(error.path), f"{error.key}: {error.problem}" if error.key else error.problem) for error in errors] + findings
     has_errors = any(finding.level == "error" for finding in findings)
     status = EXIT_OK

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from datetime import UTC, datetime
@@ -12,6 +13,7 @@ from conftest import maildir_messages, message, send, wait_until, write_config
 from structlog.testing import capture_logs
 
 from guardrail.checks import removed_team_findings
+from guardrail.cli import main
 from guardrail.config import load_config
 from guardrail.conversations import (
     KnownConversation,
@@ -240,3 +242,15 @@ async def test_follow_up_of_removed_team_is_routed_again(tmp_path: Path, start_d
     assert len(maildir_messages(tmp_path / "var" / "maildir" / "frontdesk")) == 1
     assert str(before).startswith("warning: team frontdesk: removed from the rules but has 1 open conversation(s)")
     assert removed_team_findings(daemon.rules, open_conversations_by_team(database)) == []
+
+
+async def test_check_warns_of_removed_team(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, rules=FRONTDESK_RULES)
+    daemon = await start_daemon(config)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<printer-3@example.com>"))
+    (tmp_path / "rules" / "rules.toml").write_text(WITHOUT_FRONTDESK)
+
+    status = await asyncio.to_thread(main, ["check", "--config", str(config)])
+
+    assert status == 1
+    assert "warning: team frontdesk: removed from the rules but has 1 open conversation(s)" in capsys.readouterr().err
