@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("reference", metavar="REF", help="the conversation reference, such as GR-7K3M9Q")
     answer.add_argument("--by", default=os.environ.get("USER") or "operator", metavar="NAME",
                         help="who answered, recorded on the conversation (default: $USER, or operator when it is unset or empty)")
-    sub.add_parser("reload", help="validate the rules, then tell the running daemon to load them (SIGHUP)")
+    sub.add_parser("reload", help="validate the config and rules, then tell the running daemon to load the rules (SIGHUP)")
     inspect = sub.add_parser("inspect", help="record that NAME reviewed the rules as they are now")
     inspect.add_argument("--by", required=True, metavar="NAME", help="who reviewed the rules")
     inspect.add_argument("--note", required=True, metavar="TEXT", help="what the review found")

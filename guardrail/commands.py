@@ -29,11 +29,24 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
-def _load(arguments: argparse.Namespace) -> tuple[Config, RuleSet]:
+def _load(arguments: argparse.Namespace, *, require_secrets: bool = False) -> tuple[Config, RuleSet]:
+    """Load the config and its rules. Only `run` requires the secrets' environment variables to be set."""
     from .daemon import load_ruleset
 
-    config = load_config(arguments.config)
+    config = load_config(arguments.config, require_secrets=require_secrets)
     return config, load_ruleset(config)
+
+
+def _unset_variable_warnings(config: Config) -> list[Finding]:
+    """Return a warning for each secret whose environment variable this process lacks but `guardrail run` requires."""
+    return [
+        Finding(
+            "warning", str(config.path),
+            f"{item.key}: environment variable {item.variable!r} is not set here;"
+            " the daemon will not start unless it is set in the daemon's environment",
+        )
+        for item in config.unset_variables
+    ]
 
 
 def pid_file(config: Config) -> Path:
@@ -45,7 +58,7 @@ def run(arguments: argparse.Namespace) -> int:
     from .daemon import Daemon
     from .logs import configure_logging
 
-    config, rules = _load(arguments)
+    config, rules = _load(arguments, require_secrets=True)
     # The daemon creates its tables in any SQLite file, so one that belongs to another application is rejected first.
     store_admin.verify_for_daemon(config.database_path, busy_timeout=config.busy_timeout)
     configure_logging(config.log_format, config.log_level)
@@ -82,10 +95,12 @@ def check(arguments: argparse.Namespace) -> int:
     findings: list[Finding] = []
     rules = None
     try:
-        config = load_config(arguments.config)
+        config = load_config(arguments.config, require_secrets=False)
     except ConfigErrors as problems:
         errors += problems.errors
         config = None
+    else:
+        findings += _unset_variable_warnings(config)
     # The rules are checked even when the config has errors, so one run lists every problem.
     folder = config.rules_dir if config is not None else _rules_folder(arguments.config)
     if folder is not None:
@@ -103,7 +118,7 @@ def check(arguments: argparse.Namespace) -> int:
             # Another SQLite error, such as a disk I/O error.
             errors.append(ConfigError(config.path, "database.path", f"cannot read {config.database_path}: {error}"))
         else:
-            findings = check_rules(rules, datetime.now(timezone.utc), inspections, inspection_max_age=config.inspection_max_age)
+            findings += check_rules(rules, datetime.now(timezone.utc), inspections, inspection_max_age=config.inspection_max_age)
             findings += removed_team_findings(rules, open_by_team)
     findings = [Finding("error", str(error.path), f"{error.key}: {error.problem}" if error.key else error.problem) for error in errors] + findings
     has_errors = any(finding.level == "error" for finding in findings)
@@ -158,7 +173,7 @@ def route(arguments: argparse.Namespace) -> int:
 def answer(arguments: argparse.Namespace) -> int:
     from .store import Store
 
-    config = load_config(arguments.config)
+    config = load_config(arguments.config, require_secrets=False)
     reference = arguments.reference.strip().upper()
     if not config.database_path.exists():
         print(f"error: conversation {reference} not found: {config.database_path} does not exist", file=sys.stderr)
@@ -187,6 +202,8 @@ def answer(arguments: argparse.Namespace) -> int:
 
 def reload(arguments: argparse.Namespace) -> int:
     config, rules = _load(arguments)
+    for warning in _unset_variable_warnings(config):
+        print(warning, file=sys.stderr)
     path = pid_file(config)
     pid = pidfile.running_pid(path)
     if pid is None:
@@ -266,7 +283,7 @@ def replay(arguments: argparse.Namespace) -> int:
 
 
 def report(arguments: argparse.Namespace) -> int:
-    config = load_config(arguments.config)
+    config = load_config(arguments.config, require_secrets=False)
     since = parse_duration(arguments.since)
     if since is None:
         print(f"error: --since {arguments.since!r} is not a duration such as 7d or 12h", file=sys.stderr)
@@ -283,7 +300,7 @@ def report(arguments: argparse.Namespace) -> int:
 
 
 def status(arguments: argparse.Namespace) -> int:
-    config = load_config(arguments.config)
+    config = load_config(arguments.config, require_secrets=False)
     _note_if_missing(config.database_path)
     figures = store_admin.status_rows(config.database_path, datetime.now(timezone.utc), busy_timeout=config.busy_timeout)
     print("open conversations by team (overdue):")

@@ -133,6 +133,14 @@ class ZombieSettings:
 
 
 @dataclass(frozen=True)
+class UnsetVariable:
+    """A `*_env` key whose environment variable is not set in the process that loaded the config."""
+
+    key: str  # the dotted key, such as "http.token_env"
+    variable: str  # the variable it names, such as "GUARDRAIL_API_TOKEN"
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     smtp: SmtpSettings
@@ -152,6 +160,8 @@ class Config:
     inspection_max_age: timedelta = timedelta(days=90)
     zombie: ZombieSettings | None = None
     http: HttpSettings = HttpSettings()
+    # Filled only by load_config(require_secrets=False). The secrets these variables name are None.
+    unset_variables: tuple[UnsetVariable, ...] = ()
 
 
 def _is_address(text: str) -> bool:
@@ -174,13 +184,19 @@ def _is_mail_domain(text: str) -> bool:
     return _is_domain(ascii_form)
 
 
-def load_config(path: Path | str) -> Config:
+def load_config(path: Path | str, *, require_secrets: bool = True) -> Config:
     """Read and validate the config file at `path`.
+
+    Secrets come from the environment variables that `*_env` keys name. With
+    `require_secrets`, which the daemon needs, an unset variable is an error.
+    Without it, an unset variable leaves its secret None and is listed in
+    `Config.unset_variables`, for commands that do not use the secrets.
 
     Raises ConfigErrors listing every problem found.
     """
     path = Path(path)
     errors: list[ConfigError] = []
+    unset: list[UnsetVariable] = []
     data = read_toml(path, errors)
     if data is None:
         raise ConfigErrors(errors)
@@ -212,7 +228,7 @@ def load_config(path: Path | str) -> Config:
         postmaster_owner=owner.lower(),
         database_path=database.local_path("path", base, "var/guardrail.db") or base / "var/guardrail.db",
         busy_timeout=database.duration("busy_timeout", timedelta(seconds=5)),
-        smarthost=_load_smarthost(smarthost_table) if smarthost_table else None,
+        smarthost=_load_smarthost(smarthost_table, unset) if smarthost_table else None,
         outbound_maildir=outbound.local_path("maildir", base, "var/outbound") or base / "var/outbound",
         rules_dir=rules.local_path("directory", base, "rules") or base / "rules",
         delivery=_load_delivery(delivery_table, f"postmaster@{first_domain}"),
@@ -235,15 +251,32 @@ def load_config(path: Path | str) -> Config:
         inspection_max_age=inspection.duration("max_age", timedelta(days=90)),
         zombie=_load_zombie(zombie),
     )
-    config = replace(config, http=_load_http(root.table("http")))
+    config = replace(config, http=_load_http(root.table("http"), unset))
     for table in (
         root, postmaster, database, outbound, rules, delivery_table, conversations, log, acknowledgements, webhooks,
         inspection, zombie,
     ):
         table.finish()
+    if require_secrets:
+        errors += [
+            ConfigError(path, item.key, f"environment variable {item.variable!r} is not set; export it or remove the key")
+            for item in unset
+        ]
     if errors:
         raise ConfigErrors(errors)
-    return config
+    return replace(config, unset_variables=tuple(unset))
+
+
+def _read_variable(table: Table, name: str, variable: str, unset: list[UnsetVariable]) -> str | None:
+    """Return the value of environment `variable`, which key `name` names.
+
+    The only place that reads secrets from the environment. An unset variable
+    is appended to `unset` and reads as None.
+    """
+    value = os.environ.get(variable)
+    if value is None:
+        unset.append(UnsetVariable(table.key(name), variable))
+    return value
 
 
 def _check_database(table: Table, path: Path) -> None:
@@ -380,20 +413,12 @@ def tls_context(smtp: SmtpSettings) -> ssl.SSLContext | None:
     return context
 
 
-def _load_smarthost(table: Table) -> Smarthost:
+def _load_smarthost(table: Table, unset: list[UnsetVariable]) -> Smarthost:
     host = table.string("host", required=True) or ""
     port = table.integer("port", 25, minimum=1, maximum=65535)
     password_env = table.string("password_env")
-    password = None
-    if password_env is not None:
-        value = os.environ.get(password_env)
-        if value is None:
-            table.problem(
-                "password_env",
-                f"environment variable {password_env!r} is not set; export it or remove the key",
-            )
-        else:
-            password = Secret(value)
+    value = _read_variable(table, "password_env", password_env, unset) if password_env is not None else None
+    password = Secret(value) if value is not None else None
     if table.has("password"):
         table.raw("password")
         table.problem("password", "passwords are not read from the file; set password_env to the name of an environment variable")
@@ -464,15 +489,13 @@ def _load_zombie(table: Table) -> ZombieSettings | None:
     return settings if enabled else None
 
 
-def _load_http(table: Table) -> HttpSettings:
+def _load_http(table: Table, unset: list[UnsetVariable]) -> HttpSettings:
     token_env = table.string("token_env")
     token = table.string("token")
     if token_env is not None and token is not None:
         table.problem("token", "set either token or token_env, not both")
     if token_env is not None:
-        token = os.environ.get(token_env)
-        if token is None:
-            table.problem("token_env", f"environment variable {token_env!r} is not set; export it or remove the key")
+        token = _read_variable(table, "token_env", token_env, unset)
     # Neither the value nor any part of it goes into an error message.
     if token is not None and (len(token) < MIN_TOKEN_LENGTH or not _BEARER_TOKEN.fullmatch(token)):
         table.problem(

@@ -698,3 +698,95 @@ def test_reload_command_validates_then_signals(tmp_path: Path, capsys: pytest.Ca
             process.wait(timeout=5)
         if process.stderr:
             process.stderr.close()
+
+
+UNSET_SECRETS = {
+    "http": {"token_env": "GUARDRAIL_TEST_UNSET_TOKEN"},
+    "smarthost": {"host": "127.0.0.1", "password_env": "GUARDRAIL_TEST_UNSET_PASSWORD"},
+}
+
+
+@pytest.fixture
+def secretless_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Return a config whose token and smarthost password name environment variables that are not set."""
+    monkeypatch.delenv("GUARDRAIL_TEST_UNSET_TOKEN", raising=False)
+    monkeypatch.delenv("GUARDRAIL_TEST_UNSET_PASSWORD", raising=False)
+    config = write_config(tmp_path, sections=UNSET_SECRETS)
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "plain.eml").write_bytes(message())
+    (cases / "plain.toml").write_text('[expect]\nroute = "default"\n')
+    return config
+
+
+@pytest.mark.parametrize(("command", "status"), [
+    (["status"], 0),
+    (["report", "shadow"], 0),
+    (["route", "{folder}/cases/plain.eml"], 0),
+    (["test", "{folder}/cases"], 0),
+    (["replay", "--rules", "{folder}/rules"], 0),
+    (["inspect", "--by", "Ada", "--note", "read every route"], 0),
+    # Exit 2 because no conversation has this reference, not because of the variables.
+    (["answer", "GR-AAAAAA"], 2),
+])
+def test_commands_run_without_daemon_secrets(
+    secretless_config: Path, capsys: pytest.CaptureFixture[str], command: list[str], status: int,
+) -> None:
+    arguments = [part.format(folder=secretless_config.parent) for part in command]
+
+    assert main([*arguments, "--config", str(secretless_config)]) == status
+
+    output = capsys.readouterr()
+    for variable in ("GUARDRAIL_TEST_UNSET_TOKEN", "GUARDRAIL_TEST_UNSET_PASSWORD"):
+        assert variable not in output.out
+        assert variable not in output.err
+
+
+def test_check_warns_of_unset_secret_variables(secretless_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["inspect", "--by", "Ada", "--note", "read every route", "--config", str(secretless_config)])
+    capsys.readouterr()
+
+    assert main(["check", "--config", str(secretless_config)]) == 1
+
+    lines = capsys.readouterr().err.splitlines()
+    daemon = "the daemon will not start unless it is set in the daemon's environment"
+    assert f"warning: {secretless_config}: http.token_env: environment variable 'GUARDRAIL_TEST_UNSET_TOKEN' is not set here; {daemon}" in lines
+    assert (
+        f"warning: {secretless_config}: smarthost.password_env: environment variable 'GUARDRAIL_TEST_UNSET_PASSWORD'"
+        f" is not set here; {daemon}"
+    ) in lines
+    assert lines[-1] == "0 error(s), 2 warning(s)"
+
+
+def test_reload_warns_of_unset_secret_variables(secretless_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # No daemon runs, so the command exits 1 after validating.
+    assert main(["reload", "--config", str(secretless_config)]) == 1
+
+    err = capsys.readouterr().err
+    assert "http.token_env: environment variable 'GUARDRAIL_TEST_UNSET_TOKEN' is not set here" in err
+    assert "smarthost.password_env: environment variable 'GUARDRAIL_TEST_UNSET_PASSWORD' is not set here" in err
+    assert "no running daemon" in err
+
+
+def test_run_requires_secret_variables(secretless_config: Path) -> None:
+    environment = {
+        name: value for name, value in os.environ.items()
+        if name not in ("GUARDRAIL_TEST_UNSET_TOKEN", "GUARDRAIL_TEST_UNSET_PASSWORD")
+    }
+    # In a child process, so that a daemon that starts after all is stopped by the timeout.
+    run = subprocess.run(
+        [sys.executable, "-m", "guardrail", "run", "--config", str(secretless_config)],
+        capture_output=True, text=True, timeout=30, env=environment,
+    )
+
+    assert run.returncode == 2
+    lines = run.stderr.splitlines()
+    assert (
+        f"error: {secretless_config}: http.token_env: environment variable 'GUARDRAIL_TEST_UNSET_TOKEN' is not set;"
+        " export it or remove the key"
+    ) in lines
+    assert (
+        f"error: {secretless_config}: smarthost.password_env: environment variable 'GUARDRAIL_TEST_UNSET_PASSWORD' is not set;"
+        " export it or remove the key"
+    ) in lines
+    assert not (secretless_config.parent / "var" / "guardrail.pid").exists()
