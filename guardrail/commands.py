@@ -237,17 +237,23 @@ def test(arguments: argparse.Namespace) -> int:
         print(f"error: no *.eml test cases in {arguments.directory}", file=sys.stderr)
         return EXIT_USAGE
     site = Site.from_config(config)
-    failed = 0
+    failed = invalid = 0
     for case in cases:
         result = run_case(case, rules, site)
-        if result.problems:
+        if result.is_invalid:
+            invalid += 1
+            print(f"INVALID {result.name}")
+        elif result.problems:
             failed += 1
             print(f"FAIL {result.name}")
-            for problem in result.problems:
-                print(f"     {problem}")
         else:
             print(f"ok   {result.name}")
-    print(f"{len(cases) - failed} passed, {failed} failed")
+        for problem in result.problems:
+            print(f"     {problem}")
+    print(f"{len(cases) - failed - invalid} passed, {failed} failed" + (f", {invalid} invalid" if invalid else ""))
+    # An invalid case is an error in the test files, like an invalid config, so it outranks a failure.
+    if invalid:
+        return EXIT_USAGE
     return EXIT_FAILURE if failed else EXIT_OK
 
 

@@ -9,19 +9,22 @@ acknowledgement rate window.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 from .message import summarize
-from .prepare import Envelope, Site, prepare_submission
+from .prepare import Envelope, Site, is_inbox, is_postmaster, prepare_submission
 from .rules import RuleSet
 from .tomlcheck import read_toml, toml_text
 
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 EXPECTATION_KEYS = ("route", "team", "acknowledgement", "signal", "deadline")
+ACKNOWLEDGEMENT_VALUES = ("sent", "suppressed")
+# The route and team that prepare_submission decides for mail only to postmaster.
+POSTMASTER = "postmaster"
 
 
 @dataclass(frozen=True)
@@ -52,57 +55,105 @@ def evaluate(raw: bytes, rcpt_tos: tuple[str, ...], mail_from: str, rules: RuleS
 class CaseResult:
     name: str
     problems: tuple[str, ...]  # empty when the case passed
+    # An invalid case cannot happen or cannot be checked, so its problems are
+    # errors in the case files, not differences from the rules' decision.
+    is_invalid: bool = False
 
 
 def run_case(eml: Path, rules: RuleSet, site: Site) -> CaseResult:
     """Run one test case: `eml` with its expectations in the .toml file of the same name."""
     spec_path = eml.with_suffix(".toml")
     if not spec_path.exists():
-        return CaseResult(eml.name, (f"expectations file {spec_path.name} not found",))
+        return CaseResult(eml.name, (f"{spec_path}: expectations file not found",), is_invalid=True)
     errors: list[ConfigError] = []
     spec = read_toml(spec_path, errors)
     if spec is None:
-        return CaseResult(eml.name, tuple(str(replace(error, path=spec_path.name)) for error in errors))
+        return CaseResult(eml.name, tuple(str(error) for error in errors), is_invalid=True)
 
-    misshapen = _misshapen_key(spec)
-    if misshapen:
-        return CaseResult(eml.name, (misshapen,))
+    invalid = _misshapen_keys(spec) or _impossible_values(spec, rules, site)
+    if invalid:
+        return CaseResult(eml.name, tuple(f"{spec_path}: {problem}" for problem in invalid), is_invalid=True)
     raw = eml.read_bytes()
     summary = summarize(_LINE_ENDING.sub(b"\r\n", raw))
-    rcpt = spec.get("rcpt") or site.first_inbox
-    rcpt_tos = tuple(rcpt) if isinstance(rcpt, list) else (rcpt,)
+    rcpt_tos = _recipients(spec, site)
     mail_from = spec.get("mail_from", summary.from_address)
     arrival = spec.get("arrival") or datetime.now(timezone.utc)
-    if arrival.tzinfo is None:
-        return CaseResult(eml.name, ("arrival needs a time zone, such as 2026-03-02T10:00:00Z",))
-    expected = spec.get("expect", {})
-    unknown = sorted(set(expected) - set(EXPECTATION_KEYS)) + sorted(set(spec) - {"rcpt", "mail_from", "arrival", "expect"})
-    if unknown:
-        return CaseResult(eml.name, (f"unknown keys {unknown}; expectations are {', '.join(EXPECTATION_KEYS)}",))
 
     actual = evaluate(raw, rcpt_tos, mail_from, rules, site, arrival)
-    return CaseResult(eml.name, tuple(compare(expected, actual)))
+    return CaseResult(eml.name, tuple(compare(spec.get("expect", {}), actual)))
 
 
-def _misshapen_key(spec: dict[str, Any]) -> str:
-    """Return the first case key whose value has the wrong TOML type, as a problem line, or ""."""
+def _recipients(spec: dict[str, Any], site: Site) -> tuple[str, ...]:
+    """Return the case's envelope recipients: `rcpt`, or the config's first inbox when it is unset or empty."""
+    rcpt = spec.get("rcpt") or site.first_inbox
+    return tuple(rcpt) if isinstance(rcpt, list) else (rcpt,)
+
+
+def _misshapen_keys(spec: dict[str, Any]) -> list[str]:
+    """Return problem lines for unknown case keys and for keys whose value has the wrong TOML type."""
+    expect = spec.get("expect", {})
+    expected_keys = expect if isinstance(expect, dict) else {}
+    unknown = sorted(set(expected_keys) - set(EXPECTATION_KEYS)) + sorted(set(spec) - {"rcpt", "mail_from", "arrival", "expect"})
+    if unknown:
+        return [f"unknown keys {unknown}; expectations are {', '.join(EXPECTATION_KEYS)}"]
+
+    problems = []
     rcpt = spec.get("rcpt", "")
     if not (isinstance(rcpt, str) or (isinstance(rcpt, list) and all(isinstance(item, str) for item in rcpt))):
-        return f"rcpt: invalid value {toml_text(rcpt)}; expected an address or a list of addresses"
+        problems.append(f"rcpt: invalid value {toml_text(rcpt)}; expected an address or a list of addresses")
     mail_from = spec.get("mail_from", "")
     if not isinstance(mail_from, str):
-        return f'mail_from: invalid value {toml_text(mail_from)}; expected an address, or "" for the null sender'
+        problems.append(f'mail_from: invalid value {toml_text(mail_from)}; expected an address, or "" for the null sender')
     # A TOML date or time without the other half would reach the clock as the wrong type.
     arrival = spec.get("arrival")
-    if arrival is not None and not isinstance(arrival, datetime):
-        return (
+    if arrival is not None and (not isinstance(arrival, datetime) or arrival.tzinfo is None):
+        problems.append(
             f"arrival: invalid value {toml_text(arrival)};"
             " expected a date and time with a time zone, such as 2026-03-02T10:00:00Z"
         )
-    expect = spec.get("expect", {})
     if not isinstance(expect, dict):
-        return f"expect: invalid value {toml_text(expect)}; expected a table such as [expect]"
-    return ""
+        problems.append(f"expect: invalid value {toml_text(expect)}; expected a table such as [expect]")
+    return problems
+
+
+def _impossible_values(spec: dict[str, Any], rules: RuleSet, site: Site) -> list[str]:
+    """Return one problem line for each recipient the daemon would reject and each expectation no message can meet."""
+    problems = []
+    if not site.first_inbox and not spec.get("rcpt"):
+        problems.append("rcpt: missing; this config has no [smtp] inboxes to assume, so set rcpt to an address at one of its inbox_domains")
+    for address in _recipients(spec, site):
+        if address and not is_inbox(address, site) and not is_postmaster(address, site):
+            problems.append(
+                f"rcpt: {address} is not an inbox of this config; the daemon rejects it with 550,"
+                " so use an address of [smtp] inboxes or inbox_domains"
+            )
+
+    expect = spec.get("expect", {})
+    routes = _unique([route.name for route in rules.routes] + [POSTMASTER])
+    shadows = {route.name for _, route in rules.shadow_routes} - set(routes)
+    teams = _unique([*rules.teams, POSTMASTER])
+    route = expect.get("route")
+    if isinstance(route, str) and route in shadows:
+        problems.append(
+            f"expect.route: {toml_text(route)} is a shadow route, which is recorded but never decides the route;"
+            " use `guardrail report shadow` to see where it would have won"
+        )
+    elif route is not None and route not in routes:
+        problems.append(f"expect.route: unknown route {toml_text(route)}; known routes: {', '.join(routes)}")
+    team = expect.get("team")
+    if team is not None and team not in teams:
+        problems.append(f"expect.team: unknown team {toml_text(team)}; known teams: {', '.join(teams)}")
+    acknowledgement = expect.get("acknowledgement")
+    if acknowledgement is not None and acknowledgement not in ACKNOWLEDGEMENT_VALUES:
+        problems.append(
+            f"expect.acknowledgement: invalid value {toml_text(acknowledgement)};"
+            f" expected {' or '.join(repr(value) for value in ACKNOWLEDGEMENT_VALUES)}"
+        )
+    return problems
+
+
+def _unique(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(names))
 
 
 def _shown(value: Any) -> str:

@@ -76,10 +76,10 @@ def test_rule_test_expectations_not_utf8(tmp_path: Path, capsys: pytest.CaptureF
     shutil.copy(ROOT / "rules" / "tests" / "outage-report.eml", cases / "outage.eml")
     (cases / "outage.toml").write_bytes('# café\n[expect]\nroute = "outage-reports"\n'.encode("latin-1"))
 
-    assert main(["test", "--config", str(config), str(cases)]) == 1
+    assert main(["test", "--config", str(config), str(cases)]) == 2
     output = capsys.readouterr().out
-    assert "FAIL outage.eml" in output
-    assert "outage.toml:1: not UTF-8 (byte 0xe9 at offset 5); save the file as UTF-8" in output
+    assert "INVALID outage.eml" in output
+    assert f"{cases / 'outage.toml'}:1: not UTF-8 (byte 0xe9 at offset 5); save the file as UTF-8" in output
 
 
 
@@ -99,11 +99,84 @@ def test_rule_test_reports_misshapen_case(tmp_path: Path, capsys: pytest.Capture
     shutil.copy(ROOT / "rules" / "tests" / "outage-report.eml", cases / "outage.eml")
     (cases / "outage.toml").write_text(spec)
 
-    assert main(["test", "--config", str(config), str(cases)]) == 1
+    assert main(["test", "--config", str(config), str(cases)]) == 2
     output = capsys.readouterr().out
-    assert "FAIL outage.eml" in output
-    assert problem in output
-    assert "0 passed, 1 failed" in output
+    assert "INVALID outage.eml" in output
+    assert f"{cases / 'outage.toml'}: {problem}" in output
+    assert "0 passed, 0 failed, 1 invalid" in output
+
+
+def write_case(cases: Path, name: str, spec: str) -> None:
+    cases.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "rules" / "tests" / "outage-report.eml", cases / f"{name}.eml")
+    (cases / f"{name}.toml").write_text(spec)
+
+
+@pytest.mark.parametrize(("spec", "problem"), [
+    (
+        'rcpt = "nobody@example.com"\n',
+        "rcpt: nobody@example.com is not an inbox of this config; the daemon rejects it with 550,"
+        " so use an address of [smtp] inboxes or inbox_domains",
+    ),
+    (
+        'rcpt = ["support@example.com", "nobody@elsewhere.example"]\n',
+        "rcpt: nobody@elsewhere.example is not an inbox of this config; the daemon rejects it with 550",
+    ),
+    (
+        '[expect]\nroute = "no-such-route"\n',
+        "expect.route: unknown route 'no-such-route'; known routes: billing-inbox, outage-reports, support-inbox, default, postmaster",
+    ),
+    ('[expect]\nteam = "sales"\n', "expect.team: unknown team 'sales'; known teams: billing, support, frontdesk, postmaster"),
+    ('[expect]\nacknowledgement = "maybe"\n', "expect.acknowledgement: invalid value 'maybe'; expected 'sent' or 'suppressed'"),
+    ('[expect]\nroute = ["outage-reports"]\n', "expect.route: unknown route ['outage-reports']; known routes: billing-inbox,"),
+])
+def test_rule_test_reports_impossible_case(tmp_path: Path, capsys: pytest.CaptureFixture[str], spec: str, problem: str) -> None:
+    config = example_copy(tmp_path)
+    cases = tmp_path / "cases"
+    write_case(cases, "impossible", spec)
+    write_case(cases, "passing", '[expect]\nroute = "outage-reports"\n')
+
+    assert main(["test", "--config", str(config), str(cases)]) == 2
+
+    output = capsys.readouterr().out
+    assert "INVALID impossible.eml" in output
+    assert f"{cases / 'impossible.toml'}: {problem}" in output
+    assert "ok   passing.eml" in output
+    assert "1 passed, 0 failed, 1 invalid" in output
+
+
+def test_rule_test_rejects_shadow_route_expectation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, rules=SHADOW_RULES)
+    cases = tmp_path / "cases"
+    write_case(cases, "refund", '[expect]\nroute = "refunds-trial"\n')
+
+    assert main(["test", "--config", str(config), str(cases)]) == 2
+
+    output = capsys.readouterr().out
+    assert "expect.route: 'refunds-trial' is a shadow route, which is recorded but never decides the route" in output
+
+
+def test_rule_test_needs_rcpt_without_inboxes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, smtp={"inboxes": [], "inbox_domains": ["example.org"]})
+    cases = tmp_path / "cases"
+    write_case(cases, "no-rcpt", '[expect]\nroute = "default"\n')
+
+    assert main(["test", "--config", str(config), str(cases)]) == 2
+
+    output = capsys.readouterr().out
+    assert f"{cases / 'no-rcpt.toml'}: rcpt: missing; this config has no [smtp] inboxes to assume" in output
+
+
+@pytest.mark.parametrize("rcpt", ["postmaster@example.com", "postmaster", "Support@Example.com"])
+def test_rule_test_accepts_recipients_the_daemon_accepts(tmp_path: Path, capsys: pytest.CaptureFixture[str], rcpt: str) -> None:
+    config = example_copy(tmp_path)
+    cases = tmp_path / "cases"
+    route = "postmaster" if rcpt.startswith("postmaster") else "outage-reports"
+    write_case(cases, "accepted", f'rcpt = "{rcpt}"\n[expect]\nroute = "{route}"\n')
+
+    assert main(["test", "--config", str(config), str(cases)]) == 0
+
+    assert "1 passed, 0 failed" in capsys.readouterr().out
 
 
 SHADOW_RULES = TEAMS + """
