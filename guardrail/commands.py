@@ -265,7 +265,7 @@ def _note_if_missing(database: Path) -> None:
 
 def replay(arguments: argparse.Namespace) -> int:
     config, current = _load(arguments)
-    proposed = load_rules(arguments.rules, config.path.resolve().parent)
+    proposed = load_rules(arguments.rules, config.path.resolve().parent, fix="give --rules the folder of the proposed rule files")
     site = Site.from_config(config)
     _note_if_missing(config.database_path)
     messages = store_admin.last_messages(config.database_path, arguments.last, busy_timeout=config.busy_timeout)

@@ -144,18 +144,27 @@ class RuleSet:
         return self.fallback
 
 
-def load_rules(directory: Path, base: Path, *, today: date | None = None) -> RuleSet:
+def load_rules(
+    directory: Path, base: Path, *, today: date | None = None, fix: str = "set rules.directory in the config",
+) -> RuleSet:
     """Load every `*.toml` file in `directory`; relative maildir paths resolve against `base`.
 
-    Raises ConfigErrors listing every problem in every file.
+    `fix` tells how to name another folder, in the error for a folder that
+    does not exist or has no rule files. Raises ConfigErrors listing every
+    problem in every file.
     """
     errors: list[ConfigError] = []
     # Skip names that start with a dot, as a shell's *.toml does. Emacs keeps a
     # lock ".#NAME.toml", a dangling symbolic link, beside a file being edited.
     files = sorted(path for path in directory.glob("*.toml") if not path.name.startswith(".")) if directory.is_dir() else []
     if not files:
-        what = "contains no *.toml rule files" if directory.is_dir() else "is not a folder"
-        raise ConfigErrors([ConfigError(directory, "", f"rules folder {what}; set rules.directory in the config")])
+        if directory.is_dir():
+            what = "contains no *.toml rule files"
+        elif directory.exists():
+            what = "is not a folder"
+        else:
+            what = "does not exist"
+        raise ConfigErrors([ConfigError(directory, "", f"rules folder {what}; {fix}")])
 
     digest = hashlib.sha256()
     entries: dict[str, list[Table]] = {"team": [], "route": [], "calendar": [], "template": []}

@@ -249,6 +249,33 @@ def test_replay_rejects_count_out_of_range(tmp_path: Path, capsys: pytest.Captur
     assert f"argument --last: invalid value {count!r}; expected a whole number from 1 to 9223372036854775807" in error
 
 
+@pytest.mark.parametrize(("make", "what"), [
+    (None, "does not exist"),
+    (Path.touch, "is not a folder"),
+    (Path.mkdir, "contains no *.toml rule files"),
+], ids=["missing", "file", "empty"])
+def test_replay_names_rules_option(tmp_path: Path, capsys: pytest.CaptureFixture[str], make, what: str) -> None:
+    config = example_copy(tmp_path)
+    proposed = tmp_path / "proposed"
+    if make is not None:
+        make(proposed)
+
+    assert main(["replay", "--config", str(config), "--rules", str(proposed)]) == 2
+
+    error = capsys.readouterr().err
+    assert f"error: {proposed}: rules folder {what}; give --rules the folder of the proposed rule files" in error
+    assert "rules.directory" not in error
+
+
+def test_missing_rules_directory_names_config_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, sections={"rules": {"directory": "no-such-rules"}})
+
+    assert main(["check", "--config", str(config)]) == 2
+
+    expected = f"error: {tmp_path / 'no-such-rules'}: rules folder does not exist; set rules.directory in the config"
+    assert expected in capsys.readouterr().err
+
+
 async def test_status_shows_open_and_overdue(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
     clock = ManualClock(datetime.now(timezone.utc) - timedelta(days=2))
     config = write_config(tmp_path)
