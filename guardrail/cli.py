@@ -33,6 +33,13 @@ def _message_count(text: str) -> int:
     return count
 
 
+def _non_blank(text: str) -> str:
+    """Parse a name or note that is recorded in the database, where an empty one would say nothing."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; must not be empty or only spaces")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardrail", description="SMTP relay in front of a shared inbox.")
     parser.add_argument("--version", action="version", version=f"guardrail {__version__}")
@@ -47,12 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="envelope recipient to assume (repeatable; default: the first inbox in the config)")
     answer = sub.add_parser("answer", help="mark a conversation answered by hand, which stops its escalations")
     answer.add_argument("reference", metavar="REF", help="the conversation reference, such as GR-7K3M9Q")
-    answer.add_argument("--by", default=os.environ.get("USER") or "operator", metavar="NAME",
+    answer.add_argument("--by", type=_non_blank, default=os.environ.get("USER") or "operator", metavar="NAME",
                         help="who answered, recorded on the conversation (default: $USER, or operator when it is unset or empty)")
     sub.add_parser("reload", help="validate the config and rules, then tell the running daemon to load the rules (SIGHUP)")
     inspect = sub.add_parser("inspect", help="record that NAME reviewed the rules as they are now")
-    inspect.add_argument("--by", required=True, metavar="NAME", help="who reviewed the rules")
-    inspect.add_argument("--note", required=True, metavar="TEXT", help="what the review found")
+    inspect.add_argument("--by", type=_non_blank, required=True, metavar="NAME", help="who reviewed the rules")
+    inspect.add_argument("--note", type=_non_blank, required=True, metavar="TEXT", help="what the review found")
     test = sub.add_parser("test", help="run rule test cases (FILE.eml with FILE.toml expectations) from DIR")
     test.add_argument("directory", type=Path, metavar="DIR", help="folder of test cases")
     replay = sub.add_parser("replay", help="list stored messages whose route, team or acknowledgement would change")

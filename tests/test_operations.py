@@ -276,6 +276,26 @@ def test_missing_rules_directory_names_config_key(tmp_path: Path, capsys: pytest
     assert expected in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("command", "option", "value"), [
+    (["inspect", "--note", "read every route", "--by"], "--by", ""),
+    (["inspect", "--note", "read every route", "--by"], "--by", "   "),
+    (["inspect", "--by", "Ada", "--note"], "--note", ""),
+    (["inspect", "--by", "Ada", "--note"], "--note", " \t"),
+    (["answer", "GR-AAAAAA", "--by"], "--by", ""),
+])
+def test_blank_name_or_note_is_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], option: str, value: str,
+) -> None:
+    config = write_config(tmp_path)
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, value, "--config", str(config)])
+
+    assert exit_info.value.code == 2
+    assert f"argument {option}: invalid value {value!r}; must not be empty or only spaces" in capsys.readouterr().err
+    assert not (tmp_path / "var" / "guardrail.db").exists()
+
+
 async def test_status_shows_open_and_overdue(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
     clock = ManualClock(datetime.now(timezone.utc) - timedelta(days=2))
     config = write_config(tmp_path)
