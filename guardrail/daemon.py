@@ -89,7 +89,18 @@ class Daemon:
         return self._http.port
 
     async def start(self) -> None:
-        """Open the store, start the outbox worker, then start listening."""
+        """Open the store, start the outbox worker, then start listening.
+
+        On any failure, stops what did start and re-raises.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            # Close what did start (the store's thread keeps the process alive).
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         config = self.config
         settings = StoreSettings(
             reference_prefix=config.reference_prefix,
@@ -159,11 +170,7 @@ class Daemon:
             port=config.smtp.port,
         )
         if config.http.enabled:
-            try:
-                self._http = await serve_http(build_app(self), config.http.listen, config.http.port)
-            except BaseException:
-                await self.stop()
-                raise
+            self._http = await serve_http(build_app(self), config.http.listen, config.http.port)
             if config.http.token is None:
                 log.warning("http_token_missing", detail="every HTTP endpoint but /healthz returns 401; set [http] token_env")
         log.info(
@@ -278,12 +285,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
-            try:
-                await self.start()
-            except BaseException:
-                # Close what did start (the store's thread keeps the process alive).
-                await self.stop()
-                raise
+            await self.start()
             if claimed is not None:
                 pidfile.publish(claimed)
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
 from conftest import free_port, message, wait_for_port, write_config
 
 from guardrail.clock import SystemClock
@@ -45,6 +47,25 @@ def test_busy_port_exits_1(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert b"cannot start the daemon" in result.stderr
     assert b"address already in use" in result.stderr.lower()
+
+
+@pytest.mark.parametrize("listener", ["smtp", "http"])
+def test_busy_port_logs_one_stop(tmp_path: Path, listener: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path, smtp={"port": port if listener == "smtp" else 0}, sections={listener: {"port": port}})
+        result = subprocess.run(
+            [sys.executable, "-m", "guardrail", "run", "--config", str(config)],
+            capture_output=True, text=True, timeout=30, env={**os.environ},
+        )
+
+    assert result.returncode == 1
+    # [log] format = "json": one event per line.
+    events = [json.loads(line)["event"] for line in result.stderr.splitlines() if line.startswith("{")]
+    assert events.count("daemon_stopped") == 1
+    assert "daemon_started" not in events
 
 
 def submission(raw: bytes, helo: str) -> Submission:
