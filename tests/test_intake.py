@@ -487,6 +487,11 @@ async def test_postmaster_beside_inbox_gets_copy(tmp_path: Path, start_daemon) -
     assert len(copies) == 1
     assert copies[0].endswith(content)
     assert query(daemon, "SELECT COUNT(*) FROM outbox WHERE kind = 'deliver' AND conversation_id IS NULL") == [(1,)]
+    # The copy is of the stored message, so it names the inbox's conversation and route.
+    (reference,) = query(daemon, "SELECT reference FROM conversations")[0]
+    prepended = copies[0][: len(copies[0]) - len(content)]
+    assert f"X-Guardrail-Conversation: {reference}\r\n".encode() in prepended
+    assert b"X-Guardrail-Route: default\r\n" in prepended
 
 
 @pytest.mark.parametrize(
