@@ -782,6 +782,16 @@ def test_reload_ignores_stale_pid_file(tmp_path: Path, capsys: pytest.CaptureFix
         bystander.wait(timeout=5)
 
 
+def test_reload_rejects_invalid_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, smtp={"max_recipients": 0})
+
+    assert main(["reload", "--config", str(config)]) == 2
+
+    error = capsys.readouterr().err
+    assert f"error: {config}: smtp.max_recipients: invalid value 0; expected an integer of at least 1" in error
+    assert "SIGHUP" not in error
+
+
 def test_reload_command_validates_then_signals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     port = free_port()
     config = write_config(tmp_path, smtp={"port": port})
