@@ -19,7 +19,7 @@ from .config import Config, load_config
 from .errors import ConfigError, ConfigErrors, DatabaseFileError
 from .harness import evaluate, run_case
 from .message import summarize
-from .prepare import Site, is_inbox
+from .prepare import Site, is_inbox, is_postmaster
 from .routing import Facts, match_route
 from .rules import RuleSet, load_rules
 from .tomlcheck import parse_duration, read_toml
@@ -155,16 +155,28 @@ def route(arguments: argparse.Namespace) -> int:
         print(f"error: cannot read {arguments.message}: {error.strerror}", file=sys.stderr)
         return EXIT_USAGE
     rcpt_tos = tuple(address.lower() for address in arguments.rcpt) or (config.smtp.first_inbox,)
-    unknown = [address for address in rcpt_tos if not is_inbox(address, Site.from_config(config))]
+    site = Site.from_config(config)
+    unknown = [address for address in rcpt_tos if not is_inbox(address, site) and not is_postmaster(address, site)]
     if unknown:
         print(f"error: --rcpt {unknown[0]!r} is not an inbox in {arguments.config}; use one of [smtp] inboxes", file=sys.stderr)
         return EXIT_USAGE
+    postmasters = [address for address in rcpt_tos if is_postmaster(address, site) and not is_inbox(address, site)]
+    if postmasters and len(postmasters) == len(rcpt_tos):
+        # As the daemon does: mail for postmaster alone is not routed by the rules.
+        print("route:       postmaster")
+        print("team:        postmaster")
+        print(f"destination: smtp {site.postmaster_owner}")
+        print(f"recipients:  {', '.join(rcpt_tos)}")
+        print("because:     every recipient is postmaster")
+        return EXIT_OK
     match = match_route(rules, Facts(rcpt_tos, summarize(raw)))
     destination = match.team.destination.describe() if match.team.destination else "none (team has no destination)"
     print(f"route:       {match.route.name}")
     print(f"team:        {match.team.name}")
     print(f"destination: {destination}")
     print(f"recipients:  {', '.join(rcpt_tos)}")
+    if postmasters:
+        print(f"postmaster:  a copy goes to {site.postmaster_owner}")
     for reason in match.reasons:
         print(f"because:     {reason}")
     return EXIT_OK

@@ -310,6 +310,25 @@ def test_route_command_explains_decision(capsys: pytest.CaptureFixture[str]) -> 
     assert "because:     rcpt is 'billing@example.com' matched 'billing@example.com'" in output
 
 
+@pytest.mark.parametrize(
+    ("rcpts", "lines"),
+    [
+        (["postmaster@example.com"], ["route:       postmaster", "destination: smtp ops@example.com"]),
+        (["Postmaster"], ["route:       postmaster", "because:     every recipient is postmaster"]),
+        (
+            ["billing@example.com", "postmaster@example.com"],
+            ["route:       billing-inbox", "postmaster:  a copy goes to ops@example.com"],
+        ),
+    ],
+)
+def test_route_command_takes_postmaster(capsys: pytest.CaptureFixture[str], rcpts: list[str], lines: list[str]) -> None:
+    message = DATA / "routing" / "m3-real-vip-mixed-case.eml"
+    arguments = [argument for rcpt in rcpts for argument in ("--rcpt", rcpt)]
+    assert main(["route", "--config", str(ROOT / "config.example.toml"), str(message), *arguments]) == 0
+    output = capsys.readouterr().out.splitlines()
+    assert all(line in output for line in lines), output
+
+
 POSITIVE = 'expected a positive duration such as "30s", "5m", "2h" or "1d"'
 CONFIG_DURATIONS = [
     ("smtp", "timeout"),
