@@ -93,6 +93,33 @@ async def _add_missing_columns(db: aiosqlite.Connection) -> None:
         await db.execute("ALTER TABLE messages ADD COLUMN protocol TEXT NOT NULL DEFAULT 'ESMTP'")
 
 
+# PRAGMA user_version after the data changes in _migrate.
+SCHEMA_VERSION = 1
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    """Bring rows written by an earlier version up to date, once per database, as PRAGMA user_version records."""
+    async with db.execute("PRAGMA user_version") as cursor:
+        row = await cursor.fetchone()
+    version = row[0] if row else 0
+    if version >= SCHEMA_VERSION:
+        return
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        # Before version 1, machine mail and loop messages opened conversations
+        # as open, without a deadline, and they never closed.
+        await db.execute(
+            "UPDATE conversations SET state = 'no_reply_needed' WHERE state = 'open' AND deadline IS NULL"
+            " AND escalation_reason = '' AND next_escalation_at IS NULL AND (SELECT m.machine_signal != '' OR m.disposition = 'loop'"
+            " FROM messages m WHERE m.conversation_id = conversations.id ORDER BY m.id LIMIT 1)"
+        )
+        await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
+
+
 __all__ = ["AttemptResult", "Checkpointer", "OutboxRow", "Outcome", "Store", "StoreSettings"]
 
 
@@ -214,6 +241,7 @@ class Store:
             await db.execute("PRAGMA synchronous = FULL")
             await db.executescript(SCHEMA)
             await _add_missing_columns(db)
+            await _migrate(db)
             chosen = settings or StoreSettings()
             writer = await loop.run_in_executor(
                 thread, lambda: Committer(path, chosen, busy_timeout=busy_timeout, autocheckpoint=WAL_AUTOCHECKPOINT_PAGES)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -212,3 +213,39 @@ async def test_failed_delivery_escalates_any_unanswered(tmp_path: Path, header: 
 
     # The team never got the message, so someone must act on it even when it needed no reply.
     assert rows == [("open", 1, "2026-03-02T09:30:00.000000Z")]
+
+
+async def test_machine_conversations_of_an_earlier_version_need_no_reply(tmp_path: Path) -> None:
+    database = store_path(tmp_path)
+    config = load_config(write_config(tmp_path))
+    rules, site = load_ruleset(config), Site.from_config(config)
+
+    def prepared(sender: str, number: int, extra_headers: str = "") -> Submission:
+        envelope = Envelope(sender, ("support@example.org",), "[127.0.0.1]:40000", "client")
+        raw = message(message_id=f"<old{number}@example.com>", extra_headers=extra_headers)
+        result = prepare_message(envelope, raw, rules, site, NOW)
+        assert isinstance(result, Submission)
+        return result
+
+    store = await Store.open(database)
+    try:
+        await store.accept(prepared("robot@example.com", 1, "Auto-Submitted: auto-replied\r\n"))
+        await store.accept(prepared("robot@example.com", 2, "Auto-Submitted: auto-replied\r\n"))
+        await store.accept(prepared("alice@example.com", 3))
+    finally:
+        await store.close()
+    with closing(sqlite3.connect(database)) as connection, connection:
+        # As an earlier version left them: every conversation open, the
+        # person's without a deadline too (a team with no business hours
+        # ahead), and the second machine one escalated after a failed delivery.
+        connection.execute("UPDATE conversations SET state = 'open', deadline = NULL, next_escalation_at = NULL")
+        connection.execute("UPDATE conversations SET escalation_reason = 'delivery failed' WHERE id = 2")
+        connection.execute("PRAGMA user_version = 0")
+
+    store = await Store.open(database)
+    await store.close()
+    with closing(sqlite3.connect(database)) as connection:
+        states = connection.execute("SELECT id, state FROM conversations ORDER BY id").fetchall()
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+    assert states == [(1, "no_reply_needed"), (2, "open"), (3, "open")]
+    assert version == 1
