@@ -11,6 +11,8 @@ caller falls back to the team's language rather than to a wrong guess.
 from __future__ import annotations
 
 import re
+import string
+from collections import Counter
 from collections.abc import Iterable
 
 # Words that are frequent in one language and rare in the others listed.
@@ -48,10 +50,11 @@ FUNCTION_WORDS: dict[str, frozenset[str]] = {
     ),
 }
 
-_WORD = re.compile(r"[^\W\d_]+")
+# Punctuation and digits separate words; "j'ai" is read as "j" and "ai".
+_SEPARATORS = str.maketrans(dict.fromkeys(string.punctuation + string.digits + "«»¿¡‘’“”„…–—·", " "))
 _KANA = re.compile(r"[\u3040-\u30ff]")
-# Only the first words are read: enough to decide, and bounded on long mail.
-MAX_WORDS = 400
+# Only the start of the text is read: enough to decide, and bounded on long mail.
+MAX_CHARACTERS = 1500
 # The leader needs this many function words, and at least twice the next language's count.
 MIN_HITS = 2
 # Hiragana or katakana characters that mark a text as Japanese.
@@ -60,12 +63,14 @@ MIN_KANA = 5
 
 def guess_language(text: str, candidates: Iterable[str]) -> str | None:
     """Return the one of `candidates` that `text` is most likely written in, or None when no language clearly leads."""
+    text = text[:MAX_CHARACTERS]
     candidates = set(candidates)
-    if "ja" in candidates and len(_KANA.findall(text[:4000])) >= MIN_KANA:
+    if "ja" in candidates and len(_KANA.findall(text)) >= MIN_KANA:
         return "ja"
-    words = [match.group().lower() for _, match in zip(range(MAX_WORDS), _WORD.finditer(text))]
+    counts = Counter(text.lower().translate(_SEPARATORS).split())
+    words = counts.keys()
     scores = sorted(
-        ((sum(word in FUNCTION_WORDS[language] for word in words), language)
+        ((sum(counts[word] for word in words & FUNCTION_WORDS[language]), language)
          for language in candidates if language in FUNCTION_WORDS),
         reverse=True,
     )

@@ -7,6 +7,7 @@ read, so intake can still store and route the message.
 
 from __future__ import annotations
 
+import binascii
 import email.header
 import email.parser
 import email.policy
@@ -24,6 +25,9 @@ HEADER_DECODE_LIMIT = 64 * 1024
 # Text bodies are decoded up to this many characters for body conditions.
 # NOTE: a body condition does not see text past the first 256 KiB characters.
 BODY_TEXT_LIMIT = 256 * 1024
+
+_CHARSET = re.compile(r'charset\s*=\s*"?([^";\s]+)', re.IGNORECASE)
+_BASE64_NOISE = re.compile(rb"[^A-Za-z0-9+/]")
 
 # A message id between angle brackets. Control characters (NUL, ESC, DEL)
 # are not allowed in one (RFC 5322 section 3.6.4). An id containing them is
@@ -291,17 +295,43 @@ def _first_message_id(values: tuple[str, ...]) -> str:
     return found[0] if found else ""
 
 
-def body_sample(raw: bytes, limit: int = 8192) -> str:
-    """Return the start of the first text/plain part, read from the first `limit` bytes of `raw` only.
+def body_sample(raw: bytes, summary: Summary, limit: int = 4096) -> str:
+    """Return text from the start of the first text/plain part, read from at most `limit` bytes of the body.
 
     Cheaper than a full parse on large mail, for decisions that need a few
-    words of the body, such as the language of the acknowledgement.
+    words of the body, such as the language of the acknowledgement. A
+    single-part message is decoded without the email parser.
     """
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        return ""
+    content_type = (summary.header("content-type") or ("text/plain",))[0]
+    if content_type.split(";", 1)[0].strip().lower() in ("", "text/plain"):
+        chunk = raw[end + 4 : end + 4 + limit]
+        encoding = (summary.header("content-transfer-encoding") or ("7bit",))[0].strip().lower()
+        try:
+            if encoding == "base64":
+                letters = _BASE64_NOISE.sub(b"", chunk)
+                chunk = binascii.a2b_base64(letters[: len(letters) // 4 * 4])
+            elif encoding == "quoted-printable":
+                chunk = binascii.a2b_qp(chunk)
+        except binascii.Error:
+            return ""
+        charset = _CHARSET.search(content_type)
+        return _decode_sample(chunk, charset.group(1) if charset else None)
     try:
-        message = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw[:limit])
+        message = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw[: end + 4 + limit])
     except Exception:  # noqa: BLE001 - the parser must never stop intake
         return ""
     return _body_text(message)
+
+
+def _decode_sample(data: bytes, charset: str | None) -> str:
+    """Decode the start of a text; a character cut at its end is replaced, not a reason to fall back to Latin-1."""
+    try:
+        return data.decode(charset or "utf-8", errors="replace")
+    except LookupError:
+        return data.decode("utf-8", errors="replace")
 
 
 def _body_text(message: Message) -> str:

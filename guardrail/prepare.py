@@ -188,7 +188,7 @@ def _first_escalation(team: Team, rules: RuleSet, deadline: datetime | None) -> 
 
 
 def _ack_request(envelope: Envelope, raw: bytes, summary: Summary, team: Team, site: Site, deadline: datetime | None) -> AckRequest:
-    language = choose_language(summary, team, lambda: f"{summary.subject}\n{summary.body_text or body_sample(raw)}")
+    language = choose_language(summary, team, lambda: f"{summary.subject}\n{summary.body_text or body_sample(raw, summary)}")
     inbox = next((address for address in envelope.rcpt_tos if is_inbox(address, site)), envelope.rcpt_tos[0])
     return AckRequest(
         # RFC 3834 section 4: answer the envelope sender, never Reply-To.

@@ -7,8 +7,8 @@ import base64
 import pytest
 from conftest import message
 
-from guardrail.language import guess_language
-from guardrail.message import body_sample
+from guardrail.language import MAX_CHARACTERS, guess_language
+from guardrail.message import body_sample, summarize
 
 SHIPPED = ("en", "fr", "de", "es")
 
@@ -50,10 +50,12 @@ def test_guess_language_table(text: str, candidates: tuple[str, ...], language: 
     assert guess_language(text, candidates) == language
 
 
-def test_guess_reads_a_bounded_number_of_words() -> None:
-    # Thousands of English words after the first 400 do not outvote the French start.
-    text = "Bonjour, merci pour votre aide avec mon compte. " * 40 + "the and you with " * 5000
+def test_guess_reads_the_start_of_the_text() -> None:
+    # English past the first MAX_CHARACTERS does not outvote the French start.
+    french = "Bonjour, merci pour votre aide avec mon compte. "
+    text = french * (MAX_CHARACTERS // len(french) + 1) + "the and you with " * 5000
     assert guess_language(text, SHIPPED) == "fr"
+    assert guess_language(text[MAX_CHARACTERS:], SHIPPED) == "en"
 
 
 @pytest.mark.parametrize(
@@ -66,6 +68,17 @@ def test_guess_reads_a_bounded_number_of_words() -> None:
             "Grüße, danke schön\r\n",
         ),
         (
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: quoted-printable\r\n",
+            "Gr=FC=DFe, danke sch=F6n\r\n",
+            "Grüße, danke schön\r\n",
+        ),
+        # A base64 body cut inside a quantum, as the limit may cut it.
+        (
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n",
+            base64.b64encode("¿Hola? Gracias".encode()).decode()[:-3] + "\r\n",
+            "¿Hola? Grac",
+        ),
+        (
             'MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary="b"\r\n',
             "--b\r\nContent-Type: text/html\r\n\r\n<p>Hola</p>\r\n--b\r\nContent-Type: text/plain\r\n\r\nHola, gracias\r\n--b--\r\n",
             # The CRLF before a boundary belongs to the boundary (RFC 2046 section 5.1.1).
@@ -74,11 +87,23 @@ def test_guess_reads_a_bounded_number_of_words() -> None:
     ],
 )
 def test_body_sample_reads_the_first_text_part(extra_headers: str, body: str, expected: str) -> None:
-    assert body_sample(message(extra_headers=extra_headers, body=body)) == expected
+    raw = message(extra_headers=extra_headers, body=body)
+    # Whether the line break after the last line is kept differs by encoding.
+    assert body_sample(raw, summarize(raw, with_body=False)).rstrip("\r\n") == expected.rstrip("\r\n")
 
 
 def test_body_sample_reads_only_the_start_of_large_mail() -> None:
     raw = message(body="Bonjour, merci.\r\n" + ("y" * 76 + "\r\n") * 20_000)
-    sample = body_sample(raw, limit=4096)
+    sample = body_sample(raw, summarize(raw, with_body=False), limit=4096)
     assert sample.startswith("Bonjour, merci.\r\n")
-    assert len(sample) < 4096
+    assert len(sample) <= 4096
+
+
+def test_body_sample_of_multipart_mail_reads_only_its_start() -> None:
+    raw = message(
+        extra_headers='MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n',
+        body="--b\r\nContent-Type: text/plain\r\n\r\nHallo, danke\r\n" + ("y" * 76 + "\r\n") * 20_000 + "--b--\r\n",
+    )
+    sample = body_sample(raw, summarize(raw, with_body=False), limit=4096)
+    assert sample.startswith("Hallo, danke\r\n")
+    assert len(sample) <= 4096
