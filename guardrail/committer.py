@@ -65,22 +65,13 @@ WriteItem = Submission | AttemptResult | ManualAnswer | EscalationRun | ZombieRu
 class Committer:
     """Writes lists of items, each list in one transaction; used from one thread at a time."""
 
-    def __init__(
-        self, database: Path, settings: StoreSettings, *, busy_timeout: timedelta = timedelta(seconds=5), autocheckpoint: int | None = None
-    ) -> None:
-        """Open a write connection to `database`.
-
-        `autocheckpoint` is the WAL size in pages at which a commit also
-        checkpoints; None keeps SQLite's default of 1000.
-        """
+    def __init__(self, database: Path, settings: StoreSettings, *, busy_timeout: timedelta = timedelta(seconds=5)) -> None:
         self.settings = settings
         self.db = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
         try:
             self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout.total_seconds() * 1000)}")
-            # synchronous and wal_autocheckpoint are settings of the connection, not of the file.
+            # synchronous is a setting of the connection, not of the file.
             self.db.execute("PRAGMA synchronous = FULL")
-            if autocheckpoint is not None:
-                self.db.execute(f"PRAGMA wal_autocheckpoint = {int(autocheckpoint)}")
         except BaseException:
             self.db.close()
             raise

@@ -4,8 +4,7 @@ The database is in WAL mode with synchronous=FULL. Reads go through an
 aiosqlite connection. Writes go through a group committer: everything queued
 while one transaction commits shares the next transaction, so many messages
 pay for one fsync, yet each caller's future resolves only after the
-transaction holding its rows has committed. A checkpointer thread copies
-committed pages from the WAL into the database file outside those commits.
+transaction holding its rows has committed.
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
-import sqlite3
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,13 +41,6 @@ log = structlog.get_logger("guardrail.store")
 MAX_BATCH = 256
 # Seconds close() waits for queued writes before it gives up on them.
 CLOSE_TIMEOUT = 30.0
-# Seconds the checkpointer waits after a commit before it copies the WAL into
-# the database file, so that one checkpoint covers a burst of commits.
-CHECKPOINT_DELAY = 0.2
-# The writer connection checkpoints by itself, inside a commit, only when the
-# WAL holds this many pages (40 MiB at SQLite's default page size): a safety
-# net for a checkpointer that fell behind or failed.
-WAL_AUTOCHECKPOINT_PAGES = 10_000
 
 
 def _settle(settled: list[tuple[_Job, Any, Exception | None]]) -> None:
@@ -120,62 +110,7 @@ async def _migrate(db: aiosqlite.Connection) -> None:
         raise
 
 
-__all__ = ["AttemptResult", "Checkpointer", "OutboxRow", "Outcome", "Store", "StoreSettings"]
-
-
-class Checkpointer:
-    """Copies committed pages from the WAL into the database file, on its own thread and connection.
-
-    SQLite's automatic checkpoint runs inside the commit that crosses its
-    threshold, so that commit, and every SMTP reply waiting on it, would pay
-    for copying the WAL and syncing the database file. A passive checkpoint
-    on another connection runs beside the writer instead: it copies the pages
-    no reader still needs and does not wait for the writer.
-    """
-
-    def __init__(self, database: Path, delay: float = CHECKPOINT_DELAY) -> None:
-        self._database = database
-        self._delay = delay
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="guardrail-checkpoint", daemon=True)
-        self.checkpoints = 0
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def committed(self) -> None:
-        """Note that a transaction committed; a checkpoint follows after the delay."""
-        self._wake.set()
-
-    def stop(self, timeout: float = CLOSE_TIMEOUT) -> None:
-        """Stop the thread and close its connection, after the checkpoint in progress if any."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        try:
-            db = sqlite3.connect(self._database, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as error:
-            log.warning("checkpointer_not_started", error=repr(error))
-            return
-        try:
-            while True:
-                self._wake.wait()
-                if self._stop.wait(self._delay):
-                    return
-                self._wake.clear()
-                try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error as error:
-                    # The writer's own automatic checkpoint still bounds the WAL.
-                    log.warning("checkpoint_failed", error=repr(error))
-                else:
-                    self.checkpoints += 1
-        finally:
-            db.close()
+__all__ = ["AttemptResult", "OutboxRow", "Outcome", "Store", "StoreSettings"]
 
 
 @dataclass(frozen=True)
@@ -203,10 +138,7 @@ class _Job:
 class Store:
     """The database handle the daemon shares between intake and workers."""
 
-    def __init__(
-        self, db: aiosqlite.Connection, writer: Committer, thread: ThreadPoolExecutor, settings: StoreSettings,
-        checkpointer: Checkpointer,
-    ) -> None:
+    def __init__(self, db: aiosqlite.Connection, writer: Committer, thread: ThreadPoolExecutor, settings: StoreSettings) -> None:
         self._db = db
         self._writer = writer
         self._thread = thread
@@ -214,14 +146,10 @@ class Store:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._committer: asyncio.Future[None] | None = None
         self._closing = False
-        self.checkpointer = checkpointer
 
     @classmethod
-    async def open(
-        cls, path: Path, settings: StoreSettings | None = None, *, busy_timeout: timedelta = timedelta(seconds=5),
-        checkpoint_delay: float = CHECKPOINT_DELAY,
-    ) -> Store:
-        """Open (creating if needed) the database at `path` and start the committer and the checkpointer.
+    async def open(cls, path: Path, settings: StoreSettings | None = None, *, busy_timeout: timedelta = timedelta(seconds=5)) -> Store:
+        """Open (creating if needed) the database at `path` and start the committer.
 
         Reads go through an aiosqlite connection. Writes use a second
         connection owned by the writer thread, which takes queued jobs,
@@ -243,17 +171,14 @@ class Store:
             await _add_missing_columns(db)
             await _migrate(db)
             chosen = settings or StoreSettings()
-            writer = await loop.run_in_executor(
-                thread, lambda: Committer(path, chosen, busy_timeout=busy_timeout, autocheckpoint=WAL_AUTOCHECKPOINT_PAGES)
-            )
-            store = cls(db, writer, thread, chosen, Checkpointer(path, checkpoint_delay))
+            writer = await loop.run_in_executor(thread, lambda: Committer(path, chosen, busy_timeout=busy_timeout))
+            store = cls(db, writer, thread, chosen)
         except BaseException:
             if writer is not None:
                 await loop.run_in_executor(thread, writer.close)
             thread.shutdown(wait=False)
             await db.close()
             raise
-        store.checkpointer.start()
         store._committer = loop.run_in_executor(thread, store._write_until_closed, loop)
         return store
 
@@ -268,7 +193,6 @@ class Store:
                 log.error("store_close_timed_out", queued=self._jobs.qsize())
             except Exception as error:  # noqa: BLE001 - closing goes on
                 log.error("store_writer_failed", error=repr(error))
-        await asyncio.to_thread(self.checkpointer.stop)
         if self._committer is None or self._committer.done():
             await asyncio.get_running_loop().run_in_executor(self._thread, self._writer.close)
         self._thread.shutdown(wait=False)
@@ -330,7 +254,6 @@ class Store:
                 batch.append(job)
             settled = self._commit_or_split(batch)
             loop.call_soon_threadsafe(_settle, settled)
-            self.checkpointer.committed()
             if stop:
                 return
 

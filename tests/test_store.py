@@ -147,72 +147,8 @@ async def test_database_without_protocol_column_is_upgraded(tmp_path: Path) -> N
     assert envelope["protocol"] == "ESMTP"
 
 
-def wal_pages(database: Path) -> int:
-    """Return how many pages the WAL file beside `database` holds, counted from its size."""
-    wal = database.with_name(database.name + "-wal")
-    return (wal.stat().st_size - 32) // (4096 + 24) if wal.exists() else 0
-
-
-async def commit_large(store: Store, folder: Path, count: int) -> int:
-    """Commit `count` messages of about 52 KiB each; return the database file's size before."""
-    size_before = store_path(folder).stat().st_size
-    for submission in submissions(folder, count, body=("y" * 76 + "\r\n") * 680):
-        await store.accept(submission)
-    return size_before
-
-
 def store_path(folder: Path) -> Path:
     return folder / "store.db"
-
-
-async def test_commits_leave_checkpoints_to_the_checkpointer(tmp_path: Path) -> None:
-    database = store_path(tmp_path)
-    store = await Store.open(database, checkpoint_delay=3600)
-    try:
-        empty_size = await commit_large(store, tmp_path, 80)
-        # Past SQLite's default threshold of 1000 pages, no commit
-        # checkpointed: the rows are in the WAL, not in the database file.
-        assert wal_pages(database) > 1000
-        assert database.stat().st_size == empty_size
-        assert store.checkpointer.checkpoints == 0
-    finally:
-        await store.close()
-    assert len(stored_message_ids(database)) == 80
-
-
-async def test_checkpointer_copies_committed_pages_into_the_database_file(tmp_path: Path) -> None:
-    database = store_path(tmp_path)
-    store = await Store.open(database, checkpoint_delay=0)
-    try:
-        empty_size = await commit_large(store, tmp_path, 20)
-        for _ in range(200):
-            if database.stat().st_size > empty_size + 20 * 50_000:
-                break
-            await asyncio.sleep(0.05)
-        assert database.stat().st_size > empty_size + 20 * 50_000
-        assert store.checkpointer.checkpoints >= 1
-    finally:
-        await store.close()
-
-
-@pytest.mark.parametrize("header", ["", "Auto-Submitted: auto-generated\r\n"], ids=["person", "machine"])
-async def test_failed_delivery_escalates_any_unanswered(tmp_path: Path, header: str) -> None:
-    config = load_config(write_config(tmp_path))
-    envelope = Envelope("robot@example.net", ("support@example.org",), "[127.0.0.1]:40000", "client")
-    raw = message(message_id="<report@example.net>", extra_headers=header)
-    prepared = prepare_message(envelope, raw, load_ruleset(config), Site.from_config(config), NOW)
-    assert isinstance(prepared, Submission)
-    store = await Store.open(tmp_path / "store.db")
-    try:
-        outcome = await store.accept(prepared)
-        ((outbox_id,),) = await store.fetch_all("SELECT id FROM outbox WHERE kind = 'deliver'")
-        await store.record_attempt(AttemptResult(outbox_id, outcome.conversation_id, outcome.message_row, NOW, "failed", 1, error="550 no such mailbox"))
-        rows = await store.fetch_all("SELECT state, delivery_failed, next_escalation_at FROM conversations")
-    finally:
-        await store.close()
-
-    # The team never got the message, so someone must act on it even when it needed no reply.
-    assert rows == [("open", 1, "2026-03-02T09:30:00.000000Z")]
 
 
 async def test_machine_conversations_of_an_earlier_version_need_no_reply(tmp_path: Path) -> None:
