@@ -205,6 +205,9 @@ def answer(arguments: argparse.Namespace) -> int:
     if not before:
         print(f"error: conversation {reference} not found in {config.database_path}", file=sys.stderr)
         return EXIT_USAGE
+    if before == "no_reply_needed":
+        print(f"{reference} needs no reply: machine mail or our own mail opened it; nothing changed")
+        return EXIT_OK
     if before != "open":
         print(f"{reference} was already {before}; nothing changed")
         return EXIT_OK

@@ -221,3 +221,24 @@ async def test_answer_command_rejects_unknown_reference(tmp_path: Path, capsys: 
     config = write_config(tmp_path)
     assert await asyncio.to_thread(main, ["answer", "--config", str(config), "GR-000000"]) == 2
     assert "conversation GR-000000 not found" in capsys.readouterr().err
+
+
+async def test_answer_command_on_machine_mail_changes_nothing(
+    tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path)
+    daemon = await start_daemon(config)
+    auto_reply = (
+        b"From: Robot <robot@example.com>\r\nTo: support@example.org\r\nSubject: Out of office\r\n"
+        b"Message-ID: <ooo@example.com>\r\nAuto-Submitted: auto-replied\r\n\r\nAway until Monday.\r\n"
+    )
+    await send(daemon.port, "robot@example.com", ["support@example.org"], auto_reply)
+    [(reference,)] = await daemon.store.fetch_all("SELECT reference FROM conversations")
+    await daemon.stop()
+
+    assert await asyncio.to_thread(main, ["answer", "--config", str(config), reference]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"{reference} needs no reply: machine mail or our own mail opened it; nothing changed"
+    )
+    with sqlite3.connect(daemon.config.database_path) as connection:
+        assert connection.execute("SELECT state FROM conversations").fetchall() == [("no_reply_needed",)]
