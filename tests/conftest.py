@@ -112,6 +112,20 @@ def rules_folder(folder: Path, rules: str, *, shared: bool = True) -> Path:
     return directory
 
 
+# A support team whose mail goes to the smarthost instead of a maildir.
+SMTP_RULES = """
+[[team]]
+name = "support"
+destination = { smtp = ["team@example.net"] }
+members = [{ name = "Sam Ortiz", address = "sam@example.org" }]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+"""
+
+
 @dataclass
 class Received:
     mail_from: str

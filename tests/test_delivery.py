@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.smtp import SMTP
-from conftest import SinkHandler, maildir_messages, message, wait_until, write_config
+from conftest import (
+    SMTP_RULES,
+    SinkHandler,
+    maildir_messages,
+    message,
+    wait_until,
+    write_config,
+)
 from structlog.testing import capture_logs
 
 from guardrail.clock import ManualClock, format_instant
@@ -228,22 +235,11 @@ def test_trace_headers_omit_empty_values(reference: str | None, route: str | Non
     assert lines[3:] == [*expected, "X-Guardrail-Loop: mx.test.example", ""]
 
 
-EIGHT_BIT_RULES = """
-[[team]]
-name = "support"
-destination = { smtp = ["team@example.net"] }
-members = [{ name = "Sam Ortiz", address = "sam@example.org" }]
-
-[[route]]
-name = "default"
-team = "support"
-default = true
-"""
 
 
 async def test_smarthost_gets_body_8bitmime_for_8bit_data(tmp_path: Path, start_daemon, sink) -> None:
     config = write_config(
-        tmp_path, rules=EIGHT_BIT_RULES, sections={"smarthost": {"host": "127.0.0.1", "port": sink.port, "starttls": False}}
+        tmp_path, rules=SMTP_RULES, sections={"smarthost": {"host": "127.0.0.1", "port": sink.port, "starttls": False}}
     )
     daemon = await start_daemon(config)
     eight_bit = message(

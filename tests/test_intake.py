@@ -1375,6 +1375,15 @@ def test_bare_line_endings_found(data: bytes, bare: bool) -> None:
     assert has_bare_line_ending(data * 3) is bare
 
 
+def is_closed(client: smtplib.SMTP) -> bool:
+    """Return True when the server has closed the session: the next command finds no connection."""
+    try:
+        client.noop()
+    except smtplib.SMTPServerDisconnected:
+        return True
+    return False
+
+
 def noop_session(port: int, content: bytes) -> tuple[list[int], list[int], tuple[int, bytes], bool]:
     """Send NOOPs up to the limit, a message, other junk commands up to the limit again and one NOOP more. Return the reply codes."""
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
@@ -1386,12 +1395,7 @@ def noop_session(port: int, content: bytes) -> tuple[list[int], list[int], tuple
         after = [client.docmd(command, argument)[0] for command, argument in junk]
         after += [client.noop()[0] for _ in range(JUNK_COMMAND_LIMIT - len(after))]
         last = client.noop()
-        try:
-            client.noop()
-        except smtplib.SMTPServerDisconnected:
-            closed = True
-        else:
-            closed = False
+        closed = is_closed(client)
     return before, after, last, closed
 
 
@@ -1409,12 +1413,7 @@ def error_session(port: int, content: bytes) -> tuple[list[int], list[int], list
         last = client.rcpt("nobody@example.org")
         # The 421 that followed the last 550 is read as the reply to the next command.
         goodbye = client.noop()
-        try:
-            client.noop()
-        except smtplib.SMTPServerDisconnected:
-            closed = True
-        else:
-            closed = False
+        closed = is_closed(client)
     return before, after, [last, goodbye], closed
 
 

@@ -83,6 +83,12 @@ def test_rule_test_expectations_not_utf8(tmp_path: Path, capsys: pytest.CaptureF
 
 
 
+def write_case(cases: Path, name: str, spec: str) -> None:
+    cases.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "rules" / "tests" / "outage-report.eml", cases / f"{name}.eml")
+    (cases / f"{name}.toml").write_text(spec)
+
+
 @pytest.mark.parametrize(("spec", "problem"), [
     ("arrival = 2026-03-02\n", "arrival: invalid value 2026-03-02; expected a date and time with a time zone, such as 2026-03-02T10:00:00Z"),
     ('arrival = "2026-03-02T10:00:00Z"\n', "arrival: invalid value '2026-03-02T10:00:00Z'; expected a date and time with a time zone"),
@@ -95,21 +101,13 @@ def test_rule_test_expectations_not_utf8(tmp_path: Path, capsys: pytest.CaptureF
 def test_rule_test_reports_misshapen_case(tmp_path: Path, capsys: pytest.CaptureFixture[str], spec: str, problem: str) -> None:
     config = example_copy(tmp_path)
     cases = tmp_path / "cases"
-    cases.mkdir()
-    shutil.copy(ROOT / "rules" / "tests" / "outage-report.eml", cases / "outage.eml")
-    (cases / "outage.toml").write_text(spec)
+    write_case(cases, "outage", spec)
 
     assert main(["test", "--config", str(config), str(cases)]) == 2
     output = capsys.readouterr().out
     assert "INVALID outage.eml" in output
     assert f"{cases / 'outage.toml'}: {problem}" in output
     assert "0 passed, 0 failed, 1 invalid" in output
-
-
-def write_case(cases: Path, name: str, spec: str) -> None:
-    cases.mkdir(exist_ok=True)
-    shutil.copy(ROOT / "rules" / "tests" / "outage-report.eml", cases / f"{name}.eml")
-    (cases / f"{name}.toml").write_text(spec)
 
 
 @pytest.mark.parametrize(("spec", "problem"), [
@@ -567,14 +565,20 @@ def exclusive_lock(database: Path) -> Iterator[None]:
         yield
 
 
-@pytest.mark.parametrize("command", DATABASE_COMMANDS, ids=lambda command: command[0])
-def test_locked_database_named_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
-    config = write_config(tmp_path, sections={"database": {"busy_timeout": "200ms"}})
-    database = tmp_path / "var" / "guardrail.db"
+def short_wait_database(folder: Path) -> tuple[Path, Path]:
+    """Write a config whose commands wait 200 ms for a lock, and an empty guardrail database in WAL mode; return both paths."""
+    config = write_config(folder, sections={"database": {"busy_timeout": "200ms"}})
+    database = folder / "var" / "guardrail.db"
     database.parent.mkdir()
     with closing(sqlite3.connect(database)) as connection:
         connection.execute("PRAGMA journal_mode = WAL")
         connection.executescript(SCHEMA)
+    return config, database
+
+
+@pytest.mark.parametrize("command", DATABASE_COMMANDS, ids=lambda command: command[0])
+def test_locked_database_named_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    config, database = short_wait_database(tmp_path)
     arguments = [str(tmp_path / "rules") if argument == "rules" else argument for argument in command]
 
     with exclusive_lock(database):
@@ -601,12 +605,8 @@ WRITE_COMMANDS = [["inspect", "--by", "Dana Duty", "--note", "reviewed"], ["answ
 
 @pytest.mark.parametrize("command", WRITE_COMMANDS, ids=lambda command: command[0])
 def test_write_lock_named_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
-    config = write_config(tmp_path, sections={"database": {"busy_timeout": "200ms"}})
-    database = tmp_path / "var" / "guardrail.db"
-    database.parent.mkdir()
+    config, database = short_wait_database(tmp_path)
     with closing(sqlite3.connect(database)) as connection:
-        connection.execute("PRAGMA journal_mode = WAL")
-        connection.executescript(SCHEMA)
         connection.execute(
             "INSERT INTO conversations (reference, route, team, state, opened_at, updated_at, subject, customer, participants)"
             " VALUES ('GR-7K3M9Q', 'default', 'support', 'open', ?, ?, 'Printer jams', 'a@example.com', '[]')",

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from conftest import (
+    SMTP_RULES,
     Sink,
     free_port,
     message,
@@ -26,17 +27,6 @@ from guardrail.daemon import Daemon
 
 START = datetime(2025, 11, 4, 9, 0, tzinfo=timezone.utc)
 
-SMTP_RULES = """
-[[team]]
-name = "support"
-destination = { smtp = ["team@example.net"] }
-members = [{ name = "Sam Ortiz", address = "sam@example.org" }]
-
-[[route]]
-name = "default"
-team = "support"
-default = true
-"""
 
 
 
