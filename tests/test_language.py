@@ -92,14 +92,14 @@ def test_body_sample_reads_the_first_text_part(extra_headers: str, body: str, ex
     assert body_sample(raw, summarize(raw, with_body=False)).rstrip("\r\n") == expected.rstrip("\r\n")
 
 
-def test_body_sample_reads_only_the_start_of_large_mail() -> None:
+def test_body_sample_single_part_large() -> None:
     raw = message(body="Bonjour, merci.\r\n" + ("y" * 76 + "\r\n") * 20_000)
     sample = body_sample(raw, summarize(raw, with_body=False), limit=4096)
     assert sample.startswith("Bonjour, merci.\r\n")
     assert len(sample) <= 4096
 
 
-def test_body_sample_of_multipart_mail_reads_only_its_start() -> None:
+def test_body_sample_multipart_large() -> None:
     raw = message(
         extra_headers='MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n',
         body="--b\r\nContent-Type: text/plain\r\n\r\nHallo, danke\r\n" + ("y" * 76 + "\r\n") * 20_000 + "--b--\r\n",
