@@ -110,7 +110,7 @@ def merge_fields(summary: Summary, mail_from: str, team: Team, language: str, de
         "subject": one_line(summary.subject),
         "team": team.name,
         "deadline": format_deadline(deadline, team, language),
-        "urgent_contact": one_line(team.urgent_contact),
+        "urgent_contact": one_line(team.urgent_contact_in(language)),
     }
 
 

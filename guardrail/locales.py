@@ -50,3 +50,20 @@ def is_supported_language(language: str) -> bool:
     except (ValueError, UnknownLocaleError):
         return False
     return True
+
+
+# How an acknowledgement points the sender at a person: "write to NAME <ADDRESS>".
+_WRITE_TO = {
+    "en": "write to",
+    "fr": "écrivez à",
+    "de": "schreiben Sie an",
+    "es": "escriba a",
+    "nl": "schrijf naar",
+    "it": "scrivete a",
+    "pt": "escreva para",
+}
+
+
+def write_to(language: str) -> str:
+    """Return the words before a person's name and address that invite the sender to write to them, in `language`; English if unknown."""
+    return _WRITE_TO.get(language, _WRITE_TO["en"])

@@ -16,7 +16,7 @@ from typing import Any
 
 from .business_hours import Calendar, next_open_interval, utc_calendar
 from .errors import ConfigError, ConfigErrors
-from .locales import is_supported_language
+from .locales import is_supported_language, write_to
 from .rules_sla import (
     LANGUAGE_EXPECTED,
     EscalationLevel,
@@ -75,6 +75,12 @@ class Team:
     urgent_contact: str = ""
     escalation: tuple[EscalationLevel, ...] = ()
     escalation_contact: Human | None = None
+    # The urgent_contact text by language, where the rules give one per language.
+    urgent_contacts: dict[str, str] = field(default_factory=dict)
+
+    def urgent_contact_in(self, language: str) -> str:
+        """Return the urgent_contact text for an acknowledgement in `language`."""
+        return self.urgent_contacts.get(language, self.urgent_contact)
 
     @property
     def member_addresses(self) -> frozenset[str]:
@@ -271,7 +277,11 @@ def _load_team(
     first_response = table.duration("first_response", timedelta(hours=4))
     language = (table.string("language", "en") or "en").lower()
     template_name = table.string("template", "standard") or "standard"
-    urgent_contact = table.string("urgent_contact", "", allow_empty=True) or ""
+    urgent_contacts = _urgent_contacts(table) if isinstance(table.raw("urgent_contact"), dict) else {}
+    if urgent_contacts:
+        urgent_contact = urgent_contacts.get(language, "")
+    else:
+        urgent_contact = table.string("urgent_contact", "", allow_empty=True) or ""
     escalation = load_escalation(table, "escalation")
     contact = load_named_human(table, "escalation_contact") if table.has("escalation_contact") else None
     table.finish()
@@ -285,17 +295,34 @@ def _load_team(
     elif language not in team_templates:
         table.problem("language", f"template {template_name!r} has no {language!r} variant; it has {sorted(team_templates)}")
     first_human = next((level.human for level in escalation if level.human), None) or fallback
+    for variant in sorted(urgent_contacts.keys() - team_templates.keys()):
+        table.problem(f"urgent_contact.{variant}", f"template {template_name!r} has no {variant!r} variant; it has {sorted(team_templates)}")
     if not urgent_contact and first_human is not None:
-        # Without an explicit text, senders are pointed at the first named human.
-        urgent_contact = f"write to {first_human.formatted()}"
+        # Without an explicit text, senders are pointed at the first named human, in their language.
+        urgent_contact = f"{write_to('en')} {first_human.formatted()}"
+        urgent_contacts = {
+            variant: urgent_contacts.get(variant) or f"{write_to(variant)} {first_human.formatted()}" for variant in team_templates
+        }
     if not escalation and fallback is None:
         table.problem("escalation", "no escalation chain and no [escalation] fallback; every conversation must end with a named human")
     if not name:
         return None
     return Team(
         name, destination, members, calendar, first_response, language, team_templates,
-        urgent_contact, escalation, contact,
+        urgent_contact, escalation, contact, urgent_contacts,
     )
+
+
+def _urgent_contacts(table: Table) -> dict[str, str]:
+    """Read an urgent_contact given as a table of texts by language, such as { en = "...", fr = "..." }."""
+    texts = table.table("urgent_contact", 'a string, or a table of texts by language such as { en = "...", fr = "..." }')
+    contacts = {}
+    for variant in list(texts.data):
+        text = texts.string(variant, "", allow_empty=True)
+        if text is not None:
+            contacts[variant.lower()] = text
+    texts.finish()
+    return contacts
 
 
 def _load_members(table: Table) -> tuple[Member, ...]:

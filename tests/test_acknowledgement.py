@@ -31,6 +31,7 @@ from guardrail.acknowledgement import (
     capped_references,
     choose_language,
     format_deadline,
+    merge_fields,
     render_acknowledgement,
     requested_languages,
 )
@@ -596,3 +597,51 @@ async def test_encoded_display_name_is_not_member(tmp_path: Path, start_daemon) 
     ((customer,),) = await daemon.store.fetch_all("SELECT customer FROM conversations")
     assert customer == "mallory@example.net"
 
+
+
+URGENT_RULES = """
+[[team]]
+name = "support"
+destination = { maildir = "var/maildir/support" }
+members = [{ name = "Sam Ortiz", address = "sam@example.org" }]
+urgent_contact = { en = "call +1 555 0100", fr = "appelez le +1 555 0100" }
+
+[[team]]
+name = "billing"
+destination = { maildir = "var/maildir/billing" }
+members = [{ name = "Bea Keller", address = "bea@example.org" }]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+"""
+
+
+@pytest.mark.parametrize(
+    ("team", "language", "text"),
+    [
+        ("support", "en", "call +1 555 0100"),
+        ("support", "fr", "appelez le +1 555 0100"),
+        # A language the table leaves out gets the text of the team's own language.
+        ("support", "de", "call +1 555 0100"),
+        # Without urgent_contact, the first person to escalate to, in the acknowledgement's language.
+        ("billing", "en", "write to Dana Duty <duty-manager@example.org>"),
+        ("billing", "es", "escriba a Dana Duty <duty-manager@example.org>"),
+        ("billing", "de", "schreiben Sie an Dana Duty <duty-manager@example.org>"),
+    ],
+)
+def test_urgent_contact_by_language(tmp_path: Path, team: str, language: str, text: str) -> None:
+    loaded = load_rules(rules_folder(tmp_path, URGENT_RULES), tmp_path)
+    assert merge_fields(summarize(message()), "alice@example.com", loaded.teams[team], language, None)["urgent_contact"] == text
+
+
+def test_urgent_contact_for_a_language_without_template(tmp_path: Path) -> None:
+    folder = rules_folder(tmp_path, URGENT_RULES.replace('fr = "appelez', 'pt = "ligue'))
+    with pytest.raises(ConfigErrors) as raised:
+        load_rules(folder, tmp_path)
+    [problem] = [str(error) for error in raised.value.errors]
+    assert problem == (
+        f"{folder / 'rules.toml'}: team[0] (support).urgent_contact.pt: template 'standard' has no 'pt' variant;"
+        " it has ['de', 'en', 'es', 'fr']"
+    )
