@@ -83,8 +83,14 @@ def _check_tables(connection: sqlite3.Connection, path: Path, *, require_tables:
     # SQLite creates tables named sqlite_* itself, such as sqlite_sequence for AUTOINCREMENT.
     names = {name for (name,) in rows if not name.startswith("sqlite_")}
     missing = [name for name in GUARDRAIL_TABLES if name not in names]
-    # A table that guardrail never creates marks another application's file. Without one, guardrail's schema is only unfinished.
-    foreign = sorted(names - _schema_tables())
+    # A table that guardrail never creates, or one of guardrail's names with
+    # columns guardrail never gives it, marks another application's file.
+    # Without either, guardrail's schema is only unfinished.
+    schema = _schema_columns()
+    foreign = sorted(
+        name for name in names
+        if name not in schema or not _columns(connection, name) <= schema[name]
+    )
     if missing and foreign:
         listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise DatabaseFileError(
@@ -99,12 +105,17 @@ def _check_tables(connection: sqlite3.Connection, path: Path, *, require_tables:
 
 
 @cache
-def _schema_tables() -> frozenset[str]:
-    """Return the names of the tables that guardrail's schema creates."""
+def _schema_columns() -> dict[str, frozenset[str]]:
+    """Return the tables that guardrail's schema creates, each with its column names."""
     with closing(sqlite3.connect(":memory:")) as connection:
         connection.executescript(SCHEMA)
         rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
-    return frozenset(name for (name,) in rows if not name.startswith("sqlite_"))
+        return {name: _columns(connection, name) for (name,) in rows if not name.startswith("sqlite_")}
+
+
+def _columns(connection: sqlite3.Connection, table: str) -> frozenset[str]:
+    quoted = table.replace('"', '""')
+    return frozenset(row[1] for row in connection.execute(f'PRAGMA table_info("{quoted}")'))
 
 
 @contextmanager

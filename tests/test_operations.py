@@ -488,8 +488,17 @@ def _chat_application(database: Path) -> None:
         connection.execute("CREATE TABLE settings (key TEXT)")
 
 
-@pytest.mark.parametrize(("write", "shown"), [(_foreign, "notes"), (_chat_application, "invites, rooms, settings and 1 more")],
-                         ids=["notes", "chat"])
+def _same_table_name(database: Path) -> None:
+    # A table named as one of guardrail's, with columns guardrail never gives it.
+    with closing(sqlite3.connect(database)) as connection:
+        connection.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, at TEXT, what TEXT)")
+
+
+@pytest.mark.parametrize(
+    ("write", "shown"),
+    [(_foreign, "notes"), (_chat_application, "invites, messages, rooms and 2 more"), (_same_table_name, "events")],
+    ids=["notes", "chat", "same-name"],
+)
 def test_run_rejects_other_application_database(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], write, shown: str,
 ) -> None:
