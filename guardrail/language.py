@@ -3,9 +3,10 @@
 Most mail programs send no Content-Language header, so the acknowledgement
 would go out in the team's default language to everyone. This guess counts
 common function words (articles, pronouns, greetings, "please" and "thanks")
-of each candidate language in the subject and the start of the body. It
-answers only when one language clearly leads, and None otherwise, so the
-caller falls back to the team's language rather than to a wrong guess.
+of each language it knows in the subject and the start of the body. It
+answers only when one of the candidates clearly leads, and None otherwise,
+so the caller falls back to the team's language rather than to a wrong
+guess.
 """
 
 from __future__ import annotations
@@ -62,22 +63,24 @@ MIN_KANA = 5
 
 
 def guess_language(text: str, candidates: Iterable[str]) -> str | None:
-    """Return the one of `candidates` that `text` is most likely written in, or None when no language clearly leads."""
+    """Return the one of `candidates` that `text` is most likely written in, or None when no language clearly leads.
+
+    Every language with a word list competes, not only the candidates, so
+    that Italian mail is not taken for Spanish because a team has a Spanish
+    template and no Italian one.
+    """
     text = text[:MAX_CHARACTERS]
     candidates = set(candidates)
-    if "ja" in candidates and len(_KANA.findall(text)) >= MIN_KANA:
-        return "ja"
+    if len(_KANA.findall(text)) >= MIN_KANA:
+        return "ja" if "ja" in candidates else None
     counts = Counter(text.lower().translate(_SEPARATORS).split())
     words = counts.keys()
     scores = sorted(
-        ((sum(counts[word] for word in words & FUNCTION_WORDS[language]), language)
-         for language in candidates if language in FUNCTION_WORDS),
+        ((sum(counts[word] for word in words & vocabulary), language) for language, vocabulary in FUNCTION_WORDS.items()),
         reverse=True,
     )
-    if not scores:
-        return None
     best, language = scores[0]
-    runner_up = scores[1][0] if len(scores) > 1 else 0
-    if best >= MIN_HITS and best >= 2 * runner_up:
+    runner_up = scores[1][0]
+    if language in candidates and best >= MIN_HITS and best >= 2 * runner_up:
         return language
     return None

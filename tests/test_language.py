@@ -42,6 +42,9 @@ SHIPPED = ("en", "fr", "de", "es")
         ("Bonjour, je n'arrive plus à me connecter à mon compte. Merci", ("en", "de"), None),
         # Kana without a Japanese template is not Japanese.
         ("ログインできません。よろしくお願いします。", SHIPPED, None),
+        # Italian and Portuguese lead for teams without those templates: no guess, rather than Spanish.
+        ("Buongiorno, ho una domanda con il mio ordine: non riesco a pagare. Grazie per l'aiuto", SHIPPED, None),
+        ("Olá, tenho uma pergunta sobre o meu pedido para a minha conta, por favor. Obrigado", SHIPPED, None),
         # A language that has no word list is never chosen.
         ("Dzień dobry, nie mogę się zalogować. Dziękuję", ("pl",), None),
     ],
