@@ -148,10 +148,8 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     # A reply written as the shared inbox itself is the team's. Only From
     # counts here: a forwarder may put the inbox in the envelope sender of
     # every customer's message.
-    is_staff = (
-        rules.is_staff(summary.from_address) or rules.is_staff(envelope.mail_from)
-        or summary.from_address.lower() in site.inboxes
-    )
+    from_inbox = summary.from_address.lower() in site.inboxes
+    is_staff = rules.is_staff(summary.from_address) or rules.is_staff(envelope.mail_from) or from_inbox
     machine = machine_signal(summary, envelope.mail_from, site.hostname, site.sender_patterns)
     ack_signal = machine or person_signal(summary, is_staff)
 
@@ -166,7 +164,9 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         ack_signal=ack_signal, ack=ack, deadline=deadline,
         first_escalation_at=_first_escalation(team, rules, deadline),
         unstaffed=unstaffed_reason(team, now, rules.unstaffed_horizon) or "",
-        sla_applies=machine is None, is_staff=is_staff, machine_signal=machine or "",
+        # The team's own mail, such as a help-desk tool's copy of a message
+        # it sent to a customer, awaits no answer from the team.
+        sla_applies=machine is None and not from_inbox, is_staff=is_staff, machine_signal=machine or "",
         shadow=tuple(
             {"route": result.route, "team": result.team, "would_win": result.would_win}
             for result in shadow_results(rules, facts, match)

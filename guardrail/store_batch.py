@@ -374,6 +374,8 @@ class BatchWriter:
             deadline, reason, first = _start_clock(submission, change)
         elif submission.is_loop:
             change.events.append(("no_deadline", {"reason": "our own mail came back"}))
+        elif not submission.machine_signal:
+            change.events.append(("no_deadline", {"reason": "written as the shared inbox"}))
         else:
             change.events.append(("no_deadline", {"reason": "automated message"}))
         self.rows["conversations"].append((

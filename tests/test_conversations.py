@@ -6,6 +6,7 @@ import asyncio
 import json
 import sqlite3
 from datetime import UTC, datetime
+from email.utils import parseaddr
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,8 @@ def test_staff_sender_table(tmp_path: Path, from_header: str, mail_from: str, st
     assert submission.is_staff is staff
     assert (submission.ack is None) is staff
     assert submission.ack_signal == ("sender is a team member" if staff else None)
+    # Mail written as the inbox itself awaits no answer; a team member's new mail still does.
+    assert submission.sla_applies is (parseaddr(from_header)[1].lower() not in config.smtp.inboxes)
 
 
 async def test_reply_written_as_the_inbox_answers(tmp_path: Path, start_daemon) -> None:
@@ -146,7 +149,14 @@ async def test_reply_written_as_the_inbox_answers(tmp_path: Path, start_daemon) 
     note = message(sender="Support <support@example.org>", subject="Shift notes", message_id="<n@example.org>")
     await send(daemon.port, "support@example.org", ["support@example.org"], note)
 
-    assert rows(database, "SELECT state, answered_by FROM conversations ORDER BY id")[0] == ("answered", "support@example.org")
+    assert rows(database, "SELECT state, answered_by FROM conversations ORDER BY id") == [
+        ("answered", "support@example.org"),
+        # The team's own mail awaits no answer from the team.
+        ("no_reply_needed", None),
+    ]
+    assert rows(database, "SELECT detail FROM events WHERE conversation_id = 2 AND kind = 'no_deadline'") == [
+        ('{"reason": "written as the shared inbox"}',),
+    ]
     assert rows(database, "SELECT recipient, decision, signal FROM acknowledgements ORDER BY id") == [
         ("alice@example.com", "sent", ""),
         ("support@example.org", "suppressed", "follow-up in an existing conversation"),
