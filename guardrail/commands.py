@@ -42,7 +42,7 @@ def _unset_variable_warnings(config: Config) -> list[Finding]:
     return [
         Finding(
             "warning", str(config.path),
-            f"{item.key}: environment variable {item.variable!r} is not set here;"
+            f"{item.key}: environment variable {item.variable!r} {item.state};"
             " the daemon will not start unless it is set in the daemon's environment",
         )
         for item in config.unset_variables

@@ -138,6 +138,7 @@ class UnsetVariable:
 
     key: str  # the dotted key, such as "http.token_env"
     variable: str  # the variable it names, such as "GUARDRAIL_API_TOKEN"
+    state: str = "is not set here"  # or why its value cannot be used
 
 
 @dataclass(frozen=True)
@@ -251,7 +252,7 @@ def load_config(path: Path | str, *, require_secrets: bool = True) -> Config:
         inspection_max_age=inspection.duration("max_age", timedelta(days=90)),
         zombie=_load_zombie(zombie),
     )
-    config = replace(config, http=_load_http(root.table("http"), unset))
+    config = replace(config, http=_load_http(root.table("http"), unset, require_secrets))
     for table in (
         root, postmaster, database, outbound, rules, delivery_table, conversations, log, acknowledgements, webhooks,
         inspection, zombie,
@@ -489,7 +490,7 @@ def _load_zombie(table: Table) -> ZombieSettings | None:
     return settings if enabled else None
 
 
-def _load_http(table: Table, unset: list[UnsetVariable]) -> HttpSettings:
+def _load_http(table: Table, unset: list[UnsetVariable], require_secrets: bool = True) -> HttpSettings:
     token_env = table.string("token_env")
     token = table.string("token")
     if token_env is not None and token is not None:
@@ -498,12 +499,18 @@ def _load_http(table: Table, unset: list[UnsetVariable]) -> HttpSettings:
         token = _read_variable(table, "token_env", token_env, unset)
     # Neither the value nor any part of it goes into an error message.
     if token is not None and (len(token) < MIN_TOKEN_LENGTH or not _BEARER_TOKEN.fullmatch(token)):
-        table.problem(
-            "token_env" if token_env is not None else "token",
-            f"the token must be at least {MIN_TOKEN_LENGTH} characters of letters, digits and -._~+/"
-            " (for example the output of: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')",
-        )
-        token = None
+        if token_env is not None and not require_secrets:
+            # A command that does not serve HTTP only warns, as for an unset variable.
+            usable = f"at least {MIN_TOKEN_LENGTH} characters of letters, digits and -._~+/"
+            unset.append(UnsetVariable(table.key("token_env"), token_env, f"holds no usable token here ({usable})"))
+            token = None
+        else:
+            table.problem(
+                "token_env" if token_env is not None else "token",
+                f"the token must be at least {MIN_TOKEN_LENGTH} characters of letters, digits and -._~+/"
+                " (for example the output of: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')",
+            )
+            token = None
     settings = HttpSettings(
         enabled=table.boolean("enabled", True),
         listen=_listen_address(table),

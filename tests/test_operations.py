@@ -929,3 +929,25 @@ def test_run_requires_secret_variables(secretless_config: Path) -> None:
         " export it or remove the key"
     ) in lines
     assert not (secretless_config.parent / "var" / "guardrail.pid").exists()
+
+
+@pytest.mark.parametrize("value", ["", "short"])
+def test_unusable_token_variable_only_warns_outside_run(
+    secretless_config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, value: str,
+) -> None:
+    monkeypatch.setenv("GUARDRAIL_TEST_UNSET_TOKEN", value)
+
+    assert main(["status", "--config", str(secretless_config)]) == 0
+    assert "GUARDRAIL_TEST_UNSET_TOKEN" not in capsys.readouterr().err
+    assert main(["check", "--config", str(secretless_config)]) == 1
+    assert (
+        f"warning: {secretless_config}: http.token_env: environment variable 'GUARDRAIL_TEST_UNSET_TOKEN' holds no"
+        " usable token here (at least 16 characters of letters, digits and -._~+/);"
+    ) in capsys.readouterr().err
+
+    run = subprocess.run(
+        [sys.executable, "-m", "guardrail", "run", "--config", str(secretless_config)],
+        capture_output=True, text=True, timeout=30, env={**os.environ, "GUARDRAIL_TEST_UNSET_TOKEN": value},
+    )
+    assert run.returncode == 2
+    assert f"error: {secretless_config}: http.token_env: the token must be at least 16 characters" in run.stderr
