@@ -1451,3 +1451,14 @@ async def test_junk_commands_limited(tmp_path: Path, start_daemon) -> None:
     assert last == (421, b"4.7.0 Too many commands without mail, closing the connection")
     assert closed
     assert count_rows(daemon, "messages") == 1
+
+
+async def test_fifth_unknown_command_closes_the_connection(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+
+    lines = await converse(daemon.port, EHLO + b"FOO1\r\nFOO2\r\nFOO3\r\nFOO4\r\nFOO5\r\nNOOP\r\n")
+
+    replies = [line for line in lines if not line.startswith(("220", "250"))]
+    assert replies == ["500 5.5.2 Command not recognized"] * 4 + ["502 5.5.1 Too many unrecognized commands, goodbye."]
+    # The NOOP after it got no reply: the connection was closed.
+    assert lines[-1] == replies[-1]
