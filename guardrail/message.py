@@ -12,6 +12,7 @@ import email.header
 import email.parser
 import email.policy
 import email.utils
+import html
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ HEADER_DECODE_LIMIT = 64 * 1024
 # NOTE: a body condition does not see text past the first 256 KiB characters.
 BODY_TEXT_LIMIT = 256 * 1024
 
+_TAG = re.compile(r"<[^>]*>")
+_NOT_SHOWN = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
 _CHARSET = re.compile(r'charset\s*=\s*"?([^";\s]+)', re.IGNORECASE)
 _BASE64_NOISE = re.compile(rb"[^A-Za-z0-9+/]")
 
@@ -296,11 +299,12 @@ def _first_message_id(values: tuple[str, ...]) -> str:
 
 
 def body_sample(raw: bytes, summary: Summary, limit: int = 4096) -> str:
-    """Return text from the start of the first text/plain part, read from at most `limit` bytes of the body.
+    """Return up to `limit` characters from the start of the first text/plain part, else of the first HTML part's text.
 
     Cheaper than a full parse on large mail, for decisions that need a few
     words of the body, such as the language of the acknowledgement. A
-    single-part message is decoded without the email parser.
+    single-part message is decoded without the email parser from `limit`
+    bytes of its body; of a multipart message, four times that is parsed.
     """
     end = raw.find(b"\r\n\r\n")
     if end < 0:
@@ -320,10 +324,25 @@ def body_sample(raw: bytes, summary: Summary, limit: int = 4096) -> str:
         charset = _CHARSET.search(content_type)
         return _decode_sample(chunk, charset.group(1) if charset else None)
     try:
-        message = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw[: end + 4 + limit])
+        # A multipart message may put its text after a long HTML part, so more of it is read.
+        message = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw[: end + 4 + 4 * limit])
     except Exception:  # noqa: BLE001 - the parser must never stop intake
         return ""
-    return _body_text(message)
+    return (_body_text(message) or _html_text(message))[:limit]
+
+
+def _html_text(message: Message) -> str:
+    """Return the words of the first text/html part, without tags, scripts and styles; "" without one."""
+    try:
+        for part in message.walk():
+            if part.get_content_type() == "text/html" and part.get_content_disposition() != "attachment":
+                payload = part.get_payload(decode=True)
+                if isinstance(payload, bytes):
+                    text = _NOT_SHOWN.sub(" ", _decode_bytes(payload, part.get_content_charset()))
+                    return html.unescape(_TAG.sub(" ", text))
+    except Exception:  # noqa: BLE001
+        return ""
+    return ""
 
 
 def _decode_sample(data: bytes, charset: str | None) -> str:

@@ -110,3 +110,23 @@ def test_body_sample_multipart_large() -> None:
     sample = body_sample(raw, summarize(raw, with_body=False), limit=4096)
     assert sample.startswith("Hallo, danke\r\n")
     assert len(sample) <= 4096
+
+
+def test_body_sample_finds_text_after_a_long_html_part() -> None:
+    raw = message(
+        extra_headers='MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary="b"\r\n',
+        body="--b\r\nContent-Type: text/html\r\n\r\n" + "<p>Hallo</p>\r\n" * 600
+        + "--b\r\nContent-Type: text/plain\r\n\r\nHallo, ich habe eine Frage. Danke\r\n--b--\r\n",
+    )
+    assert body_sample(raw, summarize(raw, with_body=False)) == "Hallo, ich habe eine Frage. Danke"
+
+
+def test_body_sample_reads_html_only_mail_without_tags() -> None:
+    raw = message(
+        extra_headers="MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=b\r\n",
+        body="--b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<html><head><style>p { color: red }</style></head>"
+        "<body><p>Bonjour, je n&#39;ai pas re&ccedil;u ma facture. Merci</p><script>track()</script></body></html>\r\n--b--\r\n",
+    )
+    sample = body_sample(raw, summarize(raw, with_body=False))
+    assert " ".join(sample.split()) == "Bonjour, je n'ai pas reçu ma facture. Merci"
+    assert guess_language(sample, SHIPPED) == "fr"
