@@ -60,11 +60,16 @@ def choose_conversation(
     sender_addresses: frozenset[str],
     by_message_id: dict[str, KnownConversation],
     by_reference: dict[str, KnownConversation],
+    *,
+    from_inbox: bool = False,
 ) -> tuple[KnownConversation | None, str]:
     """Pick the conversation a message joins, and say why; (None, "") means a new one.
 
     Thread headers win over a subject tag. The nearest parent counts first, so
     the last id of References (and In-Reply-To) is tried before older ones.
+    A subject tag counts for a sender who takes part in the conversation, and
+    for mail written as a shared inbox (`from_inbox`), as help-desk tools
+    that thread by subject send it.
     """
     for message_id in reversed(thread_ids):
         known = by_message_id.get(message_id)
@@ -77,4 +82,6 @@ def choose_conversation(
             continue
         if sender_addresses & known.participants:
             return known, f"subject carries [{reference}] and the sender takes part"
+        if from_inbox:
+            return known, f"subject carries [{reference}] and the message is written as a shared inbox"
     return None, ""

@@ -70,6 +70,7 @@ class Submission:
     sla_applies: bool = True
     # Whether the message, as a follow-up, counts as the team's answer.
     is_staff: bool = False
+    from_inbox: bool = False  # its From is one of the shared inboxes
     machine_signal: str = ""  # why the message looks written by software, or ""
     # Shadow routes that match: {"route", "team", "would_win"} each.
     shadow: tuple[dict[str, object], ...] = ()
@@ -180,7 +181,8 @@ def plan_submission(
 
     tagged = find_references(submission.summary.subject, reference_prefix)
     known, reason = choose_conversation(
-        submission.thread_ids, tagged, submission.sender_addresses, by_message_id, by_reference
+        submission.thread_ids, tagged, submission.sender_addresses, by_message_id, by_reference,
+        from_inbox=submission.from_inbox,
     )
     if known is not None:
         return _plan_follow_up(submission, known, reason)

@@ -166,7 +166,8 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         unstaffed=unstaffed_reason(team, now, rules.unstaffed_horizon) or "",
         # The team's own mail, such as a help-desk tool's copy of a message
         # it sent to a customer, awaits no answer from the team.
-        sla_applies=machine is None and not from_inbox, is_staff=is_staff, machine_signal=machine or "",
+        sla_applies=machine is None and not from_inbox, is_staff=is_staff, from_inbox=from_inbox,
+        machine_signal=machine or "",
         shadow=tuple(
             {"route": result.route, "team": result.team, "would_win": result.would_win}
             for result in shadow_results(rules, facts, match)

@@ -56,19 +56,24 @@ def test_new_reference_format() -> None:
 
 
 @pytest.mark.parametrize(
-    ("thread_ids", "tags", "senders", "expected"),
+    ("thread_ids", "tags", "senders", "from_inbox", "expected"),
     [
-        (("<known@x>",), (), frozenset({"mallory@example.net"}), 7),
-        (("<unknown@x>", "<known@x>"), (), frozenset(), 7),
-        ((), ("GR-7K3M9Q",), frozenset({"alice@example.com"}), 7),
+        (("<known@x>",), (), frozenset({"mallory@example.net"}), False, 7),
+        (("<unknown@x>", "<known@x>"), (), frozenset(), False, 7),
+        ((), ("GR-7K3M9Q",), frozenset({"alice@example.com"}), False, 7),
         # A reference alone is not enough: the sender must take part already.
-        ((), ("GR-7K3M9Q",), frozenset({"mallory@example.net"}), None),
-        ((), ("GR-0000000",), frozenset({"alice@example.com"}), None),
-        (("<unknown@x>",), (), frozenset({"alice@example.com"}), None),
+        ((), ("GR-7K3M9Q",), frozenset({"mallory@example.net"}), False, None),
+        ((), ("GR-0000000",), frozenset({"alice@example.com"}), False, None),
+        (("<unknown@x>",), (), frozenset({"alice@example.com"}), False, None),
+        # Mail written as a shared inbox joins by the reference alone.
+        ((), ("GR-7K3M9Q",), frozenset({"support@example.org"}), True, 7),
+        ((), ("GR-0000000",), frozenset({"support@example.org"}), True, None),
     ],
 )
-def test_choose_conversation_table(thread_ids, tags, senders, expected) -> None:
-    chosen, _ = choose_conversation(thread_ids, tags, senders, {"<known@x>": KNOWN}, {"GR-7K3M9Q": KNOWN})
+def test_choose_conversation_table(thread_ids, tags, senders, from_inbox, expected) -> None:
+    chosen, _ = choose_conversation(
+        thread_ids, tags, senders, {"<known@x>": KNOWN}, {"GR-7K3M9Q": KNOWN}, from_inbox=from_inbox
+    )
     assert (chosen.id if chosen else None) == expected
 
 
@@ -162,6 +167,19 @@ async def test_reply_written_as_the_inbox_answers(tmp_path: Path, start_daemon) 
         ("support@example.org", "suppressed", "follow-up in an existing conversation"),
         ("support@example.org", "suppressed", "sender is a team member"),
     ]
+
+
+async def test_reply_written_as_the_inbox_joins_by_reference(tmp_path: Path, start_daemon) -> None:
+    # Some help-desk tools thread only by the reference in the subject.
+    daemon = await start_daemon(write_config(tmp_path))
+    database = daemon.config.database_path
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<q@example.com>"))
+    [(reference,)] = rows(database, "SELECT reference FROM conversations")
+    reply = message(sender="Support <support@example.org>", subject=f"Re: [{reference}] Printer", message_id="<a@example.org>")
+    await send(daemon.port, "support@example.org", ["support@example.org"], reply)
+
+    assert rows(database, "SELECT state, answered_by FROM conversations") == [("answered", "support@example.org")]
+    assert rows(database, "SELECT disposition FROM messages ORDER BY id") == [("new",), ("follow_up",)]
 
 
 async def test_reply_to_team_forward_joins(tmp_path: Path, start_daemon) -> None:
