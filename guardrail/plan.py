@@ -185,7 +185,11 @@ def plan_submission(
         from_inbox=submission.from_inbox,
     )
     if known is not None:
-        return _plan_follow_up(submission, known, reason)
+        plan = _plan_follow_up(submission, known, reason)
+        if plan.starts_clock:
+            # The person is the first to await an answer here, so they hear when it is due.
+            plan.ack_decision, plan.ack_signal = decide_acknowledgement(submission, acks_in_window, ack_limit)
+        return plan
     decision, signal = decide_acknowledgement(submission, acks_in_window, ack_limit)
     return Plan(
         "loop" if submission.is_loop else "new",

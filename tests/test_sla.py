@@ -322,6 +322,12 @@ async def test_person_joining_machine_mail_starts_clock(tmp_path: Path, start_da
     assert rows == [("open", stored("2025-11-04T11:30:00Z"), stored("2025-11-04T11:30:00Z"))]
     events = await daemon.store.fetch_all("SELECT kind FROM events WHERE kind IN ('no_deadline', 'deadline_set') ORDER BY id")
     assert [row[0] for row in events] == ["no_deadline", "deadline_set"]
+    # The person who started the clock is acknowledged, with the conversation's reference.
+    acknowledgements = await daemon.store.fetch_all("SELECT decision, signal FROM acknowledgements ORDER BY id")
+    assert [tuple(row) for row in acknowledgements][-1] == ("sent", "")
+    [(reference,)] = await daemon.store.fetch_all("SELECT reference FROM conversations")
+    [(payload,)] = await daemon.store.fetch_all("SELECT payload FROM outbox WHERE kind = 'mail'")
+    assert f"[{reference}]".encode() in bytes(payload).replace(b"\r\n ", b" ")
     await move_to(daemon, clock, utc("2025-11-04T11:29:00Z"))
     assert escalations(tmp_path) == []
     await move_to(daemon, clock, utc("2025-11-04T11:30:00Z"))
