@@ -63,9 +63,9 @@ class Backtracking:
 def find_backtracking(pattern: re.Pattern[str]) -> Backtracking | None:
     """Return the reason `pattern` can backtrack catastrophically, or None if its structure shows no such risk.
 
-    NOTE: alternatives are compared only when every one is literal text, so
-    (.|\\s)* is not reported, and a bounded repeat below LARGE_REPEAT, such
-    as (.*a){2}, is not reported either.
+    NOTE: alternatives that are not all literal text are compared by their
+    first character only, and a bounded repeat below LARGE_REPEAT, such as
+    (.*a){2}, is not reported.
     """
     if sre_parser is None:
         return None
@@ -89,13 +89,30 @@ def _check_repeat(op: Any, argument: Any, ignore_case: bool) -> Backtracking | N
         return None
     reported_maximum = None if maximum == sre.MAXREPEAT else maximum
     items = _flatten(body)
-    # The next iteration starts with the body again, so that is what follows the body's last item.
-    if _has_ambiguous_repeat(items, _first_characters(items, None)):
-        return Backtracking("nested", reported_maximum)
     words = _literal_words(items)
     if words is not None and not _is_uniquely_decodable(words, ignore_case):
         return Backtracking("alternatives", reported_maximum)
+    if words is None and _branches_overlap(items):
+        return Backtracking("alternatives", reported_maximum)
+    # The next iteration starts with the body again, so that is what follows the body's last item.
+    if _has_ambiguous_repeat(items, _first_characters(items, None)):
+        return Backtracking("nested", reported_maximum)
     return None
+
+
+def _branches_overlap(items: list[Any]) -> bool:
+    """Return True when the body is an alternation of which two branches can start with the same character.
+
+    Such as (a|a?): under a repeat, a run of a's splits into branches in
+    exponentially many ways. A branch that can match nothing, or whose
+    first character is unknown, counts as overlapping.
+    """
+    if len(items) != 1 or items[0][0] is not sre.BRANCH:
+        return False
+    starts = [_first_characters(_flatten(branch), None) for branch in items[0][1][1]]
+    if any(start is None for start in starts):
+        return True
+    return any(_overlap(first, second) for index, first in enumerate(starts) for second in starts[index + 1:])
 
 
 def _walk(items: list[Any]) -> Iterator[tuple[Any, Any]]:
@@ -144,8 +161,9 @@ def _has_ambiguous_repeat(items: list[Any], after: list[Any] | None) -> bool:
     for index, (op, argument) in enumerate(items):
         follower = _first_characters(items[index + 1:], after)
         if op in (sre.MAX_REPEAT, sre.MIN_REPEAT):
-            _, maximum, body = argument
-            if maximum == sre.MAXREPEAT:
+            minimum, maximum, body = argument
+            # A long bounded repeat of varying length, such as a{1,100}, gives back text as an unbounded one does.
+            if maximum == sre.MAXREPEAT or (maximum >= LARGE_REPEAT and maximum > minimum):
                 starts = _first_characters(_flatten(body), None)
                 if starts is None or follower is None or _overlap(starts, follower):
                     return True
@@ -154,6 +172,12 @@ def _has_ambiguous_repeat(items: list[Any], after: list[Any] | None) -> bool:
         elif op is sre.BRANCH:
             if any(_has_ambiguous_repeat(_flatten(branch), follower) for branch in argument[1]):
                 return True
+            # An empty branch makes the others optional, as the parser writes (\d|\d\d) as \d(?:|\d):
+            # when what follows can start as they do, where the optional part stops is not fixed.
+            if any(not branch for branch in argument[1]):
+                starts = [_first_characters(_flatten(branch), None) for branch in argument[1] if branch]
+                if follower is None or any(start is None or _overlap(start, follower) for start in starts):
+                    return True
         elif op is sre.GROUPREF_EXISTS:
             branches = [branch for branch in argument[1:] if branch is not None]
             if any(_has_ambiguous_repeat(_flatten(branch), follower) for branch in branches):
@@ -199,7 +223,9 @@ def _overlap(first: list[Any], second: list[Any]) -> bool:
 
 def _matches(matcher: tuple[Any, Any], character: str) -> bool:
     """Return True when `character`, in either case, meets a single-character matcher; unknown items meet every character."""
-    return any(_matches_exactly(matcher, variant) for variant in {character, character.lower(), character.upper()})
+    # Some characters change length with case ("ß".upper() is "SS"); those forms cannot match one character.
+    variants = {variant for variant in (character, character.lower(), character.upper()) if len(variant) == 1}
+    return any(_matches_exactly(matcher, variant) for variant in variants)
 
 
 def _matches_exactly(matcher: tuple[Any, Any], character: str) -> bool:

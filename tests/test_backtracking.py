@@ -31,6 +31,14 @@ FLAGGED = [
     (r"(a|ab|ba)+", 0, "alternatives", None),
     (r"(?i)(ab|AB)+", 0, "alternatives", None),
     (r"(ab|AB)+", re.IGNORECASE, "alternatives", None),
+    # Alternatives that are not literal text but can start alike. The parser
+    # writes (\d|\d\d) as \d(?:|\d), an optional part inside the repeat.
+    (r"(\d|\d\d)+$", 0, "nested", None),
+    (r"(\s|\s\s)+$", 0, "nested", None),
+    (r"(a|a?)+$", 0, "alternatives", None),
+    (r"(\d|\d?x)+$", 0, "alternatives", None),
+    # A long bounded repeat of varying length inside a repeat.
+    (r"(a{1,100}){1,100}$", 0, "nested", 100),
 ]
 
 NOT_FLAGGED = [
@@ -62,6 +70,10 @@ NOT_FLAGGED = [
     r"(ab|a)+",
     r"(ab|AB)+",
     r"(?i)(a|A)+",
+    # Alternatives that cannot start alike, and bounded repeats that the next character fixes.
+    r"(\w|-)+@",
+    r"([a-z]|\d)+",
+    r"(\d{1,3}\.){3}\d{1,3}",
     # A bounded repeat below LARGE_REPEAT takes polynomial time.
     r"(.*a){2}",
 ]
