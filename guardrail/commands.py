@@ -18,9 +18,14 @@ from .checks import Finding, check_rules, removed_team_findings
 from .config import Config, load_config
 from .errors import ConfigError, ConfigErrors, DatabaseFileError
 from .harness import evaluate, run_case
-from .message import summarize
-from .prepare import Site, is_inbox, is_postmaster
-from .routing import Facts, match_route
+from .prepare import (
+    Envelope,
+    Site,
+    TooManyHops,
+    is_inbox,
+    is_postmaster,
+    prepare_message,
+)
 from .rules import RuleSet, load_rules
 from .tomlcheck import parse_duration, read_toml
 
@@ -160,24 +165,19 @@ def route(arguments: argparse.Namespace) -> int:
     if unknown:
         print(f"error: --rcpt {unknown[0]!r} is not an inbox in {arguments.config}; use one of [smtp] inboxes", file=sys.stderr)
         return EXIT_USAGE
-    postmasters = [address for address in rcpt_tos if is_postmaster(address, site) and not is_inbox(address, site)]
-    if postmasters and len(postmasters) == len(rcpt_tos):
-        # As the daemon does: mail for postmaster alone is not routed by the rules.
-        print("route:       postmaster")
-        print("team:        postmaster")
-        print(f"destination: smtp {site.postmaster_owner}")
-        print(f"recipients:  {', '.join(rcpt_tos)}")
-        print("because:     every recipient is postmaster")
+    # The daemon's own decision, so that postmaster mail and loops are shown as they would be handled.
+    decision = prepare_message(Envelope("", rcpt_tos, "", ""), raw, rules, site, datetime.now(timezone.utc))
+    if isinstance(decision, TooManyHops):
+        print(f"rejected:    554 5.4.6, {decision.received_count} Received headers (max_received_headers is {site.max_received_headers})")
         return EXIT_OK
-    match = match_route(rules, Facts(rcpt_tos, summarize(raw)))
-    destination = match.team.destination.describe() if match.team.destination else "none (team has no destination)"
-    print(f"route:       {match.route.name}")
-    print(f"team:        {match.team.name}")
+    destination = decision.destination.describe() if decision.destination else "none (team has no destination)"
+    print(f"route:       {decision.route}")
+    print(f"team:        {decision.team}")
     print(f"destination: {destination}")
     print(f"recipients:  {', '.join(rcpt_tos)}")
-    if postmasters:
+    if decision.postmaster_copy is not None and not decision.is_postmaster:
         print(f"postmaster:  a copy goes to {site.postmaster_owner}")
-    for reason in match.reasons:
+    for reason in decision.route_reasons:
         print(f"because:     {reason}")
     return EXIT_OK
 

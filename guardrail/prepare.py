@@ -137,7 +137,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     if postmasters and len(postmasters) == len(envelope.rcpt_tos):
         return Submission(
             **common, route="postmaster", team="postmaster", destination=owner,
-            route_reasons=("recipient is postmaster",), team_members=frozenset(), is_postmaster=True,
+            route_reasons=("every recipient is postmaster",), team_members=frozenset(), is_postmaster=True,
             postmaster_recipient=postmasters[0],
             ack_signal="mail to postmaster", sla_applies=False,
         )
@@ -176,7 +176,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         # postmaster beside an inbox gets a copy while the inbox's is routed.
         postmaster_copy=owner,
         postmaster_recipient=postmasters[0] if postmasters else "",
-        team_names=frozenset(rules.teams),
+        team_names=rules.team_names,
     )
 
 

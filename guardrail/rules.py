@@ -11,6 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,11 @@ class RuleSet:
     @property
     def default_route(self) -> Route:
         return self.routes[-1]
+
+    @cached_property
+    def team_names(self) -> frozenset[str]:
+        """Names of the teams, computed once rather than for every message."""
+        return frozenset(self.teams)
 
     def is_staff(self, address: str) -> bool:
         """Return True for team members and configured staff addresses or domains."""

@@ -329,6 +329,15 @@ def test_route_command_takes_postmaster(capsys: pytest.CaptureFixture[str], rcpt
     assert all(line in output for line in lines), output
 
 
+def test_route_command_shows_hop_rejection(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    looping = tmp_path / "looping.eml"
+    looping.write_bytes(b"Received: from a by b\r\n" * 31 + b"From: alice@example.com\r\nSubject: Loop\r\n\r\nHello\r\n")
+
+    assert main(["route", "--config", str(ROOT / "config.example.toml"), str(looping)]) == 0
+    output = capsys.readouterr().out
+    assert output == "rejected:    554 5.4.6, 31 Received headers (max_received_headers is 30)\n"
+
+
 POSITIVE = 'expected a positive duration such as "30s", "5m", "2h" or "1d"'
 CONFIG_DURATIONS = [
     ("smtp", "timeout"),
