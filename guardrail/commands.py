@@ -22,8 +22,7 @@ from .prepare import (
     Envelope,
     Site,
     TooManyHops,
-    is_inbox,
-    is_postmaster,
+    is_accepted_recipient,
     prepare_message,
 )
 from .rules import RuleSet, load_rules
@@ -161,7 +160,7 @@ def route(arguments: argparse.Namespace) -> int:
         return EXIT_USAGE
     rcpt_tos = tuple(address.lower() for address in arguments.rcpt) or (config.smtp.first_inbox,)
     site = Site.from_config(config)
-    unknown = [address for address in rcpt_tos if not is_inbox(address, site) and not is_postmaster(address, site)]
+    unknown = [address for address in rcpt_tos if not is_accepted_recipient(address, site)]
     if unknown:
         print(f"error: --rcpt {unknown[0]!r} is not an inbox in {arguments.config}; use one of [smtp] inboxes", file=sys.stderr)
         return EXIT_USAGE

@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .message import summarize
-from .prepare import Envelope, Site, is_inbox, is_postmaster, prepare_submission
+from .prepare import Envelope, Site, is_accepted_recipient, prepare_submission
 from .rules import RuleSet
 from .tomlcheck import read_toml, toml_text
 
@@ -122,7 +122,7 @@ def _impossible_values(spec: dict[str, Any], rules: RuleSet, site: Site) -> list
     if not site.first_inbox and not spec.get("rcpt"):
         problems.append("rcpt: missing; this config has no [smtp] inboxes to assume, so set rcpt to an address at one of its inbox_domains")
     for address in _recipients(spec, site):
-        if address and not is_inbox(address, site) and not is_postmaster(address, site):
+        if address and not is_accepted_recipient(address, site):
             problems.append(
                 f"rcpt: {address} is not an inbox of this config; the daemon rejects it with 550,"
                 " so use an address of [smtp] inboxes or inbox_domains"

@@ -32,8 +32,7 @@ from .prepare import (
     BareLineEnding,
     Site,
     TooManyHops,
-    is_inbox,
-    is_postmaster,
+    is_accepted_recipient,
     prepare_received,
 )
 from .prepare import Envelope as PreparedEnvelope
@@ -576,7 +575,7 @@ class IntakeHandler:
             log.warning("recipient_rejected", peer=_peer(session), reason="null recipient")
             self.metrics.messages_rejected.labels("invalid recipient").inc()
             return REPLY_BAD_RECIPIENT
-        if not is_inbox(address, self.site) and not is_postmaster(address, self.site):
+        if not is_accepted_recipient(address, self.site):
             log.warning("recipient_rejected", peer=_peer(session), recipient=address, reason="not an inbox of ours")
             self.metrics.messages_rejected.labels("relay denied").inc()
             return REPLY_NOT_OURS

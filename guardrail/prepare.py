@@ -73,6 +73,11 @@ def is_inbox(address: str, site: Site) -> bool:
     return address in site.inboxes or address.rpartition("@")[2] in site.inbox_domains
 
 
+def is_accepted_recipient(address: str, site: Site) -> bool:
+    """Return True for a recipient that intake accepts: an inbox of ours or postmaster."""
+    return is_inbox(address, site) or is_postmaster(address, site)
+
+
 def is_postmaster(address: str, site: Site) -> bool:
     """Return True for postmaster@ one of our domains or our host name, and for the bare "postmaster" (RFC 5321 section 4.5.1)."""
     local, at, domain = address.lower().rpartition("@")
