@@ -56,8 +56,9 @@ def choose_language(summary: Summary, team: Team, sample: Callable[[], str] = st
     """Return the language of the acknowledgement, one that the team's template has.
 
     That is the first language the sender names in Content-Language or
-    Accept-Language; else the one `sample()` (the subject and the start of
-    the body) is written in, when that is clear; else the team's.
+    Accept-Language. Without one, it is the language that `sample()` (the
+    subject and the start of the body) is clearly written in. Otherwise it
+    is the team's language.
     """
     for language in requested_languages(summary):
         if language in team.templates:

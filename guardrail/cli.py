@@ -34,7 +34,7 @@ def _message_count(text: str) -> int:
 
 
 def _non_blank(text: str) -> str:
-    """Parse a name or note that is recorded in the database, where an empty one would say nothing."""
+    """Parse a name or note that is recorded in the database, where an empty one would be useless."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"invalid value {text!r}; must not be empty or only spaces")
     return text

@@ -77,8 +77,8 @@ log = structlog.get_logger("guardrail.intake")
 # two DATA commands of a session. The next one gets 421, and a client that
 # sends RSET between messages stays far below the limit.
 JUNK_COMMAND_LIMIT = 100
-# 5xx replies a client may draw before the connection is closed; a message
-# accepted starts the count again.
+# 5xx replies a client may draw before the connection is closed. An accepted
+# message starts the count again.
 ERROR_REPLY_LIMIT = 20
 
 _END_OF_DATA = b"\r\n.\r\n"

@@ -3,7 +3,7 @@
 Most mail programs send no Content-Language header, so the acknowledgement
 would go out in the team's default language to everyone. This guess counts
 common function words (articles, pronouns, greetings, "please" and "thanks")
-of each language it knows in the subject and the start of the body. It
+of each language that has a word list, in the subject and the start of the body. It
 answers only when one of the candidates clearly leads, and None otherwise,
 so the caller falls back to the team's language rather than to a wrong
 guess.
@@ -51,7 +51,7 @@ FUNCTION_WORDS: dict[str, frozenset[str]] = {
     ),
 }
 
-# Punctuation and digits separate words; "j'ai" is read as "j" and "ai".
+# Punctuation and digits separate words, so "j'ai" is read as "j" and "ai".
 _SEPARATORS = str.maketrans(dict.fromkeys(string.punctuation + string.digits + "«»¿¡‘’“”„…–—·", " "))
 _KANA = re.compile(r"[\u3040-\u30ff]")
 # Only the start of the text is read: enough to decide, and bounded on long mail.

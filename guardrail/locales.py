@@ -52,7 +52,7 @@ def is_supported_language(language: str) -> bool:
     return True
 
 
-# How an acknowledgement points the sender at a person: "write to NAME <ADDRESS>".
+# The words before a person's name and address, as in "write to NAME <ADDRESS>", by language.
 _WRITE_TO = {
     "en": "write to",
     "fr": "écrivez à",

@@ -346,7 +346,7 @@ def _html_text(message: Message) -> str:
 
 
 def _decode_sample(data: bytes, charset: str | None) -> str:
-    """Decode the start of a text; a character cut at its end is replaced, not a reason to fall back to Latin-1."""
+    """Decode the start of a text. A character cut at its end is replaced, so the text does not fall back to Latin-1."""
     try:
         return data.decode(charset or "utf-8", errors="replace")
     except LookupError:

@@ -187,7 +187,7 @@ def plan_submission(
     if known is not None:
         plan = _plan_follow_up(submission, known, reason)
         if plan.starts_clock:
-            # The person is the first to await an answer here, so they hear when it is due.
+            # The sender is the first here to wait for a reply, so the acknowledgement tells them when it is due.
             plan.ack_decision, plan.ack_signal = decide_acknowledgement(submission, acks_in_window, ack_limit)
         return plan
     decision, signal = decide_acknowledgement(submission, acks_in_window, ack_limit)

@@ -170,7 +170,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         first_escalation_at=_first_escalation(team, rules, deadline),
         unstaffed=unstaffed_reason(team, now, rules.unstaffed_horizon) or "",
         # The team's own mail, such as a help-desk tool's copy of a message
-        # it sent to a customer, awaits no answer from the team.
+        # it sent to a customer, needs no reply from the team.
         sla_applies=machine is None and not from_inbox, is_staff=is_staff, from_inbox=from_inbox,
         machine_signal=machine or "",
         shadow=tuple(

@@ -141,7 +141,7 @@ class RuleSet:
 
     @cached_property
     def team_names(self) -> frozenset[str]:
-        """Names of the teams, computed once rather than for every message."""
+        """Return the names of the teams, computed once rather than for every message."""
         return frozenset(self.teams)
 
     def is_staff(self, address: str) -> bool:
@@ -171,12 +171,12 @@ def load_rules(
     files = sorted(path for path in directory.glob("*.toml") if not path.name.startswith(".")) if directory.is_dir() else []
     if not files:
         if directory.is_dir():
-            what = "contains no *.toml rule files"
+            problem = "contains no *.toml rule files"
         elif directory.exists():
-            what = "is not a folder"
+            problem = "is not a folder"
         else:
-            what = "does not exist"
-        raise ConfigErrors([ConfigError(directory, "", f"rules folder {what}; {fix}")])
+            problem = "does not exist"
+        raise ConfigErrors([ConfigError(directory, "", f"rules folder {problem}; {fix}")])
 
     digest = hashlib.sha256()
     entries: dict[str, list[Table]] = {"team": [], "route": [], "calendar": [], "template": []}

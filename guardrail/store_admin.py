@@ -186,7 +186,7 @@ def record_inspection(
 
 
 def open_conversations_by_team(path: Path, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> dict[str, int]:
-    """Return how many conversations await an answer, by team."""
+    """Return the number of open conversations per team."""
     # Tables may be missing, as for `inspections`, so that `guardrail check` reads any file the daemon accepts.
     with connect(path, busy_timeout=busy_timeout, require_tables=False) as connection:
         if not connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'conversations'").fetchone():

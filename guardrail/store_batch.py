@@ -210,7 +210,7 @@ class ManualAnswer:
 
 @dataclass
 class _ConversationChange:
-    """What a message does to its conversation, for the Outcome and for the events written after `received`."""
+    """The changes a message makes to its conversation, for the Outcome and for the events written after `received`."""
 
     conversation: KnownConversation | None
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)

@@ -17,7 +17,7 @@ from typing import Any
 from .clock import parse_instant
 from .store import Store
 
-# open: awaits the team's answer; no_reply_needed: opened by machine mail or a loop message.
+# open: waits for the team's reply; no_reply_needed: opened by machine mail or a loop message.
 CONVERSATION_STATES = ("open", "answered", "no_reply_needed")
 
 _CONVERSATION_COLUMNS = (

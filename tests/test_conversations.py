@@ -137,7 +137,7 @@ def test_staff_sender_table(tmp_path: Path, from_header: str, mail_from: str, st
     assert submission.is_staff is staff
     assert (submission.ack is None) is staff
     assert submission.ack_signal == ("sender is a team member" if staff else None)
-    # Mail written as the inbox itself awaits no answer; a team member's new mail still does.
+    # Mail written as the inbox itself needs no reply, but a team member's new mail still starts the clock.
     assert submission.sla_applies is (parseaddr(from_header)[1].lower() not in config.smtp.inboxes)
 
 
@@ -156,7 +156,7 @@ async def test_reply_written_as_the_inbox_answers(tmp_path: Path, start_daemon) 
 
     assert rows(database, "SELECT state, answered_by FROM conversations ORDER BY id") == [
         ("answered", "support@example.org"),
-        # The team's own mail awaits no answer from the team.
+        # The team's own mail needs no reply.
         ("no_reply_needed", None),
     ]
     assert rows(database, "SELECT detail FROM events WHERE conversation_id = 2 AND kind = 'no_deadline'") == [

@@ -322,7 +322,7 @@ async def test_metrics_count_intake_outcomes_and_reloads(tmp_path: Path, start_d
     assert sample(families, "guardrail_rule_reloads_total", result="failed") == 1
     assert sample(families, "guardrail_rule_reloads_total", result="succeeded") == 1
     assert sample(families, "guardrail_rules_info", hash=daemon.rules.digest) == 1
-    # Only the person's conversation awaits an answer; the automatic one needs no reply.
+    # Only the person's conversation waits for a reply. The automatic one needs none.
     assert sample(families, "guardrail_open_conversations") == 1
     assert sample(families, "guardrail_outbox_depth") == 0
     assert sample(families, "guardrail_outbox_oldest_age_seconds") == 0

@@ -112,7 +112,7 @@ def test_body_sample_multipart_large() -> None:
     assert len(sample) <= 4096
 
 
-def test_body_sample_finds_text_after_a_long_html_part() -> None:
+def test_body_sample_text_after_html() -> None:
     raw = message(
         extra_headers='MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary="b"\r\n',
         body="--b\r\nContent-Type: text/html\r\n\r\n" + "<p>Hallo</p>\r\n" * 600
@@ -121,7 +121,7 @@ def test_body_sample_finds_text_after_a_long_html_part() -> None:
     assert body_sample(raw, summarize(raw, with_body=False)) == "Hallo, ich habe eine Frage. Danke"
 
 
-def test_body_sample_reads_html_only_mail_without_tags() -> None:
+def test_body_sample_html_only() -> None:
     raw = message(
         extra_headers="MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=b\r\n",
         body="--b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<html><head><style>p { color: red }</style></head>"

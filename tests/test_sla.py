@@ -307,7 +307,7 @@ async def test_person_joining_machine_mail_starts_clock(tmp_path: Path, start_da
     daemon, clock = await start_at(tmp_path, start_daemon, one_team_rules("support", "paris-24x7", "1h"), "2025-11-04T10:00:00Z")
     await receive(daemon, clock, subject="Nightly backup report", extra_headers="Auto-Submitted: auto-generated\r\n")
     await move_to(daemon, clock, utc("2025-11-04T10:30:00Z"))
-    # A team member's reply to machine mail answers nothing and starts no clock.
+    # A team member's reply to machine mail neither marks it answered nor starts a clock.
     await send(daemon.port, "sam@example.org", ["support@example.org"], message(
         sender="Sam Ortiz <sam@example.org>", subject="Re: Nightly backup report", message_id="<sam-1@example.org>",
         extra_headers="In-Reply-To: <m1@example.com>\r\n",

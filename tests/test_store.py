@@ -151,7 +151,7 @@ def store_path(folder: Path) -> Path:
     return folder / "store.db"
 
 
-async def test_machine_conversations_of_an_earlier_version_need_no_reply(tmp_path: Path) -> None:
+async def test_migration_moves_machine_conversations(tmp_path: Path) -> None:
     database = store_path(tmp_path)
     config = load_config(write_config(tmp_path))
     rules, site = load_ruleset(config), Site.from_config(config)
