@@ -8,6 +8,7 @@ conversation and its outbox rows are committed together.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -133,11 +134,64 @@ class Submission:
         return frozenset(address for address in addresses if address)
 
 
+@dataclass(frozen=True)
+class EarlierCopy:
+    """A stored message with the same Message-ID as one being committed, as the copy check reads it."""
+
+    message_row: int
+    conversation: KnownConversation
+    raw: bytes
+
+
+# Header fields that forwarders pass on unchanged. Trace fields (Received,
+# Return-Path, Delivered-To, DKIM and ARC signatures) differ between copies.
+_ORIGIN_FIELDS = frozenset({
+    b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"mime-version", b"content-type",
+    b"content-transfer-encoding",
+})
+_FOLDING = re.compile(rb"[ \t\r\n]+")
+
+
+def copy_signature(raw: bytes) -> bytes:
+    """Return what every copy of the message in `raw` shares: its origin header fields, unfolded and sorted, and its body."""
+    end = raw.find(b"\r\n\r\n")
+    header, body = (raw[:end], raw[end + 4 :]) if end >= 0 else (raw, b"")
+    fields = []
+    for line in re.split(rb"\r\n(?![ \t])", header):
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() in _ORIGIN_FIELDS:
+            fields.append(name.strip().lower() + b":" + _FOLDING.sub(b" ", value).strip())
+    return b"\n".join(sorted(fields)) + b"\n\n" + body
+
+
+def find_copy(submission: Submission, earlier: list[EarlierCopy]) -> EarlierCopy | None:
+    """Return the earlier message that `submission` is a copy of, or None.
+
+    Forwarding rules that each pass a message on to another of our inboxes
+    deliver it once per inbox, in separate transactions, each with trace
+    headers of its own and often with a rewritten envelope sender. A copy
+    keeps the rest: the Message-ID (the lookup key), From, To, Cc, Subject,
+    Date, the MIME fields and the body, byte for byte. A mail program that
+    reuses a Message-ID for a new text changes some of them, so its message
+    is not taken for a copy.
+    """
+    if not earlier:
+        return None
+    signature = copy_signature(submission.raw)
+    for candidate in earlier:
+        if copy_signature(candidate.raw) == signature:
+            return candidate
+    return None
+
+
+COPY_SIGNAL = "copy of a message already received"
+
+
 @dataclass
 class Plan:
     """The rows one accepted message adds, and how intake should describe it."""
 
-    disposition: str  # "new", "follow_up", "loop", "postmaster" or "duplicate"
+    disposition: str  # "new", "follow_up", "copy", "loop", "postmaster" or "duplicate"
     conversation: KnownConversation | None = None
     opens_conversation: bool = False
     thread_reason: str = ""
@@ -162,12 +216,16 @@ def plan_submission(
     new_conversation: KnownConversation,
     acks_in_window: int = 0,
     ack_limit: int = 3,
+    copy_of: EarlierCopy | None = None,
 ) -> Plan:
     """Return what committing `submission` creates.
 
     `new_conversation` is the conversation to open if the message starts one;
     `acks_in_window` counts acknowledgements already sent to its sender in
-    the rate window, of which at most `ack_limit` are allowed.
+    the rate window, of which at most `ack_limit` are allowed. `copy_of` is
+    the stored message it is a copy of (see find_copy), if any: a copy joins
+    that message's conversation and is neither delivered nor acknowledged
+    again, as the second recipient of one transaction would be.
     """
     if is_duplicate:
         return Plan("duplicate")
@@ -177,6 +235,19 @@ def plan_submission(
             route=submission.route,
             team=submission.team,
             destination=submission.destination,
+        )
+    if copy_of is not None and not submission.is_loop:
+        # Our own delivery coming back is a copy too, but a loop first.
+        known = copy_of.conversation
+        return Plan(
+            "copy",
+            conversation=known,
+            thread_reason=f"copy of message {copy_of.message_row}",
+            route=known.route,
+            team=known.team,
+            destination=known.destination,
+            ack_decision="suppressed",
+            ack_signal=COPY_SIGNAL,
         )
 
     tagged = find_references(submission.summary.subject, reference_prefix)

@@ -23,8 +23,10 @@ from .conversations import KnownConversation, find_references, new_reference
 from .escalation import DueConversation, EscalationPlan, encode_fallback
 from .plan import (
     RATE_LIMIT_SIGNAL,
+    EarlierCopy,
     Plan,
     Submission,
+    find_copy,
     is_reply_expected,
     opening_participants,
     plan_submission,
@@ -269,12 +271,14 @@ class BatchWriter:
         cutoff = format_instant(min(s.received_at for s in submissions) - self.settings.duplicate_window)
         seen_keys = self._existing_keys([s.dedupe_key for s in submissions], cutoff)
         by_message_id, by_reference = self._known_conversations(submissions)
+        earlier = self._earlier_copies(submissions, cutoff)
         fresh_references = self._fresh_references(submissions)
         ack_history = self._ack_history(submissions)
 
         outcomes = []
         for submission, reference in zip(submissions, fresh_references):
             sent, warned = _ack_counts(ack_history, submission, self.settings.ack_window)
+            message_id = submission.summary.message_id
             plan = plan_submission(
                 submission,
                 is_duplicate=submission.dedupe_key in seen_keys,
@@ -284,9 +288,15 @@ class BatchWriter:
                 new_conversation=self._blank_conversation(submission, reference),
                 acks_in_window=sent,
                 ack_limit=self.settings.ack_limit,
+                copy_of=find_copy(submission, earlier.get(message_id, [])) if message_id else None,
             )
             seen_keys.add(submission.dedupe_key)
             outcome = self._add_plan(submission, plan, by_message_id, by_reference, first_warning=not warned)
+            if message_id and outcome.message_row is not None and plan.conversation is not None:
+                # A copy later in the same batch finds this one.
+                earlier.setdefault(message_id, []).append(
+                    EarlierCopy(outcome.message_row, by_reference[outcome.reference], submission.raw)
+                )
             if outcome.ack_decision and submission.ack is not None:
                 ack_history.setdefault(submission.ack.to_address, []).append((submission.received_at, outcome.ack_decision, outcome.ack_signal))
             outcomes.append(outcome)
@@ -415,7 +425,8 @@ class BatchWriter:
 
     def _queue_delivery(self, plan: Plan, conversation_id: int | None, row: int, at: str, received_for: str) -> None:
         """Queue delivery to the plan's destination. Its Received header names `received_for` when that is set."""
-        if plan.disposition == "loop":
+        if plan.disposition in ("loop", "copy"):
+            # A copy's team has the message already, from its first arrival.
             return
         if plan.destination is None:
             self._event(conversation_id, row, at, "not_delivered", {"reason": "team has no destination"})
@@ -577,6 +588,29 @@ class BatchWriter:
         sql = f"SELECT dedupe_key FROM messages WHERE dedupe_key IN ({marks}) AND received_at >= ?"
         with closing(self.db.execute(sql, (*keys, cutoff))) as cursor:
             return {row[0] for row in cursor.fetchall()}
+
+    def _earlier_copies(self, submissions: list[Submission], cutoff: str) -> dict[str, list[EarlierCopy]]:
+        """Return the stored messages received since `cutoff` that share a Message-ID with a submission, by Message-ID.
+
+        The conversation's message_ids entry leads to the message; its bytes
+        are read only for such a match, which most mail never has.
+        """
+        message_ids = sorted({s.summary.message_id for s in submissions if s.summary.message_id and not s.is_postmaster})
+        if not message_ids:
+            return {}
+        marks = ",".join("?" * len(message_ids))
+        sql = (
+            "SELECT i.message_id, m.id, m.raw, c.id, c.reference, c.route, c.team, c.participants,"
+            " c.destination, c.state FROM message_ids i"
+            " JOIN messages m ON m.conversation_id = i.conversation_id AND m.message_id = i.message_id"
+            " JOIN conversations c ON c.id = i.conversation_id"
+            f" WHERE i.message_id IN ({marks}) AND m.received_at >= ? ORDER BY m.id"
+        )
+        earlier: dict[str, list[EarlierCopy]] = {}
+        with closing(self.db.execute(sql, (*message_ids, cutoff))) as cursor:
+            for message_id, row, raw, *conversation in cursor.fetchall():
+                earlier.setdefault(message_id, []).append(EarlierCopy(row, _known(conversation), bytes(raw)))
+        return earlier
 
     def _fresh_references(self, submissions: list[Submission]) -> list[str]:
         """Return one reference per submission, distinct and unused by any stored conversation.

@@ -1,0 +1,177 @@
+"""A message that forwarding rules deliver once per inbox is one conversation, acknowledged once."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from conftest import maildir_messages, message, wait_until, write_config
+from test_store import hold_writer
+
+from guardrail.config import load_config
+from guardrail.conversations import KnownConversation
+from guardrail.daemon import load_ruleset
+from guardrail.loops import LOOP_HEADER
+from guardrail.plan import (
+    COPY_SIGNAL,
+    EarlierCopy,
+    Submission,
+    copy_signature,
+    find_copy,
+    plan_submission,
+)
+from guardrail.prepare import Envelope, Site, prepare_message
+from guardrail.store import Store
+
+NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
+BODY = "Hello,\r\nmy invoice 7781 shows the wrong amount.\r\n"
+ORIGINAL = message(sender="Alice Example <alice@example.com>", to="support@example.org, billing@example.org",
+                   subject="Wrong amount", message_id="<copy-1@mail.example.com>", body=BODY)
+# What a forwarder passes on: a trace header of its own in front, the rest unchanged.
+FORWARDED = b"Received: from relay.example.com by forwarder.example.net; Mon, 2 Mar 2026 09:30:01 +0000\r\n" + ORIGINAL
+CONVERSATION = KnownConversation(7, "GR-AAAA-BBBB", "default", "support", frozenset({"alice@example.com"}), None, "open")
+
+
+def prepared(folder: Path, raw: bytes, *, rcpt: str = "support@example.org") -> Submission:
+    config = load_config(write_config(folder))
+    envelope = Envelope("alice@example.com", (rcpt,), "[127.0.0.1]:40000", "client")
+    result = prepare_message(envelope, raw, load_ruleset(config), Site.from_config(config), NOW)
+    assert isinstance(result, Submission)
+    return result
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"Subject: a\r\nReceived: x\r\n\r\nbody\r\n", b"subject:a\n\nbody\r\n"),
+        (b"To: b\r\nFROM:  c\r\n\r\n", b"from:c\nto:b\n\n"),
+        (b"Subject: a\r\n", b"subject:a\n\n"),
+        (b"Subject: a\r\n\tb\r\n\r\n\r\nafter a blank line", b"subject:a b\n\n\r\nafter a blank line"),
+        (b"no header\r\n\r\nbody", b"\n\nbody"),
+    ],
+)
+def test_copy_signature_table(raw: bytes, expected: bytes) -> None:
+    assert copy_signature(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("earlier", "is_copy"),
+    [
+        (ORIGINAL, True),
+        (FORWARDED, True),
+        # Forwarders add trace fields and may fold lines anew.
+        (b"Delivered-To: billing@example.org\r\nDKIM-Signature: v=1; d=forwarder.example.net\r\n" + ORIGINAL, True),
+        (ORIGINAL.replace(b"Subject: Wrong amount", b"Subject: Wrong\r\n amount"), True),
+        # A mail program that reuses a Message-ID for a new text.
+        (ORIGINAL.replace(b"wrong amount", b"right amount"), False),
+        (ORIGINAL.replace(b"Subject: Wrong amount", b"Subject: Right amount"), False),
+        (ORIGINAL.replace(b"10:00:00", b"10:05:00"), False),
+        # Someone else's message under the same id.
+        (ORIGINAL.replace(b"alice@example.com", b"mallory@example.net"), False),
+        # The same text under another MIME type is another message.
+        (ORIGINAL.replace(b"Message-ID:", b"Content-Type: text/plain; charset=x-unknown\r\nMessage-ID:"), False),
+        # A forwarder that re-encodes the body changes it: taken for a new message.
+        (ORIGINAL.replace(b"\r\nmy", b"=\r\nmy"), False),
+    ],
+)
+def test_find_copy_table(tmp_path: Path, earlier: bytes, is_copy: bool) -> None:
+    submission = prepared(tmp_path, FORWARDED)
+    candidates = [EarlierCopy(3, CONVERSATION, earlier)]
+    assert (find_copy(submission, candidates) is candidates[0]) is is_copy
+
+
+def test_find_copy_picks_the_matching_message(tmp_path: Path) -> None:
+    submission = prepared(tmp_path, FORWARDED)
+    other = EarlierCopy(3, CONVERSATION, ORIGINAL.replace(b"wrong amount", b"an older text"))
+    match = EarlierCopy(5, CONVERSATION, ORIGINAL)
+    assert find_copy(submission, [other, match]) is match
+    assert find_copy(submission, []) is None
+
+
+@pytest.mark.parametrize(("raw", "disposition"), [(FORWARDED, "copy"), (f"{LOOP_HEADER}: mx.test.example\r\n".encode() + ORIGINAL, "loop")])
+def test_plan_of_copy_table(tmp_path: Path, raw: bytes, disposition: str) -> None:
+    # Our own delivery coming back is a loop before it is a copy.
+    submission = prepared(tmp_path, raw)
+    plan = plan_submission(
+        submission, is_duplicate=False, reference_prefix="GR", by_message_id={}, by_reference={},
+        new_conversation=CONVERSATION, copy_of=EarlierCopy(3, CONVERSATION, ORIGINAL),
+    )
+    assert plan.disposition == disposition
+    assert plan.conversation == CONVERSATION
+
+
+def rows(database: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(database) as connection:
+        return connection.execute(sql).fetchall()
+
+
+def send_with_reply(port: int, mail_from: str, rcpt: str, data: bytes) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test.example", timeout=10) as client:
+        client.ehlo()
+        client.mail(mail_from)
+        client.rcpt(rcpt)
+        return client.data(data)
+
+
+async def test_copy_for_second_inbox_joins(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    database = daemon.config.database_path
+    first = await asyncio.to_thread(send_with_reply, daemon.port, "alice@example.com", "support@example.org", ORIGINAL)
+    # The forwarder of billing@ rewrote the envelope sender, as SRS does.
+    second = await asyncio.to_thread(
+        send_with_reply, daemon.port, "SRS0=x1=AB=example.com=alice@forwarder.example.net", "billing@example.org", FORWARDED,
+    )
+
+    assert first[0] == second[0] == 250
+    [(reference,)] = rows(database, "SELECT reference FROM conversations")
+    assert reference.encode() in first[1]
+    assert reference.encode() in second[1]
+    assert rows(database, "SELECT disposition, conversation_id FROM messages ORDER BY id") == [("new", 1), ("copy", 1)]
+    assert rows(database, "SELECT decision, signal, recipient FROM acknowledgements ORDER BY id") == [
+        ("sent", "", "alice@example.com"),
+        ("suppressed", COPY_SIGNAL, "srs0=x1=ab=example.com=alice@forwarder.example.net"),
+    ]
+    assert rows(database, "SELECT kind, message_row FROM outbox ORDER BY id") == [("deliver", 1), ("mail", 1)]
+    events = rows(database, "SELECT kind, detail FROM events WHERE message_row = 2 ORDER BY id")
+    assert [kind for kind, _ in events] == ["received", "ack_suppressed"]
+    assert '"thread": "copy of message 1"' in events[0][1]
+
+    # The team gets the message once; the sender gets one acknowledgement.
+    support = tmp_path / "var" / "maildir" / "support"
+    await wait_until(lambda: maildir_messages(support), what="delivery to support")
+    await wait_until(lambda: rows(database, "SELECT COUNT(*) FROM outbox WHERE state != 'done'") == [(0,)], what="the outbox")
+    assert len(maildir_messages(support)) == 1
+    assert not maildir_messages(tmp_path / "var" / "maildir" / "billing")
+
+
+async def test_reused_message_id_opens_new(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    database = daemon.config.database_path
+    await asyncio.to_thread(send_with_reply, daemon.port, "alice@example.com", "support@example.org", ORIGINAL)
+    changed = ORIGINAL.replace(b"wrong amount", b"right amount, sorry")
+    await asyncio.to_thread(send_with_reply, daemon.port, "alice@example.com", "billing@example.org", changed)
+
+    assert rows(database, "SELECT disposition, conversation_id FROM messages ORDER BY id") == [("new", 1), ("new", 2)]
+    assert rows(database, "SELECT decision FROM acknowledgements ORDER BY id") == [("sent",), ("sent",)]
+
+
+async def test_copies_in_one_commit(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "store.db")
+    try:
+        held, release = await hold_writer(store)
+        first = asyncio.ensure_future(store.accept(prepared(tmp_path, ORIGINAL)))
+        second = asyncio.ensure_future(store.accept(prepared(tmp_path, FORWARDED, rcpt="billing@example.org")))
+        await asyncio.sleep(0.05)
+        release.set()
+        await held
+        outcomes = [await first, await second]
+    finally:
+        await store.close()
+
+    assert [outcome.disposition for outcome in outcomes] == ["new", "copy"]
+    assert outcomes[0].reference == outcomes[1].reference
+    assert [outcome.ack_decision for outcome in outcomes] == ["sent", "suppressed"]
