@@ -504,11 +504,17 @@ def _print_detail(server: Server, size: int, concurrency: int, result: CellResul
         f"  {server.name:<12} {_size_label(size):>7} c={concurrency:<3} {result.rate:8.1f} msg/s"
         f"  p50 {_percentile(tally.latencies, 0.5) * 1000:6.1f} ms  p99 {_percentile(tally.latencies, 0.99) * 1000:6.1f} ms"
         f"  CPU server {result.server_cpu:4.0%} generator {result.generator_cpu:4.0%} other {result.other_cpu:4.0%}"
+        f"  server CPU per message {_cpu_per_message(result.server_cpu, result.rate)}"
         f"  errors {tally.errors}{backlog}",
         flush=True,
     )
     for sample in tally.error_samples:
         print(f"      error: {sample}")
+
+
+def _cpu_per_message(share: float, rate: float) -> str:
+    """Return the CPU time a server spent per accepted message, from its share of one core and its rate."""
+    return f"{share / rate * 1e6:5.0f} us" if rate else "    - us"
 
 
 def _print_table(cells: dict[tuple[int, int, str], list[CellResult]], sizes: list[int], concurrencies: list[int]) -> None:
