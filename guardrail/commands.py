@@ -282,7 +282,14 @@ def replay(arguments: argparse.Namespace) -> int:
     proposed = load_rules(arguments.rules, config.path.resolve().parent, fix="give --rules the folder of the proposed rule files")
     site = Site.from_config(config)
     _note_if_missing(config.database_path)
-    messages = store_admin.last_messages(config.database_path, arguments.last, busy_timeout=config.busy_timeout)
+    stored = store_admin.last_messages(config.database_path, arguments.last, busy_timeout=config.busy_timeout)
+    messages = [message for message in stored if not message.emptied]
+    if len(messages) < len(stored):
+        print(
+            f"note: {len(stored) - len(messages)} of the {len(stored)} newest messages are older than"
+            " [database] keep_bodies and have no bytes left to route; they are left out",
+            file=sys.stderr,
+        )
     changed = 0
     for message in messages:
         now = message.received_at

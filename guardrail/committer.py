@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from .clock import format_instant
 from .errors import StorageError
 from .escalation import DueConversation, EscalationPlan
 from .plan import Submission
@@ -59,7 +60,15 @@ class ZombieRun:
     planner: Callable[..., list[Any]]
 
 
-WriteItem = Submission | AttemptResult | ManualAnswer | EscalationRun | ZombieRun
+@dataclass(frozen=True)
+class RetentionRun:
+    """A request to empty up to `limit` messages and outbox rows created before `cutoff` of their bytes."""
+
+    cutoff: datetime
+    limit: int
+
+
+WriteItem = Submission | AttemptResult | ManualAnswer | EscalationRun | ZombieRun | RetentionRun
 
 
 class Committer:
@@ -100,14 +109,15 @@ class Committer:
         """Write `items` in one transaction; return one result per item.
 
         A Submission's result is its Outcome, an EscalationRun's the number
-        of escalations fired, a ZombieRun's the alarms raised; other items
-        give None.
+        of escalations fired, a ZombieRun's the alarms raised, a
+        RetentionRun's what it Emptied; other items give None.
         """
         submissions = [item for item in items if isinstance(item, Submission)]
         attempts = [item for item in items if isinstance(item, AttemptResult)]
         answers = [item for item in items if isinstance(item, ManualAnswer)]
         runs = [item for item in items if isinstance(item, EscalationRun)]
         zombie_runs = [item for item in items if isinstance(item, ZombieRun)]
+        retention_runs = [item for item in items if isinstance(item, RetentionRun)]
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -122,6 +132,8 @@ class Committer:
                 for run in zombie_runs
             ])
             writer.flush()
+            # After the flush, so that rows delivered in this batch count as delivered.
+            emptied = iter([writer.empty_old_bytes(format_instant(run.cutoff), run.limit) for run in retention_runs])
             db.execute("COMMIT")
         except BaseException:
             # The original error matters more than one from the rollback.
@@ -136,6 +148,8 @@ class Committer:
                 results.append(next(fired))
             elif isinstance(item, ZombieRun):
                 results.append(next(alarms))
+            elif isinstance(item, RetentionRun):
+                results.append(next(emptied))
             else:
                 results.append(None)
         return results

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import ConfigError, ConfigErrors
 from .loops import DEFAULT_SENDER_PATTERNS
-from .tomlcheck import Table, read_toml
+from .tomlcheck import Table, read_toml, toml_text
 
 
 class Secret:
@@ -161,6 +161,8 @@ class Config:
     inspection_max_age: timedelta = timedelta(days=90)
     zombie: ZombieSettings | None = None
     http: HttpSettings = HttpSettings()
+    # How long stored messages and outbox rows keep their bytes; None keeps them for good.
+    keep_bodies: timedelta | None = None
     # Filled only by load_config(require_secrets=False). The secrets these variables name are None.
     unset_variables: tuple[UnsetVariable, ...] = ()
 
@@ -251,6 +253,7 @@ def load_config(path: Path | str, *, require_secrets: bool = True) -> Config:
         config,
         inspection_max_age=inspection.duration("max_age", timedelta(days=90)),
         zombie=_load_zombie(zombie),
+        keep_bodies=_load_keep_bodies(database, config),
     )
     config = replace(config, http=_load_http(root.table("http"), unset, require_secrets))
     for table in (
@@ -266,6 +269,33 @@ def load_config(path: Path | str, *, require_secrets: bool = True) -> Config:
     if errors:
         raise ConfigErrors(errors)
     return replace(config, unset_variables=tuple(unset))
+
+
+def _load_keep_bodies(table: Table, config: Config) -> timedelta | None:
+    """Return `[database] keep_bodies`, or None when unset.
+
+    Delivery retries and the duplicate and copy checks read stored bytes, so
+    they must be kept longer than the longest of those windows.
+    """
+    if not table.has("keep_bodies"):
+        table.raw("keep_bodies")
+        return None
+    keep = table.duration("keep_bodies", timedelta(0))
+    needed = max(config.delivery.give_up_after, config.duplicate_window)
+    if timedelta(0) < keep <= needed:
+        table.problem(
+            "keep_bodies",
+            f"{toml_text(table.raw('keep_bodies'))} is not longer than delivery.give_up_after"
+            f" ({_days(config.delivery.give_up_after)}) and conversations.duplicate_window ({_days(config.duplicate_window)}),"
+            " which still read stored messages; keep them longer, such as '90d', or remove the key to keep them for good",
+        )
+    return keep if keep > needed else None
+
+
+def _days(duration: timedelta) -> str:
+    """Return `duration` as the config writes it, in whole days when it is some."""
+    seconds = int(duration.total_seconds())
+    return toml_text(f"{seconds // 86400}d" if seconds % 86400 == 0 else f"{seconds}s")
 
 
 def _read_variable(table: Table, name: str, variable: str, unset: list[UnsetVariable]) -> str | None:

@@ -27,6 +27,7 @@ from .intake import REPLY_SHUTTING_DOWN, ConnectionTracker, GuardrailSMTP, Intak
 from .metrics import Metrics
 from .offload import ParseProcesses
 from .prepare import Site
+from .retention import Retention
 from .rules import RuleSet, load_rules
 from .sla import EscalationScheduler, ZombieWatch
 from .store import AttemptResult, Outcome, Store, StoreSettings
@@ -65,6 +66,7 @@ class Daemon:
         self.scheduler: EscalationScheduler | None = None
         self.handler: IntakeHandler | None = None
         self.zombies: ZombieWatch | None = None
+        self.retention: Retention | None = None
         self.parsers: ParseProcesses | None = None
         self.maildir_process: ParseProcesses | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -128,6 +130,9 @@ class Daemon:
         if config.zombie is not None:
             self.zombies = ZombieWatch(self.store, self.clock, lambda: self.rules, sender, config.zombie, worker.wake.set)
             self._tasks.append(asyncio.create_task(self.zombies.run(), name="guardrail-zombie-routes"))
+        if config.keep_bodies is not None:
+            self.retention = Retention(self.store, self.clock, config.keep_bodies)
+            self._tasks.append(asyncio.create_task(self.retention.run(), name="guardrail-retention"))
 
         def committed(outcome: Outcome) -> None:
             worker.wake.set()
@@ -194,8 +199,8 @@ class Daemon:
 
     @property
     def clock_loops(self) -> int:
-        """Return how many loops sleep on the clock: the outbox, the escalations and, when on, the zombie-route watch."""
-        return 2 + (self.zombies is not None)
+        """Return how many loops sleep on the clock: the outbox, the escalations and, when on, the zombie-route watch and retention."""
+        return 2 + (self.zombies is not None) + (self.retention is not None)
 
     def reload(self) -> bool:
         """Load the TLS certificate and the rules again; keep the old ones on any error.

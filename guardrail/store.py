@@ -23,13 +23,14 @@ import aiosqlite
 import structlog
 
 from .clock import format_instant, parse_instant
-from .committer import Committer, EscalationRun, WriteItem, ZombieRun
+from .committer import Committer, EscalationRun, RetentionRun, WriteItem, ZombieRun
 from .errors import StorageError
 from .escalation import DueConversation, EscalationPlan
 from .plan import Submission
 from .store_batch import (
     SCHEMA,
     AttemptResult,
+    Emptied,
     ManualAnswer,
     Outcome,
     StoreSettings,
@@ -41,6 +42,10 @@ log = structlog.get_logger("guardrail.store")
 MAX_BATCH = 256
 # Seconds close() waits for queued writes before it gives up on them.
 CLOSE_TIMEOUT = 30.0
+# Rows of each table that one retention transaction visits, and how many
+# such transactions one call of empty_old_bytes runs at most.
+RETENTION_BATCH = 500
+RETENTION_MAX_BATCHES = 200
 
 
 def _settle(settled: list[tuple[_Job, Any, Exception | None]]) -> None:
@@ -217,6 +222,21 @@ class Store:
     ) -> list[Any]:
         """Raise alarms for those of `routes` whose mail goes unanswered; return the alarms raised."""
         return await self._submit(ZombieRun(now, recent, period, routes, planner))
+
+    async def empty_old_bytes(self, cutoff: datetime, *, batch: int = RETENTION_BATCH, max_batches: int = RETENTION_MAX_BATCHES) -> Emptied:
+        """Empty the bytes of messages and outbox rows created before `cutoff`; return the totals.
+
+        Each batch is a transaction of its own, so intake's commits go
+        between them. After `max_batches` the rest waits for the next call.
+        """
+        messages = outbox = 0
+        for _ in range(max_batches):
+            emptied: Emptied = await self._submit(RetentionRun(cutoff, batch))
+            messages += emptied.messages
+            outbox += emptied.outbox
+            if not emptied.more:
+                return Emptied(messages, outbox, False)
+        return Emptied(messages, outbox, True)
 
     def queue_submission(self, submission: Submission) -> asyncio.Future[Outcome]:
         """Queue a received message for the next commit and return the future of its Outcome.

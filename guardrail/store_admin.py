@@ -206,18 +206,22 @@ class StoredMessage:
     team: str
     disposition: str
     raw: bytes
+    emptied: bool = False  # its bytes were removed after `[database] keep_bodies`
 
 
 def last_messages(path: Path, count: int, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> list[StoredMessage]:
     """Return the `count` newest stored messages, oldest first."""
     with connect(path, busy_timeout=busy_timeout) as connection:
         rows = connection.execute(
-            "SELECT id, received_at, mail_from, rcpt_tos, message_id, route, team, disposition, raw"
+            "SELECT id, received_at, mail_from, rcpt_tos, message_id, route, team, disposition, raw, length(raw) = 0 AND size > 0"
             " FROM messages ORDER BY id DESC LIMIT ?",
             (count,),
         ).fetchall()
     return [
-        StoredMessage(row[0], parse_instant(row[1]), row[2], tuple(json.loads(row[3])), row[4], row[5], row[6], row[7], bytes(row[8]))
+        StoredMessage(
+            row[0], parse_instant(row[1]), row[2], tuple(json.loads(row[3])), row[4], row[5], row[6], row[7], bytes(row[8]),
+            emptied=bool(row[9]),
+        )
         for row in reversed(rows)
     ]
 

@@ -148,6 +148,12 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_conversation ON events (conversation_id);
+
+-- Where emptying old bytes stopped, per table: the last row id visited.
+CREATE TABLE IF NOT EXISTS retention (
+    name TEXT PRIMARY KEY,
+    last_id INTEGER NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -183,6 +189,15 @@ class Outcome:
     deadline: datetime | None = None
     escalates_now: bool = False
     next_escalation_at: datetime | None = None  # when the conversation it opened is first escalated
+
+
+@dataclass(frozen=True)
+class Emptied:
+    """What one retention pass emptied, and whether rows older than its cutoff are left to visit."""
+
+    messages: int = 0
+    outbox: int = 0
+    more: bool = False
 
 
 @dataclass(frozen=True)
@@ -580,6 +595,51 @@ class BatchWriter:
             self._outbox("mail", None, None, target, alarm.data, at)
             self._event(None, None, at, "zombie_route_alarm", {"route": alarm.route, "to": alarm.owner.address, "figures": alarm.figures})
         return alarms
+
+    # -- retention ------------------------------------------------------------
+
+    def empty_old_bytes(self, cutoff: str, limit: int) -> Emptied:
+        """Empty the raw bytes of messages, and the payloads of outbox rows, created before `cutoff`.
+
+        Each table is visited in id order from where the last pass stopped,
+        up to `limit` rows. A visit stops at the first row from `cutoff` on
+        and at the first row still waiting for delivery (a message whose
+        outbox rows are pending, or a pending outbox row), so no row is left
+        behind: a pending row waits at most delivery.give_up_after. A message
+        keeps its row, size, summary and events; only its bytes go.
+        """
+        pending = {row for (row,) in self.db.execute(
+            "SELECT message_row FROM outbox WHERE state = 'pending' AND message_row IS NOT NULL"
+        )}
+        messages, more_messages = self._visit(
+            "messages", "SELECT id, received_at, length(raw) > 0, 0 FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+            cutoff, limit, pending,
+        )
+        outbox, more_outbox = self._visit(
+            "outbox",
+            "SELECT id, created_at, payload IS NOT NULL, state = 'pending' FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            cutoff, limit, set(),
+        )
+        self.db.executemany("UPDATE messages SET raw = x'' WHERE id = ?", [(row,) for row in messages])
+        self.db.executemany("UPDATE outbox SET payload = NULL WHERE id = ?", [(row,) for row in outbox])
+        return Emptied(len(messages), len(outbox), more_messages or more_outbox)
+
+    def _visit(self, table: str, sql: str, cutoff: str, limit: int, pending: set[int]) -> tuple[list[int], bool]:
+        """Return the ids to empty among the next `limit` rows of `table`, and whether rows are left; record where it stopped."""
+        start = self.db.execute("SELECT last_id FROM retention WHERE name = ?", (table,)).fetchone()
+        last = start[0] if start else 0
+        rows = self.db.execute(sql, (last, limit)).fetchall()
+        chosen: list[int] = []
+        stopped = False
+        for row_id, created_at, has_bytes, is_pending in rows:
+            if created_at >= cutoff or is_pending or row_id in pending:
+                stopped = True
+                break
+            if has_bytes:
+                chosen.append(row_id)
+            last = row_id
+        self.db.execute("INSERT OR REPLACE INTO retention (name, last_id) VALUES (?, ?)", (table, last))
+        return chosen, not stopped and len(rows) == limit
 
     # -- reads for decisions --------------------------------------------------
 

@@ -1,0 +1,148 @@
+"""Retention: with [database] keep_bodies, old message bytes and outbox payloads are emptied; rows and history stay."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import maildir_messages, message, send, settle, write_config
+from structlog.testing import capture_logs
+from test_store import NOW, submissions
+
+from guardrail.cli import main
+from guardrail.clock import ManualClock
+from guardrail.config import load_config
+from guardrail.errors import ConfigErrors
+from guardrail.store import Store
+
+
+def rows(database: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(database) as connection:
+        return connection.execute(sql).fetchall()
+
+
+@pytest.mark.parametrize(
+    ("database", "expected"),
+    [
+        ({}, None),
+        ({"keep_bodies": "90d"}, timedelta(days=90)),
+        ({"keep_bodies": "6d"}, timedelta(days=6)),
+    ],
+)
+def test_keep_bodies_config_table(tmp_path: Path, database: dict[str, str], expected: timedelta | None) -> None:
+    assert load_config(write_config(tmp_path, sections={"database": database})).keep_bodies == expected
+
+
+@pytest.mark.parametrize(
+    ("sections", "reason"),
+    [
+        ({"database": {"keep_bodies": "5d"}}, "'5d' is not longer than delivery.give_up_after ('5d')"),
+        ({"database": {"keep_bodies": "20d"}, "delivery": {"give_up_after": "30d"}}, "delivery.give_up_after ('30d')"),
+        ({"database": {"keep_bodies": "20d"}, "conversations": {"duplicate_window": "21d"}}, "duplicate_window ('21d')"),
+        ({"database": {"keep_bodies": "soon"}}, "invalid value 'soon'; expected a positive duration"),
+    ],
+)
+def test_keep_bodies_config_errors(tmp_path: Path, sections: dict[str, dict[str, str]], reason: str) -> None:
+    with pytest.raises(ConfigErrors) as raised:
+        load_config(write_config(tmp_path, sections=sections))
+    [error] = raised.value.errors
+    assert error.key == "database.keep_bodies"
+    assert reason in str(error)
+
+
+def set_state(database: Path, state: str, where: str) -> None:
+    with sqlite3.connect(database) as connection:
+        connection.execute(f"UPDATE outbox SET state = ? WHERE {where}", (state,))
+
+
+async def test_pending_delivery_keeps_bytes(tmp_path: Path) -> None:
+    database = tmp_path / "store.db"
+    store = await Store.open(database)
+    try:
+        for submission in submissions(tmp_path, 3):
+            await store.accept(submission)
+        # The store runs no delivery here: the second message's delivery is still pending, everything else is done.
+        set_state(database, "done", "NOT (kind = 'deliver' AND message_row = 2)")
+        later = NOW + timedelta(days=1)
+
+        first = await store.empty_old_bytes(later)
+        assert (first.messages, first.outbox, first.more) == (1, 1, False)
+        assert rows(database, "SELECT id, length(raw) > 0, size > 0 FROM messages ORDER BY id") == [
+            (1, 0, 1), (2, 1, 1), (3, 1, 1),
+        ]
+        assert rows(database, "SELECT message_row, kind, payload IS NOT NULL FROM outbox ORDER BY id") == [
+            (1, "deliver", 0), (1, "mail", 0), (2, "deliver", 0), (2, "mail", 1), (3, "deliver", 0), (3, "mail", 1),
+        ]
+
+        set_state(database, "done", "1")
+        second = await store.empty_old_bytes(later)
+        assert (second.messages, second.outbox, second.more) == (2, 2, False)
+        assert rows(database, "SELECT COUNT(*) FROM messages WHERE length(raw) > 0") == [(0,)]
+        assert rows(database, "SELECT COUNT(*) FROM outbox WHERE payload IS NOT NULL") == [(0,)]
+        # The rows themselves stay, with what status and the timeline read.
+        assert rows(database, "SELECT COUNT(*) FROM messages WHERE summary != '' AND size > 0") == [(3,)]
+        assert rows(database, "SELECT COUNT(*) FROM events WHERE message_row IS NOT NULL") != [(0,)]
+    finally:
+        await store.close()
+
+
+async def test_cutoff_and_batches(tmp_path: Path) -> None:
+    database = tmp_path / "store.db"
+    store = await Store.open(database)
+    try:
+        for submission in submissions(tmp_path, 5):
+            await store.accept(submission)
+        set_state(database, "done", "1")
+
+        # Nothing was created before the cutoff.
+        none = await store.empty_old_bytes(NOW)
+        assert (none.messages, none.outbox, none.more) == (0, 0, False)
+
+        # Two transactions of two rows of each table leave the rest for the
+        # next call: 5 messages, and 10 outbox rows of which 5 have a payload.
+        later = NOW + timedelta(seconds=1)
+        results = [await store.empty_old_bytes(later, batch=2, max_batches=2) for _ in range(3)]
+        assert [(result.messages, result.outbox, result.more) for result in results] == [
+            (4, 2, True), (1, 2, True), (0, 1, False),
+        ]
+        assert rows(database, "SELECT COUNT(*) FROM messages WHERE length(raw) > 0") == [(0,)]
+        assert rows(database, "SELECT COUNT(*) FROM outbox WHERE payload IS NOT NULL") == [(0,)]
+    finally:
+        await store.close()
+
+
+async def test_daemon_empties_old_bytes(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, sections={"database": {"keep_bodies": "10d"}})
+    clock = ManualClock(datetime(2026, 3, 2, 9, 30, tzinfo=UTC))
+    daemon = await start_daemon(config, clock=clock)
+    database = daemon.config.database_path
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<old@x>"))
+    await settle(daemon, clock)
+    await clock.advance(timedelta(days=5))
+    await send(daemon.port, "bob@example.com", ["support@example.org"], message(message_id="<new@x>", sender="bob@example.com"))
+    await settle(daemon, clock)
+    assert rows(database, "SELECT COUNT(*) FROM outbox WHERE state != 'done'") == [(0,)]
+
+    with capture_logs() as events:
+        await clock.advance(timedelta(days=5, hours=1))
+        await settle(daemon, clock)
+
+    assert rows(database, "SELECT message_id, length(raw) > 0 FROM messages ORDER BY id") == [("<old@x>", 0), ("<new@x>", 1)]
+    # Acknowledgements; the escalation mails were all written in the last ten days.
+    acknowledgements = "SELECT message_row, payload IS NOT NULL FROM outbox WHERE kind = 'mail' AND message_row IS NOT NULL ORDER BY id"
+    assert rows(database, acknowledgements) == [(1, 0), (2, 1)]
+    [emptied] = [event for event in events if event["event"] == "old_bytes_emptied"]
+    assert (emptied["messages"], emptied["outbox"]) == (1, 1)
+    # The team's copy and the acknowledgement were delivered before; they stay where they are.
+    assert len(maildir_messages(tmp_path / "var" / "maildir" / "support")) == 2
+
+    proposed = tmp_path / "rules"
+    capsys.readouterr()
+    status = await asyncio.to_thread(main, ["replay", "--config", str(config), "--rules", str(proposed), "--last", "10"])
+    captured = capsys.readouterr()
+    assert status == 0
+    assert "note: 1 of the 2 newest messages are older than [database] keep_bodies" in captured.err
+    assert "0 of 1 messages would change" in captured.out
