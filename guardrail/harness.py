@@ -25,6 +25,10 @@ EXPECTATION_KEYS = ("route", "team", "acknowledgement", "signal", "deadline")
 ACKNOWLEDGEMENT_VALUES = ("sent", "suppressed")
 # The route and team that prepare_submission decides for mail only to postmaster.
 POSTMASTER = "postmaster"
+# Arrivals a case may set. Deadlines are searched up to a year or more past
+# the arrival, so a time near the ends of the calendar would overflow.
+EARLIEST_ARRIVAL = datetime(1970, 1, 1, tzinfo=timezone.utc)
+LATEST_ARRIVAL = datetime(9000, 1, 1, tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -106,14 +110,37 @@ def _misshapen_keys(spec: dict[str, Any]) -> list[str]:
         problems.append(f'mail_from: invalid value {toml_text(mail_from)}; expected an address, or "" for the null sender')
     # A TOML date or time without the other half would reach the clock as the wrong type.
     arrival = spec.get("arrival")
-    if arrival is not None and (not isinstance(arrival, datetime) or arrival.tzinfo is None):
+    if arrival is not None and not _is_instant(arrival):
         problems.append(
             f"arrival: invalid value {toml_text(arrival)};"
             " expected a date and time with a time zone, such as 2026-03-02T10:00:00Z"
         )
+    elif arrival is not None and not EARLIEST_ARRIVAL <= arrival <= LATEST_ARRIVAL:
+        problems.append(
+            f"arrival: invalid value {toml_text(arrival)};"
+            f" expected a time from {EARLIEST_ARRIVAL.year} to {LATEST_ARRIVAL.year}, such as 2026-03-02T10:00:00Z"
+        )
     if not isinstance(expect, dict):
         problems.append(f"expect: invalid value {toml_text(expect)}; expected a table such as [expect]")
+    # A deadline without a time zone never equals the computed one, and would fail as if the rules were wrong.
+    deadline = expected_keys.get("deadline")
+    if deadline is not None and not _is_instant(deadline):
+        problems.append(
+            f"expect.deadline: invalid value {toml_text(deadline)};"
+            " expected a date and time with a time zone, such as 2026-03-02T13:00:00Z"
+        )
+    signal = expected_keys.get("signal")
+    if signal is not None and not isinstance(signal, str):
+        problems.append(
+            f"expect.signal: invalid value {toml_text(signal)};"
+            ' expected text that the suppressing signal contains, such as "Auto-Submitted"'
+        )
     return problems
+
+
+def _is_instant(value: Any) -> bool:
+    """Return True for a TOML date and time with a time zone (offset), which is one instant."""
+    return isinstance(value, datetime) and value.tzinfo is not None
 
 
 def _impossible_values(spec: dict[str, Any], rules: RuleSet, site: Site) -> list[str]:

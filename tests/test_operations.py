@@ -97,6 +97,18 @@ def write_case(cases: Path, name: str, spec: str) -> None:
     ('rcpt = ["support@example.com", 5]\n', "rcpt: invalid value ['support@example.com', 5]; expected an address or a list of addresses"),
     ("mail_from = true\n", "mail_from: invalid value true; expected an address, or \"\" for the null sender"),
     ('expect = "outage-reports"\n', "expect: invalid value 'outage-reports'; expected a table such as [expect]"),
+    ("arrival = 0001-01-01T00:00:00Z\n", "arrival: invalid value 0001-01-01T00:00:00+00:00; expected a time from 1970 to 9000"),
+    ("arrival = 9999-12-31T23:00:00Z\n", "arrival: invalid value 9999-12-31T23:00:00+00:00; expected a time from 1970 to 9000"),
+    (
+        "arrival = 2026-03-02T09:00:00Z\n[expect]\ndeadline = 2026-03-02T10:00:00\n",
+        "expect.deadline: invalid value 2026-03-02T10:00:00; expected a date and time with a time zone, such as 2026-03-02T13:00:00Z",
+    ),
+    ('[expect]\ndeadline = "tomorrow"\n', "expect.deadline: invalid value 'tomorrow'; expected a date and time with a time zone"),
+    ("[expect]\ndeadline = 2026-03-02\n", "expect.deadline: invalid value 2026-03-02; expected a date and time with a time zone"),
+    (
+        '[expect]\nacknowledgement = "suppressed"\nsignal = 5\n',
+        'expect.signal: invalid value 5; expected text that the suppressing signal contains, such as "Auto-Submitted"',
+    ),
 ])
 def test_rule_test_reports_misshapen_case(tmp_path: Path, capsys: pytest.CaptureFixture[str], spec: str, problem: str) -> None:
     config = example_copy(tmp_path)
