@@ -26,7 +26,7 @@ from .prepare import (
     prepare_message,
 )
 from .rules import RuleSet, load_rules
-from .tomlcheck import parse_duration, read_toml
+from .tomlcheck import MAX_DURATION, MAX_DURATION_TEXT, parse_duration, read_toml
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -314,6 +314,9 @@ def report(arguments: argparse.Namespace) -> int:
     since = parse_duration(arguments.since)
     if since is None:
         print(f"error: --since {arguments.since!r} is not a duration such as 7d or 12h", file=sys.stderr)
+        return EXIT_USAGE
+    if since > MAX_DURATION:
+        print(f"error: --since {arguments.since!r} is too long; give at most {MAX_DURATION_TEXT}", file=sys.stderr)
         return EXIT_USAGE
     _note_if_missing(config.database_path)
     rows = store_admin.shadow_disagreements(config.database_path, datetime.now(timezone.utc) - since, busy_timeout=config.busy_timeout)

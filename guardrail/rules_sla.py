@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .business_hours import ALWAYS_OPEN, DAYS, Calendar, Window, parse_window
 from .locales import is_supported_language
-from .tomlcheck import Table, parse_duration
+from .tomlcheck import MAX_DURATION, MAX_DURATION_TEXT, Table, parse_duration
 
 # Merge fields an acknowledgement template may use.
 TEMPLATE_FIELDS = {
@@ -246,6 +246,9 @@ def load_escalation(table: Table, key: str) -> tuple[EscalationLevel, ...]:
         after = parse_duration(after_value)
         if after is None:
             level_table.fail("after", after_value, 'a duration such as "0m" or "2h"')
+            after = timedelta(0)
+        elif after > MAX_DURATION:
+            level_table.fail("after", after_value, f"a duration of at most {MAX_DURATION_TEXT}")
             after = timedelta(0)
         human = load_human(level_table)
         webhook = _load_webhook(level_table) if level_table.has("webhook") else None

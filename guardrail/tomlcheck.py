@@ -28,6 +28,11 @@ _DURATION_UNITS = {
     "d": timedelta(days=1),
     "w": timedelta(weeks=1),
 }
+# The maximum duration of any key. Windows reach back from now and deadlines
+# forward, and datetime ends at year 9999. A duration of thousands of years
+# would overflow there, so that every message would fail its commit with 451.
+MAX_DURATION = timedelta(days=36500)
+MAX_DURATION_TEXT = '"36500d" (100 years)'
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
     "b": 1,
@@ -281,6 +286,9 @@ class Table:
         parsed = parse_duration(value)
         if parsed is None or parsed <= timedelta(0):
             self.fail(name, value, 'a positive duration such as "30s", "5m", "2h" or "1d"')
+            return default
+        if parsed > MAX_DURATION:
+            self.fail(name, value, f"a duration of at most {MAX_DURATION_TEXT}")
             return default
         return parsed
 

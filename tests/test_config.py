@@ -399,6 +399,48 @@ def test_rule_duration_must_be_positive(tmp_path: Path, rules: str, key: str) ->
     assert errors == [f"{tmp_path / 'rules' / 'rules.toml'}: {key}: invalid value '0h'; {POSITIVE}"]
 
 
+TOO_LONG = 'expected a duration of at most "36500d" (100 years)'
+
+
+@pytest.mark.parametrize(("section", "key"), CONFIG_DURATIONS)
+def test_config_duration_at_most_100_years(tmp_path: Path, section: str, key: str) -> None:
+    values = {key: "36501d"}
+    if section == "smarthost":
+        values["host"] = "127.0.0.1"
+    path = write_config(tmp_path, sections={section: values})
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+
+    assert [str(error) for error in caught.value.errors] == [f"{path}: {section}.{key}: invalid value '36501d'; {TOO_LONG}"]
+
+
+def test_config_duration_of_100_years_loads(tmp_path: Path) -> None:
+    path = write_config(tmp_path, sections={"conversations": {"duplicate_window": "36500d"}})
+    assert load_config(path).duplicate_window == timedelta(days=36500)
+
+
+@pytest.mark.parametrize(
+    ("rules", "key"),
+    [
+        (TEAMS.replace('name = "support"', 'name = "support"\nfirst_response = "36501d"', 1) + ROUTES, "team[0] (support).first_response"),
+        (TEAMS + ROUTES.replace('name = "billing"', 'name = "billing"\nfirst_response = "36501d"', 1), "route[0] (billing).first_response"),
+        (TEAMS + ROUTES + '[escalation]\nunstaffed_horizon = "36501d"\n', "escalation.unstaffed_horizon"),
+        (
+            TEAMS.replace(
+                'name = "support"',
+                'name = "support"\nescalation = [{ after = "36501d", name = "Sam Ortiz", address = "sam@example.org" }]',
+                1,
+            ) + ROUTES,
+            "team[0] (support).escalation[0].after",
+        ),
+    ],
+)
+def test_rule_duration_at_most_100_years(tmp_path: Path, rules: str, key: str) -> None:
+    errors = rule_errors(tmp_path, rules)
+    assert f"{tmp_path / 'rules' / 'rules.toml'}: {key}: invalid value '36501d'; {TOO_LONG}" in errors
+
+
 ZOMBIE_KEYS = {"conversations": 20, "min_answered_share": 0.2, "silent_business_hours": "24h", "period": "1d", "check_every": "15m"}
 
 

@@ -155,6 +155,13 @@ def test_rule_test_reports_impossible_case(tmp_path: Path, capsys: pytest.Captur
     assert "1 passed, 0 failed, 1 invalid" in output
 
 
+def test_report_rejects_overlong_since(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = example_copy(tmp_path)
+
+    assert main(["report", "shadow", "--config", str(config), "--since", "99999999d"]) == 2
+    assert "error: --since '99999999d' is too long; give at most \"36500d\" (100 years)" in capsys.readouterr().err
+
+
 def test_rule_test_rejects_shadow_route_expectation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, rules=SHADOW_RULES)
     cases = tmp_path / "cases"
