@@ -8,6 +8,7 @@ worker and closes the database. SIGHUP reloads the rules.
 from __future__ import annotations
 
 import asyncio
+import shlex
 import signal
 import ssl
 import sys
@@ -46,6 +47,15 @@ def _command_path() -> str:
     if started_as is not None and started_as.name == "guardrail" and started_as.exists():
         return str(started_as.resolve())
     return "guardrail"
+
+
+def answer_command(config_path: Path) -> str:
+    """Return the shell command, less the reference, that marks a conversation answered.
+
+    Escalation mail shows it for pasting into a shell, so each word is quoted:
+    a config path with a space must not split into two arguments.
+    """
+    return shlex.join([_command_path(), "answer", "--config", str(config_path.resolve())])
 
 
 def load_ruleset(config: Config) -> RuleSet:
@@ -118,7 +128,7 @@ class Daemon:
         sender = Sender(
             hostname=config.smtp.hostname,
             from_address=config.delivery.return_path,
-            answer_command=f"{_command_path()} answer --config {config.path.resolve()}",
+            answer_command=answer_command(config.path),
         )
         scheduler = self.scheduler = EscalationScheduler(
             self.store, self.clock, lambda: self.rules, sender, worker.wake.set, metrics=self.metrics

@@ -7,6 +7,7 @@ import email
 import hashlib
 import hmac
 import json
+import shlex
 import sqlite3
 from datetime import datetime, timedelta, timezone
 from email.message import Message
@@ -18,6 +19,7 @@ from webhook_receiver import webhook_receiver
 
 from guardrail.cli import build_parser, main
 from guardrail.clock import ManualClock
+from guardrail.daemon import answer_command
 
 SECRET = "test-webhook-secret"
 
@@ -215,6 +217,14 @@ def test_answer_by_defaults_to_user(monkeypatch: pytest.MonkeyPatch, user: str |
         monkeypatch.setenv("USER", user)
     arguments = build_parser().parse_args(["answer", "--config", "guardrail.toml", "GR-7K3M9Q"])
     assert arguments.by == by
+
+
+def test_answer_command_quotes_config_path(tmp_path: Path) -> None:
+    config = tmp_path / "help desk" / "it's guardrail.toml"
+    words = shlex.split(f"{answer_command(config)} GR-7K3M9Q")
+
+    assert words[1:] == ["answer", "--config", str(config.resolve()), "GR-7K3M9Q"]
+    assert build_parser().parse_args(words[1:]).config == config.resolve()
 
 
 async def test_answer_command_rejects_unknown_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
