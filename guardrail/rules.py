@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .business_hours import Calendar, next_open_interval, utc_calendar
+from .business_hours import SEARCH_LIMIT, Calendar, add_business_time, next_open_interval, utc_calendar
 from .errors import ConfigError, ConfigErrors
 from .locales import is_supported_language, write_to
 from .rules_sla import (
@@ -28,7 +28,7 @@ from .rules_sla import (
     load_named_human,
     load_template,
 )
-from .tomlcheck import Table, parse_toml, read_file
+from .tomlcheck import Table, parse_toml, read_file, toml_text
 
 ADDRESS_FIELDS = ("rcpt", "from", "to")
 TEXT_FIELDS = ("subject", "body")
@@ -281,6 +281,7 @@ def _load_team(
     members = _load_members(table)
     calendar = _team_calendar(table, calendars)
     first_response = table.duration("first_response", timedelta(hours=4))
+    _check_reachable(table, first_response, calendar)
     language = (table.string("language", "en") or "en").lower()
     template_name = table.string("template", "standard") or "standard"
     urgent_contacts = _urgent_contacts(table) if isinstance(table.raw("urgent_contact"), dict) else {}
@@ -347,6 +348,25 @@ def _load_members(table: Table) -> tuple[Member, ...]:
         if member_name and address:
             members.append(Member(member_name, address.lower()))
     return tuple(members)
+
+
+def _check_reachable(table: Table, first_response: timedelta, calendar: Calendar) -> None:
+    """Record a problem when `first_response` of business time does not fit in the calendar's next SEARCH_LIMIT.
+
+    Deadline arithmetic looks no further ahead, so such a first response
+    would leave every conversation without a deadline. A calendar with no
+    business time at all is left alone: its team is unstaffed, and its
+    conversations are escalated at once.
+    """
+    now = datetime.now(UTC)
+    if first_response <= timedelta(0) or next_open_interval(calendar, now, SEARCH_LIMIT) is None:
+        return
+    if add_business_time(now, first_response, calendar) is None:
+        table.problem(
+            "first_response",
+            f"{toml_text(table.raw('first_response'))} of business time does not fit in the next"
+            f" {SEARCH_LIMIT.days} days of the team's calendar, so no deadline could be set; use a shorter first_response",
+        )
 
 
 def _team_calendar(table: Table, calendars: dict[str, Calendar]) -> Calendar:
@@ -436,6 +456,8 @@ def _load_route(table: Table, teams: dict[str, Team]) -> Route | None:
         table.problem("team", f"team {team!r} does not exist; defined teams: {known}")
     is_default = table.boolean("default", False)
     first_response = table.duration("first_response", timedelta(0)) if table.has("first_response") else None
+    if first_response and team in teams:
+        _check_reachable(table, first_response, teams[team].calendar)
     mode = table.choice("mode", "live", ("live", "shadow"))
     owner = load_named_human(table, "owner") if table.has("owner") else None
     all_conditions = _load_condition_list(table, "all")

@@ -441,6 +441,49 @@ def test_rule_duration_at_most_100_years(tmp_path: Path, rules: str, key: str) -
     assert f"{tmp_path / 'rules' / 'rules.toml'}: {key}: invalid value '36501d'; {TOO_LONG}" in errors
 
 
+OFFICE = """
+[[calendar]]
+name = "office"
+timezone = "Europe/Paris"
+hours = { mon = ["09:00-17:00"], tue = ["09:00-17:00"], wed = ["09:00-17:00"], thu = ["09:00-17:00"], fri = ["09:00-17:00"] }
+"""
+OFFICE_SUPPORT = 'name = "support"\ncalendar = "office"'
+
+
+@pytest.mark.parametrize(
+    ("rules", "key", "value"),
+    [
+        # Around the clock, the next 400 days (to the end of the last one) hold about 401 days of
+        # business time; 8 hours a working day hold about 95.
+        (TEAMS.replace('name = "support"', 'name = "support"\nfirst_response = "500d"', 1) + ROUTES, "team[0] (support).first_response", "500d"),
+        (OFFICE + TEAMS.replace('name = "support"', OFFICE_SUPPORT + '\nfirst_response = "100d"', 1) + ROUTES,
+         "team[0] (support).first_response", "100d"),
+        (OFFICE + TEAMS.replace('name = "support"', OFFICE_SUPPORT, 1) + ROUTES.replace('default = true', 'default = true\nfirst_response = "2400h"'),
+         "route[1] (default).first_response", "2400h"),
+    ],
+)
+def test_first_response_beyond_calendar_horizon(tmp_path: Path, rules: str, key: str, value: str) -> None:
+    errors = rule_errors(tmp_path, rules)
+    assert errors == [
+        f"{tmp_path / 'rules' / 'rules.toml'}: {key}: '{value}' of business time does not fit in the next 400 days"
+        " of the team's calendar, so no deadline could be set; use a shorter first_response"
+    ]
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        TEAMS.replace('name = "support"', 'name = "support"\nfirst_response = "399d"', 1) + ROUTES,
+        OFFICE + TEAMS.replace('name = "support"', OFFICE_SUPPORT + '\nfirst_response = "90d"', 1) + ROUTES,
+        # A calendar without business hours makes the team unstaffed, which is no error here.
+        OFFICE.replace('hours = {', 'hours = {}\n# {') + TEAMS.replace('name = "support"', OFFICE_SUPPORT, 1) + ROUTES,
+    ],
+)
+def test_first_response_within_calendar_horizon(tmp_path: Path, rules: str) -> None:
+    ruleset = load_rules(rules_folder(tmp_path, rules), tmp_path)
+    assert ruleset.teams["support"].first_response >= timedelta(hours=4)
+
+
 ZOMBIE_KEYS = {"conversations": 20, "min_answered_share": 0.2, "silent_business_hours": "24h", "period": "1d", "check_every": "15m"}
 
 
