@@ -11,11 +11,13 @@ route it, commit it, reply.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -26,7 +28,7 @@ from .clock import Clock
 from .config import Config
 from .message import ATOM
 from .metrics import Metrics
-from .offload import ParseProcesses
+from .offload import ParseProcesses, ParseStalled
 from .plan import Submission
 from .prepare import (
     BareLineEnding,
@@ -34,6 +36,7 @@ from .prepare import (
     TooManyHops,
     is_accepted_recipient,
     prepare_received,
+    prepare_unrouted,
 )
 from .prepare import Envelope as PreparedEnvelope
 from .replies import (
@@ -520,6 +523,14 @@ def _peer(session: Session | None) -> str:
     return str(peer)
 
 
+# How many stalled messages intake remembers, to tell a sender's retry.
+STALLED_KEPT = 1000
+
+
+class RoutingStalled(Exception):
+    """A message's routing stalled a parse process for the first time; the sender gets 451."""
+
+
 @dataclass
 class IntakeHandler:
     """The aiosmtpd handler: each hook is a short list of steps."""
@@ -532,6 +543,9 @@ class IntakeHandler:
     site: Site = field(init=False)
     metrics: Metrics = field(default_factory=Metrics)
     parsers: ParseProcesses | None = None
+    # Messages whose routing stalled a parse process and got 451, by a hash
+    # of envelope and bytes, oldest first; at most STALLED_KEPT of them.
+    stalled: dict[bytes, None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.site = Site.from_config(self.config)
@@ -601,6 +615,8 @@ class IntakeHandler:
         started = time.perf_counter()
         try:
             return await self._receive(session, envelope, started)
+        except RoutingStalled:
+            return REPLY_TEMPORARY
         except Exception as error:  # noqa: BLE001 - answer 451 so the sender retries
             log.error("message_not_accepted", error=repr(error), reason="internal failure before commit")
             self.metrics.messages_rejected.labels("temporary failure").inc()
@@ -617,7 +633,10 @@ class IntakeHandler:
             protocol=_protocol(session),
         )
         now = self.clock.now()
-        prepared = await self.parsers.prepare(facts, raw, now) if self.parsers is not None else None
+        try:
+            prepared = await self.parsers.prepare(facts, raw, now) if self.parsers is not None else None
+        except ParseStalled as error:
+            prepared = self._after_stall(facts, raw, now, str(error))
         if prepared is None:
             prepared = prepare_received(facts, raw, self.rules(), self.site, now)
             self.metrics.messages_parsed.labels("daemon").inc()
@@ -647,6 +666,29 @@ class IntakeHandler:
             committing.add_done_callback(partial(self._committed_after_close, submission, len(raw), started))
             raise
         return self._committed(outcome, submission, len(raw), started)
+
+    def _after_stall(self, facts: PreparedEnvelope, raw: bytes, now: datetime, error: str) -> Submission | TooManyHops | BareLineEnding:
+        """Refuse a first stall with 451 (by raising RoutingStalled), and prepare the sender's retry without routing.
+
+        A stall can be passing (a loaded machine), so the first one gets a
+        temporary failure. A retry of the same message that stalls again
+        would stall on every retry until the sender gave up, so it goes to
+        the default route's team, escalated at once (see prepare_unrouted).
+        """
+        key = hashlib.sha256(repr((facts.mail_from, facts.rcpt_tos)).encode() + raw).digest()
+        if key not in self.stalled:
+            self.stalled[key] = None
+            while len(self.stalled) > STALLED_KEPT:
+                del self.stalled[next(iter(self.stalled))]
+            log.error("message_not_accepted", reason="routing stalled", error=error,
+                      detail="a retry that stalls again goes to the default route")
+            self.metrics.messages_rejected.labels("routing stalled").inc()
+            raise RoutingStalled(error)
+        del self.stalled[key]
+        reason = f"routing did not finish ({error}); a rule's regular expression may backtrack on this message"
+        log.error("routing_gave_up", peer=facts.peer, route=self.rules().default_route.name, reason=reason)
+        self.metrics.messages_parsed.labels("without routing").inc()
+        return prepare_unrouted(facts, raw, self.rules(), self.site, now, reason)
 
     def _committed(self, outcome: Outcome, submission: Submission, size: int, started: float) -> str:
         """Notify the workers of a committed message and log it, then return the reply to its final dot."""

@@ -66,6 +66,10 @@ class ParseTimeout(Exception):
     """No parse process could prepare the message in time; the message gets a temporary failure."""
 
 
+class ParseStalled(ParseTimeout):
+    """The message itself stalled or killed the parse processes that worked on it."""
+
+
 @dataclass(eq=False)
 class _Child:
     process: asyncio.subprocess.Process
@@ -157,9 +161,9 @@ class ParseProcesses:
     ) -> Submission | TooManyHops | BareLineEnding | None:
         """Return what a child prepared for this message, or None when intake must prepare it itself.
 
-        Raises ParseTimeout when the child working on this message stalled,
-        when no child became ready within `ready_timeout`, or when the message's
-        children died ATTEMPTS times.
+        Raises ParseTimeout when no child became ready within `ready_timeout`,
+        and ParseStalled, a ParseTimeout, when the child working on this
+        message stalled or the message's children died ATTEMPTS times.
         """
         if self._rules_frame is None or not self._ever_ready:
             return None
@@ -168,7 +172,7 @@ class ParseProcesses:
             request_id = next(self._ids)
             result = await self._ask(child, request_id, ("prepare", request_id, envelope, raw, now))
             if result is _STALLED:
-                raise ParseTimeout(f"a parse process made no progress for {self.timeout:g} s on this message")
+                raise ParseStalled(f"a parse process made no progress for {self.timeout:g} s on this message")
             if result is _LOST:
                 continue
             if isinstance(result, str):
@@ -178,7 +182,7 @@ class ParseProcesses:
                 return result.attached(raw)
             if isinstance(result, (TooManyHops, BareLineEnding)):
                 return result
-        raise ParseTimeout(f"{ATTEMPTS} parse processes died while this message waited")
+        raise ParseStalled(f"{ATTEMPTS} parse processes died while this message waited")
 
     def _least_busy_child(self) -> _Child | None:
         """Return the usable child with the fewest pending requests, or None when no child is usable."""

@@ -185,6 +185,37 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     )
 
 
+def prepare_unrouted(envelope: Envelope, raw: bytes, rules: RuleSet, site: Site, now: datetime, reason: str) -> Submission | TooManyHops | BareLineEnding:
+    """Prepare a message whose routing never finished, for the default route's team, with an escalation at once.
+
+    Routing a message evaluates the ops' regular expressions, and one that
+    backtracks badly on this message's text can run for hours. Here nothing
+    of the rules is evaluated: the header block alone is read (a linear
+    pass), the default route takes the message, and `reason`, as the
+    conversation's unstaffed reason, escalates it at once to the team's
+    first named human. No acknowledgement goes out, because the machine
+    check that would allow one reads the ops' sender patterns too.
+    """
+    if has_bare_line_ending(raw):
+        return BareLineEnding()
+    summary = summarize(raw, with_body=False)
+    if has_too_many_hops(summary, site.max_received_headers):
+        return TooManyHops(summary.message_id, summary.received_count)
+    if all(is_postmaster(address, site) and not is_inbox(address, site) for address in envelope.rcpt_tos):
+        # Postmaster mail is never routed, so it goes its usual way.
+        return prepare_submission(envelope, raw, summary, rules, site, now)
+    route = rules.default_route
+    team = rules.teams[route.team]
+    deadline = add_business_time(now, route.first_response or team.first_response, team.calendar)
+    return Submission(
+        raw=raw, mail_from=envelope.mail_from, rcpt_tos=envelope.rcpt_tos, peer=envelope.peer, helo=envelope.helo,
+        protocol=envelope.protocol, received_at=now, summary=summary, is_loop=has_our_loop_marker(summary, site.hostname),
+        route=route.name, team=team.name, destination=team.destination, route_reasons=(reason,),
+        team_members=team.member_addresses, ack_signal="routing did not finish", deadline=deadline,
+        first_escalation_at=_first_escalation(team, rules, deadline), unstaffed=reason, team_names=rules.team_names,
+    )
+
+
 def _first_escalation(team: Team, rules: RuleSet, deadline: datetime | None) -> datetime | None:
     if deadline is None:
         return None

@@ -114,9 +114,10 @@ any = [{ subject.regex = '^(a+)+$' }]
 """ + ROUTES
 
 
-async def test_stalled_child_gives_451(tmp_path: Path, start_daemon) -> None:
+async def test_stalled_child_gives_451_then_default(tmp_path: Path, start_daemon) -> None:
     daemon = await ready_daemon(tmp_path, start_daemon, CATASTROPHIC)
     daemon.parsers.timeout = 1.0
+    database = daemon.config.database_path
     [pid] = daemon.parsers.pids
     slow = message(subject="a" * 40 + "!", message_id="<slow@example.com>")
 
@@ -125,22 +126,46 @@ async def test_stalled_child_gives_451(tmp_path: Path, start_daemon) -> None:
             await send(daemon.port, "alice@example.com", ["support@example.org"], slow)
         return raised.value.smtp_code
 
-    stalled = asyncio.ensure_future(send_slow())
-    await asyncio.sleep(0.2)
-    # A message queued behind the stalled one goes to the next child.
-    await send(daemon.port, "bob@example.com", ["support@example.org"], message(message_id="<behind@example.com>"))
-    assert await stalled == 451
+    with capture_logs() as events:
+        stalled = asyncio.ensure_future(send_slow())
+        await asyncio.sleep(0.2)
+        # A message queued behind the stalled one goes to the next child.
+        await send(daemon.port, "bob@example.com", ["support@example.org"], message(message_id="<behind@example.com>"))
+        assert await stalled == 451
     assert daemon.parsers.pids != [pid]
+    [refused] = [event for event in events if event["event"] == "message_not_accepted"]
+    assert refused["reason"] == "routing stalled"
 
-    # The sender's retry stalls the new child too and gets 451 again. The
-    # daemon never parses it itself, so it keeps serving other sessions.
-    assert await send_slow() == 451
+    # The sender's retry stalls the new child too. Retrying would never end,
+    # so the default route's team gets it without routing, escalated at
+    # once, and without an acknowledgement. The daemon never evaluates the
+    # rules for it, so it keeps serving other sessions.
+    with capture_logs() as events:
+        assert await send(daemon.port, "alice@example.com", ["support@example.org"], slow) == {}
     await send(daemon.port, "carol@example.com", ["support@example.org"], message(message_id="<after@example.com>"))
 
     assert parsed(daemon, "daemon") == 0
-    assert [row[:2] for row in stored(daemon.config.database_path)] == [
-        ("<behind@example.com>", "support"), ("<after@example.com>", "support"),
+    assert parsed(daemon, "without routing") == 1
+    errors = [event["event"] for event in events if event["log_level"] == "error"]
+    assert errors[:2] == ["parse_timed_out", "routing_gave_up"]
+    assert [row[:2] for row in stored(database)] == [
+        ("<behind@example.com>", "support"), ("<slow@example.com>", "support"), ("<after@example.com>", "support"),
     ]
+    with sqlite3.connect(database) as connection:
+        [(route, reasons)] = connection.execute("SELECT route, route_reasons FROM messages WHERE message_id = '<slow@example.com>'")
+        [(escalation_reason,)] = connection.execute("SELECT escalation_reason FROM conversations WHERE id = 2")
+        [(decision, signal)] = connection.execute("SELECT decision, signal FROM acknowledgements WHERE message_row = 2")
+    assert route == "default"
+    assert "routing did not finish (a parse process made no progress for 1 s on this message)" in reasons
+    assert escalation_reason.startswith("routing did not finish")
+    assert (decision, signal) == ("suppressed", "routing did not finish")
+
+    def escalated() -> bool:
+        with sqlite3.connect(database) as connection:
+            targets = [row[0] for row in connection.execute("SELECT target FROM outbox WHERE conversation_id = 2 AND kind = 'mail'")]
+        return any("duty-manager@example.org" in target for target in targets)
+
+    await wait_until(escalated, what="the escalation to the fallback human")
 
 
 async def test_zero_processes_parse_in_daemon(tmp_path: Path, start_daemon) -> None:
