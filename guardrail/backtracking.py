@@ -37,17 +37,34 @@ _MAX_LITERALS = 256
 _PROBES = tuple(chr(code) for code in range(256)) + tuple("\u017f\u0130\u212a\u2028\u3000\u0663\u4e2d\u2014")
 
 
+# A leading repeat as written: one character, escape or class, then a quantifier.
+_LEADING_REPEAT = re.compile(r"(?:\\.|\[(?:\\.|[^\]])+\]|[^\\(\[])(?:[*+]|\{\d*,\})[?+]?")
+
+
 @dataclass(frozen=True)
 class Backtracking:
     """The reason a pattern can backtrack catastrophically."""
 
-    cause: str  # "nested" (a repeat inside a repeat) or "alternatives" (ones that can match the same text)
+    # "nested": a repeat inside a repeat. "alternatives": ones that can match
+    # the same text. "search": a leading repeat that a search tries at every
+    # position of a run (see find_slow_search).
+    cause: str
     maximum: int | None  # the outer repeat's maximum count, or None when unbounded
+    leading: str = ""  # for "search": the leading repeat as written, such as \s+
 
     def describe(self, pattern: str) -> str:
         """Return a sentence naming `pattern`, the time it can take, and the fix."""
         # Quoted as written in regex syntax, because repr would double every backslash.
         quoted = f"'{pattern}'" if pattern.isprintable() else repr(pattern)
+        if self.cause == "search":
+            if self.leading in (".*", ".*?"):
+                fix = f"remove the leading {self.leading}, since a search finds the rest anywhere without it"
+            else:
+                fix = "anchor it with ^, or start it with a lookbehind such as (?<!\\s) for \\s+ so that only the start of a run is tried"
+            return (
+                f"the pattern {quoted} can take time that grows with the square of the text's length, because a search"
+                f" tries its leading {self.leading or 'repeat'} at every position of a long run of matching characters; {fix}"
+            )
         growth = "exponential time" if self.maximum is None else f"time that grows with the input's length to the power {self.maximum}"
         if self.cause == "alternatives":
             return (
@@ -79,6 +96,44 @@ def find_backtracking(pattern: re.Pattern[str]) -> Backtracking | None:
     except Exception:  # noqa: BLE001 - re._parser is private, so a changed tree shape means "unknown"
         return None
     return None
+
+
+def find_slow_search(pattern: re.Pattern[str]) -> Backtracking | None:
+    """Return why searching text for `pattern` can take time quadratic in its length, or None.
+
+    A search tries the pattern at each position in turn. Take a pattern
+    that starts with an unbounded repeat of single characters, such as \\s+
+    in \\s+$, followed by something that can fail. At every position of a
+    long run of such characters, the repeat consumes the rest of the run
+    before the match fails: n positions of up to n steps each. A pattern anchored with ^ or \\b, or started with a
+    lookaround, is tried in earnest at few positions and is not reported.
+    """
+    if sre_parser is None:
+        return None
+    try:
+        items = _flatten(list(sre_parser.parse(pattern.pattern, pattern.flags)))
+        if not items or items[0][0] not in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+            return None
+        minimum, maximum, body = items[0][1]
+        body_items = _flatten(body)
+        if maximum != sre.MAXREPEAT or len(body_items) != 1 or body_items[0][0] not in (sre.LITERAL, sre.NOT_LITERAL, sre.IN, sre.ANY):
+            return None
+        if not _can_fail(items[1:]):
+            return None
+        return Backtracking("search", 2, _leading_text(pattern.pattern))
+    except Exception:  # noqa: BLE001 - re._parser is private, so a changed tree shape means "unknown"
+        return None
+
+
+def _can_fail(items: list[Any]) -> bool:
+    """Return True unless every item can match the empty string, as an optional repeat does."""
+    return any(not (op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT) and argument[0] == 0) for op, argument in items)
+
+
+def _leading_text(pattern: str) -> str:
+    """Return the leading repeat of `pattern` as written, such as \\s+ or [a-z]{2,}; "" when it cannot be cut out plainly."""
+    match = _LEADING_REPEAT.match(pattern)
+    return match.group(0) if match else ""
 
 
 def _check_repeat(op: Any, argument: Any, ignore_case: bool) -> Backtracking | None:

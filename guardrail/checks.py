@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from .backtracking import find_backtracking
-from .rules import Condition, Route, RuleSet, unstaffed_reason
+from .backtracking import find_backtracking, find_slow_search
+from .rules import ADDRESS_FIELDS, Condition, Route, RuleSet, unstaffed_reason
 
 SHIPPED_LANGUAGES = ("en", "fr", "de", "es")
 
@@ -89,12 +89,18 @@ def route_covers(earlier: Route, later: Route) -> bool:
 
 
 def slow_patterns(rules: RuleSet) -> list[Finding]:
-    """Return a finding for each route regex, live or shadow, that can backtrack catastrophically."""
+    """Return a finding for each route regex, live or shadow, that can backtrack catastrophically.
+
+    Patterns for the other fields than addresses and the sender's domain
+    are searched for anywhere in the value, so find_slow_search checks them
+    as well.
+    """
     findings = []
     for route in [*rules.routes, *(route for _, route in rules.shadow_routes)]:
         for key, condition in _regex_conditions(route):
+            searched = condition.field not in ADDRESS_FIELDS and condition.field != "from_domain"
             for pattern in condition.patterns:
-                backtracking = find_backtracking(pattern)
+                backtracking = find_backtracking(pattern) or (find_slow_search(pattern) if searched else None)
                 if backtracking:
                     message = f"route {route.name}, {key}: {backtracking.describe(pattern.pattern)}"
                     findings.append(Finding("warning", route.source, message))

@@ -15,7 +15,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .business_hours import SEARCH_LIMIT, Calendar, add_business_time, next_open_interval, utc_calendar
+from .business_hours import (
+    SEARCH_LIMIT,
+    Calendar,
+    add_business_time,
+    next_open_interval,
+    utc_calendar,
+)
 from .errors import ConfigError, ConfigErrors
 from .locales import is_supported_language, write_to
 from .rules_sla import (

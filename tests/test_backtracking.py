@@ -7,7 +7,7 @@ import re
 import pytest
 
 from guardrail import backtracking
-from guardrail.backtracking import Backtracking, find_backtracking
+from guardrail.backtracking import Backtracking, find_backtracking, find_slow_search
 
 FLAGGED = [
     # (pattern, flags, cause, maximum of the outer repeat or None when unbounded)
@@ -109,10 +109,56 @@ def test_description_of_alternatives_names_cause() -> None:
     assert "make the repeat possessive (such as ++ for +)" in alternatives
 
 
+SLOW_SEARCHES = [
+    # (pattern, the leading repeat as the description quotes it)
+    (r"\s+$", r"\s+"),
+    (r"\d+\s*$", r"\d+"),
+    (r"[A-Z]{2,}-\d+", "[A-Z]{2,}"),
+    (r".*urgent", ".*"),
+    (r".*?urgent.*", ".*?"),
+    (r"[^@]+@[^@]+", "[^@]+"),
+    # Possessive repeats give nothing back, but the search still tries every position.
+    (r"\s++$", r"\s++"),
+    (r"(\s+)$", ""),
+]
+
+FAST_SEARCHES = [
+    r"^\s+$",
+    r"\b[A-Z]{2,}-\d+",
+    r"(?<!\s)\s+$",
+    r"\s+",
+    r"\s+.*",
+    r"urgent.*",
+    r"a{2,5}b",
+    r"x*y*",
+    r"(?i)invoice|receipt",
+]
+
+
+@pytest.mark.parametrize(("pattern", "leading"), SLOW_SEARCHES)
+def test_slow_search_flagged(pattern: str, leading: str) -> None:
+    assert find_slow_search(re.compile(pattern)) == Backtracking("search", 2, leading)
+
+
+@pytest.mark.parametrize("pattern", FAST_SEARCHES)
+def test_fast_search_not_flagged(pattern: str) -> None:
+    assert find_slow_search(re.compile(pattern)) is None
+
+
+def test_description_of_slow_search_names_fix() -> None:
+    run = Backtracking("search", 2, r"\s+").describe(r"\s+$")
+    dot = Backtracking("search", 2, ".*").describe(".*urgent")
+
+    assert run.startswith(r"the pattern '\s+$' can take time that grows with the square of the text's length,")
+    assert r"start it with a lookbehind such as (?<!\s) for \s+" in run
+    assert "remove the leading .*, since a search finds the rest anywhere without it" in dot
+
+
 def test_missing_parser_reports_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(backtracking, "sre_parser", None)
 
     assert find_backtracking(re.compile(r"(a+)+$")) is None
+    assert find_slow_search(re.compile(r"\s+$")) is None
 
 
 def test_changed_parse_tree_reports_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -299,6 +299,21 @@ def test_check_warns_of_backtracking_regex(tmp_path: Path, capsys: pytest.Captur
     assert main(["check", "--config", str(config)]) == 0
 
 
+@pytest.mark.parametrize(("condition", "warned"), [("body.regex", True), ("header.X-Note.regex", True), ("from.regex", False)])
+def test_check_warns_of_slow_search(tmp_path: Path, capsys: pytest.CaptureFixture[str], condition: str, warned: bool) -> None:
+    # Address patterns must match the whole address, so a search never retries them at every position.
+    config = example_copy(tmp_path)
+    rules = tmp_path / "rules" / "20-routes.toml"
+    with rules.open("a") as handle:
+        handle.write(f"\n[[route]]\nname = \"trailing\"\nteam = \"support\"\nall = [{{ {condition} = '[a-z]+@x\\.example' }}]\n")
+    assert main(["inspect", "--config", str(config), "--by", "Dana Duty", "--note", "routes and teams reviewed"]) == 0
+    capsys.readouterr()
+
+    assert main(["check", "--config", str(config)]) == (1 if warned else 0)
+    errors = capsys.readouterr().err
+    assert ("grows with the square of the text's length" in errors) is warned
+
+
 def test_route_command_explains_decision(capsys: pytest.CaptureFixture[str]) -> None:
     message = DATA / "routing" / "m3-real-vip-mixed-case.eml"
     status = main(["route", "--config", str(ROOT / "config.example.toml"), str(message), "--rcpt", "billing@example.com"])
