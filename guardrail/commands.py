@@ -334,7 +334,9 @@ def status(arguments: argparse.Namespace) -> int:
     _note_if_missing(config.database_path)
     figures = store_admin.status_rows(config.database_path, datetime.now(timezone.utc), busy_timeout=config.busy_timeout)
     print("open conversations by team (overdue):")
-    for team, count, overdue in figures["open_by_team"] or [("-", 0, 0)]:
+    if not figures["open_by_team"]:
+        print("  none")
+    for team, count, overdue in figures["open_by_team"]:
         print(f"  {team:20} {count:6} ({overdue or 0} overdue)")
     # Sections without rows print no heading.
     if figures["no_reply_by_team"]:

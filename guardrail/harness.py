@@ -22,6 +22,7 @@ from .tomlcheck import read_toml, toml_text
 
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 EXPECTATION_KEYS = ("route", "team", "acknowledgement", "signal", "deadline")
+CASE_KEYS = ("rcpt", "mail_from", "arrival", "expect")
 ACKNOWLEDGEMENT_VALUES = ("sent", "suppressed")
 # The route and team that prepare_submission decides for mail only to postmaster.
 POSTMASTER = "postmaster"
@@ -97,11 +98,16 @@ def _misshapen_keys(spec: dict[str, Any]) -> list[str]:
     """Return problem lines for unknown case keys and for keys whose value has the wrong TOML type."""
     expect = spec.get("expect", {})
     expected_keys = expect if isinstance(expect, dict) else {}
-    unknown = sorted(set(expected_keys) - set(EXPECTATION_KEYS)) + sorted(set(spec) - {"rcpt", "mail_from", "arrival", "expect"})
-    if unknown:
-        return [f"unknown keys {unknown}; expectations are {', '.join(EXPECTATION_KEYS)}"]
-
     problems = []
+    unknown_top = sorted(set(spec) - set(CASE_KEYS))
+    if unknown_top:
+        problems.append(f"unknown keys {unknown_top}; a case has {', '.join(CASE_KEYS)}")
+    unknown_expected = sorted(set(expected_keys) - set(EXPECTATION_KEYS))
+    if unknown_expected:
+        problems.append(f"unknown keys {['expect.' + key for key in unknown_expected]}; expectations are {', '.join(EXPECTATION_KEYS)}")
+    if problems:
+        return problems
+
     rcpt = spec.get("rcpt", "")
     if not (isinstance(rcpt, str) or (isinstance(rcpt, list) and all(isinstance(item, str) for item in rcpt))):
         problems.append(f"rcpt: invalid value {toml_text(rcpt)}; expected an address or a list of addresses")

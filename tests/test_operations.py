@@ -109,6 +109,8 @@ def write_case(cases: Path, name: str, spec: str) -> None:
         '[expect]\nacknowledgement = "suppressed"\nsignal = 5\n',
         'expect.signal: invalid value 5; expected text that the suppressing signal contains, such as "Auto-Submitted"',
     ),
+    ('sender = "alice@example.com"\n', "unknown keys ['sender']; a case has rcpt, mail_from, arrival, expect"),
+    ('[expect]\nqueue = "support"\n', "unknown keys ['expect.queue']; expectations are route, team, acknowledgement, signal, deadline"),
 ])
 def test_rule_test_reports_misshapen_case(tmp_path: Path, capsys: pytest.CaptureFixture[str], spec: str, problem: str) -> None:
     config = example_copy(tmp_path)
@@ -479,7 +481,7 @@ def test_empty_database_file_reads_as_empty(tmp_path: Path, capsys: pytest.Captu
     database.touch()
 
     assert main(["status", "--config", str(config)]) == 0
-    assert "open conversations by team (overdue):" in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines() == ["open conversations by team (overdue):", "  none"]
     assert main(["report", "shadow", "--config", str(config)]) == 0
     assert "0 message(s) where a shadow route would have won" in capsys.readouterr().out
     assert database.read_bytes() == b""
