@@ -8,12 +8,16 @@ worker and closes the database. SIGHUP reloads the rules.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import shlex
 import signal
 import ssl
 import sys
+from collections.abc import Awaitable
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
@@ -34,6 +38,8 @@ from .sla import EscalationScheduler, ZombieWatch
 from .store import AttemptResult, Outcome, Store, StoreSettings
 
 log = structlog.get_logger("guardrail.daemon")
+
+_Listener = TypeVar("_Listener")
 
 SHUTDOWN_GRACE = timedelta(seconds=30)
 # Seconds the maildir process may hold files without replying before it is
@@ -56,6 +62,16 @@ def answer_command(config_path: Path) -> str:
     a config path with a space must not split into two arguments.
     """
     return shlex.join([_command_path(), "answer", "--config", str(config_path.resolve())])
+
+
+async def _bound(keys: str, listen: str, port: int, binding: Awaitable[_Listener]) -> _Listener:
+    """Await `binding`; re-raise an OSError as one that names the config `keys` and the address."""
+    try:
+        return await binding
+    except OSError as error:
+        reason = os.strerror(error.errno).lower() if error.errno else str(error)
+        fix = "; stop the program that uses it or set another port" if error.errno == errno.EADDRINUSE else ""
+        raise OSError(f"{keys}: cannot listen on {listen}:{port}: {reason}{fix}") from error
 
 
 def load_ruleset(config: Config) -> RuleSet:
@@ -167,7 +183,8 @@ class Daemon:
         )
         loop = asyncio.get_running_loop()
         self._tls = tls_context(config.smtp)
-        self._server = await loop.create_server(
+        self._server = await _bound(
+            "smtp.listen and smtp.port", config.smtp.listen, config.smtp.port, loop.create_server(
             lambda: GuardrailSMTP(
                 handler,
                 tracker=self._tracker,
@@ -183,9 +200,12 @@ class Daemon:
             ),
             host=config.smtp.listen,
             port=config.smtp.port,
-        )
+        ))
         if config.http.enabled:
-            self._http = await serve_http(build_app(self), config.http.listen, config.http.port)
+            self._http = await _bound(
+                "http.listen and http.port", config.http.listen, config.http.port,
+                serve_http(build_app(self), config.http.listen, config.http.port),
+            )
             if config.http.token is None:
                 log.warning("http_token_missing", detail="every HTTP endpoint but /healthz returns 401; set [http] token_env")
         log.info(

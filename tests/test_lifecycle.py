@@ -66,6 +66,11 @@ def test_busy_port_logs_one_stop(tmp_path: Path, listener: str) -> None:
     events = [json.loads(line)["event"] for line in result.stderr.splitlines() if line.startswith("{")]
     assert events.count("daemon_stopped") == 1
     assert "daemon_started" not in events
+    expected = (
+        f"error: cannot start the daemon: {listener}.listen and {listener}.port: cannot listen on 127.0.0.1:{port}:"
+        " address already in use; stop the program that uses it or set another port"
+    )
+    assert expected in result.stderr.splitlines()
 
 
 def submission(raw: bytes, helo: str) -> Submission:
