@@ -69,7 +69,7 @@ _SUBJECT_PHRASES = (
     r"failure notice",
     # French
     r"reponse automatique",
-    r"(message d'|notification d')?absence",
+    r"(message d'|notification d')?absence( du bureau)?",
     r"absent(e)? du bureau",
     r"non remis",
     # German

@@ -535,6 +535,8 @@ HUMAN = "Alice Example <alice@example.com>"
          "auto-reply subject 'Out of Office: back on Monday'"),
         ("alice@example.com", HUMAN, "", encoded("Réponse automatique : absente"), False,
          "auto-reply subject 'Réponse automatique : absente'"),
+        ("alice@example.com", HUMAN, "", "Absence du bureau", False, "auto-reply subject 'Absence du bureau'"),
+        ("alice@example.com", HUMAN, "", "Absence du bureau : retour lundi", False, "auto-reply subject 'Absence du bureau : retour lundi'"),
         ("alice@example.com", HUMAN, "", "Abwesenheitsnotiz: bis 10.11.", False, "auto-reply subject 'Abwesenheitsnotiz: bis 10.11.'"),
         ("alice@example.com", HUMAN, "", encoded("Respuesta automática: de vacaciones"), False,
          "auto-reply subject 'Respuesta automática: de vacaciones'"),
@@ -549,6 +551,7 @@ HUMAN = "Alice Example <alice@example.com>"
         ("alice@example.com", HUMAN, "Auto-Submitted: no\r\n", "Printer", False, None),
         ("alice@example.com", HUMAN, "X-Guardrail-Loop: mx.other.example\r\n", "Printer", False, None),
         ("alice@example.com", HUMAN, "", "Question about my away-day booking", False, None),
+        ("alice@example.com", HUMAN, "", "Absence du bureau de poste de Lyon ?", False, None),
     ],
 )
 def test_acknowledgement_signal_table(
