@@ -23,6 +23,11 @@ from .rules_sla import EscalationLevel, Human, Webhook
 
 SIGNATURE_HEADER = "X-Guardrail-Signature"
 
+# How the escalation reason of a message accepted without routing begins
+# (see prepare.prepare_unrouted). Its team is staffed and its sender was not
+# acknowledged, so its escalation mail states both rather than "unstaffed".
+UNROUTED_REASON = "routing did not finish"
+
 
 @dataclass(frozen=True)
 class DueConversation:
@@ -108,8 +113,15 @@ def _plan_unstaffed(conversation: DueConversation, team: Team | None, rules: Rul
     if contact is None:
         plan.events.append({"kind": "escalation_failed", "reason": "nobody to escalate to"})
         return plan
-    subject = f"[{conversation.reference}] Unstaffed destination: team {conversation.team}: {one_line(conversation.subject)}"
-    text = f"Team {conversation.team!r} is unstaffed: {conversation.reason}.\nThe sender was acknowledged; nobody on the team can answer."
+    if conversation.reason.startswith(UNROUTED_REASON):
+        subject = f"[{conversation.reference}] Routing did not finish: team {conversation.team}: {one_line(conversation.subject)}"
+        text = (
+            f"The rules could not route this message: {conversation.reason}.\n"
+            f"It went to team {conversation.team!r} by the default route. The sender was not acknowledged."
+        )
+    else:
+        subject = f"[{conversation.reference}] Unstaffed destination: team {conversation.team}: {one_line(conversation.subject)}"
+        text = f"Team {conversation.team!r} is unstaffed: {conversation.reason}.\nThe sender was acknowledged; nobody on the team can answer."
     data = escalation_mail(conversation, contact, subject, text, now, sender)
     plan.mails.append(QueuedMail((contact.address,), data))
     plan.events.append({"kind": "escalated", "level": "unstaffed", "to": contact.address, "reason": conversation.reason})

@@ -26,6 +26,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
 from .clock import Clock
 from .config import Config
+from .escalation import UNROUTED_REASON
 from .message import ATOM
 from .metrics import Metrics
 from .offload import ParseProcesses, ParseStalled
@@ -685,7 +686,7 @@ class IntakeHandler:
             self.metrics.messages_rejected.labels("routing stalled").inc()
             raise RoutingStalled(error)
         del self.stalled[key]
-        reason = f"routing did not finish ({error}); a rule's regular expression may backtrack on this message"
+        reason = f"{UNROUTED_REASON} ({error}); a rule's regular expression may backtrack on this message"
         log.error("routing_gave_up", peer=facts.peer, route=self.rules().default_route.name, reason=reason)
         self.metrics.messages_parsed.labels("without routing").inc()
         return prepare_unrouted(facts, raw, self.rules(), self.site, now, reason)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import email
 import os
 import signal
 import smtplib
@@ -166,6 +167,14 @@ async def test_stalled_child_gives_451_then_default(tmp_path: Path, start_daemon
         return any("duty-manager@example.org" in target for target in targets)
 
     await wait_until(escalated, what="the escalation to the fallback human")
+    # The team is staffed and the sender got no acknowledgement: the mail must not say otherwise.
+    with sqlite3.connect(database) as connection:
+        [(payload,)] = connection.execute("SELECT payload FROM outbox WHERE conversation_id = 2 AND kind = 'mail'")
+    mail = email.message_from_bytes(payload)
+    text = mail.get_payload(decode=True).decode()
+    assert mail["Subject"].startswith("[") and "Routing did not finish: team support" in mail["Subject"]
+    assert "The sender was not acknowledged." in text
+    assert "unstaffed" not in text and "was acknowledged" not in text
 
 
 async def test_zero_processes_parse_in_daemon(tmp_path: Path, start_daemon) -> None:
