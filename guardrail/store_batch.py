@@ -157,6 +157,12 @@ CREATE TABLE IF NOT EXISTS retention (
 """
 
 
+# Stored messages that one Message-ID's copy check compares at most. Each
+# inbox's copy of a message comes after the first arrival, so the first
+# messages under an id contain the one a copy matches.
+COPY_CANDIDATES = 8
+
+
 @dataclass(frozen=True)
 class StoreSettings:
     """Config values that the store's decisions read."""
@@ -659,15 +665,20 @@ class BatchWriter:
         if not message_ids:
             return {}
         marks = ",".join("?" * len(message_ids))
+        # Only the first few messages of the conversation under that id are
+        # read, and no copy, whose bytes match a message before it: any
+        # sender can thread messages without number under one id into a
+        # conversation, and reading them all would hold every one in memory.
         sql = (
             "SELECT i.message_id, m.id, m.raw, c.id, c.reference, c.route, c.team, c.participants,"
             " c.destination, c.state FROM message_ids i"
-            " JOIN messages m ON m.conversation_id = i.conversation_id AND m.message_id = i.message_id"
             " JOIN conversations c ON c.id = i.conversation_id"
-            f" WHERE i.message_id IN ({marks}) AND m.received_at >= ? ORDER BY m.id"
+            " JOIN messages m ON m.id IN (SELECT e.id FROM messages e WHERE e.conversation_id = i.conversation_id"
+            " AND e.message_id = i.message_id AND e.received_at >= ? AND e.disposition != 'copy' ORDER BY e.id LIMIT ?)"
+            f" WHERE i.message_id IN ({marks}) ORDER BY m.id"
         )
         earlier: dict[str, list[EarlierCopy]] = {}
-        with closing(self.db.execute(sql, (*message_ids, cutoff))) as cursor:
+        with closing(self.db.execute(sql, (cutoff, COPY_CANDIDATES, *message_ids))) as cursor:
             for message_id, row, raw, *conversation in cursor.fetchall():
                 earlier.setdefault(message_id, []).append(EarlierCopy(row, _known(conversation), bytes(raw)))
         return earlier

@@ -12,6 +12,7 @@ import pytest
 from conftest import maildir_messages, message, wait_until, write_config
 from test_store import hold_writer
 
+from guardrail import store_batch
 from guardrail.config import load_config
 from guardrail.conversations import KnownConversation
 from guardrail.daemon import load_ruleset
@@ -175,3 +176,29 @@ async def test_copies_in_one_commit(tmp_path: Path) -> None:
     assert [outcome.disposition for outcome in outcomes] == ["new", "copy"]
     assert outcomes[0].reference == outcomes[1].reference
     assert [outcome.ack_decision for outcome in outcomes] == ["sent", "suppressed"]
+
+
+async def test_copy_check_reads_few_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A sender can thread any number of new texts under one Message-ID into
+    # its conversation; the copy check must not read every one of them.
+    compared: list[int] = []
+    original_find_copy = store_batch.find_copy
+
+    def counting(submission: Submission, earlier: list[EarlierCopy]) -> EarlierCopy | None:
+        compared.append(len(earlier))
+        return original_find_copy(submission, earlier)
+
+    monkeypatch.setattr(store_batch, "find_copy", counting)
+    threaded = ORIGINAL.replace(b"Subject:", b"In-Reply-To: <copy-1@mail.example.com>\r\nSubject:")
+    store = await Store.open(tmp_path / "store.db")
+    try:
+        assert (await store.accept(prepared(tmp_path, ORIGINAL))).disposition == "new"
+        for number in range(store_batch.COPY_CANDIDATES + 4):
+            text = threaded.replace(b"wrong amount", f"wrong amount, part {number}".encode())
+            assert (await store.accept(prepared(tmp_path, text))).disposition == "follow_up"
+        outcome = await store.accept(prepared(tmp_path, FORWARDED, rcpt="billing@example.org"))
+    finally:
+        await store.close()
+
+    assert outcome.disposition == "copy"
+    assert max(compared) == store_batch.COPY_CANDIDATES
