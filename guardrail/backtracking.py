@@ -111,18 +111,35 @@ def find_slow_search(pattern: re.Pattern[str]) -> Backtracking | None:
     if sre_parser is None:
         return None
     try:
-        items = _flatten(list(sre_parser.parse(pattern.pattern, pattern.flags)))
-        if not items or items[0][0] not in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
-            return None
-        minimum, maximum, body = items[0][1]
-        body_items = _flatten(body)
-        if maximum != sre.MAXREPEAT or len(body_items) != 1 or body_items[0][0] not in (sre.LITERAL, sre.NOT_LITERAL, sre.IN, sre.ANY):
-            return None
-        if not _can_fail(items[1:]):
+        if not _starts_slow(_flatten(list(sre_parser.parse(pattern.pattern, pattern.flags)))):
             return None
         return Backtracking("search", 2, _leading_text(pattern.pattern))
     except Exception:  # noqa: BLE001 - re._parser is private, so a changed tree shape means "unknown"
         return None
+
+
+def _starts_slow(items: list[Any]) -> bool:
+    """Return True when the sequence starts with an unbounded repeat of single characters that what follows can make fail.
+
+    A search tries every branch of a leading alternation at each position,
+    so one such branch is enough, as in \\s+$|urgent. An atomic group gives
+    nothing back but is still tried at every position, as a possessive
+    repeat is.
+    """
+    if not items:
+        return False
+    op, argument = items[0]
+    if op is sre.BRANCH:
+        return any(_starts_slow(_flatten(branch) + items[1:]) for branch in argument[1])
+    if op is sre.ATOMIC_GROUP:
+        return _starts_slow(_flatten(argument) + items[1:])
+    if op not in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+        return False
+    _, maximum, body = argument
+    body_items = _flatten(body)
+    if maximum != sre.MAXREPEAT or len(body_items) != 1 or body_items[0][0] not in (sre.LITERAL, sre.NOT_LITERAL, sre.IN, sre.ANY):
+        return False
+    return _can_fail(items[1:])
 
 
 def _can_fail(items: list[Any]) -> bool:

@@ -120,6 +120,10 @@ SLOW_SEARCHES = [
     # Possessive repeats give nothing back, but the search still tries every position.
     (r"\s++$", r"\s++"),
     (r"(\s+)$", ""),
+    # A search tries every branch of a leading alternation at each position.
+    (r"\s+$|urgent", r"\s+"),
+    (r"(?:urgent|\s+$)", ""),
+    (r"(?>\s+)$", ""),
 ]
 
 FAST_SEARCHES = [
@@ -132,6 +136,8 @@ FAST_SEARCHES = [
     r"a{2,5}b",
     r"x*y*",
     r"(?i)invoice|receipt",
+    r"(?:\s+|urgent)",
+    r"^\s+$|^urgent",
 ]
 
 
