@@ -199,7 +199,7 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Emptied:
-    """What one retention pass emptied, and whether rows older than its cutoff are left to visit."""
+    """The counts of rows one retention pass emptied, and whether rows older than its cutoff are left to visit."""
 
     messages: int = 0
     outbox: int = 0
@@ -623,11 +623,17 @@ class BatchWriter:
         )
         outbox, more_outbox = self._visit(
             "outbox",
-            "SELECT id, created_at, payload IS NOT NULL, state = 'pending' FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            "SELECT id, created_at, payload IS NOT NULL OR (kind = 'webhook' AND json_extract(target, '$.fallback') IS NOT NULL),"
+            " state = 'pending' FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
             cutoff, limit, set(),
         )
         self.db.executemany("UPDATE messages SET raw = x'' WHERE id = ?", [(row,) for row in messages])
-        self.db.executemany("UPDATE outbox SET payload = NULL WHERE id = ?", [(row,) for row in outbox])
+        # A webhook row keeps, inside its target, the mail to send if the webhook fails.
+        self.db.executemany(
+            "UPDATE outbox SET payload = NULL, target = CASE WHEN kind = 'webhook' THEN json_remove(target, '$.fallback')"
+            " ELSE target END WHERE id = ?",
+            [(row,) for row in outbox],
+        )
         return Emptied(len(messages), len(outbox), more_messages or more_outbox)
 
     def _visit(self, table: str, sql: str, cutoff: str, limit: int, pending: set[int]) -> tuple[list[int], bool]:
@@ -635,10 +641,17 @@ class BatchWriter:
         start = self.db.execute("SELECT last_id FROM retention WHERE name = ?", (table,)).fetchone()
         last = start[0] if start else 0
         rows = self.db.execute(sql, (last, limit)).fetchall()
+        # Ids follow the order of writing. Take a row dated from the cutoff on
+        # that a row older than the cutoff follows: a clock that ran ahead and
+        # was set back dated it, and it is as old as the rows after it.
+        earliest_after = [cutoff] * len(rows)
+        for index in range(len(rows) - 2, -1, -1):
+            earliest_after[index] = min(rows[index + 1][1], earliest_after[index + 1])
         chosen: list[int] = []
         stopped = False
-        for row_id, created_at, has_bytes, is_pending in rows:
-            if created_at >= cutoff or is_pending or row_id in pending:
+        for (row_id, created_at, has_bytes, is_pending), later in zip(rows, earliest_after):
+            misdated = later < cutoff
+            if (created_at >= cutoff and not misdated) or is_pending or row_id in pending:
                 stopped = True
                 break
             if has_bytes:
@@ -666,9 +679,9 @@ class BatchWriter:
             return {}
         marks = ",".join("?" * len(message_ids))
         # Only the first few messages of the conversation under that id are
-        # read, and no copy, whose bytes match a message before it: any
-        # sender can thread messages without number under one id into a
-        # conversation, and reading them all would hold every one in memory.
+        # read, and no copy, whose bytes match a message before it. Any sender
+        # can thread any number of messages under one id into a conversation,
+        # and reading them all would hold every one in memory.
         sql = (
             "SELECT i.message_id, m.id, m.raw, c.id, c.reference, c.route, c.team, c.participants,"
             " c.destination, c.state FROM message_ids i"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,7 +14,7 @@ from structlog.testing import capture_logs
 from test_store import NOW, submissions
 
 from guardrail.cli import main
-from guardrail.clock import ManualClock
+from guardrail.clock import ManualClock, format_instant
 from guardrail.config import load_config
 from guardrail.errors import ConfigErrors
 from guardrail.store import Store
@@ -112,6 +113,43 @@ async def test_cutoff_and_batches(tmp_path: Path) -> None:
         assert rows(database, "SELECT COUNT(*) FROM outbox WHERE payload IS NOT NULL") == [(0,)]
     finally:
         await store.close()
+
+
+async def test_webhook_fallback_mail_emptied(tmp_path: Path) -> None:
+    # A webhook row keeps, inside its target, the mail to send if the webhook fails.
+    database = tmp_path / "store.db"
+    store = await Store.open(database)
+    try:
+        with sqlite3.connect(database) as connection:
+            connection.execute(
+                "INSERT INTO outbox (id, kind, target, payload, state, created_at, next_attempt_at) VALUES"
+                " (1, 'webhook', '{\"url\": \"http://127.0.0.1:9/hook\", \"fallback\": \"U3ViamVjdA==\"}', x'7b7d', 'done', ?, ?)",
+                (format_instant(NOW), format_instant(NOW)),
+            )
+        emptied = await store.empty_old_bytes(NOW + timedelta(days=1))
+    finally:
+        await store.close()
+
+    assert emptied.outbox == 1
+    assert rows(database, "SELECT target, payload FROM outbox") == [('{"url":"http://127.0.0.1:9/hook"}', None)]
+
+
+async def test_row_dated_ahead_holds_nothing_back(tmp_path: Path) -> None:
+    # A clock that ran a year ahead and was set back dated the second message.
+    database = tmp_path / "store.db"
+    store = await Store.open(database)
+    try:
+        for number, submission in enumerate(submissions(tmp_path, 4)):
+            offset = timedelta(days=365) if number == 1 else timedelta(minutes=number)
+            await store.accept(dataclasses.replace(submission, received_at=NOW + offset))
+        set_state(database, "done", "1")
+
+        emptied = await store.empty_old_bytes(NOW + timedelta(days=200))
+    finally:
+        await store.close()
+
+    assert (emptied.messages, emptied.more) == (4, False)
+    assert rows(database, "SELECT COUNT(*) FROM messages WHERE length(raw) > 0") == [(0,)]
 
 
 async def test_daemon_empties_old_bytes(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
