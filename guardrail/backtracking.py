@@ -60,7 +60,10 @@ class Backtracking:
             if self.leading in (".*", ".*?"):
                 fix = f"remove the leading {self.leading}, since a search finds the rest anywhere without it"
             else:
-                fix = "anchor it with ^, or start it with a lookbehind such as (?<!\\s) for \\s+ so that only the start of a run is tried"
+                fix = (
+                    "start it with a lookbehind, such as (?<!\\s) before \\s+, so that only the start of a run is tried"
+                    " and the matches stay the same (or with \\b or ^, where that is what you mean)"
+                )
             return (
                 f"the pattern {quoted} can take time that grows with the square of the text's length, because a search"
                 f" tries its leading {self.leading or 'repeat'} at every position of a long run of matching characters; {fix}"

@@ -207,12 +207,16 @@ def prepare_unrouted(envelope: Envelope, raw: bytes, rules: RuleSet, site: Site,
     route = rules.default_route
     team = rules.teams[route.team]
     deadline = add_business_time(now, route.first_response or team.first_response, team.calendar)
+    # Set lookups, no pattern: a team's reply still answers the conversation it joins.
+    from_inbox = summary.from_address.lower() in site.inboxes
+    is_staff = rules.is_staff(summary.from_address) or rules.is_staff(envelope.mail_from) or from_inbox
     return Submission(
         raw=raw, mail_from=envelope.mail_from, rcpt_tos=envelope.rcpt_tos, peer=envelope.peer, helo=envelope.helo,
         protocol=envelope.protocol, received_at=now, summary=summary, is_loop=has_our_loop_marker(summary, site.hostname),
         route=route.name, team=team.name, destination=team.destination, route_reasons=(reason,),
         team_members=team.member_addresses, ack_signal="routing did not finish", deadline=deadline,
         first_escalation_at=_first_escalation(team, rules, deadline), unstaffed=reason, team_names=rules.team_names,
+        is_staff=is_staff, from_inbox=from_inbox,
     )
 
 

@@ -156,7 +156,7 @@ def test_description_of_slow_search_names_fix() -> None:
     dot = Backtracking("search", 2, ".*").describe(".*urgent")
 
     assert run.startswith(r"the pattern '\s+$' can take time that grows with the square of the text's length,")
-    assert r"start it with a lookbehind such as (?<!\s) for \s+" in run
+    assert r"start it with a lookbehind, such as (?<!\s) before \s+, so that only the start of a run is tried" in run
     assert "remove the leading .*, since a search finds the rest anywhere without it" in dot
 
 

@@ -33,7 +33,7 @@ from guardrail.daemon import Daemon, load_ruleset
 from guardrail.errors import TemporaryDeliveryError
 from guardrail.offload import ParseProcesses, ParseTimeout
 from guardrail.plan import Submission
-from guardrail.prepare import Envelope, Site, TooManyHops, prepare_message
+from guardrail.prepare import BareLineEnding, Envelope, Site, TooManyHops, prepare_message, prepare_unrouted
 
 CHILD = {"parse_processes": 1}
 
@@ -175,6 +175,30 @@ async def test_stalled_child_gives_451_then_default(tmp_path: Path, start_daemon
     assert mail["Subject"].startswith("[") and "Routing did not finish: team support" in mail["Subject"]
     assert "The sender was not acknowledged." in text
     assert "unstaffed" not in text and "was acknowledged" not in text
+
+
+@pytest.mark.parametrize(
+    ("mail_from", "rcpt", "raw", "expected"),
+    [
+        # (route, team, is_staff, unstaffed reason set) or the rejection's type
+        ("alice@example.com", "billing@example.org", message(subject="Invoice 12"), ("default", "support", False, True)),
+        ("sam@example.org", "support@example.org", message(sender="Sam Ortiz <sam@example.org>"), ("default", "support", True, True)),
+        ("alice@example.com", "postmaster@example.org", message(), ("postmaster", "postmaster", False, False)),
+        ("alice@example.com", "support@example.org", b"Subject: x\n\nbare line feeds\n", BareLineEnding),
+    ],
+)
+def test_prepare_unrouted_table(tmp_path: Path, mail_from: str, rcpt: str, raw: bytes, expected: object) -> None:
+    # No rule is evaluated: a subject that the billing route would take still goes to the default route.
+    config = load_config(write_config(tmp_path))
+    envelope = Envelope(mail_from, (rcpt,), "[127.0.0.1]:40000", "client.example")
+    now = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
+    result = prepare_unrouted(envelope, raw, load_ruleset(config), Site.from_config(config), now, "routing did not finish (test)")
+
+    if isinstance(expected, type):
+        assert isinstance(result, expected)
+        return
+    assert isinstance(result, Submission)
+    assert (result.route, result.team, result.is_staff, bool(result.unstaffed)) == expected
 
 
 async def test_zero_processes_parse_in_daemon(tmp_path: Path, start_daemon) -> None:
