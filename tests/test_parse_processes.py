@@ -33,7 +33,14 @@ from guardrail.daemon import Daemon, load_ruleset
 from guardrail.errors import TemporaryDeliveryError
 from guardrail.offload import ParseProcesses, ParseTimeout
 from guardrail.plan import Submission
-from guardrail.prepare import BareLineEnding, Envelope, Site, TooManyHops, prepare_message, prepare_unrouted
+from guardrail.prepare import (
+    BareLineEnding,
+    Envelope,
+    Site,
+    TooManyHops,
+    prepare_message,
+    prepare_unrouted,
+)
 
 CHILD = {"parse_processes": 1}
 
