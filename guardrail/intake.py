@@ -743,7 +743,10 @@ class IntakeHandler:
                         language=submission.ack.language, problem=outcome.ack_problem)
         if outcome.answered:
             log.info("conversation_answered", by=submission.summary.from_address or submission.mail_from)
-        if outcome.escalates_now:
+        if outcome.escalates_now and submission.unstaffed.startswith(UNROUTED_REASON):
+            # routing_gave_up has said why; the team is staffed.
+            log.warning("conversation_escalated_at_once", reason=submission.unstaffed)
+        elif outcome.escalates_now:
             log.warning("team_unstaffed", reason=submission.unstaffed)
 
 

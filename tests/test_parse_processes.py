@@ -156,6 +156,9 @@ async def test_stalled_child_gives_451_then_default(tmp_path: Path, start_daemon
     assert parsed(daemon, "without routing") == 1
     errors = [event["event"] for event in events if event["log_level"] == "error"]
     assert errors[:2] == ["parse_timed_out", "routing_gave_up"]
+    warnings = [event["event"] for event in events if event["log_level"] == "warning"]
+    assert "conversation_escalated_at_once" in warnings
+    assert "team_unstaffed" not in warnings
     assert [row[:2] for row in stored(database)] == [
         ("<behind@example.com>", "support"), ("<slow@example.com>", "support"), ("<after@example.com>", "support"),
     ]
