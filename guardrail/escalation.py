@@ -23,10 +23,14 @@ from .rules_sla import EscalationLevel, Human, Webhook
 
 SIGNATURE_HEADER = "X-Guardrail-Signature"
 
-# How the escalation reason of a message accepted without routing begins
+# The start of the escalation reason of a message accepted without routing
 # (see prepare.prepare_unrouted). Its team is staffed and its sender was not
 # acknowledged, so its escalation mail states both rather than "unstaffed".
 UNROUTED_REASON = "routing did not finish"
+# The start of the escalation reason of a conversation whose message its
+# destination refused for good. The team never got the message, so its
+# escalation mail states that rather than "unstaffed".
+DELIVERY_FAILED_REASON = "delivery to the destination failed permanently"
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,12 @@ def _plan_unstaffed(conversation: DueConversation, team: Team | None, rules: Rul
         text = (
             f"The rules could not route this message: {conversation.reason}.\n"
             f"It went to team {conversation.team!r} by the default route. The sender was not acknowledged."
+        )
+    elif conversation.reason.startswith(DELIVERY_FAILED_REASON):
+        subject = f"[{conversation.reference}] Delivery failed: team {conversation.team}: {one_line(conversation.subject)}"
+        text = (
+            f"This message never reached team {conversation.team!r}: {conversation.reason}.\n"
+            "Nobody on the team has it. Answer the sender, or pass the message on to the team and fix its destination."
         )
     else:
         subject = f"[{conversation.reference}] Unstaffed destination: team {conversation.team}: {one_line(conversation.subject)}"

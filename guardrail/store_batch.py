@@ -20,7 +20,12 @@ import structlog
 from .acknowledgement import render_acknowledgement
 from .clock import format_instant, parse_instant
 from .conversations import KnownConversation, find_references, new_reference
-from .escalation import DueConversation, EscalationPlan, encode_fallback
+from .escalation import (
+    DELIVERY_FAILED_REASON,
+    DueConversation,
+    EscalationPlan,
+    encode_fallback,
+)
 from .plan import (
     RATE_LIMIT_SIGNAL,
     EarlierCopy,
@@ -508,7 +513,7 @@ class BatchWriter:
             if result.state == "failed" and result.fallback:
                 self._outbox("mail", result.conversation_id, result.message_row, result.fallback["target"], result.fallback["payload"], at)
             if result.state == "failed" and result.kind == "deliver" and result.conversation_id is not None:
-                self.rows["failed_conversations"].append((at, f"delivery to the destination failed permanently: {result.error}"[:500], at, result.conversation_id))
+                self.rows["failed_conversations"].append((at, f"{DELIVERY_FAILED_REASON}: {result.error}"[:500], at, result.conversation_id))
 
     # -- escalations ----------------------------------------------------------
 

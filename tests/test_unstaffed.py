@@ -113,9 +113,14 @@ async def test_permanent_delivery_failure_escalates_once(tmp_path: Path, start_d
     assert rows[0][0] == 1
     assert rows[0][1].startswith("delivery to the destination failed permanently")
     escalations = await daemon.store.fetch_all(
-        "SELECT COUNT(*) FROM outbox WHERE kind = 'mail' AND target LIKE '%duty-manager@example.org%'"
+        "SELECT payload FROM outbox WHERE kind = 'mail' AND target LIKE '%duty-manager@example.org%'"
     )
-    assert escalations == [(1,)]
+    assert len(escalations) == 1
+    # The mail says what happened: the team never got the message.
+    mail = bytes(escalations[0][0])
+    assert b"Delivery failed: team frontdesk" in mail
+    assert b"This message never reached team 'frontdesk'" in mail
+    assert b"Unstaffed" not in mail
 
 
 async def test_check_reports_unstaffed_teams(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
