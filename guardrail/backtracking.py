@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 try:
     from re import _constants as sre
@@ -38,7 +38,12 @@ _PROBES = tuple(chr(code) for code in range(256)) + tuple("\u017f\u0130\u212a\u2
 
 
 # A leading repeat as written: one character, escape or class, then a quantifier.
-_LEADING_REPEAT = re.compile(r"(?:\\.|\[(?:\\.|[^\]])+\]|[^\\(\[])(?:[*+]|\{\d*,\})[?+]?")
+_LEADING_REPEAT = re.compile(r"(?:\\.|\[(?:\\.|[^\]])+\]|[^\\(\[])(?:[*+]|\{\d*,\d*\})[?+]?")
+
+# From this maximum on, a bounded leading repeat is reported as a slow
+# search: \s{1,1000}$ took 1.6 s on 256 KiB of spaces, the most text a body
+# condition reads.
+LONG_LEADING_REPEAT = 1000
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,9 @@ class Backtracking:
     # the same text. "search": a leading repeat that a search tries at every
     # position of a run (see find_slow_search).
     cause: str
-    maximum: int | None  # the outer repeat's maximum count, or None when unbounded
+    # The outer repeat's maximum count, or None when unbounded. For "search":
+    # the leading repeat's maximum, or None when unbounded.
+    maximum: int | None
     leading: str = ""  # for "search": the leading repeat as written, such as \s+
 
     def describe(self, pattern: str) -> str:
@@ -64,9 +71,13 @@ class Backtracking:
                     "start it with a lookbehind, such as (?<!\\s) before \\s+, so that only the start of a run is tried"
                     " and the matches stay the same (or with \\b or ^, where that is what you mean)"
                 )
+            growth = (
+                "the square of the text's length" if self.maximum is None
+                else f"the text's length times the repeat's maximum of {self.maximum}"
+            )
             return (
-                f"the pattern {quoted} can take time that grows with the square of the text's length, because a search"
-                f" tries its leading {self.leading or 'repeat'} at every position of a long run of matching characters; {fix}"
+                f"the pattern {quoted} can take time that grows with {growth}, because a search tries its leading"
+                f" {self.leading or 'repeat'} at every position of a long run of matching characters; {fix}"
             )
         growth = "exponential time" if self.maximum is None else f"time that grows with the input's length to the power {self.maximum}"
         if self.cause == "alternatives":
@@ -108,21 +119,27 @@ def find_slow_search(pattern: re.Pattern[str]) -> Backtracking | None:
     that starts with an unbounded repeat of single characters, such as \\s+
     in \\s+$, followed by something that can fail. At every position of a
     long run of such characters, the repeat consumes the rest of the run
-    before the match fails: n positions of up to n steps each. A pattern anchored with ^ or \\b, or started with a
-    lookaround, is tried in earnest at few positions and is not reported.
+    before the match fails: n positions of up to n steps each. A bounded
+    repeat of LONG_LEADING_REPEAT or more, such as \\s{1,5000}$, takes up to
+    its maximum steps at each position. A pattern anchored with ^ or \\b, or
+    started with a lookaround, is tried in earnest at few positions and is
+    not reported.
     """
     if sre_parser is None:
         return None
     try:
-        if not _starts_slow(_flatten(list(sre_parser.parse(pattern.pattern, pattern.flags)))):
+        maximum = _slow_start(_flatten(list(sre_parser.parse(pattern.pattern, pattern.flags))))
+        if maximum is False:
             return None
-        return Backtracking("search", 2, _leading_text(pattern.pattern))
+        return Backtracking("search", maximum, _leading_text(pattern.pattern))
     except Exception:  # noqa: BLE001 - re._parser is private, so a changed tree shape means "unknown"
         return None
 
 
-def _starts_slow(items: list[Any]) -> bool:
-    """Return True when the sequence starts with an unbounded repeat of single characters that what follows can make fail.
+def _slow_start(items: list[Any]) -> int | None | Literal[False]:
+    """Return the maximum of a long repeat of single characters that starts the sequence and that what follows can make fail.
+
+    None stands for an unbounded repeat; False means there is no such repeat.
 
     A search tries every branch of a leading alternation at each position,
     so one such branch is enough, as in \\s+$|urgent. An atomic group gives
@@ -133,16 +150,24 @@ def _starts_slow(items: list[Any]) -> bool:
         return False
     op, argument = items[0]
     if op is sre.BRANCH:
-        return any(_starts_slow(_flatten(branch) + items[1:]) for branch in argument[1])
+        found = [_slow_start(_flatten(branch) + items[1:]) for branch in argument[1]]
+        slow = [maximum for maximum in found if maximum is not False]
+        if not slow:
+            return False
+        return None if None in slow else max(slow)  # type: ignore[type-var]
     if op is sre.ATOMIC_GROUP:
-        return _starts_slow(_flatten(argument) + items[1:])
+        return _slow_start(_flatten(argument) + items[1:])
     if op not in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
         return False
     _, maximum, body = argument
     body_items = _flatten(body)
-    if maximum != sre.MAXREPEAT or len(body_items) != 1 or body_items[0][0] not in (sre.LITERAL, sre.NOT_LITERAL, sre.IN, sre.ANY):
+    if maximum != sre.MAXREPEAT and maximum < LONG_LEADING_REPEAT:
         return False
-    return _can_fail(items[1:])
+    if len(body_items) != 1 or body_items[0][0] not in (sre.LITERAL, sre.NOT_LITERAL, sre.IN, sre.ANY):
+        return False
+    if not _can_fail(items[1:]):
+        return False
+    return None if maximum == sre.MAXREPEAT else maximum
 
 
 def _can_fail(items: list[Any]) -> bool:

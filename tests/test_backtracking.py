@@ -143,7 +143,7 @@ FAST_SEARCHES = [
 
 @pytest.mark.parametrize(("pattern", "leading"), SLOW_SEARCHES)
 def test_slow_search_flagged(pattern: str, leading: str) -> None:
-    assert find_slow_search(re.compile(pattern)) == Backtracking("search", 2, leading)
+    assert find_slow_search(re.compile(pattern)) == Backtracking("search", None, leading)
 
 
 @pytest.mark.parametrize("pattern", FAST_SEARCHES)
@@ -151,9 +151,34 @@ def test_fast_search_not_flagged(pattern: str) -> None:
     assert find_slow_search(re.compile(pattern)) is None
 
 
+@pytest.mark.parametrize(
+    ("pattern", "maximum", "leading"),
+    [
+        (r"\s{1,5000}$", 5000, r"\s{1,5000}"),
+        (r"[0-9]{0,1000}x", 1000, "[0-9]{0,1000}"),
+        # The longest of a leading alternation's repeats counts.
+        (r"\s{1,2000}$|\d{1,3000}x", 3000, r"\s{1,2000}"),
+        (r"\s{1,2000}$|\d+x", None, r"\s{1,2000}"),
+    ],
+)
+def test_long_bounded_leading_repeat_flagged(pattern: str, maximum: int, leading: str) -> None:
+    assert find_slow_search(re.compile(pattern)) == Backtracking("search", maximum, leading)
+
+
+@pytest.mark.parametrize("pattern", [r"\s{1,999}$", r"\d{4,8}-x", r"[A-Z]{2,5}\d"])
+def test_short_bounded_leading_repeat_not_flagged(pattern: str) -> None:
+    assert find_slow_search(re.compile(pattern)) is None
+
+
+def test_description_of_bounded_search_names_maximum() -> None:
+    bounded = Backtracking("search", 5000, r"\s{1,5000}").describe(r"\s{1,5000}$")
+
+    assert "grows with the text's length times the repeat's maximum of 5000" in bounded
+
+
 def test_description_of_slow_search_names_fix() -> None:
-    run = Backtracking("search", 2, r"\s+").describe(r"\s+$")
-    dot = Backtracking("search", 2, ".*").describe(".*urgent")
+    run = Backtracking("search", None, r"\s+").describe(r"\s+$")
+    dot = Backtracking("search", None, ".*").describe(".*urgent")
 
     assert run.startswith(r"the pattern '\s+$' can take time that grows with the square of the text's length,")
     assert r"start it with a lookbehind, such as (?<!\s) before \s+, so that only the start of a run is tried" in run
