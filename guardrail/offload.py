@@ -60,6 +60,7 @@ ATTEMPTS = 2  # children a message is sent to before it gets a temporary failure
 # Results of a request whose child failed before replying. Compared by identity.
 _STALLED = object()  # the child was killed while processing this message
 _LOST = object()  # the child died before it reached this message
+_CRASHED = object()  # the child died on its own while this message was the oldest it held
 
 
 class ParseTimeout(Exception):
@@ -96,9 +97,15 @@ class _Child:
         return True
 
     def fail_pending(self) -> None:
-        for future in self.pending.values():
-            if not future.done():
-                future.set_result(_LOST)
+        """Resolve every request without a reply: _CRASHED for the one the child worked on, _LOST for the rest.
+
+        A child reads its requests in order, so one that died on its own was
+        working on the oldest. One that was killed as stalled has resolved
+        that request as _STALLED already.
+        """
+        waiting = [future for future in self.pending.values() if not future.done()]
+        for index, future in enumerate(waiting):
+            future.set_result(_CRASHED if index == 0 and not self.killed else _LOST)
         self.pending.clear()
 
 
@@ -161,18 +168,23 @@ class ParseProcesses:
     ) -> Submission | TooManyHops | BareLineEnding | None:
         """Return what a child prepared for this message, or None when intake must prepare it itself.
 
-        Raises ParseTimeout when no child became ready within `ready_timeout`,
-        and ParseStalled, a ParseTimeout, when the child working on this
-        message stalled or the message's children died ATTEMPTS times.
+        Raises ParseStalled, a ParseTimeout, when the child working on this
+        message stalled, or when every child it was sent to died while working
+        on it. Raises a plain ParseTimeout when no child became ready within
+        `ready_timeout`, or when children died while it waited behind others.
         """
         if self._rules_frame is None or not self._ever_ready:
             return None
+        crashed = 0
         for _ in range(ATTEMPTS):
             child = await self._ready_child()
             request_id = next(self._ids)
             result = await self._ask(child, request_id, ("prepare", request_id, envelope, raw, now))
             if result is _STALLED:
                 raise ParseStalled(f"a parse process made no progress for {self.timeout:g} s on this message")
+            if result is _CRASHED:
+                crashed += 1
+                continue
             if result is _LOST:
                 continue
             if isinstance(result, str):
@@ -182,7 +194,10 @@ class ParseProcesses:
                 return result.attached(raw)
             if isinstance(result, (TooManyHops, BareLineEnding)):
                 return result
-        raise ParseStalled(f"{ATTEMPTS} parse processes died while this message waited")
+        if crashed == ATTEMPTS:
+            raise ParseStalled(f"{ATTEMPTS} parse processes died while working on this message")
+        # Children died while this message waited behind others: nothing shows that it caused it.
+        raise ParseTimeout(f"{ATTEMPTS} parse processes died while this message waited")
 
     def _least_busy_child(self) -> _Child | None:
         """Return the usable child with the fewest pending requests, or None when no child is usable."""
@@ -223,7 +238,7 @@ class ParseProcesses:
         return result
 
     async def _ask(self, child: _Child, request_id: int, request: tuple[object, ...]) -> object:
-        """Send `request` to `child` and return its reply, _STALLED or _LOST."""
+        """Send `request` to `child` and return its reply, _STALLED, _CRASHED or _LOST."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
         if not child.pending:

@@ -31,7 +31,7 @@ from structlog.testing import capture_logs
 from guardrail.config import load_config
 from guardrail.daemon import Daemon, load_ruleset
 from guardrail.errors import TemporaryDeliveryError
-from guardrail.offload import ParseProcesses, ParseTimeout
+from guardrail.offload import ParseProcesses, ParseStalled, ParseTimeout
 from guardrail.plan import Submission
 from guardrail.prepare import (
     BareLineEnding,
@@ -319,7 +319,7 @@ while (frame := read_frame(requests)) is not None:
     if frame[0] == "rules":
         write_frame(replies, ("ready",))
     elif frame[0] == "prepare":
-        if {behaviour!r} == "error":
+        if {behaviour!r} == "error" or ({behaviour!r} == "crash on mark" and b"CRASH" not in frame[3]):
             write_frame(replies, (frame[1], "RuntimeError('cannot parse')"))
         else:
             os._exit(3)
@@ -356,10 +356,28 @@ async def test_child_error_hands_message_back(tmp_path: Path) -> None:
 async def test_message_killing_children_gets_451(tmp_path: Path) -> None:
     parsers = await start_fake(tmp_path, "exit")
     try:
-        with pytest.raises(ParseTimeout, match="2 parse processes died"):
+        with pytest.raises(ParseStalled, match="2 parse processes died while working on this message"):
             await parsers.prepare(ENVELOPE, message(), datetime(2026, 3, 2, 9, 30, tzinfo=UTC))
     finally:
         await parsers.close()
+
+
+async def test_message_behind_a_crash_is_not_stalled(tmp_path: Path) -> None:
+    # A message that waited behind one that killed its child did nothing
+    # wrong, so it must never go down the path of messages that stall.
+    parsers = await start_fake(tmp_path, "crash on mark")
+    now = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
+    try:
+        crashing = asyncio.ensure_future(parsers.prepare(ENVELOPE, message(body="CRASH\r\n"), now))
+        await asyncio.sleep(0)
+        innocent = asyncio.ensure_future(parsers.prepare(ENVELOPE, message(message_id="<innocent@x>"), now))
+        results = await asyncio.gather(crashing, innocent, return_exceptions=True)
+    finally:
+        await parsers.close()
+
+    assert isinstance(results[0], ParseStalled)
+    # Sent again after the restart, it was answered, or it waited behind the crash once more.
+    assert results[1] is None or type(results[1]) is ParseTimeout
 
 
 def maildir_files(daemon: Daemon, where: str) -> float:
