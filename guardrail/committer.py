@@ -62,7 +62,7 @@ class ZombieRun:
 
 @dataclass(frozen=True)
 class RetentionRun:
-    """A request to empty up to `limit` messages and outbox rows created before `cutoff` of their bytes."""
+    """A request to empty the bytes of up to `limit` messages and outbox rows created before `cutoff`."""
 
     cutoff: datetime
     limit: int

@@ -117,25 +117,28 @@ def _plan_unstaffed(conversation: DueConversation, team: Team | None, rules: Rul
     if contact is None:
         plan.events.append({"kind": "escalation_failed", "reason": "nobody to escalate to"})
         return plan
-    if conversation.reason.startswith(UNROUTED_REASON):
-        subject = f"[{conversation.reference}] Routing did not finish: team {conversation.team}: {one_line(conversation.subject)}"
-        text = (
-            f"The rules could not route this message: {conversation.reason}.\n"
-            f"It went to team {conversation.team!r} by the default route. The sender was not acknowledged."
-        )
-    elif conversation.reason.startswith(DELIVERY_FAILED_REASON):
-        subject = f"[{conversation.reference}] Delivery failed: team {conversation.team}: {one_line(conversation.subject)}"
-        text = (
-            f"This message never reached team {conversation.team!r}: {conversation.reason}.\n"
-            "Nobody on the team has it. Answer the sender, or pass the message on to the team and fix its destination."
-        )
-    else:
-        subject = f"[{conversation.reference}] Unstaffed destination: team {conversation.team}: {one_line(conversation.subject)}"
-        text = f"Team {conversation.team!r} is unstaffed: {conversation.reason}.\nThe sender was acknowledged; nobody on the team can answer."
+    title, text = _at_once_wording(conversation)
+    subject = f"[{conversation.reference}] {title}: team {conversation.team}: {one_line(conversation.subject)}"
     data = escalation_mail(conversation, contact, subject, text, now, sender)
     plan.mails.append(QueuedMail((contact.address,), data))
     plan.events.append({"kind": "escalated", "level": "unstaffed", "to": contact.address, "reason": conversation.reason})
     return plan
+
+
+def _at_once_wording(conversation: DueConversation) -> tuple[str, str]:
+    """Return the subject's title and the text of a mail that escalates `conversation` at once, by its reason."""
+    team, reason = conversation.team, conversation.reason
+    if reason.startswith(UNROUTED_REASON):
+        return "Routing did not finish", (
+            f"The rules could not route this message: {reason}.\n"
+            f"It went to team {team!r} by the default route. The sender was not acknowledged."
+        )
+    if reason.startswith(DELIVERY_FAILED_REASON):
+        return "Delivery failed", (
+            f"This message never reached team {team!r}: {reason}.\n"
+            "Nobody on the team has it. Answer the sender, or pass the message on to the team and fix its destination."
+        )
+    return "Unstaffed destination", f"Team {team!r} is unstaffed: {reason}.\nThe sender was acknowledged; nobody on the team can answer."
 
 
 def _add_level(

@@ -17,7 +17,6 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -528,10 +527,6 @@ def _peer(session: Session | None) -> str:
 STALLED_KEPT = 1000
 
 
-class RoutingStalled(Exception):
-    """A message's routing stalled a parse process for the first time; the sender gets 451."""
-
-
 @dataclass
 class IntakeHandler:
     """The aiosmtpd handler: each hook is a short list of steps."""
@@ -616,8 +611,6 @@ class IntakeHandler:
         started = time.perf_counter()
         try:
             return await self._receive(session, envelope, started)
-        except RoutingStalled:
-            return REPLY_TEMPORARY
         except Exception as error:  # noqa: BLE001 - answer 451 so the sender retries
             log.error("message_not_accepted", error=repr(error), reason="internal failure before commit")
             self.metrics.messages_rejected.labels("temporary failure").inc()
@@ -637,7 +630,12 @@ class IntakeHandler:
         try:
             prepared = await self.parsers.prepare(facts, raw, now) if self.parsers is not None else None
         except ParseStalled as error:
-            prepared = self._after_stall(facts, raw, now, str(error))
+            if self._first_stall(facts, raw, str(error)):
+                return REPLY_TEMPORARY
+            reason = f"{UNROUTED_REASON} ({error}); a rule's regular expression may backtrack on this message"
+            log.error("routing_gave_up", peer=facts.peer, route=self.rules().default_route.name, reason=reason)
+            self.metrics.messages_parsed.labels("without routing").inc()
+            prepared = prepare_unrouted(facts, raw, self.rules(), self.site, now, reason)
         if prepared is None:
             prepared = prepare_received(facts, raw, self.rules(), self.site, now)
             self.metrics.messages_parsed.labels("daemon").inc()
@@ -668,28 +666,25 @@ class IntakeHandler:
             raise
         return self._committed(outcome, submission, len(raw), started)
 
-    def _after_stall(self, facts: PreparedEnvelope, raw: bytes, now: datetime, error: str) -> Submission | TooManyHops | BareLineEnding:
-        """Refuse a first stall with 451 (by raising RoutingStalled), and prepare the sender's retry without routing.
+    def _first_stall(self, facts: PreparedEnvelope, raw: bytes, error: str) -> bool:
+        """Return True, remember the message and log it, when its routing stalls for the first time.
 
         A stall can be passing (a loaded machine), so the first one gets a
         temporary failure. A retry of the same message that stalls again
-        would stall on every retry until the sender gave up, so it goes to
-        the default route's team, escalated at once (see prepare_unrouted).
+        would stall on every retry until the sender gave up, so the caller
+        prepares it without routing (see prepare_unrouted).
         """
         key = hashlib.sha256(repr((facts.mail_from, facts.rcpt_tos)).encode() + raw).digest()
-        if key not in self.stalled:
-            self.stalled[key] = None
-            while len(self.stalled) > STALLED_KEPT:
-                del self.stalled[next(iter(self.stalled))]
-            log.error("message_not_accepted", reason="routing stalled", error=error,
-                      detail="a retry that stalls again goes to the default route")
-            self.metrics.messages_rejected.labels("routing stalled").inc()
-            raise RoutingStalled(error)
-        del self.stalled[key]
-        reason = f"{UNROUTED_REASON} ({error}); a rule's regular expression may backtrack on this message"
-        log.error("routing_gave_up", peer=facts.peer, route=self.rules().default_route.name, reason=reason)
-        self.metrics.messages_parsed.labels("without routing").inc()
-        return prepare_unrouted(facts, raw, self.rules(), self.site, now, reason)
+        if key in self.stalled:
+            del self.stalled[key]
+            return False
+        self.stalled[key] = None
+        while len(self.stalled) > STALLED_KEPT:
+            del self.stalled[next(iter(self.stalled))]
+        log.error("message_not_accepted", reason="routing stalled", error=error,
+                  detail="a retry that stalls again goes to the default route")
+        self.metrics.messages_rejected.labels("routing stalled").inc()
+        return True
 
     def _committed(self, outcome: Outcome, submission: Submission, size: int, started: float) -> str:
         """Notify the workers of a committed message and log it, then return the reply to its final dot."""
@@ -744,7 +739,7 @@ class IntakeHandler:
         if outcome.answered:
             log.info("conversation_answered", by=submission.summary.from_address or submission.mail_from)
         if outcome.escalates_now and submission.unstaffed.startswith(UNROUTED_REASON):
-            # routing_gave_up has said why; the team is staffed.
+            # The team is staffed, and routing_gave_up gave the reason.
             log.warning("conversation_escalated_at_once", reason=submission.unstaffed)
         elif outcome.escalates_now:
             log.warning("team_unstaffed", reason=submission.unstaffed)

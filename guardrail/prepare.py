@@ -19,6 +19,7 @@ from .acknowledgement import (
 )
 from .business_hours import add_business_time
 from .config import Config
+from .escalation import UNROUTED_REASON
 from .loops import has_our_loop_marker, has_too_many_hops, machine_signal, person_signal
 from .message import Summary, body_sample, summarize
 from .plan import Submission
@@ -137,7 +138,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         protocol=envelope.protocol,
         received_at=now, summary=summary, is_loop=has_our_loop_marker(summary, site.hostname),
     )
-    postmasters = [address for address in envelope.rcpt_tos if is_postmaster(address, site) and not is_inbox(address, site)]
+    postmasters = postmaster_recipients(envelope, site)
     owner = Destination("smtp", addresses=(site.postmaster_owner,)) if postmasters else None
     if postmasters and len(postmasters) == len(envelope.rcpt_tos):
         return Submission(
@@ -201,23 +202,29 @@ def prepare_unrouted(envelope: Envelope, raw: bytes, rules: RuleSet, site: Site,
     summary = summarize(raw, with_body=False)
     if has_too_many_hops(summary, site.max_received_headers):
         return TooManyHops(summary.message_id, summary.received_count)
-    if all(is_postmaster(address, site) and not is_inbox(address, site) for address in envelope.rcpt_tos):
+    if len(postmaster_recipients(envelope, site)) == len(envelope.rcpt_tos):
         # Postmaster mail is never routed, so it goes its usual way.
         return prepare_submission(envelope, raw, summary, rules, site, now)
     route = rules.default_route
     team = rules.teams[route.team]
     deadline = add_business_time(now, route.first_response or team.first_response, team.calendar)
-    # Set lookups, no pattern: a team's reply still answers the conversation it joins.
+    # Staff and inbox senders are set lookups, not patterns, so a team's
+    # reply still marks its conversation answered.
     from_inbox = summary.from_address.lower() in site.inboxes
     is_staff = rules.is_staff(summary.from_address) or rules.is_staff(envelope.mail_from) or from_inbox
     return Submission(
         raw=raw, mail_from=envelope.mail_from, rcpt_tos=envelope.rcpt_tos, peer=envelope.peer, helo=envelope.helo,
         protocol=envelope.protocol, received_at=now, summary=summary, is_loop=has_our_loop_marker(summary, site.hostname),
         route=route.name, team=team.name, destination=team.destination, route_reasons=(reason,),
-        team_members=team.member_addresses, ack_signal="routing did not finish", deadline=deadline,
+        team_members=team.member_addresses, ack_signal=UNROUTED_REASON, deadline=deadline,
         first_escalation_at=_first_escalation(team, rules, deadline), unstaffed=reason, team_names=rules.team_names,
         is_staff=is_staff, from_inbox=from_inbox,
     )
+
+
+def postmaster_recipients(envelope: Envelope, site: Site) -> list[str]:
+    """Return the recipients that are postmaster and not one of our inboxes, in envelope order."""
+    return [address for address in envelope.rcpt_tos if is_postmaster(address, site) and not is_inbox(address, site)]
 
 
 def _first_escalation(team: Team, rules: RuleSet, deadline: datetime | None) -> datetime | None:
