@@ -110,38 +110,32 @@ def _misshapen_keys(spec: dict[str, Any]) -> list[str]:
 
     rcpt = spec.get("rcpt", "")
     if not (isinstance(rcpt, str) or (isinstance(rcpt, list) and all(isinstance(item, str) for item in rcpt))):
-        problems.append(f"rcpt: invalid value {toml_text(rcpt)}; expected an address or a list of addresses")
+        problems.append(_invalid("rcpt", rcpt, "an address or a list of addresses"))
     mail_from = spec.get("mail_from", "")
     if not isinstance(mail_from, str):
-        problems.append(f'mail_from: invalid value {toml_text(mail_from)}; expected an address, or "" for the null sender')
+        problems.append(_invalid("mail_from", mail_from, 'an address, or "" for the null sender'))
     # A TOML date or time without the other half would reach the clock as the wrong type.
     arrival = spec.get("arrival")
     if arrival is not None and not _is_instant(arrival):
-        problems.append(
-            f"arrival: invalid value {toml_text(arrival)};"
-            " expected a date and time with a time zone, such as 2026-03-02T10:00:00Z"
-        )
+        problems.append(_invalid("arrival", arrival, "a date and time with a time zone, such as 2026-03-02T10:00:00Z"))
     elif arrival is not None and not EARLIEST_ARRIVAL <= arrival <= LATEST_ARRIVAL:
-        problems.append(
-            f"arrival: invalid value {toml_text(arrival)};"
-            f" expected a time from {EARLIEST_ARRIVAL.year} to {LATEST_ARRIVAL.year}, such as 2026-03-02T10:00:00Z"
-        )
+        expected = f"a time from {EARLIEST_ARRIVAL.year} to {LATEST_ARRIVAL.year}, such as 2026-03-02T10:00:00Z"
+        problems.append(_invalid("arrival", arrival, expected))
     if not isinstance(expect, dict):
-        problems.append(f"expect: invalid value {toml_text(expect)}; expected a table such as [expect]")
+        problems.append(_invalid("expect", expect, "a table such as [expect]"))
     # A deadline without a time zone never equals the computed one, and would fail as if the rules were wrong.
     deadline = expected_keys.get("deadline")
     if deadline is not None and not _is_instant(deadline):
-        problems.append(
-            f"expect.deadline: invalid value {toml_text(deadline)};"
-            " expected a date and time with a time zone, such as 2026-03-02T13:00:00Z"
-        )
+        problems.append(_invalid("expect.deadline", deadline, "a date and time with a time zone, such as 2026-03-02T13:00:00Z"))
     signal = expected_keys.get("signal")
     if signal is not None and not isinstance(signal, str):
-        problems.append(
-            f"expect.signal: invalid value {toml_text(signal)};"
-            ' expected text that the suppressing signal contains, such as "Auto-Submitted"'
-        )
+        problems.append(_invalid("expect.signal", signal, 'text that the suppressing signal contains, such as "Auto-Submitted"'))
     return problems
+
+
+def _invalid(key: str, value: Any, expected: str) -> str:
+    """Return the problem line for a case key whose value is not what it must be."""
+    return f"{key}: invalid value {toml_text(value)}; expected {expected}"
 
 
 def _is_instant(value: Any) -> bool:
@@ -178,10 +172,7 @@ def _impossible_values(spec: dict[str, Any], rules: RuleSet, site: Site) -> list
         problems.append(f"expect.team: unknown team {toml_text(team)}; known teams: {', '.join(teams)}")
     acknowledgement = expect.get("acknowledgement")
     if acknowledgement is not None and acknowledgement not in ACKNOWLEDGEMENT_VALUES:
-        problems.append(
-            f"expect.acknowledgement: invalid value {toml_text(acknowledgement)};"
-            f" expected {' or '.join(repr(value) for value in ACKNOWLEDGEMENT_VALUES)}"
-        )
+        problems.append(_invalid("expect.acknowledgement", acknowledgement, " or ".join(repr(value) for value in ACKNOWLEDGEMENT_VALUES)))
     return problems
 
 
