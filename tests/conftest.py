@@ -316,6 +316,15 @@ def example_copy(folder: Path) -> Path:
     return folder / "config.toml"
 
 
+def kill_if_running(process: subprocess.Popen[Any]) -> None:
+    """Kill `process` if it still runs and close its stderr pipe, in the finally block of a test that started it."""
+    if process.poll() is None:
+        process.kill()
+        process.wait(timeout=5)
+    if process.stderr:
+        process.stderr.close()
+
+
 def wait_for_port(port: int, process: subprocess.Popen[bytes], *, timeout: float = 15.0) -> None:
     """Wait until a daemon subprocess accepts connections on `port`; fail if it exits or times out."""
     deadline = time.monotonic() + timeout

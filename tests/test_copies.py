@@ -163,12 +163,12 @@ async def test_reused_message_id_opens_new(tmp_path: Path, start_daemon) -> None
 async def test_copies_in_one_commit(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "store.db")
     try:
-        held, release = await hold_writer(store)
+        blocking_job, release = await hold_writer(store)
         first = asyncio.ensure_future(store.accept(prepared(tmp_path, ORIGINAL)))
         second = asyncio.ensure_future(store.accept(prepared(tmp_path, FORWARDED, rcpt="billing@example.org")))
         await asyncio.sleep(0.05)
         release.set()
-        await held
+        await blocking_job
         outcomes = [await first, await second]
     finally:
         await store.close()

@@ -95,20 +95,26 @@ def test_body_sample_reads_the_first_text_part(extra_headers: str, body: str, ex
     assert body_sample(raw, summarize(raw, with_body=False)).rstrip("\r\n") == expected.rstrip("\r\n")
 
 
-def test_body_sample_single_part_large() -> None:
-    raw = message(body="Bonjour, merci.\r\n" + ("y" * 76 + "\r\n") * 20_000)
-    sample = body_sample(raw, summarize(raw, with_body=False), limit=4096)
-    assert sample.startswith("Bonjour, merci.\r\n")
-    assert len(sample) <= 4096
+FILLER = ("y" * 76 + "\r\n") * 20_000
 
 
-def test_body_sample_multipart_large() -> None:
-    raw = message(
-        extra_headers='MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n',
-        body="--b\r\nContent-Type: text/plain\r\n\r\nHallo, danke\r\n" + ("y" * 76 + "\r\n") * 20_000 + "--b--\r\n",
-    )
+@pytest.mark.parametrize(
+    ("raw", "start"),
+    [
+        (message(body="Bonjour, merci.\r\n" + FILLER), "Bonjour, merci.\r\n"),
+        (
+            message(
+                extra_headers='MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n',
+                body="--b\r\nContent-Type: text/plain\r\n\r\nHallo, danke\r\n" + FILLER + "--b--\r\n",
+            ),
+            "Hallo, danke\r\n",
+        ),
+    ],
+    ids=["single part", "multipart"],
+)
+def test_body_sample_of_large_message(raw: bytes, start: str) -> None:
     sample = body_sample(raw, summarize(raw, with_body=False), limit=4096)
-    assert sample.startswith("Hallo, danke\r\n")
+    assert sample.startswith(start)
     assert len(sample) <= 4096
 
 

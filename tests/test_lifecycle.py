@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import free_port, message, wait_for_port, write_config
+from conftest import free_port, kill_if_running, message, wait_for_port, write_config
 
 from guardrail.clock import SystemClock
 from guardrail.plan import Submission
@@ -119,6 +119,4 @@ def test_sigterm_during_burst_exits_promptly(tmp_path: Path) -> None:
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=20) == 0
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=5)
+            kill_if_running(process)

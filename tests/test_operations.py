@@ -22,6 +22,7 @@ from conftest import (
     TEAMS,
     example_copy,
     free_port,
+    kill_if_running,
     maildir_messages,
     message,
     send,
@@ -575,11 +576,7 @@ def test_run_accepts_new_or_guardrail_database(tmp_path: Path, write) -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=5)
-        if process.stderr:
-            process.stderr.close()
+        kill_if_running(process)
 
     with closing(sqlite3.connect(database)) as connection:
         tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -853,11 +850,7 @@ def test_reload_command_validates_then_signals(tmp_path: Path, capsys: pytest.Ca
         assert process.wait(timeout=15) == 0
         assert not pid_path.exists()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=5)
-        if process.stderr:
-            process.stderr.close()
+        kill_if_running(process)
 
 
 UNSET_SECRETS = {

@@ -182,9 +182,11 @@ async def test_stalled_child_gives_451_then_default(tmp_path: Path, start_daemon
         [(payload,)] = connection.execute("SELECT payload FROM outbox WHERE conversation_id = 2 AND kind = 'mail'")
     mail = email.message_from_bytes(payload)
     text = mail.get_payload(decode=True).decode()
-    assert mail["Subject"].startswith("[") and "Routing did not finish: team support" in mail["Subject"]
+    assert mail["Subject"].startswith("[")
+    assert "Routing did not finish: team support" in mail["Subject"]
     assert "The sender was not acknowledged." in text
-    assert "unstaffed" not in text and "was acknowledged" not in text
+    assert "unstaffed" not in text
+    assert "was acknowledged" not in text
 
 
 @pytest.mark.parametrize(
@@ -376,7 +378,7 @@ async def test_message_behind_a_crash_is_not_stalled(tmp_path: Path) -> None:
         await parsers.close()
 
     assert isinstance(results[0], ParseStalled)
-    # Sent again after the restart, it was answered, or it waited behind the crash once more.
+    # Sent again after the restart, it got a reply from the child, or it waited behind the crash once more.
     assert results[1] is None or type(results[1]) is ParseTimeout
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DATA, free_port, send, wait_for_port, write_config
+from conftest import DATA, free_port, kill_if_running, send, wait_for_port, write_config
 from structlog.testing import capture_logs
 
 from guardrail.cli import main
@@ -132,11 +132,7 @@ async def test_sighup_reloads_and_sigterm_exits_zero(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=5)
-        if process.stderr:
-            process.stderr.close()
+        kill_if_running(process)
 
 
 @pytest.mark.timeout(30)

@@ -17,6 +17,7 @@ from guardrail.cli import main
 from guardrail.clock import ManualClock, format_instant
 from guardrail.config import load_config
 from guardrail.errors import ConfigErrors
+from guardrail.plan import Submission
 from guardrail.store import Store
 
 
@@ -59,12 +60,18 @@ def set_state(database: Path, state: str, where: str) -> None:
         connection.execute(f"UPDATE outbox SET state = ? WHERE {where}", (state,))
 
 
+async def store_with(database: Path, prepared: list[Submission]) -> Store:
+    """Open a store at `database` and commit each of `prepared` in turn."""
+    store = await Store.open(database)
+    for submission in prepared:
+        await store.accept(submission)
+    return store
+
+
 async def test_pending_delivery_keeps_bytes(tmp_path: Path) -> None:
     database = tmp_path / "store.db"
-    store = await Store.open(database)
+    store = await store_with(database, submissions(tmp_path, 3))
     try:
-        for submission in submissions(tmp_path, 3):
-            await store.accept(submission)
         # The store runs no delivery here: the second message's delivery is still pending, everything else is done.
         set_state(database, "done", "NOT (kind = 'deliver' AND message_row = 2)")
         later = NOW + timedelta(days=1)
@@ -92,10 +99,8 @@ async def test_pending_delivery_keeps_bytes(tmp_path: Path) -> None:
 
 async def test_cutoff_and_batches(tmp_path: Path) -> None:
     database = tmp_path / "store.db"
-    store = await Store.open(database)
+    store = await store_with(database, submissions(tmp_path, 5))
     try:
-        for submission in submissions(tmp_path, 5):
-            await store.accept(submission)
         set_state(database, "done", "1")
 
         # Nothing was created before the cutoff.
@@ -137,11 +142,11 @@ async def test_webhook_fallback_mail_emptied(tmp_path: Path) -> None:
 async def test_row_dated_ahead_holds_nothing_back(tmp_path: Path) -> None:
     # A clock that ran a year ahead and was set back dated the second message.
     database = tmp_path / "store.db"
-    store = await Store.open(database)
+    offsets = [timedelta(minutes=0), timedelta(days=365), timedelta(minutes=2), timedelta(minutes=3)]
+    prepared = submissions(tmp_path, 4)
+    dated = [dataclasses.replace(submission, received_at=NOW + offset) for submission, offset in zip(prepared, offsets)]
+    store = await store_with(database, dated)
     try:
-        for number, submission in enumerate(submissions(tmp_path, 4)):
-            offset = timedelta(days=365) if number == 1 else timedelta(minutes=number)
-            await store.accept(dataclasses.replace(submission, received_at=NOW + offset))
         set_state(database, "done", "1")
 
         emptied = await store.empty_old_bytes(NOW + timedelta(days=200))

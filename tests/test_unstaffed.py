@@ -116,7 +116,7 @@ async def test_permanent_delivery_failure_escalates_once(tmp_path: Path, start_d
         "SELECT payload FROM outbox WHERE kind = 'mail' AND target LIKE '%duty-manager@example.org%'"
     )
     assert len(escalations) == 1
-    # The mail says what happened: the team never got the message.
+    # The mail states what happened: the team never got the message.
     mail = bytes(escalations[0][0])
     assert b"Delivery failed: team frontdesk" in mail
     assert b"This message never reached team 'frontdesk'" in mail
