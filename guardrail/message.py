@@ -12,11 +12,12 @@ import email.header
 import email.parser
 import email.policy
 import email.utils
-import html
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
+
+from .htmltext import html_text
 
 # Header values are decoded up to this many characters, because the email
 # package's decode_header (Python 3.11.7) takes time quadratic in the number
@@ -26,9 +27,10 @@ HEADER_DECODE_LIMIT = 64 * 1024
 # Text bodies are decoded up to this many characters for body conditions.
 # NOTE: a body condition does not see text past the first 256 KiB characters.
 BODY_TEXT_LIMIT = 256 * 1024
+# Characters of an HTML part read for its text: markup is often several
+# times longer than the text it shows.
+HTML_MARKUP_LIMIT = 4 * BODY_TEXT_LIMIT
 
-_TAG = re.compile(r"<[^>]*>")
-_NOT_SHOWN = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
 _CHARSET = re.compile(r'charset\s*=\s*"?([^";\s]+)', re.IGNORECASE)
 _BASE64_NOISE = re.compile(rb"[^A-Za-z0-9+/]")
 
@@ -124,7 +126,8 @@ def summarize(raw: bytes, *, with_body: bool = True) -> Summary:
         references=_message_ids(_undecoded(message, "references")),
         date=(headers.get("date") or ("",))[0],
         headers=headers,
-        body_text=_body_text(message) if with_body else "",
+        # A message without a plain-text part is read through its HTML part.
+        body_text=(_body_text(message) or _html_text(message)) if with_body else "",
         received_count=headers.count("received"),
     )
 
@@ -332,15 +335,16 @@ def body_sample(raw: bytes, summary: Summary, limit: int = 4096) -> str:
 
 
 def _html_text(message: Message) -> str:
-    """Return the words of the first text/html part, without tags, scripts and styles; "" without one."""
+    """Return the text of the first text/html part that is not an attachment (see html_text), or ""."""
     try:
         for part in message.walk():
             if part.get_content_type() == "text/html" and part.get_content_disposition() != "attachment":
                 payload = part.get_payload(decode=True)
                 if isinstance(payload, bytes):
-                    text = _NOT_SHOWN.sub(" ", _decode_bytes(payload, part.get_content_charset()))
-                    return html.unescape(_TAG.sub(" ", text))
-    except Exception:  # noqa: BLE001
+                    # Cut after decoding, since a cut inside a UTF-8 sequence would make it fall back to Latin-1.
+                    markup = _decode_bytes(payload, part.get_content_charset())[:HTML_MARKUP_LIMIT]
+                    return html_text(markup)[:BODY_TEXT_LIMIT]
+    except Exception:  # noqa: BLE001 - the parser must never stop intake
         return ""
     return ""
 

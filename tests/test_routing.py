@@ -84,6 +84,9 @@ def facts(headers: str, body: str = "Hi.\r\n", rcpt: str = "support@example.org"
         ("From: a@b.example\nSubject: About invoice 7781", "", "billing-words"),
         ("From: a@b.example\nSubject: About invoices", "", "default"),
         ("From: a@b.example\nSubject: Hello", "I would like a REFUND please", "billing-words"),
+        # A message with only an HTML part is read through the text it shows.
+        ("From: a@b.example\nSubject: Hello\nContent-Type: text/html", "<p>I would like a <b>RE</b>FUND</p>", "billing-words"),
+        ("From: a@b.example\nSubject: Hello\nContent-Type: text/html", "<p>Hi</p><!-- refund -->", "default"),
         ("From: a@b.example\nSubject: Hello\nX-Priority: 1", "", "urgent-header"),
         ("From: a@b.example\nTo: Accounts <accounts@example.org>\nSubject: x", "", "not-internal"),
         ("From: a@example.org\nTo: accounts@example.org\nSubject: x", "", "default"),

@@ -1,0 +1,115 @@
+"""The text a reader sees in an HTML part: a pure function that reads each character at most a few times.
+
+Body conditions and language detection read the plain-text part of a
+message. Many web forms and some mail clients send only HTML, so its text
+is read in place of the missing plain part. This is not a renderer: it drops
+tags, comments, scripts and styles, decodes character references, and ends
+a line where a block element (paragraph, list item, table row, <br>) ends
+one, so that patterns anchored at line ends keep working. Line breaks in
+the source are spaces, as a browser shows them, and empty lines are left out.
+
+Each scan step searches forward from where the last one stopped, and an
+unclosed comment, script or tag ends the scan, so the time stays linear in
+the length of the markup whatever it holds. A regular expression such as
+<script.*?</script> would search to the end of the text from every opening
+tag, which is quadratic on a body of unclosed tags.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+
+# Elements whose start or end begins a new line of text.
+_BLOCK_ELEMENTS = frozenset({
+    "address", "article", "aside", "blockquote", "br", "dd", "div", "dl", "dt", "fieldset", "figcaption",
+    "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6", "header", "hr", "li", "main", "nav",
+    "ol", "p", "pre", "section", "table", "td", "th", "tr", "ul",
+})
+# Elements whose content is not shown: it runs to the matching end tag.
+_HIDDEN_ELEMENTS = ("script", "style", "head", "title", "template", "noscript")
+
+# Inline elements, whose tags may stand inside a word, as in "a<b>b</b>".
+# Any other tag separates words.
+_INLINE_ELEMENTS = frozenset({"a", "abbr", "b", "code", "em", "font", "i", "mark", "small", "span", "strong", "sub", "sup", "u"})
+
+_TAG_NAME = re.compile(r"</?([A-Za-z][A-Za-z0-9-]*)")
+_TAG_END_OR_QUOTE = re.compile(r"[>\"']")
+_SPACES = re.compile(r"[ \t\r\f\v\u00a0]+")
+
+
+def _tag_end(markup: str, position: int) -> int:
+    """Return the index of the ">" that ends the tag whose attributes start at `position`, or -1.
+
+    A ">" inside a quoted attribute value does not end the tag.
+    """
+    while True:
+        found = _TAG_END_OR_QUOTE.search(markup, position)
+        if found is None:
+            return -1
+        if found.group() == ">":
+            return found.start()
+        closing_quote = markup.find(found.group(), found.end())
+        if closing_quote < 0:
+            return -1
+        position = closing_quote + 1
+
+
+def html_text(markup: str) -> str:
+    """Return the text of `markup`, one line per block, with spaces collapsed and entities decoded."""
+    lower = markup.lower()
+    pieces: list[str] = []
+    position = 0
+    length = len(markup)
+    while position < length:
+        start = markup.find("<", position)
+        if start < 0:
+            pieces.append(_text(markup[position:]))
+            break
+        if start > position:
+            pieces.append(_text(markup[position:start]))
+        if markup.startswith("<!--", start):
+            end = markup.find("-->", start + 4)
+            if end < 0:
+                break  # an unclosed comment hides the rest
+            position = end + 3
+            continue
+        name_match = _TAG_NAME.match(markup, start)
+        if name_match is None:
+            if markup.startswith(("<!", "<?"), start):
+                # A declaration such as <!DOCTYPE html> or a processing instruction.
+                end = markup.find(">", start)
+                if end < 0:
+                    break
+                position = end + 1
+                continue
+            # A "<" that starts no tag, as in "a < b", is text.
+            pieces.append("<")
+            position = start + 1
+            continue
+        end = _tag_end(markup, name_match.end())
+        if end < 0:
+            break  # an unclosed tag hides the rest, as in a browser
+        name = name_match.group(1).lower()
+        closing = markup.startswith("</", start)
+        position = end + 1
+        if name in _BLOCK_ELEMENTS:
+            pieces.append("\n")
+        elif not closing and name in _HIDDEN_ELEMENTS and not markup.startswith("/>", end - 1):
+            pieces.append(" ")
+            close = lower.find(f"</{name}", position)
+            if close < 0:
+                break
+            after = markup.find(">", close)
+            if after < 0:
+                break
+            position = after + 1
+        elif name not in _INLINE_ELEMENTS:
+            pieces.append(" ")
+    lines = (_SPACES.sub(" ", line).strip() for line in "".join(pieces).split("\n"))
+    return "\n".join(line for line in lines if line)
+
+
+def _text(data: str) -> str:
+    """Return text between tags with its character references decoded. A line break in HTML source is a space."""
+    return html.unescape(data).replace("\n", " ")

@@ -1,0 +1,122 @@
+"""The text of HTML parts, which body conditions read when a message has no plain-text part."""
+
+from __future__ import annotations
+
+import pytest
+
+from guardrail.htmltext import html_text
+from guardrail.message import BODY_TEXT_LIMIT, HTML_MARKUP_LIMIT, summarize
+
+
+@pytest.mark.parametrize(
+    ("markup", "text"),
+    [
+        ("<p>I would like a <b>refund</b></p>", "I would like a refund"),
+        # Inline tags join the letters of a word. Other tags separate words.
+        ("re<span>fu</span>nd", "refund"),
+        ("<img src=x>refund", "refund"),
+        ("one<td>two", "one\ntwo"),
+        # Block elements end lines, so ^ and $ in a multi-line pattern find them.
+        ("<div>Order 1234</div><div>Thanks</div>", "Order 1234\nThanks"),
+        ("line one<br>line two<br/>line three", "line one\nline two\nline three"),
+        # A line break in the source is a space. Only blocks make lines.
+        ("<p>a</p>\n\n\n\n<p>b\nc</p>", "a\nb c"),
+        # Scripts, styles, the head and comments show nothing.
+        ("<head><title>Invoice</title><style>p { color: red }</style></head><p>Hi</p>", "Hi"),
+        ("a<script>var refund = 1;</script>b", "a b"),
+        ("a<SCRIPT type='x'>if (a > b) {}</Script >b", "a b"),
+        ("a<!-- refund -->b", "ab"),
+        ("<ul>\n  <li>one</li>\n  <li>two</li>\n</ul>", "one\ntwo"),
+        ("<!DOCTYPE html><html><body>Hello</body></html>", "Hello"),
+        # Character references are decoded, and a no-break space is a space.
+        ("caf&eacute; &amp; cr&#232;me&nbsp;br&#xFB;l&eacute;e", "café & crème brûlée"),
+        # A ">" in a quoted attribute value does not end the tag.
+        ('<a title="a > b" href=\'x>y\'>refund</a>', "refund"),
+        # A "<" that starts no tag is text.
+        ("1 < 2 and 3 <= 4", "1 < 2 and 3 <= 4"),
+        # Something left open hides the rest, as in a browser.
+        ("shown <!-- never closed refund", "shown"),
+        ("shown <script>never closed refund", "shown"),
+        ('shown <a href="never closed>refund', "shown"),
+        ("shown <p never closed", "shown"),
+        ("", ""),
+    ],
+)
+def test_html_text(markup: str, text: str) -> None:
+    assert html_text(markup) == text
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    "markup",
+    [
+        # From each opening tag, a non-greedy regular expression would search
+        # to the end of the text: an estimated 10**10 steps for each of these.
+        "<script>" * 100_000,
+        "<!--" * 200_000,
+        '<a "' * 200_000,
+        "<style" * 100_000,
+        "<" * 500_000,
+        "<p>&" * 200_000,
+    ],
+)
+def test_html_text_reads_unclosed_markup_in_one_pass(markup: str) -> None:
+    # The timeout is a safety net: a quadratic scan of these takes far longer.
+    assert len(html_text(markup)) <= len(markup)
+
+
+def _message(content_type: str, body: str, encoding: str = "7bit") -> bytes:
+    return (
+        f"From: a@b.example\r\nSubject: x\r\nMIME-Version: 1.0\r\nContent-Type: {content_type}\r\n"
+        f"Content-Transfer-Encoding: {encoding}\r\n\r\n{body}"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        (_message("text/html; charset=utf-8", "<p>Please <b>refund</b> order 12</p>\r\n"), "Please refund order 12"),
+        (_message("text/html; charset=utf-8", "PHA+UmVmdW5kIHBsZWFzZTwvcD4=\r\n", "base64"), "Refund please"),
+        # A plain-text part wins over the HTML one.
+        (
+            _message(
+                "multipart/alternative; boundary=B",
+                "--B\r\nContent-Type: text/html\r\n\r\n<p>from html</p>\r\n"
+                "--B\r\nContent-Type: text/plain\r\n\r\nfrom plain\r\n--B--\r\n",
+            ),
+            "from plain",
+        ),
+        # An HTML part inside multipart/mixed, beside an attachment.
+        (
+            _message(
+                "multipart/mixed; boundary=B",
+                "--B\r\nContent-Type: text/html; charset=iso-8859-1\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+                "<div>Caf=E9 order</div>\r\n"
+                "--B\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment\r\n\r\nJVBERi0=\r\n--B--\r\n",
+            ),
+            "Café order",
+        ),
+        # An HTML attachment is not the body.
+        (
+            _message(
+                "multipart/mixed; boundary=B",
+                "--B\r\nContent-Type: text/html\r\nContent-Disposition: attachment; filename=r.html\r\n\r\n"
+                "<p>report</p>\r\n--B--\r\n",
+            ),
+            "",
+        ),
+    ],
+)
+def test_body_text_of_a_message_without_plain_text(raw: bytes, text: str) -> None:
+    assert summarize(raw, with_body=True).body_text.strip() == text
+
+
+def test_html_markup_cut_keeps_utf8() -> None:
+    # The last character, a two-byte one, starts at the last byte within the limit.
+    raw = _message("text/html; charset=utf-8", "<p>caf\u00e9 " + "x" * (HTML_MARKUP_LIMIT - 10) + "\u00e9</p>\r\n")
+    assert summarize(raw, with_body=True).body_text.startswith("café ")
+
+
+def test_html_body_text_cut_at_limit() -> None:
+    raw = _message("text/html", "<p>" + "word " * (BODY_TEXT_LIMIT // 4) + "</p>\r\n")
+    assert len(summarize(raw, with_body=True).body_text) == BODY_TEXT_LIMIT
