@@ -28,6 +28,9 @@ _BLOCK_ELEMENTS = frozenset({
 })
 # Elements whose content is not shown: it runs to the matching end tag.
 _HIDDEN_ELEMENTS = ("script", "style", "head", "title", "template", "noscript")
+# Their end tags, matched ignoring ASCII case only. markup.lower() turns "\u0130"
+# into two characters, so its indices would not match those of the markup.
+_HIDDEN_END_TAGS = {name: re.compile(f"</{name}", re.IGNORECASE | re.ASCII) for name in _HIDDEN_ELEMENTS}
 
 # Inline elements, whose tags may stand inside a word, as in "a<b>b</b>".
 # Any other tag separates words.
@@ -57,7 +60,6 @@ def _tag_end(markup: str, position: int) -> int:
 
 def html_text(markup: str) -> str:
     """Return the text of `markup`, one line per block, with spaces collapsed and entities decoded."""
-    lower = markup.lower()
     pieces: list[str] = []
     position = 0
     length = len(markup)
@@ -97,10 +99,10 @@ def html_text(markup: str) -> str:
             pieces.append("\n")
         elif not closing and name in _HIDDEN_ELEMENTS and not markup.startswith("/>", end - 1):
             pieces.append(" ")
-            close = lower.find(f"</{name}", position)
-            if close < 0:
+            close = _HIDDEN_END_TAGS[name].search(markup, position)
+            if close is None:
                 break
-            after = markup.find(">", close)
+            after = markup.find(">", close.start())
             if after < 0:
                 break
             position = after + 1

@@ -26,6 +26,18 @@ from guardrail.message import BODY_TEXT_LIMIT, HTML_MARKUP_LIMIT, summarize
         ("a<script>var refund = 1;</script>b", "a b"),
         ("a<SCRIPT type='x'>if (a > b) {}</Script >b", "a b"),
         ("a<!-- refund -->b", "ab"),
+        # A dotted capital I (U+0130) has a two-character lower case. It moves no end tag.
+        (
+            "<title>\u0130ADE \u0130STE\u011e\u0130: S\u0130PAR\u0130\u015e \u0130PTAL\u0130 \u0130\u00c7\u0130N"
+            " \u0130LET\u0130\u015e\u0130M B\u0130LG\u0130LER\u0130</title><p>Refund please</p>",
+            "Refund please",
+        ),
+        (
+            "<p>\u0130STANBUL \u0130ADE MERKEZ\u0130NE \u0130LET\u0130LD\u0130. \u0130LG\u0130N\u0130Z \u0130\u00c7\u0130N"
+            " TE\u015eEKK\u00dcRLER.</p><style>p {}</style><p>Refund please</p>",
+            "\u0130STANBUL \u0130ADE MERKEZ\u0130NE \u0130LET\u0130LD\u0130. \u0130LG\u0130N\u0130Z \u0130\u00c7\u0130N"
+            " TE\u015eEKK\u00dcRLER.\nRefund please",
+        ),
         ("<ul>\n  <li>one</li>\n  <li>two</li>\n</ul>", "one\ntwo"),
         ("<!DOCTYPE html><html><body>Hello</body></html>", "Hello"),
         # Character references are decoded, and a no-break space is a space.
