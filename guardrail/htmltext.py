@@ -37,7 +37,9 @@ _HIDDEN_END_TAGS = {name: re.compile(f"</{name}", re.IGNORECASE | re.ASCII) for 
 _INLINE_ELEMENTS = frozenset({"a", "abbr", "b", "code", "em", "font", "i", "mark", "small", "span", "strong", "sub", "sup", "u"})
 
 _TAG_NAME = re.compile(r"</?([A-Za-z][A-Za-z0-9-]*)")
-_TAG_END_OR_QUOTE = re.compile(r"[>\"']")
+# A quote opens an attribute value only right after "=" and optional spaces.
+# Elsewhere, as in <p class=x title=don't>, it is an ordinary character.
+_TAG_END_OR_QUOTED_VALUE = re.compile(r""">|=[ \t\n\r\f]*(["'])""")
 _SPACES = re.compile(r"[ \t\r\f\v\u00a0]+")
 
 
@@ -47,12 +49,12 @@ def _tag_end(markup: str, position: int) -> int:
     A ">" inside a quoted attribute value does not end the tag.
     """
     while True:
-        found = _TAG_END_OR_QUOTE.search(markup, position)
+        found = _TAG_END_OR_QUOTED_VALUE.search(markup, position)
         if found is None:
             return -1
         if found.group() == ">":
             return found.start()
-        closing_quote = markup.find(found.group(), found.end())
+        closing_quote = markup.find(found.group(1), found.end())
         if closing_quote < 0:
             return -1
         position = closing_quote + 1

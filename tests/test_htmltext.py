@@ -44,6 +44,9 @@ from guardrail.message import BODY_TEXT_LIMIT, HTML_MARKUP_LIMIT, summarize
         ("caf&eacute; &amp; cr&#232;me&nbsp;br&#xFB;l&eacute;e", "café & crème brûlée"),
         # A ">" in a quoted attribute value does not end the tag.
         ('<a title="a > b" href=\'x>y\'>refund</a>', "refund"),
+        # Elsewhere in a tag a quote is an ordinary character.
+        ("<p class=x title=don't>Refund please</p>", "Refund please"),
+        ("<b'>Refund</b> please", "Refund please"),
         # A "<" that starts no tag is text.
         ("1 < 2 and 3 <= 4", "1 < 2 and 3 <= 4"),
         # Something left open hides the rest, as in a browser.
@@ -70,6 +73,7 @@ def test_html_text(markup: str, text: str) -> None:
         "<style" * 100_000,
         "<" * 500_000,
         "<p>&" * 200_000,
+        "<p a= = '" * 100_000,
     ],
 )
 def test_html_text_reads_unclosed_markup_in_one_pass(markup: str) -> None:
