@@ -27,7 +27,9 @@ _BLOCK_ELEMENTS = frozenset({
     "ol", "p", "pre", "section", "table", "td", "th", "tr", "ul",
 })
 # Elements whose content is not shown: it runs to the matching end tag.
-_HIDDEN_ELEMENTS = ("script", "style", "head", "title", "template", "noscript")
+# The head is not one of them: HTML lets its end tag be left out, and what
+# it contains besides these (meta and link tags) shows no text anyway.
+_HIDDEN_ELEMENTS = ("script", "style", "title", "template", "noscript")
 # Their end tags, matched ignoring ASCII case only. markup.lower() turns "\u0130"
 # into two characters, so its indices would not match those of the markup.
 _HIDDEN_END_TAGS = {name: re.compile(f"</{name}", re.IGNORECASE | re.ASCII) for name in _HIDDEN_ELEMENTS}

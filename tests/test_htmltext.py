@@ -23,6 +23,8 @@ from guardrail.message import BODY_TEXT_LIMIT, HTML_MARKUP_LIMIT, summarize
         ("<p>a</p>\n\n\n\n<p>b\nc</p>", "a\nb c"),
         # Scripts, styles, the head and comments show nothing.
         ("<head><title>Invoice</title><style>p { color: red }</style></head><p>Hi</p>", "Hi"),
+        # The head's end tag may be left out.
+        ('<html><head><meta charset="utf-8"><title>Invoice</title><body><p>Hi</p></body></html>', "Hi"),
         ("a<script>var refund = 1;</script>b", "a b"),
         ("a<SCRIPT type='x'>if (a > b) {}</Script >b", "a b"),
         ("a<!-- refund -->b", "ab"),
