@@ -14,6 +14,10 @@ from .message import Summary
 from .rules import ADDRESS_FIELDS, Condition, Route, RuleSet, Team
 
 _WHITESPACE = re.compile(r"\s+")
+# A body condition's reason names the text it matched, cut to this many
+# characters, rather than the body. Reasons are stored with the message,
+# shown by the API and kept after `[database] keep_bodies` empties its bytes.
+BODY_REASON_LIMIT = 100
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,14 @@ def _evaluate(condition: Condition, facts: Facts) -> str | None:
         return None if _evaluate(condition.children[0], facts) is not None else f"not({condition.children[0].describe()})"
 
     for value in _field_values(condition, facts):
-        if _test(condition, value):
+        matched = _matched_text(condition, value)
+        if matched is None:
+            continue
+        if condition.field != "body":
             return f"{condition.describe()} matched {value!r}"
+        if len(matched) > BODY_REASON_LIMIT:
+            matched = matched[:BODY_REASON_LIMIT] + "..."
+        return f"{condition.describe()} matched {matched!r} in the body"
     return None
 
 
@@ -123,14 +133,17 @@ def _field_values(condition: Condition, facts: Facts) -> tuple[str, ...]:
     return ()
 
 
-def _test(condition: Condition, value: str) -> bool:
+def _matched_text(condition: Condition, value: str) -> str | None:
+    """Return the part of `value` that `condition` matched (for `contains`, the needle), or None when it does not match."""
     whole_value = condition.field in ADDRESS_FIELDS or condition.field == "from_domain"
     if condition.operator == "regex":
-        if whole_value:
-            return any(pattern.fullmatch(value) for pattern in condition.patterns)
-        return any(pattern.search(value) for pattern in condition.patterns)
+        for pattern in condition.patterns:
+            found = pattern.fullmatch(value) if whole_value else pattern.search(value)
+            if found is not None:
+                return found.group()
+        return None
 
     folded = _WHITESPACE.sub(" ", value).strip().lower()
     if condition.operator == "is":
-        return folded in condition.values
-    return any(needle in folded for needle in condition.values)
+        return folded if folded in condition.values else None
+    return next((needle for needle in condition.values if needle in folded), None)

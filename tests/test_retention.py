@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import maildir_messages, message, send, settle, write_config
+from conftest import (
+    ROUTES,
+    TEAMS,
+    maildir_messages,
+    message,
+    send,
+    settle,
+    write_config,
+)
 from structlog.testing import capture_logs
 from test_store import NOW, submissions
 
@@ -189,3 +198,28 @@ async def test_daemon_empties_old_bytes(tmp_path: Path, start_daemon, capsys: py
     assert status == 0
     assert "note: 1 of the 2 newest messages are older than [database] keep_bodies" in captured.err
     assert "0 of 1 messages would change" in captured.out
+
+
+async def test_body_reason_keeps_no_body_text(tmp_path: Path, start_daemon) -> None:
+    rules = TEAMS + """
+[[route]]
+name = "refunds"
+team = "billing"
+any = [{ body.regex = '(?im)^refund please$' }]
+""" + ROUTES
+    config = write_config(tmp_path, rules=rules, sections={"database": {"keep_bodies": "10d"}})
+    clock = ManualClock(datetime(2026, 3, 2, 9, 30, tzinfo=UTC))
+    daemon = await start_daemon(config, clock=clock)
+    database = daemon.config.database_path
+    body = "<p>Refund please</p><p>My IBAN is DE89 3704 0044 0532 0130 00</p>\r\n"
+    html = message(extra_headers="MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n", body=body)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], html)
+    await settle(daemon, clock)
+
+    await clock.advance(timedelta(days=10, hours=1))
+    await settle(daemon, clock)
+
+    [(route, reasons, size)] = rows(database, "SELECT route, route_reasons, length(raw) FROM messages")
+    assert route == "refunds"
+    assert size == 0
+    assert json.loads(reasons) == ["body regex '(?im)^refund please$' matched 'Refund please' in the body"]

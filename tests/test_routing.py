@@ -125,3 +125,18 @@ def test_body_is_read_only_when_a_rule_needs_it(rules, tmp_path: Path) -> None:
     assert rules.needs_body
     folder = rules_folder(tmp_path / "plain", '[[team]]\nname = "t"\n[[route]]\nname = "d"\nteam = "t"\ndefault = true\n')
     assert not load_rules(folder, tmp_path).needs_body
+
+
+def test_body_reason_names_matched_text(tmp_path: Path) -> None:
+    folder = rules_folder(tmp_path, '[[team]]\nname = "t"\n\n[[route]]\nname = "d"\nteam = "t"\ndefault = true\n')
+    (folder / "body.toml").write_text(
+        '[[route]]\nname = "refund"\nteam = "t"\nany = [{ body.contains = "refund" }]\n\n'
+        "[[route]]\nname = \"rest\"\nteam = \"t\"\nany = [{ body.regex = '(?s)order.*' }]\n"
+    )
+    rules = load_rules(folder, tmp_path)
+
+    refund = match_route(rules, facts("Subject: Hi", "Hello,\r\nI want a Refund.\r\nMy card is 4111 1111 1111 1111.\r\n"))
+    order = match_route(rules, facts("Subject: Hi", "My order " + "x" * 500 + "\r\n"))
+
+    assert refund.reasons == ("body contains 'refund' matched 'refund' in the body",)
+    assert order.reasons == ("body regex '(?s)order.*' matched 'order " + "x" * 94 + "...' in the body",)
