@@ -260,9 +260,16 @@ def _answered_by(body: bytes) -> str:
     if unknown:
         raise HTTPException(400, f"unknown field {unknown[0]!r}; the only field is \"by\"")
     name = data.get("by", "")
-    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or any(ord(char) < 0x20 or ord(char) == 0x7F for char in name):
-        raise HTTPException(400, f'"by" must be a string of at most {MAX_NAME_LENGTH} characters without control characters')
+    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or any(_is_unstorable(char) for char in name):
+        raise HTTPException(
+            400, f'"by" must be a string of at most {MAX_NAME_LENGTH} characters without control characters or unpaired surrogates'
+        )
     return name.strip()
+
+
+def _is_unstorable(char: str) -> bool:
+    """Return whether `char` is a control character, or a surrogate, which JSON escapes allow but UTF-8 cannot encode."""
+    return ord(char) < 0x20 or ord(char) == 0x7F or 0xD800 <= ord(char) <= 0xDFFF
 
 
 async def _http_error(request: Request, error: Exception) -> Response:

@@ -523,6 +523,8 @@ async def test_unknown_reference_gets_404(tmp_path: Path, start_daemon, client_f
         (b'["carol"]', 400, "must be a JSON object"),
         (b'{"by": "carol", "note": "x"}', 400, "unknown field 'note'"),
         (b'{"by": 42}', 400, '"by" must be a string'),
+        # JSON can escape half of a surrogate pair, which no UTF-8 text holds.
+        (b'{"by": "carol \\ud800"}', 400, "without control characters or unpaired surrogates"),
         (b'{"by": "' + b"x" * 5000 + b'"}', 413, "exceeds 4096 bytes"),
     ],
 )
