@@ -33,11 +33,24 @@ def _message_count(text: str) -> int:
     return count
 
 
+def _utf8_text(text: str) -> str:
+    """Parse an argument that is looked up or recorded in the database, which stores UTF-8 text.
+
+    Python keeps argument bytes that are not UTF-8 as surrogates, which SQLite cannot encode.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise argparse.ArgumentTypeError(f"invalid value '{shown}'; must be UTF-8 text") from None
+    return text
+
+
 def _non_blank(text: str) -> str:
     """Parse a name or note that is recorded in the database, where an empty one would be useless."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"invalid value {text!r}; must not be empty or only spaces")
-    return text
+    return _utf8_text(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--rcpt", action="append", default=[], metavar="ADDRESS",
                        help="envelope recipient to assume (repeatable; default: the first inbox in the config)")
     answer = sub.add_parser("answer", help="mark a conversation answered by hand, which stops its escalations")
-    answer.add_argument("reference", metavar="REF", help="the conversation reference, such as GR-7K3M9Q")
+    answer.add_argument("reference", type=_utf8_text, metavar="REF", help="the conversation reference, such as GR-7K3M9Q")
     answer.add_argument("--by", type=_non_blank, default=os.environ.get("USER") or "operator", metavar="NAME",
                         help="who answered, recorded on the conversation (default: $USER, or operator when it is unset or empty)")
     sub.add_parser("reload", help="validate the config and rules, then tell the running daemon to load the rules (SIGHUP)")

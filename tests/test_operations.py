@@ -965,3 +965,24 @@ def test_unusable_token_variable_only_warns_outside_run(
     )
     assert run.returncode == 2
     assert f"error: {secretless_config}: http.token_env: the token must be at least 16 characters" in run.stderr
+
+
+@pytest.mark.parametrize(("arguments", "option"), [
+    (["answer", b"GR-\xff"], "REF"),
+    (["answer", "GR-AAAAAA", "--by", b"\xffric"], "--by"),
+    (["inspect", "--by", b"\xe9ric", "--note", "read every route"], "--by"),
+    (["inspect", "--by", "Ada", "--note", b"r\xe9vis\xe9"], "--note"),
+])
+def test_non_utf8_argument_is_usage_error(tmp_path: Path, arguments: list[str | bytes], option: str) -> None:
+    # Bytes that are not UTF-8, as a terminal set to Latin-1 sends them.
+    config = write_config(tmp_path)
+
+    run = subprocess.run(
+        [sys.executable, "-m", "guardrail", *arguments, "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert run.returncode == 2
+    assert f"argument {option}: invalid value" in run.stderr
+    assert "must be UTF-8 text" in run.stderr
+    assert "Traceback" not in run.stderr
