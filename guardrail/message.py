@@ -302,7 +302,7 @@ def _first_message_id(values: tuple[str, ...]) -> str:
 
 
 def body_sample(raw: bytes, summary: Summary, limit: int = 4096) -> str:
-    """Return up to `limit` characters from the start of the first text/plain part, else of the first HTML part's text.
+    """Return up to `limit` characters from the start of the first text/plain part, else of the first HTML part's text, with lines ending in "\n".
 
     Cheaper than a full parse on large mail, for decisions that need a few
     words of the body, such as the language of the acknowledgement. A
@@ -325,7 +325,7 @@ def body_sample(raw: bytes, summary: Summary, limit: int = 4096) -> str:
         except binascii.Error:
             return ""
         charset = _CHARSET.search(content_type)
-        return _decode_sample(chunk, charset.group(1) if charset else None)
+        return _decode_sample(chunk, charset.group(1) if charset else None).replace("\r\n", "\n")
     try:
         # A multipart message may put its text after a long HTML part, so more of it is read.
         message = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw[: end + 4 + 4 * limit])
@@ -368,7 +368,8 @@ def _body_text(message: Message) -> str:
                 continue
             payload = part.get_payload(decode=True)
             if isinstance(payload, bytes):
-                return _decode_bytes(payload, part.get_content_charset())[:BODY_TEXT_LIMIT]
+                # Lines end in CRLF on the wire. With "\n", as in the text of an HTML part, "$" in a multi-line pattern finds them.
+                return _decode_bytes(payload, part.get_content_charset())[:BODY_TEXT_LIMIT].replace("\r\n", "\n")
     except Exception:  # noqa: BLE001
         return ""
     return ""

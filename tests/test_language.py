@@ -101,13 +101,13 @@ FILLER = ("y" * 76 + "\r\n") * 20_000
 @pytest.mark.parametrize(
     ("raw", "start"),
     [
-        (message(body="Bonjour, merci.\r\n" + FILLER), "Bonjour, merci.\r\n"),
+        (message(body="Bonjour, merci.\r\n" + FILLER), "Bonjour, merci.\n"),
         (
             message(
                 extra_headers='MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n',
                 body="--b\r\nContent-Type: text/plain\r\n\r\nHallo, danke\r\n" + FILLER + "--b--\r\n",
             ),
-            "Hallo, danke\r\n",
+            "Hallo, danke\n",
         ),
     ],
     ids=["single part", "multipart"],

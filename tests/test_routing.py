@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import rules_folder
+from conftest import TEAMS, message, rules_folder, send, write_config
 
 from guardrail.message import summarize
 from guardrail.routing import Facts, match_route
@@ -140,3 +140,28 @@ def test_body_reason_names_matched_text(tmp_path: Path) -> None:
 
     assert refund.reasons == ("body contains 'refund' matched 'refund' in the body",)
     assert order.reasons == ("body regex '(?s)order.*' matched 'order " + "x" * 94 + "...' in the body",)
+
+
+async def test_line_anchors_match_plain_and_html_bodies(tmp_path: Path, start_daemon) -> None:
+    rules = TEAMS + """
+[[route]]
+name = "refunds"
+team = "billing"
+any = [{ body.regex = '(?im)^refund please$' }]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+"""
+    daemon = await start_daemon(write_config(tmp_path, rules=rules))
+    html = "MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n"
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(
+        message_id="<plain@example.com>", body="Hello,\r\nRefund please\r\nAlice\r\n",
+    ))
+    await send(daemon.port, "bob@example.com", ["support@example.org"], message(
+        message_id="<html@example.com>", sender="bob@example.com", extra_headers=html, body="<p>Hello,</p><p>Refund please</p>\r\n",
+    ))
+
+    routes = await daemon.store.fetch_all("SELECT message_id, route FROM messages ORDER BY id")
+    assert routes == [("<plain@example.com>", "refunds"), ("<html@example.com>", "refunds")]
