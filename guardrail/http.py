@@ -221,7 +221,9 @@ class _Api:
 def _limit(text: str | None) -> int:
     if text is None:
         return DEFAULT_LIMIT
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    # str.isdigit() alone is true for "\u00b2", which int() rejects, and for
+    # "\u0665" (Arabic-Indic five), which int() reads as 5.
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
         raise HTTPException(400, f"invalid limit {text!r}; expected an integer from 1 to {MAX_LIMIT}")
     return int(text)
 

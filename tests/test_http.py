@@ -403,6 +403,9 @@ async def test_conversations_filter_by_state_and_team(tmp_path: Path, start_daem
         ({"status": "open"}, "unknown query parameter 'status'"),
         ({"limit": "0"}, "invalid limit '0'"),
         ({"limit": "many"}, "invalid limit 'many'"),
+        # Digits that are not ASCII: int() rejects the first and reads the second as 5.
+        ({"limit": "\u00b2"}, "invalid limit '\u00b2'"),
+        ({"limit": "\u0665"}, "invalid limit '\u0665'"),
     ],
 )
 async def test_conversations_reject_bad_query(tmp_path: Path, start_daemon, client_for, api_token: str, query: dict[str, str], problem: str) -> None:
