@@ -238,7 +238,7 @@ def _is_address(text: str) -> bool:
 async def _small_body(request: Request, limit: int) -> bytes:
     """Read the request body, or raise a 413 HTTPException once it exceeds `limit` bytes."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"request body exceeds {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
