@@ -20,6 +20,7 @@ import contextlib
 import hmac
 import json
 import socket
+from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -152,10 +153,7 @@ class _Api:
         return Response(encode(metrics.registry), headers={"Content-Type": content_type})
 
     async def conversations(self, request: Request) -> Response:
-        query = request.query_params
-        unknown = sorted(set(query) - {"state", "team", "limit"})
-        if unknown:
-            raise HTTPException(400, f"unknown query parameter {unknown[0]!r}; use state, team or limit")
+        query = _query(request, ("state", "team", "limit"))
         state = query.get("state")
         if state is not None and state not in CONVERSATION_STATES:
             raise HTTPException(400, f"invalid state {state!r}; expected one of {', '.join(CONVERSATION_STATES)}")
@@ -164,6 +162,7 @@ class _Api:
         return JSONResponse({"conversations": found})
 
     async def conversation(self, request: Request) -> Response:
+        _query(request, ())
         reference = request.path_params["reference"].strip().upper()
         found = await find_conversation(self._store(), reference)
         if found is None:
@@ -216,6 +215,20 @@ class _Api:
             "waiting_since": conversations[0]["opened_at"] if conversations else None,
             "open_conversations": conversations,
         })
+
+
+def _query(request: Request, names: tuple[str, ...]) -> dict[str, str]:
+    """Return the request's query parameters, or raise a 400 HTTPException for one not in `names` or one given twice."""
+    pairs = request.query_params.multi_items()
+    for name, _ in pairs:
+        if name not in names:
+            expected = f"use {', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else "this path takes none"
+            raise HTTPException(400, f"unknown query parameter {name!r}; {expected}")
+    counts = Counter(name for name, _ in pairs)
+    repeated = [name for name, count in counts.items() if count > 1]
+    if repeated:
+        raise HTTPException(400, f"query parameter {repeated[0]!r} is given {counts[repeated[0]]} times; give it once")
+    return dict(pairs)
 
 
 def _limit(text: str | None) -> int:

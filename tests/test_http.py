@@ -397,21 +397,26 @@ async def test_conversations_filter_by_state_and_team(tmp_path: Path, start_daem
 
 
 @pytest.mark.parametrize(
-    ("query", "problem"),
+    ("path", "query", "problem"),
     [
-        ({"state": "closed"}, "invalid state 'closed'"),
-        ({"status": "open"}, "unknown query parameter 'status'"),
-        ({"limit": "0"}, "invalid limit '0'"),
-        ({"limit": "many"}, "invalid limit 'many'"),
+        ("/v1/conversations", [("state", "closed")], "invalid state 'closed'"),
+        ("/v1/conversations", [("status", "open")], "unknown query parameter 'status'"),
+        ("/v1/conversations", [("limit", "0")], "invalid limit '0'"),
+        ("/v1/conversations", [("limit", "many")], "invalid limit 'many'"),
         # Digits that are not ASCII: int() rejects the first and reads the second as 5.
-        ({"limit": "\u00b2"}, "invalid limit '\u00b2'"),
-        ({"limit": "\u0665"}, "invalid limit '\u0665'"),
+        ("/v1/conversations", [("limit", "\u00b2")], "invalid limit '\u00b2'"),
+        ("/v1/conversations", [("limit", "\u0665")], "invalid limit '\u0665'"),
+        # Which of two values would count is not obvious, so neither does.
+        ("/v1/conversations", [("state", "open"), ("state", "answered")], "query parameter 'state' is given 2 times"),
+        ("/v1/conversations/GR-000000", [("verbose", "1")], "unknown query parameter 'verbose'; this path takes none"),
     ],
 )
-async def test_conversations_reject_bad_query(tmp_path: Path, start_daemon, client_for, api_token: str, query: dict[str, str], problem: str) -> None:
+async def test_api_rejects_bad_query(
+    tmp_path: Path, start_daemon, client_for, api_token: str, path: str, query: list[tuple[str, str]], problem: str
+) -> None:
     daemon = await start_daemon(http_config(tmp_path))
 
-    response = await client_for(daemon).get("/v1/conversations", params=query)
+    response = await client_for(daemon).get(path, params=query)
 
     assert response.status_code == 400
     assert problem in response.json()["error"]
