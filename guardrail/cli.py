@@ -41,8 +41,8 @@ def _utf8_text(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        raise argparse.ArgumentTypeError(f"invalid value '{shown}'; must be UTF-8 text") from None
+        escaped = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise argparse.ArgumentTypeError(f"invalid value '{escaped}'; must be UTF-8 text") from None
     return text
 
 
@@ -88,11 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# 128 plus the number of SIGPIPE, the status a shell shows for a process that signal ended.
+EXIT_BROKEN_PIPE = 128 + 13
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     handler = getattr(commands, arguments.command)
     try:
-        return handler(arguments)
+        status = handler(arguments)
+        # Flushed here, so that a reader that has gone away is caught below
+        # rather than reported by the interpreter at exit.
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # The reader closed the pipe early, as `head` does. Any output still
+        # buffered goes nowhere, and the exit status is the shell's for SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except ConfigErrors as problems:
         errors = problems.errors
     except DatabaseFileError as problem:

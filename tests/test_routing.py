@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import TEAMS, message, rules_folder, send, write_config
+from conftest import ROOT, TEAMS, message, rules_folder, send, write_config
 
 from guardrail.message import summarize
 from guardrail.routing import Facts, match_route
@@ -165,3 +168,20 @@ default = true
 
     routes = await daemon.store.fetch_all("SELECT message_id, route FROM messages ORDER BY id")
     assert routes == [("<plain@example.com>", "refunds"), ("<html@example.com>", "refunds")]
+
+
+def test_route_output_into_closed_pipe(tmp_path: Path) -> None:
+    message = tmp_path / "message.eml"
+    message.write_bytes(b"From: a@b.example\r\nSubject: Printer\r\n\r\nHello.\r\n")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes, as after `| head -0`
+    try:
+        finished = subprocess.run(
+            [sys.executable, "-m", "guardrail", "route", "--config", str(ROOT / "config.example.toml"), str(message)],
+            stdout=write_end, stderr=subprocess.PIPE, timeout=60, cwd=ROOT,
+        )
+    finally:
+        os.close(write_end)
+
+    assert finished.returncode == 141
+    assert finished.stderr == b""
