@@ -33,6 +33,8 @@ HTML_MARKUP_LIMIT = 4 * BODY_TEXT_LIMIT
 
 _CHARSET = re.compile(r'charset\s*=\s*"?([^";\s]+)', re.IGNORECASE)
 _BASE64_NOISE = re.compile(rb"[^A-Za-z0-9+/]")
+# <meta charset="..."> or <meta http-equiv="Content-Type" content="text/html; charset=...">.
+_META_CHARSET = re.compile(rb"""<meta\b[^>]*?charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
 
 # A message id between angle brackets. Control characters (NUL, ESC, DEL)
 # are not allowed in one (RFC 5322 section 3.6.4). An id containing them is
@@ -342,11 +344,23 @@ def _html_text(message: Message) -> str:
                 payload = part.get_payload(decode=True)
                 if isinstance(payload, bytes):
                     # Cut after decoding, since a cut inside a UTF-8 sequence would make it fall back to Latin-1.
-                    markup = _decode_bytes(payload, part.get_content_charset())[:HTML_MARKUP_LIMIT]
+                    charset = part.get_content_charset() or _meta_charset(payload)
+                    markup = _decode_bytes(payload, charset)[:HTML_MARKUP_LIMIT]
                     return html_text(markup)[:BODY_TEXT_LIMIT]
     except Exception:  # noqa: BLE001 - the parser must never stop intake
         return ""
     return ""
+
+
+def _meta_charset(markup: bytes) -> str | None:
+    """Return the charset that a <meta> tag in the first 1024 bytes of `markup` declares, or None.
+
+    The HTML standard has browsers look for it there when the Content-Type
+    has no charset parameter. HTML saved from a web page may declare its
+    charset only there.
+    """
+    found = _META_CHARSET.search(markup[:1024])
+    return found.group(1).decode("ascii") if found else None
 
 
 def _decode_sample(data: bytes, charset: str | None) -> str:

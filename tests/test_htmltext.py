@@ -138,3 +138,29 @@ def test_html_markup_cut_keeps_utf8() -> None:
 def test_html_body_text_cut_at_limit() -> None:
     raw = _message("text/html", "<p>" + "word " * (BODY_TEXT_LIMIT // 4) + "</p>\r\n")
     assert len(summarize(raw, with_body=True).body_text) == BODY_TEXT_LIMIT
+
+
+def _html_message(content_type: str, markup: bytes) -> bytes:
+    return b"From: a@b.example\r\nSubject: x\r\nContent-Type: " + content_type.encode() + b"\r\n\r\n" + markup + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        # Without a charset parameter, the <meta> declaration names the charset.
+        (
+            _html_message(
+                "text/html",
+                '<head><meta http-equiv="Content-Type" content="text/html; charset=Shift_JIS"></head><p>返金してください</p>'.encode("shift_jis"),
+            ),
+            "返金してください",
+        ),
+        (_html_message("text/html", "<meta charset=windows-1252><p>\u201crefund\u201d</p>".encode("cp1252")), "\u201crefund\u201d"),
+        # The Content-Type's parameter wins over the <meta> declaration.
+        (_html_message("text/html; charset=utf-8", "<meta charset=iso-8859-1><p>café</p>".encode()), "café"),
+        # An unknown charset falls back to UTF-8.
+        (_html_message("text/html", "<meta charset=no-such-charset><p>café</p>".encode()), "café"),
+    ],
+)
+def test_html_charset_from_meta_tag(raw: bytes, text: str) -> None:
+    assert summarize(raw, with_body=True).body_text == text
