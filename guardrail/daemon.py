@@ -138,6 +138,7 @@ class Daemon:
             ack_window=config.acknowledgements.window,
         )
         self.store = await Store.open(config.database_path, settings, busy_timeout=config.busy_timeout)
+        self.store.observe_commits(self.metrics.observe_commit)
         worker = self.worker = DeliveryWorker(
             self.store, config, self.clock, self._transport, metrics=self.metrics, write_files=self._write_files
         )

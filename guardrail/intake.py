@@ -688,6 +688,7 @@ class IntakeHandler:
 
     def _committed(self, outcome: Outcome, submission: Submission, size: int, started: float) -> str:
         """Notify the workers of a committed message and log it, then return the reply to its final dot."""
+        self.metrics.intake_seconds.observe(time.perf_counter() - started)
         if outcome.disposition == "duplicate":
             message_id = submission.summary.message_id
             log.info("message_duplicate", detail=f"duplicate of {message_id or 'a message without Message-ID'}")

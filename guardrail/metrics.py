@@ -1,13 +1,13 @@
 """Prometheus metrics, one registry per daemon so that tests can run several.
 
-Counters are incremented where things happen; gauges that describe stored
-state (outbox depth, open conversations) are read from the database when
-/metrics is scraped.
+Counters and histograms are updated where things happen. Gauges that
+describe stored state (outbox depth, open conversations) are read from the
+database when /metrics is scraped.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 
 class Metrics:
@@ -57,6 +57,28 @@ class Metrics:
             "guardrail_outbox_oldest_age_seconds", "Age of the oldest pending outbox row", registry=registry
         )
         self.open_conversations = Gauge("guardrail_open_conversations", "Conversations awaiting an answer, without those that need no reply", registry=registry)
+
+        # Bucket bounds in seconds, from a fast commit on an idle machine to a
+        # transaction that waited seconds for the database lock.
+        seconds = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+        self.intake_seconds = Histogram(
+            "guardrail_intake_seconds",
+            "Time from a message's final dot to its 250 reply: parsing, routing and the wait for its commit",
+            buckets=seconds, registry=registry,
+        )
+        self.commit_seconds = Histogram(
+            "guardrail_commit_seconds", "Time the writer thread spent on one transaction, its fsync included",
+            buckets=seconds, registry=registry,
+        )
+        self.commit_batch_size = Histogram(
+            "guardrail_commit_batch_size", "Writes committed together in one transaction: messages, delivery results and others",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry,
+        )
+
+    def observe_commit(self, seconds: float, size: int) -> None:
+        """Record one transaction of the writer thread, which calls this."""
+        self.commit_seconds.observe(seconds)
+        self.commit_batch_size.observe(size)
 
     def set_rules(self, digest: str) -> None:
         self.rules.info({"hash": digest})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -151,6 +152,12 @@ class Store:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._committer: asyncio.Future[None] | None = None
         self._closing = False
+        # Called in the writer thread after each transaction with its duration in seconds and its number of writes.
+        self._observe_commit: Callable[[float, int], None] = lambda seconds, size: None
+
+    def observe_commits(self, observer: Callable[[float, int], None]) -> None:
+        """Call `observer(seconds, writes)` in the writer thread after each transaction, as metrics do."""
+        self._observe_commit = observer
 
     @classmethod
     async def open(cls, path: Path, settings: StoreSettings | None = None, *, busy_timeout: timedelta = timedelta(seconds=5)) -> Store:
@@ -272,8 +279,10 @@ class Store:
                     stop = True
                     break
                 batch.append(job)
+            started = time.perf_counter()
             settled = self._commit_or_split(batch)
             loop.call_soon_threadsafe(_settle, settled)
+            self._observe_commit(time.perf_counter() - started, len(batch))
             if stop:
                 return
 

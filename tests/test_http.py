@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import re
 import socket
 import sqlite3
 from collections.abc import AsyncIterator, Callable
@@ -126,8 +127,9 @@ async def open_conversation(daemon, **fields: str) -> str:
 
 def sample(families: dict[str, Metric], name: str, **labels: str) -> float:
     """Return the value of sample `name` with exactly `labels`; fail if the scrape has no such sample."""
-    # The parser names a counter's family without the _total suffix of its sample.
-    family_name = name.removesuffix("_total")
+    # The parser names a family without the suffix of its samples: _total
+    # for a counter, _count, _sum and _bucket for a histogram.
+    family_name = re.sub(r"_(total|count|sum|bucket)$", "", name)
     family = families.get(family_name)
     assert family is not None, f"metric family {family_name} missing from the scrape"
     for item in family.samples:
@@ -326,6 +328,15 @@ async def test_metrics_count_intake_outcomes_and_reloads(tmp_path: Path, start_d
     assert sample(families, "guardrail_open_conversations") == 1
     assert sample(families, "guardrail_outbox_depth") == 0
     assert sample(families, "guardrail_outbox_oldest_age_seconds") == 0
+    # Each accepted message is timed from its final dot to its reply.
+    assert sample(families, "guardrail_intake_seconds_count") == 2
+    assert sample(families, "guardrail_intake_seconds_bucket", le="+Inf") == 2
+    assert 0 < sample(families, "guardrail_intake_seconds_sum") < 60
+    # Every transaction is timed and counted: the two messages, their deliveries and acknowledgement.
+    commits = sample(families, "guardrail_commit_seconds_count")
+    assert commits >= 2
+    assert sample(families, "guardrail_commit_batch_size_count") == commits
+    assert sample(families, "guardrail_commit_batch_size_sum") >= 5
 
 
 async def test_metrics_count_escalations_and_failures(tmp_path: Path, start_daemon, client_for, api_token: str) -> None:
