@@ -163,6 +163,8 @@ class Config:
     http: HttpSettings = HttpSettings()
     # How long stored messages and outbox rows keep their bytes; None keeps them for good.
     keep_bodies: timedelta | None = None
+    # Bytes kept free on the database's file system: below it, MAIL gets 452 4.3.1.
+    min_free_space: int = 64 * 1024**2
     # Filled only by load_config(require_secrets=False). The secrets these variables name are None.
     unset_variables: tuple[UnsetVariable, ...] = ()
 
@@ -254,6 +256,7 @@ def load_config(path: Path | str, *, require_secrets: bool = True) -> Config:
         inspection_max_age=inspection.duration("max_age", timedelta(days=90)),
         zombie=_load_zombie(zombie),
         keep_bodies=_load_keep_bodies(database, config),
+        min_free_space=database.size("min_free_space", 64 * 1024**2),
     )
     config = replace(config, http=_load_http(root.table("http"), unset, require_secrets))
     for table in (

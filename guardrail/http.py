@@ -5,7 +5,7 @@ except /healthz needs `Authorization: Bearer TOKEN`; without a configured
 token those paths return 401. Errors are JSON objects: {"error": "..."}.
 
     GET  /healthz                              the process is alive
-    GET  /readyz                               database writable, rules loaded, loops running
+    GET  /readyz                               database writable, disk space left, rules loaded, loops running
     GET  /metrics                              Prometheus text format
     GET  /v1/conversations?state=&team=&limit= conversations, newest first
     GET  /v1/conversations/REF                 one conversation and its timeline
@@ -23,6 +23,7 @@ import socket
 from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
@@ -39,6 +40,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Secret
 from .errors import StorageError
+from .storage import free_bytes, storage_problem
 from .store import Store
 from .store_queries import (
     CONVERSATION_STATES,
@@ -130,8 +132,10 @@ class _Api:
     async def readyz(self, request: Request) -> Response:
         daemon = self.daemon
         problem = await asyncio.to_thread(check_writable, daemon.config.database_path, READY_WRITE_TIMEOUT)
+        space = await asyncio.to_thread(_disk_check, daemon.config.database_path.parent, daemon.config.min_free_space)
         checks = {
             "database": problem or ("ok" if daemon.store is not None else "the database is closed"),
+            "disk": space,
             "rules": "ok" if daemon.rules is not None else "no rule set is loaded",
             "outbox_worker": "ok" if daemon.worker is not None and daemon.worker.alive else "not running",
             "escalation_scheduler": "ok" if daemon.scheduler is not None and daemon.scheduler.alive else "not running",
@@ -215,6 +219,15 @@ class _Api:
             "waiting_since": conversations[0]["opened_at"] if conversations else None,
             "open_conversations": conversations,
         })
+
+
+def _disk_check(folder: Path, min_free: int) -> str:
+    """Return "ok", or why the file system holding `folder` has too little room for intake."""
+    try:
+        free = free_bytes(folder)
+    except OSError as error:
+        return f"cannot read the free space of {folder}: {error}"
+    return storage_problem(free, min_free) or "ok"
 
 
 def _query(request: Request, names: tuple[str, ...]) -> dict[str, str]:

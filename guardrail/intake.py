@@ -60,6 +60,7 @@ from .replies import (
     REPLY_NOT_OURS,
     REPLY_RECIPIENT_OK,
     REPLY_SHUTTING_DOWN,
+    REPLY_STORAGE_FULL,
     REPLY_TEMPORARY,
     REPLY_TLS_ACTIVE,
     REPLY_TOO_BIG,
@@ -72,6 +73,7 @@ from .replies import (
     with_enhanced_code,
 )
 from .rules import RuleSet
+from .storage import FreeSpace, storage_problem
 from .store import Outcome, Store
 
 log = structlog.get_logger("guardrail.intake")
@@ -542,9 +544,13 @@ class IntakeHandler:
     # Messages whose routing stalled a parse process and got 451, by a hash
     # of envelope and bytes, oldest first; at most STALLED_KEPT of them.
     stalled: dict[bytes, None] = field(default_factory=dict)
+    free_space: FreeSpace = field(init=False)
+    # True while MAIL gets 452 for want of disk space, so that the change is logged once.
+    storage_low: bool = False
 
     def __post_init__(self) -> None:
         self.site = Site.from_config(self.config)
+        self.free_space = FreeSpace(self.config.database_path.parent)
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]) -> list[str]:
         if _has_control_characters(hostname) or not _is_utf8(hostname):
@@ -571,9 +577,37 @@ class IntakeHandler:
             # RFC 6531 section 3.5: a non-ASCII address needs the SMTPUTF8 parameter.
             self.metrics.messages_rejected.labels("invalid sender").inc()
             return REPLY_NEEDS_SMTPUTF8
+        problem = self._storage_problem(options)
+        if problem is not None:
+            self.metrics.messages_rejected.labels("insufficient storage").inc()
+            return REPLY_STORAGE_FULL
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
+
+    def _storage_problem(self, options: list[str]) -> str | None:
+        """Return why the disk has no room for the message that MAIL with `options` announces, or None.
+
+        Without a reading of the free space, the message is accepted: a
+        commit that fails for want of space still gets 451.
+        """
+        free = self.free_space.bytes()
+        if free is None:
+            return None
+        minimum = self.config.min_free_space
+        low = storage_problem(free, minimum)
+        if low is not None and not self.storage_low:
+            log.error("storage_low", detail=low, reply="452 4.3.1 to every MAIL until space is freed")
+        elif low is None and self.storage_low:
+            log.warning("storage_recovered", free_bytes=free)
+        self.storage_low = low is not None
+        if low is not None:
+            return low
+        # The disk has room in general, but not for the size this client announced.
+        problem = storage_problem(free, minimum, _declared_size(options))
+        if problem is not None:
+            log.warning("sender_deferred", reason="the announced size does not fit on the disk", detail=problem)
+        return problem
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
         if _has_control_characters(address) or not _is_utf8(address):
@@ -744,6 +778,15 @@ class IntakeHandler:
             log.warning("conversation_escalated_at_once", reason=submission.unstaffed)
         elif outcome.escalates_now:
             log.warning("team_unstaffed", reason=submission.unstaffed)
+
+
+def _declared_size(options: list[str]) -> int:
+    """Return the SIZE parameter of MAIL FROM (RFC 1870) among `options`, or 0 when there is none."""
+    for option in options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isascii() and value.isdigit():
+            return int(value)
+    return 0
 
 
 def _signal_label(signal: str) -> str:

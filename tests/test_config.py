@@ -129,14 +129,18 @@ def test_parse_process_default_by_cpus(cpus: int | None, expected: int) -> None:
 
 
 def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
-    path = write_config(tmp_path, smtp={"port": "abc", "max_message_size": "lots"}, sections={"log": {"format": "xml"}})
+    path = write_config(
+        tmp_path, smtp={"port": "abc", "max_message_size": "lots"},
+        sections={"log": {"format": "xml"}, "database": {"min_free_space": "plenty"}},
+    )
     with pytest.raises(ConfigErrors) as caught:
         load_config(path)
     messages = [str(error) for error in caught.value.errors]
     assert f"{path}: smtp.port: invalid value 'abc'; expected an integer of at least 0 and at most 65535" in messages
     assert any("smtp.max_message_size: invalid value 'lots'" in message for message in messages)
     assert any("log.format: invalid value 'xml'; expected one of 'auto', 'json', 'console'" in message for message in messages)
-    assert len(messages) == 3
+    assert any("database.min_free_space: invalid value 'plenty'" in message for message in messages)
+    assert len(messages) == 4
 
 
 def test_missing_password_variable_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

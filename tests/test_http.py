@@ -260,8 +260,19 @@ async def test_readyz_reports_every_check(tmp_path: Path, start_daemon, client_f
     assert response.status_code == 200
     body = response.json()
     assert body["ready"] is True
-    assert body["checks"] == {"database": "ok", "rules": "ok", "outbox_worker": "ok", "escalation_scheduler": "ok"}
+    assert body["checks"] == {"database": "ok", "disk": "ok", "rules": "ok", "outbox_worker": "ok", "escalation_scheduler": "ok"}
     assert body["rules"] == daemon.rules.digest
+
+
+async def test_readyz_503_when_disk_space_low(tmp_path: Path, start_daemon, client_for, api_token: str) -> None:
+    # More free space than any file system has: the disk counts as full.
+    daemon = await start_daemon(http_config(tmp_path, sections={"database": {"min_free_space": "100000000GiB"}}))
+
+    response = await client_for(daemon).get("/readyz")
+
+    assert response.status_code == 503
+    assert response.json()["checks"]["disk"].endswith("less than 102400000000.0 MiB (database.min_free_space)")
+    assert response.json()["checks"]["database"] == "ok"
 
 
 async def test_readyz_503_while_database_locked(tmp_path: Path, start_daemon, client_for, api_token: str) -> None:
