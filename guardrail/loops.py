@@ -28,6 +28,21 @@ _LIST_HEADERS = (
 _AUTOREPLY_HEADERS = ("x-autoreply", "x-autorespond", "x-autoresponder")
 _SUPPRESS_TOKENS = {"oof", "autoreply", "all"}
 _OTHER_SIGNAL_HEADERS = ("x-failed-recipients", "x-ms-exchange-inbox-rules-loop", "errors-to")
+# Delivery reports (RFC 3464, RFC 6533), read receipts (RFC 8098) and
+# abuse feedback (RFC 5965): multipart/report wraps them, and each of its
+# report parts has one of the message/* types.
+_REPORT_TYPES = frozenset({
+    "multipart/report",
+    "message/delivery-status",
+    "message/global-delivery-status",
+    "message/disposition-notification",
+    "message/global-disposition-notification",
+    "message/feedback-report",
+})
+# The iTIP method of a text/calendar part, which iMIP requires on its
+# Content-Type (RFC 6047 section 2.4). A REPLY accepts or declines an
+# invitation, and a calendar program writes it when someone clicks a button.
+_CALENDAR_METHOD = re.compile(r";\s*method\s*=\s*\"?([A-Za-z-]+)", re.IGNORECASE)
 # Every header _header_signal reads before Content-Type, by lower-case name.
 _SIGNAL_HEADERS = frozenset({
     "auto-submitted", "precedence", "x-precedence", "x-auto-response-suppress", "x-apple-action",
@@ -194,8 +209,25 @@ def _header_signal(summary: Summary) -> str | None:
 
 
 def _report_signal(summary: Summary) -> str | None:
-    content_type = _first_value(summary, "content-type").lower()
-    return "multipart/report" if content_type.startswith("multipart/report") else None
+    """Name the report or meeting reply that the message is or carries, or None.
+
+    The top level counts, and so does a part below it (a report may be
+    nested in another multipart, RFC 6522 section 3), but not a part of an
+    attached message, which the summary does not list.
+    """
+    content_type = _first_value(summary, "content-type")
+    for value, where in ((content_type, ""), *((part, " part") for part in summary.part_types)):
+        kind = value.split(";", 1)[0].strip().lower()
+        if kind in _REPORT_TYPES:
+            return kind + where
+        if kind == "text/calendar" and _calendar_method(value) == "reply":
+            return "calendar reply"
+    return None
+
+
+def _calendar_method(content_type: str) -> str:
+    match = _CALENDAR_METHOD.search(content_type)
+    return match.group(1).lower() if match else ""
 
 
 def _sender_signal(summary: Summary, mail_from: str, patterns: tuple[re.Pattern[str], ...]) -> str | None:

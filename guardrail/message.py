@@ -59,6 +59,28 @@ _PLAIN_MAILBOX = re.compile(
 )
 _WORD_BREAK = re.compile(rf"{_SPACE}+")
 
+# Bytes of a multipart body searched for the parts that `listed_part_types`
+# lists. Report software and calendar programs usually put those parts
+# before any attachment.
+PART_SCAN_LIMIT = 256 * 1024
+# Content types that `listed_part_types` lists; every other part is left out.
+LISTED_PART_TYPES = frozenset({
+    "multipart/report",
+    "message/delivery-status",
+    "message/global-delivery-status",
+    "message/disposition-notification",
+    "message/global-disposition-notification",
+    "message/feedback-report",
+    "text/calendar",
+})
+_LISTED_PART = re.compile(
+    rb"content-type:[ \t\r\n]*(?:multipart/report|message/(?:global-)?(?:delivery-status|disposition-notification)"
+    rb"|message/feedback-report|text/calendar)",
+    re.IGNORECASE,
+)
+# Parts of the message, not of one attached to it, are listed up to this many.
+MAX_LISTED_PARTS = 100
+
 
 @dataclass(frozen=True)
 class Summary:
@@ -77,6 +99,9 @@ class Summary:
     headers: Mapping[str, tuple[str, ...]] = field(repr=False)
     body_text: str = field(default="", repr=False)
     received_count: int = 0
+    # The Content-Type values, unfolded, of the parts below the top level
+    # whose type is in LISTED_PART_TYPES (see listed_part_types).
+    part_types: tuple[str, ...] = ()
 
     def header(self, name: str) -> tuple[str, ...]:
         """Return every decoded value of header `name` (case-insensitive)."""
@@ -101,6 +126,7 @@ class Summary:
 def summarize(raw: bytes, *, with_body: bool = True) -> Summary:
     """Summarize `raw` message bytes; the body is decoded only if `with_body`."""
     parser = email.parser.BytesParser(policy=email.policy.compat32)
+    whole = raw
     if not with_body:
         # The parser reads every body line even with headersonly=True, so it
         # gets only the header block (up to the first empty line).
@@ -131,7 +157,48 @@ def summarize(raw: bytes, *, with_body: bool = True) -> Summary:
         # A message without a plain-text part is read through its HTML part.
         body_text=(_body_text(message) or _html_text(message)) if with_body else "",
         received_count=headers.count("received"),
+        part_types=listed_part_types(message if with_body else None, whole),
     )
+
+
+def listed_part_types(message: Message | None, raw: bytes) -> tuple[str, ...]:
+    """Return the Content-Type values of the parts below the top level whose type is in LISTED_PART_TYPES.
+
+    A delivery or read report may sit inside another multipart (RFC 6522
+    section 3 lets it), and a meeting reply carries its text/calendar part
+    beside a text one. Parts of an attached message (message/rfc822), such
+    as a bounce that a person forwards, are not the message's own and are
+    skipped. `message` is the parsed message, or None when only its header
+    block was parsed. In that case the start of `raw` is parsed, but only
+    when it names one of those types.
+    """
+    if message is None:
+        end = raw.find(b"\r\n\r\n")
+        head = raw[: end + 4 + PART_SCAN_LIMIT] if end >= 0 else b""
+        if not _LISTED_PART.search(head, end + 4 if end >= 0 else 0):
+            return ()
+        try:
+            message = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(head)
+        except Exception:  # noqa: BLE001 - the parser must never stop intake
+            return ()
+    found: list[str] = []
+    try:
+        _list_parts(message, found, [MAX_LISTED_PARTS])
+    except Exception:  # noqa: BLE001
+        pass
+    return tuple(found)
+
+
+def _list_parts(message: Message, found: list[str], budget: list[int]) -> None:
+    if not message.is_multipart() or message.get_content_maintype() != "multipart":
+        return  # a message/* part: its contents belong to another message
+    for part in message.get_payload():
+        budget[0] -= 1
+        if budget[0] < 0:
+            return
+        if part.get_content_type() in LISTED_PART_TYPES:
+            found.append(_FOLD.sub(" ", _repair_surrogates(str(part.get("content-type", "")))).strip())
+        _list_parts(part, found, budget)
 
 
 class DecodedHeaders(Mapping[str, tuple[str, ...]]):

@@ -294,3 +294,88 @@ def test_auto_reply_subject_table(subject: str, automatic: bool) -> None:
     summary = summarize(f"From: Bob <bob@example.org>\r\nSubject: {header}\r\n\r\nx".encode())
     assert summary.subject == subject
     assert (machine_signal(summary, "bob@example.org", "mx.test.example") is not None) is automatic
+
+
+def multipart(content_type: str, parts: list[tuple[str, str]], *, subject: str = "Re: hi") -> bytes:
+    """Return a message from a person's address whose body is `parts`, each a (Content-Type, body) pair."""
+    boundary = "outer-boundary"
+    body = "".join(f"--{boundary}\r\nContent-Type: {kind}\r\n\r\n{text}\r\n" for kind, text in parts)
+    return (
+        f"From: Bob <bob@example.org>\r\nTo: support@example.org\r\nSubject: {subject}\r\n"
+        f"Message-ID: <parts-1@example.org>\r\nMIME-Version: 1.0\r\n"
+        f'Content-Type: {content_type}; boundary="{boundary}"\r\n\r\n{body}--{boundary}--\r\n'
+    ).encode()
+
+
+DELIVERY_STATUS = "Reporting-MTA: dns; mx.example.net\r\n\r\nFinal-Recipient: rfc822; gone@example.net\r\nAction: failed\r\nStatus: 5.1.1"
+NESTED_REPORT = (
+    'multipart/report; report-type=delivery-status; boundary="inner"',
+    f"--inner\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n"
+    f"--inner\r\nContent-Type: message/delivery-status\r\n\r\n{DELIVERY_STATUS}\r\n--inner--",
+)
+CALENDAR_REPLY = "BEGIN:VCALENDAR\r\nMETHOD:REPLY\r\nBEGIN:VEVENT\r\nATTENDEE;PARTSTAT=ACCEPTED:mailto:bob@example.org\r\nEND:VEVENT\r\nEND:VCALENDAR"
+FORWARDED_BOUNCE = (
+    "message/rfc822",
+    'Subject: Undelivered Mail\r\nContent-Type: multipart/report; report-type=delivery-status; boundary="inner"\r\n\r\n'
+    f"--inner\r\nContent-Type: message/delivery-status\r\n\r\n{DELIVERY_STATUS}\r\n--inner--",
+)
+
+
+@pytest.mark.parametrize("with_body", [True, False])
+@pytest.mark.parametrize(
+    ("data", "signal"),
+    [
+        # RFC 6522 section 3: a report may be a part of another multipart.
+        (multipart("multipart/mixed", [("text/plain", "See the report below."), NESTED_REPORT]), "multipart/report part"),
+        (multipart("multipart/mixed", [("text/plain", "x"), ("message/delivery-status", DELIVERY_STATUS)]),
+         "message/delivery-status part"),
+        (multipart("multipart/mixed", [("text/plain", "x"), ("message/feedback-report", "Feedback-Type: abuse")]),
+         "message/feedback-report part"),
+        # A read receipt (RFC 8098) or a delivery report without its multipart/report wrapper.
+        (b"From: Bob <bob@example.org>\r\nSubject: Read: hi\r\nContent-Type: message/disposition-notification\r\n\r\n"
+         b"Disposition: manual-action/MDN-sent-manually; displayed\r\n", "message/disposition-notification"),
+        (b"From: Bob <bob@example.org>\r\nSubject: hi\r\nContent-Type: message/global-delivery-status\r\n\r\nAction: failed\r\n",
+         "message/global-delivery-status"),
+        # A meeting reply (iTIP REPLY), on its own or beside the text a calendar program writes.
+        (b"From: Bob <bob@example.org>\r\nSubject: Accepted: Weekly call\r\nContent-Type: text/calendar; method=REPLY;"
+         b' charset="utf-8"\r\n\r\n' + CALENDAR_REPLY.encode() + b"\r\n", "calendar reply"),
+        (multipart("multipart/alternative", [("text/plain", "Bob has accepted."), ('text/calendar; charset="utf-8"; method="REPLY"',
+                                                                                  CALENDAR_REPLY)]),
+         "calendar reply"),
+        # A person's mail: an invitation, or a bounce forwarded as an attachment to ask about it.
+        (multipart("multipart/alternative", [("text/plain", "Shall we talk?"), ("text/calendar; method=REQUEST", CALENDAR_REPLY)]),
+         None),
+        (multipart("multipart/mixed", [("text/plain", "Why did my mail bounce?"), FORWARDED_BOUNCE]), None),
+        (multipart("multipart/mixed", [("text/plain", "Content-Type: multipart/report is what I saw"), ("text/plain", "x")]), None),
+    ],
+)
+def test_report_and_calendar_parts(data: bytes, signal: str | None, with_body: bool) -> None:
+    from guardrail.loops import machine_signal
+    from guardrail.message import summarize
+
+    summary = summarize(data, with_body=with_body)
+    assert machine_signal(summary, "bob@example.org", "mx.test.example") == signal
+
+
+@pytest.mark.parametrize(
+    ("data", "acknowledged"),
+    [
+        (multipart("multipart/mixed", [("text/plain", "See the report below."), NESTED_REPORT]), False),
+        (multipart("multipart/alternative", [("text/plain", "Bob has accepted."), ("text/calendar; method=REPLY", CALENDAR_REPLY)]),
+         False),
+        (multipart("multipart/mixed", [("text/plain", "Why did my mail bounce?"), FORWARDED_BOUNCE]), True),
+    ],
+)
+async def test_reports_and_meeting_replies_unacknowledged(
+    tmp_path: Path, start_daemon, data: bytes, acknowledged: bool
+) -> None:
+    clock = ManualClock(at("2025-11-04T09:00:00"))
+    daemon = await start_daemon(write_config(tmp_path, rules=IT_RULES), clock=clock)
+    await send(daemon.port, "bob@example.net", ["support@example.org"], data.replace(b"bob@example.org", b"bob@example.net"))
+    await settle(daemon, clock)
+
+    rows = await daemon.store.fetch_all("SELECT decision FROM acknowledgements")
+    assert [row[0] for row in rows] == ["sent" if acknowledged else "suppressed"]
+    assert len(acks(tmp_path)) == (1 if acknowledged else 0)
+    ((state,),) = await daemon.store.fetch_all("SELECT state FROM conversations")
+    assert state == ("open" if acknowledged else "no_reply_needed")
