@@ -245,7 +245,9 @@ def _sender_signal(summary: Summary, mail_from: str, patterns: tuple[re.Pattern[
     automated = _any_of(patterns)
     for where, address in candidates:
         local, _, domain = address.lower().rpartition("@")
-        if local and automated(local):
+        # Mail systems deliver a subaddress ("mailer-daemon+1234") to its base mailbox, so the base is matched too.
+        base = local.partition("+")[0]
+        if local and (automated(local) or (base and automated(base))):
             return f"{where} {address.lower()} looks automated"
         # Bulk senders use per-message (VERP) addresses at a bounce host.
         if domain.split(".")[0] in ("bounce", "bounces"):

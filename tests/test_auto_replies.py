@@ -379,3 +379,36 @@ async def test_reports_and_meeting_replies_unacknowledged(
     assert len(acks(tmp_path)) == (1 if acknowledged else 0)
     ((state,),) = await daemon.store.fetch_all("SELECT state FROM conversations")
     assert state == ("open" if acknowledged else "no_reply_needed")
+
+
+@pytest.mark.parametrize(
+    ("mail_from", "sender", "signal"),
+    [
+        ("MAILER-DAEMON+7f3a@mx.example.net", "MAILER-DAEMON+7f3a@mx.example.net",
+         "envelope sender mailer-daemon+7f3a@mx.example.net looks automated"),
+        ("bob@example.net", "Postmaster+Reports@Example.net", "From postmaster+reports@example.net looks automated"),
+        ("bob@example.net", "NoReply+Orders@shop.example", "From noreply+orders@shop.example looks automated"),
+        ("bob@example.net", "Newsletter+weekly@shop.example", "From newsletter+weekly@shop.example looks automated"),
+        # A person's own subaddress, and a local part that only starts with a plus, are not robots.
+        ("bob+support@example.net", "Bob <bob+support@example.net>", None),
+        ("bob@example.net", "+postmaster@example.net", None),
+    ],
+)
+def test_subaddressed_robot_senders(mail_from: str, sender: str, signal: str | None) -> None:
+    from guardrail.loops import machine_signal
+    from guardrail.message import summarize
+
+    summary = summarize(f"From: {sender}\r\nSubject: Your question\r\n\r\nx".encode())
+    assert machine_signal(summary, mail_from, "mx.test.example") == signal
+
+
+async def test_subaddressed_mailer_daemon_not_acknowledged(tmp_path: Path, start_daemon) -> None:
+    clock = ManualClock(at("2025-11-04T09:00:00"))
+    daemon = await start_daemon(write_config(tmp_path, rules=IT_RULES), clock=clock)
+    data = b"From: Mail Delivery System <MAILER-DAEMON+7f3a@mx.example.net>\r\nSubject: Your message\r\n\r\nIt bounced.\r\n"
+    await send(daemon.port, "MAILER-DAEMON+7f3a@mx.example.net", ["support@example.org"], data)
+    await settle(daemon, clock)
+
+    rows = await daemon.store.fetch_all("SELECT decision, signal FROM acknowledgements")
+    assert [tuple(row) for row in rows] == [("suppressed", "envelope sender mailer-daemon+7f3a@mx.example.net looks automated")]
+    assert acks(tmp_path) == []
