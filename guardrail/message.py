@@ -349,8 +349,18 @@ def _first_address(values: tuple[str, ...]) -> tuple[str, str]:
         return "", ""
     for name, address in pairs:
         if "@" in address:
-            return " ".join(decode_header_value(name).split()).strip('"'), address.lower()
+            return _unquoted(" ".join(decode_header_value(name).split())), address.lower()
     return "", ""
+
+
+def _unquoted(name: str) -> str:
+    """Return `name` without the pair of quotes around it, which some mailers put inside an encoded word.
+
+    Quotes that belong to the name ('"JJ" Doe', 'Doe, John "JJ"') stay.
+    """
+    if len(name) >= 2 and name[0] == name[-1] == '"' and '"' not in name[1:-1]:
+        return name[1:-1].strip()
+    return name
 
 
 def _undecoded(message: Message, name: str) -> tuple[str, ...]:

@@ -602,6 +602,20 @@ async def test_encoded_display_name_is_not_member(tmp_path: Path, start_daemon) 
 
 
 
+@pytest.mark.parametrize(
+    ("sender", "greeting"),
+    [
+        ('"Doe, John \\"JJ\\"" <jd@example.com>', 'Hello Doe, John "JJ",'),
+        ('"\\"JJ\\" Doe" <jd@example.com>', 'Hello "JJ" Doe,'),
+    ],
+)
+async def test_quoted_display_name_greeting(tmp_path: Path, start_daemon, sender: str, greeting: str) -> None:
+    _, _, ack = await acknowledge_one(tmp_path, start_daemon, "jd@example.com", message(sender=sender))
+
+    assert body(ack).startswith(greeting + "\n")
+
+
+
 URGENT_RULES = """
 [[team]]
 name = "support"

@@ -44,6 +44,11 @@ from guardrail.message import parse_addresses, summarize
         (b"From: =?utf-8?q?x=0D=0ABcc:_evil@example.net?= <alice@example.com>\r\n\r\nx", "from_address", "alice@example.com"),
         (b"From: =?utf-8?q?P=C3=A9rez=2C_Jos=C3=A9?= <jose@example.com>\r\n\r\nx", "from_name", "Pérez, José"),
         (b"To: =?utf-8?q?a=2C_b?= <ab@example.com>, c@example.com\r\n\r\nx", "to", ("ab@example.com", "c@example.com")),
+        # Quotes inside a display name are part of it. A pair around the whole decoded name is not.
+        (b'From: "Doe, John \\"JJ\\"" <jd@example.com>\r\n\r\nx', "from_name", 'Doe, John "JJ"'),
+        (b'From: "\\"JJ\\" Doe" <jd@example.com>\r\n\r\nx', "from_name", '"JJ" Doe'),
+        (b'From: jd@example.com (John "JJ" Doe)\r\n\r\nx', "from_name", 'John "JJ" Doe'),
+        (b"From: =?utf-8?q?=22Ren=C3=A9=22?= <rene@example.com>\r\n\r\nx", "from_name", "René"),
     ],
 )
 def test_summary_fields(raw: bytes, field: str, expected: object) -> None:
