@@ -72,7 +72,7 @@ _SUBJECT_PHRASES = (
     # English ("Auto:" starts some out-of-office replies)
     r"auto(?=\s*:)",
     r"auto(matic|mated)?[- ]?(reply|response|answer)",
-    r"out of (the )?office( reply| notice)?",
+    r"out of (the )?office( reply| notice| auto-?reply)?",
     r"away from (the |my )?office",
     r"on (vacation|holiday|leave)",
     r"vacation (reply|notice|message)",

@@ -262,6 +262,8 @@ def test_sender_patterns_keep_own_flags() -> None:
     [
         # Software puts the phrase first, before a colon or alone.
         ("Out of Office: Re: my order", True),
+        ("Out of Office AutoReply: Re: my order", True),
+        ("Out of office auto-reply", True),
         ("Automatic reply: Order 1234", True),
         ("Auto: hello", True),
         ("[Auto-Reply] hello", True),
