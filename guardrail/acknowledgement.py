@@ -28,7 +28,7 @@ from .rules_sla import Template
 # and the newest, so the header never grows without bound.
 MAX_REFERENCES = 20
 
-_LANGUAGE_TAG = re.compile(r"^\s*([A-Za-z]{1,8})(?:-[A-Za-z0-9]{1,8})*\s*(?:;\s*q\s*=\s*([01](?:\.\d{0,3})?))?\s*$")
+_LANGUAGE_TAG = re.compile(r"^\s*([A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8})*)\s*(?:;\s*q\s*=\s*([01](?:\.\d{0,3})?))?\s*$")
 
 
 @dataclass(frozen=True)
@@ -60,18 +60,42 @@ def choose_language(summary: Summary, team: Team, sample: Callable[[], str] = st
     subject and the start of the body) is clearly written in. Otherwise it
     is the team's language.
     """
-    for language in requested_languages(summary):
-        if language in team.templates:
+    for tag in requested_languages(summary):
+        language = template_language(tag, team)
+        if language is not None:
             return language
     if len(team.templates) > 1:
-        guessed = guess_language(sample(), team.templates)
+        guessed = guess_language(sample(), {_primary(language) for language in team.templates})
         if guessed is not None:
-            return guessed
+            return template_language(guessed, team) or team.language
     return team.language
 
 
+def template_language(tag: str, team: Team) -> str | None:
+    """Return the language of the team's template that serves a reader of `tag`, or None.
+
+    The tag itself comes first, then the tag with its last subtags cut off
+    one by one, as RFC 4647 lookup does ("pt-br" then "pt"). Then comes a
+    template with the same primary subtag ("pt-br" for "pt"): the team's own
+    language if it is one, else the first in alphabetical order.
+    """
+    tag = tag.lower()
+    subtags = tag.split("-")
+    for end in range(len(subtags), 0, -1):
+        if "-".join(subtags[:end]) in team.templates:
+            return "-".join(subtags[:end])
+    related = sorted(language for language in team.templates if _primary(language) == subtags[0])
+    if team.language in related:
+        return team.language
+    return related[0] if related else None
+
+
+def _primary(tag: str) -> str:
+    return tag.split("-", 1)[0].lower()
+
+
 def requested_languages(summary: Summary) -> list[str]:
-    """Return primary language subtags from Content-Language, then Accept-Language by weight."""
+    """Return the language tags, in lower case, of Content-Language, then of Accept-Language by weight."""
     languages: list[str] = []
     for value in summary.header("content-language"):
         for tag in value.split(","):

@@ -228,8 +228,8 @@ async def test_acknowledgement_uses_requested_language(
     [
         ("", []),
         ("Content-Language: fr\r\n", ["fr"]),
-        ("Content-Language: en-GB, fr-CA\r\n", ["en", "fr"]),
-        ("Accept-Language: de-CH, de;q=0.9, en;q=0.5\r\n", ["de", "de", "en"]),
+        ("Content-Language: en-GB, fr-CA\r\n", ["en-gb", "fr-ca"]),
+        ("Accept-Language: de-CH, de;q=0.9, en;q=0.5\r\n", ["de-ch", "de", "en"]),
         ("Accept-Language: en;q=0.2, es;q=0.8, fr\r\n", ["fr", "es", "en"]),
         # Weight zero means "not acceptable", and malformed tags are skipped.
         ("Accept-Language: de;q=0, fr\r\n", ["fr"]),
@@ -255,6 +255,84 @@ def test_requested_languages_table(headers: str, languages: list[str]) -> None:
 )
 def test_choose_language_table(rules: RuleSet, team_name: str, headers: str, language: str) -> None:
     assert choose_language(summarize(message(extra_headers=headers)), rules.teams[team_name]) == language
+
+
+def regional_rules(languages: list[str], team_language: str) -> str:
+    """Return rules whose one team has a template "custom" in each of `languages`."""
+    templates = "".join(
+        f'''
+[[template]]
+name = "custom"
+language = "{language}"
+subject = "Received ({language}): {{subject}}"
+body = "Hello {{sender_name}}."
+plain_subject = "Received ({language})"
+plain_body = "Hello."
+'''
+        for language in languages
+    )
+    return templates + f'''
+[[team]]
+name = "support"
+destination = {{ maildir = "var/maildir/support" }}
+members = [{{ name = "Sam Ortiz", address = "sam@example.org" }}]
+template = "custom"
+language = "{team_language}"
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+'''
+
+
+PORTUGUESE = ("Pedido", "Olá, não recebi o meu pedido. Obrigado\r\n")
+
+
+@pytest.mark.parametrize(
+    ("languages", "team_language", "headers", "text", "language"),
+    [
+        # A regional tag finds the template of that region, and a more specific one finds it too (RFC 4647 lookup).
+        (["en", "pt-BR"], "en", "Content-Language: pt-BR\r\n", PRINTER, "pt-br"),
+        (["en", "pt-BR"], "en", "Accept-Language: pt-br-x-custom, en;q=0.5\r\n", PRINTER, "pt-br"),
+        (["en", "pt"], "en", "Content-Language: pt-BR\r\n", PRINTER, "pt"),
+        (["en", "zh-Hant"], "en", "Content-Language: zh-Hant-TW\r\n", PRINTER, "zh-hant"),
+        # A reader of the bare language gets one of its regional templates: the team's own if it is one.
+        (["en", "pt-BR", "pt-PT"], "en", "Content-Language: pt\r\n", PRINTER, "pt-br"),
+        (["en", "pt-BR", "pt-PT"], "pt-PT", "Content-Language: pt\r\n", PRINTER, "pt-pt"),
+        (["en", "pt-PT"], "en", "Accept-Language: pt-BR, en;q=0.5\r\n", PRINTER, "pt-pt"),
+        # The exact regional template comes before another region's.
+        (["en-GB", "en-US"], "en-GB", "Content-Language: en-US\r\n", PRINTER, "en-us"),
+        # Without a header, the language the text is written in, in that language's regional template.
+        (["en", "pt-BR"], "en", "", PORTUGUESE, "pt-br"),
+        (["en-GB", "pt-BR"], "pt-BR", "", PRINTER, "en-gb"),
+        # Nothing matches: the team's language.
+        (["en", "pt-BR"], "en", "Content-Language: de-CH\r\n", PRINTER, "en"),
+    ],
+)
+def test_regional_template_chosen(
+    tmp_path: Path, languages: list[str], team_language: str, headers: str, text: tuple[str, str], language: str
+) -> None:
+    team = load_rules(rules_folder(tmp_path, regional_rules(languages, team_language)), tmp_path).teams["support"]
+    summary = summarize(message(extra_headers=headers, subject=text[0], body=text[1]))
+
+    assert choose_language(summary, team, lambda: f"{summary.subject}\n{summary.body_text}") == language
+
+
+async def test_regional_template_acknowledged(tmp_path: Path, start_daemon) -> None:
+    rules = regional_rules(["en", "pt-BR"], "en")
+    daemon = await start_daemon(write_config(tmp_path, rules=rules), clock=ManualClock(ARRIVAL))
+
+    data = message(extra_headers="Content-Language: pt-BR\r\n", subject="Pedido")
+    await send(daemon.port, "alice@example.com", ["support@example.org"], data)
+    await settle(daemon, daemon.clock)
+    await wait_until(lambda: sent_acknowledgements(tmp_path), what="the acknowledgement")
+
+    ((_, ack),) = sent_acknowledgements(tmp_path)
+    assert ack["Content-Language"] == "pt-br"
+    assert subject(ack).startswith("Received (pt-BR): Pedido")
+    stored = await daemon.store.fetch_all("SELECT language FROM acknowledgements")
+    assert [row[0] for row in stored] == ["pt-br"]
 
 
 @pytest.mark.parametrize(
