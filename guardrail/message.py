@@ -73,10 +73,10 @@ LISTED_PART_TYPES = frozenset({
     "message/feedback-report",
     "text/calendar",
 })
+# Searched in a lower-cased copy: a case-insensitive search of the bytes took five times as long.
 _LISTED_PART = re.compile(
     rb"content-type:[ \t\r\n]*(?:multipart/report|message/(?:global-)?(?:delivery-status|disposition-notification)"
-    rb"|message/feedback-report|text/calendar)",
-    re.IGNORECASE,
+    rb"|message/feedback-report|text/calendar)"
 )
 # Parts of the message, not of one attached to it, are listed up to this many.
 MAX_LISTED_PARTS = 100
@@ -157,25 +157,27 @@ def summarize(raw: bytes, *, with_body: bool = True) -> Summary:
         # A message without a plain-text part is read through its HTML part.
         body_text=(_body_text(message) or _html_text(message)) if with_body else "",
         received_count=headers.count("received"),
-        part_types=listed_part_types(message if with_body else None, whole),
+        part_types=listed_part_types(message, whole, parsed_body=with_body),
     )
 
 
-def listed_part_types(message: Message | None, raw: bytes) -> tuple[str, ...]:
+def listed_part_types(message: Message, raw: bytes, *, parsed_body: bool = True) -> tuple[str, ...]:
     """Return the Content-Type values of the parts below the top level whose type is in LISTED_PART_TYPES.
 
     A delivery or read report may sit inside another multipart (RFC 6522
     section 3 lets it), and a meeting reply carries its text/calendar part
     beside a text one. Parts of an attached message (message/rfc822), such
     as a bounce that a person forwards, are not the message's own and are
-    skipped. `message` is the parsed message, or None when only its header
-    block was parsed. In that case the start of `raw` is parsed, but only
-    when it names one of those types.
+    skipped. `message` is the parsed message, or its header block alone
+    when not `parsed_body`. In that case the start of `raw` is parsed, but
+    only when the message is a multipart one and names one of those types.
     """
-    if message is None:
+    if not message.is_multipart() and message.get_content_maintype() != "multipart":
+        return ()  # a single part: any report or calendar type is the top-level one
+    if not parsed_body:
         end = raw.find(b"\r\n\r\n")
         head = raw[: end + 4 + PART_SCAN_LIMIT] if end >= 0 else b""
-        if not _LISTED_PART.search(head, end + 4 if end >= 0 else 0):
+        if not _LISTED_PART.search(head.lower(), end + 4 if end >= 0 else 0):
             return ()
         try:
             message = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(head)
