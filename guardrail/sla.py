@@ -10,6 +10,7 @@ what fell due while the daemon was down exactly once.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -17,6 +18,7 @@ import structlog
 
 from .clock import Clock
 from .config import ZombieSettings
+from .errors import StorageError
 from .escalation import DueConversation, EscalationPlan, Sender, plan_escalation
 from .metrics import Metrics
 from .rules import RuleSet
@@ -27,6 +29,9 @@ log = structlog.get_logger("guardrail.sla")
 
 # How long the loop sleeps when nothing is scheduled; new work wakes it sooner.
 IDLE_SLEEP = timedelta(days=1)
+# How long the loop waits before it tries again after a read or a commit
+# failed, such as while another program has the database's write lock.
+STORAGE_RETRY = timedelta(seconds=30)
 
 
 class EscalationScheduler:
@@ -65,9 +70,16 @@ class EscalationScheduler:
                 self.wake.clear()
                 self._sleeping_until = None
                 now = self._clock.now()
-                next_at = await self._store.next_escalation_due()
-                if next_at is not None and next_at <= now and await self.fire_due():
-                    continue
+                try:
+                    next_at = await self._store.next_escalation_due()
+                    if next_at is not None and next_at <= now and await self.fire_due():
+                        continue
+                except (StorageError, sqlite3.Error) as error:
+                    # Nothing was committed, so the due conversations stay due
+                    # and the next pass fires them.
+                    next_at = now + STORAGE_RETRY
+                    log.error("escalations_postponed", error=repr(error.__cause__ or error),
+                              retry_in_seconds=STORAGE_RETRY.total_seconds())
                 if next_at is None or next_at <= now:
                     next_at = now + IDLE_SLEEP
                 self._sleeping_until = next_at

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import case_file, maildir_messages, send, settle, wait_until, write_config
+from structlog.testing import capture_logs
 from webhook_receiver import webhook_receiver
 
 from guardrail.cli import build_parser, main
@@ -252,3 +253,41 @@ async def test_answer_command_on_machine_mail_changes_nothing(
     )
     with sqlite3.connect(daemon.config.database_path) as connection:
         assert connection.execute("SELECT state FROM conversations").fetchall() == [("no_reply_needed",)]
+
+
+async def test_locked_database_postpones_escalation(tmp_path: Path, start_daemon, webhook_secret: str) -> None:
+    message = case_file("escalation", "message.eml")
+    with webhook_receiver() as receiver:
+        config = write_config(
+            tmp_path, rules=facilities_rules(receiver.url), sections={"database": {"busy_timeout": "200ms"}},
+        )
+        clock = ManualClock(at("2025-11-17T10:00:00"))
+        daemon = await start_daemon(config, clock=clock)
+        await send(daemon.port, "alice@example.com", ["support@example.org"], message)
+        await settle(daemon, clock)
+        scheduler = daemon.scheduler
+        assert scheduler is not None
+
+        # Another program has the write lock when level 1 falls due.
+        blocker = sqlite3.connect(daemon.config.database_path, isolation_level=None, timeout=0)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            with capture_logs() as events:
+                await clock.set(at("2025-11-17T11:00:00"))
+                await wait_until(
+                    lambda: not scheduler.alive or any(event["event"] == "escalations_postponed" for event in events),
+                    what="the scheduler to fail to commit",
+                )
+        finally:
+            blocker.rollback()
+            blocker.close()
+        assert scheduler.alive
+        assert escalations_to(tmp_path, "duty-manager@example.org") == []
+
+        # The next try, once the lock is gone, fires the level once.
+        await clock.set(at("2025-11-17T11:01:00"))
+        await wait_until(lambda: receiver.requests, what="the webhook request")
+        await wait_until(lambda: escalations_to(tmp_path, "duty-manager@example.org"), what="the escalation mail")
+
+    assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
+    assert len(receiver.requests) == 1
