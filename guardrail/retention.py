@@ -10,11 +10,13 @@ does not shrink by itself.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from datetime import timedelta
 
 import structlog
 
 from .clock import Clock
+from .errors import StorageError
 from .store import Store
 from .store_batch import Emptied
 
@@ -40,7 +42,12 @@ class Retention:
         """Empty what is due now, then every RETENTION_EVERY, until cancelled."""
         while True:
             self.wake.clear()
-            emptied = await self.check()
+            try:
+                emptied = await self.check()
+            except (StorageError, sqlite3.Error) as error:
+                log.error("old_bytes_not_emptied", error=repr(error.__cause__ or error),
+                          retry_in_seconds=RETENTION_CATCH_UP.total_seconds())
+                emptied = Emptied(0, 0, True)
             pause = RETENTION_CATCH_UP if emptied.more else RETENTION_EVERY
             await self._clock.sleep_until(self._clock.now() + pause, self.wake)
 

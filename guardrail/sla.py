@@ -138,7 +138,12 @@ class ZombieWatch:
         """Check now, then every `check_every`, until cancelled."""
         while True:
             self.wake.clear()
-            await self.check()
+            try:
+                await self.check()
+            except (StorageError, sqlite3.Error) as error:
+                # The routes stay unalarmed, so the next check raises their alarms.
+                log.error("zombie_check_failed", error=repr(error.__cause__ or error),
+                          retry_in_seconds=self._settings.check_every.total_seconds())
             await self._clock.sleep_until(self._clock.now() + self._settings.check_every, self.wake)
 
     async def check(self) -> list[ZombieAlarm]:

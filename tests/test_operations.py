@@ -27,8 +27,10 @@ from conftest import (
     message,
     send,
     settle,
+    wait_until,
     write_config,
 )
+from structlog.testing import capture_logs
 
 from guardrail.cli import main
 from guardrail.clock import ManualClock
@@ -778,6 +780,44 @@ async def test_zombie_alarm_stops_once_answered(tmp_path: Path, start_daemon) ->
         await send(daemon.port, "sam@example.org", ["support@example.org"], reply)
     await advance_hours(daemon, clock, 5)
     assert alarms(tmp_path) == []
+
+
+
+async def test_zombie_and_retention_outlive_locked_database(tmp_path: Path, start_daemon) -> None:
+    config = write_config(tmp_path, rules=ZOMBIE_RULES, sections={
+        "zombie": {"check_every": "1h", "conversations": 3, "min_answered_share": 0.5, "silent_business_hours": "48h", "period": "1d"},
+        "database": {"busy_timeout": "200ms", "keep_bodies": "180d"},
+    })
+    clock = ManualClock(at("2025-11-03T08:00:00"))
+    daemon = await start_daemon(config, clock=clock)
+    await customers_write(daemon, clock, 3, "z")
+    assert daemon.zombies is not None
+    assert daemon.retention is not None
+    tasks = {task.get_name(): task for task in asyncio.all_tasks()}
+    zombie_task = tasks["guardrail-zombie-routes"]
+    retention_task = tasks["guardrail-retention"]
+
+    # Both loops try to commit while another program has the write lock.
+    blocker = sqlite3.connect(daemon.config.database_path, isolation_level=None, timeout=0)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with capture_logs() as events:
+            await clock.advance(timedelta(hours=30))
+            failures = ("zombie_check_failed", "old_bytes_not_emptied")
+            await wait_until(
+                lambda: zombie_task.done() or retention_task.done() or {event["event"] for event in events} >= set(failures),
+                what="both loops to fail to commit",
+            )
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert not zombie_task.done()
+    assert not retention_task.done()
+    assert alarms(tmp_path) == []
+
+    # The next check, once the lock is gone, raises the alarm.
+    await advance_hours(daemon, clock, 1)
+    assert len(alarms(tmp_path)) == 1
 
 
 def wait_for_pid(pid_path: Path, process: subprocess.Popen[bytes]) -> None:
