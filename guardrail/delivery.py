@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -22,7 +22,12 @@ import tenacity
 
 from .clock import Clock
 from .config import Config
-from .errors import PermanentDeliveryError, StorageError, TemporaryDeliveryError
+from .errors import (
+    PartialDeliveryError,
+    PermanentDeliveryError,
+    StorageError,
+    TemporaryDeliveryError,
+)
 from .escalation import decode_fallback
 from .loops import LOOP_HEADER
 from .maildir import write_maildirs
@@ -158,7 +163,9 @@ class Transport:
                         await client.ehlo()
                     if client.supports_extension("8BITMIME"):
                         mail_options.append("BODY=8BITMIME")
-                await client.sendmail(envelope.sender, list(envelope.recipients), data, mail_options=mail_options)
+                # sendmail raises only when every recipient is rejected. Otherwise it
+                # returns the rejected ones, which have not got the message.
+                refused, _ = await client.sendmail(envelope.sender, list(envelope.recipients), data, mail_options=mail_options)
         except aiosmtplib.SMTPNotSupported as error:
             raise PermanentDeliveryError(
                 f"smarthost {smarthost.host}:{smarthost.port} does not offer SMTPUTF8, which a non-ASCII address needs; "
@@ -180,6 +187,11 @@ class Transport:
             raise TemporaryDeliveryError(text) from error
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
             raise TemporaryDeliveryError(f"smarthost {smarthost.host}:{smarthost.port} unreachable: {error!r}") from error
+        if refused:
+            deferred = tuple(address for address, reply in refused.items() if reply.code < 500)
+            rejected = tuple(address for address, reply in refused.items() if reply.code >= 500)
+            message = "; ".join(f"{address}: {reply.code} {reply.message}" for address, reply in refused.items())
+            raise PartialDeliveryError(f"smarthost accepted the message for some recipients and rejected {message}", deferred, rejected)
 
 
 def maildir_name(row: OutboxRow, hostname: str) -> str:
@@ -327,6 +339,8 @@ class DeliveryWorker:
             await self._deliver(row)
         except PermanentDeliveryError as error:
             result = self._failed(row, attempts, str(error))
+        except PartialDeliveryError as error:
+            result = self._partial(row, attempts, error)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - anything unexpected is retried, never dropped
@@ -404,6 +418,16 @@ class DeliveryWorker:
             log.error("delivery_failed", error=error, attempts=attempts)
         return AttemptResult(row.id, row.conversation_id, row.message_row, self._clock.now(), "failed", attempts,
                              error=error, kind=row.kind, fallback=fallback)
+
+    def _partial(self, row: OutboxRow, attempts: int, error: PartialDeliveryError) -> AttemptResult:
+        """Return the result of an attempt that reached some recipients: the next attempt goes to the deferred ones only."""
+        if error.deferred:
+            return replace(self._retry_or_give_up(row, attempts, error), recipients=error.deferred)
+        # Every recipient that can get the message has it.
+        self._metrics.delivery_failures.labels(row.kind, "yes").inc()
+        log.error("delivery_failed", error=str(error), attempts=attempts, rejected=list(error.rejected))
+        return AttemptResult(row.id, row.conversation_id, row.message_row, self._clock.now(), "done", attempts,
+                             error=str(error), kind=row.kind)
 
     def _retry_or_give_up(self, row: OutboxRow, attempts: int, error: Exception) -> AttemptResult:
         now = self._clock.now()

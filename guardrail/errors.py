@@ -8,6 +8,7 @@
     │       └── DatabaseLockedError  another process held the database's lock past the busy timeout
     └── DeliveryError            a destination did not take a message
         ├── TemporaryDeliveryError   retry later (4xx, refused, timed out)
+        │   └── PartialDeliveryError some recipients accepted, others rejected
         └── PermanentDeliveryError   never retry (5xx, bad destination)
 
 Retries depend on the exception type, never on its text.
@@ -70,6 +71,19 @@ class DeliveryError(GuardrailError):
 
 class TemporaryDeliveryError(DeliveryError):
     """A delivery attempt failed in a way that may succeed later."""
+
+
+class PartialDeliveryError(TemporaryDeliveryError):
+    """The smarthost accepted the message for some recipients and rejected others.
+
+    `deferred` are the recipients rejected with a 4xx reply, which are tried
+    again. `rejected` are those rejected with a 5xx reply, which are not.
+    """
+
+    def __init__(self, message: str, deferred: tuple[str, ...], rejected: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.deferred = deferred
+        self.rejected = rejected
 
 
 class PermanentDeliveryError(DeliveryError):

@@ -225,6 +225,8 @@ class AttemptResult:
     error: str = ""
     kind: str = "deliver"
     fallback: dict[str, Any] | None = None  # a mail to queue because this attempt failed
+    # The recipients left for the next attempt, when the smarthost accepted the message for the others.
+    recipients: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -505,6 +507,8 @@ class BatchWriter:
             next_at = format_instant(result.next_attempt_at) if result.next_attempt_at else at
             done_at = at if result.state != "pending" else None
             self.rows["outbox_updates"].append((result.state, result.attempts, next_at, done_at, result.error or None, result.outbox_id))
+            if result.recipients is not None:
+                self.rows["outbox_recipients"].append((json.dumps(list(result.recipients)), result.outbox_id))
             kind = {"done": "delivered", "pending": "delivery_deferred", "failed": "delivery_failed"}[result.state]
             detail: dict[str, Any] = {"outbox_id": result.outbox_id, "kind": result.kind, "attempts": result.attempts}
             if result.error:
@@ -824,6 +828,7 @@ _STATEMENTS = {
     "outbox_updates": (
         "UPDATE outbox SET state = ?, attempts = ?, next_attempt_at = ?, done_at = ?, last_error = ? WHERE id = ?"
     ),
+    "outbox_recipients": "UPDATE outbox SET target = json_set(target, '$.addresses', json(?)) WHERE id = ?",
     # A permanent delivery failure escalates at once, unless the conversation
     # was already escalated as unstaffed or is answered. A conversation that
     # needed no reply becomes open, because someone must now act on it.

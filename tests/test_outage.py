@@ -6,14 +6,17 @@ the clock rather than after real waiting.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from aiosmtpd.smtp import SMTP
 from conftest import (
     SMTP_RULES,
     Sink,
+    SinkHandler,
     free_port,
     message,
     send,
@@ -21,6 +24,7 @@ from conftest import (
     wait_until,
     write_config,
 )
+from structlog.testing import capture_logs
 
 from guardrail.clock import ManualClock, parse_instant
 from guardrail.daemon import Daemon
@@ -188,3 +192,75 @@ async def test_give_up_after_marks_failed(tmp_path: Path, start_daemon) -> None:
 
     assert await delivery_failed_flags(daemon) == [1]
     assert [kind for kind, _ in await delivery_events(daemon)] == ["delivery_deferred", "delivery_failed"]
+
+
+# The support team's mail goes to two addresses at the smarthost.
+TWO_ADDRESS_RULES = SMTP_RULES.replace('["team@example.net"]', '["team@example.net", "second@example.net"]')
+
+
+class RejectSecondRecipient(SinkHandler):
+    """A sink that answers `rcpt_reply` to RCPT TO second@example.net while it is set, and accepts every other recipient."""
+
+    rcpt_reply: str | None = "450 4.2.1 mailbox busy, try later"
+
+    async def handle_RCPT(self, server, session, envelope, address: str, rcpt_options: list[str]) -> str:
+        if self.rcpt_reply is not None and address == "second@example.net":
+            return self.rcpt_reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+
+async def start_rejecting_sink() -> tuple[Sink, RejectSecondRecipient]:
+    handler = RejectSecondRecipient()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTP(handler, hostname="sink.test.example", loop=loop), "127.0.0.1", 0)
+    return Sink(handler, server), handler
+
+
+async def test_deferred_recipient_retried_alone(tmp_path: Path, start_daemon) -> None:
+    sink, handler = await start_rejecting_sink()
+    try:
+        config = write_config(tmp_path, rules=TWO_ADDRESS_RULES, sections={
+            "smarthost": {"host": "127.0.0.1", "port": sink.port, "starttls": False, "timeout": "10s"},
+            "delivery": {"retry_initial": "30s", "retry_max": "5m"},
+        })
+        clock = ManualClock(START)
+        daemon = await start_daemon(config, clock)
+
+        await send(daemon.port, "alice@example.com", ["support@example.org"], message())
+        deferred = await wait_for_row(daemon, "pending", 1)
+        assert len(sink.to("team@example.net")) == 1
+        assert sink.to("second@example.net") == []
+
+        handler.rcpt_reply = None
+        await clock.set(deferred.next_attempt_at + timedelta(seconds=1))
+        await wait_for_row(daemon, "done", 2)
+    finally:
+        await close_sink(sink)
+
+    assert len(sink.to("team@example.net")) == 1
+    assert [received.rcpt_tos for received in sink.to("second@example.net")] == [["second@example.net"]]
+    assert sink.to("second@example.net")[0].content.endswith(message())
+    assert [kind for kind, _ in await delivery_events(daemon)] == ["delivery_deferred", "delivered"]
+    assert await delivery_failed_flags(daemon) == [0]
+
+
+async def test_rejected_recipient_not_retried(tmp_path: Path, start_daemon) -> None:
+    sink, handler = await start_rejecting_sink()
+    try:
+        config = write_config(tmp_path, rules=TWO_ADDRESS_RULES, sections={
+            "smarthost": {"host": "127.0.0.1", "port": sink.port, "starttls": False, "timeout": "10s"},
+        })
+        daemon = await start_daemon(config, ManualClock(START))
+        with capture_logs() as logs:
+            handler.rcpt_reply = "550 5.1.1 no such user"
+            await send(daemon.port, "alice@example.com", ["support@example.org"], message())
+            await wait_for_row(daemon, "done", 1)
+    finally:
+        await close_sink(sink)
+
+    assert len(sink.to("team@example.net")) == 1
+    [(kind, detail)] = await delivery_events(daemon)
+    assert kind == "delivered"
+    assert "second@example.net: 550" in str(detail["error"])
+    assert [entry["rejected"] for entry in logs if entry["event"] == "delivery_failed"] == [["second@example.net"]]
