@@ -539,9 +539,13 @@ class BatchWriter:
                 for row in cursor.fetchall()
             ]
         at = format_instant(now)
+        # The query above does not see this transaction's unwritten rows. A
+        # conversation answered in it gets no escalation, and one whose
+        # delivery failed in it is escalated for that failure on the next pass.
+        settled = {row[-1] for row in self.rows["answers"]} | {row[-1] for row in self.rows["failed_conversations"]}
         for conversation in due:
             # Two runs in one transaction must not escalate the same level twice.
-            if conversation.id in self._escalated:
+            if conversation.id in self._escalated or conversation.id in settled:
                 continue
             self._escalated.add(conversation.id)
             plan = planner(conversation)

@@ -9,6 +9,7 @@ import hmac
 import json
 import shlex
 import sqlite3
+from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from email.message import Message
 from pathlib import Path
@@ -19,8 +20,11 @@ from structlog.testing import capture_logs
 from webhook_receiver import webhook_receiver
 
 from guardrail.cli import build_parser, main
-from guardrail.clock import ManualClock
+from guardrail.clock import ManualClock, format_instant
+from guardrail.committer import Committer, EscalationRun
 from guardrail.daemon import answer_command
+from guardrail.escalation import Sender, plan_escalation
+from guardrail.store_batch import AttemptResult, ManualAnswer, StoreSettings
 
 SECRET = "test-webhook-secret"
 
@@ -291,3 +295,52 @@ async def test_locked_database_postpones_escalation(tmp_path: Path, start_daemon
 
     assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
     assert len(receiver.requests) == 1
+
+
+async def stored_past_deadline(tmp_path: Path, start_daemon) -> tuple[Path, Committer, EscalationRun]:
+    """Store one conversation past its 11:00 deadline, stop the daemon, and return its database, a committer and a due run."""
+    config = write_config(tmp_path, rules=facilities_rules("http://127.0.0.1:9/escalate"))
+    clock = ManualClock(at("2025-11-17T10:00:00"))
+    daemon = await start_daemon(config, clock=clock)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], case_file("escalation", "message.eml"))
+    await settle(daemon, clock)
+    await daemon.stop()
+    database = daemon.config.database_path
+    now = at("2025-11-17T11:00:00")
+    sender = Sender("mx.test.example", "guardrail@mx.test.example", "guardrail answer")
+    run = EscalationRun(now, lambda conversation: plan_escalation(conversation, daemon.rules, now, sender))
+    return database, Committer(database, StoreSettings()), run
+
+
+async def test_answer_beside_escalation_stops_it(tmp_path: Path, start_daemon) -> None:
+    database, committer, run = await stored_past_deadline(tmp_path, start_daemon)
+    try:
+        # One transaction contains the answer and the run that finds the level due.
+        committer.commit([ManualAnswer(1, "manual:carol", run.now), run])
+    finally:
+        committer.close()
+
+    with closing(sqlite3.connect(database)) as connection:
+        assert connection.execute("SELECT state, escalation_level FROM conversations").fetchall() == [("answered", 0)]
+        assert connection.execute("SELECT COUNT(*) FROM events WHERE kind = 'escalated'").fetchone() == (0,)
+        assert connection.execute("SELECT COUNT(*) FROM outbox WHERE kind = 'webhook'").fetchone() == (0,)
+
+
+async def test_failed_delivery_beside_escalation_escalates(tmp_path: Path, start_daemon) -> None:
+    database, committer, run = await stored_past_deadline(tmp_path, start_daemon)
+    failure = AttemptResult(1, 1, 1, run.now, "failed", 1, error="smarthost replied 550 no such user", kind="deliver")
+    try:
+        # One transaction contains the failed delivery and the run that finds the level due.
+        committer.commit([failure, run])
+        after_failure = committer.db.execute("SELECT next_escalation_at FROM conversations").fetchone()
+        committer.commit([run])
+    finally:
+        committer.close()
+
+    assert after_failure == (format_instant(run.now),)
+    with closing(sqlite3.connect(database)) as connection:
+        details = [json.loads(detail) for (detail,) in connection.execute("SELECT detail FROM events WHERE kind = 'escalated'")]
+        payloads = [bytes(payload) for (payload,) in connection.execute("SELECT payload FROM outbox WHERE target LIKE '%escalation%'")]
+    assert [detail["level"] for detail in details] == ["unstaffed"]
+    assert len(payloads) == 1
+    assert b"Delivery failed" in payloads[0]
