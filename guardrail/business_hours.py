@@ -68,11 +68,30 @@ def utc_calendar(name: str = "always") -> Calendar:
 
 
 def _local_instant(day: date, minutes: int, zone: ZoneInfo) -> datetime:
+    """Return the UTC instant at which local clocks in `zone` show `minutes` after midnight of `day`.
+
+    A time that the clocks skip when they move forward (a daylight-saving
+    gap) is reached at the change itself, when the clocks jump past it.
+    """
     local = datetime.combine(day + timedelta(days=minutes // 1440), time(0), tzinfo=zone)
     # Add wall-clock minutes on the local date, then convert: zoneinfo picks
     # the offset in force at that local time, per date.
     wall = local.replace(hour=(minutes % 1440) // 60, minute=minutes % 60)
-    return wall.astimezone(timezone.utc)
+    instant = wall.astimezone(timezone.utc)
+    naive = wall.replace(tzinfo=None)
+    if instant.astimezone(zone).replace(tzinfo=None) == naive:
+        return instant
+    # In a gap, zoneinfo converts with the offset from before the change
+    # (fold=0) or after it (fold=1). The change lies between the two
+    # instants, at the first second whose local time is not before `wall`.
+    low, high = sorted(int(wall.replace(fold=fold).timestamp()) for fold in (0, 1))
+    while high - low > 1:
+        middle = (low + high) // 2
+        if datetime.fromtimestamp(middle, zone).replace(tzinfo=None) >= naive:
+            high = middle
+        else:
+            low = middle
+    return datetime.fromtimestamp(high, timezone.utc)
 
 
 @lru_cache(maxsize=4096)

@@ -16,6 +16,8 @@ from guardrail.business_hours import (
 )
 
 PARIS = ZoneInfo("Europe/Paris")
+SANTIAGO = ZoneInfo("America/Santiago")
+LORD_HOWE = ZoneInfo("Australia/Lord_Howe")
 
 
 def weekly(days: dict[str, list[str]]) -> tuple[tuple[Window, ...], ...]:
@@ -29,6 +31,12 @@ ALWAYS_PARIS = Calendar("always", PARIS, ALWAYS_OPEN)
 NIGHTDESK = Calendar("nightdesk", PARIS, weekly({day: ["22:00-06:00"] for day in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}))
 WEEKNIGHTS = Calendar("weeknights", PARIS, weekly({day: ["22:00-06:00"] for day in ("mon", "tue", "wed", "thu", "fri")}))
 FULLDAY = Calendar("fullday", PARIS, weekly({day: ["00:00-24:00"] for day in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}))
+# Windows whose edges fall in a daylight-saving gap: local clocks skip
+# 00:00-00:59 in Santiago on 2025-09-07, 02:00-02:59 in Paris on 2025-03-30,
+# and 02:00-02:29 on Lord Howe Island on 2025-10-05.
+SANTIAGO_SUNDAY = Calendar("santiago", SANTIAGO, weekly({"sun": ["00:30-09:30"]}))
+PARIS_SATURDAY_NIGHT = Calendar("paris-night", PARIS, weekly({"sat": ["22:00-02:30"]}))
+LORD_HOWE_SUNDAY = Calendar("lord-howe", LORD_HOWE, weekly({"sun": ["02:15-03:00"]}))
 
 
 def utc(text: str) -> datetime:
@@ -60,9 +68,19 @@ def utc(text: str) -> datetime:
         (WEEKNIGHTS, "2025-11-29T11:00:00Z", 2, "2025-12-01T23:00:00Z"),
         # 00:00-24:00 every day has no gap at midnight.
         (FULLDAY, "2025-11-27T22:30:00Z", 1, "2025-11-27T23:30:00Z"),
+        # A window that opens at a skipped time opens when the clocks jump
+        # past it: 04:00Z, when 00:00 -04 becomes 01:00 -03.
+        (SANTIAGO_SUNDAY, "2025-09-06T12:00:00Z", 1, "2025-09-07T05:00:00Z"),
+        # One that closes at a skipped time closes then too: 22:00 CET to the
+        # change at 01:00Z is 4 hours, and the fifth starts a week later, at
+        # 22:00 CEST.
+        (PARIS_SATURDAY_NIGHT, "2025-03-29T20:00:00Z", 5, "2025-04-05T21:00:00Z"),
+        # A half-hour change: 02:15 is skipped, so the window runs from the
+        # change at 15:30Z (02:00 +10:30, which becomes 02:30 +11) to 03:00 +11.
+        (LORD_HOWE_SUNDAY, "2025-10-04T12:00:00Z", 0.5, "2025-10-04T16:00:00Z"),
     ],
 )
-def test_deadline_table(calendar: Calendar, arrival: str, hours: int, deadline: str) -> None:
+def test_deadline_table(calendar: Calendar, arrival: str, hours: float, deadline: str) -> None:
     assert add_business_time(utc(arrival), timedelta(hours=hours), calendar) == utc(deadline)
 
 
