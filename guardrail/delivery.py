@@ -176,7 +176,14 @@ class Transport:
             message = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in error.recipients)
             if all(code >= 500 for code in codes):
                 raise PermanentDeliveryError(f"smarthost rejected every recipient: {message}") from error
-            raise TemporaryDeliveryError(f"smarthost deferred recipients: {message}") from error
+            if all(code < 500 for code in codes):
+                raise TemporaryDeliveryError(f"smarthost deferred recipients: {message}") from error
+            # Retrying the ones rejected for good would only repeat their rejection until give_up_after.
+            deferred = tuple(r.recipient for r in error.recipients if r.code < 500)
+            rejected = tuple(r.recipient for r in error.recipients if r.code >= 500)
+            raise PartialDeliveryError(
+                f"smarthost deferred some recipients and rejected the others for good: {message}", deferred, rejected
+            ) from error
         except aiosmtplib.SMTPAuthenticationError as error:
             # A credentials problem is ours to fix, not the destination's: keep the mail queued.
             raise TemporaryDeliveryError(f"smarthost authentication failed: {error.code} {error.message}") from error

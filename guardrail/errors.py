@@ -74,7 +74,7 @@ class TemporaryDeliveryError(DeliveryError):
 
 
 class PartialDeliveryError(TemporaryDeliveryError):
-    """The smarthost accepted the message for some recipients and rejected others.
+    """The smarthost rejected some recipients, and accepted or deferred the others.
 
     `deferred` are the recipients rejected with a 4xx reply, which are tried
     again. `rejected` are those rejected with a 5xx reply, which are not.

@@ -264,3 +264,54 @@ async def test_rejected_recipient_not_retried(tmp_path: Path, start_daemon) -> N
     assert kind == "delivered"
     assert "second@example.net: 550" in str(detail["error"])
     assert [entry["rejected"] for entry in logs if entry["event"] == "delivery_failed"] == [["second@example.net"]]
+
+
+class DeferSecondRejectFirst(SinkHandler):
+    """A sink that rejects team@example.net for good and defers second@example.net until `defer` is cleared."""
+
+    defer = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []  # every RCPT TO address, in order
+
+    async def handle_RCPT(self, server, session, envelope, address: str, rcpt_options: list[str]) -> str:
+        self.asked.append(address)
+        if address == "team@example.net":
+            return "550 5.1.1 no such user"
+        if self.defer:
+            return "450 4.2.1 mailbox busy, try later"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+
+async def test_mixed_refusals_retry_deferred_only(tmp_path: Path, start_daemon) -> None:
+    handler = DeferSecondRejectFirst()
+    loop = asyncio.get_running_loop()
+    sink = Sink(handler, await loop.create_server(lambda: SMTP(handler, hostname="sink.test.example", loop=loop), "127.0.0.1", 0))
+    try:
+        config = write_config(tmp_path, rules=TWO_ADDRESS_RULES, sections={
+            "smarthost": {"host": "127.0.0.1", "port": sink.port, "starttls": False, "timeout": "10s"},
+            "delivery": {"retry_initial": "30s", "retry_max": "5m"},
+        })
+        clock = ManualClock(START)
+        daemon = await start_daemon(config, clock)
+
+        # Every recipient is refused: one for good, one for now.
+        await send(daemon.port, "alice@example.com", ["support@example.org"], message())
+        deferred = await wait_for_row(daemon, "pending", 1)
+        assert sink.messages == []
+
+        handler.defer = False
+        await clock.set(deferred.next_attempt_at + timedelta(seconds=1))
+        await wait_for_row(daemon, "done", 2)
+    finally:
+        await close_sink(sink)
+
+    # The second attempt names only the deferred recipient, and nothing is retried after it.
+    assert [address for address in handler.asked if address.endswith("@example.net")] == [
+        "team@example.net", "second@example.net", "second@example.net",
+    ]
+    assert [received.rcpt_tos for received in sink.to("second@example.net")] == [["second@example.net"]]
+    assert sink.to("team@example.net") == []
+    assert [kind for kind, _ in await delivery_events(daemon)] == ["delivery_deferred", "delivered"]
