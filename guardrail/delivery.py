@@ -420,7 +420,11 @@ class DeliveryWorker:
             log.error("escalation_failed", error=error, attempts=attempts, channel="webhook",
                       fallback="escalation mail" if fallback else "none (the level's mail was sent)")
         elif purpose == "escalation":
-            log.error("escalation_failed", error=error, attempts=attempts, channel="mail")
+            mail = decode_fallback(row.target.get("fallback"))
+            if mail is not None:
+                fallback = {"target": {"kind": "smtp", "addresses": list(mail.recipients), "purpose": "escalation"}, "payload": mail.data}
+            log.error("escalation_failed", error=error, attempts=attempts, channel="mail",
+                      fallback=f"escalation mail to {', '.join(mail.recipients)}" if mail else "none (nobody else to tell)")
         else:
             log.error("delivery_failed", error=error, attempts=attempts)
         return AttemptResult(row.id, row.conversation_id, row.message_row, self._clock.now(), "failed", attempts,

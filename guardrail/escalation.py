@@ -54,6 +54,8 @@ class DueConversation:
 class QueuedMail:
     recipients: tuple[str, ...]
     data: bytes
+    # The mail to send in its place if it fails for good, or None when there is no one else to send it to.
+    fallback: QueuedMail | None = None
 
 
 @dataclass(frozen=True)
@@ -120,9 +122,23 @@ def _plan_unstaffed(conversation: DueConversation, team: Team | None, rules: Rul
     title, text = _at_once_wording(conversation)
     subject = f"[{conversation.reference}] {title}: team {conversation.team}: {one_line(conversation.subject)}"
     data = escalation_mail(conversation, contact, subject, text, now, sender)
-    plan.mails.append(QueuedMail((contact.address,), data))
+    fallback = _redirected(conversation, contact, rules.fallback, subject, text, now, sender)
+    plan.mails.append(QueuedMail((contact.address,), data, fallback))
     plan.events.append({"kind": "escalated", "level": "unstaffed", "to": contact.address, "reason": conversation.reason})
     return plan
+
+
+def _redirected(
+    conversation: DueConversation, human: Human, other: Human | None, subject: str, text: str, now: datetime, sender: Sender,
+) -> QueuedMail | None:
+    """Return the mail for `other` to send in place of the mail to `human` if that one fails for good, or None.
+
+    None when there is no one else: `other` is missing or has the same address.
+    """
+    if other is None or other.address.lower() == human.address.lower():
+        return None
+    note = f"The escalation mail to {human.name} <{human.address}> could not be delivered, so it comes to you."
+    return QueuedMail((other.address,), escalation_mail(conversation, other, subject, f"{note}\n\n{text}", now, sender))
 
 
 def _at_once_wording(conversation: DueConversation) -> tuple[str, str]:
@@ -156,7 +172,8 @@ def _add_level(
     event: dict[str, object] = {"kind": "escalated", "level": number, "late_seconds": int(late.total_seconds())}
     mail = None
     if level.human is not None:
-        mail = QueuedMail((level.human.address,), escalation_mail(conversation, level.human, subject, text, now, sender))
+        fallback = _redirected(conversation, level.human, contact, subject, text, now, sender)
+        mail = QueuedMail((level.human.address,), escalation_mail(conversation, level.human, subject, text, now, sender), fallback)
         plan.mails.append(mail)
         event["to"] = level.human.address
     if level.webhook is not None:

@@ -551,6 +551,8 @@ class BatchWriter:
             plan = planner(conversation)
             for mail in plan.mails:
                 target = {"kind": "smtp", "addresses": list(mail.recipients), "purpose": "escalation"}
+                if mail.fallback is not None:
+                    target["fallback"] = encode_fallback(mail.fallback)
                 self._outbox("mail", conversation.id, None, target, mail.data, at)
             for webhook in plan.webhooks:
                 target = {
@@ -636,15 +638,14 @@ class BatchWriter:
         )
         outbox, more_outbox = self._visit(
             "outbox",
-            "SELECT id, created_at, payload IS NOT NULL OR (kind = 'webhook' AND json_extract(target, '$.fallback') IS NOT NULL),"
+            "SELECT id, created_at, payload IS NOT NULL OR json_extract(target, '$.fallback') IS NOT NULL,"
             " state = 'pending' FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
             cutoff, limit, set(),
         )
         self.db.executemany("UPDATE messages SET raw = x'' WHERE id = ?", [(row,) for row in messages])
-        # A webhook row keeps, inside its target, the mail to send if the webhook fails.
+        # A webhook or escalation mail row keeps, inside its target, the mail to send if it fails.
         self.db.executemany(
-            "UPDATE outbox SET payload = NULL, target = CASE WHEN kind = 'webhook' THEN json_remove(target, '$.fallback')"
-            " ELSE target END WHERE id = ?",
+            "UPDATE outbox SET payload = NULL, target = json_remove(target, '$.fallback') WHERE id = ?",
             [(row,) for row in outbox],
         )
         return Emptied(len(messages), len(outbox), more_messages or more_outbox)

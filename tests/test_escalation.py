@@ -15,7 +15,17 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
-from conftest import case_file, maildir_messages, send, settle, wait_until, write_config
+from aiosmtpd.smtp import SMTP
+from conftest import (
+    Sink,
+    SinkHandler,
+    case_file,
+    maildir_messages,
+    send,
+    settle,
+    wait_until,
+    write_config,
+)
 from structlog.testing import capture_logs
 from webhook_receiver import webhook_receiver
 
@@ -344,3 +354,67 @@ async def test_failed_delivery_beside_escalation_escalates(tmp_path: Path, start
     assert [detail["level"] for detail in details] == ["unstaffed"]
     assert len(payloads) == 1
     assert b"Delivery failed" in payloads[0]
+
+
+class RejectDutyManager(SinkHandler):
+    """A smarthost that rejects duty-manager@example.org for good and accepts everyone else."""
+
+    async def handle_RCPT(self, server, session, envelope, address: str, rcpt_options: list[str]) -> str:
+        if address == "duty-manager@example.org":
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+
+LEAD_RULES = """
+[[calendar]]
+name = "always"
+timezone = "UTC"
+hours = "24x7"
+
+[[team]]
+name = "facilities"
+destination = { maildir = "var/maildir/facilities" }
+members = [{ name = "Carol Tech", address = "carol@example.org" }]
+calendar = "always"
+first_response = "1h"
+escalation_contact = { name = "Lee Lead", address = "lead@example.org" }
+escalation = [{ after = "0m", name = "Dana Duty", address = "duty-manager@example.org" }]
+
+[[route]]
+name = "default"
+team = "facilities"
+default = true
+"""
+
+
+async def test_rejected_escalation_mail_goes_to_contact(tmp_path: Path, start_daemon) -> None:
+    handler = RejectDutyManager()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTP(handler, hostname="sink.test.example", loop=loop), "127.0.0.1", 0)
+    sink = Sink(handler, server)
+    try:
+        config = write_config(tmp_path, rules=LEAD_RULES, sections={
+            "smarthost": {"host": "127.0.0.1", "port": sink.port, "starttls": False, "timeout": "10s"},
+        })
+        clock = ManualClock(at("2025-11-17T10:00:00"))
+        daemon = await start_daemon(config, clock=clock)
+        await send(daemon.port, "alice@example.com", ["support@example.org"], case_file("escalation", "message.eml"))
+        await settle(daemon, clock)
+        with capture_logs() as logs:
+            await advance_in_ticks(daemon, clock, at("2025-11-17T11:05:00"))
+            await wait_until(lambda: sink.to("lead@example.org"), what="the escalation mail to the team's contact")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    [redirected] = [email.message_from_bytes(received.content) for received in sink.to("lead@example.org")]
+    body = redirected.get_payload(decode=True).decode()
+    assert "could not be delivered" in body
+    assert "Dana Duty <duty-manager@example.org>" in body
+    assert redirected["Subject"].startswith("[GR-")
+    # The person who could not be reached gets nothing, and nobody gets a second copy.
+    assert sink.to("duty-manager@example.org") == []
+    assert len(sink.to("lead@example.org")) == 1
+    [failed] = [entry for entry in logs if entry["event"] == "escalation_failed"]
+    assert failed["fallback"] == "escalation mail to lead@example.org"

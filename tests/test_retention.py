@@ -129,23 +129,29 @@ async def test_cutoff_and_batches(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_webhook_fallback_mail_emptied(tmp_path: Path) -> None:
-    # A webhook row keeps, inside its target, the mail to send if the webhook fails.
+async def test_fallback_mails_emptied(tmp_path: Path) -> None:
+    # A webhook or escalation mail row keeps, inside its target, the mail to send if it fails.
     database = tmp_path / "store.db"
     store = await Store.open(database)
     try:
         with sqlite3.connect(database) as connection:
-            connection.execute(
-                "INSERT INTO outbox (id, kind, target, payload, state, created_at, next_attempt_at) VALUES"
-                " (1, 'webhook', '{\"url\": \"http://127.0.0.1:9/hook\", \"fallback\": \"U3ViamVjdA==\"}', x'7b7d', 'done', ?, ?)",
-                (format_instant(NOW), format_instant(NOW)),
+            connection.executemany(
+                "INSERT INTO outbox (id, kind, target, payload, state, created_at, next_attempt_at) VALUES (?, ?, ?, ?, 'done', ?, ?)",
+                [
+                    (1, "webhook", '{"url": "http://127.0.0.1:9/hook", "fallback": "U3ViamVjdA=="}', b"{}", format_instant(NOW), format_instant(NOW)),
+                    (2, "mail", '{"addresses": ["a@example.org"], "fallback": {"addresses": ["b@example.org"], "payload": "U3ViamVjdA=="}}',
+                     b"Subject: x", format_instant(NOW), format_instant(NOW)),
+                ],
             )
         emptied = await store.empty_old_bytes(NOW + timedelta(days=1))
     finally:
         await store.close()
 
-    assert emptied.outbox == 1
-    assert rows(database, "SELECT target, payload FROM outbox") == [('{"url":"http://127.0.0.1:9/hook"}', None)]
+    assert emptied.outbox == 2
+    assert rows(database, "SELECT target, payload FROM outbox ORDER BY id") == [
+        ('{"url":"http://127.0.0.1:9/hook"}', None),
+        ('{"addresses":["a@example.org"]}', None),
+    ]
 
 
 async def test_row_dated_ahead_holds_nothing_back(tmp_path: Path) -> None:
