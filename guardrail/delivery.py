@@ -412,17 +412,15 @@ class DeliveryWorker:
         self._metrics.delivery_failures.labels(row.kind, "yes").inc()
         if row.kind == "webhook":
             self._metrics.webhook_failures.inc()
+        # A webhook or an escalation mail may carry the mail to send in its place.
+        mail = decode_fallback(row.target.get("fallback")) if row.kind == "webhook" or purpose == "escalation" else None
         fallback = None
+        if mail is not None:
+            fallback = {"target": {"kind": "smtp", "addresses": list(mail.recipients), "purpose": "escalation"}, "payload": mail.data}
         if row.kind == "webhook":
-            mail = decode_fallback(row.target.get("fallback"))
-            if mail is not None:
-                fallback = {"target": {"kind": "smtp", "addresses": list(mail.recipients), "purpose": "escalation"}, "payload": mail.data}
             log.error("escalation_failed", error=error, attempts=attempts, channel="webhook",
                       fallback="escalation mail" if fallback else "none (the level's mail was sent)")
         elif purpose == "escalation":
-            mail = decode_fallback(row.target.get("fallback"))
-            if mail is not None:
-                fallback = {"target": {"kind": "smtp", "addresses": list(mail.recipients), "purpose": "escalation"}, "payload": mail.data}
             log.error("escalation_failed", error=error, attempts=attempts, channel="mail",
                       fallback=f"escalation mail to {', '.join(mail.recipients)}" if mail else "none (nobody else to tell)")
         else:
