@@ -68,7 +68,20 @@ class RetentionRun:
     limit: int
 
 
-WriteItem = Submission | AttemptResult | ManualAnswer | EscalationRun | ZombieRun | RetentionRun
+@dataclass(frozen=True)
+class RescheduleRun:
+    """A request to set again when up to `limit` open conversations after row `after` are next escalated.
+
+    `planner(team, deadline, level)` returns that time under the rules now
+    loaded, or None when the conversation's chain has ended.
+    """
+
+    planner: Callable[[str, datetime, int], datetime | None]
+    after: int
+    limit: int
+
+
+WriteItem = Submission | AttemptResult | ManualAnswer | EscalationRun | ZombieRun | RetentionRun | RescheduleRun
 
 
 class Committer:
@@ -110,7 +123,8 @@ class Committer:
 
         A Submission's result is its Outcome, an EscalationRun's the number
         of escalations fired, a ZombieRun's the alarms raised, a
-        RetentionRun's what it Emptied; other items give None.
+        RetentionRun's what it Emptied, a RescheduleRun's what it
+        Rescheduled; other items give None.
         """
         submissions = [item for item in items if isinstance(item, Submission)]
         attempts = [item for item in items if isinstance(item, AttemptResult)]
@@ -118,6 +132,7 @@ class Committer:
         runs = [item for item in items if isinstance(item, EscalationRun)]
         zombie_runs = [item for item in items if isinstance(item, ZombieRun)]
         retention_runs = [item for item in items if isinstance(item, RetentionRun)]
+        reschedule_runs = [item for item in items if isinstance(item, RescheduleRun)]
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -134,6 +149,7 @@ class Committer:
             writer.flush()
             # After the flush, so that rows delivered in this batch count as delivered.
             emptied = iter([writer.empty_old_bytes(format_instant(run.cutoff), run.limit) for run in retention_runs])
+            rescheduled = iter([writer.reschedule(run.planner, run.after, run.limit) for run in reschedule_runs])
             db.execute("COMMIT")
         except BaseException:
             # The original error matters more than one from the rollback.
@@ -150,6 +166,8 @@ class Committer:
                 results.append(next(alarms))
             elif isinstance(item, RetentionRun):
                 results.append(next(emptied))
+            elif isinstance(item, RescheduleRun):
+                results.append(next(rescheduled))
             else:
                 results.append(None)
         return results

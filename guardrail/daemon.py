@@ -15,7 +15,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Awaitable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,8 +25,8 @@ from . import pidfile
 from .clock import Clock, SystemClock
 from .config import Config, tls_context
 from .delivery import DeliveryWorker, Transport, write_in_thread
-from .errors import ConfigErrors
-from .escalation import Sender
+from .errors import ConfigErrors, StorageError
+from .escalation import Sender, next_escalation
 from .http import HttpListener, build_app, serve_http
 from .intake import REPLY_SHUTTING_DOWN, ConnectionTracker, GuardrailSMTP, IntakeHandler
 from .metrics import Metrics
@@ -96,6 +96,8 @@ class Daemon:
         self.parsers: ParseProcesses | None = None
         self.maildir_process: ParseProcesses | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # The task that sets escalation times again after a rule reload, while it runs.
+        self.rescheduling: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
         self._http: HttpListener | None = None
         self._tracker = ConnectionTracker(config.smtp.max_connections, config.smtp.max_connections_per_client)
@@ -255,10 +257,42 @@ class Daemon:
         self.rules = rules
         if self.parsers is not None:
             self.parsers.set_rules(rules)
+        self._start_rescheduling(rules)
         self.metrics.reloads.labels("succeeded").inc()
         self.metrics.set_rules(rules.digest)
         log.info("rules_reloaded", rules=rules.digest[:12], routes=len(rules.routes), teams=len(rules.teams))
         return True
+
+    def _start_rescheduling(self, rules: RuleSet) -> None:
+        """Set again, in the background, when open conversations are next escalated under `rules`.
+
+        The stored time of a conversation's next level was computed from the
+        rules it opened under. Without this, a level moved earlier would fire
+        at its old time, and a level added to a chain that had ended would
+        never fire. A reschedule still running for older rules is cancelled.
+        """
+        if self.store is None:
+            return
+        if self.rescheduling is not None:
+            self.rescheduling.cancel()
+        self.rescheduling = asyncio.get_running_loop().create_task(self._reschedule(rules), name="guardrail-reschedule")
+
+    async def _reschedule(self, rules: RuleSet) -> None:
+        assert self.store is not None
+
+        def planner(team: str, deadline: datetime, level: int) -> datetime | None:
+            return next_escalation(rules.teams.get(team), rules, deadline, level)
+
+        try:
+            changed, earliest = await self.store.reschedule_escalations(planner)
+        except StorageError as error:
+            log.error("escalations_not_rescheduled", error=str(error),
+                      detail="the escalation times stored before the reload stay until the next reload")
+            return
+        if changed:
+            log.info("escalations_rescheduled", conversations=changed, rules=rules.digest[:12])
+        if self.scheduler is not None:
+            self.scheduler.due_at(earliest)
 
     def _reload_tls(self) -> None:
         """Read the certificate and key files again, so a renewed certificate needs no restart."""
@@ -294,6 +328,9 @@ class Daemon:
         if self.parsers is not None:
             await self.parsers.close()
             self.parsers = None
+        if self.rescheduling is not None:
+            self._tasks.append(self.rescheduling)
+            self.rescheduling = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -91,6 +91,15 @@ def _chain(team: Team | None, rules: RuleSet) -> tuple[EscalationLevel, ...]:
     return ()
 
 
+def next_escalation(team: Team | None, rules: RuleSet, deadline: datetime, level: int) -> datetime | None:
+    """Return when a conversation past `level` levels of its team's chain is next due, or None when the chain has ended.
+
+    The first escalation of a new conversation is the one at level 0.
+    """
+    chain = _chain(team, rules)
+    return deadline + chain[level].after if level < len(chain) else None
+
+
 def plan_escalation(conversation: DueConversation, rules: RuleSet, now: datetime, sender: Sender) -> EscalationPlan:
     """Return what to send for a due conversation, and when it is next due."""
     team = rules.teams.get(conversation.team)

@@ -19,7 +19,7 @@ from .acknowledgement import (
 )
 from .business_hours import add_business_time
 from .config import Config
-from .escalation import UNROUTED_REASON
+from .escalation import UNROUTED_REASON, next_escalation
 from .loops import has_our_loop_marker, has_too_many_hops, machine_signal, person_signal
 from .message import Summary, body_sample, summarize
 from .plan import Submission
@@ -228,11 +228,7 @@ def postmaster_recipients(envelope: Envelope, site: Site) -> list[str]:
 
 
 def _first_escalation(team: Team, rules: RuleSet, deadline: datetime | None) -> datetime | None:
-    if deadline is None:
-        return None
-    if team.escalation:
-        return deadline + team.escalation[0].after
-    return deadline if rules.fallback else None
+    return None if deadline is None else next_escalation(team, rules, deadline, 0)
 
 
 def _ack_request(envelope: Envelope, raw: bytes, summary: Summary, team: Team, site: Site, deadline: datetime | None) -> AckRequest:

@@ -24,7 +24,14 @@ import aiosqlite
 import structlog
 
 from .clock import format_instant, parse_instant
-from .committer import Committer, EscalationRun, RetentionRun, WriteItem, ZombieRun
+from .committer import (
+    Committer,
+    EscalationRun,
+    RescheduleRun,
+    RetentionRun,
+    WriteItem,
+    ZombieRun,
+)
 from .errors import StorageError
 from .escalation import DueConversation, EscalationPlan
 from .plan import Submission
@@ -34,6 +41,7 @@ from .store_batch import (
     Emptied,
     ManualAnswer,
     Outcome,
+    Rescheduled,
     StoreSettings,
 )
 
@@ -229,6 +237,25 @@ class Store:
     ) -> list[Any]:
         """Raise alarms for those of `routes` whose mail goes unanswered; return the alarms raised."""
         return await self._submit(ZombieRun(now, recent, period, routes, planner))
+
+    async def reschedule_escalations(
+        self, planner: Callable[[str, datetime, int], datetime | None], *, batch: int = RETENTION_BATCH
+    ) -> tuple[int, datetime | None]:
+        """Set again when every open conversation on the SLA clock is next escalated, as after a rule reload.
+
+        Each batch is a transaction of its own, so intake's commits go
+        between them. Return how many conversations changed, and the
+        earliest of their new times.
+        """
+        changed, after, earliest = 0, 0, None
+        while True:
+            done: Rescheduled = await self._submit(RescheduleRun(planner, after, batch))
+            changed += done.changed
+            after = done.last_id
+            if done.earliest is not None and (earliest is None or done.earliest < earliest):
+                earliest = done.earliest
+            if not done.more:
+                return changed, earliest
 
     async def empty_old_bytes(self, cutoff: datetime, *, batch: int = RETENTION_BATCH, max_batches: int = RETENTION_MAX_BATCHES) -> Emptied:
         """Empty the bytes of messages and outbox rows created before `cutoff`; return the totals.

@@ -203,6 +203,16 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class Rescheduled:
+    """The result of one rescheduling pass: conversations whose next escalation moved, where it stopped, and the earliest new time."""
+
+    changed: int = 0
+    last_id: int = 0
+    more: bool = False
+    earliest: datetime | None = None
+
+
+@dataclass(frozen=True)
 class Emptied:
     """The counts of rows one retention pass emptied, and whether rows older than its cutoff are left to visit."""
 
@@ -649,6 +659,30 @@ class BatchWriter:
             [(row,) for row in outbox],
         )
         return Emptied(len(messages), len(outbox), more_messages or more_outbox)
+
+    def reschedule(self, planner: Callable[[str, datetime, int], datetime | None], after: int, limit: int) -> Rescheduled:
+        """Set again, by `planner`, when up to `limit` open conversations with an id above `after` are next escalated.
+
+        Only conversations on the SLA clock are visited: open, with a
+        deadline, and not escalated at once for a reason such as an
+        unstaffed team, whose escalation does not follow the chain.
+        """
+        rows = self.db.execute(
+            "SELECT id, team, deadline, escalation_level, next_escalation_at FROM conversations"
+            " WHERE id > ? AND state = 'open' AND deadline IS NOT NULL AND escalation_reason = '' ORDER BY id LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        changes = []
+        earliest: datetime | None = None
+        for row_id, team, deadline, level, stored in rows:
+            due = planner(team, parse_instant(deadline), level)
+            text = format_instant(due) if due is not None else None
+            if text != stored:
+                changes.append((text, row_id))
+                if due is not None and (earliest is None or due < earliest):
+                    earliest = due
+        self.db.executemany("UPDATE conversations SET next_escalation_at = ? WHERE id = ?", changes)
+        return Rescheduled(len(changes), rows[-1][0] if rows else after, len(rows) == limit, earliest)
 
     def _visit(self, table: str, sql: str, cutoff: str, limit: int, pending: set[int]) -> tuple[list[int], bool]:
         """Return the ids to empty among the next `limit` rows of `table`, and whether rows are left; record where it stopped."""

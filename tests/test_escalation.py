@@ -418,3 +418,86 @@ async def test_rejected_escalation_mail_goes_to_contact(tmp_path: Path, start_da
     assert len(sink.to("lead@example.org")) == 1
     [failed] = [entry for entry in logs if entry["event"] == "escalation_failed"]
     assert failed["fallback"] == "escalation mail to lead@example.org"
+
+
+def chain_rules(escalation: str) -> str:
+    """Return rules for one 24x7 team with a first response of 1h and the `escalation` chain given as TOML."""
+    return f"""
+[[calendar]]
+name = "always"
+timezone = "UTC"
+hours = "24x7"
+
+[[team]]
+name = "facilities"
+destination = {{ maildir = "var/maildir/facilities" }}
+members = [{{ name = "Carol Tech", address = "carol@example.org" }}]
+calendar = "always"
+first_response = "1h"
+escalation = {escalation}
+
+[[route]]
+name = "default"
+team = "facilities"
+default = true
+"""
+
+
+DUTY = '{ name = "Dana Duty", address = "duty-manager@example.org" }'
+HEAD = '{ name = "Erik Head", address = "head-of-facilities@example.org" }'
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "reload_at", "escalated_at"),
+    [
+        # A level moved earlier fires at its new time, not the stored one.
+        (f'[{{ after = "3h", {DUTY[2:]}]', f'[{{ after = "30m", {DUTY[2:]}]', "2025-11-17T11:10:00", "2025-11-17T11:30:00"),
+        # A level moved past the reload fires at once.
+        (f'[{{ after = "3h", {DUTY[2:]}]', f'[{{ after = "0m", {DUTY[2:]}]', "2025-11-17T11:10:00", "2025-11-17T11:10:00"),
+    ],
+)
+async def test_reload_moves_stored_escalation(
+    tmp_path: Path, start_daemon, before: str, after: str, reload_at: str, escalated_at: str
+) -> None:
+    config = write_config(tmp_path, rules=chain_rules(before))
+    clock = ManualClock(at("2025-11-17T10:00:00"))
+    daemon = await start_daemon(config, clock=clock)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], case_file("escalation", "message.eml"))
+    await advance_in_ticks(daemon, clock, at(reload_at), tick=timedelta(minutes=5))
+    assert escalations_to(tmp_path, "duty-manager@example.org") == []
+
+    (tmp_path / "rules" / "rules.toml").write_text(chain_rules(after))
+    assert daemon.reload() is True
+    assert daemon.rescheduling is not None
+    await daemon.rescheduling
+    await settle(daemon, clock)
+    await advance_in_ticks(daemon, clock, at(escalated_at) - timedelta(minutes=1), tick=timedelta(minutes=1))
+    early = len(escalations_to(tmp_path, "duty-manager@example.org"))
+    await advance_in_ticks(daemon, clock, at(escalated_at) + timedelta(minutes=1), tick=timedelta(minutes=1))
+
+    assert early == (1 if escalated_at == reload_at else 0)
+    assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
+
+
+async def test_reload_extends_ended_chain(tmp_path: Path, start_daemon) -> None:
+    config = write_config(tmp_path, rules=chain_rules(f'[{{ after = "0m", {DUTY[2:]}]'))
+    clock = ManualClock(at("2025-11-17T10:00:00"))
+    daemon = await start_daemon(config, clock=clock)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], case_file("escalation", "message.eml"))
+    await advance_in_ticks(daemon, clock, at("2025-11-17T11:10:00"), tick=timedelta(minutes=5))
+    assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
+
+    # The chain had ended. A second level added by a reload fires at deadline + 2h.
+    (tmp_path / "rules" / "rules.toml").write_text(chain_rules(f'[{{ after = "0m", {DUTY[2:]}, {{ after = "2h", {HEAD[2:]}]'))
+    with capture_logs() as logs:
+        assert daemon.reload() is True
+        assert daemon.rescheduling is not None
+        await daemon.rescheduling
+    await advance_in_ticks(daemon, clock, at("2025-11-17T12:59:00"), tick=timedelta(minutes=10))
+    early = escalations_to(tmp_path, "head-of-facilities@example.org")
+    await advance_in_ticks(daemon, clock, at("2025-11-17T13:01:00"), tick=timedelta(minutes=1))
+
+    assert early == []
+    assert len(escalations_to(tmp_path, "head-of-facilities@example.org")) == 1
+    assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
+    assert [entry["conversations"] for entry in logs if entry["event"] == "escalations_rescheduled"] == [1]
