@@ -39,7 +39,8 @@ from guardrail.store_batch import AttemptResult, ManualAnswer, StoreSettings
 SECRET = "test-webhook-secret"
 
 
-def facilities_rules(webhook_url: str) -> str:
+def chain_rules(escalation: str, team_lines: str = "") -> str:
+    """Return rules for one 24x7 team with a first response of 1h, the `escalation` chain given as TOML, and `team_lines`."""
     return f"""
 [[calendar]]
 name = "always"
@@ -52,17 +53,20 @@ destination = {{ maildir = "var/maildir/facilities" }}
 members = [{{ name = "Carol Tech", address = "carol@example.org" }}]
 calendar = "always"
 first_response = "1h"
-escalation = [
-    {{ after = "0m", name = "Dana Duty", address = "duty-manager@example.org", webhook = {{ url = "{webhook_url}", secret_env = "GUARDRAIL_TEST_WEBHOOK_SECRET" }} }},
-    {{ after = "2h", name = "Erik Head", address = "head-of-facilities@example.org" }},
-]
-
+escalation = {escalation}
+{team_lines}
 [[route]]
 name = "default"
 team = "facilities"
 default = true
 """
 
+
+def facilities_rules(webhook_url: str) -> str:
+    return chain_rules(f"""[
+    {{ after = "0m", name = "Dana Duty", address = "duty-manager@example.org", webhook = {{ url = "{webhook_url}", secret_env = "GUARDRAIL_TEST_WEBHOOK_SECRET" }} }},
+    {{ after = "2h", name = "Erik Head", address = "head-of-facilities@example.org" }},
+]""")
 
 def outbound(folder: Path) -> list[Message]:
     return [email.message_from_bytes(data) for data in maildir_messages(folder / "var" / "outbound")]
@@ -366,26 +370,10 @@ class RejectDutyManager(SinkHandler):
         return "250 2.1.5 Ok"
 
 
-LEAD_RULES = """
-[[calendar]]
-name = "always"
-timezone = "UTC"
-hours = "24x7"
-
-[[team]]
-name = "facilities"
-destination = { maildir = "var/maildir/facilities" }
-members = [{ name = "Carol Tech", address = "carol@example.org" }]
-calendar = "always"
-first_response = "1h"
-escalation_contact = { name = "Lee Lead", address = "lead@example.org" }
-escalation = [{ after = "0m", name = "Dana Duty", address = "duty-manager@example.org" }]
-
-[[route]]
-name = "default"
-team = "facilities"
-default = true
-"""
+LEAD_RULES = chain_rules(
+    '[{ after = "0m", name = "Dana Duty", address = "duty-manager@example.org" }]',
+    'escalation_contact = { name = "Lee Lead", address = "lead@example.org" }\n',
+)
 
 
 async def test_rejected_escalation_mail_goes_to_contact(tmp_path: Path, start_daemon) -> None:
@@ -418,29 +406,6 @@ async def test_rejected_escalation_mail_goes_to_contact(tmp_path: Path, start_da
     assert len(sink.to("lead@example.org")) == 1
     [failed] = [entry for entry in logs if entry["event"] == "escalation_failed"]
     assert failed["fallback"] == "escalation mail to lead@example.org"
-
-
-def chain_rules(escalation: str) -> str:
-    """Return rules for one 24x7 team with a first response of 1h and the `escalation` chain given as TOML."""
-    return f"""
-[[calendar]]
-name = "always"
-timezone = "UTC"
-hours = "24x7"
-
-[[team]]
-name = "facilities"
-destination = {{ maildir = "var/maildir/facilities" }}
-members = [{{ name = "Carol Tech", address = "carol@example.org" }}]
-calendar = "always"
-first_response = "1h"
-escalation = {escalation}
-
-[[route]]
-name = "default"
-team = "facilities"
-default = true
-"""
 
 
 DUTY = '{ name = "Dana Duty", address = "duty-manager@example.org" }'
