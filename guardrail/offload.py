@@ -338,8 +338,16 @@ class ParseProcesses:
         while True:
             try:
                 (size,) = FRAME_HEADER.unpack(await stdout.readexactly(FRAME_HEADER.size))
-                frame = pickle.loads(await stdout.readexactly(size))
+                body = await stdout.readexactly(size)
             except (asyncio.IncompleteReadError, ConnectionError):
+                return was_ready
+            frame = _decode_reply(body)
+            if frame is None:
+                # Nothing after an unreadable frame can be trusted to line up
+                # with a request, so the child is treated as one that died.
+                log.error("parse_reply_unreadable", role=self.role, pid=child.process.pid, size=size)
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.kill()
                 return was_ready
             child.last_progress = asyncio.get_running_loop().time()
             if frame == ("ready",):
@@ -350,6 +358,19 @@ class ParseProcesses:
             future = child.pending.get(request_id)
             if future is not None and not future.done():
                 future.set_result(result)
+
+
+def _decode_reply(body: bytes) -> tuple[object, ...] | None:
+    """Return a child's reply frame: ("ready",) or (request id, result); None when `body` is neither."""
+    try:
+        frame = pickle.loads(body)
+    except Exception:  # noqa: BLE001 - unpickling bytes that are not a pickle raises many types
+        return None
+    if not isinstance(frame, tuple):
+        return None
+    if frame == ("ready",) or (len(frame) == 2 and type(frame[0]) is int):
+        return frame
+    return None
 
 
 async def _reap(process: asyncio.subprocess.Process) -> None:

@@ -458,3 +458,45 @@ async def test_maildir_process_reports_each_file(tmp_path: Path) -> None:
     assert str(blocked) in str(results[0])
     assert results[1:] == [True, False]
     assert maildir_messages(tmp_path / "box") == [b"two"]
+
+
+GARBLING_CHILD = """
+import sys
+from pathlib import Path
+from guardrail.offload_child import main, read_frame, write_frame
+
+marker = Path({marker!r})
+if marker.exists():
+    main()  # a restarted child works as the real one does
+    sys.exit()
+marker.touch()
+requests, replies = sys.stdin.buffer, sys.stdout.buffer
+while (frame := read_frame(requests)) is not None:
+    if frame[0] == "rules":
+        write_frame(replies, ("ready",))
+    elif frame[0] == "prepare":
+        replies.write(b"\\x00\\x00\\x00\\x05hello")  # a length, then five bytes that are not a pickle
+        replies.flush()
+"""
+
+
+async def test_child_sending_garbage_is_replaced(tmp_path: Path) -> None:
+    script = tmp_path / "garbling_child.py"
+    script.write_text(GARBLING_CHILD.format(marker=str(tmp_path / "garbled-once")))
+    config = load_config(write_config(tmp_path))
+    parsers = ParseProcesses(1, Site.from_config(config), command=[sys.executable, str(script)], ready_timeout=10)
+    parsers.start(load_ruleset(config))
+    try:
+        await wait_until(lambda: parsers.ready == 1, timeout=20, what="the garbling child to be ready")
+        [pid] = parsers.pids
+        with capture_logs() as events:
+            result = await parsers.prepare(ENVELOPE, message(), datetime(2026, 3, 2, 9, 30, tzinfo=UTC))
+    finally:
+        await parsers.close()
+
+    # The message went to the child started in place of the one that garbled its reply.
+    assert isinstance(result, Submission)
+    assert result.team == "support"
+    [unreadable] = [event for event in events if event["event"] == "parse_reply_unreadable"]
+    assert (unreadable["pid"], unreadable["log_level"]) == (pid, "error")
+    assert [event["pid"] for event in events if event["event"] == "parse_process_exited"] == [pid]
