@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .message import summarize
 from .prepare import Envelope, Site, is_accepted_recipient, prepare_submission
 from .rules import RuleSet
-from .tomlcheck import read_toml, toml_text
+from .tomlcheck import read_file, read_toml, toml_text
 
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 EXPECTATION_KEYS = ("route", "team", "acknowledgement", "signal", "deadline")
@@ -78,7 +78,9 @@ def run_case(eml: Path, rules: RuleSet, site: Site) -> CaseResult:
     invalid = _misshapen_keys(spec) or _impossible_values(spec, rules, site)
     if invalid:
         return CaseResult(eml.name, tuple(f"{spec_path}: {problem}" for problem in invalid), is_invalid=True)
-    raw = eml.read_bytes()
+    raw = read_file(eml, errors, expected="a message file")
+    if raw is None:
+        return CaseResult(eml.name, tuple(str(error) for error in errors), is_invalid=True)
     summary = summarize(_LINE_ENDING.sub(b"\r\n", raw))
     rcpt_tos = _recipients(spec, site)
     mail_from = spec.get("mail_from", summary.from_address)

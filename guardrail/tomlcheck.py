@@ -54,7 +54,7 @@ def read_toml(path: Path, errors: list[ConfigError]) -> dict[str, Any] | None:
     return parse_toml(path, raw, errors)
 
 
-def read_file(path: Path, errors: list[ConfigError]) -> bytes | None:
+def read_file(path: Path, errors: list[ConfigError], *, expected: str = "a TOML file") -> bytes | None:
     """Return the bytes of the regular file at `path`, or record why it could not be read and return None.
 
     A named pipe, a device or a directory is rejected without reading, because
@@ -73,7 +73,7 @@ def read_file(path: Path, errors: list[ConfigError]) -> bytes | None:
     mode = os.fstat(descriptor).st_mode
     if not stat.S_ISREG(mode):
         os.close(descriptor)
-        errors.append(ConfigError(path, "", f"{_file_kind(mode)}, not a regular file; expected a TOML file"))
+        errors.append(ConfigError(path, "", f"{_file_kind(mode)}, not a regular file; expected {expected}"))
         return None
     with os.fdopen(descriptor, "rb") as handle:
         try:

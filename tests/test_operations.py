@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -156,6 +156,38 @@ def test_rule_test_reports_impossible_case(tmp_path: Path, capsys: pytest.Captur
     output = capsys.readouterr().out
     assert "INVALID impossible.eml" in output
     assert f"{cases / 'impossible.toml'}: {problem}" in output
+    assert "ok   passing.eml" in output
+    assert "1 passed, 0 failed, 1 invalid" in output
+
+
+def make_directory(path: Path) -> None:
+    path.mkdir()
+
+
+def make_dangling_link(path: Path) -> None:
+    path.symlink_to(path.parent / "deleted.eml")
+
+
+@pytest.mark.timeout(30)  # reading a named pipe would block the command until a writer appears
+@pytest.mark.parametrize(("make", "problem"), [
+    (make_directory, "is a directory, not a regular file; expected a message file"),
+    (os.mkfifo, "is a named pipe (FIFO), not a regular file; expected a message file"),
+    (make_dangling_link, "file not found"),
+])
+def test_rule_test_reports_unreadable_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[Path], None], problem: str
+) -> None:
+    config = example_copy(tmp_path)
+    cases = tmp_path / "cases"
+    write_case(cases, "passing", '[expect]\nroute = "outage-reports"\n')
+    make(cases / "odd.eml")
+    (cases / "odd.toml").write_text('[expect]\nroute = "outage-reports"\n')
+
+    assert main(["test", "--config", str(config), str(cases)]) == 2
+
+    output = capsys.readouterr().out
+    assert "INVALID odd.eml" in output
+    assert f"{cases / 'odd.eml'}: {problem}" in output
     assert "ok   passing.eml" in output
     assert "1 passed, 0 failed, 1 invalid" in output
 
