@@ -83,17 +83,23 @@ def run_case(eml: Path, rules: RuleSet, site: Site) -> CaseResult:
         return CaseResult(eml.name, tuple(str(error) for error in errors), is_invalid=True)
     summary = summarize(_LINE_ENDING.sub(b"\r\n", raw))
     rcpt_tos = _recipients(spec, site)
-    mail_from = spec.get("mail_from", summary.from_address)
+    mail_from = _bare_path(spec.get("mail_from", summary.from_address))
     arrival = spec.get("arrival") or datetime.now(timezone.utc)
 
     actual = evaluate(raw, rcpt_tos, mail_from, rules, site, arrival)
     return CaseResult(eml.name, tuple(compare(spec.get("expect", {}), actual)))
 
 
+def _bare_path(path: str) -> str:
+    """Return an envelope path without its angle brackets, as intake stores it: "<>" is the null sender, ""."""
+    path = path.strip()
+    return path[1:-1].strip() if path.startswith("<") and path.endswith(">") else path
+
+
 def _recipients(spec: dict[str, Any], site: Site) -> tuple[str, ...]:
     """Return the case's envelope recipients: `rcpt`, or the config's first inbox when it is unset or empty."""
     rcpt = spec.get("rcpt") or site.first_inbox
-    return tuple(rcpt) if isinstance(rcpt, list) else (rcpt,)
+    return tuple(_bare_path(address) for address in (rcpt if isinstance(rcpt, list) else [rcpt]))
 
 
 def _misshapen_keys(spec: dict[str, Any]) -> list[str]:
@@ -115,7 +121,7 @@ def _misshapen_keys(spec: dict[str, Any]) -> list[str]:
         problems.append(_invalid("rcpt", rcpt, "an address or a list of addresses"))
     mail_from = spec.get("mail_from", "")
     if not isinstance(mail_from, str):
-        problems.append(_invalid("mail_from", mail_from, 'an address, or "" for the null sender'))
+        problems.append(_invalid("mail_from", mail_from, 'an address, or "" or "<>" for the null sender'))
     # A TOML date or time without the other half would reach the clock as the wrong type.
     arrival = spec.get("arrival")
     if arrival is not None and not _is_instant(arrival):
@@ -151,7 +157,9 @@ def _impossible_values(spec: dict[str, Any], rules: RuleSet, site: Site) -> list
     if not site.first_inbox and not spec.get("rcpt"):
         problems.append("rcpt: missing; this config has no [smtp] inboxes to assume, so set rcpt to an address at one of its inbox_domains")
     for address in _recipients(spec, site):
-        if address and not is_accepted_recipient(address, site):
+        if not address:
+            problems.append('rcpt: invalid value ""; the daemon rejects an empty recipient with 501, so list inbox addresses only')
+        elif not is_accepted_recipient(address, site):
             problems.append(
                 f"rcpt: {address} is not an inbox of this config; the daemon rejects it with 550,"
                 " so use an address of [smtp] inboxes or inbox_domains"

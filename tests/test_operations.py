@@ -144,6 +144,9 @@ def test_rule_test_reports_misshapen_case(tmp_path: Path, capsys: pytest.Capture
     ('[expect]\nteam = "sales"\n', "expect.team: unknown team 'sales'; known teams: billing, support, frontdesk, postmaster"),
     ('[expect]\nacknowledgement = "maybe"\n', "expect.acknowledgement: invalid value 'maybe'; expected 'sent' or 'suppressed'"),
     ('[expect]\nroute = ["outage-reports"]\n', "expect.route: unknown route ['outage-reports']; known routes: billing-inbox,"),
+    # The daemon answers an empty recipient with 501, so no message arrives that way.
+    ('rcpt = ["support@example.com", ""]\n', 'rcpt: invalid value ""; the daemon rejects an empty recipient with 501'),
+    ('rcpt = ["<>"]\n', 'rcpt: invalid value ""; the daemon rejects an empty recipient with 501'),
 ])
 def test_rule_test_reports_impossible_case(tmp_path: Path, capsys: pytest.CaptureFixture[str], spec: str, problem: str) -> None:
     config = example_copy(tmp_path)
@@ -221,7 +224,7 @@ def test_rule_test_needs_rcpt_without_inboxes(tmp_path: Path, capsys: pytest.Cap
     assert f"{cases / 'no-rcpt.toml'}: rcpt: missing; this config has no [smtp] inboxes to assume" in output
 
 
-@pytest.mark.parametrize("rcpt", ["postmaster@example.com", "postmaster", "Support@Example.com"])
+@pytest.mark.parametrize("rcpt", ["postmaster@example.com", "postmaster", "Support@Example.com", "<support@example.com>"])
 def test_rule_test_accepts_recipients_the_daemon_accepts(tmp_path: Path, capsys: pytest.CaptureFixture[str], rcpt: str) -> None:
     config = example_copy(tmp_path)
     cases = tmp_path / "cases"
@@ -1058,3 +1061,15 @@ def test_non_utf8_argument_is_usage_error(tmp_path: Path, arguments: list[str | 
     assert f"argument {option}: invalid value" in run.stderr
     assert "must be UTF-8 text" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("mail_from", ["", "<>", " <> "])
+def test_rule_test_null_sender_spellings(tmp_path: Path, capsys: pytest.CaptureFixture[str], mail_from: str) -> None:
+    # "<>" is how SMTP writes the null sender, which is never acknowledged.
+    config = example_copy(tmp_path)
+    cases = tmp_path / "cases"
+    write_case(cases, "bounce", f'mail_from = "{mail_from}"\n[expect]\nacknowledgement = "suppressed"\n')
+
+    assert main(["test", "--config", str(config), str(cases)]) == 0
+
+    assert "1 passed, 0 failed" in capsys.readouterr().out
