@@ -98,7 +98,7 @@ def write_case(cases: Path, name: str, spec: str) -> None:
     ("arrival = 10:00:00\n", "arrival: invalid value 10:00:00; expected a date and time with a time zone"),
     ("rcpt = 5\n", "rcpt: invalid value 5; expected an address or a list of addresses"),
     ('rcpt = ["support@example.com", 5]\n', "rcpt: invalid value ['support@example.com', 5]; expected an address or a list of addresses"),
-    ("mail_from = true\n", "mail_from: invalid value true; expected an address, or \"\" for the null sender"),
+    ("mail_from = true\n", "mail_from: invalid value true; expected an address, or \"\" or \"<>\" for the null sender"),
     ('expect = "outage-reports"\n', "expect: invalid value 'outage-reports'; expected a table such as [expect]"),
     ("arrival = 0001-01-01T00:00:00Z\n", "arrival: invalid value 0001-01-01T00:00:00+00:00; expected a time from 1970 to 9000"),
     ("arrival = 9999-12-31T23:00:00Z\n", "arrival: invalid value 9999-12-31T23:00:00+00:00; expected a time from 1970 to 9000"),
