@@ -14,7 +14,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable
 
-from .message import Summary
+from .message import REPORT_TYPES, Summary
 
 LOOP_HEADER = "X-Guardrail-Loop"
 
@@ -28,17 +28,6 @@ _LIST_HEADERS = (
 _AUTOREPLY_HEADERS = ("x-autoreply", "x-autorespond", "x-autoresponder")
 _SUPPRESS_TOKENS = {"oof", "autoreply", "all"}
 _OTHER_SIGNAL_HEADERS = ("x-failed-recipients", "x-ms-exchange-inbox-rules-loop", "errors-to")
-# Delivery reports (RFC 3464, RFC 6533), read receipts (RFC 8098) and
-# abuse feedback (RFC 5965): multipart/report wraps them, and each of its
-# report parts has one of the message/* types.
-_REPORT_TYPES = frozenset({
-    "multipart/report",
-    "message/delivery-status",
-    "message/global-delivery-status",
-    "message/disposition-notification",
-    "message/global-disposition-notification",
-    "message/feedback-report",
-})
 # The iTIP method of a text/calendar part, which iMIP requires on its
 # Content-Type (RFC 6047 section 2.4). A REPLY accepts or declines an
 # invitation, and a calendar program writes it when someone clicks a button.
@@ -218,7 +207,7 @@ def _report_signal(summary: Summary) -> str | None:
     content_type = _first_value(summary, "content-type")
     for value, where in ((content_type, ""), *((part, " part") for part in summary.part_types)):
         kind = value.split(";", 1)[0].strip().lower()
-        if kind in _REPORT_TYPES:
+        if kind in REPORT_TYPES:
             return kind + where
         if kind == "text/calendar" and _calendar_method(value) == "reply":
             return "calendar reply"

@@ -63,16 +63,19 @@ _WORD_BREAK = re.compile(rf"{_SPACE}+")
 # lists. Report software and calendar programs usually put those parts
 # before any attachment.
 PART_SCAN_LIMIT = 256 * 1024
-# Content types that `listed_part_types` lists; every other part is left out.
-LISTED_PART_TYPES = frozenset({
+# Delivery reports (RFC 3464, RFC 6533), read receipts (RFC 8098) and
+# abuse feedback (RFC 5965): multipart/report wraps them, and each of its
+# report parts has one of the message/* types.
+REPORT_TYPES = frozenset({
     "multipart/report",
     "message/delivery-status",
     "message/global-delivery-status",
     "message/disposition-notification",
     "message/global-disposition-notification",
     "message/feedback-report",
-    "text/calendar",
 })
+# Content types that `listed_part_types` lists. Every other part is left out.
+LISTED_PART_TYPES = REPORT_TYPES | {"text/calendar"}
 # Searched in a lower-cased copy: a case-insensitive search of the bytes took five times as long.
 _LISTED_PART = re.compile(
     rb"content-type:[ \t\r\n]*(?:multipart/report|message/(?:global-)?(?:delivery-status|disposition-notification)"
