@@ -151,6 +151,21 @@ class SinkHandler:
 
 
 @dataclass
+class RecipientSinkHandler(SinkHandler):
+    """A sink that answers RCPT TO with the reply set for the address in `rcpt_replies`, or accepts it."""
+
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    asked: list[str] = field(default_factory=list)  # every RCPT TO address, in order
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]) -> str:
+        self.asked.append(address)
+        if address in self.rcpt_replies:
+            return self.rcpt_replies[address]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+
+@dataclass
 class Sink:
     """A loopback SMTP server that collects what it receives."""
 
@@ -170,8 +185,8 @@ class Sink:
         return [message for message in self.handler.messages if address in message.rcpt_tos]
 
 
-async def start_sink(port: int = 0) -> Sink:
-    handler = SinkHandler()
+async def start_sink(port: int = 0, handler: SinkHandler | None = None) -> Sink:
+    handler = handler or SinkHandler()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: SMTP(handler, hostname="sink.test.example", enable_SMTPUTF8=True, loop=loop),

@@ -15,14 +15,13 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
-from aiosmtpd.smtp import SMTP
 from conftest import (
-    Sink,
-    SinkHandler,
+    RecipientSinkHandler,
     case_file,
     maildir_messages,
     send,
     settle,
+    start_sink,
     wait_until,
     write_config,
 )
@@ -360,16 +359,6 @@ async def test_failed_delivery_beside_escalation_escalates(tmp_path: Path, start
     assert b"Delivery failed" in payloads[0]
 
 
-class RejectDutyManager(SinkHandler):
-    """A smarthost that rejects duty-manager@example.org for good and accepts everyone else."""
-
-    async def handle_RCPT(self, server, session, envelope, address: str, rcpt_options: list[str]) -> str:
-        if address == "duty-manager@example.org":
-            return "550 5.1.1 no such user"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
-
-
 LEAD_RULES = chain_rules(
     '[{ after = "0m", name = "Dana Duty", address = "duty-manager@example.org" }]',
     'escalation_contact = { name = "Lee Lead", address = "lead@example.org" }\n',
@@ -377,10 +366,7 @@ LEAD_RULES = chain_rules(
 
 
 async def test_rejected_escalation_mail_goes_to_contact(tmp_path: Path, start_daemon) -> None:
-    handler = RejectDutyManager()
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: SMTP(handler, hostname="sink.test.example", loop=loop), "127.0.0.1", 0)
-    sink = Sink(handler, server)
+    sink = await start_sink(handler=RecipientSinkHandler(rcpt_replies={"duty-manager@example.org": "550 5.1.1 no such user"}))
     try:
         config = write_config(tmp_path, rules=LEAD_RULES, sections={
             "smarthost": {"host": "127.0.0.1", "port": sink.port, "starttls": False, "timeout": "10s"},
@@ -393,8 +379,8 @@ async def test_rejected_escalation_mail_goes_to_contact(tmp_path: Path, start_da
             await advance_in_ticks(daemon, clock, at("2025-11-17T11:05:00"))
             await wait_until(lambda: sink.to("lead@example.org"), what="the escalation mail to the team's contact")
     finally:
-        server.close()
-        await server.wait_closed()
+        sink.server.close()
+        await sink.server.wait_closed()
 
     [redirected] = [email.message_from_bytes(received.content) for received in sink.to("lead@example.org")]
     body = redirected.get_payload(decode=True).decode()
