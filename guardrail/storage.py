@@ -52,12 +52,12 @@ class FreeSpace:
         self._read = read
         self._monotonic = monotonic
         self._value: int | None = None
-        self._read_at = 0.0
+        self._read_at: float | None = None
 
     def bytes(self) -> int | None:
         """Return the free bytes, or None when they cannot be read (the folder is gone, or the call failed)."""
         now = self._monotonic()
-        if self._value is None or now - self._read_at >= READ_EVERY:
+        if self._read_at is None or now - self._read_at >= READ_EVERY:
             try:
                 self._value = self._read(self._folder)
             except OSError:

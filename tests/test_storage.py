@@ -92,3 +92,22 @@ async def test_declared_size_must_fit_on_disk(tmp_path: Path, start_daemon) -> N
 
     assert large[-2] == "452 4.3.1 Insufficient system storage, try again later"
     assert small[-2].startswith("250 ")
+
+
+def test_failed_reading_is_cached() -> None:
+    now = [0.0]
+    calls: list[Path] = []
+
+    def read(folder: Path) -> int:
+        calls.append(folder)
+        raise OSError("no such file system")
+
+    space = FreeSpace(Path("/gone"), read=read, monotonic=lambda: now[0])
+
+    first = space.bytes()
+    second = space.bytes()
+    now[0] = READ_EVERY
+    third = space.bytes()
+
+    assert (first, second, third) == (None, None, None)
+    assert len(calls) == 2
