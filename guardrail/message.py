@@ -60,8 +60,9 @@ _PLAIN_MAILBOX = re.compile(
 _WORD_BREAK = re.compile(rf"{_SPACE}+")
 
 # Bytes of a multipart body searched for the parts that `listed_part_types`
-# lists. Report software and calendar programs usually put those parts
-# before any attachment.
+# lists, when the body is not parsed otherwise.
+# NOTE: a report or calendar part that starts past this many bytes of the
+# body, behind a large attachment, is not found then.
 PART_SCAN_LIMIT = 256 * 1024
 # Delivery reports (RFC 3464, RFC 6533), read receipts (RFC 8098) and
 # abuse feedback (RFC 5965): multipart/report wraps them, and each of its
@@ -76,7 +77,8 @@ REPORT_TYPES = frozenset({
 })
 # Content types that `listed_part_types` lists. Every other part is left out.
 LISTED_PART_TYPES = REPORT_TYPES | {"text/calendar"}
-# Searched in a lower-cased copy: a case-insensitive search of the bytes took five times as long.
+# Searched in a lower-cased copy, because a case-insensitive search of the
+# bytes took five times as long (375 us against 76 us on 69 KB of text).
 _LISTED_PART = re.compile(
     rb"content-type:[ \t\r\n]*(?:multipart/report|message/(?:global-)?(?:delivery-status|disposition-notification)"
     rb"|message/feedback-report|text/calendar)"

@@ -144,7 +144,7 @@ def test_rule_test_reports_misshapen_case(tmp_path: Path, capsys: pytest.Capture
     ('[expect]\nteam = "sales"\n', "expect.team: unknown team 'sales'; known teams: billing, support, frontdesk, postmaster"),
     ('[expect]\nacknowledgement = "maybe"\n', "expect.acknowledgement: invalid value 'maybe'; expected 'sent' or 'suppressed'"),
     ('[expect]\nroute = ["outage-reports"]\n', "expect.route: unknown route ['outage-reports']; known routes: billing-inbox,"),
-    # The daemon answers an empty recipient with 501, so no message arrives that way.
+    # The daemon replies 501 to an empty recipient, so no message arrives that way.
     ('rcpt = ["support@example.com", ""]\n', 'rcpt: invalid value ""; the daemon rejects an empty recipient with 501'),
     ('rcpt = ["<>"]\n', 'rcpt: invalid value ""; the daemon rejects an empty recipient with 501'),
 ])
