@@ -17,7 +17,7 @@ from . import pidfile, store_admin
 from .checks import Finding, check_rules, removed_team_findings
 from .config import Config, load_config
 from .errors import ConfigError, ConfigErrors, DatabaseFileError
-from .harness import evaluate, run_case
+from .harness import Evaluator, RoutingStalled, run_case
 from .prepare import (
     Envelope,
     Site,
@@ -252,18 +252,19 @@ def test(arguments: argparse.Namespace) -> int:
         return EXIT_USAGE
     site = Site.from_config(config)
     failed = invalid = 0
-    for case in cases:
-        result = run_case(case, rules, site)
-        if result.is_invalid:
-            invalid += 1
-            print(f"INVALID {result.name}")
-        elif result.problems:
-            failed += 1
-            print(f"FAIL {result.name}")
-        else:
-            print(f"ok   {result.name}")
-        for problem in result.problems:
-            print(f"     {problem}")
+    with Evaluator({"rules": rules}, site) as evaluator:
+        for case in cases:
+            result = run_case(case, rules, site, evaluator, "rules")
+            if result.is_invalid:
+                invalid += 1
+                print(f"INVALID {result.name}")
+            elif result.problems:
+                failed += 1
+                print(f"FAIL {result.name}")
+            else:
+                print(f"ok   {result.name}")
+            for problem in result.problems:
+                print(f"     {problem}")
     print(f"{len(cases) - failed - invalid} passed, {failed} failed" + (f", {invalid} invalid" if invalid else ""))
     # An invalid case is an error in the test files, like an invalid config, so it outranks a failure.
     if invalid:
@@ -291,22 +292,35 @@ def replay(arguments: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     changed = 0
-    for message in messages:
-        now = message.received_at
-        before = evaluate(message.raw, message.rcpt_tos, message.mail_from, current, site, now)
-        after = evaluate(message.raw, message.rcpt_tos, message.mail_from, proposed, site, now)
-        differences = [
-            f"{key}: {getattr(before, key)!r} -> {getattr(after, key)!r}"
-            for key in ("route", "team", "acknowledgement")
-            if getattr(before, key) != getattr(after, key)
-        ]
-        if differences:
+    with Evaluator({"current": current, "proposed": proposed}, site) as evaluator:
+        for message in messages:
+            differences = _replay_differences(evaluator, message)
+            if not differences:
+                continue
             changed += 1
             print(f"{message.received_at.isoformat()} {message.message_id or '(no Message-ID)'} from {message.mail_from or '<>'}")
             for difference in differences:
                 print(f"    {difference}")
     print(f"{changed} of {len(messages)} messages would change")
     return EXIT_OK
+
+
+def _replay_differences(evaluator: Evaluator, message: store_admin.StoredMessage) -> list[str]:
+    """Return how the proposed rules decide `message` differently from the current ones, one line per difference."""
+    decisions = {}
+    for name in ("current", "proposed"):
+        try:
+            decisions[name] = evaluator.evaluate(name, message.raw, message.rcpt_tos, message.mail_from, message.received_at)
+        except RoutingStalled as stalled:
+            decisions[name] = stalled
+    before, after = decisions["current"], decisions["proposed"]
+    if isinstance(before, RoutingStalled) or isinstance(after, RoutingStalled):
+        return [f"{name} rules: {decision}" for name, decision in decisions.items() if isinstance(decision, RoutingStalled)]
+    return [
+        f"{key}: {getattr(before, key)!r} -> {getattr(after, key)!r}"
+        for key in ("route", "team", "acknowledgement")
+        if getattr(before, key) != getattr(after, key)
+    ]
 
 
 def report(arguments: argparse.Namespace) -> int:

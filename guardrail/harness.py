@@ -8,7 +8,9 @@ acknowledgement rate window.
 
 from __future__ import annotations
 
+import multiprocessing
 import re
+import signal
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +32,8 @@ POSTMASTER = "postmaster"
 # the arrival, so a time near the ends of the calendar would overflow.
 EARLIEST_ARRIVAL = datetime(1970, 1, 1, tzinfo=timezone.utc)
 LATEST_ARRIVAL = datetime(9000, 1, 1, tzinfo=timezone.utc)
+# Seconds the rules may take on one message, as long as the daemon lets a parse process go without a reply.
+EVALUATION_LIMIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,72 @@ def evaluate(raw: bytes, rcpt_tos: tuple[str, ...], mail_from: str, rules: RuleS
     return Evaluation(submission.route, submission.team, "sent" if sent else "suppressed", signal, deadline)
 
 
+class RoutingStalled(Exception):
+    """The rules did not finish on a message within the evaluation limit."""
+
+
+# The rule sets and site of an Evaluator's child process, set once when it starts.
+_child_rules: dict[str, RuleSet] = {}
+_child_site: Site | None = None
+
+
+def _start_child(rule_sets: dict[str, RuleSet], site: Site) -> None:
+    global _child_site
+    # Ctrl-C is the command's to handle; it stops the child by terminating the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _child_rules.update(rule_sets)
+    _child_site = site
+
+
+def _evaluate_in_child(name: str, raw: bytes, rcpt_tos: tuple[str, ...], mail_from: str, now: datetime) -> Evaluation:
+    assert _child_site is not None
+    return evaluate(raw, rcpt_tos, mail_from, _child_rules[name], _child_site, now)
+
+
+class Evaluator:
+    """Runs `evaluate` in a child process and gives up on a message after `limit` seconds.
+
+    A route regex that backtracks catastrophically can run for hours on one
+    message. The daemon kills a parse process after the same limit. Here the
+    child is replaced and the message is reported as stalled, so `guardrail
+    test` and `replay` still finish. Rule sets are named, so that `replay`
+    can compare two in one child.
+    """
+
+    def __init__(self, rule_sets: dict[str, RuleSet], site: Site, limit: float | None = None) -> None:
+        self._rule_sets = rule_sets
+        self._site = site
+        self.limit = EVALUATION_LIMIT if limit is None else limit
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> multiprocessing.pool.Pool:
+        return multiprocessing.Pool(1, initializer=_start_child, initargs=(self._rule_sets, self._site))
+
+    def evaluate(self, name: str, raw: bytes, rcpt_tos: tuple[str, ...], mail_from: str, now: datetime) -> Evaluation:
+        """Return how rule set `name` decides `raw`; raise RoutingStalled when it takes longer than the limit."""
+        pending = self._pool.apply_async(_evaluate_in_child, (name, raw, rcpt_tos, mail_from, now))
+        try:
+            return pending.get(self.limit)
+        except multiprocessing.TimeoutError:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = self._new_pool()
+            raise RoutingStalled(
+                f"routing did not finish within {self.limit:g} s; a rule's regular expression may backtrack on this message"
+                " (guardrail check warns about such patterns)"
+            ) from None
+
+    def close(self) -> None:
+        self._pool.terminate()
+        self._pool.join()
+
+    def __enter__(self) -> Evaluator:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class CaseResult:
     name: str
@@ -65,8 +135,11 @@ class CaseResult:
     is_invalid: bool = False
 
 
-def run_case(eml: Path, rules: RuleSet, site: Site) -> CaseResult:
-    """Run one test case: `eml` with its expectations in the .toml file of the same name."""
+def run_case(eml: Path, rules: RuleSet, site: Site, evaluator: Evaluator, name: str) -> CaseResult:
+    """Run one test case: `eml` with its expectations in the .toml file of the same name.
+
+    `evaluator` decides the message with its rule set `name`, which is `rules`.
+    """
     spec_path = eml.with_suffix(".toml")
     if not spec_path.exists():
         return CaseResult(eml.name, (f"{spec_path}: expectations file not found",), is_invalid=True)
@@ -86,7 +159,10 @@ def run_case(eml: Path, rules: RuleSet, site: Site) -> CaseResult:
     mail_from = _bare_path(spec.get("mail_from", summary.from_address))
     arrival = spec.get("arrival") or datetime.now(timezone.utc)
 
-    actual = evaluate(raw, rcpt_tos, mail_from, rules, site, arrival)
+    try:
+        actual = evaluator.evaluate(name, raw, rcpt_tos, mail_from, arrival)
+    except RoutingStalled as stalled:
+        return CaseResult(eml.name, (str(stalled),))
     return CaseResult(eml.name, tuple(compare(spec.get("expect", {}), actual)))
 
 

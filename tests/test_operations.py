@@ -293,6 +293,67 @@ async def test_replay_lists_changed_decisions(tmp_path: Path, start_daemon, caps
 
 
 
+# A subject regex that backtracks catastrophically on a run of "a" not followed by "b".
+SLOW_ROUTE = """
+[[route]]
+name = "slow"
+team = "billing"
+any = [{ subject.regex = '^(a+)+b$' }]
+"""
+SLOW_SUBJECT = "a" * 40 + "c"
+
+
+def test_rule_test_reports_stalled_case_and_runs_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("guardrail.harness.EVALUATION_LIMIT", 0.5)
+    config = example_copy(tmp_path)
+    routes = tmp_path / "rules" / "20-routes.toml"
+    routes.write_text(SLOW_ROUTE + routes.read_text())
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "a-slow.eml").write_bytes(message(subject=SLOW_SUBJECT))
+    (cases / "a-slow.toml").write_text('[expect]\nroute = "support-inbox"\n')
+    for name in ("billing-by-recipient.eml", "billing-by-recipient.toml"):
+        shutil.copy(ROOT / "rules" / "tests" / name, cases / name)
+    started = time.monotonic()
+
+    assert main(["test", "--config", str(config), str(cases)]) == 1
+
+    assert time.monotonic() - started < 30
+    output = capsys.readouterr().out
+    assert "FAIL a-slow.eml" in output
+    assert "routing did not finish within 0.5 s; a rule's regular expression may backtrack on this message" in output
+    # The case after the stalled one runs in a new child and passes.
+    assert "ok   billing-by-recipient.eml" in output
+    assert "1 passed, 1 failed" in output
+
+
+async def test_replay_reports_stalled_rules_and_runs_the_rest(
+    tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("guardrail.harness.EVALUATION_LIMIT", 0.5)
+    config = write_config(tmp_path, rules=SHADOW_RULES)
+    daemon = await start_daemon(config)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(subject=SLOW_SUBJECT, message_id="<s@x>"))
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(subject="Refund please", message_id="<r@x>"))
+    proposed = tmp_path / "proposed"
+    proposed.mkdir()
+    for path in (tmp_path / "rules").iterdir():
+        shutil.copy(path, proposed / path.name)
+    (proposed / "rules.toml").write_text(SHADOW_RULES.replace('mode = "shadow"\n', "").replace(TEAMS, TEAMS + SLOW_ROUTE))
+    capsys.readouterr()
+
+    status = await asyncio.to_thread(main, ["replay", "--config", str(config), "--rules", str(proposed), "--last", "10"])
+
+    assert status == 0
+    output = capsys.readouterr().out
+    assert "<s@x> from alice@example.com\n    proposed rules: routing did not finish within 0.5 s" in output
+    assert "current rules:" not in output
+    assert "route: 'default' -> 'refunds-trial'" in output
+    assert "2 of 2 messages would change" in output
+
+
 @pytest.mark.parametrize("count", ["0", "-5", "99999999999999999999"])
 def test_replay_rejects_count_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixture[str], count: str) -> None:
     # SQLite reads a negative LIMIT as no limit, and the third count does not fit in its integers.
