@@ -27,6 +27,7 @@ _LIST_HEADERS = (
 )
 _AUTOREPLY_HEADERS = ("x-autoreply", "x-autorespond", "x-autoresponder")
 _SUPPRESS_TOKENS = {"oof", "autoreply", "all"}
+_SUPPRESS_SEPARATORS = re.compile(r"[\s,;]+")
 _OTHER_SIGNAL_HEADERS = ("x-failed-recipients", "x-ms-exchange-inbox-rules-loop", "errors-to")
 # The iTIP method of a text/calendar part, which iMIP requires on its
 # Content-Type (RFC 6047 section 2.4). A REPLY accepts or declines an
@@ -135,15 +136,21 @@ def has_too_many_hops(summary: Summary, max_received: int) -> bool:
     return summary.received_count > max_received
 
 
-def auto_submitted_keyword(value: str) -> str:
-    """Return the keyword of an Auto-Submitted value in lower case, without comments, whitespace and parameters.
+def header_keyword(value: str) -> str:
+    """Return the keyword of a header value in lower case, without comments, whitespace and parameters.
 
     RFC 3834 section 5 allows comments (which nest and may contain quoted
-    pairs) around the keyword, and parameters after a ";". A value without a
-    keyword gives "", and words left over after the keyword stay in the
-    result, so neither equals "no".
+    pairs) around the Auto-Submitted keyword, and parameters after a ";".
+    Precedence has no standard syntax and is read the same way. A value
+    without a keyword gives "", and words left over after the keyword stay
+    in the result, so neither equals "no" or "bulk".
     """
-    outside_comments: list[str] = []
+    return " ".join(_outside_comments(value, stop=";").split()).lower()
+
+
+def _outside_comments(value: str, stop: str = "") -> str:
+    """Return `value` up to the first `stop` character outside a comment, with each comment replaced by a space."""
+    outside: list[str] = []
     depth = 0
     escaped = False
     for char in value:
@@ -153,16 +160,21 @@ def auto_submitted_keyword(value: str) -> str:
             escaped = True
         elif char == "(":
             depth += 1
-            outside_comments.append(" ")  # a comment separates words, as whitespace does
+            outside.append(" ")  # a comment separates words, as whitespace does
         elif char == ")" and depth:
             depth -= 1
         elif depth:
             continue
-        elif char == ";":
+        elif char in stop:
             break
         else:
-            outside_comments.append(char)
-    return " ".join("".join(outside_comments).split()).lower()
+            outside.append(char)
+    return "".join(outside)
+
+
+def _unfolded(value: str) -> str:
+    """Return a header value with each run of whitespace, line breaks of a folded header included, as one space."""
+    return " ".join(value.split())
 
 
 def _first_value(summary: Summary, name: str) -> str:
@@ -177,11 +189,11 @@ def _header_signal(summary: Summary) -> str | None:
     # A header may appear more than once, and a machine value in any of them counts.
     # RFC 3834 section 5: any Auto-Submitted keyword except "no" marks automatic mail.
     for value in summary.header("auto-submitted"):
-        if auto_submitted_keyword(value) != "no":
-            return f"Auto-Submitted: {value.strip()}"
+        if header_keyword(value) != "no":
+            return f"Auto-Submitted: {_unfolded(value)}"
     for name in ("precedence", "x-precedence"):
         for value in summary.header(name):
-            keyword = value.strip().lower()
+            keyword = header_keyword(value)
             if keyword in _PRECEDENCE_VALUES:
                 return f"{name.title()}: {keyword}"
     # Errors-To is a legacy header that only list and bulk software still sets.
@@ -189,9 +201,11 @@ def _header_signal(summary: Summary) -> str | None:
         if summary.header(name):
             return f"{name} header"
     for suppress in summary.header("x-auto-response-suppress"):
-        tokens = {token.strip().lower() for token in suppress.split(",")}
+        # [MS-OXCMAIL] section 2.1.3.2.20 separates the values with ", ".
+        # Spaces and semicolons alone separate them here too, and comments are skipped.
+        tokens = set(_SUPPRESS_SEPARATORS.split(_outside_comments(suppress).lower()))
         if tokens & _SUPPRESS_TOKENS:
-            return f"X-Auto-Response-Suppress: {suppress.strip()}"
+            return f"X-Auto-Response-Suppress: {_unfolded(suppress)}"
     if any(value.strip().upper() == "VACATION" for value in summary.header("x-apple-action")):
         return "X-Apple-Action: VACATION"
     return _report_signal(summary)

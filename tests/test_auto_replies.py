@@ -124,6 +124,11 @@ async def test_human_reply_with_auto_submitted_no_answers(tmp_path: Path, start_
         ("Auto-Submitted: yes", True),
         ("Auto-Submitted: auto-replied", True),
         ("Auto-Submitted: auto-generated (failure)", True),
+        ("Auto-Submitted: Auto-Generated", True),
+        ("Auto-Submitted: auto-replied (vacation)", True),
+        ("Auto-Submitted: AUTO-REPLIED;owner-email=bob@example.org", True),
+        ("Auto-Submitted: (typed by a person) no; x=y", False),
+        ("Auto-Submitted: no\r\n (folded)", False),
         ("X-Autoreply: yes", True),
         ("X-Autorespond: vacation", True),
         ("Precedence: bulk", True),
@@ -131,6 +136,22 @@ async def test_human_reply_with_auto_submitted_no_answers(tmp_path: Path, start_
         ("Precedence: list", True),
         ("Precedence: auto_reply", True),
         ("Precedence: first-class", False),
+        # Case, whitespace, comments and parameters around the keyword (RFC 5322 CFWS).
+        ("Precedence:  BULK ", True),
+        ("Precedence: Bulk", True),
+        ("Precedence: bulk (sent by list)", True),
+        ("Precedence: bulk(sent by list)", True),
+        ("Precedence: (sent by list) list", True),
+        ("Precedence: (a (nested) comment) junk", True),
+        ("Precedence: junk ; x", True),
+        ("Precedence: list;x=y", True),
+        ("Precedence: bulk\r\n (folded)", True),
+        ("X-Precedence: (sent by list) LIST", True),
+        ("Precedence: normal (bulk)", False),
+        ("Precedence: (bulk)", False),
+        ("Precedence: bulky", False),
+        ("Precedence: bulk list", False),
+        ("Precedence: first-class; bulk", False),
         ("X-Precedence: bulk", True),
         ("X-Autoresponder: yes", True),
         ("List-Id: <news.example.org>", True),
@@ -149,6 +170,16 @@ async def test_human_reply_with_auto_submitted_no_answers(tmp_path: Path, start_
         ("Errors-To: owner@example.org", True),
         ("X-Auto-Response-Suppress: OOF, AutoReply", True),
         ("X-Auto-Response-Suppress: DR", False),
+        ("X-Auto-Response-Suppress: oof", True),
+        ("X-Auto-Response-Suppress: DR,OOF", True),
+        ("X-Auto-Response-Suppress: DR, RN, NRN, OOF, AutoReply", True),
+        ("X-Auto-Response-Suppress: DR RN OOF", True),
+        ("X-Auto-Response-Suppress:  ALL ", True),
+        ("X-Auto-Response-Suppress: (no vacation replies) OOF", True),
+        ("X-Auto-Response-Suppress: OOF(x),DR", True),
+        ("X-Auto-Response-Suppress: DR, RN", False),
+        ("X-Auto-Response-Suppress: DR (OOF)", False),
+        ("X-Auto-Response-Suppress: NotOOF", False),
         ("X-Apple-Action: VACATION", True),
         ("Content-Type: multipart/report; report-type=delivery-status", True),
         ("Content-Type: text/plain; charset=utf-8", False),
@@ -186,6 +217,24 @@ def test_repeated_header_any_value_counts(headers: list[str], signal: str | None
 
 
 @pytest.mark.parametrize(
+    ("header", "signal"),
+    [
+        # The stored signal names the keyword alone, or the whole value on one line.
+        ("Precedence: Bulk (sent by list)", "Precedence: bulk"),
+        ("X-Precedence: junk; x=y", "X-Precedence: junk"),
+        ("Auto-Submitted: auto-replied\r\n (vacation)", "Auto-Submitted: auto-replied (vacation)"),
+        ("X-Auto-Response-Suppress: DR,\r\n\tOOF", "X-Auto-Response-Suppress: DR, OOF"),
+    ],
+)
+def test_header_signal_text(header: str, signal: str) -> None:
+    from guardrail.loops import machine_signal
+    from guardrail.message import summarize
+
+    summary = summarize(f"From: Bob <bob@example.org>\r\nSubject: Re: hi\r\n{header}\r\n\r\nx".encode())
+    assert machine_signal(summary, "bob@example.org", "mx.test.example") == signal
+
+
+@pytest.mark.parametrize(
     ("value", "keyword"),
     [
         ("no", "no"),
@@ -216,13 +265,13 @@ def test_repeated_header_any_value_counts(headers: list[str], signal: str | None
     ],
 )
 def test_auto_submitted_keyword_table(value: str, keyword: str) -> None:
-    from guardrail.loops import auto_submitted_keyword, machine_signal
+    from guardrail.loops import header_keyword, machine_signal
     from guardrail.message import summarize
 
     summary = summarize(f"From: Bob <bob@example.org>\r\nSubject: Re: hi\r\nAuto-Submitted: {value}\r\n\r\nx".encode())
     signal = machine_signal(summary, "bob@example.org", "mx.test.example")
 
-    assert auto_submitted_keyword(value) == keyword
+    assert header_keyword(value) == keyword
     # RFC 3834 section 5: every value but the keyword "no" marks automatic mail.
     if keyword == "no":
         assert signal is None
