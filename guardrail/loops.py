@@ -56,8 +56,11 @@ DEFAULT_SENDER_PATTERNS = (
 # ("Automatic reply: Order 1234"). People write the same words inside
 # sentences ("My parcel is undelivered", "Question about auto-reply
 # settings"), and those must still be acknowledged, so a phrase counts only
-# at the start. Subjects are compared after case folding and removing
-# accents, so patterns are written without them.
+# at the start. A bare word for an absence ("Absence", "Abwesenheit",
+# "Nieobecność", "休暇") also starts a person's leave notice ("Absence: Marie
+# Dupont, 3 March"), so only the longer phrases that auto-replies use count.
+# Subjects are compared after case folding and removing accents, so
+# patterns are written without them.
 _SUBJECT_PHRASES = (
     # English ("Auto:" starts some out-of-office replies)
     r"auto(?=\s*:)",
@@ -74,12 +77,13 @@ _SUBJECT_PHRASES = (
     r"failure notice",
     # French
     r"reponse automatique",
-    r"(message d'|notification d')?absence( du bureau)?",
+    r"(message|notification) d'absence",
+    r"absence du bureau",
     r"absent(e)? du bureau",
     r"non remis",
     # German
     r"automatische antwort",
-    r"abwesenheit(snotiz|smeldung|sassistent)?",
+    r"abwesenheits(notiz|meldung|assistent)",
     r"nicht im buro",
     r"ausser haus",
     r"unzustellbar",
@@ -96,13 +100,11 @@ _SUBJECT_PHRASES = (
     # Polish
     r"automatyczna odpowiedz",
     r"odpowiedz automatyczna",
-    r"nieobecnosc",
     r"poza biurem",
     # Japanese
     "自動応答",
     "自動返信",
     "不在",
-    "休暇",
 )
 # The phrase, in brackets or not, then the end of the subject, a colon, a
 # closing bracket or an opening parenthesis.

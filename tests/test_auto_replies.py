@@ -335,6 +335,18 @@ def test_sender_patterns_keep_own_flags() -> None:
         ("Pedido ausente de la caja", False),
         ("不在票が届きました", False),
         ("Re: Out of office?", False),
+        ("Automatic renewal question", False),
+        ("Out of office furniture order", False),
+        ("Auto renewal: charged twice", False),
+        # Auto-replies name an absence with a longer phrase than a person's leave notice does.
+        ("Message d'absence : votre demande", True),
+        ("Absence du bureau", True),
+        ("Abwesenheitsnotiz: Ihre Anfrage", True),
+        ("Absence: Marie Dupont, 3 March", False),
+        ("Absence", False),
+        ("Abwesenheit: Krankmeldung vom 3. März", False),
+        ("Nieobecność: Jan Kowalski, 3 marca", False),
+        ("休暇：3月の申請について", False),
     ],
 )
 def test_auto_reply_subject_table(subject: str, automatic: bool) -> None:
