@@ -59,6 +59,10 @@ DEFAULT_SENDER_PATTERNS = (
 # at the start. A bare word for an absence ("Absence", "Abwesenheit",
 # "Nieobecność", "休暇") also starts a person's leave notice ("Absence: Marie
 # Dupont, 3 March"), so only the longer phrases that auto-replies use count.
+# A delivery report also comes from the null sender and carries a report
+# part, so the phrases that read as a customer's complaint about a parcel
+# ("Delivery delayed: order 1234", "Non remis", "No entregado") are left to
+# those signals.
 # Subjects are compared after case folding and removing accents, so
 # patterns are written without them.
 _SUBJECT_PHRASES = (
@@ -71,7 +75,7 @@ _SUBJECT_PHRASES = (
     r"vacation (reply|notice|message)",
     r"undeliverable",
     r"undelivered mail( returned to sender)?",
-    r"delivery (status notification|failure|has failed|delayed)",
+    r"delivery (status notification|failure|has failed)",
     r"mail delivery (failed|failure|system)",
     r"returned mail",
     r"failure notice",
@@ -80,7 +84,6 @@ _SUBJECT_PHRASES = (
     r"(message|notification) d'absence",
     r"absence du bureau",
     r"absent(e)? du bureau",
-    r"non remis",
     # German
     r"automatische antwort",
     r"abwesenheits(notiz|meldung|assistent)",
@@ -91,7 +94,6 @@ _SUBJECT_PHRASES = (
     r"respuesta automatica",
     r"fuera de (la )?oficina",
     r"ausente",
-    r"no entregado",
     # Dutch
     r"automatisch antwoord",
     r"afwezig(heidsbericht|heidsmelding)?",

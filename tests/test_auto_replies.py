@@ -347,6 +347,11 @@ def test_sender_patterns_keep_own_flags() -> None:
         ("Abwesenheit: Krankmeldung vom 3. März", False),
         ("Nieobecność: Jan Kowalski, 3 marca", False),
         ("休暇：3月の申請について", False),
+        # A customer's complaint about a parcel, in the words some delivery reports use.
+        ("Delivery delayed: order 1234", False),
+        ("Delivery delayed (order 1234)", False),
+        ("Non remis : colis 1234", False),
+        ("No entregado: pedido 1234", False),
     ],
 )
 def test_auto_reply_subject_table(subject: str, automatic: bool) -> None:
@@ -382,6 +387,19 @@ FORWARDED_BOUNCE = (
     'Subject: Undelivered Mail\r\nContent-Type: multipart/report; report-type=delivery-status; boundary="inner"\r\n\r\n'
     f"--inner\r\nContent-Type: message/delivery-status\r\n\r\n{DELIVERY_STATUS}\r\n--inner--",
 )
+
+
+def test_delay_report_found_without_its_subject() -> None:
+    from guardrail.loops import machine_signal
+    from guardrail.message import summarize
+
+    data = multipart("multipart/report; report-type=delivery-status",
+                     [("text/plain", "Delivery is delayed."), ("message/delivery-status", DELIVERY_STATUS)],
+                     subject="Delivery delayed: Order 1234")
+    assert machine_signal(summarize(data), "", "mx.test.example") == "multipart/report"
+    # A delay notice in plain text still comes from the null sender (RFC 5321 section 4.5.5).
+    plain = b"From: Mail Delivery System <mailer@mx.example.net>\r\nSubject: Delivery delayed: Order 1234\r\n\r\nStill trying.\r\n"
+    assert machine_signal(summarize(plain), "", "mx.test.example") == "null envelope sender"
 
 
 @pytest.mark.parametrize("with_body", [True, False])
