@@ -62,11 +62,12 @@ DEFAULT_SENDER_PATTERNS = (
 # A delivery report also comes from the null sender and carries a report
 # part, so the phrases that read as a customer's complaint about a parcel
 # ("Delivery delayed: order 1234", "Non remis", "No entregado") are left to
-# those signals.
-# Subjects are compared after case folding and removing accents, so
-# patterns are written without them.
+# those signals. Subjects are compared after case folding and removing
+# accents, so patterns are written without them.
 _SUBJECT_PHRASES = (
-    # English ("Auto:" starts some out-of-office replies)
+    # English. Dovecot's Sieve vacation action puts "Auto: " before the
+    # original subject when the script names none, so "Auto:" counts,
+    # although a person may start a subject with it too.
     r"auto(?=\s*:)",
     r"auto(matic|mated)?[- ]?(reply|response|answer)",
     r"out of (the )?office( reply| notice| auto-?reply)?",
@@ -81,7 +82,7 @@ _SUBJECT_PHRASES = (
     r"failure notice",
     # French
     r"reponse automatique",
-    r"(message|notification) d'absence",
+    r"(message|notification) d['’]absence",
     r"absence du bureau",
     r"absent(e)? du bureau",
     # German
@@ -90,27 +91,40 @@ _SUBJECT_PHRASES = (
     r"nicht im buro",
     r"ausser haus",
     r"unzustellbar",
-    # Spanish
+    # Spanish ("Ausente" also in Portuguese)
     r"respuesta automatica",
     r"fuera de (la )?oficina",
     r"ausente",
+    # Italian
+    r"risposta automatica",
+    r"fuori (sede|ufficio)",
+    # Portuguese
+    r"resposta automatica",
+    r"fora do escritorio",
     # Dutch
     r"automatisch antwoord",
     r"afwezig(heidsbericht|heidsmelding)?",
     r"niet aanwezig",
     r"onbestelbaar",
+    # Swedish ("automatiskt"), Danish and Norwegian ("automatisk")
+    r"automatiskt? svar",
+    r"autosvar",
+    r"franvaromeddelande",
     # Polish
     r"automatyczna odpowiedz",
     r"odpowiedz automatyczna",
     r"poza biurem",
+    # Czech
+    r"automaticka odpoved",
+    r"mimo kancelar",
     # Japanese
-    "自動応答",
-    "自動返信",
+    "自動(応答|返信)(メール)?",
     "不在",
 )
-# The phrase, in brackets or not, then the end of the subject, a colon, a
-# closing bracket or an opening parenthesis.
-_AUTOREPLY_SUBJECTS = re.compile(r"\s*\[?(?:" + "|".join(_SUBJECT_PHRASES) + r")\s*(?:$|[:：\]\(])")
+# The phrase, in square or lenticular (Japanese) brackets or in none, then
+# the end of the subject, a colon, a closing bracket or an opening
+# parenthesis.
+_AUTOREPLY_SUBJECTS = re.compile(r"\s*[\[【]?(?:" + "|".join(_SUBJECT_PHRASES) + r")\s*(?:$|[:：\]】\(])")
 
 
 def fold(text: str) -> str:
