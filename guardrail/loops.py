@@ -129,6 +129,8 @@ _AUTOREPLY_SUBJECTS = re.compile(r"\s*[\[【]?(?:" + "|".join(_SUBJECT_PHRASES) 
 
 def fold(text: str) -> str:
     """Case-fold `text` and remove accents, so "Réponse" compares as "reponse"."""
+    if text.isascii():
+        return text.lower()  # the same result for ASCII text, about 30 times faster
     decomposed = unicodedata.normalize("NFKD", text.casefold())
     return "".join(char for char in decomposed if not unicodedata.combining(char))
 

@@ -397,6 +397,19 @@ def test_auto_reply_subject_table(subject: str, automatic: bool) -> None:
     assert (machine_signal(summary, "bob@example.org", "mx.test.example") is not None) is automatic
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["".join(map(chr, range(128))), "Automatic Reply: ORDER 1234", "Réponse automatique", "Straße ǅ ﬁ ＡＵＴＯ：", ""],
+)
+def test_fold_matches_full_folding(text: str) -> None:
+    import unicodedata
+
+    from guardrail.loops import fold
+
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    assert fold(text) == "".join(char for char in decomposed if not unicodedata.combining(char))
+
+
 def multipart(content_type: str, parts: list[tuple[str, str]], *, subject: str = "Re: hi") -> bytes:
     """Return a message from a person's address whose body is `parts`, each a (Content-Type, body) pair."""
     boundary = "outer-boundary"
