@@ -37,6 +37,9 @@ _MAX_LITERALS = 256
 _PROBES = tuple(chr(code) for code in range(256)) + tuple("\u017f\u0130\u212a\u2028\u3000\u0663\u4e2d\u2014")
 
 
+# The single-character matchers of a parse tree.
+_SINGLE_CHARACTER = (sre.LITERAL, sre.NOT_LITERAL, sre.IN, sre.ANY) if sre is not None else ()
+
 # A leading repeat as written: one character, escape or class, then a quantifier.
 _LEADING_REPEAT = re.compile(r"(?:\\.|\[(?:\\.|[^\]])+\]|[^\\(\[])(?:[*+]|\{\d*,\d*\})[?+]?")
 
@@ -58,13 +61,20 @@ class Backtracking:
     # the leading repeat's maximum, or None when unbounded.
     maximum: int | None
     leading: str = ""  # for "search": the leading repeat as written, such as \s+
+    # For "search": single characters come before the repeat, as \s does in \s\s+$.
+    prefixed: bool = False
 
     def describe(self, pattern: str) -> str:
         """Return a sentence naming `pattern`, the time it can take, and the fix."""
         # Quoted as written in regex syntax, because repr would double every backslash.
         quoted = f"'{pattern}'" if pattern.isprintable() else repr(pattern)
         if self.cause == "search":
-            if self.leading in (".*", ".*?"):
+            if self.prefixed:
+                fix = (
+                    f"anchor it with ^ or \\b, or give the repeat a maximum below {LONG_LEADING_REPEAT}, such as"
+                    " {1,100}, since a lookbehind cannot keep the same matches here"
+                )
+            elif self.leading in (".*", ".*?"):
                 fix = f"remove the leading {self.leading}, since a search finds the rest anywhere without it"
             else:
                 fix = (
@@ -76,8 +86,9 @@ class Backtracking:
                 else f"the text's length times the repeat's maximum of {self.maximum}"
             )
             return (
-                f"the pattern {quoted} can take time that grows with {growth}, because a search tries its leading"
-                f" {self.leading or 'repeat'} at every position of a long run of matching characters; {fix}"
+                f"the pattern {quoted} can take time that grows with {growth}, because a search tries its"
+                f" {'repeat' if self.prefixed else 'leading'} {self.leading or 'repeat'} at every position of a long run"
+                f" of matching characters; {fix}"
             )
         growth = "exponential time" if self.maximum is None else f"time that grows with the input's length to the power {self.maximum}"
         if self.cause == "alternatives":
@@ -121,25 +132,32 @@ def find_slow_search(pattern: re.Pattern[str]) -> Backtracking | None:
     long run of such characters, the repeat consumes the rest of the run
     before the match fails: n positions of up to n steps each. A bounded
     repeat of LONG_LEADING_REPEAT or more, such as \\s{1,5000}$, takes up to
-    its maximum steps at each position. A pattern anchored with ^ or \\b, or
-    started with a lookaround, is tried in earnest at few positions and is
-    not reported.
+    its maximum steps at each position. Single characters before the
+    repeat change nothing when one character matches them all and the
+    repeat too, as \\s does in \\s\\s+$ and a does in a[a-z]+\\d: a run of
+    that character starts a match at every position. A pattern anchored
+    with ^ or \\b, or started with a lookaround, is tried in earnest at few
+    positions and is not reported.
     """
     if sre_parser is None:
         return None
     try:
-        maximum = _slow_start(_flatten(list(sre_parser.parse(pattern.pattern, pattern.flags))))
-        if maximum is False:
+        found = _slow_start(_flatten(list(sre_parser.parse(pattern.pattern, pattern.flags))), [])
+        if found is False:
             return None
-        return Backtracking("search", maximum, _leading_text(pattern.pattern))
+        maximum, prefixed = found
+        return Backtracking("search", maximum, _leading_text(pattern.pattern, prefixed), prefixed)
     except Exception:  # noqa: BLE001 - re._parser is private, so a changed tree shape means "unknown"
         return None
 
 
-def _slow_start(items: list[Any]) -> int | None | Literal[False]:
+def _slow_start(items: list[Any], before: list[Any]) -> tuple[int | None, bool] | Literal[False]:
     """Return the maximum of a long repeat of single characters that starts the sequence and that what follows can make fail.
 
-    None stands for an unbounded repeat; False means there is no such repeat.
+    The maximum is None for an unbounded repeat. `before` holds the
+    single-character matchers passed on the way, and one character must
+    match all of them and the repeat. The second value is True when there
+    were any. False means there is no such repeat.
 
     A search tries every branch of a leading alternation at each position,
     so one such branch is enough, as in \\s+$|urgent. An atomic group gives
@@ -150,24 +168,35 @@ def _slow_start(items: list[Any]) -> int | None | Literal[False]:
         return False
     op, argument = items[0]
     if op is sre.BRANCH:
-        found = [_slow_start(_flatten(branch) + items[1:]) for branch in argument[1]]
-        slow = [maximum for maximum in found if maximum is not False]
+        found = [_slow_start(_flatten(branch) + items[1:], before) for branch in argument[1]]
+        slow = [result for result in found if result is not False]
         if not slow:
             return False
-        return None if None in slow else max(slow)  # type: ignore[type-var]
+        maximums = [maximum for maximum, _ in slow]
+        return (None if None in maximums else max(maximums)), any(prefixed for _, prefixed in slow)  # type: ignore[type-var]
     if op is sre.ATOMIC_GROUP:
-        return _slow_start(_flatten(argument) + items[1:])
+        return _slow_start(_flatten(argument) + items[1:], before)
+    if op in _SINGLE_CHARACTER:
+        return _slow_start(items[1:], before + [(op, argument)])
     if op not in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
         return False
-    _, maximum, body = argument
+    minimum, maximum, body = argument
     body_items = _flatten(body)
-    if maximum != sre.MAXREPEAT and maximum < LONG_LEADING_REPEAT:
+    if len(body_items) != 1 or body_items[0][0] not in _SINGLE_CHARACTER:
         return False
-    if len(body_items) != 1 or body_items[0][0] not in (sre.LITERAL, sre.NOT_LITERAL, sre.IN, sre.ANY):
+    if maximum != sre.MAXREPEAT and maximum < LONG_LEADING_REPEAT:
+        # A short repeat, such as \s{2}, passes on as single characters do.
+        return _slow_start(items[1:], before + body_items) if minimum >= 1 else False
+    if before and not _common_character(before + body_items):
         return False
     if not _can_fail(items[1:]):
         return False
-    return None if maximum == sre.MAXREPEAT else maximum
+    return (None if maximum == sre.MAXREPEAT else maximum), bool(before)
+
+
+def _common_character(matchers: list[Any]) -> bool:
+    """Return True when some character meets every one of `matchers`."""
+    return any(all(_matches(matcher, probe) for matcher in matchers) for probe in _PROBES)
 
 
 def _can_fail(items: list[Any]) -> bool:
@@ -175,9 +204,12 @@ def _can_fail(items: list[Any]) -> bool:
     return any(not (op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT) and argument[0] == 0) for op, argument in items)
 
 
-def _leading_text(pattern: str) -> str:
-    """Return the leading repeat of `pattern` as written, such as \\s+ or [a-z]{2,}; "" when it cannot be cut out plainly."""
-    match = _LEADING_REPEAT.match(pattern)
+def _leading_text(pattern: str, prefixed: bool) -> str:
+    """Return the slow repeat of `pattern` as written, such as \\s+ or [a-z]{2,}; "" when it cannot be cut out plainly.
+
+    The repeat starts the pattern, or when `prefixed` is True, it is the first repeat written.
+    """
+    match = _LEADING_REPEAT.search(pattern) if prefixed else _LEADING_REPEAT.match(pattern)
     return match.group(0) if match else ""
 
 

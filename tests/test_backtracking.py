@@ -170,6 +170,49 @@ def test_short_bounded_leading_repeat_not_flagged(pattern: str) -> None:
     assert find_slow_search(re.compile(pattern)) is None
 
 
+# Single characters before a repeat that one character matches together with it:
+# a run of that character starts a match at every position all the same.
+SLOW_PREFIXED_SEARCHES = [
+    # (pattern, the repeat as the description quotes it)
+    (r"\s\s+$", r"\s+"),
+    (r" \s+x", r"\s+"),
+    (r"a[a-z]+\d", "[a-z]+"),
+    (r"[a-z]\w+@", r"\w+"),
+    (r"\s{2}\s+$", r"\s+"),
+    (r"x.*urgent", ".*"),
+    (r"(?:\s|-)\s+$|urgent", r"\s+"),
+]
+
+FAST_PREFIXED_SEARCHES = [
+    r"a\s+$",  # no character is both "a" and a space
+    r"x\d+y",
+    r"(?i)re:\s+$",
+    r"\.[a-z]+$",
+    r"-\s*-+$",
+    r"a\s+",  # nothing after the repeat can fail
+    r"\ba[a-z]+\d",
+    r"[A-Z]{2,5}\d",
+]
+
+
+@pytest.mark.parametrize(("pattern", "repeat"), SLOW_PREFIXED_SEARCHES)
+def test_slow_search_after_single_characters_flagged(pattern: str, repeat: str) -> None:
+    assert find_slow_search(re.compile(pattern)) == Backtracking("search", None, repeat, prefixed=True)
+
+
+@pytest.mark.parametrize("pattern", FAST_PREFIXED_SEARCHES)
+def test_fast_search_after_single_characters_not_flagged(pattern: str) -> None:
+    assert find_slow_search(re.compile(pattern)) is None
+
+
+def test_description_of_prefixed_search_names_fix() -> None:
+    text = Backtracking("search", None, "[a-z]+", prefixed=True).describe(r"a[a-z]+\d")
+
+    assert text.startswith(r"the pattern 'a[a-z]+\d' can take time that grows with the square of the text's length,")
+    assert "a search tries its repeat [a-z]+ at every position of a long run of matching characters" in text
+    assert r"anchor it with ^ or \b, or give the repeat a maximum below 1000, such as {1,100}" in text
+
+
 def test_description_of_bounded_search_names_maximum() -> None:
     bounded = Backtracking("search", 5000, r"\s{1,5000}").describe(r"\s{1,5000}$")
 
