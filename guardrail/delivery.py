@@ -61,6 +61,32 @@ def retry_delay(attempt: int, initial: timedelta, maximum: timedelta) -> timedel
     return timedelta(seconds=wait(state))
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """The retry schedule of one kind of outbox row after temporary failures."""
+
+    initial: timedelta  # the backoff after the first failed attempt, doubled after each further one
+    maximum: timedelta  # the maximum backoff
+    give_up_after: timedelta  # a row this old fails for good at its next temporary failure
+    attempts: int | None = None  # the maximum number of attempts of one row, or None for no limit but give_up_after
+
+
+def retry_policy(kind: str, config: Config) -> RetryPolicy:
+    """Return the retry policy of outbox rows of `kind`, from `[webhooks]` for webhooks and `[delivery]` for mail."""
+    delivery = config.delivery
+    if kind == "webhook":
+        webhooks = config.webhooks
+        return RetryPolicy(webhooks.retry_initial, webhooks.retry_max, delivery.give_up_after, webhooks.attempts)
+    return RetryPolicy(delivery.retry_initial, delivery.retry_max, delivery.give_up_after)
+
+
+def gives_up(policy: RetryPolicy, attempts: int, age: timedelta) -> bool:
+    """Return True when a row whose attempt number `attempts` failed for now, `age` after it was queued, fails for good."""
+    if policy.attempts is not None and attempts >= policy.attempts:
+        return True
+    return age >= policy.give_up_after
+
+
 def clean_header_value(value: str) -> str:
     """Return `value` with CR, LF and NUL replaced, safe to place in a header."""
     return value.replace("\r", " ").replace("\n", " ").replace("\x00", " ")
@@ -439,11 +465,13 @@ class DeliveryWorker:
                              error=str(error), kind=row.kind)
 
     def _retry_or_give_up(self, row: OutboxRow, attempts: int, error: Exception) -> AttemptResult:
+        """Return the result of an attempt that failed for now: pending until a stored time, or failed once its policy gives up."""
         now = self._clock.now()
         text = str(error) if isinstance(error, TemporaryDeliveryError) else f"unexpected error: {error!r}"
-        if now - row.created_at >= self._config.delivery.give_up_after:
+        policy = retry_policy(row.kind, self._config)
+        if gives_up(policy, attempts, now - row.created_at):
             return self._failed(row, attempts, f"gave up after {attempts} attempts: {text}")
-        delay = retry_delay(attempts, self._config.delivery.retry_initial, self._config.delivery.retry_max)
+        delay = retry_delay(attempts, policy.initial, policy.maximum)
         self._metrics.delivery_failures.labels(row.kind, "no").inc()
         log.warning("delivery_deferred", error=text, attempts=attempts, retry_in_seconds=round(delay.total_seconds(), 1))
         return AttemptResult(row.id, row.conversation_id, row.message_row, now, "pending", attempts,

@@ -28,6 +28,9 @@ from guardrail.delivery import (
     MAILDIR_BATCH,
     RESCAN_EVERY,
     DeliveryWorker,
+    RetryPolicy,
+    gives_up,
+    retry_policy,
     trace_headers,
 )
 from guardrail.plan import Submission
@@ -262,3 +265,41 @@ async def test_smarthost_gets_body_8bitmime_for_8bit_data(tmp_path: Path, start_
     # aiosmtplib adds SIZE= itself.
     assert "BODY=8BITMIME" in options[b"Message-ID: <8bit@example.com>"]
     assert not any(option.startswith("BODY=") for option in options[b"Message-ID: <7bit@example.com>"])
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("deliver", RetryPolicy(timedelta(seconds=30), timedelta(hours=1), timedelta(days=5))),
+        ("mail", RetryPolicy(timedelta(seconds=30), timedelta(hours=1), timedelta(days=5))),
+        ("webhook", RetryPolicy(timedelta(seconds=2), timedelta(minutes=1), timedelta(days=5), attempts=4)),
+    ],
+)
+def test_retry_policy_by_kind(tmp_path: Path, kind: str, expected: RetryPolicy) -> None:
+    config = load_config(write_config(tmp_path, sections={
+        "delivery": {"retry_initial": "30s", "retry_max": "1h", "give_up_after": "5d"},
+        "webhooks": {"attempts": 4, "retry_initial": "2s", "retry_max": "1m"},
+    }))
+
+    assert retry_policy(kind, config) == expected
+
+
+MAIL_POLICY = RetryPolicy(timedelta(seconds=30), timedelta(hours=1), timedelta(days=5))
+WEBHOOK_POLICY = RetryPolicy(timedelta(seconds=1), timedelta(seconds=30), timedelta(days=5), attempts=3)
+
+
+@pytest.mark.parametrize(
+    ("policy", "attempts", "age", "expected"),
+    [
+        (MAIL_POLICY, 1, timedelta(0), False),
+        (MAIL_POLICY, 500, timedelta(days=4, hours=23), False),
+        (MAIL_POLICY, 2, timedelta(days=5), True),
+        (WEBHOOK_POLICY, 1, timedelta(0), False),
+        (WEBHOOK_POLICY, 2, timedelta(minutes=1), False),
+        (WEBHOOK_POLICY, 3, timedelta(minutes=1), True),
+        (WEBHOOK_POLICY, 1, timedelta(days=6), True),
+        (RetryPolicy(timedelta(seconds=1), timedelta(seconds=30), timedelta(days=5), attempts=1), 1, timedelta(0), True),
+    ],
+)
+def test_gives_up(policy: RetryPolicy, attempts: int, age: timedelta, expected: bool) -> None:
+    assert gives_up(policy, attempts, age) is expected
