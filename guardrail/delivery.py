@@ -514,11 +514,11 @@ class DeliveryWorker:
         return Destination("smtp", addresses=recipients), data, Envelope(sender, recipients, sender), details
 
     async def _post_webhook(self, row: OutboxRow) -> None:
+        """POST a webhook row's body once. A failure raises, and the caller records it."""
         webhook = Webhook(row.target["url"], row.target.get("format", "json"), row.target.get("secret_env"))
         structlog.contextvars.bind_contextvars(destination=f"webhook {webhook.url}")
         body = json.loads(row.payload if row.payload is not None else await self._store.outbox_payload(row.id))
-        tries = await self._webhooks.post(row.id, webhook, body)
-        log.info("webhook_delivered", tries=tries)
+        await self._webhooks.post(row.id, webhook, body)
 
 
 def _row_context(row: OutboxRow) -> dict[str, Any]:

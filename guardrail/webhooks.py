@@ -1,17 +1,17 @@
-"""Escalation webhooks over HTTP with httpx, retried with tenacity.
+"""Escalation webhooks over HTTP with httpx, one POST per delivery attempt.
 
-Retries cover 5xx, 429, timeouts and connection errors; any other 4xx is
-final. Every try of one outbox row carries the same Idempotency-Key, so a
-receiver can drop repeats, including those after a restart.
+A 2xx reply delivers the outbox row. 5xx, 429, timeouts and connection
+errors are temporary, so the outbox worker stores the next attempt as it
+does for deferred mail. Any other reply is final. Every attempt of one
+outbox row carries the same Idempotency-Key, so a receiver can drop
+repeats, including those after a restart.
 """
 
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import httpx
-import tenacity
 
 from .clock import Clock
 from .config import WebhookSettings
@@ -20,23 +20,27 @@ from .escalation import SIGNATURE_HEADER, sign, webhook_payload
 from .rules_sla import Webhook
 
 
-def _seconds(duration: timedelta) -> float:
-    return duration.total_seconds()
+def status_outcome(status: int) -> str:
+    """Return what an HTTP reply status means for a webhook: "delivered", "temporary" or "permanent"."""
+    if 200 <= status < 300:
+        return "delivered"
+    if status == 429 or status >= 500:
+        return "temporary"
+    return "permanent"
 
 
 class WebhookSender:
-    """Posts escalation bodies; raises PermanentDeliveryError once retries are exhausted or pointless."""
+    """Posts escalation bodies, once per call."""
 
     def __init__(self, settings: WebhookSettings, clock: Clock, client: httpx.AsyncClient | None = None) -> None:
-        self._settings = settings
         self._clock = clock
-        self._client = client or httpx.AsyncClient(timeout=_seconds(settings.timeout), follow_redirects=False)
+        self._client = client or httpx.AsyncClient(timeout=settings.timeout.total_seconds(), follow_redirects=False)
 
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def post(self, outbox_id: int, webhook: Webhook, body: dict[str, object]) -> int:
-        """Post `body` to `webhook`; return the number of tries it took."""
+    async def post(self, outbox_id: int, webhook: Webhook, body: dict[str, object]) -> None:
+        """Post `body` to `webhook` once. Raise TemporaryDeliveryError or PermanentDeliveryError on failure."""
         payload = webhook_payload(webhook, body)
         headers = {
             "Content-Type": "application/json",
@@ -48,26 +52,7 @@ class WebhookSender:
             if not secret:
                 raise PermanentDeliveryError(f"environment variable {webhook.secret_env!r} with the webhook secret is not set")
             headers[SIGNATURE_HEADER] = sign(secret, int(self._clock.now().timestamp()), payload)
-
-        retrying = tenacity.AsyncRetrying(
-            retry=tenacity.retry_if_exception_type(TemporaryDeliveryError),
-            stop=tenacity.stop_after_attempt(self._settings.attempts),
-            wait=tenacity.wait_exponential_jitter(
-                multiplier=_seconds(self._settings.retry_initial),
-                max=_seconds(self._settings.retry_max),
-                jitter=_seconds(self._settings.retry_initial),
-            ),
-            reraise=True,
-        )
-        tries = 0
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    tries += 1
-                    await self._post_once(webhook.url, payload, headers)
-        except TemporaryDeliveryError as error:
-            raise PermanentDeliveryError(f"webhook failed after {tries} tries: {error}") from error
-        return tries
+        await self._post_once(webhook.url, payload, headers)
 
     async def _post_once(self, url: str, payload: bytes, headers: dict[str, str]) -> None:
         try:
@@ -77,9 +62,8 @@ class WebhookSender:
         except httpx.TransportError as error:
             raise TemporaryDeliveryError(f"webhook {url} unreachable: {error!r}") from error
         status = response.status_code
-        if 200 <= status < 300:
-            return
-        if status == 429 or status >= 500:
+        outcome = status_outcome(status)
+        if outcome == "temporary":
             raise TemporaryDeliveryError(f"webhook {url} returned HTTP {status}")
-        raise PermanentDeliveryError(f"webhook {url} returned HTTP {status}; not retried")
-
+        if outcome == "permanent":
+            raise PermanentDeliveryError(f"webhook {url} returned HTTP {status}; not retried")

@@ -29,11 +29,12 @@ from structlog.testing import capture_logs
 from webhook_receiver import webhook_receiver
 
 from guardrail.cli import build_parser, main
-from guardrail.clock import ManualClock, format_instant
+from guardrail.clock import ManualClock, format_instant, parse_instant
 from guardrail.committer import Committer, EscalationRun
 from guardrail.daemon import answer_command
 from guardrail.escalation import Sender, plan_escalation
 from guardrail.store_batch import AttemptResult, ManualAnswer, StoreSettings
+from guardrail.webhooks import status_outcome
 
 SECRET = "test-webhook-secret"
 
@@ -172,12 +173,139 @@ async def test_webhook_is_signed_with_hmac(tmp_path: Path, start_daemon, webhook
     assert body["human"] == {"name": "Dana Duty", "address": "duty-manager@example.org"}
 
 
-async def test_webhook_4xx_not_retried(tmp_path: Path, start_daemon, webhook_secret: str) -> None:
-    message = case_file("escalation", "message.eml")
-    with webhook_receiver(statuses=[404]) as receiver:
+# One retry a minute or two after the first failure, then one after two to three minutes more.
+WEBHOOK_RETRIES = {"webhooks": {"attempts": 3, "retry_initial": "1m", "retry_max": "1h"}}
+
+
+def webhook_only_rules(webhook_url: str) -> str:
+    """Return rules whose first level only calls `webhook_url`, so a failed webhook sends the fallback human mail instead."""
+    return chain_rules(f"""[
+    {{ after = "0m", webhook = {{ url = "{webhook_url}", secret_env = "GUARDRAIL_TEST_WEBHOOK_SECRET" }} }},
+    {{ after = "2h", name = "Erik Head", address = "head-of-facilities@example.org" }},
+]""")
+
+
+def webhook_rows(database: Path) -> list[tuple[str, int, datetime, str | None]]:
+    """Return (state, attempts, next attempt, last error) of every webhook row in the outbox."""
+    with closing(sqlite3.connect(database)) as connection:
+        rows = connection.execute(
+            "SELECT state, attempts, next_attempt_at, last_error FROM outbox WHERE kind = 'webhook' ORDER BY id"
+        ).fetchall()
+    return [(state, attempts, parse_instant(next_at), error) for state, attempts, next_at, error in rows]
+
+
+async def escalated_at_deadline(config: Path, start_daemon, clock: ManualClock):
+    """Start a daemon on `config`, send the test message at 10:00 and move the clock to its 11:00 deadline."""
+    daemon = await start_daemon(config, clock=clock)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], case_file("escalation", "message.eml"))
+    await settle(daemon, clock)
+    await clock.set(at("2025-11-17T11:00:00"))
+    await settle(daemon, clock)
+    return daemon
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [(200, "delivered"), (204, "delivered"), (301, "permanent"), (400, "permanent"), (404, "permanent"),
+     (408, "permanent"), (429, "temporary"), (500, "temporary"), (503, "temporary")],
+)
+def test_webhook_status_outcome(status: int, outcome: str) -> None:
+    assert status_outcome(status) == outcome
+
+
+async def test_webhook_retry_waits_for_stored_time(tmp_path: Path, start_daemon, webhook_secret: str) -> None:
+    with webhook_receiver(statuses=[503]) as receiver:
+        config = write_config(tmp_path, rules=facilities_rules(receiver.url), sections=WEBHOOK_RETRIES)
         clock = ManualClock(at("2025-11-17T10:00:00"))
-        daemon = await start_daemon(write_config(tmp_path, rules=facilities_rules(receiver.url)), clock=clock)
-        await send(daemon.port, "alice@example.com", ["support@example.org"], message)
+        daemon = await escalated_at_deadline(config, start_daemon, clock)
+        database = daemon.config.database_path
+
+        # One POST, and the row waits in the outbox for its stored next attempt.
+        assert len(receiver.requests) == 1
+        [(state, attempts, retry_at, error)] = webhook_rows(database)
+        assert (state, attempts) == ("pending", 1)
+        assert error is not None and error.endswith("returned HTTP 503")
+        assert at("2025-11-17T11:01:00") <= retry_at <= at("2025-11-17T11:02:00")
+
+        await clock.set(retry_at - timedelta(seconds=1))
+        await settle(daemon, clock)
+        assert len(receiver.requests) == 1
+
+        await clock.set(retry_at)
+        await settle(daemon, clock)
+
+    assert len(receiver.requests) == 2
+    assert [row[:2] for row in webhook_rows(database)] == [("done", 2)]
+    assert len({request.headers["idempotency-key"] for request in receiver.requests}) == 1
+
+
+async def test_webhook_attempts_survive_restart(tmp_path: Path, start_daemon, webhook_secret: str) -> None:
+    with webhook_receiver(statuses=[503, 503]) as receiver:
+        config = write_config(tmp_path, rules=facilities_rules(receiver.url), sections=WEBHOOK_RETRIES)
+        daemon = await escalated_at_deadline(config, start_daemon, ManualClock(at("2025-11-17T10:00:00")))
+        database = daemon.config.database_path
+        [(_, attempts, retry_at, _)] = webhook_rows(database)
+        assert attempts == 1
+        await daemon.stop()
+
+        clock = ManualClock(retry_at)
+        daemon = await start_daemon(config, clock=clock)
+        await settle(daemon, clock)
+        # The second attempt counts on from the stored first one, and its backoff doubles.
+        [(state, attempts, second_retry_at, _)] = webhook_rows(database)
+        assert (state, attempts) == ("pending", 2)
+        assert second_retry_at >= retry_at + timedelta(minutes=2)
+
+        await clock.set(second_retry_at)
+        await settle(daemon, clock)
+
+    assert len(receiver.requests) == 3
+    assert [row[:2] for row in webhook_rows(database)] == [("done", 3)]
+    assert len({request.headers["idempotency-key"] for request in receiver.requests}) == 1
+
+
+async def test_webhook_fallback_after_last_attempt(tmp_path: Path, start_daemon, webhook_secret: str) -> None:
+    with webhook_receiver(statuses=[503, 503, 503]) as receiver:
+        config = write_config(
+            tmp_path, rules=webhook_only_rules(receiver.url),
+            sections={"webhooks": {**WEBHOOK_RETRIES["webhooks"], "attempts": 2}},
+        )
+        clock = ManualClock(at("2025-11-17T10:00:00"))
+        daemon = await escalated_at_deadline(config, start_daemon, clock)
+        database = daemon.config.database_path
+        [(state, _, retry_at, _)] = webhook_rows(database)
+        assert state == "pending"
+        assert escalations_to(tmp_path, "duty-manager@example.org") == []
+
+        await clock.set(retry_at)
+        await settle(daemon, clock)
+        # Nothing is tried after the last attempt.
+        await clock.set(at("2025-11-17T12:00:00"))
+        await settle(daemon, clock)
+
+    assert len(receiver.requests) == 2
+    [(state, attempts, _, error)] = webhook_rows(database)
+    assert (state, attempts) == ("failed", 2)
+    assert error is not None and error.startswith("gave up after 2 attempts: webhook ")
+    [mail] = escalations_to(tmp_path, "duty-manager@example.org")
+    assert "(level 1)" in mail["Subject"]
+
+
+async def test_webhook_404_fails_at_once(tmp_path: Path, start_daemon, webhook_secret: str) -> None:
+    with webhook_receiver(statuses=[404]) as receiver:
+        config = write_config(tmp_path, rules=webhook_only_rules(receiver.url), sections=WEBHOOK_RETRIES)
+        clock = ManualClock(at("2025-11-17T10:00:00"))
+        daemon = await escalated_at_deadline(config, start_daemon, clock)
+        database = daemon.config.database_path
+
+        # Failed at the first attempt, and the fallback mail went out at the same time.
+        assert len(receiver.requests) == 1
+        [(state, attempts, _, error)] = webhook_rows(database)
+        assert (state, attempts) == ("failed", 1)
+        assert error is not None and error.endswith("returned HTTP 404; not retried")
+        assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
+        assert clock.now() == at("2025-11-17T11:00:00")
+
         await advance_in_ticks(daemon, clock, at("2025-11-17T13:00:00"), tick=timedelta(minutes=30))
 
     assert len(receiver.requests) == 1
