@@ -87,6 +87,32 @@ def gives_up(policy: RetryPolicy, attempts: int, age: timedelta) -> bool:
     return age >= policy.give_up_after
 
 
+def after_partial(target: dict[str, Any], error: PartialDeliveryError) -> dict[str, Any]:
+    """Return an outbox target after an attempt that reached some recipients.
+
+    The target is addressed to the deferred recipients, and adds the accepted
+    ones to its "delivered" list and those rejected for good to "undelivered".
+    """
+    return {
+        **target,
+        "addresses": list(error.deferred),
+        "delivered": [*target.get("delivered", ()), *error.accepted],
+        "undelivered": [*target.get("undelivered", ()), *error.rejected],
+    }
+
+
+def reach(target: dict[str, Any], *, failed: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Return the recipients of an outbox target that have the message, and those that will not get it.
+
+    Once the row has failed, the recipients it is still addressed to will not get it either.
+    """
+    delivered = tuple(target.get("delivered", ()))
+    undelivered = tuple(target.get("undelivered", ()))
+    if failed:
+        undelivered += tuple(target.get("addresses", ()))
+    return delivered, undelivered
+
+
 def clean_header_value(value: str) -> str:
     """Return `value` with CR, LF and NUL replaced, safe to place in a header."""
     return value.replace("\r", " ").replace("\n", " ").replace("\x00", " ")
@@ -223,8 +249,11 @@ class Transport:
         if refused:
             deferred = tuple(address for address, reply in refused.items() if reply.code < 500)
             rejected = tuple(address for address, reply in refused.items() if reply.code >= 500)
+            accepted = tuple(address for address in envelope.recipients if address not in refused)
             message = "; ".join(f"{address}: {reply.code} {reply.message}" for address, reply in refused.items())
-            raise PartialDeliveryError(f"smarthost accepted the message for some recipients and rejected {message}", deferred, rejected)
+            raise PartialDeliveryError(
+                f"smarthost accepted the message for some recipients and rejected {message}", deferred, rejected, accepted
+            )
 
 
 def maildir_name(row: OutboxRow, hostname: str) -> str:
@@ -451,13 +480,15 @@ class DeliveryWorker:
                       fallback=f"escalation mail to {', '.join(mail.recipients)}" if mail else "none (nobody else to tell)")
         else:
             log.error("delivery_failed", error=error, attempts=attempts)
+        delivered, undelivered = reach(row.target, failed=True)
         return AttemptResult(row.id, row.conversation_id, row.message_row, self._clock.now(), "failed", attempts,
-                             error=error, kind=row.kind, fallback=fallback)
+                             error=error, kind=row.kind, fallback=fallback, delivered=delivered, undelivered=undelivered)
 
     def _partial(self, row: OutboxRow, attempts: int, error: PartialDeliveryError) -> AttemptResult:
         """Return the result of an attempt that reached some recipients: the next attempt goes to the deferred ones only."""
         if error.deferred:
-            return replace(self._retry_or_give_up(row, attempts, error), recipients=error.deferred)
+            advanced = replace(row, target=after_partial(row.target, error))
+            return replace(self._retry_or_give_up(advanced, attempts, error), recipients=error.deferred)
         # Every recipient that can get the message has it.
         self._metrics.delivery_failures.labels(row.kind, "yes").inc()
         log.error("delivery_failed", error=str(error), attempts=attempts, rejected=list(error.rejected))
@@ -474,8 +505,9 @@ class DeliveryWorker:
         delay = retry_delay(attempts, policy.initial, policy.maximum)
         self._metrics.delivery_failures.labels(row.kind, "no").inc()
         log.warning("delivery_deferred", error=text, attempts=attempts, retry_in_seconds=round(delay.total_seconds(), 1))
+        delivered, undelivered = reach(row.target, failed=False)
         return AttemptResult(row.id, row.conversation_id, row.message_row, now, "pending", attempts,
-                             next_attempt_at=now + delay, error=text, kind=row.kind)
+                             next_attempt_at=now + delay, error=text, kind=row.kind, delivered=delivered, undelivered=undelivered)
 
     async def _deliver(self, row: OutboxRow) -> None:
         if row.kind == "webhook":

@@ -78,12 +78,16 @@ class PartialDeliveryError(TemporaryDeliveryError):
 
     `deferred` are the recipients rejected with a 4xx reply, which are tried
     again. `rejected` are those rejected with a 5xx reply, which are not.
+    `accepted` are those the smarthost took the message for.
     """
 
-    def __init__(self, message: str, deferred: tuple[str, ...], rejected: tuple[str, ...]) -> None:
+    def __init__(
+        self, message: str, deferred: tuple[str, ...], rejected: tuple[str, ...], accepted: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(message)
         self.deferred = deferred
         self.rejected = rejected
+        self.accepted = accepted
 
 
 class PermanentDeliveryError(DeliveryError):

@@ -237,6 +237,11 @@ class AttemptResult:
     fallback: dict[str, Any] | None = None  # a mail to queue because this attempt failed
     # The recipients left for the next attempt, when the smarthost accepted the message for the others.
     recipients: tuple[str, ...] | None = None
+    # The recipients that have the message, and those that will not get it. The latter are the ones rejected for
+    # good, and once the row has failed, the ones left too. Both are stored with `recipients`, and a failed
+    # delivery's escalation reason names them.
+    delivered: tuple[str, ...] = ()
+    undelivered: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -518,7 +523,10 @@ class BatchWriter:
             done_at = at if result.state != "pending" else None
             self.rows["outbox_updates"].append((result.state, result.attempts, next_at, done_at, result.error or None, result.outbox_id))
             if result.recipients is not None:
-                self.rows["outbox_recipients"].append((json.dumps(list(result.recipients)), result.outbox_id))
+                self.rows["outbox_recipients"].append((
+                    json.dumps(list(result.recipients)), json.dumps(list(result.delivered)),
+                    json.dumps(list(result.undelivered)), result.outbox_id,
+                ))
             kind = {"done": "delivered", "pending": "delivery_deferred", "failed": "delivery_failed"}[result.state]
             detail: dict[str, Any] = {"outbox_id": result.outbox_id, "kind": result.kind, "attempts": result.attempts}
             if result.error:
@@ -867,7 +875,10 @@ _STATEMENTS = {
     "outbox_updates": (
         "UPDATE outbox SET state = ?, attempts = ?, next_attempt_at = ?, done_at = ?, last_error = ? WHERE id = ?"
     ),
-    "outbox_recipients": "UPDATE outbox SET target = json_set(target, '$.addresses', json(?)) WHERE id = ?",
+    "outbox_recipients": (
+        "UPDATE outbox SET target = json_set(target, '$.addresses', json(?), '$.delivered', json(?), '$.undelivered', json(?))"
+        " WHERE id = ?"
+    ),
     # A permanent delivery failure escalates at once, unless the conversation
     # was already escalated as unstaffed or is answered. A conversation that
     # needed no reply becomes open, because someone must now act on it.

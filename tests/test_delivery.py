@@ -29,10 +29,13 @@ from guardrail.delivery import (
     RESCAN_EVERY,
     DeliveryWorker,
     RetryPolicy,
+    after_partial,
     gives_up,
+    reach,
     retry_policy,
     trace_headers,
 )
+from guardrail.errors import PartialDeliveryError
 from guardrail.plan import Submission
 from guardrail.prepare import Envelope, Site, prepare_message
 from guardrail.store import Store
@@ -303,3 +306,33 @@ WEBHOOK_POLICY = RetryPolicy(timedelta(seconds=1), timedelta(seconds=30), timede
 )
 def test_gives_up(policy: RetryPolicy, attempts: int, age: timedelta, expected: bool) -> None:
     assert gives_up(policy, attempts, age) is expected
+
+
+@pytest.mark.parametrize(
+    ("addresses", "attempts", "pending", "failed"),
+    [
+        # Each attempt is (accepted, deferred, rejected), and reach is read after the last one.
+        (("a@example.net", "b@example.net"), [], ((), ()), ((), ("a@example.net", "b@example.net"))),
+        (("a@example.net", "b@example.net"), [(("a@example.net",), ("b@example.net",), ())],
+         (("a@example.net",), ()), (("a@example.net",), ("b@example.net",))),
+        (("a@example.net", "b@example.net", "c@example.net"),
+         [(("a@example.net",), ("b@example.net", "c@example.net"), ()), (("b@example.net",), ("c@example.net",), ())],
+         (("a@example.net", "b@example.net"), ()), (("a@example.net", "b@example.net"), ("c@example.net",))),
+        (("a@example.net", "b@example.net", "c@example.net"), [(("a@example.net",), ("b@example.net",), ("c@example.net",))],
+         (("a@example.net",), ("c@example.net",)), (("a@example.net",), ("c@example.net", "b@example.net"))),
+        (("b@example.net", "c@example.net"), [((), ("b@example.net",), ("c@example.net",))],
+         ((), ("c@example.net",)), ((), ("c@example.net", "b@example.net"))),
+    ],
+)
+def test_reach_after_partial_attempts(
+    addresses: tuple[str, ...],
+    attempts: list[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]],
+    pending: tuple[tuple[str, ...], tuple[str, ...]],
+    failed: tuple[tuple[str, ...], tuple[str, ...]],
+) -> None:
+    target = {"kind": "smtp", "maildir": "", "addresses": list(addresses)}
+    for accepted, deferred, rejected in attempts:
+        target = after_partial(target, PartialDeliveryError("partial", deferred, rejected, accepted))
+
+    assert reach(target, failed=False) == pending
+    assert reach(target, failed=True) == failed
