@@ -31,6 +31,10 @@ UNROUTED_REASON = "routing did not finish"
 # destination refused for good. The team never got the message, so its
 # escalation mail states that rather than "unstaffed".
 DELIVERY_FAILED_REASON = "delivery to the destination failed permanently"
+# The start of the escalation reason of a conversation whose message some of
+# its destination's addresses took and the others never took. The reason
+# names both, and so does the escalation mail.
+PARTIAL_DELIVERY_FAILED_REASON = "delivery to some of the destination's addresses failed permanently"
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,7 @@ def _plan_unstaffed(conversation: DueConversation, team: Team | None, rules: Rul
     if contact is None:
         plan.events.append({"kind": "escalation_failed", "reason": "nobody to escalate to"})
         return plan
-    title, text = _at_once_wording(conversation)
+    title, text = at_once_wording(conversation)
     subject = f"[{conversation.reference}] {title}: team {conversation.team}: {one_line(conversation.subject)}"
     data = escalation_mail(conversation, contact, subject, text, now, sender)
     fallback = _redirected(conversation, contact, rules.fallback, subject, text, now, sender)
@@ -150,7 +154,20 @@ def _redirected(
     return QueuedMail((other.address,), escalation_mail(conversation, other, subject, f"{note}\n\n{text}", now, sender))
 
 
-def _at_once_wording(conversation: DueConversation) -> tuple[str, str]:
+def delivery_failure_reason(delivered: tuple[str, ...], undelivered: tuple[str, ...], error: str) -> str:
+    """Return the escalation reason of a conversation whose delivery failed for good with `error`.
+
+    When some addresses have the message, the reason names them and the addresses that do not.
+    """
+    if not delivered:
+        return f"{DELIVERY_FAILED_REASON}: {error}"
+    return (
+        f"{PARTIAL_DELIVERY_FAILED_REASON}: delivered to {', '.join(delivered)};"
+        f" not delivered to {', '.join(undelivered)}: {error}"
+    )
+
+
+def at_once_wording(conversation: DueConversation) -> tuple[str, str]:
     """Return the subject's title and the text of a mail that escalates `conversation` at once, by its reason."""
     team, reason = conversation.team, conversation.reason
     if reason.startswith(UNROUTED_REASON):
@@ -162,6 +179,12 @@ def _at_once_wording(conversation: DueConversation) -> tuple[str, str]:
         return "Delivery failed", (
             f"This message never reached team {team!r}: {reason}.\n"
             "Nobody on the team has it. Answer the sender, or pass the message on to the team and fix its destination."
+        )
+    if reason.startswith(PARTIAL_DELIVERY_FAILED_REASON):
+        return "Delivery failed in part", (
+            f"This message reached only some addresses of team {team!r}: {reason}.\n"
+            "The addresses it was not delivered to do not have it. "
+            "Pass the message on to the people there, or answer the sender, and fix those addresses."
         )
     return "Unstaffed destination", f"Team {team!r} is unstaffed: {reason}.\nThe sender was acknowledged; nobody on the team can answer."
 

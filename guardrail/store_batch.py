@@ -21,9 +21,9 @@ from .acknowledgement import render_acknowledgement
 from .clock import format_instant, parse_instant
 from .conversations import KnownConversation, find_references, new_reference
 from .escalation import (
-    DELIVERY_FAILED_REASON,
     DueConversation,
     EscalationPlan,
+    delivery_failure_reason,
     encode_fallback,
 )
 from .plan import (
@@ -535,7 +535,8 @@ class BatchWriter:
             if result.state == "failed" and result.fallback:
                 self._outbox("mail", result.conversation_id, result.message_row, result.fallback["target"], result.fallback["payload"], at)
             if result.state == "failed" and result.kind == "deliver" and result.conversation_id is not None:
-                self.rows["failed_conversations"].append((at, f"{DELIVERY_FAILED_REASON}: {result.error}"[:500], at, result.conversation_id))
+                reason = delivery_failure_reason(result.delivered, result.undelivered, result.error)
+                self.rows["failed_conversations"].append((at, reason[:500], at, result.conversation_id))
 
     # -- escalations ----------------------------------------------------------
 

@@ -32,7 +32,13 @@ from guardrail.cli import build_parser, main
 from guardrail.clock import ManualClock, format_instant, parse_instant
 from guardrail.committer import Committer, EscalationRun
 from guardrail.daemon import answer_command
-from guardrail.escalation import Sender, plan_escalation
+from guardrail.escalation import (
+    DueConversation,
+    Sender,
+    at_once_wording,
+    delivery_failure_reason,
+    plan_escalation,
+)
 from guardrail.store_batch import AttemptResult, ManualAnswer, StoreSettings
 from guardrail.webhooks import status_outcome
 
@@ -485,6 +491,41 @@ async def test_failed_delivery_beside_escalation_escalates(tmp_path: Path, start
     assert [detail["level"] for detail in details] == ["unstaffed"]
     assert len(payloads) == 1
     assert b"Delivery failed" in payloads[0]
+
+
+GAVE_UP = "gave up after 3 attempts: smarthost deferred recipients"
+
+
+@pytest.mark.parametrize(
+    ("delivered", "undelivered", "reason", "title", "nobody"),
+    [
+        ((), (), f"delivery to the destination failed permanently: {GAVE_UP}", "Delivery failed", True),
+        ((), ("team@example.net", "second@example.net"), f"delivery to the destination failed permanently: {GAVE_UP}",
+         "Delivery failed", True),
+        (("team@example.net",), ("second@example.net",),
+         "delivery to some of the destination's addresses failed permanently:"
+         f" delivered to team@example.net; not delivered to second@example.net: {GAVE_UP}",
+         "Delivery failed in part", False),
+        (("a@example.net", "b@example.net"), ("c@example.net", "d@example.net"),
+         "delivery to some of the destination's addresses failed permanently:"
+         f" delivered to a@example.net, b@example.net; not delivered to c@example.net, d@example.net: {GAVE_UP}",
+         "Delivery failed in part", False),
+    ],
+)
+def test_failed_delivery_reason_and_wording(
+    delivered: tuple[str, ...], undelivered: tuple[str, ...], reason: str, title: str, nobody: bool
+) -> None:
+    conversation = DueConversation(
+        1, "GR-7K3M9Q", "support", "default", "Printer", "alice@example.com", at("2025-11-17T10:00:00"), None, 0,
+        delivery_failure_reason(delivered, undelivered, GAVE_UP),
+    )
+
+    wording = at_once_wording(conversation)
+
+    assert conversation.reason == reason
+    assert wording[0] == title
+    assert reason in wording[1]
+    assert ("Nobody on the team has it." in wording[1]) is nobody
 
 
 LEAD_RULES = chain_rules(

@@ -6,6 +6,7 @@ the clock rather than after real waiting.
 
 from __future__ import annotations
 
+import email
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -277,3 +278,37 @@ async def test_mixed_refusals_retry_deferred_only(tmp_path: Path, start_daemon) 
     assert [received.rcpt_tos for received in sink.to("second@example.net")] == [["second@example.net"]]
     assert sink.to("team@example.net") == []
     assert [kind for kind, _ in await delivery_events(daemon)] == ["delivery_deferred", "delivered"]
+
+
+async def test_partial_delivery_failure_names_addresses(tmp_path: Path, start_daemon) -> None:
+    sink = await start_sink(handler=RecipientSinkHandler(rcpt_replies={"second@example.net": BUSY}))
+    try:
+        clock = ManualClock(START)
+        config = write_config(tmp_path, rules=TWO_ADDRESS_RULES, sections={
+            "smarthost": {"host": "127.0.0.1", "port": sink.port, "starttls": False, "timeout": "10s"},
+            "delivery": {"retry_initial": "30s", "retry_max": "5m", "give_up_after": "1h"},
+        })
+        daemon = await start_daemon(config, clock)
+
+        await send(daemon.port, "alice@example.com", ["support@example.org"], message())
+        deferred = await wait_for_row(daemon, "pending", 1)
+        # The second attempt, to second@ alone, falls past give_up_after.
+        await clock.set(deferred.created_at + timedelta(hours=1, seconds=1))
+        await wait_for_row(daemon, "failed", 2)
+        await wait_until(lambda: sink.to("duty-manager@example.org"), what="the escalation mail")
+    finally:
+        await close_sink(sink)
+
+    assert len(sink.to("team@example.net")) == 1
+    assert sink.to("second@example.net") == []
+    [(flag, reason)] = await daemon.store.fetch_all("SELECT delivery_failed, escalation_reason FROM conversations")
+    assert flag == 1
+    assert reason.startswith(
+        "delivery to some of the destination's addresses failed permanently:"
+        " delivered to team@example.net; not delivered to second@example.net: gave up after 2 attempts: "
+    )
+    [escalation] = [email.message_from_bytes(received.content) for received in sink.to("duty-manager@example.org")]
+    assert "Delivery failed in part: team support" in escalation["Subject"]
+    body = escalation.get_payload(decode=True).decode()
+    assert "delivered to team@example.net; not delivered to second@example.net" in body
+    assert "Nobody on the team has it" not in body
