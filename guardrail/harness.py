@@ -99,7 +99,9 @@ class Evaluator:
         self._pool = self._new_pool()
 
     def _new_pool(self) -> multiprocessing.pool.Pool:
-        return multiprocessing.Pool(1, initializer=_start_child, initargs=(self._rule_sets, self._site))
+        # A new interpreter, since fork copies the locks of any other thread in their current state.
+        context = multiprocessing.get_context("spawn")
+        return context.Pool(1, initializer=_start_child, initargs=(self._rule_sets, self._site))
 
     def evaluate(self, name: str, raw: bytes, rcpt_tos: tuple[str, ...], mail_from: str, now: datetime) -> Evaluation:
         """Return how rule set `name` decides `raw`; raise RoutingStalled when it takes longer than the limit."""
