@@ -34,6 +34,8 @@ EARLIEST_ARRIVAL = datetime(1970, 1, 1, tzinfo=timezone.utc)
 LATEST_ARRIVAL = datetime(9000, 1, 1, tzinfo=timezone.utc)
 # Seconds the rules may take on one message, as long as the daemon lets a parse process go without a reply.
 EVALUATION_LIMIT = 10.0
+# Seconds the child process that evaluates the rules may take to start.
+STARTUP_LIMIT = 60.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,10 @@ def _start_child(rule_sets: dict[str, RuleSet], site: Site) -> None:
     _child_site = site
 
 
+def _is_ready() -> bool:
+    return True
+
+
 def _evaluate_in_child(name: str, raw: bytes, rcpt_tos: tuple[str, ...], mail_from: str, now: datetime) -> Evaluation:
     assert _child_site is not None
     return evaluate(raw, rcpt_tos, mail_from, _child_rules[name], _child_site, now)
@@ -101,7 +107,14 @@ class Evaluator:
     def _new_pool(self) -> multiprocessing.pool.Pool:
         # A new interpreter, since fork copies the locks of any other thread in their current state.
         context = multiprocessing.get_context("spawn")
-        return context.Pool(1, initializer=_start_child, initargs=(self._rule_sets, self._site))
+        pool = context.Pool(1, initializer=_start_child, initargs=(self._rule_sets, self._site))
+        # The child's start, which imports guardrail, does not count against a message's limit.
+        try:
+            pool.apply_async(_is_ready).get(STARTUP_LIMIT)
+        except multiprocessing.TimeoutError:
+            pool.terminate()
+            raise RuntimeError(f"the process that evaluates the rules did not start within {STARTUP_LIMIT:g} s") from None
+        return pool
 
     def evaluate(self, name: str, raw: bytes, rcpt_tos: tuple[str, ...], mail_from: str, now: datetime) -> Evaluation:
         """Return how rule set `name` decides `raw`; raise RoutingStalled when it takes longer than the limit."""
