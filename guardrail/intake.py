@@ -614,6 +614,11 @@ class IntakeHandler:
             log.warning("recipient_rejected", peer=_peer(session), reason="control character or invalid UTF-8 in address")
             self.metrics.messages_rejected.labels("invalid recipient").inc()
             return REPLY_BAD_RECIPIENT
+        if not address.isascii() and not envelope.smtp_utf8:
+            # RFC 6531: a non-ASCII recipient needs the SMTPUTF8 parameter on the transaction's MAIL.
+            log.warning("recipient_rejected", peer=_peer(session), recipient=address, reason="non-ASCII address without SMTPUTF8")
+            self.metrics.messages_rejected.labels("invalid recipient").inc()
+            return REPLY_NEEDS_SMTPUTF8
         if address in ("", "<>"):
             # The null path is a sender's only (RFC 5321 section 4.1.1.3).
             log.warning("recipient_rejected", peer=_peer(session), reason="null recipient")

@@ -1319,6 +1319,24 @@ async def test_utf8_sender_with_smtputf8_is_acknowledged(tmp_path: Path, start_d
     assert "To: jürgen@müller.example\r\n".encode() in ack
 
 
+async def test_utf8_recipient_needs_smtputf8(tmp_path: Path, start_daemon) -> None:
+    # An inbox domain accepts every local part, a non-ASCII one included, but
+    # only in a transaction whose MAIL carried SMTPUTF8 (RFC 6531).
+    daemon = await start_daemon(write_config(tmp_path, smtp={"inboxes": [], "inbox_domains": ["example.org"]}))
+    replies = await _exchange(daemon.port, [
+        b"EHLO client.example\r\n",
+        b"MAIL FROM:<alice@example.com>\r\n",
+        "RCPT TO:<jürgen@example.org>\r\n".encode(),
+        b"RCPT TO:<support@example.org>\r\n",
+        b"RSET\r\n",
+        b"MAIL FROM:<alice@example.com> SMTPUTF8\r\n",
+        "RCPT TO:<jürgen@example.org>\r\n".encode(),
+    ])
+    assert replies[3].startswith(b"553 5.6.7 ")
+    assert replies[4].startswith(b"250 2.1.5 ")
+    assert replies[7].startswith(b"250 2.1.5 ")
+
+
 def scan_in_pieces(wire: bytes, sizes: list[int]) -> tuple[int, bool]:
     """Feed `wire` to _scan_data in pieces of `sizes` (the rest at once), as reads deliver it."""
     buffer, scanned, stuffed, offset = bytearray(b"\r\n"), 0, False, 0
