@@ -18,6 +18,7 @@ from .checks import Finding, check_rules, removed_team_findings
 from .config import Config, load_config
 from .errors import ConfigError, ConfigErrors, DatabaseFileError
 from .harness import Evaluator, RoutingStalled, run_case
+from .logs import terminal_safe
 from .prepare import (
     Envelope,
     Site,
@@ -298,7 +299,8 @@ def replay(arguments: argparse.Namespace) -> int:
             if not differences:
                 continue
             changed += 1
-            print(f"{message.received_at.isoformat()} {message.message_id or '(no Message-ID)'} from {message.mail_from or '<>'}")
+            shown_id = terminal_safe(message.message_id) or "(no Message-ID)"
+            print(f"{message.received_at.isoformat()} {shown_id} from {terminal_safe(message.mail_from) or '<>'}")
             for difference in differences:
                 print(f"    {difference}")
     print(f"{changed} of {len(messages)} messages would change")
@@ -336,7 +338,7 @@ def report(arguments: argparse.Namespace) -> int:
     rows = store_admin.shadow_disagreements(config.database_path, datetime.now(timezone.utc) - since, busy_timeout=config.busy_timeout)
     for row in rows:
         print(
-            f"{row['received_at']} {row['message_id'] or '(no Message-ID)'}: live {row['live_route']} -> {row['live_team']},"
+            f"{row['received_at']} {terminal_safe(row['message_id']) or '(no Message-ID)'}: live {row['live_route']} -> {row['live_team']},"
             f" shadow {row['shadow_route']} -> {row['shadow_team']}"
         )
     print(f"{len(rows)} message(s) where a shadow route would have won")
@@ -360,11 +362,11 @@ def status(arguments: argparse.Namespace) -> int:
     if figures["overdue"]:
         print("overdue:")
     for reference, team, deadline, level, subject in figures["overdue"]:
-        print(f"  {reference} {team:12} due {deadline} escalation level {level}: {subject[:60]}")
+        print(f"  {reference} {team:12} due {deadline} escalation level {level}: {terminal_safe(subject[:60])}")
     if figures["next_deadlines"]:
         print("next deadlines:")
     for reference, team, deadline, subject in figures["next_deadlines"]:
-        print(f"  {reference} {team:12} due {deadline}: {subject[:60]}")
+        print(f"  {reference} {team:12} due {deadline}: {terminal_safe(subject[:60])}")
     if figures["routes"]:
         print("routes (received, answered, median first response):")
     durations: dict[str, list[float]] = {}

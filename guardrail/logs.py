@@ -7,11 +7,24 @@ every line the daemon writes has one format.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+# C0 and C1 control characters, DEL and the bidirectional marks, overrides and isolates.
+_TERMINAL_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: str) -> str:
+    """Return `text` with each control or bidirectional formatting character written as its Python escape, such as \\x1b.
+
+    Senders choose subjects, addresses and SMTP command text, and a terminal
+    acts on escape sequences among them (retitling, clearing the screen).
+    """
+    return _TERMINAL_UNSAFE.sub(lambda match: repr(match.group())[1:-1], text)
 
 
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:

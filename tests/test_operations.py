@@ -449,6 +449,22 @@ async def test_status_lists_machine_mail_apart(tmp_path: Path, start_daemon, cap
     assert "next deadlines:\n" in output
 
 
+async def test_status_escapes_subject_controls(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    # A sender controls the subject: ESC and BEL would retitle and clear the operator's terminal.
+    config = write_config(tmp_path)
+    daemon = await start_daemon(config)
+    subject = "=?utf-8?q?Printer_=1B]0;owned=07=1B[2J_jams_=E2=80=AE?="
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(subject=subject, message_id="<t@x>"))
+    capsys.readouterr()
+
+    assert await asyncio.to_thread(main, ["status", "--config", str(config)]) == 0
+    output = capsys.readouterr().out
+    assert "\x1b" not in output
+    assert "\x07" not in output
+    assert "\u202e" not in output
+    assert "Printer \\x1b]0;owned\\x07\\x1b[2J jams \\u202e" in output
+
+
 async def test_read_commands_quote_database_path(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
     # "?" and "#" end the path of an SQLite URI, and an unquoted "%41" would be read as "A".
     database = tmp_path / "db ?#%41 copy" / "guardrail.db"
