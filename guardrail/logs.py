@@ -27,6 +27,19 @@ def terminal_safe(text: str) -> str:
     return _TERMINAL_UNSAFE.sub(lambda match: repr(match.group())[1:-1], text)
 
 
+def _escape_for_terminal(
+    logger: structlog.typing.WrappedLogger, method_name: str, event_dict: structlog.typing.EventDict,
+) -> structlog.typing.EventDict:
+    """Escape the control characters of every string in `event_dict`.
+
+    The console renderer prints the event name and values without spaces as they are.
+    """
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[key] = terminal_safe(value)
+    return event_dict
+
+
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     """Send every log event to stderr in `log_format` ("auto", "json" or "console")."""
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
@@ -45,10 +58,14 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         cache_logger_on_first_use=True,
     )
+    # JSON escapes control characters itself. The escaping runs before
+    # format_exc_info, so a traceback keeps its line breaks.
+    escape: list[structlog.typing.Processor] = [_escape_for_terminal] if use_console else []
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *escape,
             structlog.processors.format_exc_info,
             renderer,
         ],
