@@ -159,11 +159,20 @@ def route(arguments: argparse.Namespace) -> int:
     except OSError as error:
         print(f"error: cannot read {arguments.message}: {error.strerror}", file=sys.stderr)
         return EXIT_USAGE
+    domains = ", ".join(sorted(config.smtp.inbox_domains))
+    if not arguments.rcpt and not config.smtp.first_inbox:
+        print(
+            f"error: --rcpt: missing; {arguments.config} has no [smtp] inboxes to assume,"
+            f" so give --rcpt an address at one of inbox_domains ({domains})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     rcpt_tos = tuple(address.lower() for address in arguments.rcpt) or (config.smtp.first_inbox,)
     site = Site.from_config(config)
     unknown = [address for address in rcpt_tos if not is_accepted_recipient(address, site)]
     if unknown:
-        print(f"error: --rcpt {unknown[0]!r} is not an inbox in {arguments.config}; use one of [smtp] inboxes", file=sys.stderr)
+        accepted = "an address of [smtp] inboxes or inbox_domains" if domains else "one of [smtp] inboxes"
+        print(f"error: --rcpt {unknown[0]!r} is not an inbox in {arguments.config}; use {accepted}", file=sys.stderr)
         return EXIT_USAGE
     # The daemon's own decision, so that postmaster mail and loops are shown as they would be handled.
     decision = prepare_message(Envelope("", rcpt_tos, "", ""), raw, rules, site, datetime.now(timezone.utc))

@@ -224,6 +224,32 @@ def test_rule_test_needs_rcpt_without_inboxes(tmp_path: Path, capsys: pytest.Cap
     assert f"{cases / 'no-rcpt.toml'}: rcpt: missing; this config has no [smtp] inboxes to assume" in output
 
 
+def test_route_needs_rcpt_without_inboxes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, smtp={"inboxes": [], "inbox_domains": ["example.org"]})
+    eml = tmp_path / "plain.eml"
+    eml.write_bytes(message())
+
+    assert main(["route", "--config", str(config), str(eml)]) == 2
+    error = capsys.readouterr().err
+    assert "--rcpt ''" not in error
+    assert f"error: --rcpt: missing; {config} has no [smtp] inboxes to assume" in error
+    assert "give --rcpt an address at one of inbox_domains (example.org)" in error
+
+    assert main(["route", "--config", str(config), str(eml), "--rcpt", "help@example.org"]) == 0
+    assert "recipients:  help@example.org" in capsys.readouterr().out
+
+
+def test_route_unknown_rcpt_names_domains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, smtp={"inbox_domains": ["example.net"]})
+    eml = tmp_path / "plain.eml"
+    eml.write_bytes(message())
+
+    assert main(["route", "--config", str(config), str(eml), "--rcpt", "nobody@elsewhere.example"]) == 2
+    error = capsys.readouterr().err
+    assert "error: --rcpt 'nobody@elsewhere.example' is not an inbox in" in error
+    assert "use an address of [smtp] inboxes or inbox_domains" in error
+
+
 @pytest.mark.parametrize("rcpt", ["postmaster@example.com", "postmaster", "Support@Example.com", "<support@example.com>"])
 def test_rule_test_accepts_recipients_the_daemon_accepts(tmp_path: Path, capsys: pytest.CaptureFixture[str], rcpt: str) -> None:
     config = example_copy(tmp_path)
