@@ -247,6 +247,10 @@ class GuardrailSMTP(SMTP):
             return
         await super().smtp_STARTTLS(arg)
 
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd passes the handler only the error, so the peer is added here for its log line.
+        return await self.event_handler.handle_exception(error, peer=_peer(self.session))
+
     async def smtp_AUTH(self, arg: str) -> None:
         # Mail is accepted only for our own inboxes, so no sender needs to log
         # in. Without a @syntax line, HELP does not list AUTH either.
@@ -638,12 +642,12 @@ class IntakeHandler:
         envelope.rcpt_options.extend(options)
         return REPLY_RECIPIENT_OK
 
-    async def handle_exception(self, error: Exception) -> str:
+    async def handle_exception(self, error: Exception, peer: str = "") -> str:
         if isinstance(error, TLSSetupException):
             # Scanners and broken clients fail handshakes all day; aiosmtpd closes the connection.
-            log.warning("tls_handshake_failed", error=repr(error.__cause__ or error))
+            log.warning("tls_handshake_failed", peer=peer, error=repr(error.__cause__ or error))
         else:
-            log.error("smtp_session_failed", error=repr(error))
+            log.error("smtp_session_failed", peer=peer, error=repr(error))
         return REPLY_TEMPORARY
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:

@@ -195,6 +195,7 @@ async def test_failed_handshake_is_a_warning(tmp_path: Path, start_daemon) -> No
     assert reply.startswith(b"220 ")
     [failure] = [event for event in events if event["event"] == "tls_handshake_failed"]
     assert failure["log_level"] == "warning"
+    assert failure["peer"].startswith("[127.0.0.1]:")
     assert not [event for event in events if event["log_level"] == "error"]
 
 
