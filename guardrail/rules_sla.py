@@ -250,11 +250,15 @@ def load_escalation(table: Table, key: str) -> tuple[EscalationLevel, ...]:
         elif after > MAX_DURATION:
             level_table.fail("after", after_value, f"a duration of at most {MAX_DURATION_TEXT}")
             after = timedelta(0)
+        errors_before = len(level_table.errors)
         human = load_human(level_table)
         webhook = _load_webhook(level_table) if level_table.has("webhook") else None
+        # An invalid human or webhook has an error of its own that explains the level.
+        invalid = len(level_table.errors) > errors_before
         level_table.finish()
         if human is None and webhook is None:
-            level_table.problem("", "a level needs a named human (name and address), a webhook, or both")
+            if not invalid:
+                level_table.problem("", "a level needs a named human (name and address), a webhook, or both")
             continue
         levels.append(EscalationLevel(after, human, webhook))
     levels.sort(key=lambda level: level.after)

@@ -934,3 +934,45 @@ def test_bad_retry_max_gives_one_error(tmp_path: Path) -> None:
         load_config(path)
 
     assert [error.key for error in caught.value.errors] == ["delivery.retry_max"]
+
+
+def test_invalid_level_gets_its_own_error_only(tmp_path: Path) -> None:
+    # A webhook or human that is there but invalid explains the level, so no
+    # second error reports that the level names neither.
+    errors = rule_errors(tmp_path, """
+[[team]]
+name = "support"
+destination = { maildir = "var/maildir/support" }
+escalation = [
+    { after = "0m", name = "Sam Ortiz", address = "sam@example.org" },
+    { after = "1h", webhook = { url = "ftp://hooks.example.org/x" } },
+    { after = "2h", name = "Dana Duty", address = "not an address" },
+    { after = "3h", name = "Dana Duty", address = "dana@example.org" },
+]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+""")
+    path = tmp_path / "rules" / "rules.toml"
+    assert errors == [
+        f"{path}: team[0] (support).escalation[1].webhook.url: invalid value 'ftp://hooks.example.org/x'; expected an http:// or https:// URL",
+        f"{path}: team[0] (support).escalation[2].address: invalid value 'not an address'; expected an email address",
+    ]
+
+
+def test_empty_level_needs_human_or_webhook(tmp_path: Path) -> None:
+    errors = rule_errors(tmp_path, """
+[[team]]
+name = "support"
+destination = { maildir = "var/maildir/support" }
+escalation = [{ after = "1h" }, { after = "2h", name = "Dana Duty", address = "dana@example.org" }]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+""")
+    path = tmp_path / "rules" / "rules.toml"
+    assert errors == [f"{path}: team[0] (support).escalation[0]: a level needs a named human (name and address), a webhook, or both"]
