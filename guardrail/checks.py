@@ -53,7 +53,8 @@ def check_rules(
     for team in rules.teams.values():
         reason = unstaffed_reason(team, now, max(staffing_horizon, rules.unstaffed_horizon))
         if reason:
-            findings.append(Finding("warning", f"team {team.name}", f"unstaffed: {reason}"))
+            where = f"{team.source}: team {team.name}" if team.source else f"team {team.name}"
+            findings.append(Finding("warning", where, f"unstaffed: {reason}"))
     findings += inspection_findings(rules.digest, now, inspections, inspection_max_age)
     return findings
 

@@ -84,6 +84,8 @@ class Team:
     escalation_contact: Human | None = None
     # The urgent_contact text by language, where the rules give one per language.
     urgent_contacts: dict[str, str] = field(default_factory=dict)
+    # The rules file that defines the team, for the warnings of guardrail check.
+    source: str = field(default="", compare=False)
 
     def urgent_contact_in(self, language: str) -> str:
         """Return the urgent_contact text for an acknowledgement in `language`."""
@@ -322,7 +324,7 @@ def _load_team(
         return None
     return Team(
         name, destination, members, calendar, first_response, language, team_templates,
-        urgent_contact, escalation, contact, urgent_contacts,
+        urgent_contact, escalation, contact, urgent_contacts, str(table.path),
     )
 
 

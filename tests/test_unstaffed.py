@@ -127,4 +127,5 @@ async def test_check_reports_unstaffed_teams(tmp_path: Path, capsys: pytest.Capt
     config = write_config(tmp_path, rules=RULES)
     assert main(["check", "--config", str(config)]) == 1
     error = capsys.readouterr().err
-    assert "warning: team legal: unstaffed: the team has no destination" in error
+    rules_file = tmp_path / "rules" / "rules.toml"
+    assert f"warning: {rules_file}: team legal: unstaffed: the team has no destination" in error
