@@ -298,7 +298,7 @@ class Table:
             return default
         parsed = parse_size(value)
         if parsed is None or parsed == 0:
-            self.fail(name, value, 'a positive size in bytes, such as 1048576 or "25MB"')
+            self.fail(name, value, 'a positive whole number of bytes, or of B, KB, MB, GB, KiB, MiB or GiB, such as 1048576 or "25MiB"')
             return default
         return parsed
 

@@ -143,6 +143,18 @@ def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
     assert len(messages) == 4
 
 
+@pytest.mark.parametrize("value", ["1TiB", "5 TB", "2.5GiB"])
+def test_size_error_lists_units(tmp_path: Path, value: str) -> None:
+    path = write_config(tmp_path, sections={"database": {"min_free_space": value}})
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+    (error,) = caught.value.errors
+    assert str(error) == (
+        f"{path}: database.min_free_space: invalid value {value!r}; expected a positive whole number of bytes,"
+        ' or of B, KB, MB, GB, KiB, MiB or GiB, such as 1048576 or "25MiB"'
+    )
+
+
 def test_missing_password_variable_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GUARDRAIL_TEST_PASSWORD", raising=False)
     path = write_config(tmp_path, sections={"smarthost": {"host": "127.0.0.1", "password_env": "GUARDRAIL_TEST_PASSWORD"}})
