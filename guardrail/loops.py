@@ -301,6 +301,10 @@ def _any_of(patterns: tuple[re.Pattern[str], ...]) -> Callable[[str], bool]:
     return lambda text: combined.fullmatch(text) is not None
 
 
+# The start of the signal of a message that only its subject marks as machine-written.
+SUBJECT_SIGNAL = "auto-reply subject"
+
+
 def machine_signal(
     summary: Summary,
     mail_from: str,
@@ -314,8 +318,19 @@ def machine_signal(
     if signal:
         return signal
     if _AUTOREPLY_SUBJECTS.match(fold(summary.subject)):
-        return f"auto-reply subject {summary.subject[:80]!r}"
+        return f"{SUBJECT_SIGNAL} {summary.subject[:80]!r}"
     return None
+
+
+def is_subject_signal(signal: str) -> bool:
+    """Return True when `signal`, from machine_signal, rests on the subject alone.
+
+    People start subjects with the same words ("Auto: Termin zur
+    Inspektion", where Auto means car; "Out of office: can you cover my
+    shift?"). Such a message gets no acknowledgement, but it still needs a
+    reply, so its deadline runs and a person on the team sees it either way.
+    """
+    return signal.startswith(SUBJECT_SIGNAL)
 
 
 def person_signal(summary: Summary, is_staff: bool) -> str | None:

@@ -20,7 +20,13 @@ from .acknowledgement import (
 from .business_hours import add_business_time
 from .config import Config
 from .escalation import UNROUTED_REASON, next_escalation
-from .loops import has_our_loop_marker, has_too_many_hops, machine_signal, person_signal
+from .loops import (
+    has_our_loop_marker,
+    has_too_many_hops,
+    is_subject_signal,
+    machine_signal,
+    person_signal,
+)
 from .message import Summary, body_sample, summarize
 from .plan import Submission
 from .routing import Facts, match_route, shadow_results
@@ -172,7 +178,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         unstaffed=unstaffed_reason(team, now, rules.unstaffed_horizon) or "",
         # The team's own mail, such as a help-desk tool's copy of a message
         # it sent to a customer, needs no reply from the team.
-        sla_applies=machine is None and not from_inbox, is_staff=is_staff, from_inbox=from_inbox,
+        sla_applies=(machine is None or is_subject_signal(machine)) and not from_inbox, is_staff=is_staff, from_inbox=from_inbox,
         machine_signal=machine or "",
         shadow=tuple(
             {"route": result.route, "team": result.team, "would_win": result.would_win}

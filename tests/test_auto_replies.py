@@ -10,7 +10,7 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
-from conftest import case_file, maildir_messages, send, settle, write_config
+from conftest import case_file, maildir_messages, message, send, settle, write_config
 
 from guardrail.clock import ManualClock
 
@@ -506,6 +506,33 @@ async def test_reports_and_meeting_replies_unacknowledged(
     assert len(acks(tmp_path)) == (1 if acknowledged else 0)
     ((state,),) = await daemon.store.fetch_all("SELECT state FROM conversations")
     assert state == ("open" if acknowledged else "no_reply_needed")
+
+
+@pytest.mark.parametrize(
+    ("subject", "headers", "state", "deadline"),
+    [
+        # The subject alone: no acknowledgement, but the deadline runs and the escalation fires.
+        ("Out of office: can you cover my shift?", "", "open", "2025-11-04T10:00:00.000000Z"),
+        ("Auto: Termin zur Inspektion", "", "open", "2025-11-04T10:00:00.000000Z"),
+        # A header says software wrote it: nobody needs to reply.
+        ("Out of office: back on Monday", "Auto-Submitted: auto-replied\r\n", "no_reply_needed", None),
+    ],
+)
+async def test_subject_alone_keeps_deadline(
+    tmp_path: Path, start_daemon, subject: str, headers: str, state: str, deadline: str | None
+) -> None:
+    clock = ManualClock(at("2025-11-04T08:00:00"))
+    daemon = await start_daemon(write_config(tmp_path, rules=IT_RULES), clock=clock)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(subject=subject, extra_headers=headers))
+    await settle(daemon, clock)
+
+    rows = await daemon.store.fetch_all("SELECT decision, signal FROM acknowledgements")
+    assert [row[0] for row in rows] == ["suppressed"]
+    assert acks(tmp_path) == []
+    assert await daemon.store.fetch_all("SELECT state, deadline FROM conversations") == [(state, deadline)]
+    await clock.set(at("2025-11-04T10:00:00"))
+    await settle(daemon, clock)
+    assert len(escalations(tmp_path)) == (1 if deadline else 0)
 
 
 @pytest.mark.parametrize(
