@@ -113,6 +113,7 @@ _SUBJECT_PHRASES = (
     # Polish
     r"automatyczna odpowiedz",
     r"odpowiedz automatyczna",
+    r"autoodpowiedz",
     r"poza biurem",
     # Czech
     r"automaticka odpoved",
