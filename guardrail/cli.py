@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, commands
+from .conversations import MAX_NAME_LENGTH
 from .errors import ConfigError, ConfigErrors, DatabaseFileError
 
 # The largest SQLite INTEGER, which a LIMIT takes.
@@ -53,6 +54,16 @@ def _non_blank(text: str) -> str:
     return _utf8_text(text)
 
 
+def _name(text: str) -> str:
+    """Parse a person's name that is recorded in the database and printed in `guardrail status` and the API."""
+    name = _non_blank(text)
+    if len(name) > MAX_NAME_LENGTH or any(ord(char) < 0x20 or ord(char) == 0x7F for char in name):
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}; must be at most {MAX_NAME_LENGTH} characters without control characters"
+        )
+    return name
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardrail", description="SMTP relay in front of a shared inbox.")
     parser.add_argument("--version", action="version", version=f"guardrail {__version__}")
@@ -67,11 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="envelope recipient to assume (repeatable; default: the first inbox in the config)")
     answer = sub.add_parser("answer", help="mark a conversation answered by hand, which stops its escalations")
     answer.add_argument("reference", type=_utf8_text, metavar="REF", help="the conversation reference, such as GR-7K3M9Q")
-    answer.add_argument("--by", type=_non_blank, default=os.environ.get("USER") or "operator", metavar="NAME",
+    answer.add_argument("--by", type=_name, default=os.environ.get("USER") or "operator", metavar="NAME",
                         help="who answered, recorded on the conversation (default: $USER, or operator when it is unset or empty)")
     sub.add_parser("reload", help="validate the config and rules, then tell the running daemon to load the rules (SIGHUP)")
     inspect = sub.add_parser("inspect", help="record that NAME reviewed the rules as they are now")
-    inspect.add_argument("--by", type=_non_blank, required=True, metavar="NAME", help="who reviewed the rules")
+    inspect.add_argument("--by", type=_name, required=True, metavar="NAME", help="who reviewed the rules")
     inspect.add_argument("--note", type=_non_blank, required=True, metavar="TEXT", help="what the review found")
     test = sub.add_parser("test", help="run rule test cases (FILE.eml with FILE.toml expectations) from DIR")
     test.add_argument("directory", type=Path, metavar="DIR", help="folder of test cases")

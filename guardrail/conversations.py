@@ -15,6 +15,9 @@ from functools import lru_cache
 
 from .rules import Destination
 
+# The longest name of the person who answered a conversation or inspected the rules, from the CLI or the HTTP API.
+MAX_NAME_LENGTH = 200
+
 # Crockford's base32 alphabet: no I, L, O or U, so references survive being
 # read aloud or typed from a screenshot.
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

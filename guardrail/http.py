@@ -39,6 +39,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Secret
+from .conversations import MAX_NAME_LENGTH
 from .errors import StorageError
 from .storage import free_bytes, storage_problem
 from .store import Store
@@ -65,7 +66,6 @@ CONTACT_LIMIT = 100
 # RFC 5321 section 4.5.3.1.3: a path is at most 256 octets with its angle brackets.
 MAX_ADDRESS_LENGTH = 254
 MAX_ANSWERED_BODY = 4096
-MAX_NAME_LENGTH = 200
 # Readiness probes often time out after about a second. A longer wait for the
 # write lock would fail the probe anyway, so the check gives up sooner.
 READY_WRITE_TIMEOUT = timedelta(seconds=1)

@@ -440,6 +440,24 @@ def test_blank_name_or_note_is_usage_error(
     assert not (tmp_path / "var" / "guardrail.db").exists()
 
 
+@pytest.mark.parametrize(("command", "value"), [
+    (["answer", "GR-AAAAAA", "--by"], "Carol\x1b]0;x\x07"),
+    (["inspect", "--note", "read every route", "--by"], "Ada\nLovelace"),
+    (["answer", "GR-AAAAAA", "--by"], "x" * 201),
+])
+def test_name_with_control_characters_is_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], value: str,
+) -> None:
+    config = write_config(tmp_path)
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, value, "--config", str(config)])
+
+    assert exit_info.value.code == 2
+    assert "must be at most 200 characters without control characters" in capsys.readouterr().err
+    assert not (tmp_path / "var" / "guardrail.db").exists()
+
+
 async def test_status_shows_open_and_overdue(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
     clock = ManualClock(datetime.now(timezone.utc) - timedelta(days=2))
     config = write_config(tmp_path)
