@@ -121,18 +121,36 @@ def format_deadline(deadline: datetime | None, team: Team, language: str) -> str
     return deadline_text(local.date(), local.hour, local.minute, language, team.calendar.zone.key)
 
 
+# The most characters of the sender's subject and display name that an acknowledgement quotes.
+MAX_QUOTED_SUBJECT = 200
+MAX_QUOTED_NAME = 100
+
+
 def one_line(text: str) -> str:
     """Return `text` with line breaks and NUL removed, safe inside a header."""
     return " ".join(text.replace("\x00", " ").split())
 
 
+def shortened(text: str, limit: int) -> str:
+    """Return `text` cut to at most `limit` characters, ending in "…" where it was cut."""
+    if len(text) <= limit:
+        return text
+    return text[:limit - 1].rstrip() + "…"
+
+
 def merge_fields(summary: Summary, mail_from: str, team: Team, language: str, deadline: datetime | None) -> dict[str, str]:
-    """Return the template values for a message; "reference" is added when it is known."""
+    """Return the template values for a message; "reference" is added when it is known.
+
+    The sender writes the subject and display name, so the acknowledgement
+    quotes at most MAX_QUOTED_SUBJECT and MAX_QUOTED_NAME characters of them:
+    enough to recognise the message, too little to carry someone else's text
+    to a forged sender address.
+    """
     sender = summary.from_address or mail_from
     return {
-        "sender_name": one_line(summary.from_name) or sender,
+        "sender_name": shortened(one_line(summary.from_name), MAX_QUOTED_NAME) or sender,
         "sender": sender,
-        "subject": one_line(summary.subject),
+        "subject": shortened(one_line(summary.subject), MAX_QUOTED_SUBJECT),
         "team": team.name,
         "deadline": format_deadline(deadline, team, language),
         "urgent_contact": one_line(team.urgent_contact_in(language)),

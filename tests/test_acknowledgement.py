@@ -26,6 +26,8 @@ from conftest import (
 from structlog.testing import capture_logs
 
 from guardrail.acknowledgement import (
+    MAX_QUOTED_NAME,
+    MAX_QUOTED_SUBJECT,
     MAX_REFERENCES,
     AckRequest,
     capped_references,
@@ -34,6 +36,7 @@ from guardrail.acknowledgement import (
     merge_fields,
     render_acknowledgement,
     requested_languages,
+    shortened,
 )
 from guardrail.clock import ManualClock
 from guardrail.daemon import Daemon
@@ -729,6 +732,31 @@ default = true
 def test_urgent_contact_by_language(tmp_path: Path, team: str, language: str, text: str) -> None:
     loaded = load_rules(rules_folder(tmp_path, URGENT_RULES), tmp_path)
     assert merge_fields(summarize(message()), "alice@example.com", loaded.teams[team], language, None)["urgent_contact"] == text
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "shown"),
+    [
+        ("Printer on floor 3 jams", 200, "Printer on floor 3 jams"),
+        ("x" * 200, 200, "x" * 200),
+        ("x" * 201, 200, "x" * 199 + "…"),
+        ("word " * 60, 20, "word word word word…"),
+    ],
+)
+def test_shortened_table(text: str, limit: int, shown: str) -> None:
+    assert shortened(text, limit) == shown
+    assert len(shortened(text, limit)) <= limit
+
+
+def test_ack_quotes_long_subject_and_name_in_part(tmp_path: Path) -> None:
+    loaded = load_rules(rules_folder(tmp_path, URGENT_RULES), tmp_path)
+    raw = message(subject="Refund " + "please " * 400, sender=f'"{"Alice " * 50}" <alice@example.com>')
+    fields = merge_fields(summarize(raw), "alice@example.com", loaded.teams["support"], "en", None)
+
+    assert fields["subject"].startswith("Refund please please") and fields["subject"].endswith("…")
+    assert len(fields["subject"]) == MAX_QUOTED_SUBJECT
+    assert len(fields["sender_name"]) <= MAX_QUOTED_NAME and fields["sender_name"].endswith("…")
+
 
 
 def test_urgent_contact_for_a_language_without_template(tmp_path: Path) -> None:
