@@ -40,6 +40,22 @@ def _escape_for_terminal(
     return event_dict
 
 
+def _name_library_event(
+    logger: structlog.typing.WrappedLogger, method_name: str, event_dict: structlog.typing.EventDict,
+) -> structlog.typing.EventDict:
+    """Give a line that another library logs the event `library_log`, with its logger's name and its text as `detail`.
+
+    aiosmtpd writes the client's words into its messages ("... unrecognised:
+    FOO"), so as event names they would be as many as clients can invent.
+    """
+    record = event_dict.get("_record")
+    if record is not None:
+        event_dict["detail"] = event_dict["event"]
+        event_dict["event"] = "library_log"
+        event_dict["logger"] = record.name
+    return event_dict
+
+
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     """Send every log event to stderr in `log_format` ("auto", "json" or "console")."""
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
@@ -62,7 +78,7 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     # format_exc_info, so a traceback keeps its line breaks.
     escape: list[structlog.typing.Processor] = [_escape_for_terminal] if use_console else []
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
+        foreign_pre_chain=[*shared, _name_library_event],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             *escape,
