@@ -9,6 +9,7 @@ acknowledgement rate window.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import re
 import signal
 from dataclasses import dataclass, fields
@@ -36,6 +37,8 @@ LATEST_ARRIVAL = datetime(9000, 1, 1, tzinfo=timezone.utc)
 EVALUATION_LIMIT = 10.0
 # Seconds the child process that evaluates the rules may take to start.
 STARTUP_LIMIT = 60.0
+# Seconds between the child's checks that the command that started it still runs.
+PARENT_CHECK_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,20 @@ def _start_child(rule_sets: dict[str, RuleSet], site: Site) -> None:
     global _child_site
     # Ctrl-C is the command's to handle; it stops the child by terminating the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A command ended by SIGTERM or SIGKILL cannot stop the child, which may
+    # be matching a regex for hours, so the child checks every second that
+    # its parent still runs. The re module runs signal handlers while it matches.
+    parent = os.getppid()
+    signal.signal(signal.SIGALRM, lambda *_: _exit_without_parent(parent))
+    signal.setitimer(signal.ITIMER_REAL, PARENT_CHECK_INTERVAL, PARENT_CHECK_INTERVAL)
     _child_rules.update(rule_sets)
     _child_site = site
+
+
+def _exit_without_parent(parent: int) -> None:
+    """End the child process at once when `parent` is no longer its parent, because it has ended."""
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _is_ready() -> bool:

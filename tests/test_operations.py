@@ -380,6 +380,77 @@ async def test_replay_reports_stalled_rules_and_runs_the_rest(
     assert "2 of 2 messages would change" in output
 
 
+# Starts an Evaluator on a message that stalls it, prints the child's pid once
+# the child is ready, and waits far longer than the test lets it live.
+STALLING_PARENT = """
+import multiprocessing, sys
+from datetime import datetime, timezone
+from guardrail.config import load_config
+from guardrail.daemon import load_ruleset
+from guardrail.harness import Evaluator
+from guardrail.prepare import Site
+
+config = load_config(sys.argv[1], require_secrets=False)
+site = Site.from_config(config)
+evaluator = Evaluator({"rules": load_ruleset(config)}, site, limit=600)
+print(*[child.pid for child in multiprocessing.active_children()], flush=True)
+raw = open(sys.argv[2], "rb").read()
+evaluator.evaluate("rules", raw, (site.first_inbox,), "alice@example.com", datetime.now(timezone.utc))
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return the CPU time process `pid` has used, or -1 when it has exited (a zombie counts as exited)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except FileNotFoundError:
+        return -1
+    if fields[0] == "Z":
+        return -1
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_evaluation_child_ends_with_its_parent(tmp_path: Path, signum: int) -> None:
+    # SIGTERM and SIGKILL end the command without running its cleanup. The
+    # child, busy on a message that backtracks for hours, must not outlive it.
+    config = example_copy(tmp_path)
+    routes = tmp_path / "rules" / "20-routes.toml"
+    routes.write_text(SLOW_ROUTE + routes.read_text())
+    eml = tmp_path / "slow.eml"
+    eml.write_bytes(message(subject="a" * 60 + "c"))
+    parent = subprocess.Popen(
+        [sys.executable, "-c", STALLING_PARENT, str(config), str(eml)], stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    children: list[int] = []
+    try:
+        assert parent.stdout is not None
+        children = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(children) == 1, "the evaluator did not start"
+        (child,) = children
+        # The child has started when it was ready; CPU time it uses from now on is the stalled message's.
+        started = cpu_seconds(child)
+        deadline = time.monotonic() + 30
+        while cpu_seconds(child) < started + 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cpu_seconds(child) >= started + 0.3, "the child never worked on the message"
+
+        parent.send_signal(signum)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while cpu_seconds(child) >= 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cpu_seconds(child) < 0, "the child still runs after its parent ended"
+    finally:
+        kill_if_running(parent)
+        if parent.stdout:
+            parent.stdout.close()
+        for pid in children:
+            if cpu_seconds(pid) >= 0:
+                os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("count", ["0", "-5", "99999999999999999999"])
 def test_replay_rejects_count_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixture[str], count: str) -> None:
     # SQLite reads a negative LIMIT as no limit, and the third count does not fit in its integers.
