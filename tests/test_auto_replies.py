@@ -538,6 +538,37 @@ async def test_subject_alone_keeps_deadline(
 
 
 @pytest.mark.parametrize(
+    ("first_subject", "reply_subject", "state", "escalated"),
+    [
+        # A team member's own reply answers a conversation that only its subject marked.
+        ("Out of office: can you cover my shift?", "Re: Out of office: can you cover my shift?", "answered", 0),
+        # A team member's auto-reply, known by its subject alone, answers nothing.
+        ("Printer on floor 3 jams", "Automatic reply: Printer on floor 3 jams", "open", 1),
+    ],
+)
+async def test_team_reply_beside_subject_signal(
+    tmp_path: Path, start_daemon, first_subject: str, reply_subject: str, state: str, escalated: int
+) -> None:
+    clock = ManualClock(at("2025-11-04T08:00:00"))
+    daemon = await start_daemon(write_config(tmp_path, rules=IT_RULES), clock=clock)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(subject=first_subject))
+    await settle(daemon, clock)
+    reply = message(
+        subject=reply_subject, sender="Bob Tech <bob@example.org>", message_id="<reply-1@example.org>",
+        extra_headers="In-Reply-To: <m1@example.com>\r\n",
+    )
+    await send(daemon.port, "bob@example.org", ["support@example.org"], reply)
+    await settle(daemon, clock)
+
+    assert await daemon.store.fetch_all("SELECT state FROM conversations") == [(state,)]
+    messages = await daemon.store.fetch_all("SELECT conversation_id, disposition FROM messages ORDER BY id")
+    assert messages == [(1, "new"), (1, "follow_up")]
+    await clock.set(at("2025-11-04T10:00:00"))
+    await settle(daemon, clock)
+    assert len(escalations(tmp_path)) == escalated
+
+
+@pytest.mark.parametrize(
     ("mail_from", "sender", "signal"),
     [
         ("MAILER-DAEMON+7f3a@mx.example.net", "MAILER-DAEMON+7f3a@mx.example.net",
