@@ -142,7 +142,8 @@ def find_slow_search(pattern: re.Pattern[str]) -> Backtracking | None:
     if sre_parser is None:
         return None
     try:
-        found = _slow_start(_flatten(list(sre_parser.parse(pattern.pattern, pattern.flags))), [])
+        tree = sre_parser.parse(pattern.pattern, pattern.flags)
+        found = _slow_start(_flatten(list(tree)), [], _folds_case(tree))
         if found is False:
             return None
         maximum, prefixed = found
@@ -151,13 +152,14 @@ def find_slow_search(pattern: re.Pattern[str]) -> Backtracking | None:
         return None
 
 
-def _slow_start(items: list[Any], before: list[Any]) -> tuple[int | None, bool] | Literal[False]:
+def _slow_start(items: list[Any], before: list[Any], ignore_case: bool) -> tuple[int | None, bool] | Literal[False]:
     """Return the maximum of a long repeat of single characters that starts the sequence and that what follows can make fail.
 
     The maximum is None for an unbounded repeat. `before` holds the
     single-character matchers passed on the way, and one character must
-    match all of them and the repeat. The second value is True when there
-    were any. False means there is no such repeat.
+    match all of them and the repeat, in either case when `ignore_case` is
+    True. The second value is True when there were any. False means there
+    is no such repeat.
 
     A search tries every branch of a leading alternation at each position,
     so one such branch is enough, as in \\s+$|urgent. An atomic group gives
@@ -168,16 +170,16 @@ def _slow_start(items: list[Any], before: list[Any]) -> tuple[int | None, bool] 
         return False
     op, argument = items[0]
     if op is sre.BRANCH:
-        found = [_slow_start(_flatten(branch) + items[1:], before) for branch in argument[1]]
+        found = [_slow_start(_flatten(branch) + items[1:], before, ignore_case) for branch in argument[1]]
         slow = [result for result in found if result is not False]
         if not slow:
             return False
         maximums = [maximum for maximum, _ in slow]
         return (None if None in maximums else max(maximums)), any(prefixed for _, prefixed in slow)  # type: ignore[type-var]
     if op is sre.ATOMIC_GROUP:
-        return _slow_start(_flatten(argument) + items[1:], before)
+        return _slow_start(_flatten(argument) + items[1:], before, ignore_case)
     if op in _SINGLE_CHARACTER:
-        return _slow_start(items[1:], before + [(op, argument)])
+        return _slow_start(items[1:], before + [(op, argument)], ignore_case)
     if op not in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
         return False
     minimum, maximum, body = argument
@@ -186,17 +188,25 @@ def _slow_start(items: list[Any], before: list[Any]) -> tuple[int | None, bool] 
         return False
     if maximum != sre.MAXREPEAT and maximum < LONG_LEADING_REPEAT:
         # A short repeat, such as \s{2}, passes on as single characters do.
-        return _slow_start(items[1:], before + body_items) if minimum >= 1 else False
-    if before and not _common_character(before + body_items):
+        return _slow_start(items[1:], before + body_items, ignore_case) if minimum >= 1 else False
+    if before and not _common_character(before + body_items, ignore_case):
         return False
     if not _can_fail(items[1:]):
         return False
     return (None if maximum == sre.MAXREPEAT else maximum), bool(before)
 
 
-def _common_character(matchers: list[Any]) -> bool:
-    """Return True when some character meets every one of `matchers`."""
-    return any(all(_matches(matcher, probe) for matcher in matchers) for probe in _PROBES)
+def _common_character(matchers: list[Any], ignore_case: bool) -> bool:
+    """Return True when some character meets every one of `matchers`, in either case when `ignore_case` is True."""
+    matches = _matches if ignore_case else _matches_exactly
+    return any(all(matches(matcher, probe) for matcher in matchers) for probe in _PROBES)
+
+
+def _folds_case(tree: Any) -> bool:
+    """Return True when the pattern ignores case anywhere: by its flags, or in a group such as (?i:A)."""
+    if tree.state.flags & re.IGNORECASE:
+        return True
+    return any(op is sre.SUBPATTERN and argument[1] & re.IGNORECASE for op, argument in _walk(list(tree)))
 
 
 def _can_fail(items: list[Any]) -> bool:

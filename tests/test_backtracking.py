@@ -181,6 +181,9 @@ SLOW_PREFIXED_SEARCHES = [
     (r"\s{2}\s+$", r"\s+"),
     (r"x.*urgent", ".*"),
     (r"(?:\s|-)\s+$|urgent", r"\s+"),
+    # Case folding lets "A" and [a-z] match one character.
+    (r"(?i)A[a-z]+\d", "[a-z]+"),
+    (r"(?i:A)[a-z]+\d", "[a-z]+"),
 ]
 
 FAST_PREFIXED_SEARCHES = [
@@ -192,6 +195,8 @@ FAST_PREFIXED_SEARCHES = [
     r"a\s+",  # nothing after the repeat can fail
     r"\ba[a-z]+\d",
     r"[A-Z]{2,5}\d",
+    r"A[a-z]+\d",  # without case folding, no character is both "A" and a lowercase letter
+    r"É[a-zé]+\d",
 ]
 
 
