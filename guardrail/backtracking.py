@@ -42,6 +42,8 @@ _SINGLE_CHARACTER = (sre.LITERAL, sre.NOT_LITERAL, sre.IN, sre.ANY) if sre is no
 
 # A leading repeat as written: one character, escape or class, then a quantifier.
 _LEADING_REPEAT = re.compile(r"(?:\\.|\[(?:\\.|[^\]])+\]|[^\\(\[])(?:[*+]|\{\d*,\d*\})[?+]?")
+# The maximum of a {min,max} quantifier at the end of a repeat, empty when unbounded.
+_BOUNDS = re.compile(r"\{\d*,(\d*)\}[?+]?$")
 
 # From this maximum on, a bounded leading repeat is reported as a slow
 # search: \s{1,1000}$ took 1.6 s on 256 KiB of spaces, the most text a body
@@ -155,7 +157,7 @@ def find_slow_search(pattern: re.Pattern[str]) -> Backtracking | None:
 def _slow_start(items: list[Any], before: list[Any], ignore_case: bool) -> tuple[int | None, bool] | Literal[False]:
     """Return the maximum of a long repeat of single characters that starts the sequence and that what follows can make fail.
 
-    The maximum is None for an unbounded repeat. `before` holds the
+    The maximum is None for an unbounded repeat. `before` contains the
     single-character matchers passed on the way, and one character must
     match all of them and the repeat, in either case when `ignore_case` is
     True. The second value is True when there were any. False means there
@@ -217,10 +219,19 @@ def _can_fail(items: list[Any]) -> bool:
 def _leading_text(pattern: str, prefixed: bool) -> str:
     """Return the slow repeat of `pattern` as written, such as \\s+ or [a-z]{2,}; "" when it cannot be cut out plainly.
 
-    The repeat starts the pattern, or when `prefixed` is True, it is the first repeat written.
+    The repeat starts the pattern, or when `prefixed` is True, it is the
+    first repeat written that is unbounded or has a maximum of
+    LONG_LEADING_REPEAT or more, since a shorter one, such as \\s{2,3},
+    is among the characters before it.
     """
-    match = _LEADING_REPEAT.search(pattern) if prefixed else _LEADING_REPEAT.match(pattern)
-    return match.group(0) if match else ""
+    if not prefixed:
+        match = _LEADING_REPEAT.match(pattern)
+        return match.group(0) if match else ""
+    for match in _LEADING_REPEAT.finditer(pattern):
+        bounds = _BOUNDS.search(match.group(0))
+        if bounds is None or not bounds.group(1) or int(bounds.group(1)) >= LONG_LEADING_REPEAT:
+            return match.group(0)
+    return ""
 
 
 def _check_repeat(op: Any, argument: Any, ignore_case: bool) -> Backtracking | None:

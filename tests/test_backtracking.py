@@ -181,6 +181,8 @@ SLOW_PREFIXED_SEARCHES = [
     (r"\s{2}\s+$", r"\s+"),
     (r"x.*urgent", ".*"),
     (r"(?:\s|-)\s+$|urgent", r"\s+"),
+    # A short repeat before the slow one is not the repeat that the description names.
+    (r"\s{2,3}\s+$", r"\s+"),
     # Case folding lets "A" and [a-z] match one character.
     (r"(?i)A[a-z]+\d", "[a-z]+"),
     (r"(?i:A)[a-z]+\d", "[a-z]+"),
