@@ -801,7 +801,8 @@ def _declared_size(options: list[str]) -> int:
 def _signal_label(signal: str) -> str:
     """Return a signal without the addresses and subjects in it, to keep label values few."""
     label = re.sub(r"\S+@\S+", "ADDRESS", signal)
-    label = re.sub(r"'.*'", "'...'", label)
+    # repr quotes a subject that contains an apostrophe in double quotes.
+    label = re.sub(r"'.*'|\".*\"", "'...'", label)
     return label.split(":")[0] if label.lower().startswith(("auto-submitted", "x-auto-response-suppress")) else label
 
 

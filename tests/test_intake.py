@@ -33,7 +33,12 @@ from conftest import (
 )
 
 from guardrail.daemon import Daemon
-from guardrail.intake import ERROR_REPLY_LIMIT, JUNK_COMMAND_LIMIT, _scan_data
+from guardrail.intake import (
+    ERROR_REPLY_LIMIT,
+    JUNK_COMMAND_LIMIT,
+    _scan_data,
+    _signal_label,
+)
 from guardrail.prepare import has_bare_line_ending
 from guardrail.replies import with_enhanced_code
 
@@ -1480,3 +1485,18 @@ async def test_fifth_unknown_command_closes_the_connection(tmp_path: Path, start
     assert replies == ["500 5.5.2 Command not recognized"] * 4 + ["502 5.5.1 Too many unrecognized commands, goodbye."]
     # The NOOP after it got no reply: the connection was closed.
     assert lines[-1] == replies[-1]
+
+
+@pytest.mark.parametrize(
+    ("signal", "label"),
+    [
+        ("Auto-Submitted: auto-replied (vacation)", "Auto-Submitted"),
+        ("From noreply+orders@shop.example looks automated", "From ADDRESS looks automated"),
+        ("auto-reply subject 'Automatic reply: Printer'", "auto-reply subject '...'"),
+        # repr quotes a subject with an apostrophe in double quotes.
+        ("auto-reply subject " + repr("Message d'absence: Marie"), "auto-reply subject '...'"),
+        ("auto-reply subject " + repr("Out of office: I'm away \"till\" Monday"), "auto-reply subject '...'"),
+    ],
+)
+def test_signal_label_drops_subject(signal: str, label: str) -> None:
+    assert _signal_label(signal) == label
