@@ -154,14 +154,17 @@ def find_slow_search(pattern: re.Pattern[str]) -> Backtracking | None:
         return None
 
 
-def _slow_start(items: list[Any], before: list[Any], ignore_case: bool) -> tuple[int | None, bool] | Literal[False]:
+def _slow_start(
+    items: list[Any], before: list[Any], ignore_case: bool, skipped: bool = False,
+) -> tuple[int | None, bool] | Literal[False]:
     """Return the maximum of a long repeat of single characters that starts the sequence and that what follows can make fail.
 
     The maximum is None for an unbounded repeat. `before` contains the
     single-character matchers passed on the way, and one character must
     match all of them and the repeat, in either case when `ignore_case` is
-    True. The second value is True when there were any. False means there
-    is no such repeat.
+    True. The second value is True when there were any, or when an
+    optional item was `skipped` on the way. False means there is no such
+    repeat.
 
     A search tries every branch of a leading alternation at each position,
     so one such branch is enough, as in \\s+$|urgent. An atomic group gives
@@ -172,16 +175,16 @@ def _slow_start(items: list[Any], before: list[Any], ignore_case: bool) -> tuple
         return False
     op, argument = items[0]
     if op is sre.BRANCH:
-        found = [_slow_start(_flatten(branch) + items[1:], before, ignore_case) for branch in argument[1]]
+        found = [_slow_start(_flatten(branch) + items[1:], before, ignore_case, skipped) for branch in argument[1]]
         slow = [result for result in found if result is not False]
         if not slow:
             return False
         maximums = [maximum for maximum, _ in slow]
         return (None if None in maximums else max(maximums)), any(prefixed for _, prefixed in slow)  # type: ignore[type-var]
     if op is sre.ATOMIC_GROUP:
-        return _slow_start(_flatten(argument) + items[1:], before, ignore_case)
+        return _slow_start(_flatten(argument) + items[1:], before, ignore_case, skipped)
     if op in _SINGLE_CHARACTER:
-        return _slow_start(items[1:], before + [(op, argument)], ignore_case)
+        return _slow_start(items[1:], before + [(op, argument)], ignore_case, skipped)
     if op not in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
         return False
     minimum, maximum, body = argument
@@ -190,18 +193,24 @@ def _slow_start(items: list[Any], before: list[Any], ignore_case: bool) -> tuple
         return False
     if maximum != sre.MAXREPEAT and maximum < LONG_LEADING_REPEAT:
         # A short repeat, such as \s{2}, passes on as single characters do.
-        return _slow_start(items[1:], before + body_items, ignore_case) if minimum >= 1 else False
+        # One that may match nothing, such as \s?, is skipped: the search at
+        # a position can leave it out.
+        if minimum >= 1:
+            return _slow_start(items[1:], before + body_items, ignore_case, skipped)
+        return _slow_start(items[1:], before, ignore_case, skipped=True)
     if before and not _common_character(before + body_items, ignore_case):
         return False
     if not _can_fail(items[1:]):
         return False
-    return (None if maximum == sre.MAXREPEAT else maximum), bool(before)
+    return (None if maximum == sre.MAXREPEAT else maximum), bool(before) or skipped
 
 
 def _common_character(matchers: list[Any], ignore_case: bool) -> bool:
     """Return True when some character meets every one of `matchers`, in either case when `ignore_case` is True."""
     matches = _matches if ignore_case else _matches_exactly
-    return any(all(matches(matcher, probe) for matcher in matchers) for probe in _PROBES)
+    # The literals themselves are tried too, so that "я" in я[а-я]+ counts outside Latin-1.
+    literals = tuple(chr(argument) for op, argument in matchers if op is sre.LITERAL)
+    return any(all(matches(matcher, probe) for matcher in matchers) for probe in _PROBES + literals)
 
 
 def _folds_case(tree: Any) -> bool:

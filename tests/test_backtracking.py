@@ -174,6 +174,8 @@ def test_short_bounded_leading_repeat_not_flagged(pattern: str) -> None:
 # a run of that character starts a match at every position all the same.
 SLOW_PREFIXED_SEARCHES = [
     # (pattern, the repeat as the description quotes it)
+    (r"\s?\s+$", r"\s+"),
+    ("я[а-я]+\\d", "[а-я]+"),
     (r"\s\s+$", r"\s+"),
     (r" \s+x", r"\s+"),
     (r"a[a-z]+\d", "[a-z]+"),
