@@ -16,6 +16,7 @@ from pathlib import Path
 from . import __version__, commands
 from .conversations import MAX_NAME_LENGTH
 from .errors import ConfigError, ConfigErrors, DatabaseFileError
+from .harness import EvaluatorUnavailable
 
 # The largest SQLite INTEGER, which a LIMIT takes.
 _SQLITE_MAX_INTEGER = 2**63 - 1
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         # buffered goes nowhere, and the exit status is the shell's for SIGPIPE.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except EvaluatorUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return commands.EXIT_FAILURE
     except ConfigErrors as problems:
         errors = problems.errors
     except DatabaseFileError as problem:

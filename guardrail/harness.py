@@ -65,6 +65,10 @@ def evaluate(raw: bytes, rcpt_tos: tuple[str, ...], mail_from: str, rules: RuleS
     return Evaluation(submission.route, submission.team, "sent" if sent else "suppressed", signal, deadline)
 
 
+class EvaluatorUnavailable(Exception):
+    """The child process that evaluates the rules did not start."""
+
+
 class RoutingStalled(Exception):
     """The rules did not finish on a message within the evaluation limit."""
 
@@ -128,7 +132,7 @@ class Evaluator:
             pool.apply_async(_is_ready).get(STARTUP_LIMIT)
         except multiprocessing.TimeoutError:
             pool.terminate()
-            raise RuntimeError(f"the process that evaluates the rules did not start within {STARTUP_LIMIT:g} s") from None
+            raise EvaluatorUnavailable(f"the process that evaluates the rules did not start within {STARTUP_LIMIT:g} s") from None
         return pool
 
     def evaluate(self, name: str, raw: bytes, rcpt_tos: tuple[str, ...], mail_from: str, now: datetime) -> Evaluation:

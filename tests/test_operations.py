@@ -355,6 +355,19 @@ def test_rule_test_reports_stalled_case_and_runs_the_rest(
     assert "1 passed, 1 failed" in output
 
 
+def test_rule_test_reports_evaluator_that_does_not_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("guardrail.harness.STARTUP_LIMIT", 0.0)
+    config = example_copy(tmp_path)
+
+    assert main(["test", "--config", str(config), str(ROOT / "rules" / "tests")]) == 1
+
+    captured = capsys.readouterr()
+    assert "error: the process that evaluates the rules did not start within 0 s" in captured.err
+    assert "Traceback" not in captured.err
+
+
 async def test_replay_reports_stalled_rules_and_runs_the_rest(
     tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
