@@ -463,6 +463,7 @@ class BatchWriter:
         if plan.answers:
             sender = submission.summary.from_address or submission.mail_from
             self.rows["answers"].append((at, sender, at, conversation.id))
+            self._withdraw_escalations(conversation.id, at)
             change.events.append(("answered", {"by": sender}))
         return change
 
@@ -514,7 +515,13 @@ class BatchWriter:
         for answer in answers:
             at = format_instant(answer.at)
             self.rows["answers"].append((at, answer.answered_by, at, answer.conversation_id))
+            self._withdraw_escalations(answer.conversation_id, at)
             self._event(answer.conversation_id, None, at, "answered", {"by": answer.answered_by})
+
+    def _withdraw_escalations(self, conversation_id: int, at: str) -> None:
+        """Queue the end of the answered conversation's escalations that are still waiting to be sent."""
+        self.rows["withdrawn_events"].append((at, conversation_id))
+        self.rows["withdrawn_escalations"].append((at, conversation_id))
 
     def add_attempts(self, attempts: list[AttemptResult]) -> None:
         for result in attempts:
@@ -847,6 +854,14 @@ def _known(row: Any) -> KnownConversation:
     )
 
 
+# The last error of an escalation row that was not sent because its conversation was answered first.
+WITHDRAWN_ERROR = "withdrawn: the conversation was answered before it was sent"
+# The escalation rows of conversation ?2 still waiting to be sent: webhooks and escalation mails.
+_PENDING_ESCALATIONS = (
+    "conversation_id = ?2 AND state = 'pending'"
+    " AND (kind = 'webhook' OR (kind = 'mail' AND json_extract(target, '$.purpose') = 'escalation'))"
+)
+
 _STATEMENTS = {
     "conversations": (
         "INSERT INTO conversations (id, reference, route, team, destination, state, opened_at, updated_at,"
@@ -873,12 +888,27 @@ _STATEMENTS = {
         "INSERT INTO outbox (id, kind, conversation_id, message_row, target, payload, state, attempts,"
         " created_at, next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
     ),
+    # Only a pending row takes an attempt's result: a row withdrawn while its
+    # attempt ran stays withdrawn.
     "outbox_updates": (
-        "UPDATE outbox SET state = ?, attempts = ?, next_attempt_at = ?, done_at = ?, last_error = ? WHERE id = ?"
+        "UPDATE outbox SET state = ?, attempts = ?, next_attempt_at = ?, done_at = ?, last_error = ?"
+        " WHERE id = ? AND state = 'pending'"
     ),
     "outbox_recipients": (
         "UPDATE outbox SET target = json_set(target, '$.addresses', json(?), '$.delivered', json(?), '$.undelivered', json(?))"
         " WHERE id = ?"
+    ),
+    # An answered conversation needs no escalation that is still waiting to
+    # be sent, such as a webhook or a mail to retry while its receiver is
+    # down. The timeline names each one, then the rows end as done.
+    "withdrawn_events": (
+        "INSERT INTO events (conversation_id, message_row, at, kind, detail)"
+        " SELECT conversation_id, message_row, ?1, 'escalation_withdrawn',"
+        " json_object('outbox_id', id, 'kind', kind, 'attempts', attempts, 'reason', 'the conversation was answered')"
+        f" FROM outbox WHERE {_PENDING_ESCALATIONS}"
+    ),
+    "withdrawn_escalations": (
+        f"UPDATE outbox SET state = 'done', done_at = ?1, last_error = '{WITHDRAWN_ERROR}' WHERE {_PENDING_ESCALATIONS}"
     ),
     # A permanent delivery failure escalates at once, unless the conversation
     # was already escalated as unstaffed or is answered. A conversation that

@@ -39,7 +39,12 @@ from guardrail.escalation import (
     delivery_failure_reason,
     plan_escalation,
 )
-from guardrail.store_batch import AttemptResult, ManualAnswer, StoreSettings
+from guardrail.store_batch import (
+    WITHDRAWN_ERROR,
+    AttemptResult,
+    ManualAnswer,
+    StoreSettings,
+)
 from guardrail.webhooks import status_outcome
 
 SECRET = "test-webhook-secret"
@@ -243,6 +248,30 @@ async def test_webhook_retry_waits_for_stored_time(tmp_path: Path, start_daemon,
     assert len(receiver.requests) == 2
     assert [row[:2] for row in webhook_rows(database)] == [("done", 2)]
     assert len({request.headers["idempotency-key"] for request in receiver.requests}) == 1
+
+
+async def test_answer_withdraws_escalation_waiting_for_retry(tmp_path: Path, start_daemon, webhook_secret: str) -> None:
+    with webhook_receiver(statuses=[503]) as receiver:
+        config = write_config(tmp_path, rules=facilities_rules(receiver.url), sections=WEBHOOK_RETRIES)
+        clock = ManualClock(at("2025-11-17T10:00:00"))
+        daemon = await escalated_at_deadline(config, start_daemon, clock)
+        database = daemon.config.database_path
+        [(_, _, retry_at, _)] = webhook_rows(database)
+        ((reference,),) = await daemon.store.fetch_all("SELECT reference FROM conversations")
+
+        assert await daemon.store.mark_answered(reference, "carol", clock.now()) == "open"
+        await clock.set(retry_at + timedelta(minutes=5))
+        await settle(daemon, clock)
+
+    # The one POST before the answer, and none after it.
+    assert len(receiver.requests) == 1
+    assert webhook_rows(database) == [("done", 1, retry_at, WITHDRAWN_ERROR)]
+    withdrawn = await daemon.store.fetch_all("SELECT detail FROM events WHERE kind = 'escalation_withdrawn'")
+    assert [json.loads(detail) for (detail,) in withdrawn] == [
+        {"outbox_id": json.loads(withdrawn[0][0])["outbox_id"], "kind": "webhook", "attempts": 1, "reason": "the conversation was answered"},
+    ]
+    # The escalation mail to Dana went out with the webhook, before the answer, and stays the only one.
+    assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
 
 
 async def test_webhook_attempts_survive_restart(tmp_path: Path, start_daemon, webhook_secret: str) -> None:
