@@ -35,6 +35,8 @@ DELIVERY_FAILED_REASON = "delivery to the destination failed permanently"
 # its destination's addresses took and the others never took. The reason
 # names both, and so does the escalation mail.
 PARTIAL_DELIVERY_FAILED_REASON = "delivery to some of the destination's addresses failed permanently"
+# Addresses that the reason of a partly failed delivery names in each list; the rest are counted.
+LISTED_ADDRESSES = 5
 
 
 @dataclass(frozen=True)
@@ -162,9 +164,19 @@ def delivery_failure_reason(delivered: tuple[str, ...], undelivered: tuple[str, 
     if not delivered:
         return f"{DELIVERY_FAILED_REASON}: {error}"
     return (
-        f"{PARTIAL_DELIVERY_FAILED_REASON}: delivered to {', '.join(delivered)};"
-        f" not delivered to {', '.join(undelivered)}: {error}"
+        f"{PARTIAL_DELIVERY_FAILED_REASON}: delivered to {_listed(delivered)};"
+        f" not delivered to {_listed(undelivered)}: {error}"
     )
+
+
+def _listed(addresses: tuple[str, ...]) -> str:
+    """Return `addresses` joined by commas, the first LISTED_ADDRESSES of them and a count of the rest.
+
+    The reason is stored cut to 500 characters, so a long list would push the destination's reply out of it.
+    """
+    shown = ", ".join(addresses[:LISTED_ADDRESSES])
+    rest = len(addresses) - LISTED_ADDRESSES
+    return f"{shown} and {rest} more" if rest > 0 else shown
 
 
 def at_once_wording(conversation: DueConversation) -> tuple[str, str]:

@@ -539,6 +539,12 @@ GAVE_UP = "gave up after 3 attempts: smarthost deferred recipients"
          "delivery to some of the destination's addresses failed permanently:"
          f" delivered to a@example.net, b@example.net; not delivered to c@example.net, d@example.net: {GAVE_UP}",
          "Delivery failed in part", False),
+        # Long lists name five addresses and count the rest, so the reply still fits.
+        (tuple(f"d{n}@example.net" for n in range(7)), tuple(f"u{n}@example.net" for n in range(40)),
+         "delivery to some of the destination's addresses failed permanently: delivered to d0@example.net,"
+         " d1@example.net, d2@example.net, d3@example.net, d4@example.net and 2 more; not delivered to"
+         f" u0@example.net, u1@example.net, u2@example.net, u3@example.net, u4@example.net and 35 more: {GAVE_UP}",
+         "Delivery failed in part", False),
     ],
 )
 def test_failed_delivery_reason_and_wording(
