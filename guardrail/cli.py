@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, commands
-from .conversations import MAX_NAME_LENGTH
+from .conversations import MAX_NAME_LENGTH, is_storable_name
 from .errors import ConfigError, ConfigErrors, DatabaseFileError
 from .harness import EvaluatorUnavailable
 
@@ -58,7 +58,7 @@ def _non_blank(text: str) -> str:
 def _name(text: str) -> str:
     """Parse a person's name that is recorded in the database and printed in `guardrail status` and the API."""
     name = _non_blank(text)
-    if len(name) > MAX_NAME_LENGTH or any(ord(char) < 0x20 or ord(char) == 0x7F for char in name):
+    if not is_storable_name(name):
         raise argparse.ArgumentTypeError(
             f"invalid value {text!r}; must be at most {MAX_NAME_LENGTH} characters without control characters"
         )

@@ -15,13 +15,23 @@ from functools import lru_cache
 
 from .rules import Destination
 
-# The longest name of the person who answered a conversation or inspected the rules, from the CLI or the HTTP API.
+# Maximum length of the name that the CLI or the HTTP API records for who answered a conversation or inspected the rules.
 MAX_NAME_LENGTH = 200
 
 # Crockford's base32 alphabet: no I, L, O or U, so references survive being
 # read aloud or typed from a screenshot.
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 REFERENCE_LENGTH = 6
+
+
+def is_storable_name(name: str) -> bool:
+    """Return True when `name` fits MAX_NAME_LENGTH and has no control character or unpaired surrogate.
+
+    Operators see the name in `guardrail status` and the API, and SQLite stores text as UTF-8, which has no surrogates.
+    """
+    if len(name) > MAX_NAME_LENGTH:
+        return False
+    return not any(ord(char) < 0x20 or ord(char) == 0x7F or 0xD800 <= ord(char) <= 0xDFFF for char in name)
 
 
 def new_reference(prefix: str) -> str:

@@ -39,7 +39,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Secret
-from .conversations import MAX_NAME_LENGTH
+from .conversations import MAX_NAME_LENGTH, is_storable_name
 from .errors import StorageError
 from .storage import free_bytes, storage_problem
 from .store import Store
@@ -288,16 +288,11 @@ def _answered_by(body: bytes) -> str:
     if unknown:
         raise HTTPException(400, f"unknown field {unknown[0]!r}; the only field is \"by\"")
     name = data.get("by", "")
-    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or any(_is_unstorable(char) for char in name):
+    if not isinstance(name, str) or not is_storable_name(name):
         raise HTTPException(
             400, f'"by" must be a string of at most {MAX_NAME_LENGTH} characters without control characters or unpaired surrogates'
         )
     return name.strip()
-
-
-def _is_unstorable(char: str) -> bool:
-    """Return whether `char` is a control character, or a surrogate, which JSON escapes allow but UTF-8 cannot encode."""
-    return ord(char) < 0x20 or ord(char) == 0x7F or 0xD800 <= ord(char) <= 0xDFFF
 
 
 async def _http_error(request: Request, error: Exception) -> Response:
