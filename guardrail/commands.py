@@ -264,7 +264,7 @@ def test(arguments: argparse.Namespace) -> int:
     failed = invalid = 0
     with Evaluator({"rules": rules}, site) as evaluator:
         for case in cases:
-            result = run_case(case, rules, site, evaluator, "rules")
+            result = run_case(case, evaluator, "rules")
             if result.is_invalid:
                 invalid += 1
                 print(f"INVALID {result.name}")

@@ -33,7 +33,7 @@ POSTMASTER = "postmaster"
 # the arrival, so a time near the ends of the calendar would overflow.
 EARLIEST_ARRIVAL = datetime(1970, 1, 1, tzinfo=timezone.utc)
 LATEST_ARRIVAL = datetime(9000, 1, 1, tzinfo=timezone.utc)
-# Seconds the rules may take on one message, as long as the daemon lets a parse process go without a reply.
+# Seconds the rules may take on one message, the time the daemon allows a parse process without a reply.
 EVALUATION_LIMIT = 10.0
 # Seconds the child process that evaluates the rules may take to start.
 STARTUP_LIMIT = 60.0
@@ -80,7 +80,7 @@ _child_site: Site | None = None
 
 def _start_child(rule_sets: dict[str, RuleSet], site: Site) -> None:
     global _child_site
-    # Ctrl-C is the command's to handle; it stops the child by terminating the pool.
+    # Ctrl-C is for the command to handle, and the command stops the child by terminating the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A command ended by SIGTERM or SIGKILL cannot stop the child, which may
     # be matching a regex for hours, so the child checks every second that
@@ -99,6 +99,7 @@ def _exit_without_parent(parent: int) -> None:
 
 
 def _is_ready() -> bool:
+    """Return True, once the child has started; the Evaluator waits for this before it times any message."""
     return True
 
 
@@ -118,15 +119,15 @@ class Evaluator:
     """
 
     def __init__(self, rule_sets: dict[str, RuleSet], site: Site, limit: float | None = None) -> None:
-        self._rule_sets = rule_sets
-        self._site = site
+        self.rule_sets = rule_sets
+        self.site = site
         self.limit = EVALUATION_LIMIT if limit is None else limit
         self._pool = self._new_pool()
 
     def _new_pool(self) -> multiprocessing.pool.Pool:
         # A new interpreter, since fork copies the locks of any other thread in their current state.
         context = multiprocessing.get_context("spawn")
-        pool = context.Pool(1, initializer=_start_child, initargs=(self._rule_sets, self._site))
+        pool = context.Pool(1, initializer=_start_child, initargs=(self.rule_sets, self.site))
         # The child's start, which imports guardrail, does not count against a message's limit.
         try:
             pool.apply_async(_is_ready).get(STARTUP_LIMIT)
@@ -169,11 +170,9 @@ class CaseResult:
     is_invalid: bool = False
 
 
-def run_case(eml: Path, rules: RuleSet, site: Site, evaluator: Evaluator, name: str) -> CaseResult:
-    """Run one test case: `eml` with its expectations in the .toml file of the same name.
-
-    `evaluator` decides the message with its rule set `name`, which is `rules`.
-    """
+def run_case(eml: Path, evaluator: Evaluator, name: str) -> CaseResult:
+    """Run one test case, `eml` with its expectations in the .toml file of the same name, against the evaluator's rule set `name`."""
+    rules, site = evaluator.rule_sets[name], evaluator.site
     spec_path = eml.with_suffix(".toml")
     if not spec_path.exists():
         return CaseResult(eml.name, (f"{spec_path}: expectations file not found",), is_invalid=True)
