@@ -121,7 +121,7 @@ def format_deadline(deadline: datetime | None, team: Team, language: str) -> str
     return deadline_text(local.date(), local.hour, local.minute, language, team.calendar.zone.key)
 
 
-# The most characters of the sender's subject and display name that an acknowledgement quotes.
+# Maximum numbers of characters of the sender's subject and display name that an acknowledgement quotes.
 MAX_QUOTED_SUBJECT = 200
 MAX_QUOTED_NAME = 100
 

@@ -170,13 +170,13 @@ def delivery_failure_reason(delivered: tuple[str, ...], undelivered: tuple[str, 
 
 
 def _listed(addresses: tuple[str, ...]) -> str:
-    """Return `addresses` joined by commas, the first LISTED_ADDRESSES of them and a count of the rest.
+    """Join the first LISTED_ADDRESSES of `addresses` with commas, and count the rest.
 
     The reason is stored cut to 500 characters, so a long list would push the destination's reply out of it.
     """
-    shown = ", ".join(addresses[:LISTED_ADDRESSES])
+    named = ", ".join(addresses[:LISTED_ADDRESSES])
     rest = len(addresses) - LISTED_ADDRESSES
-    return f"{shown} and {rest} more" if rest > 0 else shown
+    return f"{named} and {rest} more" if rest > 0 else named
 
 
 def at_once_wording(conversation: DueConversation) -> tuple[str, str]:

@@ -65,9 +65,9 @@ DEFAULT_SENDER_PATTERNS = (
 # those signals. Subjects are compared after case folding and removing
 # accents, so patterns are written without them.
 _SUBJECT_PHRASES = (
-    # English. Dovecot's Sieve vacation action puts "Auto: " before the
-    # original subject when the script names none, so "Auto:" counts,
-    # although a person may start a subject with it too.
+    # English. Sieve vacation responders put "Auto: " before the original
+    # subject when the script sets none, so "Auto:" counts, although a
+    # person may start a subject with it too.
     r"auto(?=\s*:)",
     r"auto(matic|mated)?[- ]?(reply|response|answer)",
     r"out of (the )?office( reply| notice| auto-?reply)?",
@@ -329,7 +329,7 @@ def is_subject_signal(signal: str) -> bool:
     People start subjects with the same words ("Auto: Termin zur
     Inspektion", where Auto means car; "Out of office: can you cover my
     shift?"). Such a message gets no acknowledgement, but it still needs a
-    reply, so its deadline runs and a person on the team sees it either way.
+    reply, so its deadline runs and a person on the team reads it either way.
     """
     return signal.startswith(SUBJECT_SIGNAL)
 
