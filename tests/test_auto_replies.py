@@ -437,7 +437,7 @@ FORWARDED_BOUNCE = (
 )
 
 
-def test_delay_report_found_without_its_subject() -> None:
+def test_delay_report_found_without_subject() -> None:
     from guardrail.loops import machine_signal
     from guardrail.message import summarize
 

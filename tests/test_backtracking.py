@@ -205,12 +205,12 @@ FAST_PREFIXED_SEARCHES = [
 
 
 @pytest.mark.parametrize(("pattern", "repeat"), SLOW_PREFIXED_SEARCHES)
-def test_slow_search_after_single_characters_flagged(pattern: str, repeat: str) -> None:
+def test_prefixed_slow_search_flagged(pattern: str, repeat: str) -> None:
     assert find_slow_search(re.compile(pattern)) == Backtracking("search", None, repeat, prefixed=True)
 
 
 @pytest.mark.parametrize("pattern", FAST_PREFIXED_SEARCHES)
-def test_fast_search_after_single_characters_not_flagged(pattern: str) -> None:
+def test_prefixed_fast_search_passes(pattern: str) -> None:
     assert find_slow_search(re.compile(pattern)) is None
 
 

@@ -250,7 +250,7 @@ async def test_webhook_retry_waits_for_stored_time(tmp_path: Path, start_daemon,
     assert len({request.headers["idempotency-key"] for request in receiver.requests}) == 1
 
 
-async def test_answer_withdraws_escalation_waiting_for_retry(tmp_path: Path, start_daemon, webhook_secret: str) -> None:
+async def test_answer_withdraws_pending_escalation(tmp_path: Path, start_daemon, webhook_secret: str) -> None:
     with webhook_receiver(statuses=[503]) as receiver:
         config = write_config(tmp_path, rules=facilities_rules(receiver.url), sections=WEBHOOK_RETRIES)
         clock = ManualClock(at("2025-11-17T10:00:00"))

@@ -36,7 +36,7 @@ def test_console_escapes_client_controls() -> None:
     assert "a\\u202eb@example.org" in finished.stderr
 
 
-def test_library_lines_share_one_event_name() -> None:
+def test_library_log_event_name() -> None:
     finished = subprocess.run(
         [sys.executable, "-c", SCRIPT, "json"], capture_output=True, text=True, timeout=60, cwd=ROOT,
     )

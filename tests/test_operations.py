@@ -329,7 +329,7 @@ any = [{ subject.regex = '^(a+)+b$' }]
 SLOW_SUBJECT = "a" * 40 + "c"
 
 
-def test_rule_test_reports_stalled_case_and_runs_the_rest(
+def test_rule_test_reports_stall(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("guardrail.harness.EVALUATION_LIMIT", 0.5)
@@ -355,7 +355,7 @@ def test_rule_test_reports_stalled_case_and_runs_the_rest(
     assert "1 passed, 1 failed" in output
 
 
-def test_rule_test_reports_evaluator_that_does_not_start(
+def test_rule_test_evaluator_start_timeout(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("guardrail.harness.STARTUP_LIMIT", 0.0)
@@ -368,7 +368,7 @@ def test_rule_test_reports_evaluator_that_does_not_start(
     assert "Traceback" not in captured.err
 
 
-async def test_replay_reports_stalled_rules_and_runs_the_rest(
+async def test_replay_reports_stall(
     tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("guardrail.harness.EVALUATION_LIMIT", 0.5)
@@ -425,7 +425,7 @@ def cpu_seconds(pid: int) -> float:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
-def test_evaluation_child_ends_with_its_parent(tmp_path: Path, signum: int) -> None:
+def test_evaluation_child_ends_with_parent(tmp_path: Path, signum: int) -> None:
     # SIGTERM and SIGKILL end the command without running its cleanup. The
     # child, busy on a message that backtracks for hours, must not outlive it.
     config = example_copy(tmp_path)
@@ -529,7 +529,7 @@ def test_blank_name_or_note_is_usage_error(
     (["inspect", "--note", "read every route", "--by"], "Ada\nLovelace"),
     (["answer", "GR-AAAAAA", "--by"], "x" * 201),
 ])
-def test_name_with_control_characters_is_usage_error(
+def test_invalid_by_name_rejected(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], value: str,
 ) -> None:
     config = write_config(tmp_path)
