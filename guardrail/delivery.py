@@ -490,6 +490,9 @@ class DeliveryWorker:
             advanced = replace(row, target=after_partial(row.target, error))
             return replace(self._retry_or_give_up(advanced, attempts, error), recipients=error.deferred)
         # Every recipient that can get the message has it.
+        # NOTE: the recipients rejected here are only logged and recorded as the
+        # row's error, and nothing escalates, so a broken address in a team's
+        # list goes unnoticed until someone reads the log or the timeline.
         self._metrics.delivery_failures.labels(row.kind, "yes").inc()
         log.error("delivery_failed", error=str(error), attempts=attempts, rejected=list(error.rejected))
         return AttemptResult(row.id, row.conversation_id, row.message_row, self._clock.now(), "done", attempts,
