@@ -81,7 +81,16 @@ class RescheduleRun:
     limit: int
 
 
-WriteItem = Submission | AttemptResult | ManualAnswer | EscalationRun | ZombieRun | RetentionRun | RescheduleRun
+@dataclass(frozen=True)
+class RejectionRun:
+    """A request to raise alarms for addresses that rejected mail within `period` before `now`."""
+
+    now: datetime
+    period: timedelta
+    planner: Callable[..., list[Any]]
+
+
+WriteItem = Submission | AttemptResult | ManualAnswer | EscalationRun | ZombieRun | RejectionRun | RetentionRun | RescheduleRun
 
 
 class Committer:
@@ -122,7 +131,7 @@ class Committer:
         """Write `items` in one transaction; return one result per item.
 
         A Submission's result is its Outcome, an EscalationRun's the number
-        of escalations fired, a ZombieRun's the alarms raised, a
+        of escalations fired, a ZombieRun's or a RejectionRun's the alarms raised, a
         RetentionRun's what it Emptied, a RescheduleRun's what it
         Rescheduled; other items give None.
         """
@@ -131,6 +140,7 @@ class Committer:
         answers = [item for item in items if isinstance(item, ManualAnswer)]
         runs = [item for item in items if isinstance(item, EscalationRun)]
         zombie_runs = [item for item in items if isinstance(item, ZombieRun)]
+        rejection_runs = [item for item in items if isinstance(item, RejectionRun)]
         retention_runs = [item for item in items if isinstance(item, RetentionRun)]
         reschedule_runs = [item for item in items if isinstance(item, RescheduleRun)]
         db = self.db
@@ -146,6 +156,7 @@ class Committer:
                 writer.add_zombie_alarms(run.now, run.recent, run.period, run.routes, run.planner)
                 for run in zombie_runs
             ])
+            address_alarms = iter([writer.add_rejection_alarms(run.now, run.period, run.planner) for run in rejection_runs])
             writer.flush()
             # After the flush, so that rows delivered in this batch count as delivered.
             emptied = iter([writer.empty_old_bytes(format_instant(run.cutoff), run.limit) for run in retention_runs])
@@ -164,6 +175,8 @@ class Committer:
                 results.append(next(fired))
             elif isinstance(item, ZombieRun):
                 results.append(next(alarms))
+            elif isinstance(item, RejectionRun):
+                results.append(next(address_alarms))
             elif isinstance(item, RetentionRun):
                 results.append(next(emptied))
             elif isinstance(item, RescheduleRun):

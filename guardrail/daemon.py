@@ -34,7 +34,7 @@ from .offload import ParseProcesses
 from .prepare import Site
 from .retention import Retention
 from .rules import RuleSet, load_rules
-from .sla import EscalationScheduler, ZombieWatch
+from .sla import EscalationScheduler, RejectionWatch, ZombieWatch
 from .store import AttemptResult, Outcome, Store, StoreSettings
 
 log = structlog.get_logger("guardrail.daemon")
@@ -92,6 +92,7 @@ class Daemon:
         self.scheduler: EscalationScheduler | None = None
         self.handler: IntakeHandler | None = None
         self.zombies: ZombieWatch | None = None
+        self.rejections: RejectionWatch | None = None
         self.retention: Retention | None = None
         self.parsers: ParseProcesses | None = None
         self.maildir_process: ParseProcesses | None = None
@@ -159,6 +160,8 @@ class Daemon:
         if config.zombie is not None:
             self.zombies = ZombieWatch(self.store, self.clock, lambda: self.rules, sender, config.zombie, worker.wake.set)
             self._tasks.append(asyncio.create_task(self.zombies.run(), name="guardrail-zombie-routes"))
+        rejections = self.rejections = RejectionWatch(self.store, self.clock, lambda: self.rules, sender, worker.wake.set)
+        self._tasks.append(asyncio.create_task(rejections.run(), name="guardrail-rejected-addresses"))
         if config.keep_bodies is not None:
             self.retention = Retention(self.store, self.clock, config.keep_bodies)
             self._tasks.append(asyncio.create_task(self.retention.run(), name="guardrail-retention"))
@@ -171,6 +174,8 @@ class Daemon:
             # A permanent failure to reach the team escalates the conversation at once.
             if result.state == "failed" and result.kind == "deliver" and result.conversation_id is not None:
                 scheduler.due_at(result.at)
+            if result.rejected and result.kind == "deliver":
+                rejections.wake.set()
 
         worker.on_recorded = recorded
 

@@ -488,15 +488,14 @@ class DeliveryWorker:
         """Return the result of an attempt that reached some recipients: the next attempt goes to the deferred ones only."""
         if error.deferred:
             advanced = replace(row, target=after_partial(row.target, error))
-            return replace(self._retry_or_give_up(advanced, attempts, error), recipients=error.deferred)
-        # Every recipient that can get the message has it.
-        # NOTE: the recipients rejected here are only logged and recorded as the
-        # row's error, and nothing escalates, so a broken address in a team's
-        # list goes unnoticed until someone reads the log or the timeline.
+            return replace(self._retry_or_give_up(advanced, attempts, error), recipients=error.deferred, rejected=error.rejected)
+        # Every recipient that can get the message has it, so the message does
+        # not escalate. The store records each rejected address, and the
+        # rejected-address alarm tells the route's owner about it once a period.
         self._metrics.delivery_failures.labels(row.kind, "yes").inc()
         log.error("delivery_failed", error=str(error), attempts=attempts, rejected=list(error.rejected))
         return AttemptResult(row.id, row.conversation_id, row.message_row, self._clock.now(), "done", attempts,
-                             error=str(error), kind=row.kind)
+                             error=str(error), kind=row.kind, rejected=error.rejected)
 
     def _retry_or_give_up(self, row: OutboxRow, attempts: int, error: Exception) -> AttemptResult:
         """Return the result of an attempt that failed for now: pending until a stored time, or failed once its policy gives up."""

@@ -163,6 +163,17 @@ class RuleSet:
             return team.escalation_contact
         return self.fallback
 
+    def route_owner(self, route_name: str, team_name: str) -> Human | None:
+        """Return whom an alarm about a route tells: its owner, else its team's escalation contact, else the fallback human.
+
+        The route or team may be gone from the rules since the alarm's data was stored.
+        """
+        route = next((route for route in self.routes if route.name == route_name), None)
+        if route is not None and route.owner is not None:
+            return route.owner
+        team = self.teams.get(team_name)
+        return self.escalation_contact(team) if team else self.fallback
+
 
 def load_rules(
     directory: Path, base: Path, *, today: date | None = None, fix: str = "set rules.directory in the config",

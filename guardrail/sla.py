@@ -21,6 +21,12 @@ from .config import ZombieSettings
 from .errors import StorageError
 from .escalation import DueConversation, EscalationPlan, Sender, plan_escalation
 from .metrics import Metrics
+from .rejections import (
+    ALARM_PERIOD,
+    AddressAlarm,
+    RejectedFigures,
+    find_rejected_addresses,
+)
 from .rules import RuleSet
 from .store import Store
 from .zombies import RouteFigures, ZombieAlarm, find_zombie_routes
@@ -158,6 +164,57 @@ class ZombieWatch:
         alarms = await self._store.raise_zombie_alarms(now, self._settings.conversations, self._settings.period, routes, planner)
         for alarm in alarms:
             log.warning("zombie_route_alarm", route=alarm.route, to=alarm.owner.address, figures=alarm.figures)
+        if alarms:
+            self._on_queued()
+        return alarms
+
+
+class RejectionWatch:
+    """Raises the rejected-address alarms after each delivery in which an address was rejected for good.
+
+    It checks once at start, for rejections recorded before a restart, and
+    then whenever `wake` is set. A check that fails runs again at the next
+    rejection, which a broken address soon causes.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        rules: Callable[[], RuleSet],
+        sender: Sender,
+        on_queued: Callable[[], None] = lambda: None,
+        period: timedelta = ALARM_PERIOD,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._rules = rules
+        self._sender = sender
+        self._on_queued = on_queued
+        self._period = period
+        self.wake = asyncio.Event()
+
+    async def run(self) -> None:
+        """Check now, then each time `wake` is set, until cancelled."""
+        while True:
+            self.wake.clear()
+            try:
+                await self.check()
+            except (StorageError, sqlite3.Error) as error:
+                log.error("rejection_check_failed", error=repr(error.__cause__ or error), detail="checked again at the next rejection")
+            await self.wake.wait()
+
+    async def check(self) -> list[AddressAlarm]:
+        """Raise the alarms due now; return them."""
+        now = self._clock.now()
+        rules = self._rules()
+
+        def planner(figures: list[RejectedFigures], alarmed: set[str]) -> list[AddressAlarm]:
+            return find_rejected_addresses(figures, rules, now, self._sender, alarmed)
+
+        alarms = await self._store.raise_rejection_alarms(now, self._period, planner)
+        for alarm in alarms:
+            log.warning("rejected_address_alarm", address=alarm.address, to=alarm.owner.address, detail=alarm.detail)
         if alarms:
             self._on_queued()
         return alarms

@@ -27,6 +27,7 @@ from .clock import format_instant, parse_instant
 from .committer import (
     Committer,
     EscalationRun,
+    RejectionRun,
     RescheduleRun,
     RetentionRun,
     WriteItem,
@@ -237,6 +238,10 @@ class Store:
     ) -> list[Any]:
         """Raise alarms for those of `routes` whose mail goes unanswered; return the alarms raised."""
         return await self._submit(ZombieRun(now, recent, period, routes, planner))
+
+    async def raise_rejection_alarms(self, now: datetime, period: timedelta, planner: Callable[..., list[Any]]) -> list[Any]:
+        """Raise alarms for the addresses that rejected mail within `period` before `now`; return the alarms raised."""
+        return await self._submit(RejectionRun(now, period, planner))
 
     async def reschedule_escalations(
         self, planner: Callable[[str, datetime, int], datetime | None], *, batch: int = RETENTION_BATCH

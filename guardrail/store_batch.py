@@ -36,6 +36,7 @@ from .plan import (
     opening_participants,
     plan_submission,
 )
+from .rejections import RejectedFigures
 from .rules import Destination
 from .zombies import RouteFigures
 
@@ -144,6 +145,25 @@ CREATE TABLE IF NOT EXISTS alarms (
 );
 CREATE INDEX IF NOT EXISTS alarms_route ON alarms (route, at);
 
+-- Addresses of a destination that the smarthost rejected for good while it
+-- took the message for others, one row per address and attempt.
+CREATE TABLE IF NOT EXISTS rejections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    address TEXT NOT NULL,
+    conversation_id INTEGER,
+    at TEXT NOT NULL,
+    reply TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rejections_at ON rejections (at);
+
+CREATE TABLE IF NOT EXISTS address_alarms (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    address TEXT NOT NULL,
+    at TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS address_alarms_at ON address_alarms (at);
+
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     conversation_id INTEGER,
@@ -242,6 +262,8 @@ class AttemptResult:
     # delivery's escalation reason names them.
     delivered: tuple[str, ...] = ()
     undelivered: tuple[str, ...] = ()
+    # The recipients this attempt's smarthost rejected for good while it took or deferred the others.
+    rejected: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -539,6 +561,8 @@ class BatchWriter:
             if result.error:
                 detail["error"] = result.error
             self._event(result.conversation_id, result.message_row, at, kind, detail)
+            if result.kind == "deliver":
+                self.rows["rejections"].extend((address, result.conversation_id, at, result.error) for address in result.rejected)
             if result.state == "failed" and result.fallback:
                 self._outbox("mail", result.conversation_id, result.message_row, result.fallback["target"], result.fallback["payload"], at)
             if result.state == "failed" and result.kind == "deliver" and result.conversation_id is not None:
@@ -641,6 +665,34 @@ class BatchWriter:
             target = {"kind": "smtp", "addresses": [alarm.owner.address], "purpose": "alarm"}
             self._outbox("mail", None, None, target, alarm.data, at)
             self._event(None, None, at, "zombie_route_alarm", {"route": alarm.route, "to": alarm.owner.address, "figures": alarm.figures})
+        return alarms
+
+    # -- rejected-address alarms ------------------------------------------------
+
+    def add_rejection_alarms(self, now: datetime, period: timedelta, planner: Callable[..., list[Any]]) -> list[Any]:
+        """Raise alarms for addresses rejected within `period`, skipping those alarmed within it; return them."""
+        since = format_instant(now - period)
+        with closing(self.db.execute("SELECT DISTINCT address FROM address_alarms WHERE at > ?", (since,))) as cursor:
+            alarmed = {row[0] for row in cursor.fetchall()}
+        sql = "SELECT address, COUNT(*), MIN(at), MAX(at), MAX(id) FROM rejections WHERE at > ? GROUP BY address ORDER BY address"
+        with closing(self.db.execute(sql, (since,))) as cursor:
+            counts = [row for row in cursor.fetchall() if row[0] not in alarmed]
+        figures = []
+        for address, count, first, last, newest in counts:
+            sql = (
+                "SELECT r.reply, COALESCE(c.team, ''), COALESCE(c.route, '') FROM rejections r"
+                " LEFT JOIN conversations c ON c.id = r.conversation_id WHERE r.id = ?"
+            )
+            with closing(self.db.execute(sql, (newest,))) as cursor:
+                reply, team, route = cursor.fetchone()
+            figures.append(RejectedFigures(address, team, route, count, parse_instant(first), parse_instant(last), reply))
+        alarms = planner(figures, alarmed)
+        at = format_instant(now)
+        for alarm in alarms:
+            self.rows["address_alarms"].append((alarm.address, at, alarm.detail))
+            target = {"kind": "smtp", "addresses": [alarm.owner.address], "purpose": "alarm"}
+            self._outbox("mail", None, None, target, alarm.data, at)
+            self._event(None, None, at, "rejected_address_alarm", {"address": alarm.address, "to": alarm.owner.address, "detail": alarm.detail})
         return alarms
 
     # -- retention ------------------------------------------------------------
@@ -931,5 +983,7 @@ _STATEMENTS = {
         " variant, message_id) VALUES (?,?,?,?,?,?,?,?,?)"
     ),
     "alarms": "INSERT INTO alarms (route, at, detail) VALUES (?,?,?)",
+    "rejections": "INSERT INTO rejections (address, conversation_id, at, reply) VALUES (?,?,?,?)",
+    "address_alarms": "INSERT INTO address_alarms (address, at, detail) VALUES (?,?,?)",
     "events": "INSERT INTO events (conversation_id, message_row, at, kind, detail) VALUES (?,?,?,?,?)",
 }

@@ -61,7 +61,7 @@ def find_zombie_routes(
         if route_figures.route in recently_alarmed:
             continue
         reason = _zombie_reason(route_figures, rules, settings, now)
-        owner = _owner(route_figures, rules)
+        owner = rules.route_owner(route_figures.route, route_figures.team)
         if reason and owner is not None:
             alarms.append(ZombieAlarm(route_figures.route, owner, reason, _alarm_mail(route_figures, owner, reason, now, sender)))
     return alarms
@@ -87,14 +87,6 @@ def _zombie_reason(figures: RouteFigures, rules: RuleSet, settings: ZombieSettin
         what = f"last answer {figures.last_answered.isoformat()}" if figures.last_answered else "never answered"
         return f"mail keeps arriving (last {figures.last_received.isoformat()}) but nothing was answered for {hours:g} business hours ({what})"
     return ""
-
-
-def _owner(figures: RouteFigures, rules: RuleSet) -> Human | None:
-    route = next((route for route in rules.routes if route.name == figures.route), None)
-    if route is not None and route.owner is not None:
-        return route.owner
-    team = rules.teams.get(figures.team)
-    return rules.escalation_contact(team) if team else rules.fallback
 
 
 def _alarm_mail(figures: RouteFigures, owner: Human, reason: str, now: datetime, sender: Sender) -> bytes:

@@ -262,8 +262,12 @@ async def test_mixed_refusals_retry_deferred_only(tmp_path: Path, start_daemon) 
         # Every recipient is refused: one for good, one for now.
         await send(daemon.port, "alice@example.com", ["support@example.org"], message())
         deferred = await wait_for_row(daemon, "pending", 1)
-        # Only the acknowledgement to the sender may have arrived.
-        assert [received for received in sink.messages if received.rcpt_tos != ["alice@example.com"]] == []
+        # Only the acknowledgement to the sender, and the alarm about the rejected address, may have arrived.
+        await wait_until(lambda: sink.to("duty-manager@example.org"), what="the rejected-address alarm")
+        others = [received.rcpt_tos for received in sink.messages if received.rcpt_tos != ["alice@example.com"]]
+        assert others == [["duty-manager@example.org"]]
+        alarm = email.message_from_bytes(sink.to("duty-manager@example.org")[0].content)
+        assert alarm["Subject"] == "Address team@example.net rejects team support's mail"
 
         del handler.rcpt_replies["second@example.net"]
         await clock.set(deferred.next_attempt_at + timedelta(seconds=1))
@@ -312,3 +316,50 @@ async def test_partial_delivery_failure_names_addresses(tmp_path: Path, start_da
     body = escalation.get_payload(decode=True).decode()
     assert "delivered to team@example.net; not delivered to second@example.net" in body
     assert "Nobody on the team has it" not in body
+
+
+def rejection_alarms(sink: Sink) -> list[email.message.Message]:
+    """Return the rejected-address alarms that reached the fallback human, who also gets the escalations."""
+    mails = [email.message_from_bytes(received.content) for received in sink.to("duty-manager@example.org")]
+    return [mail for mail in mails if mail["Subject"].startswith("Address ")]
+
+
+async def test_rejected_address_alarms_once_per_period(tmp_path: Path, start_daemon) -> None:
+    sink = await start_sink(handler=RecipientSinkHandler(rcpt_replies={"second@example.net": NO_SUCH_USER}))
+    try:
+        daemon = await two_address_daemon(tmp_path, start_daemon, sink, ManualClock(START))
+        for number in range(3):
+            await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id=f"<r{number}@example.com>"))
+            await wait_for_row(daemon, "done", 1, row=number)
+        await wait_until(lambda: rejection_alarms(sink), what="the rejected-address alarm")
+        # Every rejection was recorded, and checking again raises nothing new within the period.
+        assert daemon.rejections is not None
+        assert await daemon.rejections.check() == []
+        [alarm] = rejection_alarms(sink)
+        assert alarm["Subject"] == "Address second@example.net rejects team support's mail"
+        assert alarm["To"] == "Dana Duty <duty-manager@example.org>"
+        assert alarm["Auto-Submitted"] == "auto-generated"
+        body = alarm.get_payload(decode=True).decode()
+        assert "Its last reply: " in body and "second@example.net: 550 5.1.1 no such user" in body
+        assert "rules.toml, then run guardrail check" in body
+        [(address, detail)] = await daemon.store.fetch_all("SELECT address, detail FROM address_alarms")
+        assert address == "second@example.net"
+        assert detail.startswith("second@example.net rejected ")
+        assert len(await daemon.store.fetch_all("SELECT id FROM rejections WHERE address = 'second@example.net'")) == 3
+        await daemon.stop()
+
+        # A restart within the period raises nothing again.
+        restarted = await start_daemon(daemon.config.path, ManualClock(START + timedelta(hours=20)))
+        assert await restarted.rejections.check() == []
+        await restarted.stop()
+
+        # After the period, the next rejection alarms again, counting only the rejections since.
+        later = await start_daemon(daemon.config.path, ManualClock(START + timedelta(days=1, hours=1)))
+        await send(later.port, "alice@example.com", ["support@example.org"], message(message_id="<r3@example.com>"))
+        await wait_for_row(later, "done", 1, row=3)
+        await wait_until(lambda: len(rejection_alarms(sink)) == 2, what="the second alarm")
+    finally:
+        await close_sink(sink)
+
+    second = rejection_alarms(sink)[1].get_payload(decode=True).decode()
+    assert "Messages rejected: 1, from 2025-11-05T10:00:00+00:00" in second

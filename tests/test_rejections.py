@@ -1,0 +1,115 @@
+"""The rejected-address alarm's decisions: whom to tell, the mail's text, and which addresses are skipped."""
+
+from __future__ import annotations
+
+import email
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from conftest import SHARED_RULES
+
+from guardrail.escalation import Sender
+from guardrail.loops import LOOP_HEADER
+from guardrail.rejections import QUOTED_REPLY, RejectedFigures, find_rejected_addresses
+from guardrail.rules import RuleSet, load_rules
+
+NOW = datetime(2025, 11, 4, 9, 0, tzinfo=timezone.utc)
+SENDER = Sender(hostname="mx.example.org", from_address="postmaster@example.org", answer_command="guardrail answer")
+
+RULES = SHARED_RULES.replace("duty-manager@example.org", "duty@example.org") + """
+[[team]]
+name = "support"
+destination = { smtp = ["team@example.net", "second@example.net"] }
+members = [{ name = "Ann", address = "ann@example.org" }]
+
+[[team]]
+name = "billing"
+destination = { smtp = ["billing@example.net", "old@example.net"] }
+members = [{ name = "Bo", address = "bo@example.org" }]
+escalation_contact = { name = "Bill Lead", address = "billing-lead@example.org" }
+
+[[route]]
+name = "vip"
+team = "support"
+owner = { name = "Vera Owner", address = "vip-owner@example.org" }
+all = [{ rcpt.is = "vip@example.com" }]
+
+[[route]]
+name = "invoices"
+team = "billing"
+all = [{ rcpt.is = "billing@example.com" }]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+"""
+
+
+@pytest.fixture
+def rules(tmp_path: Path) -> RuleSet:
+    folder = tmp_path / "rules"
+    folder.mkdir()
+    (folder / "teams.toml").write_text(RULES)
+    return load_rules(folder, tmp_path)
+
+
+def figures(address: str = "second@example.net", team: str = "support", route: str = "default", **changes: object) -> RejectedFigures:
+    values: dict[str, object] = {
+        "address": address, "team": team, "route": route, "count": 3,
+        "first": NOW - timedelta(hours=2), "last": NOW - timedelta(minutes=5),
+        "reply": "smarthost accepted the message for some recipients and rejected second@example.net: 550 5.1.1 no such user",
+    }
+    values.update(changes)
+    return RejectedFigures(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("rejected", "expected"), [
+    # The route's owner comes first, then the team's escalation contact, then the fallback human.
+    (figures(route="vip"), "vip-owner@example.org"),
+    (figures("old@example.net", team="billing", route="invoices"), "billing-lead@example.org"),
+    (figures(), "duty@example.org"),
+    # A route or team removed from the rules since the rejection: the team's contact, or the fallback.
+    (figures(route="gone"), "duty@example.org"),
+    (figures("old@example.net", team="billing", route="gone"), "billing-lead@example.org"),
+    (figures(team="gone", route="gone"), "duty@example.org"),
+    # A conversation-less delivery has neither team nor route.
+    (figures(team="", route=""), "duty@example.org"),
+])
+def test_alarm_goes_to_the_owner(rules: RuleSet, rejected: RejectedFigures, expected: str) -> None:
+    [alarm] = find_rejected_addresses([rejected], rules, NOW, SENDER, set())
+    assert alarm.owner.address == expected
+    assert email.message_from_bytes(alarm.data)["To"].endswith(f"<{expected}>")
+
+
+def test_recently_alarmed_addresses_are_skipped(rules: RuleSet) -> None:
+    rejected = [figures(), figures("old@example.net", team="billing", route="invoices")]
+    alarms = find_rejected_addresses(rejected, rules, NOW, SENDER, {"second@example.net"})
+    assert [alarm.address for alarm in alarms] == ["old@example.net"]
+
+
+def test_alarm_mail_text(rules: RuleSet, tmp_path: Path) -> None:
+    [alarm] = find_rejected_addresses([figures()], rules, NOW, SENDER, set())
+    mail = email.message_from_bytes(alarm.data)
+    assert mail["Subject"] == "Address second@example.net rejects team support's mail"
+    assert mail["From"] == "guardrail <postmaster@example.org>"
+    assert mail["Auto-Submitted"] == "auto-generated"
+    assert mail[LOOP_HEADER] == "mx.example.org"
+    body = mail.get_payload(decode=True).decode()
+    assert "Its last reply: smarthost accepted the message for some recipients and rejected" in body
+    assert "Messages rejected: 3, from 2025-11-04T07:00:00+00:00 to 2025-11-04T08:55:00+00:00" in body
+    assert f"the destination of team support in {tmp_path / 'rules' / 'teams.toml'}" in " ".join(body.split())
+    assert alarm.detail == (
+        "second@example.net rejected 3 message(s) of team support from 2025-11-04T07:00:00+00:00 to 2025-11-04T08:55:00+00:00"
+    )
+
+
+def test_long_reply_is_shortened_to_one_line(rules: RuleSet) -> None:
+    reply = "550 5.1.1 " + "x" * 2000 + "\r\nBcc: evil@example.com"
+    [alarm] = find_rejected_addresses([figures(reply=reply)], rules, NOW, SENDER, set())
+    body = email.message_from_bytes(alarm.data).get_payload(decode=True).decode()
+    [line] = [line for line in body.splitlines() if line.startswith("Its last reply: ")]
+    assert len(line) == len("Its last reply: ") + QUOTED_REPLY
+    assert line.endswith("…")
+    assert "Bcc:" not in body
