@@ -385,4 +385,8 @@ def status(arguments: argparse.Namespace) -> int:
         median = statistics.median(durations[route_name]) if durations.get(route_name) else None
         shown = f"{median / 3600:.1f}h" if median is not None else "-"
         print(f"  {route_name:20} {received:6} {answered or 0:6} {shown:>8}")
+    if figures["alarms"]:
+        print(f"alarms in the last {store_admin.ALARMS_SHOWN_FOR.days} days (newest first):")
+    for at, subject, detail in figures["alarms"]:
+        print(f"  {at} {terminal_safe(subject)}: {terminal_safe(detail)}")
     return EXIT_OK

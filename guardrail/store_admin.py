@@ -245,6 +245,28 @@ def shadow_disagreements(path: Path, since: datetime, *, busy_timeout: timedelta
     return found
 
 
+# `guardrail status` lists the alarms raised within this time, newest first.
+ALARMS_SHOWN_FOR = timedelta(days=7)
+ALARMS_SHOWN = 20
+
+
+def _recent_alarms(connection: sqlite3.Connection, since: str) -> list[tuple[str, str, str]]:
+    """Return (time, subject, detail) of the newest alarms raised after `since`, routes and addresses together.
+
+    A database last opened by an older daemon may lack either table, which then adds no alarms.
+    """
+    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    parts = []
+    if "alarms" in tables:
+        parts.append("SELECT at, 'route ' || route, detail FROM alarms WHERE at > ?1")
+    if "address_alarms" in tables:
+        parts.append("SELECT at, 'address ' || address, detail FROM address_alarms WHERE at > ?1")
+    if not parts:
+        return []
+    sql = " UNION ALL ".join(parts) + f" ORDER BY 1 DESC LIMIT {ALARMS_SHOWN}"
+    return connection.execute(sql, (since,)).fetchall()
+
+
 def status_rows(path: Path, now: datetime, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> dict[str, Any]:
     """Return the figures `guardrail status` prints."""
     instant = format_instant(now)
@@ -273,7 +295,9 @@ def status_rows(path: Path, now: datetime, *, busy_timeout: timedelta = BUSY_TIM
         response_times = connection.execute(
             "SELECT route, opened_at, answered_at FROM conversations WHERE answered_at IS NOT NULL"
         ).fetchall()
+        alarms = _recent_alarms(connection, format_instant(now - ALARMS_SHOWN_FOR))
     return {
+        "alarms": alarms,
         "open_by_team": open_by_team,
         "no_reply_by_team": no_reply_by_team,
         "next_deadlines": next_deadlines,
