@@ -158,9 +158,13 @@ class Daemon:
             asyncio.create_task(scheduler.run(), name="guardrail-escalations"),
         ]
         if config.zombie is not None:
-            self.zombies = ZombieWatch(self.store, self.clock, lambda: self.rules, sender, config.zombie, worker.wake.set)
+            self.zombies = ZombieWatch(
+                self.store, self.clock, lambda: self.rules, sender, config.zombie, worker.wake.set, metrics=self.metrics
+            )
             self._tasks.append(asyncio.create_task(self.zombies.run(), name="guardrail-zombie-routes"))
-        rejections = self.rejections = RejectionWatch(self.store, self.clock, lambda: self.rules, sender, worker.wake.set)
+        rejections = self.rejections = RejectionWatch(
+            self.store, self.clock, lambda: self.rules, sender, worker.wake.set, metrics=self.metrics
+        )
         self._tasks.append(asyncio.create_task(rejections.run(), name="guardrail-rejected-addresses"))
         if config.keep_bodies is not None:
             self.retention = Retention(self.store, self.clock, config.keep_bodies)

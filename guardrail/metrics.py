@@ -50,6 +50,9 @@ class Metrics:
             ["kind", "final"], registry=registry,
         )
         self.webhook_failures = Counter("guardrail_webhook_failures", "Webhooks that failed after every retry", registry=registry)
+        self.alarms = Counter(
+            "guardrail_alarms", "Alarms mailed, by kind: an abandoned route or a rejected address", ["kind"], registry=registry
+        )
         self.reloads = Counter("guardrail_rule_reloads", "Rule reloads, by result", ["result"], registry=registry)
         self.rules = Info("guardrail_rules", "The active rule set", registry=registry)
         self.outbox_depth = Gauge("guardrail_outbox_depth", "Pending outbox rows", registry=registry)

@@ -131,7 +131,10 @@ class ZombieWatch:
         sender: Sender,
         settings: ZombieSettings,
         on_queued: Callable[[], None] = lambda: None,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._store = store
         self._clock = clock
         self._rules = rules
@@ -164,6 +167,7 @@ class ZombieWatch:
         alarms = await self._store.raise_zombie_alarms(now, self._settings.conversations, self._settings.period, routes, planner)
         for alarm in alarms:
             log.warning("zombie_route_alarm", route=alarm.route, to=alarm.owner.address, figures=alarm.figures)
+            self._metrics.alarms.labels("route").inc()
         if alarms:
             self._on_queued()
         return alarms
@@ -184,8 +188,11 @@ class RejectionWatch:
         rules: Callable[[], RuleSet],
         sender: Sender,
         on_queued: Callable[[], None] = lambda: None,
+        *,
         period: timedelta = ALARM_PERIOD,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._store = store
         self._clock = clock
         self._rules = rules
@@ -215,6 +222,7 @@ class RejectionWatch:
         alarms = await self._store.raise_rejection_alarms(now, self._period, planner)
         for alarm in alarms:
             log.warning("rejected_address_alarm", address=alarm.address, to=alarm.owner.address, detail=alarm.detail)
+            self._metrics.alarms.labels("address").inc()
         if alarms:
             self._on_queued()
         return alarms

@@ -980,6 +980,7 @@ async def test_zombie_route_alarms_once_per_period(tmp_path: Path, start_daemon)
     await advance_hours(daemon, clock, 30)
 
     assert len(alarms(tmp_path)) == 2
+    assert daemon.metrics.registry.get_sample_value("guardrail_alarms_total", {"kind": "route"}) == 2
     (first, second) = alarms(tmp_path)
     assert first["To"] == "Olga Owner <olga@example.org>"
     body = first.get_payload(decode=True).decode()

@@ -341,6 +341,7 @@ async def test_rejected_address_alarms_once_per_period(tmp_path: Path, start_dae
         assert daemon.rejections is not None
         assert await daemon.rejections.check() == []
         [alarm] = rejection_alarms(sink)
+        assert daemon.metrics.registry.get_sample_value("guardrail_alarms_total", {"kind": "address"}) == 1
         assert alarm["Subject"] == "Address second@example.net rejects team support's mail"
         assert alarm["To"] == "Dana Duty <duty-manager@example.org>"
         assert alarm["Auto-Submitted"] == "auto-generated"
