@@ -763,6 +763,8 @@ class IntakeHandler:
             deadline=outcome.deadline.isoformat() if outcome.deadline else None,
             elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
         )
+        if submission.staff_unverified:
+            log.warning("staff_sender_not_verified", reason=submission.staff_unverified)
         if outcome.moved_from:
             log.warning("conversation_team_changed", from_team=outcome.moved_from, reason="team removed from the rules")
         self.metrics.messages_accepted.labels(outcome.disposition).inc()

@@ -72,6 +72,8 @@ class Submission:
     # Whether the message, as a follow-up, counts as the team's answer.
     is_staff: bool = False
     from_inbox: bool = False  # its From is one of the shared inboxes
+    # Why a sender that claims to be staff or the inbox was not taken as such, or "".
+    staff_unverified: str = ""
     machine_signal: str = ""  # why the message looks written by software, or ""
     # Shadow routes that match: {"route", "team", "would_win"} each.
     shadow: tuple[dict[str, object], ...] = ()

@@ -17,6 +17,7 @@ from .acknowledgement import (
     choose_language,
     merge_fields,
 )
+from .authresults import is_verified, verified_domains
 from .business_hours import add_business_time
 from .config import Config
 from .escalation import UNROUTED_REASON, next_escalation
@@ -157,11 +158,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     facts = Facts(envelope.rcpt_tos, summary)
     match = match_route(rules, facts)
     team = match.team
-    # A reply written as the shared inbox itself is the team's. Only From
-    # counts here: a forwarder may put the inbox in the envelope sender of
-    # every customer's message.
-    from_inbox = summary.from_address.lower() in site.inboxes
-    is_staff = rules.is_staff(summary.from_address) or rules.is_staff(envelope.mail_from) or from_inbox
+    is_staff, from_inbox, staff_unverified = staff_sender(envelope, summary, rules, site)
     machine = machine_signal(summary, envelope.mail_from, site.hostname, site.sender_patterns)
     ack_signal = machine or person_signal(summary, is_staff)
 
@@ -179,6 +176,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         # The team's own mail, such as a help-desk tool's copy of a message
         # it sent to a customer, needs no reply from the team.
         sla_applies=(machine is None or is_subject_signal(machine)) and not from_inbox, is_staff=is_staff, from_inbox=from_inbox,
+        staff_unverified=staff_unverified,
         machine_signal=machine or "",
         shadow=tuple(
             {"route": result.route, "team": result.team, "would_win": result.would_win}
@@ -216,16 +214,41 @@ def prepare_unrouted(envelope: Envelope, raw: bytes, rules: RuleSet, site: Site,
     deadline = add_business_time(now, route.first_response or team.first_response, team.calendar)
     # Staff and inbox senders are set lookups, not patterns, so a team's
     # reply still marks its conversation answered.
-    from_inbox = summary.from_address.lower() in site.inboxes
-    is_staff = rules.is_staff(summary.from_address) or rules.is_staff(envelope.mail_from) or from_inbox
+    is_staff, from_inbox, staff_unverified = staff_sender(envelope, summary, rules, site)
     return Submission(
         raw=raw, mail_from=envelope.mail_from, rcpt_tos=envelope.rcpt_tos, peer=envelope.peer, helo=envelope.helo,
         protocol=envelope.protocol, received_at=now, summary=summary, is_loop=has_our_loop_marker(summary, site.hostname),
         route=route.name, team=team.name, destination=team.destination, route_reasons=(reason,),
         team_members=team.member_addresses, ack_signal=UNROUTED_REASON, deadline=deadline,
         first_escalation_at=_first_escalation(team, rules, deadline), unstaffed=reason, team_names=rules.team_names,
-        is_staff=is_staff, from_inbox=from_inbox,
+        is_staff=is_staff, from_inbox=from_inbox, staff_unverified=staff_unverified,
     )
+
+
+def staff_sender(envelope: Envelope, summary: Summary, rules: RuleSet, site: Site) -> tuple[bool, bool, str]:
+    """Return whether the sender is staff, whether From is a shared inbox, and why a claim to either was not verified.
+
+    A reply written as the shared inbox itself is the team's. Only From
+    counts for that, because a forwarder may put the inbox in the envelope
+    sender of every customer's message. With `[staff] authserv_id` set, a
+    claim counts only when that MTA's Authentication-Results header verifies
+    the domain of an address that makes it.
+    """
+    from_inbox = summary.from_address.lower() in site.inboxes
+    claims = [address for address in (summary.from_address, envelope.mail_from) if address and rules.is_staff(address)]
+    if from_inbox:
+        claims.append(summary.from_address)
+    if not claims:
+        return False, False, ""
+    if not rules.staff_authserv_id:
+        return True, from_inbox, ""
+    domains, problem = verified_domains(summary.header("authentication-results"), rules.staff_authserv_id)
+    if any(is_verified(address, domains) for address in claims):
+        return True, from_inbox, ""
+    if problem:
+        return False, False, f"{claims[0]} not verified: {problem}"
+    passed = ", ".join(sorted(domains)) if domains else "none"
+    return False, False, f"{rules.staff_authserv_id} did not verify the domain of {claims[0]} (verified: {passed})"
 
 
 def postmaster_recipients(envelope: Envelope, site: Site) -> list[str]:

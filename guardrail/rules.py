@@ -140,6 +140,9 @@ class RuleSet:
     unstaffed_horizon: timedelta = timedelta(days=14)
     staff_addresses: frozenset[str] = frozenset()
     staff_domains: frozenset[str] = frozenset()
+    # The authserv-id whose Authentication-Results header must verify a
+    # staff sender's domain; empty when staff senders are taken at their word.
+    staff_authserv_id: str = ""
     # Shadow routes with the number of live routes that precede them.
     shadow_routes: tuple[tuple[int, Route], ...] = ()
 
@@ -164,7 +167,7 @@ class RuleSet:
         return self.fallback
 
     def route_owner(self, route_name: str, team_name: str) -> Human | None:
-        """Return whom an alarm about a route tells: its owner, else its team's escalation contact, else the fallback human.
+        """Return the recipient of an alarm about a route: its owner, else its team's escalation contact, else the fallback human.
 
         The route or team may be gone from the rules since the alarm's data was stored.
         """
@@ -226,7 +229,7 @@ def load_rules(
             table.problem("language", f"template {template.name!r} has two {template.language!r} variants")
         templates[template.name][template.language] = template
 
-    fallback, horizon, staff_addresses, staff_domains = _load_settings(settings)
+    fallback, horizon, staff_addresses, staff_domains, authserv_id = _load_settings(settings)
     teams = _by_name(entries["team"], lambda table: _load_team(table, base, calendars, templates, fallback), "team")
     unreadable = bool(errors)
     routes, shadow_routes = _load_routes(entries["route"], teams, errors, directory, check_default=not unreadable)
@@ -238,7 +241,7 @@ def load_rules(
     return RuleSet(
         teams, tuple(routes), tuple(files), digest.hexdigest(), needs_body,
         fallback=fallback, unstaffed_horizon=horizon,
-        staff_addresses=members | staff_addresses, staff_domains=staff_domains,
+        staff_addresses=members | staff_addresses, staff_domains=staff_domains, staff_authserv_id=authserv_id,
         shadow_routes=tuple(shadow_routes),
     )
 
@@ -256,8 +259,9 @@ def _by_name(tables: list[Table], load: Any, kind: str) -> dict[str, Any]:
     return loaded
 
 
-def _load_settings(tables: list[Table]) -> tuple[Human | None, timedelta, frozenset[str], frozenset[str]]:
+def _load_settings(tables: list[Table]) -> tuple[Human | None, timedelta, frozenset[str], frozenset[str], str]:
     fallback: Human | None = None
+    authserv_id = ""
     horizon = timedelta(days=14)
     addresses: set[str] = set()
     domains: set[str] = set()
@@ -274,8 +278,16 @@ def _load_settings(tables: list[Table]) -> tuple[Human | None, timedelta, frozen
             staff = top.table("staff")
             addresses |= {address.lower() for address in staff.strings("addresses")}
             domains |= {domain.lower().strip(".") for domain in staff.strings("domains")}
+            if staff.has("authserv_id"):
+                if authserv_id:
+                    staff.problem("authserv_id", "the authserv-id is set in more than one file; keep one")
+                value = (staff.string("authserv_id") or "").strip().lower()
+                if value and not re.fullmatch(r"[^\s;()\"]+", value):
+                    staff.fail("authserv_id", value, "one word without spaces, such as the host name of the MTA in front")
+                elif value:
+                    authserv_id = value
             staff.finish()
-    return fallback, horizon, frozenset(addresses), frozenset(domains)
+    return fallback, horizon, frozenset(addresses), frozenset(domains), authserv_id
 
 
 def _entries(top: Table, name: str) -> list[Table]:

@@ -418,6 +418,8 @@ class BatchWriter:
             detail["thread"] = plan.thread_reason
         if submission.machine_signal:
             detail["automatic"] = submission.machine_signal
+        if submission.staff_unverified:
+            detail["staff_unverified"] = submission.staff_unverified
         self._event(conversation_id, row, at, "received", detail)
         for kind, change_detail in change.events:
             self._event(conversation_id, None, at, kind, change_detail)

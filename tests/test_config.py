@@ -988,3 +988,29 @@ default = true
 """)
     path = tmp_path / "rules" / "rules.toml"
     assert errors == [f"{path}: team[0] (support).escalation[0]: a level needs a named human (name and address), a webhook, or both"]
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ('""', "invalid value ''; must not be empty; remove the key or give it a value"),
+    ('"mx example.org"', "invalid value 'mx example.org'; expected one word without spaces, such as the host name of the MTA in front"),
+    ('"mx.example.org;"', "invalid value 'mx.example.org;'; expected one word without spaces, such as the host name of the MTA in front"),
+    ("3", "invalid value 3; expected a string"),
+])
+def test_invalid_authserv_id(tmp_path: Path, value: str, expected: str) -> None:
+    errors = rule_errors(tmp_path, TEAMS + ROUTES + f"[staff]\nauthserv_id = {value}\n")
+    assert errors == [f"{tmp_path / 'rules' / 'rules.toml'}: staff.authserv_id: {expected}"]
+
+
+def test_authserv_id_in_two_files(tmp_path: Path) -> None:
+    folder = rules_folder(tmp_path, TEAMS + ROUTES + '[staff]\nauthserv_id = "mx.example.org"\n')
+    (folder / "20-staff.toml").write_text('[staff]\nauthserv_id = "mx2.example.org"\n')
+    with pytest.raises(ConfigErrors) as caught:
+        load_rules(folder, tmp_path)
+    assert [str(error) for error in caught.value.errors] == [
+        f"{folder / 'rules.toml'}: staff.authserv_id: the authserv-id is set in more than one file; keep one",
+    ]
+
+
+def test_authserv_id_is_lower_case(tmp_path: Path) -> None:
+    folder = rules_folder(tmp_path, TEAMS + ROUTES + '[staff]\nauthserv_id = " MX.Example.ORG "\n')
+    assert load_rules(folder, tmp_path).staff_authserv_id == "mx.example.org"

@@ -10,7 +10,15 @@ from email.utils import parseaddr
 from pathlib import Path
 
 import pytest
-from conftest import maildir_messages, message, send, wait_until, write_config
+from conftest import (
+    ROUTES,
+    TEAMS,
+    maildir_messages,
+    message,
+    send,
+    wait_until,
+    write_config,
+)
 from structlog.testing import capture_logs
 
 from guardrail.checks import removed_team_findings
@@ -139,6 +147,78 @@ def test_staff_sender_table(tmp_path: Path, from_header: str, mail_from: str, st
     assert submission.ack_signal == ("sender is a team member" if staff else None)
     # Mail written as the inbox itself needs no reply, but a team member's new mail still starts the clock.
     assert submission.sla_applies is (parseaddr(from_header)[1].lower() not in config.smtp.inboxes)
+
+
+# Staff and inbox senders count only when the MTA in front verified their domain.
+VERIFIED_STAFF_RULES = TEAMS + ROUTES + """
+[staff]
+domains = ["example.org", "eu.example.org"]
+authserv_id = "MX.example.org"
+"""
+
+
+@pytest.mark.parametrize(
+    ("from_header", "mail_from", "results", "staff", "reason"),
+    [
+        # No header from our MTA: a forged reply proves nothing.
+        ("Sam Ortiz <sam@example.org>", "sam@example.org", "", False,
+         "sam@example.org not verified: no Authentication-Results header from mx.example.org"),
+        ("Sam Ortiz <sam@example.org>", "sam@example.org", "mx.example.org; dmarc=pass header.from=example.org", True, ""),
+        # A parent domain verified by DKIM covers a subdomain's address.
+        ("Pat <pat@eu.example.org>", "", "mx.example.org; dkim=pass header.d=example.org", True, ""),
+        ("Pat <pat@example.org>", "", "mx.example.org; dkim=pass header.d=eu.example.org", False,
+         "mx.example.org did not verify the domain of pat@example.org (verified: eu.example.org)"),
+        ("Sam Ortiz <sam@example.org>", "bounce@mailer.example.net",
+         "mx.example.org; spf=pass smtp.mailfrom=bounce@mailer.example.net; dkim=pass header.d=example.org", True, ""),
+        # Another server's verdict, or a failed one, does not count.
+        ("Sam Ortiz <sam@example.org>", "sam@example.org", "relay.example.net; dmarc=pass header.from=example.org", False,
+         "sam@example.org not verified: no Authentication-Results header from mx.example.org"),
+        ("Sam Ortiz <sam@example.org>", "sam@example.org", "mx.example.org; dmarc=fail header.from=example.org", False,
+         "mx.example.org did not verify the domain of sam@example.org (verified: none)"),
+        # Written as the shared inbox, verified or not.
+        ("Support <support@example.org>", "support@example.org", "mx.example.org; spf=pass smtp.mailfrom=support@example.org", True, ""),
+        ("Support <support@example.org>", "support@example.org", "", False,
+         "support@example.org not verified: no Authentication-Results header from mx.example.org"),
+        # A second header with our id may be the sender's.
+        ("Sam Ortiz <sam@example.org>", "sam@example.org",
+         "mx.example.org; dmarc=pass header.from=example.org\r\nAuthentication-Results: mx.example.org; none", False,
+         "sam@example.org not verified: 2 Authentication-Results headers name mx.example.org, so a sender may have added one"),
+        # A customer claims nothing, so there is nothing to verify.
+        ("Alice <alice@example.com>", "alice@example.com", "", False, ""),
+    ],
+)
+def test_verified_staff_table(tmp_path: Path, from_header: str, mail_from: str, results: str, staff: bool, reason: str) -> None:
+    config = load_config(write_config(tmp_path, rules=VERIFIED_STAFF_RULES))
+    envelope = Envelope(mail_from, ("support@example.org",), "[127.0.0.1]:40000", "client")
+    extra = f"Authentication-Results: {results}\r\n" if results else ""
+    raw = message(sender=from_header, extra_headers=extra)
+    submission = prepare_message(envelope, raw, load_ruleset(config), Site.from_config(config), NOW)
+
+    assert isinstance(submission, Submission)
+    assert submission.is_staff is staff
+    assert submission.staff_unverified == reason
+    written_as_inbox = "support@" in from_header
+    assert submission.from_inbox is (staff and written_as_inbox)
+
+
+async def test_forged_staff_reply_does_not_answer(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path, rules=VERIFIED_STAFF_RULES))
+    database = daemon.config.database_path
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<q@example.com>"))
+    thread = "In-Reply-To: <q@example.com>\r\n"
+    forged = message(sender="Sam Ortiz <sam@example.org>", subject="Re: Printer", message_id="<f@example.org>", extra_headers=thread)
+    with capture_logs() as logs:
+        await send(daemon.port, "sam@example.org", ["support@example.org"], forged)
+    assert rows(database, "SELECT state FROM conversations") == [("open",)]
+    [detail] = rows(database, "SELECT detail FROM events WHERE kind = 'received' AND message_row = 2")
+    unverified = "sam@example.org not verified: no Authentication-Results header from mx.example.org"
+    assert json.loads(detail[0])["staff_unverified"] == unverified
+    assert [entry["reason"] for entry in logs if entry["event"] == "staff_sender_not_verified"] == [unverified]
+
+    verified = "Authentication-Results: mx.example.org; dmarc=pass header.from=example.org\r\n" + thread
+    reply = message(sender="Sam Ortiz <sam@example.org>", subject="Re: Printer", message_id="<r@example.org>", extra_headers=verified)
+    await send(daemon.port, "sam@example.org", ["support@example.org"], reply)
+    assert rows(database, "SELECT state, answered_by FROM conversations") == [("answered", "sam@example.org")]
 
 
 async def test_reply_written_as_the_inbox_answers(tmp_path: Path, start_daemon) -> None:
