@@ -268,7 +268,10 @@ def _sender_signal(summary: Summary, mail_from: str, patterns: tuple[re.Pattern[
                 candidates.append((name.title(), match.group(0)))
     automated = _any_of(patterns)
     for where, address in candidates:
-        local, _, domain = address.lower().rpartition("@")
+        local, at, domain = address.lower().rpartition("@")
+        if not at:
+            # An address without "@", such as the envelope sender MAILER-DAEMON, is a local part alone.
+            local, domain = domain, ""
         # Mail systems deliver a subaddress ("mailer-daemon+1234") to its base mailbox, so the base is matched too.
         base = local.partition("+")[0]
         if local and (automated(local) or (base and automated(base))):

@@ -576,6 +576,10 @@ async def test_team_reply_beside_subject_signal(
         ("bob@example.net", "Postmaster+Reports@Example.net", "From postmaster+reports@example.net looks automated"),
         ("bob@example.net", "NoReply+Orders@shop.example", "From noreply+orders@shop.example looks automated"),
         ("bob@example.net", "Newsletter+weekly@shop.example", "From newsletter+weekly@shop.example looks automated"),
+        # An envelope sender without a domain is a local part alone, as some mail systems send it.
+        ("MAILER-DAEMON", "Alice <alice@example.net>", "envelope sender mailer-daemon looks automated"),
+        ("bounces-7f3a", "Alice <alice@example.net>", "envelope sender bounces-7f3a looks automated"),
+        ("alice", "Alice <alice@example.net>", None),
         # A person's own subaddress, and a local part that only starts with a plus, are not robots.
         ("bob+support@example.net", "Bob <bob+support@example.net>", None),
         ("bob@example.net", "+postmaster@example.net", None),
@@ -598,4 +602,16 @@ async def test_subaddressed_mailer_daemon_not_acknowledged(tmp_path: Path, start
 
     rows = await daemon.store.fetch_all("SELECT decision, signal FROM acknowledgements")
     assert [tuple(row) for row in rows] == [("suppressed", "envelope sender mailer-daemon+7f3a@mx.example.net looks automated")]
+    assert acks(tmp_path) == []
+
+
+async def test_unqualified_mailer_daemon_not_acknowledged(tmp_path: Path, start_daemon) -> None:
+    clock = ManualClock(at("2025-11-04T09:00:00"))
+    daemon = await start_daemon(write_config(tmp_path, rules=IT_RULES), clock=clock)
+    data = b"From: Alice <alice@example.net>\r\nSubject: Your message\r\n\r\nIt bounced.\r\n"
+    await send(daemon.port, "MAILER-DAEMON", ["support@example.org"], data)
+    await settle(daemon, clock)
+
+    rows = await daemon.store.fetch_all("SELECT decision, signal FROM acknowledgements")
+    assert [tuple(row) for row in rows] == [("suppressed", "envelope sender mailer-daemon looks automated")]
     assert acks(tmp_path) == []
