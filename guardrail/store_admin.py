@@ -120,7 +120,7 @@ def _columns(connection: sqlite3.Connection, table: str) -> frozenset[str]:
 
 @contextmanager
 def file_errors(path: Path) -> Iterator[None]:
-    """Raise DatabaseFileError in place of an SQLite error that means the file at `path` is not SQLite, is damaged or is locked.
+    """Raise DatabaseFileError in place of an SQLite error that means the file at `path` is not SQLite, is damaged, is locked or cannot be opened.
 
     Other SQLite errors, such as a disk I/O error, pass through unchanged.
     """
@@ -140,6 +140,13 @@ def file_errors(path: Path) -> Iterator[None]:
             raise DatabaseFileError(path, problem) from error
         if name.startswith("SQLITE_CORRUPT"):
             raise DatabaseFileError(path, f"is damaged: {error}; restore it from a backup") from error
+        if name == "SQLITE_CANTOPEN":
+            # SQLite also opens the -wal and -shm files beside the database, so a read-only folder fails here.
+            problem = (
+                f"cannot be opened: {error}; check that this user may read and write it and its folder,"
+                f" where SQLite creates {path.name}-wal and {path.name}-shm"
+            )
+            raise DatabaseFileError(path, problem) from error
         if name.startswith("SQLITE_BUSY"):
             # SQLite returns SQLITE_BUSY once the busy timeout has run out.
             problem = "is locked by another process; try again, or stop the process that holds the lock"

@@ -678,6 +678,32 @@ def test_damaged_database_named_in_one_line(
     assert sorted(path.name for path in database.parent.iterdir()) == ["guardrail.db"]
 
 
+@pytest.mark.parametrize("command", [*DATABASE_COMMANDS, ["run"]], ids=lambda command: command[0])
+def test_unopenable_database_named_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str],
+) -> None:
+    # A read-only folder fails the same way. The tests run as root, who may write anywhere,
+    # so a directory is put where SQLite would create its write-ahead log.
+    config = write_config(tmp_path)
+    database = tmp_path / "var" / "guardrail.db"
+    database.parent.mkdir()
+    with closing(sqlite3.connect(database)) as connection:
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.executescript(SCHEMA)
+    database.with_name("guardrail.db-wal").mkdir()
+    arguments = [str(tmp_path / "rules") if argument == "rules" else argument for argument in command]
+
+    assert main([*arguments, "--config", str(config)]) == 2
+    error = capsys.readouterr().err
+    expected = (
+        f"error: {config}: database.path: {database} cannot be opened: unable to open database file;"
+        " check that this user may read and write it and its folder, where SQLite creates guardrail.db-wal"
+        " and guardrail.db-shm"
+    )
+    assert error.splitlines()[0] == expected
+    assert "Traceback" not in error
+
+
 def _damaged_pages(database: Path) -> None:
     """Write a guardrail database with rows, then overwrite all but its first quarter, where the schema is."""
     with closing(sqlite3.connect(database)) as connection:
