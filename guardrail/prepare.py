@@ -81,6 +81,22 @@ def is_inbox(address: str, site: Site) -> bool:
     return address in site.inboxes or address.rpartition("@")[2] in site.inbox_domains
 
 
+def reply_address_signal(mail_from: str, site: Site) -> str | None:
+    """Return why the envelope sender, which an acknowledgement answers, cannot take one, or None.
+
+    Such a message may still come from a person, so it keeps its deadline.
+    An address without a domain is not valid in a reverse path (RFC 5321
+    section 4.1.2), and an MTA further on would complete it with a domain of
+    its own choosing. An acknowledgement to one of our own addresses, as from
+    a forwarder that puts the inbox in every envelope, would come back in.
+    """
+    if mail_from and "@" not in mail_from:
+        return "envelope sender has no domain"
+    if mail_from and is_accepted_recipient(mail_from, site):
+        return "envelope sender is one of our own addresses"
+    return None
+
+
 def is_accepted_recipient(address: str, site: Site) -> bool:
     """Return True for a recipient that intake accepts: an inbox of ours or postmaster."""
     return is_inbox(address, site) or is_postmaster(address, site)
@@ -160,7 +176,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     team = match.team
     is_staff, from_inbox, staff_unverified = staff_sender(envelope, summary, rules, site)
     machine = machine_signal(summary, envelope.mail_from, site.hostname, site.sender_patterns)
-    ack_signal = machine or person_signal(summary, is_staff)
+    ack_signal = machine or person_signal(summary, is_staff) or reply_address_signal(envelope.mail_from, site)
 
     first_response = match.route.first_response or team.first_response
     deadline = add_business_time(now, first_response, team.calendar)

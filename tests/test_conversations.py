@@ -143,10 +143,42 @@ def test_staff_sender_table(tmp_path: Path, from_header: str, mail_from: str, st
 
     assert isinstance(submission, Submission)
     assert submission.is_staff is staff
-    assert (submission.ack is None) is staff
-    assert submission.ack_signal == ("sender is a team member" if staff else None)
+    # An acknowledgement to the envelope sender would come back to the inbox.
+    own_envelope = mail_from in config.smtp.inboxes
+    assert (submission.ack is None) is (staff or own_envelope)
+    expected = None
+    if staff:
+        expected = "sender is a team member"
+    elif own_envelope:
+        expected = "envelope sender is one of our own addresses"
+    assert submission.ack_signal == expected
     # Mail written as the inbox itself needs no reply, but a team member's new mail still starts the clock.
     assert submission.sla_applies is (parseaddr(from_header)[1].lower() not in config.smtp.inboxes)
+
+
+@pytest.mark.parametrize(
+    ("mail_from", "signal"),
+    [
+        ("alice@example.com", None),
+        # Without a domain, an MTA further on would pick one: the acknowledgement could reach anyone.
+        ("root", "envelope sender has no domain"),
+        ("alice", "envelope sender has no domain"),
+        # Our own inboxes, as from a forwarder that puts the inbox in every envelope.
+        ("support@example.org", "envelope sender is one of our own addresses"),
+        ("Billing@Example.ORG", "envelope sender is one of our own addresses"),
+    ],
+)
+def test_reply_address_table(tmp_path: Path, mail_from: str, signal: str | None) -> None:
+    config = load_config(write_config(tmp_path))
+    envelope = Envelope(mail_from, ("support@example.org",), "[127.0.0.1]:40000", "client")
+    raw = message(sender="Carl Customer <carl@customer.example>")
+    submission = prepare_message(envelope, raw, load_ruleset(config), Site.from_config(config), NOW)
+
+    assert isinstance(submission, Submission)
+    assert submission.ack_signal == signal
+    assert (submission.ack is None) is (signal is not None)
+    # A person may still be behind it, so the team's deadline runs.
+    assert submission.sla_applies is True
 
 
 # Staff and inbox senders count only when the MTA in front verified their domain.
