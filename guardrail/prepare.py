@@ -82,7 +82,7 @@ def is_inbox(address: str, site: Site) -> bool:
 
 
 def reply_address_signal(mail_from: str, site: Site) -> str | None:
-    """Return why the envelope sender, which an acknowledgement answers, cannot take one, or None.
+    """Return why the envelope sender, to which an acknowledgement goes, cannot get one, or None.
 
     Such a message may still come from a person, so it keeps its deadline.
     An address without a domain is not valid in a reverse path (RFC 5321
