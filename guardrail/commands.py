@@ -54,6 +54,25 @@ def _unset_variable_warnings(config: Config) -> list[Finding]:
     ]
 
 
+def storage_warnings(config: Config) -> list[Finding]:
+    """Return a warning when one message sent without SIZE could use up the free space that MAIL requires.
+
+    Such a message is checked against `min_free_space` alone, and its bytes
+    go to the WAL, the database file and a maildir, so it needs about three
+    times its size.
+    """
+    needed = 3 * config.smtp.max_message_size
+    if config.min_free_space >= needed:
+        return []
+    mib = 1024**2
+    return [Finding(
+        "warning", str(config.path),
+        f"database.min_free_space: {config.min_free_space // mib} MiB is less than three times smtp.max_message_size"
+        f" ({config.smtp.max_message_size // mib} MiB), so a message sent without SIZE can fill the disk;"
+        f" set it to at least \"{-(-needed // mib)}MiB\"",
+    )]
+
+
 def pid_file(config: Config) -> Path:
     """Return where the running daemon writes its process id: beside the database."""
     return config.database_path.with_suffix(".pid")
@@ -105,7 +124,7 @@ def check(arguments: argparse.Namespace) -> int:
         errors += problems.errors
         config = None
     else:
-        findings += _unset_variable_warnings(config)
+        findings += _unset_variable_warnings(config) + storage_warnings(config)
     # The rules are checked even when the config has errors, so one run lists every problem.
     folder = config.rules_dir if config is not None else _rules_folder(arguments.config)
     if folder is not None:

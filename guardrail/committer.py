@@ -35,6 +35,9 @@ log = structlog.get_logger("guardrail.store")
 # keep intake's commits short during a backlog.
 ESCALATION_BATCH = 20
 
+# Bytes the WAL file is cut back to after a checkpoint (PRAGMA journal_size_limit).
+WAL_SIZE_LIMIT = 16 * 1024**2
+
 _MAX_IDS = (
     "SELECT (SELECT COALESCE(MAX(id), 0) FROM messages), (SELECT COALESCE(MAX(id), 0) FROM conversations),"
     " (SELECT COALESCE(MAX(id), 0) FROM outbox)"
@@ -103,6 +106,10 @@ class Committer:
             self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout.total_seconds() * 1000)}")
             # synchronous is a setting of the connection, not of the file.
             self.db.execute("PRAGMA synchronous = FULL")
+            # The first write after a full checkpoint cuts the WAL file back to
+            # this size. Otherwise the file would keep the size of the largest
+            # transaction, such as one that held a message of max_message_size.
+            self.db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         except BaseException:
             self.db.close()
             raise

@@ -40,6 +40,10 @@ class Secret:
 
 # RFC 6750 section 2.1: the characters a bearer token may contain.
 _BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# Below this much free space on the database's file system, MAIL gets 452.
+# It leaves room for a message of the default maximum size that arrives
+# without SIZE: its bytes go to the WAL, the database file and a maildir.
+DEFAULT_MIN_FREE_SPACE = 128 * 1024**2
 MIN_TOKEN_LENGTH = 16
 
 # A domain name as RFC 5321 section 4.1.2 defines it, with labels of ASCII
@@ -164,7 +168,7 @@ class Config:
     # How long stored messages and outbox rows keep their bytes; None keeps them for good.
     keep_bodies: timedelta | None = None
     # Bytes kept free on the database's file system: below it, MAIL gets 452 4.3.1.
-    min_free_space: int = 64 * 1024**2
+    min_free_space: int = DEFAULT_MIN_FREE_SPACE
     # Filled only by load_config(require_secrets=False). The secrets these variables name are None.
     unset_variables: tuple[UnsetVariable, ...] = ()
 
@@ -256,9 +260,17 @@ def load_config(path: Path | str, *, require_secrets: bool = True) -> Config:
         inspection_max_age=inspection.duration("max_age", timedelta(days=90)),
         zombie=_load_zombie(zombie),
         keep_bodies=_load_keep_bodies(database, config),
-        min_free_space=database.size("min_free_space", 64 * 1024**2),
+        min_free_space=database.size("min_free_space", DEFAULT_MIN_FREE_SPACE),
     )
     config = replace(config, http=_load_http(root.table("http"), unset, require_secrets))
+    if config.http.enabled and config.http.port and config.http.port == config.smtp.port and (
+        config.http.listen == config.smtp.listen or "0.0.0.0" in (config.http.listen, config.smtp.listen)
+        or "::" in (config.http.listen, config.smtp.listen)
+    ):
+        errors.append(ConfigError(
+            path, "http.port",
+            f"{config.http.port} is also smtp.port on the same address; give the HTTP listener another port",
+        ))
     for table in (
         root, postmaster, database, outbound, rules, delivery_table, conversations, log, acknowledgements, webhooks,
         inspection, zombie,

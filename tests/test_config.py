@@ -1014,3 +1014,22 @@ def test_authserv_id_in_two_files(tmp_path: Path) -> None:
 def test_authserv_id_is_lower_case(tmp_path: Path) -> None:
     folder = rules_folder(tmp_path, TEAMS + ROUTES + '[staff]\nauthserv_id = " MX.Example.ORG "\n')
     assert load_rules(folder, tmp_path).staff_authserv_id == "mx.example.org"
+
+
+@pytest.mark.parametrize(("smtp_listen", "http_listen"), [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("127.0.0.1", "::")])
+def test_http_port_clashes_with_smtp(tmp_path: Path, smtp_listen: str, http_listen: str) -> None:
+    config = write_config(
+        tmp_path, smtp={"listen": smtp_listen, "port": 20526}, sections={"http": {"enabled": True, "listen": http_listen, "port": 20526}},
+    )
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(config)
+    assert [str(error) for error in caught.value.errors] == [
+        f"{config}: http.port: 20526 is also smtp.port on the same address; give the HTTP listener another port",
+    ]
+
+
+def test_http_port_on_another_address(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, smtp={"listen": "127.0.0.1", "port": 20526}, sections={"http": {"enabled": True, "listen": "127.0.0.2", "port": 20526}},
+    )
+    assert load_config(config).http.port == 20526

@@ -9,7 +9,11 @@ import pytest
 import structlog
 from conftest import converse, write_config
 
+from guardrail.cli import main
+from guardrail.committer import WAL_SIZE_LIMIT, Committer
 from guardrail.storage import READ_EVERY, FreeSpace, storage_problem
+from guardrail.store import Store
+from guardrail.store_batch import StoreSettings
 
 MIB = 1024**2
 EHLO = b"EHLO client.test.example\r\n"
@@ -111,3 +115,37 @@ def test_failed_reading_is_cached() -> None:
 
     assert (first, second, third) == (None, None, None)
     assert len(calls) == 2
+
+
+async def test_wal_shrinks_after_large_transaction(tmp_path: Path) -> None:
+    # The daemon's writer connection carries journal_size_limit, so one large
+    # message does not leave its size in the WAL file for good.
+    store = await Store.open(tmp_path / "guardrail.db", StoreSettings())
+    await store.close()
+    committer = Committer(tmp_path / "guardrail.db", StoreSettings())
+    wal = tmp_path / "guardrail.db-wal"
+    try:
+        committer.db.execute("CREATE TABLE blobs (data BLOB)")
+        committer.db.execute("INSERT INTO blobs VALUES (zeroblob(?))", (WAL_SIZE_LIMIT * 2,))
+        assert wal.stat().st_size > WAL_SIZE_LIMIT * 2
+        committer.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        # The next write starts the WAL again from its beginning and cuts the file back.
+        committer.db.execute("INSERT INTO blobs VALUES (1)")
+        assert wal.stat().st_size <= WAL_SIZE_LIMIT
+    finally:
+        committer.close()
+
+
+def test_check_warns_of_small_free_space(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, smtp={"max_message_size": "50MiB"}, sections={"database": {"min_free_space": "100MiB"}})
+    main(["check", "--config", str(config)])
+    output = capsys.readouterr().err
+    assert (
+        "database.min_free_space: 100 MiB is less than three times smtp.max_message_size (50 MiB),"
+        ' so a message sent without SIZE can fill the disk; set it to at least "150MiB"'
+    ) in output
+
+
+def test_check_accepts_default_free_space(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["check", "--config", str(write_config(tmp_path))])
+    assert "min_free_space" not in capsys.readouterr().err
