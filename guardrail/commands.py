@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import pidfile, store_admin
 from .checks import Finding, check_rules, removed_team_findings
+from .clock import parse_instant
 from .config import Config, load_config
 from .errors import ConfigError, ConfigErrors, DatabaseFileError
 from .harness import Evaluator, RoutingStalled, run_case
@@ -390,11 +391,11 @@ def status(arguments: argparse.Namespace) -> int:
     if figures["overdue"]:
         print("overdue:")
     for reference, team, deadline, level, subject in figures["overdue"]:
-        print(f"  {reference} {team:12} due {deadline} escalation level {level}: {terminal_safe(subject[:60])}")
+        print(f"  {reference} {team:12} due {_shown_instant(deadline)} escalation level {level}: {terminal_safe(subject[:60])}")
     if figures["next_deadlines"]:
         print("next deadlines:")
     for reference, team, deadline, subject in figures["next_deadlines"]:
-        print(f"  {reference} {team:12} due {deadline}: {terminal_safe(subject[:60])}")
+        print(f"  {reference} {team:12} due {_shown_instant(deadline)}: {terminal_safe(subject[:60])}")
     if figures["routes"]:
         print("routes (received, answered, median first response):")
     durations: dict[str, list[float]] = {}
@@ -407,5 +408,10 @@ def status(arguments: argparse.Namespace) -> int:
     if figures["alarms"]:
         print(f"alarms in the last {store_admin.ALARMS_SHOWN_FOR.days} days (newest first):")
     for at, subject, detail in figures["alarms"]:
-        print(f"  {at} {terminal_safe(subject)}: {terminal_safe(detail)}")
+        print(f"  {_shown_instant(at)} {terminal_safe(subject)}: {terminal_safe(detail)}")
     return EXIT_OK
+
+
+def _shown_instant(stored: str) -> str:
+    """Return a stored UTC instant to the second, as `2026-12-07T12:00:00Z`."""
+    return parse_instant(stored).strftime("%Y-%m-%dT%H:%M:%SZ")

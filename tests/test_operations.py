@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import email
 import os
 import shutil
@@ -556,6 +557,8 @@ async def test_status_shows_open_and_overdue(tmp_path: Path, start_daemon, capsy
     assert "support                   2 (1 overdue)" in output
     overdue_section = output.split("overdue:")[1].split("next deadlines:")[0]
     assert "Old question" in overdue_section
+    # Deadlines are shown to the second.
+    assert re.search(r" due \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ escalation level \d+: Old question", overdue_section)
     assert "New question" in output.split("next deadlines:")[1]
 
 
