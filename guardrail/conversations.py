@@ -75,14 +75,16 @@ def choose_conversation(
     by_reference: dict[str, KnownConversation],
     *,
     from_inbox: bool = False,
+    member_of: frozenset[str] = frozenset(),
 ) -> tuple[KnownConversation | None, str]:
     """Pick the conversation a message joins, and say why; (None, "") means a new one.
 
     Thread headers win over a subject tag. The nearest parent counts first, so
     the last id of References (and In-Reply-To) is tried before older ones.
-    A subject tag counts for a sender who takes part in the conversation, and
-    for mail written as a shared inbox (`from_inbox`), as help-desk tools
-    that thread by subject send it.
+    A subject tag counts for a sender who takes part in the conversation, for
+    a sender who is now a member of its team (`member_of`), such as one added
+    to the team after it opened, and for mail written as a shared inbox
+    (`from_inbox`), as help-desk tools that thread by subject send it.
     """
     for message_id in reversed(thread_ids):
         known = by_message_id.get(message_id)
@@ -95,6 +97,8 @@ def choose_conversation(
             continue
         if sender_addresses & known.participants:
             return known, f"subject carries [{reference}] and the sender takes part"
+        if known.team in member_of:
+            return known, f"subject carries [{reference}] and the sender is a member of team {known.team}"
         if from_inbox:
             return known, f"subject carries [{reference}] and the message is written as a shared inbox"
     return None, ""

@@ -74,6 +74,8 @@ class Submission:
     from_inbox: bool = False  # its From is one of the shared inboxes
     # Why a sender that claims to be staff or the inbox was not taken as such, or "".
     staff_unverified: str = ""
+    # The teams whose members include the sender in the rules now, when the sender counts as staff.
+    member_of: frozenset[str] = frozenset()
     machine_signal: str = ""  # why the message looks written by software, or ""
     # Shadow routes that match: {"route", "team", "would_win"} each.
     shadow: tuple[dict[str, object], ...] = ()
@@ -255,7 +257,7 @@ def plan_submission(
     tagged = find_references(submission.summary.subject, reference_prefix)
     known, reason = choose_conversation(
         submission.thread_ids, tagged, submission.sender_addresses, by_message_id, by_reference,
-        from_inbox=submission.from_inbox,
+        from_inbox=submission.from_inbox, member_of=submission.member_of,
     )
     if known is not None:
         plan = _plan_follow_up(submission, known, reason)

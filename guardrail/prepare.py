@@ -192,7 +192,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         # The team's own mail, such as a help-desk tool's copy of a message
         # it sent to a customer, needs no reply from the team.
         sla_applies=(machine is None or is_subject_signal(machine)) and not from_inbox, is_staff=is_staff, from_inbox=from_inbox,
-        staff_unverified=staff_unverified,
+        staff_unverified=staff_unverified, member_of=_member_of(rules, summary, envelope) if is_staff else frozenset(),
         machine_signal=machine or "",
         shadow=tuple(
             {"route": result.route, "team": result.team, "would_win": result.would_win}
@@ -265,6 +265,12 @@ def staff_sender(envelope: Envelope, summary: Summary, rules: RuleSet, site: Sit
         return False, False, f"{claims[0]} not verified: {problem}"
     passed = ", ".join(sorted(domains)) if domains else "none"
     return False, False, f"{rules.staff_authserv_id} did not verify the domain of {claims[0]} (verified: {passed})"
+
+
+def _member_of(rules: RuleSet, summary: Summary, envelope: Envelope) -> frozenset[str]:
+    """Return the teams whose members include the From address or the envelope sender."""
+    teams = rules.member_teams
+    return teams.get(summary.from_address.lower(), frozenset()) | teams.get(envelope.mail_from.lower(), frozenset())
 
 
 def postmaster_recipients(envelope: Envelope, site: Site) -> list[str]:

@@ -155,6 +155,15 @@ class RuleSet:
         """Return the names of the teams, computed once rather than for every message."""
         return frozenset(self.teams)
 
+    @cached_property
+    def member_teams(self) -> dict[str, frozenset[str]]:
+        """Return the names of the teams each member address belongs to, computed once."""
+        teams: dict[str, set[str]] = {}
+        for team in self.teams.values():
+            for address in team.member_addresses:
+                teams.setdefault(address.lower(), set()).add(team.name)
+        return {address: frozenset(names) for address, names in teams.items()}
+
     def is_staff(self, address: str) -> bool:
         """Return True for team members and configured staff addresses or domains."""
         address = address.lower()

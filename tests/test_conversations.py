@@ -64,23 +64,26 @@ def test_new_reference_format() -> None:
 
 
 @pytest.mark.parametrize(
-    ("thread_ids", "tags", "senders", "from_inbox", "expected"),
+    ("thread_ids", "tags", "senders", "from_inbox", "member_of", "expected"),
     [
-        (("<known@x>",), (), frozenset({"mallory@example.net"}), False, 7),
-        (("<unknown@x>", "<known@x>"), (), frozenset(), False, 7),
-        ((), ("GR-7K3M9Q",), frozenset({"alice@example.com"}), False, 7),
+        (("<known@x>",), (), frozenset({"mallory@example.net"}), False, frozenset(), 7),
+        (("<unknown@x>", "<known@x>"), (), frozenset(), False, frozenset(), 7),
+        ((), ("GR-7K3M9Q",), frozenset({"alice@example.com"}), False, frozenset(), 7),
         # A reference alone is not enough: the sender must take part already.
-        ((), ("GR-7K3M9Q",), frozenset({"mallory@example.net"}), False, None),
-        ((), ("GR-0000000",), frozenset({"alice@example.com"}), False, None),
-        (("<unknown@x>",), (), frozenset({"alice@example.com"}), False, None),
+        ((), ("GR-7K3M9Q",), frozenset({"mallory@example.net"}), False, frozenset(), None),
+        ((), ("GR-0000000",), frozenset({"alice@example.com"}), False, frozenset(), None),
+        (("<unknown@x>",), (), frozenset({"alice@example.com"}), False, frozenset(), None),
         # Mail written as a shared inbox joins by the reference alone.
-        ((), ("GR-7K3M9Q",), frozenset({"support@example.org"}), True, 7),
-        ((), ("GR-0000000",), frozenset({"support@example.org"}), True, None),
+        ((), ("GR-7K3M9Q",), frozenset({"support@example.org"}), True, frozenset(), 7),
+        ((), ("GR-0000000",), frozenset({"support@example.org"}), True, frozenset(), None),
+        # A member of the conversation's team now, such as one added after it opened.
+        ((), ("GR-7K3M9Q",), frozenset({"dave@example.org"}), False, frozenset({"support"}), 7),
+        ((), ("GR-7K3M9Q",), frozenset({"dave@example.org"}), False, frozenset({"billing"}), None),
     ],
 )
-def test_choose_conversation_table(thread_ids, tags, senders, from_inbox, expected) -> None:
+def test_choose_conversation_table(thread_ids, tags, senders, from_inbox, member_of, expected) -> None:
     chosen, _ = choose_conversation(
-        thread_ids, tags, senders, {"<known@x>": KNOWN}, {"GR-7K3M9Q": KNOWN}, from_inbox=from_inbox
+        thread_ids, tags, senders, {"<known@x>": KNOWN}, {"GR-7K3M9Q": KNOWN}, from_inbox=from_inbox, member_of=member_of,
     )
     assert (chosen.id if chosen else None) == expected
 
@@ -251,6 +254,25 @@ async def test_forged_staff_reply_does_not_answer(tmp_path: Path, start_daemon) 
     reply = message(sender="Sam Ortiz <sam@example.org>", subject="Re: Printer", message_id="<r@example.org>", extra_headers=verified)
     await send(daemon.port, "sam@example.org", ["support@example.org"], reply)
     assert rows(database, "SELECT state, answered_by FROM conversations") == [("answered", "sam@example.org")]
+
+
+async def test_member_added_later_joins_by_reference(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    database = daemon.config.database_path
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<q@example.com>"))
+    [(reference,)] = rows(database, "SELECT reference FROM conversations")
+    rules_file = tmp_path / "rules" / "rules.toml"
+    dave = '{ name = "Sam Ortiz", address = "sam@example.org" }, { name = "Dave New", address = "dave@example.org" }'
+    rules_file.write_text(rules_file.read_text().replace('{ name = "Sam Ortiz", address = "sam@example.org" }', dave))
+    assert daemon.reload() is True
+
+    # No thread headers: only the reference in the subject ties the reply to the conversation.
+    reply = message(sender="Dave New <dave@example.org>", subject=f"Re: [{reference}] Printer", message_id="<d@example.org>")
+    await send(daemon.port, "dave@example.org", ["support@example.org"], reply)
+
+    assert rows(database, "SELECT state, answered_by FROM conversations") == [("answered", "dave@example.org")]
+    [(thread,)] = rows(database, "SELECT detail FROM events WHERE kind = 'received' AND message_row = 2")
+    assert json.loads(thread)["thread"] == f"subject carries [{reference}] and the sender is a member of team support"
 
 
 async def test_reply_written_as_the_inbox_answers(tmp_path: Path, start_daemon) -> None:
