@@ -182,7 +182,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     deadline = add_business_time(now, first_response, team.calendar)
     ack = None
     if ack_signal is None and team.templates:
-        ack = _ack_request(envelope, raw, summary, team, site, deadline)
+        ack = _ack_request(envelope, raw, summary, team, site, deadline, reply_inbox(envelope, summary, rules, site, team))
     return Submission(
         **common, route=match.route.name, team=team.name, destination=team.destination,
         route_reasons=match.reasons, team_members=team.member_addresses,
@@ -282,9 +282,25 @@ def _first_escalation(team: Team, rules: RuleSet, deadline: datetime | None) -> 
     return None if deadline is None else next_escalation(team, rules, deadline, 0)
 
 
-def _ack_request(envelope: Envelope, raw: bytes, summary: Summary, team: Team, site: Site, deadline: datetime | None) -> AckRequest:
+def reply_inbox(envelope: Envelope, summary: Summary, rules: RuleSet, site: Site, team: Team) -> str:
+    """Return the inbox that the acknowledgement comes from: the first recipient inbox that alone routes to `team`.
+
+    A message to support@ and billing@ that goes to the billing team is
+    acknowledged from billing@. Without such an inbox, the first inbox among
+    the recipients is used, and without any, the first recipient.
+    """
+    inboxes = [address for address in envelope.rcpt_tos if is_inbox(address, site)]
+    if len(inboxes) > 1:
+        for inbox in inboxes:
+            if match_route(rules, Facts((inbox,), summary)).team.name == team.name:
+                return inbox
+    return inboxes[0] if inboxes else envelope.rcpt_tos[0]
+
+
+def _ack_request(
+    envelope: Envelope, raw: bytes, summary: Summary, team: Team, site: Site, deadline: datetime | None, inbox: str,
+) -> AckRequest:
     language = choose_language(summary, team, lambda: f"{summary.subject}\n{summary.body_text or body_sample(raw, summary)}")
-    inbox = next((address for address in envelope.rcpt_tos if is_inbox(address, site)), envelope.rcpt_tos[0])
     return AckRequest(
         # RFC 3834 section 4: answer the envelope sender, never Reply-To.
         to_address=envelope.mail_from.lower(),

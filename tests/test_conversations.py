@@ -184,6 +184,29 @@ def test_reply_address_table(tmp_path: Path, mail_from: str, signal: str | None)
     assert submission.sla_applies is True
 
 
+@pytest.mark.parametrize(
+    ("rcpt_tos", "subject", "team", "from_address"),
+    [
+        (("support@example.org",), "Printer", "support", "support@example.org"),
+        # Sent to both inboxes, routed to billing by its recipient: acknowledged from billing@.
+        (("support@example.org", "billing@example.org"), "Printer", "billing", "billing@example.org"),
+        (("billing@example.org", "support@example.org"), "Printer", "billing", "billing@example.org"),
+        # Routed to billing by its subject: the first inbox routes there alone too.
+        (("support@example.org", "billing@example.org"), "My invoice", "billing", "support@example.org"),
+    ],
+)
+def test_acknowledgement_inbox_table(tmp_path: Path, rcpt_tos: tuple[str, ...], subject: str, team: str, from_address: str) -> None:
+    config = load_config(write_config(tmp_path))
+    envelope = Envelope("carl@customer.example", rcpt_tos, "[127.0.0.1]:40000", "client")
+    raw = message(sender="Carl Customer <carl@customer.example>", subject=subject)
+    submission = prepare_message(envelope, raw, load_ruleset(config), Site.from_config(config), NOW)
+
+    assert isinstance(submission, Submission)
+    assert submission.team == team
+    assert submission.ack is not None
+    assert submission.ack.from_address == from_address
+
+
 # Staff and inbox senders count only when the MTA in front verified their domain.
 VERIFIED_STAFF_RULES = TEAMS + ROUTES + """
 [staff]
