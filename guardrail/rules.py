@@ -473,6 +473,9 @@ def _load_routes(
         names.add(route.name)
         if route.mode == "shadow":
             shadows.append((len(routes), route))
+        elif route.is_default and defaults:
+            first = defaults[0]
+            table.problem("default", f"a second default route; {first.name!r} in {first.source} is the default already; keep exactly one")
         else:
             (defaults if route.is_default else routes).append(route)
 
@@ -481,8 +484,6 @@ def _load_routes(
         errors.append(ConfigError(entries[-1].path, "route", "no default route; add a [[route]] with default = true"))
     if check_default and not entries:
         errors.append(ConfigError(directory, "route", "no routes defined; add at least a [[route]] with default = true"))
-    for extra in defaults[1:]:
-        errors.append(ConfigError(extra.source, "route", f"route {extra.name!r} is a second default route; keep exactly one"))
     return routes + defaults[:1], shadows
 
 

@@ -1033,3 +1033,13 @@ def test_http_port_on_another_address(tmp_path: Path) -> None:
         tmp_path, smtp={"listen": "127.0.0.1", "port": 20526}, sections={"http": {"enabled": True, "listen": "127.0.0.2", "port": 20526}},
     )
     assert load_config(config).http.port == 20526
+
+
+def test_second_default_route_names_both(tmp_path: Path) -> None:
+    second = '[[route]]\nname = "catch-all"\nteam = "billing"\ndefault = true\n'
+    errors = rule_errors(tmp_path, TEAMS + ROUTES + second)
+    rules_file = tmp_path / "rules" / "rules.toml"
+    assert errors == [
+        f"{rules_file}: route[2] (catch-all).default: a second default route;"
+        f" 'default' in {rules_file} is the default already; keep exactly one",
+    ]
