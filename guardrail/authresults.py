@@ -63,6 +63,34 @@ def _without_comments(text: str) -> str:
     return "".join(output)
 
 
+def _split_outside_quotes(text: str, separator: str | None) -> list[str]:
+    """Split `text` at `separator` (at runs of whitespace when None), except inside quoted strings.
+
+    A property value is often an address the sender chose, and a quoted
+    local part may hold ";", "=" and spaces. Split inside it, such a value
+    would read as further method results.
+    """
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    escaped = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            # As in _without_comments, a backslash takes the next character as it is.
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif not quoted and (char == separator if separator else char.isspace()):
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return parts if separator else [part for part in parts if part]
+
+
 def _unquoted(value: str) -> str:
     if len(value) >= 2 and value.startswith('"') and value.endswith('"'):
         return value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
@@ -74,12 +102,12 @@ def parse_authentication_results(value: str) -> tuple[str, list[MethodResult]]:
 
     Entries that cannot be read are left out, so a damaged header verifies nothing.
     """
-    statements = _without_comments(value).split(";")
+    statements = _split_outside_quotes(_without_comments(value), ";")
     head = statements[0].split()
     authserv_id = head[0].lower() if head else ""
     results = []
     for statement in statements[1:]:
-        tokens = statement.split()
+        tokens = _split_outside_quotes(statement, None)
         if not tokens or "=" not in tokens[0]:
             continue
         method, _, result = tokens[0].partition("=")

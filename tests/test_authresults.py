@@ -30,6 +30,11 @@ MX = "mx.example.org"
     # A parenthesis inside a quoted string is not a comment.
     ('mx.example.org; spf=pass smtp.mailfrom="a(b)@example.com"', "mx.example.org",
      [MethodResult("spf", "pass", {"smtp.mailfrom": "a(b)@example.com"})]),
+    # A quoted local part may hold ";", "=" and spaces, which split nothing there.
+    ('mx.example.org; spf=pass smtp.mailfrom="x; dkim=pass header.d=example.org a.b="@evil.example', "mx.example.org",
+     [MethodResult("spf", "pass", {"smtp.mailfrom": '"x; dkim=pass header.d=example.org a.b="@evil.example'})]),
+    ('mx.example.org; dkim=pass reason="good key; \\"aligned\\"" header.d=example.com', "mx.example.org",
+     [MethodResult("dkim", "pass", {"header.d": "example.com"})]),
     # A reason and unreadable statements are skipped.
     ("mx.example.org; garbage; dmarc=pass reason=\"aligned\" header.from=example.com;;", "mx.example.org",
      [MethodResult("dmarc", "pass", {"header.from": "example.com"})]),
@@ -56,6 +61,9 @@ NO_HEADER = "no Authentication-Results header from mx.example.org"
     (("relay.example.net; dmarc=pass header.from=example.com",), set(), NO_HEADER),
     (("relay.example.net; dmarc=pass header.from=evil.example",
       "mx.example.org; dkim=pass header.d=example.com"), {"example.com"}, ""),
+    # A sender's address quoted in the header verifies its own domain and no other.
+    (('mx.example.org; spf=pass smtp.mailfrom="x;dmarc=pass header.from=example.com a.b="@evil.example;'
+      " dmarc=fail header.from=example.com",), {"evil.example"}, ""),
     # A second header with our id may be the sender's, wherever it is.
     (("mx.example.org; dmarc=pass header.from=example.com", "MX.example.org; dmarc=fail header.from=example.com"), set(),
      "2 Authentication-Results headers name mx.example.org, so a sender may have added one"),
