@@ -112,6 +112,18 @@ class Summary:
         """Return every decoded value of header `name` (case-insensitive)."""
         return self.headers.get(name.lower(), ())
 
+    def undecoded_header(self, name: str) -> tuple[str, ...]:
+        """Return every value of header `name` (case-insensitive) as received, with RFC 2047 words left encoded.
+
+        A structured header that a server in front writes, such as
+        Authentication-Results, may quote text the sender chose. Decoded, an
+        encoded word in that text could turn into the header's own syntax.
+        """
+        headers = self.headers
+        if isinstance(headers, DecodedHeaders):
+            return headers.undecoded(name.lower())
+        return headers.get(name.lower(), ())
+
     def to_record(self) -> dict[str, object]:
         """Return the stored form: everything but the headers and the body."""
         return {
@@ -230,6 +242,10 @@ class DecodedHeaders(Mapping[str, tuple[str, ...]]):
 
     def __len__(self) -> int:
         return len(self._raw)
+
+    def undecoded(self, name: str) -> tuple[str, ...]:
+        """Return the values of header `name` without decoding RFC 2047 words, raw 8-bit bytes repaired."""
+        return tuple(_repair_surrogates(str(value)) for value in self._raw.get(name, ()))
 
     def count(self, name: str) -> int:
         """Return how many times header `name` occurs, without decoding it."""

@@ -258,7 +258,7 @@ def staff_sender(envelope: Envelope, summary: Summary, rules: RuleSet, site: Sit
         return False, False, ""
     if not rules.staff_authserv_id:
         return True, from_inbox, ""
-    domains, problem = verified_domains(summary.header("authentication-results"), rules.staff_authserv_id)
+    domains, problem = verified_domains(summary.undecoded_header("authentication-results"), rules.staff_authserv_id)
     if any(is_verified(address, domains) for address in claims):
         return True, from_inbox, ""
     if problem:

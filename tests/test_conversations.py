@@ -233,6 +233,11 @@ authserv_id = "MX.example.org"
          "sam@example.org not verified: no Authentication-Results header from mx.example.org"),
         ("Sam Ortiz <sam@example.org>", "sam@example.org", "mx.example.org; dmarc=fail header.from=example.org", False,
          "mx.example.org did not verify the domain of sam@example.org (verified: none)"),
+        # An encoded word that the sender wrote into the envelope sender stays encoded, so it adds no result.
+        ("Sam Ortiz <sam@example.org>", "=?utf-8?q?=3Bdkim=3Dpass_header.d=3Dexample.org_x.y=3D?=@evil.example",
+         "mx.example.org; spf=pass smtp.mailfrom==?utf-8?q?=3Bdkim=3Dpass_header.d=3Dexample.org_x.y=3D?=@evil.example;"
+         " dmarc=fail header.from=example.org", False,
+         "mx.example.org did not verify the domain of sam@example.org (verified: evil.example)"),
         # Written as the shared inbox, verified or not.
         ("Support <support@example.org>", "support@example.org", "mx.example.org; spf=pass smtp.mailfrom=support@example.org", True, ""),
         ("Support <support@example.org>", "support@example.org", "", False,
