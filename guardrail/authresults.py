@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 _DOMAIN_PROPERTIES = {
     "dmarc": ("header.from",),
     "dkim": ("header.d", "header.i"),
-    "spf": ("smtp.mailfrom", "smtp.helo"),
+    # A HELO check verifies the host that connected, not the sender.
+    "spf": ("smtp.mailfrom",),
 }
 
 

@@ -54,6 +54,7 @@ NO_HEADER = "no Authentication-Results header from mx.example.org"
     (("mx.example.org; dkim=pass header.i=@example.com",), {"example.com"}, ""),
     (("mx.example.org; spf=pass smtp.mailfrom=bounce@example.com",), {"example.com"}, ""),
     (("mx.example.org; spf=pass smtp.mailfrom=example.com",), {"example.com"}, ""),
+    (("mx.example.org; spf=pass smtp.helo=mail.example.com",), set(), ""),
     # Only a pass verifies.
     (("mx.example.org; dkim=fail header.d=example.com; spf=softfail smtp.mailfrom=a@example.com; dmarc=none",), set(), ""),
     (("mx.example.org; dkim=pass header.d=a.example; dkim=pass header.d=b.example",), {"a.example", "b.example"}, ""),
