@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
 import structlog
 
-from .clock import Clock
+from .clock import Clock, parse_instant
 from .config import ZombieSettings
 from .errors import StorageError
 from .escalation import DueConversation, EscalationPlan, Sender, plan_escalation
@@ -177,8 +177,11 @@ class RejectionWatch:
     """Raises the rejected-address alarms after each delivery in which an address was rejected for good.
 
     It checks once at start, for rejections recorded before a restart, and
-    then whenever `wake` is set. A check that fails runs again at the next
-    rejection, which a broken address soon causes.
+    then after `rejected` names addresses. A check that fails runs again at
+    the next rejection, which a broken address soon causes. A check reads a
+    period of rejections on the writer thread, and a broken address of a
+    busy team is rejected in every delivery, so no check runs while each
+    address named since the last one has had its alarm within the period.
     """
 
     def __init__(
@@ -200,27 +203,54 @@ class RejectionWatch:
         self._on_queued = on_queued
         self._period = period
         self.wake = asyncio.Event()
+        # Addresses rejected since the last check, and when each address last had an alarm.
+        self._pending: set[str] = set()
+        self._alarmed_at: dict[str, datetime] = {}
+
+    def rejected(self, addresses: Iterable[str]) -> None:
+        """Note addresses that a delivery just recorded was rejected for, and wake the check."""
+        self._pending.update(addresses)
+        self.wake.set()
 
     async def run(self) -> None:
         """Check now, then each time `wake` is set, until cancelled."""
+        first = True
         while True:
             self.wake.clear()
-            try:
-                await self.check()
-            except (StorageError, sqlite3.Error) as error:
-                log.error("rejection_check_failed", error=repr(error.__cause__ or error), detail="checked again at the next rejection")
+            if first or not self._pending_alarmed():
+                try:
+                    await self.check()
+                except (StorageError, sqlite3.Error) as error:
+                    log.error("rejection_check_failed", error=repr(error.__cause__ or error), detail="checked again at the next rejection")
+            else:
+                self._pending.clear()
+            first = False
             await self.wake.wait()
+
+    def _pending_alarmed(self) -> bool:
+        """Return True when addresses are pending and each had its alarm within the period, so a check would raise none."""
+        cutoff = self._clock.now() - self._period
+        return bool(self._pending) and all(
+            address in self._alarmed_at and self._alarmed_at[address] > cutoff for address in self._pending
+        )
 
     async def check(self) -> list[AddressAlarm]:
         """Raise the alarms due now; return them."""
         now = self._clock.now()
         rules = self._rules()
+        pending = set(self._pending)
+        alarmed_before: dict[str, str] = {}
 
-        def planner(figures: list[RejectedFigures], alarmed: set[str]) -> list[AddressAlarm]:
-            return find_rejected_addresses(figures, rules, now, self._sender, alarmed)
+        def planner(figures: list[RejectedFigures], alarmed: dict[str, str]) -> list[AddressAlarm]:
+            alarmed_before.update(alarmed)
+            return find_rejected_addresses(figures, rules, now, self._sender, set(alarmed))
 
         alarms = await self._store.raise_rejection_alarms(now, self._period, planner)
+        self._pending -= pending
+        for address, at in alarmed_before.items():
+            self._alarmed_at[address] = parse_instant(at)
         for alarm in alarms:
+            self._alarmed_at[alarm.address] = now
             log.warning("rejected_address_alarm", address=alarm.address, to=alarm.owner.address, detail=alarm.detail)
             self._metrics.alarms.labels("address").inc()
         if alarms:

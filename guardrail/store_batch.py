@@ -672,10 +672,14 @@ class BatchWriter:
     # -- rejected-address alarms ------------------------------------------------
 
     def add_rejection_alarms(self, now: datetime, period: timedelta, planner: Callable[..., list[Any]]) -> list[Any]:
-        """Raise alarms for addresses rejected within `period`, skipping those alarmed within it; return them."""
+        """Raise alarms for addresses rejected within `period`, skipping those alarmed within it; return them.
+
+        The planner gets the figures and, by address, the time of each alarm raised within the period.
+        """
         since = format_instant(now - period)
-        with closing(self.db.execute("SELECT DISTINCT address FROM address_alarms WHERE at > ?", (since,))) as cursor:
-            alarmed = {row[0] for row in cursor.fetchall()}
+        sql = "SELECT address, MAX(at) FROM address_alarms WHERE at > ? GROUP BY address"
+        with closing(self.db.execute(sql, (since,))) as cursor:
+            alarmed = {address: at for address, at in cursor.fetchall()}
         sql = "SELECT address, COUNT(*), MIN(at), MAX(at), MAX(id) FROM rejections WHERE at > ? GROUP BY address ORDER BY address"
         with closing(self.db.execute(sql, (since,))) as cursor:
             counts = [row for row in cursor.fetchall() if row[0] not in alarmed]

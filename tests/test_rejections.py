@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SHARED_RULES
 
+from guardrail.clock import ManualClock, format_instant, parse_instant
 from guardrail.escalation import Sender
 from guardrail.loops import LOOP_HEADER
 from guardrail.rejections import QUOTED_REPLY, RejectedFigures, find_rejected_addresses
 from guardrail.rules import RuleSet, load_rules
+from guardrail.sla import RejectionWatch
 
 NOW = datetime(2025, 11, 4, 9, 0, tzinfo=timezone.utc)
 SENDER = Sender(hostname="mx.example.org", from_address="postmaster@example.org", answer_command="guardrail answer")
@@ -113,3 +119,51 @@ def test_long_reply_is_shortened_to_one_line(rules: RuleSet) -> None:
     assert len(line) == len("Its last reply: ") + QUOTED_REPLY
     assert line.endswith("…")
     assert "Bcc:" not in body
+
+
+class CountingStore:
+    """A store whose rejections name one address, again and again; it counts the checks it is asked for."""
+
+    def __init__(self) -> None:
+        self.checks = 0
+        self.alarmed: dict[str, str] = {}
+
+    async def raise_rejection_alarms(self, now: datetime, period: timedelta, planner: Callable[..., list[Any]]) -> list[Any]:
+        self.checks += 1
+        alarms = planner([figures()], {address: at for address, at in self.alarmed.items() if parse_instant(at) > now - period})
+        for alarm in alarms:
+            self.alarmed[alarm.address] = format_instant(now)
+        return alarms
+
+
+async def test_watch_skips_checks_for_an_alarmed_address(rules: RuleSet) -> None:
+    store = CountingStore()
+    clock = ManualClock(NOW)
+    watch = RejectionWatch(store, clock, lambda: rules, SENDER)  # type: ignore[arg-type]
+    task = asyncio.create_task(watch.run())
+
+    async def settle() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    try:
+        await settle()
+        assert store.checks == 1
+        assert list(store.alarmed) == ["second@example.net"]
+        # Each later delivery rejected for the alarmed address would read a day of rejections for nothing.
+        for _ in range(3):
+            watch.rejected(("second@example.net",))
+            await settle()
+        assert store.checks == 1
+        # Another address is checked, and so is the same one after the period.
+        watch.rejected(("other@example.net",))
+        await settle()
+        assert store.checks == 2
+        await clock.advance(timedelta(days=1, seconds=1))
+        watch.rejected(("second@example.net",))
+        await settle()
+        assert store.checks == 3
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
