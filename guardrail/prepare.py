@@ -30,8 +30,8 @@ from .loops import (
 )
 from .message import Summary, body_sample, summarize
 from .plan import Submission
-from .routing import Facts, match_route, shadow_results
-from .rules import Destination, RuleSet, Team, unstaffed_reason
+from .routing import Facts, match_route, matched_recipients, shadow_results
+from .rules import Destination, Route, RuleSet, Team, unstaffed_reason
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     deadline = add_business_time(now, first_response, team.calendar)
     ack = None
     if ack_signal is None and team.templates:
-        ack = _ack_request(envelope, raw, summary, team, site, deadline, reply_inbox(envelope, summary, rules, site, team))
+        ack = _ack_request(envelope, raw, summary, team, site, deadline, reply_inbox(envelope, match.route, site))
     return Submission(
         **common, route=match.route.name, team=team.name, destination=team.destination,
         route_reasons=match.reasons, team_members=team.member_addresses,
@@ -282,18 +282,20 @@ def _first_escalation(team: Team, rules: RuleSet, deadline: datetime | None) -> 
     return None if deadline is None else next_escalation(team, rules, deadline, 0)
 
 
-def reply_inbox(envelope: Envelope, summary: Summary, rules: RuleSet, site: Site, team: Team) -> str:
-    """Return the inbox that the acknowledgement comes from: the first recipient inbox that alone routes to `team`.
+def reply_inbox(envelope: Envelope, route: Route, site: Site) -> str:
+    """Return the inbox that the acknowledgement comes from.
 
-    A message to support@ and billing@ that goes to the billing team is
-    acknowledged from billing@. Without such an inbox, the first inbox among
-    the recipients is used, and without any, the first recipient.
+    Of several recipient inboxes, it is the first that a recipient condition
+    of the winning `route` names: a message to support@ and billing@ that a
+    route on billing@ sends to the billing team is acknowledged from
+    billing@. Otherwise it is the first recipient inbox, and without one,
+    the first recipient.
     """
-    inboxes = [address for address in envelope.rcpt_tos if is_inbox(address, site)]
+    inboxes = tuple(address for address in envelope.rcpt_tos if is_inbox(address, site))
     if len(inboxes) > 1:
-        for inbox in inboxes:
-            if match_route(rules, Facts((inbox,), summary)).team.name == team.name:
-                return inbox
+        named = matched_recipients(route, inboxes)
+        if named:
+            return named[0]
     return inboxes[0] if inboxes else envelope.rcpt_tos[0]
 
 

@@ -8,6 +8,7 @@ names); address and domain patterns must match the whole value.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .message import Summary
@@ -111,6 +112,23 @@ def _evaluate(condition: Condition, facts: Facts) -> str | None:
             matched = matched[:BODY_REASON_LIMIT] + "..."
         return f"{condition.describe()} matched {matched!r} in the body"
     return None
+
+
+def matched_recipients(route: Route, rcpt_tos: tuple[str, ...]) -> tuple[str, ...]:
+    """Return those of `rcpt_tos` that one of the route's recipient conditions matches, in envelope order.
+
+    Conditions under `not` are left out: they name recipients the route is not for.
+    """
+    conditions = list(_recipient_conditions(route.all + route.any))
+    return tuple(address for address in rcpt_tos if any(_matched_text(condition, address) is not None for condition in conditions))
+
+
+def _recipient_conditions(conditions: tuple[Condition, ...]) -> Iterator[Condition]:
+    for condition in conditions:
+        if condition.field in ("all", "any"):
+            yield from _recipient_conditions(condition.children)
+        elif condition.field == "rcpt":
+            yield condition
 
 
 def _field_values(condition: Condition, facts: Facts) -> tuple[str, ...]:

@@ -191,8 +191,8 @@ def test_reply_address_table(tmp_path: Path, mail_from: str, signal: str | None)
         # Sent to both inboxes, routed to billing by its recipient: acknowledged from billing@.
         (("support@example.org", "billing@example.org"), "Printer", "billing", "billing@example.org"),
         (("billing@example.org", "support@example.org"), "Printer", "billing", "billing@example.org"),
-        # Routed to billing by its subject: the first inbox routes there alone too.
-        (("support@example.org", "billing@example.org"), "My invoice", "billing", "support@example.org"),
+        # Routed to billing by its subject, on a route whose other condition names billing@.
+        (("support@example.org", "billing@example.org"), "My invoice", "billing", "billing@example.org"),
     ],
 )
 def test_acknowledgement_inbox_table(tmp_path: Path, rcpt_tos: tuple[str, ...], subject: str, team: str, from_address: str) -> None:

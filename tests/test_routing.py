@@ -11,8 +11,8 @@ import pytest
 from conftest import ROOT, TEAMS, message, rules_folder, send, write_config
 
 from guardrail.message import summarize
-from guardrail.routing import Facts, match_route
-from guardrail.rules import load_rules
+from guardrail.routing import Facts, match_route, matched_recipients
+from guardrail.rules import Route, load_rules
 
 RULES = """
 [[team]]
@@ -111,6 +111,38 @@ def test_match_explains_the_condition_and_value(rules) -> None:
     match = match_route(rules, facts("From: Chief <CEO@Example.COM>\nSubject: Board pack"))
     assert match.team.name == "vip-desk"
     assert match.reasons == ("from regex 'ceo@example\\\\.com' matched 'ceo@example.com'",)
+
+
+RECIPIENT_RULES = TEAMS + """
+[[route]]
+name = "by-recipient"
+team = "billing"
+all = [
+    { any = [{ rcpt.is = "billing@example.org" }, { all = [{ rcpt.regex = 'invoices@.*' }, { subject.contains = "x" }] }] },
+    { not = { rcpt.is = "support@example.org" } },
+]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+"""
+
+
+@pytest.mark.parametrize(
+    ("route_name", "rcpt_tos", "expected"),
+    [
+        ("by-recipient", ("support@example.org", "billing@example.org"), ("billing@example.org",)),
+        # Nested conditions count, in envelope order; a recipient under `not` does not.
+        ("by-recipient", ("invoices@example.org", "billing@example.org"), ("invoices@example.org", "billing@example.org")),
+        ("by-recipient", ("support@example.org",), ()),
+        ("default", ("support@example.org", "billing@example.org"), ()),
+    ],
+)
+def test_matched_recipients_table(tmp_path: Path, route_name: str, rcpt_tos: tuple[str, ...], expected: tuple[str, ...]) -> None:
+    rules = load_rules(rules_folder(tmp_path, RECIPIENT_RULES), tmp_path)
+    route: Route = next(route for route in rules.routes if route.name == route_name)
+    assert matched_recipients(route, rcpt_tos) == expected
 
 
 def test_default_route_is_tried_last(tmp_path: Path) -> None:
