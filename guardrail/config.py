@@ -263,9 +263,8 @@ def load_config(path: Path | str, *, require_secrets: bool = True) -> Config:
         min_free_space=database.size("min_free_space", DEFAULT_MIN_FREE_SPACE),
     )
     config = replace(config, http=_load_http(root.table("http"), unset, require_secrets))
-    if config.http.enabled and config.http.port and config.http.port == config.smtp.port and (
-        config.http.listen == config.smtp.listen or "0.0.0.0" in (config.http.listen, config.smtp.listen)
-        or "::" in (config.http.listen, config.smtp.listen)
+    if config.http.enabled and config.http.port and config.http.port == config.smtp.port and _same_address(
+        config.http.listen, config.smtp.listen,
     ):
         errors.append(ConfigError(
             path, "http.port",
@@ -284,6 +283,21 @@ def load_config(path: Path | str, *, require_secrets: bool = True) -> Config:
     if errors:
         raise ConfigErrors(errors)
     return replace(config, unset_variables=tuple(unset))
+
+
+def _same_address(first: str, second: str) -> bool:
+    """Return True when listeners on `first` and `second`, with one port, would take the same address.
+
+    "0.0.0.0" takes every IPv4 address and "::" every IPv6 one. asyncio
+    binds "::" to IPv6 alone (IPV6_V6ONLY). A host name is compared as written.
+    """
+    if first == second:
+        return True
+    for wildcard, ipv6 in (("0.0.0.0", False), ("::", True)):
+        others = {first, second} - {wildcard}
+        if len(others) == 1 and (":" in next(iter(others))) is ipv6:
+            return True
+    return False
 
 
 def _load_keep_bodies(table: Table, config: Config) -> timedelta | None:

@@ -59,8 +59,9 @@ def find_rejected_addresses(
         owner = rules.route_owner(address_figures.route, address_figures.team)
         if owner is None:
             continue
+        of_team = f" of team {address_figures.team}" if address_figures.team else ""
         detail = (
-            f"{address_figures.address} rejected {address_figures.count} message(s) of team {address_figures.team}"
+            f"{address_figures.address} rejected {address_figures.count} message(s){of_team}"
             f" from {address_figures.first.isoformat()} to {address_figures.last.isoformat()}"
         )
         mail = _alarm_mail(address_figures, owner, _where(address_figures, rules), now, sender)
@@ -70,6 +71,8 @@ def find_rejected_addresses(
 
 def _where(figures: RejectedFigures, rules: RuleSet) -> str:
     """Return where the rules set the team's destination, for the alarm's advice."""
+    if not figures.team:
+        return "the config's [postmaster] owner or the rule files"
     team = rules.teams.get(figures.team)
     if team is not None and team.source:
         return f"the destination of team {figures.team} in {team.source}"
@@ -78,10 +81,12 @@ def _where(figures: RejectedFigures, rules: RuleSet) -> str:
 
 def _alarm_mail(figures: RejectedFigures, owner: Human, where: str, now: datetime, sender: Sender) -> bytes:
     reply = shortened(one_line(figures.reply), QUOTED_REPLY)
+    # A postmaster copy belongs to no conversation, so it has no team.
+    whose = f"team {figures.team}'s mail" if figures.team else "mail"
     body = "\n".join([
         f"Hello {owner.name},",
         "",
-        f"The mail server rejected team {figures.team}'s mail for {figures.address}.",
+        f"The mail server rejected {whose} for {figures.address}.",
         f"Its last reply: {reply}",
         "",
         f"Messages rejected: {figures.count}, from {figures.first.isoformat()} to {figures.last.isoformat()}",
@@ -95,9 +100,9 @@ def _alarm_mail(figures: RejectedFigures, owner: Human, where: str, now: datetim
     headers = [
         ("From", f"guardrail <{sender.from_address}>"),
         ("To", owner.formatted()),
-        ("Subject", f"Address {figures.address} rejects team {figures.team}'s mail"),
+        ("Subject", f"Address {figures.address} rejects {whose}"),
         ("Date", format_datetime(now)),
-        ("Message-ID", new_message_id("rejected", figures.team.replace(" ", "-"), sender.hostname)),
+        ("Message-ID", new_message_id("rejected", figures.team.replace(" ", "-") or "mail", sender.hostname)),
         ("Auto-Submitted", "auto-generated"),
         (LOOP_HEADER, sender.hostname),
     ]

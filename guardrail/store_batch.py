@@ -677,6 +677,8 @@ class BatchWriter:
         The planner gets the figures and, by address, the time of each alarm raised within the period.
         """
         since = format_instant(now - period)
+        # Only the period's rejections count, so older ones go.
+        self.db.execute("DELETE FROM rejections WHERE at <= ?", (since,))
         sql = "SELECT address, MAX(at) FROM address_alarms WHERE at > ? GROUP BY address"
         with closing(self.db.execute(sql, (since,))) as cursor:
             alarmed = {address: at for address, at in cursor.fetchall()}

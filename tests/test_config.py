@@ -1016,7 +1016,9 @@ def test_authserv_id_is_lower_case(tmp_path: Path) -> None:
     assert load_rules(folder, tmp_path).staff_authserv_id == "mx.example.org"
 
 
-@pytest.mark.parametrize(("smtp_listen", "http_listen"), [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("127.0.0.1", "::")])
+@pytest.mark.parametrize(("smtp_listen", "http_listen"), [
+    ("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("::1", "::"), ("::", "::1"), ("0.0.0.0", "0.0.0.0"),
+])
 def test_http_port_clashes_with_smtp(tmp_path: Path, smtp_listen: str, http_listen: str) -> None:
     config = write_config(
         tmp_path, smtp={"listen": smtp_listen, "port": 20526}, sections={"http": {"enabled": True, "listen": http_listen, "port": 20526}},
@@ -1028,9 +1030,10 @@ def test_http_port_clashes_with_smtp(tmp_path: Path, smtp_listen: str, http_list
     ]
 
 
-def test_http_port_on_another_address(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("smtp_listen", "http_listen"), [("127.0.0.1", "127.0.0.2"), ("0.0.0.0", "::1"), ("::1", "127.0.0.1"), ("127.0.0.1", "::")])
+def test_http_port_on_another_address(tmp_path: Path, smtp_listen: str, http_listen: str) -> None:
     config = write_config(
-        tmp_path, smtp={"listen": "127.0.0.1", "port": 20526}, sections={"http": {"enabled": True, "listen": "127.0.0.2", "port": 20526}},
+        tmp_path, smtp={"listen": smtp_listen, "port": 20526}, sections={"http": {"enabled": True, "listen": http_listen, "port": 20526}},
     )
     assert load_config(config).http.port == 20526
 

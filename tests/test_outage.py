@@ -365,6 +365,8 @@ async def test_rejected_address_alarms_once_per_period(tmp_path: Path, start_dae
         await send(later.port, "alice@example.com", ["support@example.org"], message(message_id="<r3@example.com>"))
         await wait_for_row(later, "done", 1, row=3)
         await wait_until(lambda: len(rejection_alarms(sink)) == 2, what="the second alarm")
+        # Rejections older than the period are no longer kept.
+        assert len(await later.store.fetch_all("SELECT id FROM rejections")) == 1
     finally:
         await close_sink(sink)
 

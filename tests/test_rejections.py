@@ -167,3 +167,14 @@ async def test_watch_skips_checks_for_an_alarmed_address(rules: RuleSet) -> None
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def test_alarm_without_team(rules: RuleSet) -> None:
+    # A postmaster copy belongs to no conversation, so its rejection names no team.
+    [alarm] = find_rejected_addresses([figures("owner@example.net", team="", route="")], rules, NOW, SENDER, set())
+    mail = email.message_from_bytes(alarm.data)
+    assert mail["Subject"] == "Address owner@example.net rejects mail"
+    body = " ".join(mail.get_payload(decode=True).decode().split())
+    assert "The mail server rejected mail for owner@example.net." in body
+    assert "in the config's [postmaster] owner or the rule files" in body
+    assert "team" not in alarm.detail
