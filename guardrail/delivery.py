@@ -250,9 +250,11 @@ class Transport:
             deferred = tuple(address for address, reply in refused.items() if reply.code < 500)
             rejected = tuple(address for address, reply in refused.items() if reply.code >= 500)
             accepted = tuple(address for address in envelope.recipients if address not in refused)
-            message = "; ".join(f"{address}: {reply.code} {reply.message}" for address, reply in refused.items())
+            replies = {address: f"{reply.code} {reply.message}" for address, reply in refused.items()}
+            message = "; ".join(f"{address}: {reply}" for address, reply in replies.items())
             raise PartialDeliveryError(
-                f"smarthost accepted the message for some recipients and rejected {message}", deferred, rejected, accepted
+                f"smarthost accepted the message for some recipients and rejected {message}", deferred, rejected, accepted,
+                replies,
             )
 
 
@@ -488,14 +490,16 @@ class DeliveryWorker:
         """Return the result of an attempt that reached some recipients: the next attempt goes to the deferred ones only."""
         if error.deferred:
             advanced = replace(row, target=after_partial(row.target, error))
-            return replace(self._retry_or_give_up(advanced, attempts, error), recipients=error.deferred, rejected=error.rejected)
+            return replace(
+                self._retry_or_give_up(advanced, attempts, error), recipients=error.deferred, rejected=_rejected(error),
+            )
         # Every recipient that can get the message has it, so the message does
         # not escalate. The store records each rejected address, and the
         # rejected-address alarm tells the route's owner about it once a period.
         self._metrics.delivery_failures.labels(row.kind, "yes").inc()
         log.error("delivery_failed", error=str(error), attempts=attempts, rejected=list(error.rejected))
         return AttemptResult(row.id, row.conversation_id, row.message_row, self._clock.now(), "done", attempts,
-                             error=str(error), kind=row.kind, rejected=error.rejected)
+                             error=str(error), kind=row.kind, rejected=_rejected(error))
 
     def _retry_or_give_up(self, row: OutboxRow, attempts: int, error: Exception) -> AttemptResult:
         """Return the result of an attempt that failed for now: pending until a stored time, or failed once its policy gives up."""
@@ -553,6 +557,11 @@ class DeliveryWorker:
         structlog.contextvars.bind_contextvars(destination=f"webhook {webhook.url}")
         body = json.loads(row.payload if row.payload is not None else await self._store.outbox_payload(row.id))
         await self._webhooks.post(row.id, webhook, body)
+
+
+def _rejected(error: PartialDeliveryError) -> tuple[tuple[str, str], ...]:
+    """Return each recipient rejected for good with the smarthost's reply to it."""
+    return tuple((address, error.replies.get(address, str(error))) for address in error.rejected)
 
 
 def _row_context(row: OutboxRow) -> dict[str, Any]:

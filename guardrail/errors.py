@@ -78,16 +78,19 @@ class PartialDeliveryError(TemporaryDeliveryError):
 
     `deferred` are the recipients rejected with a 4xx reply, which are tried
     again. `rejected` are those rejected with a 5xx reply, which are not.
-    `accepted` are those the smarthost took the message for.
+    `accepted` are those the smarthost took the message for. `replies`
+    holds the smarthost's reply to each recipient it did not take.
     """
 
     def __init__(
-        self, message: str, deferred: tuple[str, ...], rejected: tuple[str, ...], accepted: tuple[str, ...] = ()
+        self, message: str, deferred: tuple[str, ...], rejected: tuple[str, ...], accepted: tuple[str, ...] = (),
+        replies: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.deferred = deferred
         self.rejected = rejected
         self.accepted = accepted
+        self.replies = replies or {}
 
 
 class PermanentDeliveryError(DeliveryError):

@@ -37,7 +37,7 @@ class RejectedFigures:
     count: int
     first: datetime
     last: datetime
-    reply: str  # the error text of the newest rejection
+    reply: str  # the smarthost's reply to the address in the newest rejection
 
 
 @dataclass(frozen=True)

@@ -262,8 +262,8 @@ class AttemptResult:
     # delivery's escalation reason names them.
     delivered: tuple[str, ...] = ()
     undelivered: tuple[str, ...] = ()
-    # The recipients this attempt's smarthost rejected for good while it took or deferred the others.
-    rejected: tuple[str, ...] = ()
+    # The recipients this attempt's smarthost rejected for good while it took or deferred the others, each with its reply.
+    rejected: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -564,7 +564,7 @@ class BatchWriter:
                 detail["error"] = result.error
             self._event(result.conversation_id, result.message_row, at, kind, detail)
             if result.kind == "deliver":
-                self.rows["rejections"].extend((address, result.conversation_id, at, result.error) for address in result.rejected)
+                self.rows["rejections"].extend((address, result.conversation_id, at, reply) for address, reply in result.rejected)
             if result.state == "failed" and result.fallback:
                 self._outbox("mail", result.conversation_id, result.message_row, result.fallback["target"], result.fallback["payload"], at)
             if result.state == "failed" and result.kind == "deliver" and result.conversation_id is not None:
