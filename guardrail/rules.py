@@ -178,13 +178,20 @@ class RuleSet:
     def route_owner(self, route_name: str, team_name: str) -> Human | None:
         """Return the recipient of an alarm about a route: its owner, else its team's escalation contact, else the fallback human.
 
-        The route or team may be gone from the rules since the alarm's data was stored.
+        Without a fallback human, the first person in the team's escalation
+        chain is told. The route or team may be gone from the rules since the
+        alarm's data was stored.
         """
         route = next((route for route in self.routes if route.name == route_name), None)
         if route is not None and route.owner is not None:
             return route.owner
         team = self.teams.get(team_name)
-        return self.escalation_contact(team) if team else self.fallback
+        if team is None:
+            return self.fallback
+        contact = self.escalation_contact(team)
+        if contact is None:
+            contact = next((level.human for level in team.escalation if level.human is not None), None)
+        return contact
 
 
 def load_rules(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SHARED_RULES
+from conftest import ROOT, SHARED_RULES
 
 from guardrail.clock import ManualClock, format_instant, parse_instant
 from guardrail.escalation import Sender
@@ -178,3 +178,25 @@ def test_alarm_without_team(rules: RuleSet) -> None:
     assert "The mail server rejected mail for owner@example.net." in body
     assert "in the config's [postmaster] owner or the rule files" in body
     assert "team" not in alarm.detail
+
+
+def test_alarm_without_fallback_goes_to_chain(tmp_path: Path) -> None:
+    # Without a fallback human, the first person of the team's escalation chain is told.
+    folder = tmp_path / "rules"
+    folder.mkdir()
+    (folder / "teams.toml").write_text((ROOT / "rules" / "30-acknowledgements.toml").read_text() + """
+[[team]]
+name = "support"
+destination = { smtp = ["team@example.net", "second@example.net"] }
+members = [{ name = "Ann", address = "ann@example.org" }]
+escalation = [{ after = "0m", webhook = { url = "http://127.0.0.1:9/hook" } }, { after = "1h", name = "Lee Lead", address = "lee@example.org" }]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+""")
+    rules = load_rules(folder, tmp_path)
+    assert rules.fallback is None
+    [alarm] = find_rejected_addresses([figures()], rules, NOW, SENDER, set())
+    assert alarm.owner.address == "lee@example.org"
