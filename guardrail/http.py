@@ -11,6 +11,7 @@ token those paths return 401. Errors are JSON objects: {"error": "..."}.
     GET  /v1/conversations/REF                 one conversation and its timeline
     POST /v1/conversations/REF/answered        mark it answered: {"by": "name"}, optional
     GET  /v1/contacts/ADDRESS                  the open conversations of an address
+    GET  /v1/alarms?limit=                     abandoned-route and rejected-address alarms, newest first
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from .store_queries import (
     check_writable,
     count_open_conversations,
     find_conversation,
+    list_alarms,
     list_conversations,
     open_conversations_of,
     outbox_depth,
@@ -194,6 +196,11 @@ class _Api:
             log.info("conversation_answer_repeated", conversation=reference, state=before, via="api")
         return JSONResponse({**found, "changed": changed})
 
+    async def alarms(self, request: Request) -> Response:
+        query = _query(request, ("limit",))
+        found = await list_alarms(self._store(), limit=_limit(query.get("limit")))
+        return JSONResponse({"alarms": found})
+
     async def contact(self, request: Request) -> Response:
         address = request.path_params["address"].strip().lower()
         if not _is_address(address):
@@ -235,7 +242,10 @@ def _query(request: Request, names: tuple[str, ...]) -> dict[str, str]:
     pairs = request.query_params.multi_items()
     for name, _ in pairs:
         if name not in names:
-            expected = f"use {', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else "this path takes none"
+            if len(names) > 1:
+                expected = f"use {', '.join(names[:-1])} or {names[-1]}"
+            else:
+                expected = f"use {names[0]}" if names else "this path takes none"
             raise HTTPException(400, f"unknown query parameter {name!r}; {expected}")
     counts = Counter(name for name, _ in pairs)
     repeated = [name for name, count in counts.items() if count > 1]
@@ -321,6 +331,7 @@ def build_app(daemon: Daemon) -> Starlette:
         Route("/v1/conversations/{reference}", api.conversation),
         Route("/v1/conversations/{reference}/answered", api.answered, methods=["POST"]),
         Route("/v1/contacts/{address}", api.contact),
+        Route("/v1/alarms", api.alarms),
     ]
     return Starlette(
         routes=routes,

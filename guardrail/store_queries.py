@@ -61,6 +61,16 @@ def _conversation(row: Any) -> dict[str, Any]:
     }
 
 
+async def list_alarms(store: Store, *, limit: int) -> list[dict[str, Any]]:
+    """Return up to `limit` alarms, newest first: abandoned routes and rejected addresses together."""
+    rows = await store.fetch_all(
+        "SELECT at, 'route', route, detail FROM alarms UNION ALL SELECT at, 'address', address, detail FROM address_alarms"
+        " ORDER BY 1 DESC LIMIT ?",
+        (limit,),
+    )
+    return [{"at": _instant(at), "kind": kind, "about": about, "detail": detail} for at, kind, about, detail in rows]
+
+
 async def list_conversations(store: Store, *, state: str | None, team: str | None, limit: int) -> list[dict[str, Any]]:
     """Return up to `limit` conversations, newest first, filtered by state and team when given."""
     conditions, parameters = [], []

@@ -16,11 +16,15 @@ import httpx
 import pytest
 from conftest import (
     ROUTES,
+    SMTP_RULES,
+    RecipientSinkHandler,
     converse,
     maildir_messages,
     message,
     send,
     settle,
+    start_sink,
+    wait_until,
     write_config,
 )
 from prometheus_client.metrics_core import Metric
@@ -627,3 +631,32 @@ async def test_contact_rejects_invalid_address(tmp_path: Path, start_daemon, cli
 
     assert response.status_code == 400
     assert "invalid address 'not-an-address'" in response.json()["error"]
+
+
+async def test_api_lists_alarms(tmp_path: Path, start_daemon, client_for, api_token: str) -> None:
+    rules = SMTP_RULES.replace('["team@example.net"]', '["team@example.net", "second@example.net"]')
+    sink = await start_sink(handler=RecipientSinkHandler(rcpt_replies={"second@example.net": "550 5.1.1 no such user"}))
+    try:
+        config = http_config(tmp_path, rules=rules, sections={
+            "smarthost": {"host": "127.0.0.1", "port": sink.port, "starttls": False, "timeout": "10s"},
+        })
+        daemon = await start_daemon(config, clock=ManualClock(at("2025-11-17T10:00:00")))
+        client = client_for(daemon)
+        assert (await client.get("/v1/alarms")).json() == {"alarms": []}
+        await send(daemon.port, "alice@example.com", ["support@example.org"], message())
+        await wait_until(lambda: sink.to("duty-manager@example.org"), what="the rejected-address alarm")
+
+        response = await client.get("/v1/alarms", params={"limit": "5"})
+        bad = await client.get("/v1/alarms", params={"since": "1d"})
+    finally:
+        sink.server.close()
+        await sink.server.wait_closed()
+
+    assert response.status_code == 200
+    [alarm] = response.json()["alarms"]
+    assert alarm["at"] == "2025-11-17T10:00:00+00:00"
+    assert alarm["kind"] == "address"
+    assert alarm["about"] == "second@example.net"
+    assert alarm["detail"].startswith("second@example.net rejected 1 message(s) of team support from ")
+    assert bad.status_code == 400
+    assert bad.json() == {"error": "unknown query parameter 'since'; use limit"}
