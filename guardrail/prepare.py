@@ -7,6 +7,7 @@ message opens a conversation. The store applies them only in that case.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -259,12 +260,24 @@ def staff_sender(envelope: Envelope, summary: Summary, rules: RuleSet, site: Sit
     if not rules.staff_authserv_id:
         return True, from_inbox, ""
     domains, problem = verified_domains(summary.undecoded_header("authentication-results"), rules.staff_authserv_id)
+    if rules.staff_authserv_peers and not peer_in(envelope.peer, rules.staff_authserv_peers):
+        domains, problem = frozenset(), f"sent from {envelope.peer or 'an unknown client'}, not from [staff] authserv_peers"
     if any(is_verified(address, domains) for address in claims):
         return True, from_inbox, ""
     if problem:
         return False, False, f"{claims[0]} not verified: {problem}"
     passed = ", ".join(sorted(domains)) if domains else "none"
     return False, False, f"{rules.staff_authserv_id} did not verify the domain of {claims[0]} (verified: {passed})"
+
+
+def peer_in(peer: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    """Return True when the SMTP client address in `peer` ("[192.0.2.1]:4000") is in one of `networks`."""
+    host = peer.rpartition("]")[0].lstrip("[") if peer.startswith("[") else peer.rpartition(":")[0]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
 
 
 def _member_of(rules: RuleSet, summary: Summary, envelope: Envelope) -> frozenset[str]:

@@ -8,6 +8,7 @@ with half a rule set.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -143,6 +144,8 @@ class RuleSet:
     # The authserv-id whose Authentication-Results header must verify a
     # staff sender's domain; empty when staff senders are taken at their word.
     staff_authserv_id: str = ""
+    # The networks whose SMTP clients' Authentication-Results headers are read; empty reads them from any client.
+    staff_authserv_peers: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     # Shadow routes with the number of live routes that precede them.
     shadow_routes: tuple[tuple[int, Route], ...] = ()
 
@@ -245,7 +248,7 @@ def load_rules(
             table.problem("language", f"template {template.name!r} has two {template.language!r} variants")
         templates[template.name][template.language] = template
 
-    fallback, horizon, staff_addresses, staff_domains, authserv_id = _load_settings(settings)
+    fallback, horizon, staff_addresses, staff_domains, authserv_id, authserv_peers = _load_settings(settings)
     teams = _by_name(entries["team"], lambda table: _load_team(table, base, calendars, templates, fallback), "team")
     unreadable = bool(errors)
     routes, shadow_routes = _load_routes(entries["route"], teams, errors, directory, check_default=not unreadable)
@@ -257,7 +260,7 @@ def load_rules(
     return RuleSet(
         teams, tuple(routes), tuple(files), digest.hexdigest(), needs_body,
         fallback=fallback, unstaffed_horizon=horizon,
-        staff_addresses=members | staff_addresses, staff_domains=staff_domains, staff_authserv_id=authserv_id,
+        staff_addresses=members | staff_addresses, staff_domains=staff_domains, staff_authserv_id=authserv_id, staff_authserv_peers=authserv_peers,
         shadow_routes=tuple(shadow_routes),
     )
 
@@ -275,9 +278,12 @@ def _by_name(tables: list[Table], load: Any, kind: str) -> dict[str, Any]:
     return loaded
 
 
-def _load_settings(tables: list[Table]) -> tuple[Human | None, timedelta, frozenset[str], frozenset[str], str]:
+def _load_settings(
+    tables: list[Table],
+) -> tuple[Human | None, timedelta, frozenset[str], frozenset[str], str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]:
     fallback: Human | None = None
     authserv_id = ""
+    peers: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     horizon = timedelta(days=14)
     addresses: set[str] = set()
     domains: set[str] = set()
@@ -302,8 +308,13 @@ def _load_settings(tables: list[Table]) -> tuple[Human | None, timedelta, frozen
                     staff.fail("authserv_id", value, "one word without spaces, such as the host name of the MTA in front")
                 elif value:
                     authserv_id = value
+            for index, text in enumerate(staff.strings("authserv_peers")):
+                try:
+                    peers.append(ipaddress.ip_network(text.strip(), strict=False))
+                except ValueError:
+                    staff.fail(f"authserv_peers[{index}]", text, "an IP address or network, such as '127.0.0.1' or '10.0.0.0/24'")
             staff.finish()
-    return fallback, horizon, frozenset(addresses), frozenset(domains), authserv_id
+    return fallback, horizon, frozenset(addresses), frozenset(domains), authserv_id, tuple(peers)
 
 
 def _entries(top: Table, name: str) -> list[Table]:

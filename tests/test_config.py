@@ -1046,3 +1046,11 @@ def test_second_default_route_names_both(tmp_path: Path) -> None:
         f"{rules_file}: route[2] (catch-all).default: a second default route;"
         f" 'default' in {rules_file} is the default already; keep exactly one",
     ]
+
+
+def test_invalid_authserv_peer(tmp_path: Path) -> None:
+    errors = rule_errors(tmp_path, TEAMS + ROUTES + '[staff]\nauthserv_id = "mx.example.org"\nauthserv_peers = ["127.0.0.1", "mx.example.org"]\n')
+    assert errors == [
+        f"{tmp_path / 'rules' / 'rules.toml'}: staff.authserv_peers[1]: invalid value 'mx.example.org';"
+        " expected an IP address or network, such as '127.0.0.1' or '10.0.0.0/24'",
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import sqlite3
 from datetime import UTC, datetime
@@ -32,7 +33,7 @@ from guardrail.conversations import (
 )
 from guardrail.daemon import load_ruleset
 from guardrail.plan import Submission, is_team_removed
-from guardrail.prepare import Envelope, Site, prepare_message
+from guardrail.prepare import Envelope, Site, peer_in, prepare_message
 from guardrail.store_admin import open_conversations_by_team
 
 NOW = datetime(2025, 11, 4, 9, 0, tzinfo=UTC)
@@ -262,6 +263,38 @@ def test_verified_staff_table(tmp_path: Path, from_header: str, mail_from: str, 
     assert submission.staff_unverified == reason
     written_as_inbox = "support@" in from_header
     assert submission.from_inbox is (staff and written_as_inbox)
+
+
+@pytest.mark.parametrize(
+    ("peer", "staff", "reason"),
+    [
+        ("[127.0.0.1]:40000", True, ""),
+        ("[10.1.2.3]:25", True, ""),
+        # A client that reached guardrail without passing the MTA could have written the header itself.
+        ("[192.0.2.7]:40000", False, "sam@example.org not verified: sent from [192.0.2.7]:40000, not from [staff] authserv_peers"),
+        ("", False, "sam@example.org not verified: sent from an unknown client, not from [staff] authserv_peers"),
+    ],
+)
+def test_verified_staff_peer_table(tmp_path: Path, peer: str, staff: bool, reason: str) -> None:
+    rules = VERIFIED_STAFF_RULES + 'authserv_peers = ["127.0.0.1", "10.0.0.0/8"]\n'
+    config = load_config(write_config(tmp_path, rules=rules))
+    envelope = Envelope("sam@example.org", ("support@example.org",), peer, "client")
+    verified = "Authentication-Results: mx.example.org; dmarc=pass header.from=example.org\r\n"
+    raw = message(sender="Sam Ortiz <sam@example.org>", extra_headers=verified)
+    submission = prepare_message(envelope, raw, load_ruleset(config), Site.from_config(config), NOW)
+
+    assert isinstance(submission, Submission)
+    assert submission.is_staff is staff
+    assert submission.staff_unverified == reason
+
+
+@pytest.mark.parametrize(
+    ("peer", "inside"),
+    [("[127.0.0.1]:4000", True), ("[::1]:4000", True), ("[10.0.0.9]:25", False), ("", False), ("garbage", False), ("[::ffff:zz]:1", False)],
+)
+def test_peer_in_table(peer: str, inside: bool) -> None:
+    networks = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    assert peer_in(peer, networks) is inside
 
 
 async def test_forged_staff_reply_does_not_answer(tmp_path: Path, start_daemon) -> None:
