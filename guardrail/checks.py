@@ -49,7 +49,7 @@ def check_rules(
     staffing_horizon: timedelta = timedelta(days=14),
 ) -> list[Finding]:
     """Return the warnings for `rules` at `now`."""
-    findings = [*shadowed_routes(rules), *slow_patterns(rules), *missing_languages(rules)]
+    findings = [*shadowed_routes(rules), *slow_patterns(rules), *missing_languages(rules), *staff_findings(rules)]
     for team in rules.teams.values():
         reason = unstaffed_reason(team, now, max(staffing_horizon, rules.unstaffed_horizon))
         if reason:
@@ -57,6 +57,18 @@ def check_rules(
             findings.append(Finding("warning", where, f"unstaffed: {reason}"))
     findings += inspection_findings(rules.digest, now, inspections, inspection_max_age)
     return findings
+
+
+def staff_findings(rules: RuleSet) -> list[Finding]:
+    """Return a warning when staff replies are verified by a header that any SMTP client may have written."""
+    if not rules.staff_authserv_id or rules.staff_authserv_peers:
+        return []
+    return [Finding(
+        "warning", "staff.authserv_id",
+        "set without authserv_peers, so the Authentication-Results header is read on mail from any client,"
+        " and one that connects to guardrail directly can write it; set authserv_peers to the addresses of the MTA"
+        f" that writes {rules.staff_authserv_id}",
+    )]
 
 
 def shadowed_routes(rules: RuleSet) -> list[Finding]:

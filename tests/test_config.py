@@ -1054,3 +1054,11 @@ def test_invalid_authserv_peer(tmp_path: Path) -> None:
         f"{tmp_path / 'rules' / 'rules.toml'}: staff.authserv_peers[1]: invalid value 'mx.example.org';"
         " expected an IP address or network, such as '127.0.0.1' or '10.0.0.0/24'",
     ]
+
+
+@pytest.mark.parametrize(("peers", "warned"), [("", True), ('authserv_peers = ["127.0.0.1"]\n', False)])
+def test_check_warns_of_authserv_id_without_peers(tmp_path: Path, capsys: pytest.CaptureFixture[str], peers: str, warned: bool) -> None:
+    config = write_config(tmp_path, rules=TEAMS + ROUTES + '[staff]\nauthserv_id = "mx.example.org"\n' + peers)
+    main(["check", "--config", str(config)])
+    warning = "warning: staff.authserv_id: set without authserv_peers, so the Authentication-Results header is read on mail from any client"
+    assert (warning in capsys.readouterr().err) is warned
