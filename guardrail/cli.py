@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("message", type=Path, metavar="FILE.eml", help="the message to route")
     route.add_argument("--rcpt", action="append", default=[], metavar="ADDRESS",
                        help="envelope recipient to assume (repeatable; default: the first inbox in the config)")
+    route.add_argument("--mail-from", metavar="ADDRESS",
+                       help="envelope sender to assume (default: the message's From address; '<>' for the null sender)")
     answer = sub.add_parser("answer", help="mark a conversation answered by hand, which stops its escalations")
     answer.add_argument("reference", type=_utf8_text, metavar="REF", help="the conversation reference, such as GR-7K3M9Q")
     answer.add_argument("--by", type=_name, default=os.environ.get("USER") or "operator", metavar="NAME",

@@ -20,6 +20,8 @@ from .config import Config, load_config
 from .errors import ConfigError, ConfigErrors, DatabaseFileError
 from .harness import Evaluator, RoutingStalled, run_case
 from .logs import terminal_safe
+from .message import summarize
+from .plan import Submission
 from .prepare import (
     Envelope,
     Site,
@@ -194,8 +196,12 @@ def route(arguments: argparse.Namespace) -> int:
         accepted = "an address of [smtp] inboxes or inbox_domains" if domains else "one of [smtp] inboxes"
         print(f"error: --rcpt {unknown[0]!r} is not an inbox in {arguments.config}; use {accepted}", file=sys.stderr)
         return EXIT_USAGE
+    if arguments.mail_from is None:
+        mail_from = summarize(raw, with_body=False).from_address
+    else:
+        mail_from = "" if arguments.mail_from.strip() in ("", "<>") else arguments.mail_from.strip()
     # The daemon's own decision, so that postmaster mail and loops are shown as they would be handled.
-    decision = prepare_message(Envelope("", rcpt_tos, "", ""), raw, rules, site, datetime.now(timezone.utc))
+    decision = prepare_message(Envelope(mail_from, rcpt_tos, "", ""), raw, rules, site, datetime.now(timezone.utc))
     if isinstance(decision, TooManyHops):
         print(f"rejected:    554 5.4.6, {decision.received_count} Received headers (max_received_headers is {site.max_received_headers})")
         return EXIT_OK
@@ -206,9 +212,28 @@ def route(arguments: argparse.Namespace) -> int:
     print(f"recipients:  {', '.join(rcpt_tos)}")
     if decision.postmaster_copy is not None and not decision.is_postmaster:
         print(f"postmaster:  a copy goes to {site.postmaster_owner}")
+    # The message's sender chose the text that reasons and signals quote.
     for reason in decision.route_reasons:
-        print(f"because:     {reason}")
+        print(f"because:     {terminal_safe(reason)}")
+    print(f"sender:      {terminal_safe(mail_from or '<>')}, {terminal_safe(_sender_kind(decision))}")
+    if decision.ack is not None:
+        print(f"ack:         from {decision.ack.from_address}, in {decision.ack.language}, if the message opens a conversation")
+    else:
+        print(f"ack:         none ({terminal_safe(decision.ack_signal or 'the team has no templates')})")
     return EXIT_OK
+
+
+def _sender_kind(decision: Submission) -> str:
+    """Return how the daemon takes the message's sender, for guardrail route."""
+    if decision.from_inbox:
+        return "written as a shared inbox"
+    if decision.is_staff:
+        return "staff"
+    if decision.staff_unverified:
+        return f"taken as a customer: {decision.staff_unverified}"
+    if decision.machine_signal:
+        return f"software ({decision.machine_signal})"
+    return "a customer"
 
 
 def answer(arguments: argparse.Namespace) -> int:

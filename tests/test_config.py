@@ -1062,3 +1062,28 @@ def test_check_warns_of_authserv_id_without_peers(tmp_path: Path, capsys: pytest
     main(["check", "--config", str(config)])
     warning = "warning: staff.authserv_id: set without authserv_peers, so the Authentication-Results header is read on mail from any client"
     assert (warning in capsys.readouterr().err) is warned
+
+
+@pytest.mark.parametrize(
+    ("arguments", "lines"),
+    [
+        ([], ["sender:      ceo@example.com, a customer", "ack:         from support@example.com, in en, if the message opens a conversation"]),
+        (["--mail-from", "<>"], ["sender:      <>, software (null envelope sender)", "ack:         none (null envelope sender)"]),
+        (["--mail-from", "root"], ["sender:      root, a customer", "ack:         none (envelope sender has no domain)"]),
+    ],
+)
+def test_route_command_shows_sender_and_ack(capsys: pytest.CaptureFixture[str], arguments: list[str], lines: list[str]) -> None:
+    message = DATA / "routing" / "m3-real-vip-mixed-case.eml"
+    assert main(["route", "--config", str(ROOT / "config.example.toml"), str(message), *arguments]) == 0
+    output = capsys.readouterr().out.splitlines()
+    assert [line for line in output if line.startswith(("sender:", "ack:"))] == lines
+
+
+def test_route_command_shows_staff(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    staff = tmp_path / "staff.eml"
+    staff.write_bytes(b"From: Sam Ortiz <sam@example.org>\r\nSubject: Re: Printer\r\n\r\nFixed.\r\n")
+    assert main(["route", "--config", str(config), str(staff)]) == 0
+    output = capsys.readouterr().out.splitlines()
+    assert "sender:      sam@example.org, staff" in output
+    assert "ack:         none (sender is a team member)" in output
