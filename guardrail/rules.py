@@ -287,6 +287,7 @@ def _load_settings(
     horizon = timedelta(days=14)
     addresses: set[str] = set()
     domains: set[str] = set()
+    peers_table: Table | None = None
     for top in tables:
         if top.has("escalation"):
             escalation = top.table("escalation")
@@ -308,12 +309,16 @@ def _load_settings(
                     staff.fail("authserv_id", value, "one word without spaces, such as the host name of the MTA in front")
                 elif value:
                     authserv_id = value
+            if staff.has("authserv_peers"):
+                peers_table = staff
             for index, text in enumerate(staff.strings("authserv_peers")):
                 try:
                     peers.append(ipaddress.ip_network(text.strip(), strict=False))
                 except ValueError:
                     staff.fail(f"authserv_peers[{index}]", text, "an IP address or network, such as '127.0.0.1' or '10.0.0.0/24'")
             staff.finish()
+    if peers_table is not None and not authserv_id:
+        peers_table.problem("authserv_peers", "reads the header that authserv_id names, so set authserv_id too, or remove this key")
     return fallback, horizon, frozenset(addresses), frozenset(domains), authserv_id, tuple(peers)
 
 

@@ -1087,3 +1087,11 @@ def test_route_command_shows_staff(tmp_path: Path, capsys: pytest.CaptureFixture
     output = capsys.readouterr().out.splitlines()
     assert "sender:      sam@example.org, staff" in output
     assert "ack:         none (sender is a team member)" in output
+
+
+def test_authserv_peers_need_authserv_id(tmp_path: Path) -> None:
+    errors = rule_errors(tmp_path, TEAMS + ROUTES + '[staff]\nauthserv_peers = ["127.0.0.1"]\n')
+    assert errors == [
+        f"{tmp_path / 'rules' / 'rules.toml'}: staff.authserv_peers:"
+        " reads the header that authserv_id names, so set authserv_id too, or remove this key",
+    ]
