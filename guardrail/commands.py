@@ -430,6 +430,12 @@ def status(arguments: argparse.Namespace) -> int:
         median = statistics.median(durations[route_name]) if durations.get(route_name) else None
         shown = f"{median / 3600:.1f}h" if median is not None else "-"
         print(f"  {route_name:20} {received:6} {answered or 0:6} {shown:>8}")
+    pending, oldest = figures["outbox_pending"]
+    if pending:
+        print(f"outbox: {pending} pending, the oldest queued {_shown_instant(oldest)}")
+    if figures["outbox_failed"]:
+        failed = ", ".join(f"{kind} {count}" for kind, count in figures["outbox_failed"])
+        print(f"outbox rows that failed in the last {store_admin.ALARMS_SHOWN_FOR.days} days: {failed}")
     if figures["alarms"]:
         print(f"alarms in the last {store_admin.ALARMS_SHOWN_FOR.days} days (newest first):")
     for at, subject, detail in figures["alarms"]:

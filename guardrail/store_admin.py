@@ -303,8 +303,15 @@ def status_rows(path: Path, now: datetime, *, busy_timeout: timedelta = BUSY_TIM
             "SELECT route, opened_at, answered_at FROM conversations WHERE answered_at IS NOT NULL"
         ).fetchall()
         alarms = _recent_alarms(connection, format_instant(now - ALARMS_SHOWN_FOR))
+        pending = connection.execute("SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state = 'pending'").fetchone()
+        failed = connection.execute(
+            "SELECT kind, COUNT(*) FROM outbox WHERE state = 'failed' AND done_at > ? GROUP BY kind ORDER BY kind",
+            (format_instant(now - ALARMS_SHOWN_FOR),),
+        ).fetchall()
     return {
         "alarms": alarms,
+        "outbox_pending": pending,
+        "outbox_failed": failed,
         "open_by_team": open_by_team,
         "no_reply_by_team": no_reply_by_team,
         "next_deadlines": next_deadlines,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import email
 import json
+import re
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
@@ -404,3 +405,26 @@ async def test_status_without_alarm_tables(tmp_path: Path, start_daemon, capsys:
     output = capsys.readouterr().out
     assert output.startswith("open conversations by team (overdue):\n")
     assert "alarms" not in output
+
+
+async def test_status_shows_outbox_problems(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    sink = await start_sink()
+    sink.handler.reply = "550 5.1.1 no such user"
+    try:
+        daemon = await start_daemon(outage_config(tmp_path, sink.port), ManualClock(datetime.now(timezone.utc)))
+        await send(daemon.port, "alice@example.com", ["support@example.org"], message())
+        await wait_for_row(daemon, "failed", 1)
+        # Then the smarthost goes away, and the next message waits.
+        await close_sink(sink)
+        await send(daemon.port, "bob@example.com", ["support@example.org"], message(message_id="<m2@example.com>"))
+        await wait_for_row(daemon, "pending", 1, row=1)
+    finally:
+        await close_sink(sink)
+    capsys.readouterr()
+
+    assert await asyncio.to_thread(main, ["status", "--config", str(daemon.config.path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    [pending] = [line for line in lines if line.startswith("outbox: ")]
+    assert re.fullmatch(r"outbox: [1-9]\d* pending, the oldest queued \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", pending)
+    [failed] = [line for line in lines if line.startswith("outbox rows that failed")]
+    assert failed.startswith("outbox rows that failed in the last 7 days: deliver 1")
