@@ -233,8 +233,10 @@ class Transport:
             # Retrying the ones rejected for good would only repeat their rejection until give_up_after.
             deferred = tuple(r.recipient for r in error.recipients if r.code < 500)
             rejected = tuple(r.recipient for r in error.recipients if r.code >= 500)
+            replies = {r.recipient: f"{r.code} {r.message}" for r in error.recipients}
             raise PartialDeliveryError(
-                f"smarthost deferred some recipients and rejected the others for good: {message}", deferred, rejected
+                f"smarthost deferred some recipients and rejected the others for good: {message}", deferred, rejected,
+                replies=replies,
             ) from error
         except aiosmtplib.SMTPAuthenticationError as error:
             # A credentials problem is ours to fix, not the destination's: keep the mail queued.

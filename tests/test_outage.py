@@ -274,6 +274,8 @@ async def test_mixed_refusals_retry_deferred_only(tmp_path: Path, start_daemon) 
         assert others == [["duty-manager@example.org"]]
         alarm = email.message_from_bytes(sink.to("duty-manager@example.org")[0].content)
         assert alarm["Subject"] == "Address team@example.net rejects team support's mail"
+        # Its own reply, not the other recipient's deferral.
+        assert "Its last reply: 550 5.1.1 no such user\r\n" in alarm.get_payload(decode=True).decode()
 
         del handler.rcpt_replies["second@example.net"]
         await clock.set(deferred.next_attempt_at + timedelta(seconds=1))
