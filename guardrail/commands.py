@@ -199,7 +199,10 @@ def route(arguments: argparse.Namespace) -> int:
     if arguments.mail_from is None:
         mail_from = summarize(raw, with_body=False).from_address
     else:
-        mail_from = "" if arguments.mail_from.strip() in ("", "<>") else arguments.mail_from.strip()
+        mail_from = arguments.mail_from.strip()
+        # Written as in MAIL FROM. The daemon gets the address without its brackets, and "<>" as empty.
+        if mail_from.startswith("<") and mail_from.endswith(">"):
+            mail_from = mail_from[1:-1].strip()
     # The daemon's own decision, so that postmaster mail and loops are shown as they would be handled.
     decision = prepare_message(Envelope(mail_from, rcpt_tos, "", ""), raw, rules, site, datetime.now(timezone.utc))
     if isinstance(decision, TooManyHops):

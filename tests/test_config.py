@@ -1070,6 +1070,11 @@ def test_check_warns_of_authserv_id_without_peers(tmp_path: Path, capsys: pytest
         ([], ["sender:      ceo@example.com, a customer", "ack:         from support@example.com, in en, if the message opens a conversation"]),
         (["--mail-from", "<>"], ["sender:      <>, software (null envelope sender)", "ack:         none (null envelope sender)"]),
         (["--mail-from", "root"], ["sender:      root, a customer", "ack:         none (envelope sender has no domain)"]),
+        # As written in MAIL FROM, which the daemon gets without the brackets.
+        (["--mail-from", "<ceo@example.com>"], [
+            "sender:      ceo@example.com, a customer",
+            "ack:         from support@example.com, in en, if the message opens a conversation",
+        ]),
     ],
 )
 def test_route_command_shows_sender_and_ack(capsys: pytest.CaptureFixture[str], arguments: list[str], lines: list[str]) -> None:
@@ -1087,6 +1092,14 @@ def test_route_command_shows_staff(tmp_path: Path, capsys: pytest.CaptureFixture
     output = capsys.readouterr().out.splitlines()
     assert "sender:      sam@example.org, staff" in output
     assert "ack:         none (sender is a team member)" in output
+
+
+def test_route_command_takes_mail_from_in_brackets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    staff = tmp_path / "customer.eml"
+    staff.write_bytes(b"From: Ann <ann@example.com>\r\nSubject: Re: Printer\r\n\r\nFixed.\r\n")
+    assert main(["route", "--config", str(config), str(staff), "--mail-from", "<sam@example.org>"]) == 0
+    assert "sender:      sam@example.org, staff" in capsys.readouterr().out.splitlines()
 
 
 def test_authserv_peers_need_authserv_id(tmp_path: Path) -> None:
