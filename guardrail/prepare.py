@@ -183,7 +183,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     deadline = add_business_time(now, first_response, team.calendar)
     ack = None
     if ack_signal is None and team.templates:
-        ack = _ack_request(envelope, raw, summary, team, site, deadline, reply_inbox(envelope, match.route, site))
+        ack = _ack_request(envelope, raw, summary, team, site, deadline, reply_inbox(envelope, facts, match.route, site))
     return Submission(
         **common, route=match.route.name, team=team.name, destination=team.destination,
         route_reasons=match.reasons, team_members=team.member_addresses,
@@ -295,18 +295,18 @@ def _first_escalation(team: Team, rules: RuleSet, deadline: datetime | None) -> 
     return None if deadline is None else next_escalation(team, rules, deadline, 0)
 
 
-def reply_inbox(envelope: Envelope, route: Route, site: Site) -> str:
+def reply_inbox(envelope: Envelope, facts: Facts, route: Route, site: Site) -> str:
     """Return the inbox that the acknowledgement comes from.
 
     Of several recipient inboxes, it is the first that a recipient condition
-    of the winning `route` names: a message to support@ and billing@ that a
-    route on billing@ sends to the billing team is acknowledged from
-    billing@. Otherwise it is the first recipient inbox, and without one,
-    the first recipient.
+    of the winning `route` names, where that condition is true for `facts`: a
+    message to support@ and billing@ that a route on billing@ sends to the
+    billing team is acknowledged from billing@. Otherwise it is the first
+    recipient inbox, and without one, the first recipient.
     """
     inboxes = tuple(address for address in envelope.rcpt_tos if is_inbox(address, site))
     if len(inboxes) > 1:
-        named = matched_recipients(route, inboxes)
+        named = [address for address in matched_recipients(route, facts) if address in inboxes]
         if named:
             return named[0]
     return inboxes[0] if inboxes else envelope.rcpt_tos[0]

@@ -8,7 +8,6 @@ names); address and domain patterns must match the whole value.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .message import Summary
@@ -114,21 +113,44 @@ def _evaluate(condition: Condition, facts: Facts) -> str | None:
     return None
 
 
-def matched_recipients(route: Route, rcpt_tos: tuple[str, ...]) -> tuple[str, ...]:
-    """Return those of `rcpt_tos` that one of the route's recipient conditions matches, in envelope order.
+def matched_recipients(route: Route, facts: Facts) -> tuple[str, ...]:
+    """Return the recipients that a true recipient condition of `route` matches, in envelope order.
 
-    Conditions under `not` are left out: they name recipients the route is not for.
+    `route` is the one that `facts` matched. A recipient condition counts
+    only when the combination around it is true: beside a false condition
+    in an `all`, it did not take the message. Conditions under `not` are
+    left out, because they name recipients the route is not for.
     """
-    conditions = list(_recipient_conditions(route.all + route.any))
-    return tuple(address for address in rcpt_tos if any(_matched_text(condition, address) is not None for condition in conditions))
+    named: set[str] = set()
+    # Every condition of the route's `all` is true, since the route matched.
+    for condition in route.all:
+        named |= _held_recipients(condition, facts, known_true=True)
+    for condition in route.any:
+        named |= _held_recipients(condition, facts, known_true=False)
+    return tuple(address for address in facts.rcpt_tos if address in named)
 
 
-def _recipient_conditions(conditions: tuple[Condition, ...]) -> Iterator[Condition]:
-    for condition in conditions:
-        if condition.field in ("all", "any"):
-            yield from _recipient_conditions(condition.children)
-        elif condition.field == "rcpt":
-            yield condition
+def _held_recipients(condition: Condition, facts: Facts, *, known_true: bool) -> set[str]:
+    """Return the recipients that the recipient conditions in `condition` match, in the parts of it that are true.
+
+    `known_true` is True when `condition` is known to be true, which spares evaluating it again.
+    """
+    if condition.field == "rcpt":
+        return {address for address in facts.rcpt_tos if _matched_text(condition, address) is not None}
+    if condition.field not in ("all", "any") or not _names_recipients(condition):
+        return set()
+    if condition.field == "any":
+        return set().union(*(_held_recipients(child, facts, known_true=False) for child in condition.children))
+    # Only an `all` with a recipient condition in it is evaluated again, and only when not known to be true.
+    if not known_true and _evaluate(condition, facts) is None:
+        return set()
+    return set().union(*(_held_recipients(child, facts, known_true=True) for child in condition.children))
+
+
+def _names_recipients(condition: Condition) -> bool:
+    if condition.field in ("all", "any"):
+        return any(_names_recipients(child) for child in condition.children)
+    return condition.field == "rcpt"
 
 
 def _field_values(condition: Condition, facts: Facts) -> tuple[str, ...]:

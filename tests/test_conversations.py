@@ -208,6 +208,39 @@ def test_acknowledgement_inbox_table(tmp_path: Path, rcpt_tos: tuple[str, ...], 
     assert submission.ack.from_address == from_address
 
 
+NESTED_RECIPIENT_ROUTES = TEAMS + """
+[[route]]
+name = "billing"
+team = "billing"
+any = [{ all = [{ rcpt.is = "support@example.org" }, { subject.contains = "invoice" }] }, { rcpt.is = "billing@example.org" }]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+"""
+
+
+@pytest.mark.parametrize(
+    ("subject", "from_address"),
+    [
+        ("My invoice", "support@example.org"),
+        # support@ takes the message to billing only with an invoice in the subject; here billing@ took it.
+        ("Printer", "billing@example.org"),
+    ],
+)
+def test_acknowledgement_inbox_of_a_nested_condition(tmp_path: Path, subject: str, from_address: str) -> None:
+    config = load_config(write_config(tmp_path, rules=NESTED_RECIPIENT_ROUTES))
+    envelope = Envelope("carl@customer.example", ("support@example.org", "billing@example.org"), "[127.0.0.1]:40000", "client")
+    raw = message(sender="Carl Customer <carl@customer.example>", subject=subject)
+    submission = prepare_message(envelope, raw, load_ruleset(config), Site.from_config(config), NOW)
+
+    assert isinstance(submission, Submission)
+    assert submission.team == "billing"
+    assert submission.ack is not None
+    assert submission.ack.from_address == from_address
+
+
 # Staff and inbox senders count only when the MTA in front verified their domain.
 VERIFIED_STAFF_RULES = TEAMS + ROUTES + """
 [staff]

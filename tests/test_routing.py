@@ -130,19 +130,24 @@ default = true
 
 
 @pytest.mark.parametrize(
-    ("route_name", "rcpt_tos", "expected"),
+    ("route_name", "rcpt_tos", "subject", "expected"),
     [
-        ("by-recipient", ("support@example.org", "billing@example.org"), ("billing@example.org",)),
+        ("by-recipient", ("support@example.org", "billing@example.org"), "x", ("billing@example.org",)),
         # Nested conditions count, in envelope order; a recipient under `not` does not.
-        ("by-recipient", ("invoices@example.org", "billing@example.org"), ("invoices@example.org", "billing@example.org")),
-        ("by-recipient", ("support@example.org",), ()),
-        ("default", ("support@example.org", "billing@example.org"), ()),
+        ("by-recipient", ("invoices@example.org", "billing@example.org"), "x", ("invoices@example.org", "billing@example.org")),
+        # A recipient condition beside a false one in an `all` did not take the message.
+        ("by-recipient", ("invoices@example.org", "billing@example.org"), "y", ("billing@example.org",)),
+        ("by-recipient", ("support@example.org",), "x", ()),
+        ("default", ("support@example.org", "billing@example.org"), "x", ()),
     ],
 )
-def test_matched_recipients_table(tmp_path: Path, route_name: str, rcpt_tos: tuple[str, ...], expected: tuple[str, ...]) -> None:
+def test_matched_recipients_table(
+    tmp_path: Path, route_name: str, rcpt_tos: tuple[str, ...], subject: str, expected: tuple[str, ...],
+) -> None:
     rules = load_rules(rules_folder(tmp_path, RECIPIENT_RULES), tmp_path)
     route: Route = next(route for route in rules.routes if route.name == route_name)
-    assert matched_recipients(route, rcpt_tos) == expected
+    summary = summarize(message(subject=subject), with_body=False)
+    assert matched_recipients(route, Facts(rcpt_tos, summary)) == expected
 
 
 def test_default_route_is_tried_last(tmp_path: Path) -> None:
