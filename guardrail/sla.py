@@ -240,9 +240,11 @@ class RejectionWatch:
         rules = self._rules()
         pending = set(self._pending)
         alarmed_before: dict[str, str] = {}
+        checked: set[str] = set()
 
         def planner(figures: list[RejectedFigures], alarmed: dict[str, str]) -> list[AddressAlarm]:
             alarmed_before.update(alarmed)
+            checked.update(figure.address for figure in figures)
             return find_rejected_addresses(figures, rules, now, self._sender, set(alarmed))
 
         alarms = await self._store.raise_rejection_alarms(now, self._period, planner)
@@ -253,6 +255,12 @@ class RejectionWatch:
             self._alarmed_at[alarm.address] = now
             log.warning("rejected_address_alarm", address=alarm.address, to=alarm.owner.address, detail=alarm.detail)
             self._metrics.alarms.labels("address").inc()
+        # An address with nobody to tell is logged once a period, and checked
+        # no sooner, as if it had its alarm.
+        for address in sorted(checked - {alarm.address for alarm in alarms} - set(alarmed_before)):
+            if address not in self._alarmed_at or self._alarmed_at[address] <= now - self._period:
+                self._alarmed_at[address] = now
+                log.error("rejected_address_unowned", address=address, detail="no route owner, escalation contact or fallback human to tell")
         if alarms:
             self._on_queued()
         return alarms

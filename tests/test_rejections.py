@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, SHARED_RULES
+from structlog.testing import capture_logs
 
 from guardrail.clock import ManualClock, format_instant, parse_instant
 from guardrail.escalation import Sender
@@ -124,13 +125,14 @@ def test_long_reply_is_shortened_to_one_line(rules: RuleSet) -> None:
 class CountingStore:
     """A store whose rejections name one address, again and again; it counts the checks it is asked for."""
 
-    def __init__(self) -> None:
+    def __init__(self, figure: RejectedFigures | None = None) -> None:
         self.checks = 0
         self.alarmed: dict[str, str] = {}
+        self.figure = figure or figures()
 
     async def raise_rejection_alarms(self, now: datetime, period: timedelta, planner: Callable[..., list[Any]]) -> list[Any]:
         self.checks += 1
-        alarms = planner([figures()], {address: at for address, at in self.alarmed.items() if parse_instant(at) > now - period})
+        alarms = planner([self.figure], {address: at for address, at in self.alarmed.items() if parse_instant(at) > now - period})
         for alarm in alarms:
             self.alarmed[alarm.address] = format_instant(now)
         return alarms
@@ -200,3 +202,42 @@ default = true
     assert rules.fallback is None
     [alarm] = find_rejected_addresses([figures()], rules, NOW, SENDER, set())
     assert alarm.owner.address == "lee@example.org"
+
+
+async def test_watch_logs_an_address_nobody_owns_once(tmp_path: Path) -> None:
+    # A rejection outside any team, such as of a postmaster copy, with no fallback human: nobody can be mailed.
+    folder = tmp_path / "rules"
+    folder.mkdir()
+    (folder / "teams.toml").write_text((ROOT / "rules" / "30-acknowledgements.toml").read_text() + """
+[[team]]
+name = "support"
+destination = { smtp = ["team@example.net", "second@example.net"] }
+members = [{ name = "Ann", address = "ann@example.org" }]
+escalation = [{ after = "1h", name = "Lee Lead", address = "lee@example.org" }]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+""")
+    rules = load_rules(folder, tmp_path)
+    assert rules.fallback is None
+    store = CountingStore(figures(team="", route=""))
+    clock = ManualClock(NOW)
+    watch = RejectionWatch(store, clock, lambda: rules, SENDER)  # type: ignore[arg-type]
+    with capture_logs() as logs:
+        task = asyncio.create_task(watch.run())
+        try:
+            for _ in range(20):
+                await asyncio.sleep(0)
+            for _ in range(3):
+                watch.rejected(("second@example.net",))
+                for _ in range(20):
+                    await asyncio.sleep(0)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert store.alarmed == {}
+    assert store.checks == 1
+    assert [entry["address"] for entry in logs if entry["event"] == "rejected_address_unowned"] == ["second@example.net"]
