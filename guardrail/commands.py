@@ -219,6 +219,8 @@ def route(arguments: argparse.Namespace) -> int:
     for reason in decision.route_reasons:
         print(f"because:     {terminal_safe(reason)}")
     print(f"sender:      {terminal_safe(mail_from or '<>')}, {terminal_safe(_sender_kind(decision))}")
+    if arguments.mail_from is None and not mail_from:
+        print("note:        the message has no From address, so the null sender is assumed; give --mail-from to choose one")
     if decision.ack is not None:
         print(f"ack:         from {decision.ack.from_address}, in {decision.ack.language}, if the message opens a conversation")
     else:
@@ -228,6 +230,8 @@ def route(arguments: argparse.Namespace) -> int:
 
 def _sender_kind(decision: Submission) -> str:
     """Return how the daemon takes the message's sender, for guardrail route."""
+    if decision.is_postmaster:
+        return "not checked (mail to postmaster)"
     if decision.from_inbox:
         return "written as a shared inbox"
     if decision.is_staff:

@@ -1018,6 +1018,7 @@ def test_authserv_id_is_lower_case(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("smtp_listen", "http_listen"), [
     ("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("::1", "::"), ("::", "::1"), ("0.0.0.0", "0.0.0.0"),
+    ("::1", "0:0:0:0:0:0:0:1"),
 ])
 def test_http_port_clashes_with_smtp(tmp_path: Path, smtp_listen: str, http_listen: str) -> None:
     config = write_config(
@@ -1108,3 +1109,16 @@ def test_authserv_peers_need_authserv_id(tmp_path: Path) -> None:
         f"{tmp_path / 'rules' / 'rules.toml'}: staff.authserv_peers:"
         " reads the header that authserv_id names, so set authserv_id too, or remove this key",
     ]
+
+
+def test_route_command_without_from_or_for_postmaster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    nameless = tmp_path / "nameless.eml"
+    nameless.write_bytes(b"Subject: Who wrote this\r\n\r\nHello\r\n")
+    assert main(["route", "--config", str(ROOT / "config.example.toml"), str(nameless)]) == 0
+    output = capsys.readouterr().out.splitlines()
+    assert "note:        the message has no From address, so the null sender is assumed; give --mail-from to choose one" in output
+
+    message = DATA / "routing" / "m3-real-vip-mixed-case.eml"
+    assert main(["route", "--config", str(ROOT / "config.example.toml"), str(message), "--rcpt", "postmaster@example.com"]) == 0
+    output = capsys.readouterr().out.splitlines()
+    assert "sender:      ceo@example.com, not checked (mail to postmaster)" in output
