@@ -285,12 +285,21 @@ def load_config(path: Path | str, *, require_secrets: bool = True) -> Config:
     return replace(config, unset_variables=tuple(unset))
 
 
+def _normalised(address: str) -> str:
+    """Return an IP literal in its shortest form, so that two spellings compare equal; a host name as it is."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address
+
+
 def _same_address(first: str, second: str) -> bool:
     """Return True when listeners on `first` and `second`, with one port, would take the same address.
 
     "0.0.0.0" takes every IPv4 address and "::" every IPv6 one. asyncio
     binds "::" to IPv6 alone (IPV6_V6ONLY). A host name is compared as written.
     """
+    first, second = _normalised(first), _normalised(second)
     if first == second:
         return True
     for wildcard, ipv6 in (("0.0.0.0", False), ("::", True)):

@@ -277,6 +277,9 @@ def peer_in(peer: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Net
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # A dual-stack listener reports an IPv4 client as ::ffff:a.b.c.d.
+        address = address.ipv4_mapped
     return any(address in network for network in networks)
 
 

@@ -323,7 +323,12 @@ def test_verified_staff_peer_table(tmp_path: Path, peer: str, staff: bool, reaso
 
 @pytest.mark.parametrize(
     ("peer", "inside"),
-    [("[127.0.0.1]:4000", True), ("[::1]:4000", True), ("[10.0.0.9]:25", False), ("", False), ("garbage", False), ("[::ffff:zz]:1", False)],
+    [
+        ("[127.0.0.1]:4000", True), ("[::1]:4000", True), ("[10.0.0.9]:25", False), ("", False), ("garbage", False),
+        ("[::ffff:zz]:1", False),
+        # An IPv4 client as a dual-stack listener reports it.
+        ("[::ffff:127.0.0.1]:4000", True), ("[::ffff:10.0.0.9]:4000", False),
+    ],
 )
 def test_peer_in_table(peer: str, inside: bool) -> None:
     networks = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
