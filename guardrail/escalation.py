@@ -259,15 +259,30 @@ def escalation_mail(conversation: DueConversation, human: Human, subject: str, t
         f"or run: {sender.answer_command} {conversation.reference}",
         "",
     ])
+    return notice_mail(
+        sender, human, one_line(subject), body, now, ("escalation", conversation.reference),
+        extra_headers=[("X-Guardrail-Conversation", conversation.reference)],
+    )
+
+
+def notice_mail(
+    sender: Sender, human: Human, subject: str, body: str, now: datetime, message_id: tuple[str, str],
+    *, extra_headers: list[tuple[str, str]] | None = None,
+) -> bytes:
+    """Build a mail that guardrail writes to `human`, marked automatic and with our loop header.
+
+    `message_id` is the kind and the reference that the Message-ID names.
+    """
+    kind, reference = message_id
     headers = [
         ("From", f"guardrail <{sender.from_address}>"),
         ("To", human.formatted()),
-        ("Subject", one_line(subject)),
+        ("Subject", subject),
         ("Date", format_datetime(now)),
-        ("Message-ID", new_message_id("escalation", conversation.reference, sender.hostname)),
+        ("Message-ID", new_message_id(kind, reference, sender.hostname)),
         ("Auto-Submitted", "auto-generated"),
         (LOOP_HEADER, sender.hostname),
-        ("X-Guardrail-Conversation", conversation.reference),
+        *(extra_headers or []),
     ]
     return build_text_message(headers, body)
 

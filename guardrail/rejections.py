@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from email.utils import format_datetime
 
-from .acknowledgement import build_text_message, new_message_id, one_line, shortened
-from .escalation import Sender
-from .loops import LOOP_HEADER
+from .acknowledgement import one_line, shortened
+from .escalation import Sender, notice_mail
 from .rules import RuleSet
 from .rules_sla import Human
 
@@ -82,11 +80,11 @@ def _where(figures: RejectedFigures, rules: RuleSet) -> str:
 def _alarm_mail(figures: RejectedFigures, owner: Human, where: str, now: datetime, sender: Sender) -> bytes:
     reply = shortened(one_line(figures.reply), QUOTED_REPLY)
     # A postmaster copy belongs to no conversation, so it has no team.
-    whose = f"team {figures.team}'s mail" if figures.team else "mail"
+    rejected_mail = f"team {figures.team}'s mail" if figures.team else "mail"
     body = "\n".join([
         f"Hello {owner.name},",
         "",
-        f"The mail server rejected {whose} for {figures.address}.",
+        f"The mail server rejected {rejected_mail} for {figures.address}.",
         f"Its last reply: {reply}",
         "",
         f"Messages rejected: {figures.count}, from {figures.first.isoformat()} to {figures.last.isoformat()}",
@@ -97,13 +95,5 @@ def _alarm_mail(figures: RejectedFigures, owner: Human, where: str, now: datetim
         f"Correct or remove the address in {where}, then run guardrail check.",
         "",
     ])
-    headers = [
-        ("From", f"guardrail <{sender.from_address}>"),
-        ("To", owner.formatted()),
-        ("Subject", f"Address {figures.address} rejects {whose}"),
-        ("Date", format_datetime(now)),
-        ("Message-ID", new_message_id("rejected", figures.team.replace(" ", "-") or "mail", sender.hostname)),
-        ("Auto-Submitted", "auto-generated"),
-        (LOOP_HEADER, sender.hostname),
-    ]
-    return build_text_message(headers, body)
+    subject = f"Address {figures.address} rejects {rejected_mail}"
+    return notice_mail(sender, owner, subject, body, now, ("rejected", figures.team.replace(" ", "-") or "mail"))
