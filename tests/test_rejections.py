@@ -122,6 +122,12 @@ def test_long_reply_is_shortened_to_one_line(rules: RuleSet) -> None:
     assert "Bcc:" not in body
 
 
+async def settle() -> None:
+    """Let the watch's task run until it waits again: a bounded number of event-loop turns."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
 class CountingStore:
     """A store whose rejections name one address, again and again; it counts the checks it is asked for."""
 
@@ -143,11 +149,6 @@ async def test_watch_skips_checks_for_an_alarmed_address(rules: RuleSet) -> None
     clock = ManualClock(NOW)
     watch = RejectionWatch(store, clock, lambda: rules, SENDER)  # type: ignore[arg-type]
     task = asyncio.create_task(watch.run())
-
-    async def settle() -> None:
-        for _ in range(20):
-            await asyncio.sleep(0)
-
     try:
         await settle()
         assert store.checks == 1
@@ -182,8 +183,8 @@ def test_alarm_without_team(rules: RuleSet) -> None:
     assert "team" not in alarm.detail
 
 
-def test_alarm_without_fallback_goes_to_chain(tmp_path: Path) -> None:
-    # Without a fallback human, the first person of the team's escalation chain is told.
+def rules_without_fallback(tmp_path: Path) -> RuleSet:
+    """Load one team whose chain starts with a webhook and ends with Lee Lead, and no fallback human."""
     folder = tmp_path / "rules"
     folder.mkdir()
     (folder / "teams.toml").write_text((ROOT / "rules" / "30-acknowledgements.toml").read_text() + """
@@ -200,40 +201,29 @@ default = true
 """)
     rules = load_rules(folder, tmp_path)
     assert rules.fallback is None
+    return rules
+
+
+def test_alarm_without_fallback_goes_to_chain(tmp_path: Path) -> None:
+    # Without a fallback human, the first person of the team's escalation chain gets the alarm.
+    rules = rules_without_fallback(tmp_path)
     [alarm] = find_rejected_addresses([figures()], rules, NOW, SENDER, set())
     assert alarm.owner.address == "lee@example.org"
 
 
-async def test_watch_logs_an_address_nobody_owns_once(tmp_path: Path) -> None:
-    # A rejection outside any team, such as of a postmaster copy, with no fallback human: nobody can be mailed.
-    folder = tmp_path / "rules"
-    folder.mkdir()
-    (folder / "teams.toml").write_text((ROOT / "rules" / "30-acknowledgements.toml").read_text() + """
-[[team]]
-name = "support"
-destination = { smtp = ["team@example.net", "second@example.net"] }
-members = [{ name = "Ann", address = "ann@example.org" }]
-escalation = [{ after = "1h", name = "Lee Lead", address = "lee@example.org" }]
-
-[[route]]
-name = "default"
-team = "support"
-default = true
-""")
-    rules = load_rules(folder, tmp_path)
-    assert rules.fallback is None
+async def test_watch_logs_unowned_address_once(tmp_path: Path) -> None:
+    # A rejection outside any team, such as of a postmaster copy, with no fallback human has no one to mail.
+    rules = rules_without_fallback(tmp_path)
     store = CountingStore(figures(team="", route=""))
     clock = ManualClock(NOW)
     watch = RejectionWatch(store, clock, lambda: rules, SENDER)  # type: ignore[arg-type]
     with capture_logs() as logs:
         task = asyncio.create_task(watch.run())
         try:
-            for _ in range(20):
-                await asyncio.sleep(0)
+            await settle()
             for _ in range(3):
                 watch.rejected(("second@example.net",))
-                for _ in range(20):
-                    await asyncio.sleep(0)
+                await settle()
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
