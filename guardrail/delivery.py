@@ -497,7 +497,7 @@ class DeliveryWorker:
             )
         # Every recipient that can get the message has it, so the message does
         # not escalate. The store records each rejected address, and the
-        # rejected-address alarm tells the route's owner about it once a period.
+        # rejected-address alarm mails the route's owner about it once a period.
         self._metrics.delivery_failures.labels(row.kind, "yes").inc()
         log.error("delivery_failed", error=str(error), attempts=attempts, rejected=list(error.rejected))
         return AttemptResult(row.id, row.conversation_id, row.message_row, self._clock.now(), "done", attempts,

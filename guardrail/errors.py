@@ -79,7 +79,7 @@ class PartialDeliveryError(TemporaryDeliveryError):
     `deferred` are the recipients rejected with a 4xx reply, which are tried
     again. `rejected` are those rejected with a 5xx reply, which are not.
     `accepted` are those the smarthost took the message for. `replies`
-    holds the smarthost's reply to each recipient it did not take.
+    maps each recipient it did not take to its reply.
     """
 
     def __init__(

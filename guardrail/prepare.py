@@ -302,9 +302,9 @@ def reply_inbox(envelope: Envelope, facts: Facts, route: Route, site: Site) -> s
     """Return the inbox that the acknowledgement comes from.
 
     Of several recipient inboxes, it is the first that a recipient condition
-    of the winning `route` names, where that condition is true for `facts`: a
-    message to support@ and billing@ that a route on billing@ sends to the
-    billing team is acknowledged from billing@. Otherwise it is the first
+    of the winning `route` names, where that condition is true for `facts`.
+    So a message to support@ and billing@ that a route on billing@ sends to
+    the billing team is acknowledged from billing@. Otherwise it is the first
     recipient inbox, and without one, the first recipient.
     """
     inboxes = tuple(address for address in envelope.rcpt_tos if is_inbox(address, site))

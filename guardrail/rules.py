@@ -182,8 +182,8 @@ class RuleSet:
         """Return the recipient of an alarm about a route: its owner, else its team's escalation contact, else the fallback human.
 
         Without a fallback human, the first person in the team's escalation
-        chain is told. The route or team may be gone from the rules since the
-        alarm's data was stored.
+        chain gets the alarm. The route or team may be gone from the rules
+        since the alarm's data was stored.
         """
         route = next((route for route in self.routes if route.name == route_name), None)
         if route is not None and route.owner is not None:

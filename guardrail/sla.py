@@ -174,14 +174,14 @@ class ZombieWatch:
 
 
 class RejectionWatch:
-    """Raises the rejected-address alarms after each delivery in which an address was rejected for good.
+    """Loop that raises the rejected-address alarms after each delivery in which an address was rejected for good.
 
     It checks once at start, for rejections recorded before a restart, and
     then after `rejected` names addresses. A check that fails runs again at
     the next rejection, which a broken address soon causes. A check reads a
-    period of rejections on the writer thread, and a broken address of a
-    busy team is rejected in every delivery, so no check runs while each
-    address named since the last one has had its alarm within the period.
+    period of rejections on the writer thread. A broken address of a busy
+    team is rejected in every delivery, so no check runs while each address
+    named since the last check has had its alarm within the period.
     """
 
     def __init__(
@@ -255,8 +255,8 @@ class RejectionWatch:
             self._alarmed_at[alarm.address] = now
             log.warning("rejected_address_alarm", address=alarm.address, to=alarm.owner.address, detail=alarm.detail)
             self._metrics.alarms.labels("address").inc()
-        # An address with nobody to tell is logged once a period, and checked
-        # no sooner, as if it had its alarm.
+        # An address without an owner to mail is logged once a period, and
+        # checked no sooner, as if it had its alarm.
         for address in sorted(checked - {alarm.address for alarm in alarms} - set(alarmed_before)):
             if address not in self._alarmed_at or self._alarmed_at[address] <= now - self._period:
                 self._alarmed_at[address] = now

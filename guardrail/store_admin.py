@@ -21,7 +21,7 @@ from urllib.parse import quote
 from .checks import Inspection
 from .clock import format_instant, parse_instant
 from .errors import DatabaseFileError, DatabaseLockedError, StorageError
-from .store_batch import SCHEMA
+from .store_batch import SCHEMA, alarms_query
 
 # Tables that every version of the schema has, so a file without them was not made by guardrail.
 GUARDRAIL_TABLES = ("messages", "conversations")
@@ -263,15 +263,11 @@ def _recent_alarms(connection: sqlite3.Connection, since: str) -> list[tuple[str
     A database last opened by an older daemon may lack either table, which then adds no alarms.
     """
     tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    parts = []
-    if "alarms" in tables:
-        parts.append("SELECT at, 'route ' || route, detail FROM alarms WHERE at > ?1")
-    if "address_alarms" in tables:
-        parts.append("SELECT at, 'address ' || address, detail FROM address_alarms WHERE at > ?1")
-    if not parts:
+    sql = alarms_query(tables)
+    if sql is None:
         return []
-    sql = " UNION ALL ".join(parts) + f" ORDER BY 1 DESC LIMIT {ALARMS_SHOWN}"
-    return connection.execute(sql, (since,)).fetchall()
+    rows = connection.execute(sql, (since, ALARMS_SHOWN)).fetchall()
+    return [(at, f"{kind} {about}", detail) for at, kind, about, detail in rows]
 
 
 def status_rows(path: Path, now: datetime, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> dict[str, Any]:

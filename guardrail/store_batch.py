@@ -922,6 +922,22 @@ _PENDING_ESCALATIONS = (
     " AND (kind = 'webhook' OR (kind = 'mail' AND json_extract(target, '$.purpose') = 'escalation'))"
 )
 
+# Each alarm table as (time, kind, what it is about, detail) rows raised after ?1.
+_ALARM_SOURCES = {
+    "alarms": "SELECT at, 'route', route, detail FROM alarms WHERE at > ?1",
+    "address_alarms": "SELECT at, 'address', address, detail FROM address_alarms WHERE at > ?1",
+}
+
+
+def alarms_query(tables: set[str] | None = None) -> str | None:
+    """Return the query for the newest ?2 alarms raised after ?1, from those alarm tables in `tables` (all when None).
+
+    None comes when no alarm table is there, as in a database an older daemon last opened.
+    """
+    parts = [sql for table, sql in _ALARM_SOURCES.items() if tables is None or table in tables]
+    return " UNION ALL ".join(parts) + " ORDER BY 1 DESC LIMIT ?2" if parts else None
+
+
 _STATEMENTS = {
     "conversations": (
         "INSERT INTO conversations (id, reference, route, team, destination, state, opened_at, updated_at,"

@@ -16,6 +16,7 @@ from typing import Any
 
 from .clock import parse_instant
 from .store import Store
+from .store_batch import alarms_query
 
 # open: waits for the team's reply; no_reply_needed: opened by machine mail or a loop message.
 CONVERSATION_STATES = ("open", "answered", "no_reply_needed")
@@ -63,11 +64,10 @@ def _conversation(row: Any) -> dict[str, Any]:
 
 async def list_alarms(store: Store, *, limit: int) -> list[dict[str, Any]]:
     """Return up to `limit` alarms, newest first: abandoned routes and rejected addresses together."""
-    rows = await store.fetch_all(
-        "SELECT at, 'route', route, detail FROM alarms UNION ALL SELECT at, 'address', address, detail FROM address_alarms"
-        " ORDER BY 1 DESC LIMIT ?",
-        (limit,),
-    )
+    sql = alarms_query()
+    assert sql is not None, "the daemon's database has every alarm table"
+    # Every stored time is after "", so all alarms count.
+    rows = await store.fetch_all(sql, ("", limit))
     return [{"at": _instant(at), "kind": kind, "about": about, "detail": detail} for at, kind, about, detail in rows]
 
 

@@ -294,8 +294,8 @@ def test_verified_staff_table(tmp_path: Path, from_header: str, mail_from: str, 
     assert isinstance(submission, Submission)
     assert submission.is_staff is staff
     assert submission.staff_unverified == reason
-    written_as_inbox = "support@" in from_header
-    assert submission.from_inbox is (staff and written_as_inbox)
+    expected_from_inbox = staff and "support@" in from_header
+    assert submission.from_inbox is expected_from_inbox
 
 
 @pytest.mark.parametrize(
