@@ -179,7 +179,7 @@ class Daemon:
             if result.state == "failed" and result.kind == "deliver" and result.conversation_id is not None:
                 scheduler.due_at(result.at)
             if result.rejected and result.kind == "deliver":
-                rejections.rejected(address for address, _ in result.rejected)
+                rejections.rejected((address, result.team) for address, _ in result.rejected)
 
         worker.on_recorded = recorded
 

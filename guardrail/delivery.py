@@ -494,6 +494,7 @@ class DeliveryWorker:
             advanced = replace(row, target=after_partial(row.target, error))
             return replace(
                 self._retry_or_give_up(advanced, attempts, error), recipients=error.deferred, rejected=_rejected(error),
+                team=row.target.get("team", ""),
             )
         # Every recipient that can get the message has it, so the message does
         # not escalate. The store records each rejected address, and the
@@ -501,7 +502,7 @@ class DeliveryWorker:
         self._metrics.delivery_failures.labels(row.kind, "yes").inc()
         log.error("delivery_failed", error=str(error), attempts=attempts, rejected=list(error.rejected))
         return AttemptResult(row.id, row.conversation_id, row.message_row, self._clock.now(), "done", attempts,
-                             error=str(error), kind=row.kind, rejected=_rejected(error))
+                             error=str(error), kind=row.kind, rejected=_rejected(error), team=row.target.get("team", ""))
 
     def _retry_or_give_up(self, row: OutboxRow, attempts: int, error: Exception) -> AttemptResult:
         """Return the result of an attempt that failed for now: pending until a stored time, or failed once its policy gives up."""

@@ -5,8 +5,10 @@ and rejects others with a 5xx reply, the team has the message and its
 deadline runs, so that message does not escalate. Without an alarm, the
 rejected address would miss every message unnoticed. The store records each
 rejection, and `find_rejected_addresses`, a pure function, turns the
-rejections of the last period into one alarm per address for the route's
-owner. The store skips addresses alarmed within the period.
+rejections of the last period into one alarm per address and team for the
+route's owner. An address in the destinations of two teams alarms each
+team's owner. The store skips the addresses and teams alarmed within the
+period.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .escalation import Sender, notice_mail
 from .rules import RuleSet
 from .rules_sla import Human
 
-# The store raises at most one alarm per address in this time.
+# The store raises at most one alarm per address and team in this time.
 ALARM_PERIOD = timedelta(days=1)
 # Characters of the smarthost's reply quoted in the alarm.
 QUOTED_REPLY = 300
@@ -27,11 +29,11 @@ QUOTED_REPLY = 300
 
 @dataclass(frozen=True)
 class RejectedFigures:
-    """Rejections of one address within the period, as the store counts them."""
+    """Rejections of one address for one team within the period, as the store counts them."""
 
     address: str
-    team: str  # the team of the newest rejected message's conversation
-    route: str
+    team: str  # the team whose destination names the address; empty for a postmaster copy
+    route: str  # the route of the newest rejected message's conversation
     count: int
     first: datetime
     last: datetime
@@ -41,18 +43,19 @@ class RejectedFigures:
 @dataclass(frozen=True)
 class AddressAlarm:
     address: str
+    team: str
     owner: Human
     detail: str
     data: bytes
 
 
 def find_rejected_addresses(
-    figures: list[RejectedFigures], rules: RuleSet, now: datetime, sender: Sender, recently_alarmed: set[str]
+    figures: list[RejectedFigures], rules: RuleSet, now: datetime, sender: Sender, recently_alarmed: set[tuple[str, str]]
 ) -> list[AddressAlarm]:
-    """Return an alarm for each rejected address that has no alarm within the period and has an owner."""
+    """Return an alarm for each rejected address and team that has no alarm within the period and has an owner."""
     alarms = []
     for address_figures in figures:
-        if address_figures.address in recently_alarmed:
+        if (address_figures.address, address_figures.team) in recently_alarmed:
             continue
         owner = rules.route_owner(address_figures.route, address_figures.team)
         if owner is None:
@@ -63,7 +66,7 @@ def find_rejected_addresses(
             f" from {address_figures.first.isoformat()} to {address_figures.last.isoformat()}"
         )
         mail = _alarm_mail(address_figures, owner, _where(address_figures, rules), now, sender)
-        alarms.append(AddressAlarm(address_figures.address, owner, detail, mail))
+        alarms.append(AddressAlarm(address_figures.address, address_figures.team, owner, detail, mail))
     return alarms
 
 

@@ -181,7 +181,7 @@ class RejectionWatch:
     the next rejection, which a broken address soon causes. A check reads a
     period of rejections on the writer thread. A broken address of a busy
     team is rejected in every delivery, so no check runs while each address
-    named since the last check has had its alarm within the period.
+    and team named since the last check has had its alarm within the period.
     """
 
     def __init__(
@@ -203,12 +203,12 @@ class RejectionWatch:
         self._on_queued = on_queued
         self._period = period
         self.wake = asyncio.Event()
-        # Addresses rejected since the last check, and when each address last had an alarm.
-        self._pending: set[str] = set()
-        self._alarmed_at: dict[str, datetime] = {}
+        # Addresses rejected since the last check, each with its team, and when each last had an alarm.
+        self._pending: set[tuple[str, str]] = set()
+        self._alarmed_at: dict[tuple[str, str], datetime] = {}
 
-    def rejected(self, addresses: Iterable[str]) -> None:
-        """Note addresses that a delivery just recorded was rejected for, and wake the check."""
+    def rejected(self, addresses: Iterable[tuple[str, str]]) -> None:
+        """Note the (address, team) pairs that a delivery just recorded a rejection for, and wake the check."""
         self._pending.update(addresses)
         self.wake.set()
 
@@ -231,7 +231,7 @@ class RejectionWatch:
         """Return True when addresses are pending and each had its alarm within the period, so a check would raise none."""
         cutoff = self._clock.now() - self._period
         return bool(self._pending) and all(
-            address in self._alarmed_at and self._alarmed_at[address] > cutoff for address in self._pending
+            key in self._alarmed_at and self._alarmed_at[key] > cutoff for key in self._pending
         )
 
     async def check(self) -> list[AddressAlarm]:
@@ -239,28 +239,29 @@ class RejectionWatch:
         now = self._clock.now()
         rules = self._rules()
         pending = set(self._pending)
-        alarmed_before: dict[str, str] = {}
-        checked: set[str] = set()
+        alarmed_before: dict[tuple[str, str], str] = {}
+        checked: set[tuple[str, str]] = set()
 
-        def planner(figures: list[RejectedFigures], alarmed: dict[str, str]) -> list[AddressAlarm]:
+        def planner(figures: list[RejectedFigures], alarmed: dict[tuple[str, str], str]) -> list[AddressAlarm]:
             alarmed_before.update(alarmed)
-            checked.update(figure.address for figure in figures)
+            checked.update((figure.address, figure.team) for figure in figures)
             return find_rejected_addresses(figures, rules, now, self._sender, set(alarmed))
 
         alarms = await self._store.raise_rejection_alarms(now, self._period, planner)
         self._pending -= pending
-        for address, at in alarmed_before.items():
-            self._alarmed_at[address] = parse_instant(at)
+        for key, at in alarmed_before.items():
+            self._alarmed_at[key] = parse_instant(at)
         for alarm in alarms:
-            self._alarmed_at[alarm.address] = now
-            log.warning("rejected_address_alarm", address=alarm.address, to=alarm.owner.address, detail=alarm.detail)
+            self._alarmed_at[alarm.address, alarm.team] = now
+            log.warning("rejected_address_alarm", address=alarm.address, team=alarm.team, to=alarm.owner.address, detail=alarm.detail)
             self._metrics.alarms.labels("address").inc()
         # An address without an owner to mail is logged once a period, and
         # checked no sooner, as if it had its alarm.
-        for address in sorted(checked - {alarm.address for alarm in alarms} - set(alarmed_before)):
-            if address not in self._alarmed_at or self._alarmed_at[address] <= now - self._period:
-                self._alarmed_at[address] = now
-                log.error("rejected_address_unowned", address=address, detail="no route owner, escalation contact or fallback human to tell")
+        for key in sorted(checked - {(alarm.address, alarm.team) for alarm in alarms} - set(alarmed_before)):
+            if key not in self._alarmed_at or self._alarmed_at[key] <= now - self._period:
+                self._alarmed_at[key] = now
+                log.error("rejected_address_unowned", address=key[0], team=key[1],
+                          detail="no route owner, escalation contact or fallback human to tell")
         if alarms:
             self._on_queued()
         return alarms

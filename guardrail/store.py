@@ -90,12 +90,21 @@ def _message_for_delivery(row: Any) -> tuple[bytes, dict[str, Any]]:
     }
 
 
+# Columns added after a table's first release, each with its definition.
+_LATER_COLUMNS = (
+    ("messages", "protocol", "TEXT NOT NULL DEFAULT 'ESMTP'"),
+    ("rejections", "team", "TEXT NOT NULL DEFAULT ''"),
+    ("address_alarms", "team", "TEXT NOT NULL DEFAULT ''"),
+)
+
+
 async def _add_missing_columns(db: aiosqlite.Connection) -> None:
     """Add the columns that a database made by an earlier version lacks."""
-    async with db.execute("PRAGMA table_info(messages)") as cursor:
-        columns = {row[1] for row in await cursor.fetchall()}
-    if "protocol" not in columns:
-        await db.execute("ALTER TABLE messages ADD COLUMN protocol TEXT NOT NULL DEFAULT 'ESMTP'")
+    for table, column, definition in _LATER_COLUMNS:
+        async with db.execute(f"PRAGMA table_info({table})") as cursor:
+            columns = {row[1] for row in await cursor.fetchall()}
+        if column not in columns:
+            await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
 # PRAGMA user_version after the data changes in _migrate.

@@ -146,13 +146,15 @@ CREATE TABLE IF NOT EXISTS alarms (
 CREATE INDEX IF NOT EXISTS alarms_route ON alarms (route, at);
 
 -- Addresses of a destination that the smarthost rejected for good while it
--- took the message for others, one row per address and attempt.
+-- took the message for others, one row per address and attempt, with the
+-- team whose destination names the address.
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     address TEXT NOT NULL,
     conversation_id INTEGER,
     at TEXT NOT NULL,
-    reply TEXT NOT NULL
+    reply TEXT NOT NULL,
+    team TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS rejections_at ON rejections (at);
 
@@ -160,7 +162,8 @@ CREATE TABLE IF NOT EXISTS address_alarms (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     address TEXT NOT NULL,
     at TEXT NOT NULL,
-    detail TEXT NOT NULL
+    detail TEXT NOT NULL,
+    team TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS address_alarms_at ON address_alarms (at);
 
@@ -264,6 +267,8 @@ class AttemptResult:
     undelivered: tuple[str, ...] = ()
     # The recipients this attempt's smarthost rejected for good while it took or deferred the others, each with its reply.
     rejected: tuple[tuple[str, str], ...] = ()
+    # The team whose destination a delivery row goes to, when the destination is an SMTP one.
+    team: str = ""
 
 
 @dataclass(frozen=True)
@@ -499,7 +504,7 @@ class BatchWriter:
         if plan.destination is None:
             self._event(conversation_id, row, at, "not_delivered", {"reason": "team has no destination"})
             return
-        self._outbox("deliver", conversation_id, row, _delivery_target(plan.destination, received_for), None, at)
+        self._outbox("deliver", conversation_id, row, _delivery_target(plan.destination, received_for, plan.team), None, at)
 
     def _record_acknowledgement(
         self,
@@ -564,7 +569,9 @@ class BatchWriter:
                 detail["error"] = result.error
             self._event(result.conversation_id, result.message_row, at, kind, detail)
             if result.kind == "deliver":
-                self.rows["rejections"].extend((address, result.conversation_id, at, reply) for address, reply in result.rejected)
+                self.rows["rejections"].extend(
+                    (address, result.conversation_id, at, reply, result.team) for address, reply in result.rejected
+                )
             if result.state == "failed" and result.fallback:
                 self._outbox("mail", result.conversation_id, result.message_row, result.fallback["target"], result.fallback["payload"], at)
             if result.state == "failed" and result.kind == "deliver" and result.conversation_id is not None:
@@ -674,33 +681,41 @@ class BatchWriter:
     def add_rejection_alarms(self, now: datetime, period: timedelta, planner: Callable[..., list[Any]]) -> list[Any]:
         """Raise alarms for addresses rejected within `period`, skipping those alarmed within it; return them.
 
-        The planner gets the figures and, by address, the time of each alarm raised within the period.
+        An address in the destinations of two teams counts once for each
+        team. The planner gets the figures and, by address and team, the time
+        of each alarm raised within the period.
         """
         since = format_instant(now - period)
         # Only the period's rejections count, so older ones go.
         self.db.execute("DELETE FROM rejections WHERE at <= ?", (since,))
-        sql = "SELECT address, MAX(at) FROM address_alarms WHERE at > ? GROUP BY address"
+        sql = "SELECT address, team, MAX(at) FROM address_alarms WHERE at > ? GROUP BY address, team"
         with closing(self.db.execute(sql, (since,))) as cursor:
-            alarmed = {address: at for address, at in cursor.fetchall()}
-        sql = "SELECT address, COUNT(*), MIN(at), MAX(at), MAX(id) FROM rejections WHERE at > ? GROUP BY address ORDER BY address"
+            alarmed = {(address, team): at for address, team, at in cursor.fetchall()}
+        # A rejection stored before rows named their team takes its conversation's.
+        sql = (
+            "SELECT r.address, COALESCE(NULLIF(r.team, ''), c.team, '') AS owner_team, COUNT(*), MIN(r.at), MAX(r.at), MAX(r.id)"
+            " FROM rejections r LEFT JOIN conversations c ON c.id = r.conversation_id"
+            " WHERE r.at > ? GROUP BY r.address, owner_team ORDER BY r.address, owner_team"
+        )
         with closing(self.db.execute(sql, (since,))) as cursor:
-            counts = [row for row in cursor.fetchall() if row[0] not in alarmed]
+            counts = [row for row in cursor.fetchall() if (row[0], row[1]) not in alarmed]
         figures = []
-        for address, count, first, last, newest in counts:
+        for address, team, count, first, last, newest in counts:
             sql = (
-                "SELECT r.reply, COALESCE(c.team, ''), COALESCE(c.route, '') FROM rejections r"
+                "SELECT r.reply, COALESCE(c.route, '') FROM rejections r"
                 " LEFT JOIN conversations c ON c.id = r.conversation_id WHERE r.id = ?"
             )
             with closing(self.db.execute(sql, (newest,))) as cursor:
-                reply, team, route = cursor.fetchone()
+                reply, route = cursor.fetchone()
             figures.append(RejectedFigures(address, team, route, count, parse_instant(first), parse_instant(last), reply))
         alarms = planner(figures, alarmed)
         at = format_instant(now)
         for alarm in alarms:
-            self.rows["address_alarms"].append((alarm.address, at, alarm.detail))
+            self.rows["address_alarms"].append((alarm.address, at, alarm.detail, alarm.team))
             target = {"kind": "smtp", "addresses": [alarm.owner.address], "purpose": "alarm"}
             self._outbox("mail", None, None, target, alarm.data, at)
-            self._event(None, None, at, "rejected_address_alarm", {"address": alarm.address, "to": alarm.owner.address, "detail": alarm.detail})
+            detail = {"address": alarm.address, "team": alarm.team, "to": alarm.owner.address, "detail": alarm.detail}
+            self._event(None, None, at, "rejected_address_alarm", detail)
         return alarms
 
     # -- retention ------------------------------------------------------------
@@ -898,11 +913,17 @@ def _ack_counts(history: dict[str, list[tuple[datetime, str, str]]], submission:
     return sent, warned
 
 
-def _delivery_target(destination: Destination, received_for: str) -> dict[str, Any]:
-    """Return the outbox target of a delivery to `destination`, with the recipient its Received header names, if given."""
+def _delivery_target(destination: Destination, received_for: str, team: str = "") -> dict[str, Any]:
+    """Return the outbox target of a delivery to `destination`, with the recipient its Received header names, if given.
+
+    An SMTP target names the team, so that a rejected address's alarm goes
+    to the owner of the team whose destination lists it.
+    """
     target = destination.to_record()
     if received_for:
         target["received_for"] = received_for
+    if team and destination.kind == "smtp":
+        target["team"] = team
     return target
 
 
@@ -1007,7 +1028,7 @@ _STATEMENTS = {
         " variant, message_id) VALUES (?,?,?,?,?,?,?,?,?)"
     ),
     "alarms": "INSERT INTO alarms (route, at, detail) VALUES (?,?,?)",
-    "rejections": "INSERT INTO rejections (address, conversation_id, at, reply) VALUES (?,?,?,?)",
-    "address_alarms": "INSERT INTO address_alarms (address, at, detail) VALUES (?,?,?)",
+    "rejections": "INSERT INTO rejections (address, conversation_id, at, reply, team) VALUES (?,?,?,?,?)",
+    "address_alarms": "INSERT INTO address_alarms (address, at, detail, team) VALUES (?,?,?,?)",
     "events": "INSERT INTO events (conversation_id, message_row, at, kind, detail) VALUES (?,?,?,?,?)",
 }

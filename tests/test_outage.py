@@ -377,6 +377,51 @@ async def test_rejected_address_alarms_once_per_period(tmp_path: Path, start_dae
     assert "Messages rejected: 1, from 2025-11-05T10:00:00+00:00" in second
 
 
+# Both teams' mail also goes to shared@example.net; billing's route has an owner.
+SHARED_ADDRESS_RULES = TWO_ADDRESS_RULES.replace("second@example.net", "shared@example.net") + """
+[[team]]
+name = "billing"
+destination = { smtp = ["billing-team@example.net", "shared@example.net"] }
+members = [{ name = "Bo Berg", address = "bo@example.org" }]
+
+[[route]]
+name = "invoices"
+team = "billing"
+owner = { name = "Olga Owner", address = "olga@example.org" }
+all = [{ rcpt.is = "billing@example.org" }]
+"""
+
+
+async def test_address_of_two_teams_alarms_each_team(tmp_path: Path, start_daemon) -> None:
+    sink = await start_sink(handler=RecipientSinkHandler(rcpt_replies={"shared@example.net": NO_SUCH_USER}))
+    try:
+        config = write_config(tmp_path, rules=SHARED_ADDRESS_RULES, sections={
+            "smarthost": {"host": "127.0.0.1", "port": sink.port, "starttls": False, "timeout": "10s"},
+        })
+        daemon = await start_daemon(config, ManualClock(START))
+        await send(daemon.port, "alice@example.com", ["support@example.org"], message(message_id="<s1@example.com>"))
+        await wait_for_row(daemon, "done", 1, row=0)
+        await wait_until(lambda: rejection_alarms(sink), what="support's alarm")
+        # Support's alarm within the period does not cover billing's mail to the same address.
+        await send(daemon.port, "bob@example.com", ["billing@example.org"], message(message_id="<b0@example.com>"))
+        await wait_until(lambda: sink.to("olga@example.org"), what="billing's alarm")
+        # Billing's own alarm does.
+        await send(daemon.port, "bob@example.com", ["billing@example.org"], message(message_id="<b1@example.com>"))
+        await wait_for_row(daemon, "done", 1, row=2)
+        assert daemon.rejections is not None
+        assert await daemon.rejections.check() == []
+    finally:
+        await close_sink(sink)
+
+    [support] = rejection_alarms(sink)
+    assert support["Subject"] == "Address shared@example.net rejects team support's mail"
+    [billing] = [email.message_from_bytes(received.content) for received in sink.to("olga@example.org")]
+    assert billing["Subject"] == "Address shared@example.net rejects team billing's mail"
+    assert "Messages rejected: 1," in billing.get_payload(decode=True).decode()
+    rows = await daemon.store.fetch_all("SELECT address, team FROM address_alarms ORDER BY id")
+    assert [tuple(row) for row in rows] == [("shared@example.net", "support"), ("shared@example.net", "billing")]
+
+
 async def test_status_lists_recent_alarms(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
     sink = await start_sink(handler=RecipientSinkHandler(rcpt_replies={"second@example.net": NO_SUCH_USER}))
     try:

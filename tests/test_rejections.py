@@ -92,8 +92,22 @@ def test_alarm_goes_to_the_owner(rules: RuleSet, rejected: RejectedFigures, expe
 
 def test_recently_alarmed_addresses_are_skipped(rules: RuleSet) -> None:
     rejected = [figures(), figures("old@example.net", team="billing", route="invoices")]
-    alarms = find_rejected_addresses(rejected, rules, NOW, SENDER, {"second@example.net"})
+    alarms = find_rejected_addresses(rejected, rules, NOW, SENDER, {("second@example.net", "support")})
     assert [alarm.address for alarm in alarms] == ["old@example.net"]
+
+
+def test_address_of_two_teams_alarms_each_owner(rules: RuleSet) -> None:
+    # One address in both teams' destinations: each team's owner hears of it, and skipping is per team.
+    rejected = [figures("shared@example.net"), figures("shared@example.net", team="billing", route="invoices")]
+    alarms = find_rejected_addresses(rejected, rules, NOW, SENDER, set())
+    assert [(alarm.team, alarm.owner.address) for alarm in alarms] == [
+        ("support", "duty@example.org"), ("billing", "billing-lead@example.org"),
+    ]
+    assert [email.message_from_bytes(alarm.data)["Subject"] for alarm in alarms] == [
+        "Address shared@example.net rejects team support's mail", "Address shared@example.net rejects team billing's mail",
+    ]
+    alarms = find_rejected_addresses(rejected, rules, NOW, SENDER, {("shared@example.net", "support")})
+    assert [alarm.team for alarm in alarms] == ["billing"]
 
 
 def test_alarm_mail_text(rules: RuleSet, tmp_path: Path) -> None:
@@ -129,18 +143,18 @@ async def settle() -> None:
 
 
 class CountingStore:
-    """A store whose rejections name one address, again and again; it counts the checks it is asked for."""
+    """A store whose rejections name the same addresses again and again; it counts the checks it is asked for."""
 
-    def __init__(self, figure: RejectedFigures | None = None) -> None:
+    def __init__(self, *figure: RejectedFigures) -> None:
         self.checks = 0
-        self.alarmed: dict[str, str] = {}
-        self.figure = figure or figures()
+        self.alarmed: dict[tuple[str, str], str] = {}
+        self.figures = list(figure or [figures()])
 
     async def raise_rejection_alarms(self, now: datetime, period: timedelta, planner: Callable[..., list[Any]]) -> list[Any]:
         self.checks += 1
-        alarms = planner([self.figure], {address: at for address, at in self.alarmed.items() if parse_instant(at) > now - period})
+        alarms = planner(self.figures, {key: at for key, at in self.alarmed.items() if parse_instant(at) > now - period})
         for alarm in alarms:
-            self.alarmed[alarm.address] = format_instant(now)
+            self.alarmed[alarm.address, alarm.team] = format_instant(now)
         return alarms
 
 
@@ -152,20 +166,23 @@ async def test_watch_skips_checks_for_an_alarmed_address(rules: RuleSet) -> None
     try:
         await settle()
         assert store.checks == 1
-        assert list(store.alarmed) == ["second@example.net"]
+        assert list(store.alarmed) == [("second@example.net", "support")]
         # Each later delivery rejected for the alarmed address would read a day of rejections for nothing.
         for _ in range(3):
-            watch.rejected(("second@example.net",))
+            watch.rejected([("second@example.net", "support")])
             await settle()
         assert store.checks == 1
-        # Another address is checked, and so is the same one after the period.
-        watch.rejected(("other@example.net",))
+        # Another address is checked, the same address for another team too, and the first one after the period.
+        watch.rejected([("other@example.net", "support")])
         await settle()
         assert store.checks == 2
-        await clock.advance(timedelta(days=1, seconds=1))
-        watch.rejected(("second@example.net",))
+        watch.rejected([("second@example.net", "billing")])
         await settle()
         assert store.checks == 3
+        await clock.advance(timedelta(days=1, seconds=1))
+        watch.rejected([("second@example.net", "support")])
+        await settle()
+        assert store.checks == 4
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -222,7 +239,7 @@ async def test_watch_logs_unowned_address_once(tmp_path: Path) -> None:
         try:
             await settle()
             for _ in range(3):
-                watch.rejected(("second@example.net",))
+                watch.rejected([("second@example.net", "")])
                 await settle()
         finally:
             task.cancel()

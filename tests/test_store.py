@@ -130,10 +130,10 @@ async def test_commit_after_rows_from_another_program(tmp_path: Path) -> None:
     assert stored_message_ids(database) == ["<s0@example.com>", "<other@example.com>", "<s1@example.com>"]
 
 
-async def test_database_without_protocol_column_is_upgraded(tmp_path: Path) -> None:
+async def test_database_without_later_columns_is_upgraded(tmp_path: Path) -> None:
     database = tmp_path / "store.db"
-    old_schema = SCHEMA.replace(",\n    protocol TEXT NOT NULL DEFAULT 'ESMTP'", "")
-    assert old_schema != SCHEMA
+    old_schema = SCHEMA.replace(",\n    protocol TEXT NOT NULL DEFAULT 'ESMTP'", "").replace(",\n    team TEXT NOT NULL DEFAULT ''", "")
+    assert old_schema.count("team TEXT NOT NULL DEFAULT ''") == 0
     with sqlite3.connect(database) as connection:
         connection.executescript(old_schema)
 
@@ -145,6 +145,9 @@ async def test_database_without_protocol_column_is_upgraded(tmp_path: Path) -> N
         await store.close()
 
     assert envelope["protocol"] == "ESMTP"
+    with closing(sqlite3.connect(database)) as connection:
+        for table in ("rejections", "address_alarms"):
+            assert "team" in {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
 
 
 def store_path(folder: Path) -> Path:
