@@ -1,5 +1,10 @@
 """Maildir writing: files written to tmp/, fsynced, then linked into new/.
 
+A maildir file ends its lines with LF, as Postfix's local delivery agent and
+Dovecot write them, so mail readers and tools that expect local text files
+read it unchanged. SMTP carries CRLF, and intake rejects bare CR and bare LF,
+so every CRLF of the data becomes one LF and nothing else changes.
+
 This module has no state and imports nothing heavy, because a child process
 runs it as well as the daemon's worker thread (see offload.py).
 """
@@ -18,7 +23,7 @@ MAX_NAME_VARIANTS = 100
 
 
 def write_maildirs(files: list[tuple[Path, str, bytes]]) -> list[bool | Exception]:
-    """Write each (folder, name, data) into maildir `folder` as new/NAME, and return one result per file.
+    """Write each (folder, name, data) into maildir `folder` as new/NAME with LF line endings; return one result per file.
 
     A result is True when the file was written, False when new/NAME was
     already there with the same content, or the exception that stopped it:
@@ -46,17 +51,19 @@ def write_maildirs(files: list[tuple[Path, str, bytes]]) -> list[bool | Exceptio
                         (folder / sub).mkdir(parents=True, exist_ok=True)
                     ready.add(folder)
                 final = folder / "new" / name
-                if _has_content(final, data):
+                stored = local_line_endings(data)
+                # An earlier version wrote CRLF, and a delivery retried after an upgrade must not add a copy.
+                if _has_content(final, stored) or _has_content(final, data):
                     continue
                 temporary = folder / "tmp" / f"{name}.{os.getpid()}.{time.monotonic_ns()}"
-                written.append((index, _write_unsynced(temporary, data), temporary, final))
+                written.append((index, _write_unsynced(temporary, stored), temporary, final))
             except Exception as error:  # noqa: BLE001 - one bad file must not fail the others
                 results[index] = _file_error(folder, error)
         for index, handle, temporary, final in written:
             try:
                 os.fsync(handle.fileno())
                 handle.close()
-                results[index] = _link_unique(temporary, final, files[index][2])
+                results[index] = _link_unique(temporary, final, local_line_endings(files[index][2]))
             except Exception as error:  # noqa: BLE001
                 results[index] = _file_error(files[index][0], error)
     finally:
@@ -76,6 +83,11 @@ def write_maildirs(files: list[tuple[Path, str, bytes]]) -> list[bool | Exceptio
                 if file_folder == folder and results[index] is True:
                     results[index] = failure
     return results
+
+
+def local_line_endings(data: bytes) -> bytes:
+    """Return `data` with each CRLF replaced by LF, as a maildir file stores it."""
+    return data.replace(b"\r\n", b"\n")
 
 
 def _link_unique(temporary: Path, final: Path, data: bytes) -> bool:

@@ -272,11 +272,19 @@ async def wait_until(predicate: Callable[[], Any], *, timeout: float = 10.0, wha
 
 
 def maildir_messages(folder: Path) -> list[bytes]:
-    """Return the contents of every message in a maildir's new/ folder, by name."""
+    """Return the contents of every message in a maildir's new/ folder, by name, with CRLF line endings as SMTP carried them.
+
+    A maildir file ends its lines with LF and holds no CR, which this checks.
+    """
     new = folder / "new"
     if not new.is_dir():
         return []
-    return [path.read_bytes() for path in sorted(new.iterdir())]
+    contents = []
+    for path in sorted(new.iterdir()):
+        content = path.read_bytes()
+        assert b"\r" not in content, f"{path} contains a CR"
+        contents.append(content.replace(b"\n", b"\r\n"))
+    return contents
 
 
 def message(

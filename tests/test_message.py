@@ -158,6 +158,24 @@ def test_maildir_name_collision_keeps_both(tmp_path: Path) -> None:
     assert list((tmp_path / "box" / "tmp").iterdir()) == []
 
 
+def test_maildir_file_has_lf_line_endings(tmp_path: Path) -> None:
+    data = b"Subject: hi\r\n\r\nline one\r\n\r\nline three\r\n"
+    assert write_maildirs([(tmp_path / "box", "1.G1.host", data)]) == [True]
+    assert (tmp_path / "box" / "new" / "1.G1.host").read_bytes() == b"Subject: hi\n\nline one\n\nline three\n"
+    # The same message again, as a retried delivery sends it, adds no copy.
+    assert write_maildirs([(tmp_path / "box", "1.G1.host", data)]) == [False]
+    assert [path.name for path in (tmp_path / "box" / "new").iterdir()] == ["1.G1.host"]
+
+
+def test_maildir_crlf_file_counts_as_written(tmp_path: Path) -> None:
+    # A file an earlier version wrote with CRLF, found again when a delivery is retried after an upgrade.
+    data = b"Subject: hi\r\n\r\nbody\r\n"
+    (tmp_path / "box" / "new").mkdir(parents=True)
+    (tmp_path / "box" / "new" / "1.G1.host").write_bytes(data)
+    assert write_maildirs([(tmp_path / "box", "1.G1.host", data)]) == [False]
+    assert [path.name for path in (tmp_path / "box" / "new").iterdir()] == ["1.G1.host"]
+
+
 def test_maildir_batch_leaves_no_temporary_files(tmp_path: Path) -> None:
     write_maildirs([(tmp_path / "box", "1.G1.host", b"message 1")])
     files = [(tmp_path / "box", f"1.G{row}.host", b"message %d" % row) for row in range(1, 40)]
