@@ -157,6 +157,10 @@ class Daemon:
             asyncio.create_task(worker.run(), name="guardrail-outbox"),
             asyncio.create_task(scheduler.run(), name="guardrail-escalations"),
         ]
+        # The stored escalation times were computed under the rules loaded when
+        # each was set, and the rule files may have changed while the daemon
+        # was down: set them again under the rules loaded now, as a reload does.
+        self._start_rescheduling(self.rules)
         if config.zombie is not None:
             self.zombies = ZombieWatch(
                 self.store, self.clock, lambda: self.rules, sender, config.zombie, worker.wake.set, metrics=self.metrics

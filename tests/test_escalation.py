@@ -656,3 +656,42 @@ async def test_reload_extends_ended_chain(tmp_path: Path, start_daemon) -> None:
     assert len(escalations_to(tmp_path, "head-of-facilities@example.org")) == 1
     assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
     assert [entry["conversations"] for entry in logs if entry["event"] == "escalations_rescheduled"] == [1]
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "address", "escalated_at"),
+    [
+        # A level added to a chain that had ended fires at deadline + 2h.
+        (f'[{{ after = "0m", {DUTY[2:]}]', f'[{{ after = "0m", {DUTY[2:]}, {{ after = "2h", {HEAD[2:]}]',
+         "head-of-facilities@example.org", "2025-11-17T13:00:00"),
+        # A level moved earlier fires at its new time, not at the one stored under the old rules.
+        (f'[{{ after = "0m", {DUTY[2:]}, {{ after = "6h", {HEAD[2:]}]', f'[{{ after = "0m", {DUTY[2:]}, {{ after = "1h", {HEAD[2:]}]',
+         "head-of-facilities@example.org", "2025-11-17T12:00:00"),
+        # A first level moved earlier, before it fired.
+        (f'[{{ after = "5h", {DUTY[2:]}]', f'[{{ after = "1h", {DUTY[2:]}]', "duty-manager@example.org", "2025-11-17T12:00:00"),
+    ],
+)
+async def test_restart_with_changed_chain_reschedules(
+    tmp_path: Path, start_daemon, before: str, after: str, address: str, escalated_at: str
+) -> None:
+    config = write_config(tmp_path, rules=chain_rules(before))
+    clock = ManualClock(at("2025-11-17T10:00:00"))
+    daemon = await start_daemon(config, clock=clock)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], case_file("escalation", "message.eml"))
+    await advance_in_ticks(daemon, clock, at("2025-11-17T11:10:00"), tick=timedelta(minutes=5))
+    await daemon.stop()
+
+    # The rule files change while the daemon is down.
+    (tmp_path / "rules" / "rules.toml").write_text(chain_rules(after))
+    clock = ManualClock(at("2025-11-17T11:20:00"))
+    daemon = await start_daemon(config, clock=clock)
+    if daemon.rescheduling is not None:
+        await daemon.rescheduling
+    await settle(daemon, clock)
+    await advance_in_ticks(daemon, clock, at(escalated_at) - timedelta(minutes=1), tick=timedelta(minutes=10))
+    early = escalations_to(tmp_path, address)
+    await advance_in_ticks(daemon, clock, at(escalated_at) + timedelta(minutes=1), tick=timedelta(minutes=1))
+
+    assert early == []
+    assert len(escalations_to(tmp_path, address)) == 1
+    assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
