@@ -650,8 +650,12 @@ class BatchWriter:
             if not newest:
                 continue
             counts.append((route, newest[0][0], len(newest), sum(1 for _, state in newest if state == "answered")))
+            # The first message unanswered since the last answer (the first ever
+            # when none was answered), from which the route's silence counts.
             sql = (
-                "SELECT (SELECT MIN(opened_at) FROM conversations WHERE route = ?1 AND deadline IS NOT NULL),"
+                "SELECT (SELECT MIN(opened_at) FROM conversations WHERE route = ?1 AND deadline IS NOT NULL"
+                " AND answered_at IS NULL AND opened_at >="
+                " COALESCE((SELECT MAX(answered_at) FROM conversations WHERE route = ?1 AND deadline IS NOT NULL), '')),"
                 " (SELECT MAX(opened_at) FROM conversations WHERE route = ?1 AND deadline IS NOT NULL),"
                 " (SELECT MAX(answered_at) FROM conversations WHERE route = ?1 AND deadline IS NOT NULL)"
             )
@@ -662,9 +666,9 @@ class BatchWriter:
 
         figures = []
         for route, team, total, answered in counts:
-            first, last, last_answer = times[route]
+            waiting, last, last_answer = times[route]
             figures.append(RouteFigures(
-                route, team, total, answered or 0, parse_instant(first), parse_instant(last),
+                route, team, total, answered or 0, parse_instant(waiting) if waiting else None, parse_instant(last),
                 parse_instant(last_answer) if last_answer else None,
             ))
         alarms = planner(figures, alarmed)

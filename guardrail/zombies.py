@@ -4,9 +4,10 @@
 alarms when too small a share of its newest conversations were answered
 (of those answered or past their deadline), or
 when mail keeps arriving but nothing was answered for a stretch of business
-time. The store records each alarm with its outbox mail in one transaction
-and skips routes alarmed within the period, so each route alarms at most once
-per period.
+time, counted from the first message that waited after the last answer. The
+store records each alarm with its outbox mail in one transaction and skips
+routes alarmed within the period, so each route alarms at most once per
+period.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ class RouteFigures:
     team: str
     recent_total: int  # newest conversations answered or past their deadline (at most the configured number)
     recent_answered: int
-    first_received: datetime
+    # The first message still unanswered that came at or after the last answer
+    # (the first ever when none was answered), or None when none came since.
+    waiting_since: datetime | None
     last_received: datetime
     last_answered: datetime | None
 
@@ -78,8 +81,11 @@ def _zombie_reason(figures: RouteFigures, rules: RuleSet, settings: ZombieSettin
     team = rules.teams.get(figures.team)
     if team is None:
         return ""
-    since = figures.last_answered or figures.first_received
-    if figures.last_received <= since:
+    # The silence counts from the first message that waited after the last
+    # answer, and mail must have kept arriving after it: a quiet route is not
+    # abandoned because its next message came days after its last answer.
+    since = figures.waiting_since
+    if since is None or figures.last_received <= since:
         return ""
     silent_until = add_business_time(since, settings.silent_business_hours, team.calendar)
     if silent_until is not None and silent_until <= now:

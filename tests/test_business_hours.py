@@ -84,6 +84,54 @@ def test_deadline_table(calendar: Calendar, arrival: str, hours: float, deadline
     assert add_business_time(utc(arrival), timedelta(hours=hours), calendar) == utc(deadline)
 
 
+NEW_YORK = ZoneInfo("America/New_York")
+SYDNEY = ZoneInfo("Australia/Sydney")
+KOLKATA = ZoneInfo("Asia/Kolkata")
+NY_OFFICE = Calendar("ny-office", NEW_YORK, weekly({day: ["09:00-17:00"] for day in ("mon", "tue", "wed", "thu", "fri")}))
+NY_ALWAYS = Calendar("ny-always", NEW_YORK, ALWAYS_OPEN)
+# 2025-11-02 is the Sunday on which New York repeats 01:00-01:59 (EDT, then EST).
+NY_SUNDAY_EARLY = Calendar("ny-sunday", NEW_YORK, weekly({"sun": ["00:00-03:00"]}))
+NY_SATURDAY_NIGHT = Calendar("ny-saturday-night", NEW_YORK, weekly({"sat": ["22:00-06:00"]}))
+SYDNEY_OFFICE = Calendar("sydney-office", SYDNEY, weekly({day: ["09:00-17:00"] for day in ("mon", "tue", "wed", "thu", "fri")}))
+SYDNEY_ALWAYS = Calendar("sydney-always", SYDNEY, ALWAYS_OPEN)
+KOLKATA_OFFICE = Calendar("kolkata-office", KOLKATA, weekly({day: ["09:00-17:00"] for day in ("mon", "tue", "wed", "thu", "fri")}))
+KOLKATA_NIGHTS = Calendar("kolkata-nights", KOLKATA, weekly({day: ["22:00-02:00"] for day in ("mon", "tue", "wed", "thu", "fri")}))
+PARIS_WEEKENDS = Calendar("paris-weekends", PARIS, weekly({"sat": ["00:00-24:00"], "sun": ["00:00-24:00"]}))
+
+
+@pytest.mark.parametrize(
+    ("calendar", "arrival", "hours", "deadline"),
+    [
+        # New York spring forward (2025-03-09): Fri 16:00 EST, 1h on Friday, 3h from Mon 09:00 EDT.
+        (NY_OFFICE, "2025-03-07T21:00:00Z", 4, "2025-03-10T16:00:00Z"),
+        # 24x7 across the repeated hour: two real hours, ending at 01:30 EST.
+        (NY_ALWAYS, "2025-11-02T04:30:00Z", 2, "2025-11-02T06:30:00Z"),
+        # 00:00 EDT to 03:00 EST is four real hours on the day clocks fall back.
+        (NY_SUNDAY_EARLY, "2025-11-01T12:00:00Z", 4, "2025-11-02T08:00:00Z"),
+        # An overnight window across the change: 22:00 EDT to 06:00 EST is nine hours...
+        (NY_SATURDAY_NIGHT, "2025-11-01T12:00:00Z", 9, "2025-11-02T11:00:00Z"),
+        # ...and across the spring change, 22:00 EST to 06:00 EDT is seven.
+        (NY_SATURDAY_NIGHT, "2025-03-08T12:00:00Z", 7, "2025-03-09T10:00:00Z"),
+        # Sydney falls back on 2025-04-06: Fri 16:00 AEDT, 1h, then 3h from Mon 09:00 AEST.
+        (SYDNEY_OFFICE, "2025-04-04T05:00:00Z", 4, "2025-04-07T02:00:00Z"),
+        # Sydney springs forward on 2025-10-05 at 02:00: two real hours from 02:00 AEST are 05:00 AEDT.
+        (SYDNEY_ALWAYS, "2025-10-04T15:00:00Z", 2, "2025-10-04T17:00:00Z"),
+        # Kolkata's half-hour offset: Fri 15:30 IST, 1h30 on Friday, 30m from Mon 09:00.
+        (KOLKATA_OFFICE, "2025-11-07T10:00:00Z", 2, "2025-11-10T04:00:00Z"),
+        # Fri 23:30 IST in Friday's 22:00-02:00 window: 2h30 to Sat 02:00, then Mon 22:00-22:30.
+        (KOLKATA_NIGHTS, "2025-11-07T18:00:00Z", 3, "2025-11-10T17:00:00Z"),
+        # Arriving exactly at opening counts from then.
+        (KOLKATA_OFFICE, "2025-11-10T03:30:00Z", 1, "2025-11-10T04:30:00Z"),
+        # A long weekend: Saturday's 2h, Sunday's 25 hours (clocks fall back), then 3h of the next Saturday.
+        (PARIS_WEEKENDS, "2025-10-25T20:00:00Z", 30, "2025-11-01T02:00:00Z"),
+        # A zero first response on a closed day falls on the next opening.
+        (OFFICE, "2025-11-08T10:00:00Z", 0, "2025-11-10T08:00:00Z"),
+    ],
+)
+def test_deadline_table_other_zones(calendar: Calendar, arrival: str, hours: float, deadline: str) -> None:
+    assert add_business_time(utc(arrival), timedelta(hours=hours), calendar) == utc(deadline)
+
+
 def test_deadline_is_utc() -> None:
     result = add_business_time(utc("2025-03-28T15:30:00Z"), timedelta(hours=4), OFFICE)
     assert result is not None

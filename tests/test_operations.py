@@ -1053,6 +1053,45 @@ async def test_zombie_alarm_stops_once_answered(tmp_path: Path, start_daemon) ->
 
 
 
+
+@pytest.mark.parametrize(
+    ("quiet_hours", "messages", "waited_hours", "alarmed"),
+    [
+        # After an answer and three quiet days, new mail is not silence while the first message waits less than 24 hours...
+        (72, 2, 2, False),
+        (72, 2, 23, False),
+        # ...but it is once it has waited them.
+        (72, 2, 25, True),
+        # One message is its escalation's business, not the route's: mail must keep arriving.
+        (72, 1, 48, False),
+        # The same without a quiet spell.
+        (0, 2, 23, False),
+        (0, 2, 25, True),
+    ],
+)
+async def test_zombie_silence_counts_from_the_first_waiting_message(
+    tmp_path: Path, start_daemon, quiet_hours: int, messages: int, waited_hours: int, alarmed: bool
+) -> None:
+    daemon, clock = await zombie_daemon(
+        tmp_path, start_daemon, conversations=5, min_answered_share=0.5, silent_business_hours="24h", period="30d",
+    )
+    await send(daemon.port, "c0@example.com", ["support@example.org"], message(message_id="<q0@x>"))
+    reply = message(sender="Sam Ortiz <sam@example.org>", message_id="<a0@x>", extra_headers="In-Reply-To: <q0@x>\r\n")
+    await send(daemon.port, "sam@example.org", ["support@example.org"], reply)
+    await advance_hours(daemon, clock, quiet_hours)
+    # New messages an hour apart; with five conversations needed, the share alone never alarms here.
+    for number in range(1, messages + 1):
+        await send(daemon.port, f"c{number}@example.com", ["support@example.org"], message(message_id=f"<q{number}@x>"))
+        await advance_hours(daemon, clock, 1)
+    await advance_hours(daemon, clock, waited_hours - messages)
+
+    found = alarms(tmp_path)
+    assert len(found) == (1 if alarmed else 0)
+    if alarmed:
+        body = found[0].get_payload(decode=True).decode()
+        assert "nothing was answered for 24 business hours" in body
+
+
 async def test_zombie_and_retention_outlive_locked_database(tmp_path: Path, start_daemon) -> None:
     config = write_config(tmp_path, rules=ZOMBIE_RULES, sections={
         "zombie": {"check_every": "1h", "conversations": 3, "min_answered_share": 0.5, "silent_business_hours": "48h", "period": "1d"},
