@@ -27,6 +27,11 @@ from .rules_sla import Template
 # At most this many ids go into References: the first (the thread's root)
 # and the newest, so the header never grows without bound.
 MAX_REFERENCES = 20
+# The longest message id copied into In-Reply-To or References. fold_header
+# writes a longer word as RFC 2047 encoded words, which a msg-id must not
+# contain (RFC 2047 section 5), and one this long still fits on a line of
+# its own (RFC 5322 section 2.1.1).
+MAX_COPIED_ID = 900
 
 _LANGUAGE_TAG = re.compile(r"^\s*([A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8})*)\s*(?:;\s*q\s*=\s*([01](?:\.\d{0,3})?))?\s*$")
 
@@ -126,9 +131,15 @@ MAX_QUOTED_SUBJECT = 200
 MAX_QUOTED_NAME = 100
 
 
+# C0 and C1 control characters and DEL. Those that are not whitespace
+# (NUL, ESC, DEL, CSI) are not allowed in a header field either (RFC 5322
+# section 3.2.5), and a terminal that shows the message would act on them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def one_line(text: str) -> str:
-    """Return `text` with line breaks and NUL removed, safe inside a header."""
-    return " ".join(text.replace("\x00", " ").split())
+    """Return `text` on one line, with each run of whitespace or control characters as one space, safe inside a header."""
+    return " ".join(_CONTROL.sub(" ", text).split())
 
 
 def shortened(text: str, limit: int) -> str:
@@ -157,10 +168,20 @@ def merge_fields(summary: Summary, mail_from: str, team: Team, language: str, de
     }
 
 
+def is_copyable_id(message_id: str) -> bool:
+    """Return True for a message id that In-Reply-To or References can carry as it is.
+
+    An id with non-ASCII characters (RFC 6532 allows them in a message sent
+    with SMTPUTF8) or longer than MAX_COPIED_ID would be written as encoded
+    words, which no reader takes for the id, so it is left out.
+    """
+    return bool(message_id) and message_id.isascii() and len(message_id) <= MAX_COPIED_ID
+
+
 def capped_references(summary: Summary) -> tuple[str, ...]:
-    """Return the References of a reply to `summary`: its chain plus its id, capped."""
-    chain = list(summary.references)
-    if summary.message_id and summary.message_id not in chain:
+    """Return the References of a reply to `summary`: its chain plus its id, capped, without ids that cannot be copied."""
+    chain = [message_id for message_id in summary.references if is_copyable_id(message_id)]
+    if is_copyable_id(summary.message_id) and summary.message_id not in chain:
         chain.append(summary.message_id)
     if len(chain) > MAX_REFERENCES:
         chain = chain[:1] + chain[-(MAX_REFERENCES - 1):]
@@ -238,7 +259,7 @@ def render_acknowledgement(request: AckRequest, reference: str, hostname: str, n
         ("Date", format_datetime(now)),
         ("Message-ID", message_id),
     ]
-    if request.in_reply_to:
+    if is_copyable_id(request.in_reply_to):
         headers.append(("In-Reply-To", request.in_reply_to))
     if request.references:
         headers.append(("References", " ".join(request.references)))

@@ -142,3 +142,31 @@ async def test_ack_drops_control_message_id(tmp_path: Path, start_daemon, contro
     assert ack["References"] == "<root@example.com>"
     stored = await daemon.store.fetch_all("SELECT message_id FROM messages")
     assert stored == [("",)]
+
+
+@pytest.mark.parametrize(
+    ("message_id", "kept"),
+    [
+        # RFC 6532 allows UTF-8 in an id; our header would carry it as
+        # encoded words, which no mail program takes for the id.
+        ("<question-é@example.com>", False),
+        ("<" + "q" * 1000 + "@example.com>", False),
+        ("<question-1@example.com>", True),
+    ],
+)
+async def test_ack_leaves_out_ids_it_cannot_write(tmp_path: Path, start_daemon, message_id: str, kept: bool) -> None:
+    clock = ManualClock(at("2025-11-07T09:00:00"))
+    daemon = await start_daemon(write_config(tmp_path), clock=clock)
+    request = (
+        f"From: Alice <alice@example.com>\r\nSubject: Question\r\nMessage-ID: {message_id}\r\n"
+        f"References: <root@example.com> <réf@example.com>\r\n\r\nHi\r\n"
+    ).encode()
+    await send(daemon.port, "alice@example.com", ["support@example.org"], request)
+    await settle(daemon, clock)
+
+    (ack,) = acks_to(tmp_path, "alice@example.com")
+    assert ack["In-Reply-To"] == (message_id if kept else None)
+    assert ack["References"] == ("<root@example.com> " + message_id if kept else "<root@example.com>")
+    # The customer's message is still stored under its id, so replies to it thread.
+    stored = await daemon.store.fetch_all("SELECT message_id FROM messages")
+    assert stored == [(message_id,)]

@@ -26,6 +26,7 @@ from conftest import (
 from structlog.testing import capture_logs
 
 from guardrail.acknowledgement import (
+    MAX_COPIED_ID,
     MAX_QUOTED_NAME,
     MAX_QUOTED_SUBJECT,
     MAX_REFERENCES,
@@ -34,6 +35,7 @@ from guardrail.acknowledgement import (
     choose_language,
     format_deadline,
     merge_fields,
+    one_line,
     render_acknowledgement,
     requested_languages,
     shortened,
@@ -571,6 +573,55 @@ def test_capped_references_table(references: list[str], message_id: str, expecte
     assert len(capped) <= MAX_REFERENCES
 
 
+LONG_ID = "<" + "a" * (MAX_COPIED_ID - 14) + "@example.com>"  # MAX_COPIED_ID characters
+TOO_LONG_ID = "<" + "a" * 1200 + "@example.com>"
+
+
+def ack_for(rules: RuleSet, raw: bytes) -> EmailMessage:
+    """Return the support team's English acknowledgement of `raw`, rendered and parsed again."""
+    summary = summarize(raw)
+    request = AckRequest(
+        to_address="alice@example.com", from_address="support@example.org", language="en",
+        template=rules.teams["support"].templates["en"],
+        fields=merge_fields(summary, "alice@example.com", rules.teams["support"], "en", ARRIVAL),
+        in_reply_to=summary.message_id, references=capped_references(summary),
+    )
+    data = render_acknowledgement(request, "GR-7K3M9Q", HOSTNAME, ARRIVAL).data
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+    return email.message_from_bytes(data, policy=email.policy.default)
+
+
+@pytest.mark.parametrize(
+    ("message_id", "references", "in_reply_to", "expected"),
+    [
+        ("<m@x>", ["<a@x>"], "<m@x>", ["<a@x>", "<m@x>"]),
+        # RFC 6532 allows UTF-8 in a message id. Written into our header it
+        # would be RFC 2047 encoded, which no reader takes for an id, and one
+        # such id would have encoded the whole References header.
+        ("<café@x.example>", ["<a@x>"], None, ["<a@x>"]),
+        ("<m@x>", ["<a@x>", "<ré@x.example>", "<b@x>"], "<m@x>", ["<a@x>", "<b@x>", "<m@x>"]),
+        ("<ü@x>", [], None, None),
+        # An id longer than a header line can hold is left out too.
+        (TOO_LONG_ID, ["<a@x>"], None, ["<a@x>"]),
+        ("<m@x>", [TOO_LONG_ID, "<a@x>"], "<m@x>", ["<a@x>", "<m@x>"]),
+        (LONG_ID, [], LONG_ID, [LONG_ID]),
+    ],
+)
+def test_ack_copies_only_ids_it_can_write(
+    rules: RuleSet, message_id: str, references: list[str], in_reply_to: str | None, expected: list[str] | None
+) -> None:
+    headers = f"References: {' '.join(references)}\r\n" if references else ""
+    raw = message(message_id=message_id, extra_headers=headers)
+    assert summarize(raw).message_id == message_id
+
+    ack = ack_for(rules, raw)
+
+    assert ack["In-Reply-To"] == in_reply_to
+    assert (ack["References"].split() if ack["References"] else None) == expected
+    for name in ("In-Reply-To", "References"):
+        assert all("=?" not in value for value in ack.get_all(name, []))
+
+
 def test_capped_references_of_long_thread() -> None:
     capped = capped_references(summarize(case_file("threading", "long-references.eml")))
     assert len(capped) == MAX_REFERENCES
@@ -746,6 +797,34 @@ def test_urgent_contact_by_language(tmp_path: Path, team: str, language: str, te
 def test_shortened_table(text: str, limit: int, shown: str) -> None:
     assert shortened(text, limit) == shown
     assert len(shortened(text, limit)) <= limit
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("Printer  on\r\n floor 3", "Printer on floor 3"),
+        ("a\x00b", "a b"),
+        # Control characters that are not whitespace are not allowed in a
+        # header, and a terminal showing the message would act on ESC or CSI.
+        ("red\x1b[31m alert", "red [31m alert"),
+        ("a\x7fb\x9bc\x85d", "a b c d"),
+        ("x\u2028Bcc: evil@example.net", "x Bcc: evil@example.net"),
+        ("Réponse — ünïcode", "Réponse — ünïcode"),
+    ],
+)
+def test_one_line_table(text: str, line: str) -> None:
+    assert one_line(text) == line
+
+
+@pytest.mark.parametrize("control", ["\x1b", "\x7f", "\x9b", "\x08"])
+def test_ack_subject_without_control_characters(rules: RuleSet, control: str) -> None:
+    raw = message(subject=encoded(f"Printer{control}[2J jams"), sender=encoded(f"Alice{control}") + " <alice@example.com>")
+
+    ack = ack_for(rules, raw)
+
+    assert subject(ack) == "We received your message: Printer [2J jams [GR-7K3M9Q]"
+    assert control not in body(ack)
+    assert "Hello Alice," in body(ack)
 
 
 def test_ack_shortens_long_subject(tmp_path: Path) -> None:
