@@ -54,12 +54,21 @@ FUNCTION_WORDS: dict[str, frozenset[str]] = {
 # Punctuation and digits separate words, so "j'ai" is read as "j" and "ai".
 _SEPARATORS = str.maketrans(dict.fromkeys(string.punctuation + string.digits + "«»¿¡‘’“”„…–—·", " "))
 _KANA = re.compile(r"[\u3040-\u30ff]")
-# Only the start of the text is read: enough to decide, and bounded on long mail.
+# Only the start of the sender's own text is read: enough to decide, and bounded on long mail.
 MAX_CHARACTERS = 1500
 # The leader needs this many function words, and at least twice the next language's count.
 MIN_HITS = 2
 # Hiragana or katakana characters that mark a text as Japanese.
 MIN_KANA = 5
+# A line that ends what the sender wrote: a signature separator ("-- ",
+# RFC 3676 section 4.3), a line of underscores that Outlook puts before the
+# message it replies to, or dashes around a title ("-----Original
+# Message-----", "---------- Forwarded message ---------", "-----Ursprüngliche
+# Nachricht-----"). What follows is another author's text or a disclaimer,
+# often in another language.
+_OWN_TEXT_END = re.compile(r"\s*(?:--\s*|_{8,}\s*|-{4,}[^-].*-{4,}\s*)")
+# Characters searched for the sender's text, which may come after a long quote.
+_OWN_TEXT_SCAN = 64 * 1024
 
 
 def guess_language(text: str, candidates: Iterable[str]) -> str | None:
@@ -69,7 +78,7 @@ def guess_language(text: str, candidates: Iterable[str]) -> str | None:
     that Italian mail is not taken for Spanish because a team has a Spanish
     template and no Italian one.
     """
-    text = text[:MAX_CHARACTERS]
+    text = own_text(text)
     candidates = set(candidates)
     if len(_KANA.findall(text)) >= MIN_KANA:
         return "ja" if "ja" in candidates else None
@@ -84,3 +93,24 @@ def guess_language(text: str, candidates: Iterable[str]) -> str | None:
     if language in candidates and best >= MIN_HITS and best >= 2 * runner_up:
         return language
     return None
+
+
+def own_text(text: str, limit: int = MAX_CHARACTERS) -> str:
+    """Return up to `limit` characters of what the sender wrote in `text`: without quoted lines, up to a signature or the start of a quoted or forwarded message.
+
+    A reply in French to an English message quotes the English one, with
+    "> " before each line or below a separator line, and the quote is often
+    the longer text.
+    """
+    kept: list[str] = []
+    size = 0
+    for line in text[:_OWN_TEXT_SCAN].splitlines():
+        if _OWN_TEXT_END.fullmatch(line):
+            break
+        if line.lstrip().startswith(">"):
+            continue
+        kept.append(line)
+        size += len(line) + 1
+        if size >= limit:
+            break
+    return "\n".join(kept)[:limit]

@@ -209,6 +209,12 @@ FRENCH = ("Facture", "Bonjour, je ne trouve pas ma facture. Merci\r\n")
         ("support@example.org", "", FRENCH, "fr"),
         ("support@example.org", "", ("Rechnung", "Hallo, ich habe die Rechnung nicht bekommen. Danke\r\n"), "de"),
         ("support@example.org", "", ("Factura", "Hola, no encuentro mi factura. Gracias\r\n"), "es"),
+        # A reply quotes the English message it answers: the language is the sender's own.
+        ("support@example.org", "", ("Re: Your parcel has shipped", "Bonjour, je n'ai rien reçu. Merci\r\n\r\n"
+                                     "On Mon, 3 Nov 2025, Shop <shop@example.com> wrote:\r\n"
+                                     "> Hello, your parcel has shipped and you can track it with the link below.\r\n"
+                                     "> If you have any questions, please reply to this email. Thank you for your order!\r\n"),
+         "fr"),
         # A header still comes first.
         ("support@example.org", "Content-Language: de\r\n", FRENCH, "de"),
         # Nothing to tell the language by: billing's, which is French.

@@ -7,7 +7,7 @@ import base64
 import pytest
 from conftest import message
 
-from guardrail.language import MAX_CHARACTERS, guess_language
+from guardrail.language import MAX_CHARACTERS, guess_language, own_text
 from guardrail.message import body_sample, summarize
 
 SHIPPED = ("en", "fr", "de", "es")
@@ -51,6 +51,63 @@ SHIPPED = ("en", "fr", "de", "es")
 )
 def test_guess_language_table(text: str, candidates: tuple[str, ...], language: str | None) -> None:
     assert guess_language(text, candidates) == language
+
+
+ENGLISH_ORIGINAL = (
+    "Hello, thank you for your order. Your order has been shipped and you can track it with the link below. "
+    "If you have any questions, please reply to this email. We are happy to help you with anything you need."
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "language"),
+    [
+        # A reply quotes the message it answers, often in another language and longer than the reply.
+        (
+            "Re: Your order\nBonjour, je n'ai pas reçu le colis. Merci\n\n"
+            f"Le lun. 3 nov. 2025 à 10:00, Shop <shop@example.com> a écrit :\n> {ENGLISH_ORIGINAL}\n> {ENGLISH_ORIGINAL}",
+            "fr",
+        ),
+        # Quoted text above the reply (bottom posting), also nested.
+        (f"Re: order\n> {ENGLISH_ORIGINAL}\n>> {ENGLISH_ORIGINAL}\n\nHola, no he recibido mi pedido. Gracias", "es"),
+        # Outlook puts the original below a separator line, without "> ".
+        (
+            "AW: Your ticket\nHallo, das Problem ist noch nicht gelöst. Danke\n\n-----Ursprüngliche Nachricht-----\n"
+            f"Von: Support <support@example.org>\n{ENGLISH_ORIGINAL}",
+            "de",
+        ),
+        (
+            "RE: Your ticket\nBonjour, le problème n'est pas résolu. Merci\n\n________________________________\n"
+            f"From: Support <support@example.org>\nSent: Monday\n{ENGLISH_ORIGINAL}",
+            "fr",
+        ),
+        # A forwarded message, and a signature with a disclaimer in another language.
+        (
+            "Fwd: Invoice\nHola, les reenvío la factura. Gracias\n\n---------- Forwarded message ---------\n"
+            f"{ENGLISH_ORIGINAL}",
+            "es",
+        ),
+        (
+            "Invoice\nHi, the invoice you sent has the wrong address. Thanks\n-- \nJean Dupont\n"
+            "Le contenu de ce message est confidentiel et destiné à son destinataire. Si vous avez reçu ce message "
+            "par erreur, merci de le supprimer et de nous en informer.",
+            "en",
+        ),
+        # Nothing of the sender's own: no guess from the forwarded text.
+        (f"Fwd: Your order\n-------- Forwarded Message --------\n{ENGLISH_ORIGINAL}", None),
+        # Dashes inside a line of the sender's are text.
+        ("Facture\nBonjour -- je ne trouve pas ma facture -- merci pour votre aide", "fr"),
+    ],
+)
+def test_guess_reads_the_senders_own_text(text: str, language: str | None) -> None:
+    assert guess_language(text, SHIPPED) == language
+
+
+def test_own_text_is_bounded() -> None:
+    quote = "> " + "the and you with " * 10 + "\n"
+    french = "Bonjour, merci pour votre aide avec mon compte.\n"
+    assert own_text(quote * 50 + french * 100) == (french * 100)[:MAX_CHARACTERS].rstrip("\n")
+    assert len(own_text("word " * 100_000)) == MAX_CHARACTERS
 
 
 def test_guess_reads_the_start_of_the_text() -> None:
