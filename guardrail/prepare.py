@@ -320,8 +320,10 @@ def _ack_request(
 ) -> AckRequest:
     language = choose_language(summary, team, lambda: f"{summary.subject}\n{summary.body_text or body_sample(raw, summary)}")
     return AckRequest(
-        # RFC 3834 section 4: answer the envelope sender, never Reply-To.
-        to_address=envelope.mail_from.lower(),
+        # RFC 3834 section 4: answer the envelope sender, never Reply-To. Its
+        # local part keeps its case (RFC 5321 section 2.4); the rate limit
+        # compares it in lower case.
+        to_address=envelope.mail_from,
         from_address=inbox,
         language=language,
         template=team.templates[language],

@@ -368,7 +368,7 @@ class BatchWriter:
                     EarlierCopy(outcome.message_row, by_reference[outcome.reference], submission.raw)
                 )
             if outcome.ack_decision and submission.ack is not None:
-                ack_history.setdefault(submission.ack.to_address, []).append((submission.received_at, outcome.ack_decision, outcome.ack_signal))
+                ack_history.setdefault(submission.ack.to_address.lower(), []).append((submission.received_at, outcome.ack_decision, outcome.ack_signal))
             outcomes.append(outcome)
         return outcomes
 
@@ -518,7 +518,7 @@ class BatchWriter:
         """Queue the acknowledgement if the plan sends one; return why the plain variant was used."""
         if not plan.ack_decision:
             return ""
-        recipient = submission.ack.to_address if submission.ack else submission.mail_from.lower()
+        recipient = submission.ack.to_address.lower() if submission.ack else submission.mail_from.lower()
         conversation_id = conversation.id if conversation else None
         if plan.ack_decision != "sent" or submission.ack is None or conversation is None:
             self.rows["acknowledgements"].append((row, conversation_id, at, recipient, "suppressed", plan.ack_signal, None, None, None))
@@ -528,7 +528,7 @@ class BatchWriter:
         if rendered is None or submission.proposed_reference != conversation.reference:
             rendered = render_acknowledgement(submission.ack, conversation.reference, self.settings.hostname, submission.received_at)
         variant = "plain" if rendered.used_plain else "template"
-        target = {"kind": "smtp", "addresses": [recipient], "sender": "", "purpose": "acknowledgement"}
+        target = {"kind": "smtp", "addresses": [submission.ack.to_address], "sender": "", "purpose": "acknowledgement"}
         self._outbox("mail", conversation.id, row, target, rendered.data, at)
         self.rows["message_ids"].append((rendered.message_id, conversation.id))
         by_message_id[rendered.message_id] = conversation
@@ -864,7 +864,7 @@ class BatchWriter:
             references = ["" if reference in in_use else reference for reference in references]
 
     def _ack_history(self, submissions: list[Submission]) -> dict[str, list[tuple[datetime, str, str]]]:
-        recipients = sorted({s.ack.to_address for s in submissions if s.ack is not None})
+        recipients = sorted({s.ack.to_address.lower() for s in submissions if s.ack is not None})
         if not recipients:
             return {}
         cutoff = format_instant(min(s.received_at for s in submissions) - self.settings.ack_window)
@@ -911,7 +911,7 @@ def _ack_counts(history: dict[str, list[tuple[datetime, str, str]]], submission:
     if submission.ack is None:
         return 0, False
     since = submission.received_at - window
-    entries = [entry for entry in history.get(submission.ack.to_address, []) if entry[0] > since]
+    entries = [entry for entry in history.get(submission.ack.to_address.lower(), []) if entry[0] > since]
     sent = sum(1 for _, decision, _ in entries if decision == "sent")
     warned = any(signal == RATE_LIMIT_SIGNAL for _, _, signal in entries)
     return sent, warned

@@ -170,3 +170,27 @@ async def test_ack_leaves_out_ids_it_cannot_write(tmp_path: Path, start_daemon, 
     # The customer's message is still stored under its id, so replies to it thread.
     stored = await daemon.store.fetch_all("SELECT message_id FROM messages")
     assert stored == [(message_id,)]
+
+
+async def test_ack_keeps_case_of_local_part(tmp_path: Path, start_daemon) -> None:
+    # RFC 5321 section 2.4: a local part may be case-sensitive, so the
+    # acknowledgement goes to the envelope sender as written. The limit per
+    # sender still counts every spelling of the address as one.
+    clock = ManualClock(at("2025-11-07T09:00:00"))
+    config = write_config(tmp_path, sections={"acknowledgements": {"max_per_sender": 2, "window": "1h"}})
+    daemon = await start_daemon(config, clock=clock)
+    for index, sender in enumerate(["J.Smith@Example.com", "j.smith@example.com", "J.SMITH@example.com"]):
+        question = (
+            f"From: John <{sender}>\r\nSubject: Question {index}\r\nMessage-ID: <q{index}@example.com>\r\n\r\nHi\r\n"
+        ).encode()
+        await send(daemon.port, sender, ["support@example.org"], question)
+        await settle(daemon, clock)
+
+    messages = [email.message_from_bytes(data) for data in maildir_messages(tmp_path / "var" / "outbound")]
+    sent = sorted((m["X-Guardrail-Envelope-To"], m["To"]) for m in messages if m["Auto-Submitted"] == "auto-replied")
+    assert sent == [("J.Smith@Example.com", "J.Smith@Example.com"), ("j.smith@example.com", "j.smith@example.com")]
+    rows = await daemon.store.fetch_all("SELECT recipient, decision, signal FROM acknowledgements ORDER BY id")
+    assert [tuple(row) for row in rows] == [
+        ("j.smith@example.com", "sent", ""), ("j.smith@example.com", "sent", ""),
+        ("j.smith@example.com", "suppressed", "rate limit"),
+    ]
