@@ -183,7 +183,8 @@ def listed_part_types(message: Message, raw: bytes, *, parsed_body: bool = True)
 
     A delivery or read report may sit inside another multipart (RFC 6522
     section 3 lets it), and a meeting reply carries its text/calendar part
-    beside a text one. Parts of an attached message (message/rfc822), such
+    beside a text one. A message/* report part counts only inside a
+    multipart/report. Parts of an attached message (message/rfc822), such
     as a bounce that a person forwards, are not the message's own and are
     skipped. `message` is the parsed message, or its header block alone
     when not `parsed_body`. In that case the start of `raw` is parsed, but
@@ -211,11 +212,17 @@ def listed_part_types(message: Message, raw: bytes, *, parsed_body: bool = True)
 def _list_parts(message: Message, found: list[str], budget: list[int]) -> None:
     if not message.is_multipart() or message.get_content_maintype() != "multipart":
         return  # a message/* part: its contents belong to another message
+    # A report part (message/delivery-status and the like) is one only in a
+    # multipart/report (RFC 3464 section 2, RFC 5965 section 2, RFC 8098
+    # section 3). Beside a person's text in a multipart/mixed, it is a report
+    # that the person forwards inline, as mail programs do with its parts.
+    in_report = message.get_content_type() == "multipart/report"
     for part in message.get_payload():
         budget[0] -= 1
         if budget[0] < 0:
             return
-        if part.get_content_type() in LISTED_PART_TYPES:
+        kind = part.get_content_type()
+        if kind in LISTED_PART_TYPES and (in_report or not kind.startswith("message/")):
             found.append(_FOLD.sub(" ", _repair_surrogates(str(part.get("content-type", "")))).strip())
         _list_parts(part, found, budget)
 

@@ -430,6 +430,13 @@ NESTED_REPORT = (
     f"--inner\r\nContent-Type: message/delivery-status\r\n\r\n{DELIVERY_STATUS}\r\n--inner--",
 )
 CALENDAR_REPLY = "BEGIN:VCALENDAR\r\nMETHOD:REPLY\r\nBEGIN:VEVENT\r\nATTENDEE;PARTSTAT=ACCEPTED:mailto:bob@example.org\r\nEND:VEVENT\r\nEND:VCALENDAR"
+# The parts of a report as a person's mail program forwards them inline.
+INLINE_REPORT_PARTS = (
+    ("message/delivery-status", DELIVERY_STATUS),
+    ("message/global-delivery-status", DELIVERY_STATUS),
+    ("message/disposition-notification", "Disposition: manual-action/MDN-sent-manually; displayed"),
+    ("message/feedback-report", "Feedback-Type: abuse"),
+)
 FORWARDED_BOUNCE = (
     "message/rfc822",
     'Subject: Undelivered Mail\r\nContent-Type: multipart/report; report-type=delivery-status; boundary="inner"\r\n\r\n'
@@ -456,10 +463,12 @@ def test_delay_report_found_without_subject() -> None:
     [
         # RFC 6522 section 3: a report may be a part of another multipart.
         (multipart("multipart/mixed", [("text/plain", "See the report below."), NESTED_REPORT]), "multipart/report part"),
-        (multipart("multipart/mixed", [("text/plain", "x"), ("message/delivery-status", DELIVERY_STATUS)]),
-         "message/delivery-status part"),
-        (multipart("multipart/mixed", [("text/plain", "x"), ("message/feedback-report", "Feedback-Type: abuse")]),
-         "message/feedback-report part"),
+        # A report part counts inside a multipart/report, also one nested in another multipart.
+        (multipart("multipart/signed", [NESTED_REPORT, ("application/pkcs7-signature", "x")]), "multipart/report part"),
+        (multipart("multipart/mixed", [("text/plain", "x"), ("multipart/report; report-type=feedback-report; boundary=\"inner\"",
+                                                             "--inner\r\nContent-Type: message/feedback-report\r\n\r\n"
+                                                             "Feedback-Type: abuse\r\n--inner--")]),
+         "multipart/report part"),
         # A read receipt (RFC 8098) or a delivery report without its multipart/report wrapper.
         (b"From: Bob <bob@example.org>\r\nSubject: Read: hi\r\nContent-Type: message/disposition-notification\r\n\r\n"
          b"Disposition: manual-action/MDN-sent-manually; displayed\r\n", "message/disposition-notification"),
@@ -476,6 +485,9 @@ def test_delay_report_found_without_subject() -> None:
          None),
         (multipart("multipart/mixed", [("text/plain", "Why did my mail bounce?"), FORWARDED_BOUNCE]), None),
         (multipart("multipart/mixed", [("text/plain", "Content-Type: multipart/report is what I saw"), ("text/plain", "x")]), None),
+        # A bounce forwarded inline: the mail program puts the report's parts
+        # beside the person's text, outside any multipart/report.
+        *((multipart("multipart/mixed", [("text/plain", "Why did my mail bounce?"), part]), None) for part in INLINE_REPORT_PARTS),
     ],
 )
 def test_report_and_calendar_parts(data: bytes, signal: str | None, with_body: bool) -> None:
@@ -493,6 +505,9 @@ def test_report_and_calendar_parts(data: bytes, signal: str | None, with_body: b
         (multipart("multipart/alternative", [("text/plain", "Bob has accepted."), ("text/calendar; method=REPLY", CALENDAR_REPLY)]),
          False),
         (multipart("multipart/mixed", [("text/plain", "Why did my mail bounce?"), FORWARDED_BOUNCE]), True),
+        (multipart("multipart/mixed", [("text/plain", "Why did my mail bounce?"), ("text/plain", "Your message could not be"
+                                       " delivered."), INLINE_REPORT_PARTS[0], FORWARDED_BOUNCE], subject="Fwd: Undelivered Mail"),
+         True),
     ],
 )
 async def test_reports_and_meeting_replies_unacknowledged(
