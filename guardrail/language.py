@@ -104,7 +104,14 @@ def own_text(text: str, limit: int = MAX_CHARACTERS) -> str:
     """
     kept: list[str] = []
     size = 0
-    for line in text[:_OWN_TEXT_SCAN].splitlines():
+    start, end = 0, min(len(text), _OWN_TEXT_SCAN)
+    # Lines are cut one at a time, so a long message costs no more than the lines the loop reaches.
+    while start < end:
+        stop = text.find("\n", start, end)
+        if stop < 0:
+            stop = end
+        line = text[start:stop].rstrip("\r")
+        start = stop + 1
         if _OWN_TEXT_END.fullmatch(line):
             break
         if line.lstrip().startswith(">"):
