@@ -82,6 +82,7 @@ class RescheduleRun:
     planner: Callable[[str, datetime, int], datetime | None]
     after: int
     limit: int
+    digest: str = ""  # the rules' digest, recorded when the last conversation is done
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class Committer:
             writer.flush()
             # After the flush, so that rows delivered in this batch count as delivered.
             emptied = iter([writer.empty_old_bytes(format_instant(run.cutoff), run.limit) for run in retention_runs])
-            rescheduled = iter([writer.reschedule(run.planner, run.after, run.limit) for run in reschedule_runs])
+            rescheduled = iter([writer.reschedule(run.planner, run.after, run.limit, run.digest) for run in reschedule_runs])
             db.execute("COMMIT")
         except BaseException:
             # The original error matters more than one from the rollback.

@@ -12,6 +12,7 @@ import errno
 import os
 import shlex
 import signal
+import sqlite3
 import ssl
 import sys
 from collections.abc import Awaitable
@@ -159,8 +160,9 @@ class Daemon:
         ]
         # The stored escalation times were computed under the rules loaded when
         # each was set, and the rule files may have changed while the daemon
-        # was down: set them again under the rules loaded now, as a reload does.
-        self._start_rescheduling(self.rules)
+        # was down: set them again under the rules loaded now, as a reload
+        # does, unless the store says they were set under these rules.
+        self._start_rescheduling(self.rules, unless_current=True)
         if config.zombie is not None:
             self.zombies = ZombieWatch(
                 self.store, self.clock, lambda: self.rules, sender, config.zombie, worker.wake.set, metrics=self.metrics
@@ -276,31 +278,36 @@ class Daemon:
         log.info("rules_reloaded", rules=rules.digest[:12], routes=len(rules.routes), teams=len(rules.teams))
         return True
 
-    def _start_rescheduling(self, rules: RuleSet) -> None:
+    def _start_rescheduling(self, rules: RuleSet, *, unless_current: bool = False) -> None:
         """Set again, in the background, when open conversations are next escalated under `rules`.
 
         The stored time of a conversation's next level was computed from the
         rules it opened under. Without this, a level moved earlier would fire
         at its old time, and a level added to a chain that had ended would
         never fire. A reschedule still running for older rules is cancelled.
+        With `unless_current`, nothing changes when the last complete
+        reschedule followed rules with the same digest.
         """
         if self.store is None:
             return
         if self.rescheduling is not None:
             self.rescheduling.cancel()
-        self.rescheduling = asyncio.get_running_loop().create_task(self._reschedule(rules), name="guardrail-reschedule")
+        task = self._reschedule(rules, unless_current=unless_current)
+        self.rescheduling = asyncio.get_running_loop().create_task(task, name="guardrail-reschedule")
 
-    async def _reschedule(self, rules: RuleSet) -> None:
+    async def _reschedule(self, rules: RuleSet, *, unless_current: bool = False) -> None:
         assert self.store is not None
 
         def planner(team: str, deadline: datetime, level: int) -> datetime | None:
             return next_escalation(rules.teams.get(team), rules, deadline, level)
 
         try:
-            changed, earliest = await self.store.reschedule_escalations(planner)
-        except StorageError as error:
+            if unless_current and await self.store.schedule_rules() == rules.digest:
+                return
+            changed, earliest = await self.store.reschedule_escalations(planner, digest=rules.digest)
+        except (StorageError, sqlite3.Error) as error:
             log.error("escalations_not_rescheduled", error=str(error),
-                      detail="the escalation times stored before the reload stay until the next reload")
+                      detail="the stored escalation times stay until the next reload or start")
             return
         if changed:
             log.info("escalations_rescheduled", conversations=changed, rules=rules.digest[:12])

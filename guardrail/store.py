@@ -37,6 +37,7 @@ from .errors import StorageError
 from .escalation import DueConversation, EscalationPlan
 from .plan import Submission
 from .store_batch import (
+    SCHEDULE_RULES,
     SCHEMA,
     AttemptResult,
     Emptied,
@@ -253,23 +254,30 @@ class Store:
         return await self._submit(RejectionRun(now, period, planner))
 
     async def reschedule_escalations(
-        self, planner: Callable[[str, datetime, int], datetime | None], *, batch: int = RETENTION_BATCH
+        self, planner: Callable[[str, datetime, int], datetime | None], *, digest: str = "", batch: int = RETENTION_BATCH
     ) -> tuple[int, datetime | None]:
         """Set again when every open conversation on the SLA clock is next escalated, as after a rule reload.
 
         Each batch is a transaction of its own, so intake's commits go
-        between them. Return how many conversations changed, and the
-        earliest of their new times.
+        between them. The last one records `digest`, the digest of the
+        rules that `planner` follows, which `schedule_rules` returns. Return
+        how many conversations changed, and the earliest of their new times.
         """
         changed, after, earliest = 0, 0, None
         while True:
-            done: Rescheduled = await self._submit(RescheduleRun(planner, after, batch))
+            done: Rescheduled = await self._submit(RescheduleRun(planner, after, batch, digest))
             changed += done.changed
             after = done.last_id
             if done.earliest is not None and (earliest is None or done.earliest < earliest):
                 earliest = done.earliest
             if not done.more:
                 return changed, earliest
+
+    async def schedule_rules(self) -> str:
+        """Return the digest of the rules under which every open conversation's next escalation was last set, or ""."""
+        async with self._db.execute("SELECT value FROM facts WHERE name = ?", (SCHEDULE_RULES,)) as cursor:
+            row = await cursor.fetchone()
+        return row[0] if row else ""
 
     async def empty_old_bytes(self, cutoff: datetime, *, batch: int = RETENTION_BATCH, max_batches: int = RETENTION_MAX_BATCHES) -> Emptied:
         """Empty the bytes of messages and outbox rows created before `cutoff`; return the totals.

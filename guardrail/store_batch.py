@@ -182,8 +182,18 @@ CREATE TABLE IF NOT EXISTS retention (
     name TEXT PRIMARY KEY,
     last_id INTEGER NOT NULL
 ) WITHOUT ROWID;
+
+-- Named values the daemon keeps across restarts, such as the digest of the
+-- rules under which every open conversation's next escalation was last set.
+CREATE TABLE IF NOT EXISTS facts (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
+
+# The fact that names the rules under which open conversations' escalations were last set.
+SCHEDULE_RULES = "schedule_rules"
 
 # Stored messages that one Message-ID's copy check compares at most. Each
 # inbox's copy of a message comes after the first arrival, so the first
@@ -755,12 +765,16 @@ class BatchWriter:
         )
         return Emptied(len(messages), len(outbox), more_messages or more_outbox)
 
-    def reschedule(self, planner: Callable[[str, datetime, int], datetime | None], after: int, limit: int) -> Rescheduled:
+    def reschedule(
+        self, planner: Callable[[str, datetime, int], datetime | None], after: int, limit: int, digest: str = ""
+    ) -> Rescheduled:
         """Set again, by `planner`, when up to `limit` open conversations with an id above `after` are next escalated.
 
         Only conversations on the SLA clock are visited: open, with a
         deadline, and not escalated at once for a reason such as an
-        unstaffed team, whose escalation does not follow the chain.
+        unstaffed team, whose escalation does not follow the chain. The
+        last pass records `digest`, the rules the planner follows, as
+        SCHEDULE_RULES.
         """
         rows = self.db.execute(
             "SELECT id, team, deadline, escalation_level, next_escalation_at FROM conversations"
@@ -777,7 +791,10 @@ class BatchWriter:
                 if due is not None and (earliest is None or due < earliest):
                     earliest = due
         self.db.executemany("UPDATE conversations SET next_escalation_at = ? WHERE id = ?", changes)
-        return Rescheduled(len(changes), rows[-1][0] if rows else after, len(rows) == limit, earliest)
+        more = len(rows) == limit
+        if digest and not more:
+            self.db.execute("INSERT OR REPLACE INTO facts (name, value) VALUES (?, ?)", (SCHEDULE_RULES, digest))
+        return Rescheduled(len(changes), rows[-1][0] if rows else after, more, earliest)
 
     def _visit(self, table: str, sql: str, cutoff: str, limit: int, pending: set[int]) -> tuple[list[int], bool]:
         """Return the ids to empty among the next `limit` rows of `table`, and whether rows are left; record where it stopped."""

@@ -695,3 +695,38 @@ async def test_restart_with_changed_chain_reschedules(
     assert early == []
     assert len(escalations_to(tmp_path, address)) == 1
     assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
+
+
+def stored_next_escalation(folder: Path, value: str | None = None) -> str:
+    """Return the one conversation's stored next escalation time, after setting it to `value` when given."""
+    with closing(sqlite3.connect(folder / "var" / "guardrail.db")) as connection, connection:
+        if value is not None:
+            connection.execute("UPDATE conversations SET next_escalation_at = ?", (value,))
+        (stored,), = connection.execute("SELECT next_escalation_at FROM conversations").fetchall()
+    return stored
+
+
+async def test_restart_with_same_rules_keeps_times(tmp_path: Path, start_daemon) -> None:
+    # A start visits every open conversation only when the rules changed since the last complete reschedule.
+    config = write_config(tmp_path, rules=chain_rules(f'[{{ after = "0m", {DUTY[2:]}, {{ after = "6h", {HEAD[2:]}]'))
+    clock = ManualClock(at("2025-11-17T10:00:00"))
+    daemon = await start_daemon(config, clock=clock)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], case_file("escalation", "message.eml"))
+    await daemon.stop()
+    marker = "2030-01-01T00:00:00+00:00"
+    stored_next_escalation(tmp_path, marker)
+
+    daemon = await start_daemon(config, clock=clock)
+    assert daemon.rescheduling is not None
+    await daemon.rescheduling
+    await daemon.stop()
+    kept = stored_next_escalation(tmp_path)
+
+    (tmp_path / "rules" / "rules.toml").write_text(chain_rules(f'[{{ after = "1h", {DUTY[2:]}]'))
+    daemon = await start_daemon(config, clock=clock)
+    assert daemon.rescheduling is not None
+    await daemon.rescheduling
+    await daemon.stop()
+
+    assert kept == marker
+    assert stored_next_escalation(tmp_path) == format_instant(at("2025-11-17T12:00:00"))
