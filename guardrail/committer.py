@@ -25,6 +25,7 @@ from .store_batch import (
     AttemptResult,
     BatchWriter,
     ManualAnswer,
+    ReschedulePlanner,
     StoreSettings,
 )
 
@@ -79,7 +80,7 @@ class RescheduleRun:
     loaded, or None when the conversation's chain has ended.
     """
 
-    planner: Callable[[str, datetime, int], datetime | None]
+    planner: ReschedulePlanner
     after: int
     limit: int
     digest: str = ""  # the rules' digest, recorded when the last conversation is done

@@ -106,6 +106,43 @@ def next_escalation(team: Team | None, rules: RuleSet, deadline: datetime, level
     return deadline + chain[level].after if level < len(chain) else None
 
 
+# Whom an escalation level tells: the person's address and the webhook's URL, either one empty.
+LevelTarget = tuple[str, str]
+
+
+def level_target(level: EscalationLevel) -> LevelTarget:
+    """Return whom `level` tells, as the `escalated` events record it."""
+    return (level.human.address.lower() if level.human else "", level.webhook.url if level.webhook else "")
+
+
+def event_target(detail: dict[str, object]) -> LevelTarget:
+    """Return whom an `escalated` event's level told."""
+    return (str(detail.get("to", "")).lower(), str(detail.get("webhook", "")))
+
+
+def levels_passed(team: Team | None, rules: RuleSet, fired: list[LevelTarget]) -> int:
+    """Return how many levels at the start of the team's chain have fired, matching each level to a fired escalation by whom it tells.
+
+    After the chain changes, the levels that fired under the old one are
+    found in the new one by person and webhook, each fired escalation used
+    once, so a level repeated for the same person counts each time. The
+    count stops at the first level that did not fire. A level removed from
+    the chain then does not hide the levels after it, and a level added
+    before those that fired is sent, along with the fired ones after it.
+    """
+    remaining: dict[LevelTarget, int] = {}
+    for target in fired:
+        remaining[target] = remaining.get(target, 0) + 1
+    passed = 0
+    for level in _chain(team, rules):
+        target = level_target(level)
+        if not remaining.get(target):
+            break
+        remaining[target] -= 1
+        passed += 1
+    return passed
+
+
 def plan_escalation(conversation: DueConversation, rules: RuleSet, now: datetime, sender: Sender) -> EscalationPlan:
     """Return what to send for a due conversation, and when it is next due."""
     team = rules.teams.get(conversation.team)

@@ -44,6 +44,7 @@ from .store_batch import (
     ManualAnswer,
     Outcome,
     Rescheduled,
+    ReschedulePlanner,
     StoreSettings,
 )
 
@@ -254,7 +255,7 @@ class Store:
         return await self._submit(RejectionRun(now, period, planner))
 
     async def reschedule_escalations(
-        self, planner: Callable[[str, datetime, int], datetime | None], *, digest: str = "", batch: int = RETENTION_BATCH
+        self, planner: ReschedulePlanner, *, digest: str = "", batch: int = RETENTION_BATCH
     ) -> tuple[int, datetime | None]:
         """Set again when every open conversation on the SLA clock is next escalated, as after a rule reload.
 

@@ -23,8 +23,10 @@ from .conversations import KnownConversation, find_references, new_reference
 from .escalation import (
     DueConversation,
     EscalationPlan,
+    LevelTarget,
     delivery_failure_reason,
     encode_fallback,
+    event_target,
 )
 from .plan import (
     RATE_LIMIT_SIGNAL,
@@ -41,6 +43,11 @@ from .rules import Destination
 from .zombies import RouteFigures
 
 log = structlog.get_logger("guardrail.store")
+
+# planner(team, deadline, level, fired) of a reschedule: the conversation's new
+# level and its next escalation time, or None when its chain has ended. `fired`
+# is None at level 0, else whom each escalation told, in order.
+ReschedulePlanner = Callable[[str, datetime, int, "list[LevelTarget] | None"], tuple[int, "datetime | None"]]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -765,16 +772,15 @@ class BatchWriter:
         )
         return Emptied(len(messages), len(outbox), more_messages or more_outbox)
 
-    def reschedule(
-        self, planner: Callable[[str, datetime, int], datetime | None], after: int, limit: int, digest: str = ""
-    ) -> Rescheduled:
-        """Set again, by `planner`, when up to `limit` open conversations with an id above `after` are next escalated.
+    def reschedule(self, planner: ReschedulePlanner, after: int, limit: int, digest: str = "") -> Rescheduled:
+        """Set again, by `planner`, the level and next escalation time of up to `limit` open conversations with an id above `after`.
 
         Only conversations on the SLA clock are visited: open, with a
         deadline, and not escalated at once for a reason such as an
         unstaffed team, whose escalation does not follow the chain. The
-        last pass records `digest`, the rules the planner follows, as
-        SCHEDULE_RULES.
+        planner gets, for a conversation past level 0, whom each of its
+        escalations told, in order. The last pass records `digest`, the
+        rules the planner follows, as SCHEDULE_RULES.
         """
         rows = self.db.execute(
             "SELECT id, team, deadline, escalation_level, next_escalation_at FROM conversations"
@@ -784,17 +790,27 @@ class BatchWriter:
         changes = []
         earliest: datetime | None = None
         for row_id, team, deadline, level, stored in rows:
-            due = planner(team, parse_instant(deadline), level)
+            fired = self._fired_levels(row_id) if level else None
+            new_level, due = planner(team, parse_instant(deadline), level, fired)
             text = format_instant(due) if due is not None else None
-            if text != stored:
-                changes.append((text, row_id))
+            if text != stored or new_level != level:
+                changes.append((new_level, text, row_id))
                 if due is not None and (earliest is None or due < earliest):
                     earliest = due
-        self.db.executemany("UPDATE conversations SET next_escalation_at = ? WHERE id = ?", changes)
+        self.db.executemany("UPDATE conversations SET escalation_level = ?, next_escalation_at = ? WHERE id = ?", changes)
         more = len(rows) == limit
         if digest and not more:
             self.db.execute("INSERT OR REPLACE INTO facts (name, value) VALUES (?, ?)", (SCHEDULE_RULES, digest))
         return Rescheduled(len(changes), rows[-1][0] if rows else after, more, earliest)
+
+    def _fired_levels(self, conversation_id: int) -> list[LevelTarget]:
+        """Return whom each chain level that fired for the conversation told, oldest first."""
+        rows = self.db.execute(
+            "SELECT detail FROM events WHERE conversation_id = ? AND kind = 'escalated' ORDER BY id", (conversation_id,)
+        ).fetchall()
+        details = [json.loads(detail) for (detail,) in rows]
+        # An unstaffed team's escalation names no level of the chain.
+        return [event_target(detail) for detail in details if isinstance(detail.get("level"), int)]
 
     def _visit(self, table: str, sql: str, cutoff: str, limit: int, pending: set[int]) -> tuple[list[int], bool]:
         """Return the ids to empty among the next `limit` rows of `table`, and whether rows are left; record where it stopped."""

@@ -31,12 +31,15 @@ from webhook_receiver import webhook_receiver
 from guardrail.cli import build_parser, main
 from guardrail.clock import ManualClock, format_instant, parse_instant
 from guardrail.committer import Committer, EscalationRun
-from guardrail.daemon import answer_command
+from guardrail.config import load_config
+from guardrail.daemon import answer_command, load_ruleset
 from guardrail.escalation import (
     DueConversation,
     Sender,
     at_once_wording,
     delivery_failure_reason,
+    event_target,
+    levels_passed,
     plan_escalation,
 )
 from guardrail.store_batch import (
@@ -730,3 +733,66 @@ async def test_restart_with_same_rules_keeps_times(tmp_path: Path, start_daemon)
 
     assert kept == marker
     assert stored_next_escalation(tmp_path) == format_instant(at("2025-11-17T12:00:00"))
+
+
+PAT = '{ name = "Pat Shift", address = "pat@example.org" }'
+HOOK = 'webhook = { url = "http://127.0.0.1:9/hook" }'
+
+
+def chain_of(*levels: str) -> str:
+    """Return a chain as TOML, each level given as "AFTER WHO" with WHO one of DUTY, PAT, HEAD or HOOK."""
+    people = {"DUTY": DUTY[2:-2], "PAT": PAT[2:-2], "HEAD": HEAD[2:-2], "HOOK": HOOK}
+    written = []
+    for level in levels:
+        after, who = level.split()
+        written.append(f'{{ after = "{after}", {people[who]} }}')
+    return "[" + ", ".join(written) + "]"
+
+
+DANA_AT, PAT_AT, ERIK_AT = ("duty-manager@example.org", ""), ("pat@example.org", ""), ("head-of-facilities@example.org", "")
+
+
+@pytest.mark.parametrize(("chain", "fired", "passed"), [
+    # The chain that fired them: the count of fired levels.
+    (["0m DUTY", "1h PAT", "3h HEAD"], [DANA_AT, PAT_AT], 2),
+    (["0m DUTY", "1h PAT", "3h HEAD"], [], 0),
+    # Pat left the chain after being told: Erik is next.
+    (["0m DUTY", "3h HEAD"], [DANA_AT, PAT_AT], 1),
+    # A level added before those that fired is sent, and the levels after it again.
+    (["0m DUTY", "30m HEAD", "1h PAT"], [DANA_AT, PAT_AT], 1),
+    # A person told twice by a repeated level counts twice, and a third time is still due.
+    (["0m DUTY", "1h DUTY", "2h DUTY"], [DANA_AT, DANA_AT], 2),
+    # Addresses compare without case, and a webhook level by its URL.
+    (["0m HOOK", "1h HEAD"], [("", "http://127.0.0.1:9/hook"), ERIK_AT], 2),
+    (["0m DUTY"], [("Duty-Manager@Example.org", "")], 1),
+])
+def test_levels_passed_match_by_target(tmp_path: Path, chain: list[str], fired: list[tuple[str, str]], passed: int) -> None:
+    config = write_config(tmp_path, rules=chain_rules(chain_of(*chain)))
+    rules = load_ruleset(load_config(config))
+    # As the store reads them back from the `escalated` events.
+    targets = [event_target({"level": number, "to": address, "webhook": url}) for number, (address, url) in enumerate(fired, 1)]
+    assert levels_passed(rules.teams["facilities"], rules, targets) == passed
+
+
+async def test_reload_removing_fired_level_keeps_later_ones(tmp_path: Path, start_daemon) -> None:
+    config = write_config(tmp_path, rules=chain_rules(chain_of("0m DUTY", "1h PAT", "3h HEAD")))
+    clock = ManualClock(at("2025-11-17T10:00:00"))
+    daemon = await start_daemon(config, clock=clock)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], case_file("escalation", "message.eml"))
+    await advance_in_ticks(daemon, clock, at("2025-11-17T12:10:00"), tick=timedelta(minutes=10))
+    told_pat = len(escalations_to(tmp_path, "pat@example.org"))
+
+    # Pat leaves the chain after being told. Erik, the level after Pat, still falls due at deadline + 3h.
+    (tmp_path / "rules" / "rules.toml").write_text(chain_rules(chain_of("0m DUTY", "3h HEAD")))
+    assert daemon.reload() is True
+    assert daemon.rescheduling is not None
+    await daemon.rescheduling
+    await advance_in_ticks(daemon, clock, at("2025-11-17T13:59:00"), tick=timedelta(minutes=10))
+    early = escalations_to(tmp_path, "head-of-facilities@example.org")
+    await advance_in_ticks(daemon, clock, at("2025-11-17T14:01:00"), tick=timedelta(minutes=1))
+
+    assert told_pat == 1
+    assert early == []
+    assert len(escalations_to(tmp_path, "head-of-facilities@example.org")) == 1
+    assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
+    assert len(escalations_to(tmp_path, "pat@example.org")) == 1
