@@ -106,22 +106,22 @@ def next_escalation(team: Team | None, rules: RuleSet, deadline: datetime, level
     return deadline + chain[level].after if level < len(chain) else None
 
 
-# Whom an escalation level tells: the person's address and the webhook's URL, either one empty.
+# The recipients of an escalation level: the person's address and the webhook's URL, either one empty.
 LevelTarget = tuple[str, str]
 
 
 def level_target(level: EscalationLevel) -> LevelTarget:
-    """Return whom `level` tells, as the `escalated` events record it."""
+    """Return the recipients that `level` notifies, as the `escalated` events record them."""
     return (level.human.address.lower() if level.human else "", level.webhook.url if level.webhook else "")
 
 
 def event_target(detail: dict[str, object]) -> LevelTarget:
-    """Return whom an `escalated` event's level told."""
+    """Return the recipients that an `escalated` event's level notified."""
     return (str(detail.get("to", "")).lower(), str(detail.get("webhook", "")))
 
 
 def levels_passed(team: Team | None, rules: RuleSet, fired: list[LevelTarget]) -> int:
-    """Return how many levels at the start of the team's chain have fired, matching each level to a fired escalation by whom it tells.
+    """Return how many levels at the start of the team's chain have fired, matching levels to fired escalations by recipient.
 
     After the chain changes, the levels that fired under the old one are
     found in the new one by person and webhook, each fired escalation used
