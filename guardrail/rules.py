@@ -249,9 +249,9 @@ def load_rules(
         templates[template.name][template.language] = template
 
     fallback, horizon, staff_addresses, staff_domains, authserv_id, authserv_peers = _load_settings(settings)
-    teams = _by_name(entries["team"], lambda table: _load_team(table, base, calendars, templates, fallback), "team")
+    teams = _by_name(entries["team"], lambda table: _load_team(table, base, calendars, templates, fallback, today), "team")
     unreadable = bool(errors)
-    routes, shadow_routes = _load_routes(entries["route"], teams, errors, directory, check_default=not unreadable)
+    routes, shadow_routes = _load_routes(entries["route"], teams, errors, directory, today, check_default=not unreadable)
     if errors:
         raise ConfigErrors(errors)
 
@@ -336,6 +336,7 @@ def _load_team(
     calendars: dict[str, Calendar],
     templates: dict[str, dict[str, Template]],
     fallback: Human | None,
+    today: date,
 ) -> Team | None:
     name = table.string("name", required=True)
     if name:
@@ -344,7 +345,7 @@ def _load_team(
     members = _load_members(table)
     calendar = _team_calendar(table, calendars)
     first_response = table.duration("first_response", timedelta(hours=4))
-    _check_reachable(table, first_response, calendar)
+    _check_reachable(table, first_response, calendar, today)
     language = (table.string("language", "en") or "en").lower()
     template_name = table.string("template", "standard") or "standard"
     urgent_contacts = _urgent_contacts(table) if isinstance(table.raw("urgent_contact"), dict) else {}
@@ -413,15 +414,15 @@ def _load_members(table: Table) -> tuple[Member, ...]:
     return tuple(members)
 
 
-def _check_reachable(table: Table, first_response: timedelta, calendar: Calendar) -> None:
-    """Record a problem when `first_response` of business time does not fit in the calendar's next SEARCH_LIMIT.
+def _check_reachable(table: Table, first_response: timedelta, calendar: Calendar, today: date) -> None:
+    """Record a problem when `first_response` of business time does not fit in the calendar's SEARCH_LIMIT after `today` began.
 
     Deadline arithmetic looks no further ahead, so such a first response
     would leave every conversation without a deadline. A calendar with no
     business time at all is left alone: its team is unstaffed, and its
     conversations are escalated at once.
     """
-    now = datetime.now(UTC)
+    now = datetime(today.year, today.month, today.day, tzinfo=UTC)
     if first_response <= timedelta(0) or next_open_interval(calendar, now, SEARCH_LIMIT) is None:
         return
     if add_business_time(now, first_response, calendar) is None:
@@ -480,6 +481,7 @@ def _load_routes(
     teams: dict[str, Team],
     errors: list[ConfigError],
     directory: Path,
+    today: date,
     *,
     check_default: bool,
 ) -> tuple[list[Route], list[tuple[int, Route]]]:
@@ -488,7 +490,7 @@ def _load_routes(
     shadows: list[tuple[int, Route]] = []
     names: set[str] = set()
     for table in entries:
-        route = _load_route(table, teams)
+        route = _load_route(table, teams, today)
         if route is None:
             continue
         if route.name in names:
@@ -510,7 +512,7 @@ def _load_routes(
     return routes + defaults[:1], shadows
 
 
-def _load_route(table: Table, teams: dict[str, Team]) -> Route | None:
+def _load_route(table: Table, teams: dict[str, Team], today: date) -> Route | None:
     name = table.string("name", required=True)
     if name:
         table.prefix = f"{table.prefix} ({name})"
@@ -521,7 +523,7 @@ def _load_route(table: Table, teams: dict[str, Team]) -> Route | None:
     is_default = table.boolean("default", False)
     first_response = table.duration("first_response", timedelta(0)) if table.has("first_response") else None
     if first_response and team in teams:
-        _check_reachable(table, first_response, teams[team].calendar)
+        _check_reachable(table, first_response, teams[team].calendar, today)
     mode = table.choice("mode", "live", ("live", "shadow"))
     owner = load_named_human(table, "owner") if table.has("owner") else None
     all_conditions = _load_condition_list(table, "all")

@@ -489,6 +489,18 @@ def test_first_response_beyond_calendar_horizon(tmp_path: Path, rules: str, key:
     ]
 
 
+def test_first_response_horizon_starts_on_load_day(tmp_path: Path) -> None:
+    # Forty days of holidays from the load day leave 360 days of business time in the next 400.
+    closed = ", ".join(str(date(2030, 6, 1) + timedelta(days=number)) for number in range(40))
+    calendar = f'[[calendar]]\nname = "closed"\ntimezone = "UTC"\nholidays = [{closed}]\n'
+    rules = calendar + TEAMS.replace('name = "support"', 'name = "support"\ncalendar = "closed"\nfirst_response = "370d"', 1) + ROUTES
+    folder = rules_folder(tmp_path, rules)
+    load_rules(folder, tmp_path, today=date(2026, 1, 1))
+    with pytest.raises(ConfigErrors) as caught:
+        load_rules(folder, tmp_path, today=date(2030, 6, 1))
+    assert [error.key for error in caught.value.errors] == ["team[0] (support).first_response"]
+
+
 @pytest.mark.parametrize(
     "rules",
     [
