@@ -45,6 +45,11 @@ _SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")
 _ADDRESS_HEADERS = ("from", "to", "cc", "reply-to")
 _ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[QqBb]\?[^?\s]*\?=")
 _WHITESPACE = re.compile(r"\s+")
+# A header line with white space between the field name and its colon, as
+# RFC 5322 section 4.5.3 still allows in mail it reads (obs-optional). The
+# standard library's parser takes such a line for the start of the body and
+# drops every header after it.
+_SPACED_COLON = re.compile(rb"^([!-9;-~]+)[ \t]+:", re.MULTILINE)
 # Most address headers are a list of plain mailboxes: "local@domain", or
 # "<local@domain>" behind a display name of plain words. Those are read with
 # one regular expression. Anything else (quotes, comments, groups, encoded
@@ -143,6 +148,7 @@ class Summary:
 def summarize(raw: bytes, *, with_body: bool = True) -> Summary:
     """Summarize `raw` message bytes; the body is decoded only if `with_body`."""
     parser = email.parser.BytesParser(policy=email.policy.compat32)
+    raw = _without_spaced_colons(raw)
     whole = raw
     if not with_body:
         # The parser reads every body line even with headersonly=True, so it
@@ -176,6 +182,18 @@ def summarize(raw: bytes, *, with_body: bool = True) -> Summary:
         received_count=headers.count("received"),
         part_types=listed_part_types(message, whole, parsed_body=with_body),
     )
+
+
+def _without_spaced_colons(raw: bytes) -> bytes:
+    """Return `raw` with the white space before each header field's colon removed, so the parser reads every field."""
+    end = raw.find(b"\r\n\r\n")
+    head_end = end + 2 if end >= 0 else len(raw)
+    # Two substring searches rule out nearly every message faster than the pattern.
+    if raw.find(b" :", 0, head_end) < 0 and raw.find(b"\t:", 0, head_end) < 0:
+        return raw
+    if not _SPACED_COLON.search(raw, 0, head_end):
+        return raw
+    return _SPACED_COLON.sub(rb"\1:", raw[:head_end]) + raw[head_end:]
 
 
 def listed_part_types(message: Message, raw: bytes, *, parsed_body: bool = True) -> tuple[str, ...]:

@@ -124,6 +124,18 @@ def test_headers_only_summary_skips_body() -> None:
     assert summarize(b"Subject: s\r\n\r\nbody", with_body=False).body_text == ""
 
 
+@pytest.mark.parametrize("with_body", [True, False])
+@pytest.mark.parametrize("spaced", [b"Auto-Submitted : auto-replied", b"Auto-Submitted\t: auto-replied", b"Auto-Submitted \t : auto-replied"])
+def test_space_before_colon_keeps_later_headers(spaced: bytes, with_body: bool) -> None:
+    # RFC 5322 obsolete syntax: white space between a field name and its colon.
+    raw = b"From: A <a@example.com>\r\n" + spaced + b"\r\nSubject : Re : hello\r\nTo: s@example.org\r\n\r\nNote : kept\r\n"
+    summary = summarize(raw, with_body=with_body)
+    assert summary.headers["auto-submitted"] == ("auto-replied",)
+    assert summary.subject == "Re : hello"
+    assert summary.to == ("s@example.org",)
+    assert summary.body_text == ("Note : kept\n" if with_body else "")
+
+
 @pytest.mark.parametrize("attempt", [1, 2, 3, 5, 8, 20])
 def test_retry_delay_grows_and_stays_capped(attempt: int) -> None:
     initial, maximum = timedelta(seconds=30), timedelta(hours=1)
