@@ -592,10 +592,9 @@ def _load_http(table: Table, unset: list[UnsetVariable], require_secrets: bool =
 def _load_acknowledgements(table: Table) -> AcknowledgementSettings:
     patterns = []
     for pattern in table.strings("sender_patterns", list(DEFAULT_SENDER_PATTERNS)):
-        try:
-            patterns.append(re.compile(pattern, re.IGNORECASE))
-        except re.error as error:
-            table.problem("sender_patterns", f"invalid regular expression {pattern!r}: {error}")
+        regex = table.regex("sender_patterns", pattern, re.IGNORECASE)
+        if regex is not None:
+            patterns.append(regex)
     return AcknowledgementSettings(
         max_per_sender=table.integer("max_per_sender", 3, minimum=0),
         window=table.duration("window", timedelta(hours=1)),

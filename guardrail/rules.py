@@ -622,11 +622,10 @@ def _compile_patterns(table: Table, key: str, field_name: str, values: list[str]
     flags = re.IGNORECASE if field_name in (*ADDRESS_FIELDS, "from_domain") else 0
     compiled = []
     for pattern in values:
-        try:
-            compiled.append(re.compile(pattern, flags))
-        except re.error as error:
-            table.problem(key, f"invalid regular expression {pattern!r}: {error}")
+        regex = table.regex(key, pattern, flags)
+        if regex is None:
             return None
+        compiled.append(regex)
     return compiled
 
 

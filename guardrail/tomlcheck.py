@@ -311,6 +311,20 @@ class Table:
             return list(default or [])
         return value
 
+    def regex(self, name: str, pattern: str, flags: int = 0) -> re.Pattern[str] | None:
+        """Compile `pattern`, or record under key `name` why it does not compile and return None."""
+        try:
+            return re.compile(pattern, flags)
+        except re.error as error:
+            reason = str(error)
+        except OverflowError as error:
+            reason = str(error)  # a repeat count of 2**32 or more
+        except RecursionError:
+            # re's parser recurses once per group and stops near 1,000 levels.
+            reason = "groups nested too deeply"
+        self.problem(name, f"invalid regular expression {pattern!r}: {reason}")
+        return None
+
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.raw(name)
         if value is None:

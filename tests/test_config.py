@@ -193,6 +193,32 @@ default = true
     assert "missing ), unterminated subpattern" in error
 
 
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        # re.compile raises OverflowError and RecursionError for these, not re.error.
+        ("a{4294967296}", "the repetition number is too large"),
+        ("(" * 1000 + "a" + ")" * 1000, "nested too deeply"),
+    ],
+)
+def test_regex_that_python_cannot_compile_is_a_rule_error(tmp_path: Path, pattern: str, reason: str) -> None:
+    errors = rule_errors(
+        tmp_path,
+        f'[[team]]\nname = "t"\n[[route]]\nname = "r"\nteam = "t"\nany = [{{ subject.regex = \'{pattern}\' }}]\n'
+        '[[route]]\nname = "d"\nteam = "t"\ndefault = true\n',
+    )
+    (error,) = errors
+    assert "route[0] (r).any[0].subject.regex: invalid regular expression" in error
+    assert reason in error
+
+
+def test_sender_pattern_that_python_cannot_compile_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, sections={"acknowledgements": {"sender_patterns": ["x{4294967296}"]}})
+
+    assert main(["check", "--config", str(path)]) == 2
+    assert "acknowledgements.sender_patterns: invalid regular expression 'x{4294967296}'" in capsys.readouterr().err
+
+
 def test_bad_toml_escape_names_file_and_line(tmp_path: Path) -> None:
     folder = rules_folder(tmp_path, "")
     shutil.copy(DATA / "routing" / "rules-bad-toml-escape.toml", folder / "rules.toml")
