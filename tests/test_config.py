@@ -201,7 +201,7 @@ default = true
         ("(" * 1000 + "a" + ")" * 1000, "nested too deeply"),
     ],
 )
-def test_regex_that_python_cannot_compile_is_a_rule_error(tmp_path: Path, pattern: str, reason: str) -> None:
+def test_uncompilable_regex_is_rule_error(tmp_path: Path, pattern: str, reason: str) -> None:
     errors = rule_errors(
         tmp_path,
         f'[[team]]\nname = "t"\n[[route]]\nname = "r"\nteam = "t"\nany = [{{ subject.regex = \'{pattern}\' }}]\n'
@@ -212,7 +212,7 @@ def test_regex_that_python_cannot_compile_is_a_rule_error(tmp_path: Path, patter
     assert reason in error
 
 
-def test_sender_pattern_that_python_cannot_compile_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_uncompilable_sender_pattern_is_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_config(tmp_path, sections={"acknowledgements": {"sender_patterns": ["x{4294967296}"]}})
 
     assert main(["check", "--config", str(path)]) == 2
