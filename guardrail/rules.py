@@ -41,6 +41,10 @@ ADDRESS_FIELDS = ("rcpt", "from", "to")
 TEXT_FIELDS = ("subject", "body")
 FIELDS = (*ADDRESS_FIELDS, "from_domain", *TEXT_FIELDS, "header")
 OPERATORS = ("is", "contains", "regex")
+# A header field name (RFC 5322 section 3.6.8): printable ASCII but the colon.
+_FIELD_NAME = re.compile(r"[!-9;-~]+")
+# A domain name as the staff settings take it: labels of letters, digits, hyphens and underscores, or any non-ASCII.
+_DOMAIN = re.compile(r"[^\s@.]+(?:\.[^\s@.]+)*")
 COMBINATORS = ("all", "any", "not")
 
 
@@ -299,8 +303,14 @@ def _load_settings(
             escalation.finish()
         if top.has("staff"):
             staff = top.table("staff")
-            addresses |= {address.lower() for address in staff.strings("addresses")}
-            domains |= {domain.lower().strip(".") for domain in staff.strings("domains")}
+            for index, address in enumerate(staff.strings("addresses")):
+                if address.count("@") != 1 or not address.strip().partition("@")[2]:
+                    staff.fail(f"addresses[{index}]", address, "an email address such as ann@example.com")
+                addresses.add(address.strip().lower())
+            for index, domain in enumerate(staff.strings("domains")):
+                if not _DOMAIN.fullmatch(domain.strip().strip(".")):
+                    staff.fail(f"domains[{index}]", domain, "a domain without @ or spaces, such as example.com")
+                domains.add(domain.strip().lower().strip("."))
             if staff.has("authserv_id"):
                 if authserv_id:
                     staff.problem("authserv_id", "the authserv-id is set in more than one file; keep one")
@@ -586,6 +596,9 @@ def _load_header_condition(table: Table) -> Condition | None:
         table.problem("", 'name one header per condition, such as { header.X-Priority.is = "1" }')
         return None
     (header_name,) = names
+    if not _FIELD_NAME.fullmatch(header_name):
+        table.fail(header_name, header_name, "a header field name: printable ASCII without spaces or colons, such as X-Priority")
+        return None
     return _load_operator(table, "header", table.raw(header_name), header_name=header_name)
 
 
@@ -603,6 +616,10 @@ def _load_operator(table: Table, field_name: str, spec: Any, header_name: str) -
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list) or not values or not all(isinstance(item, str) for item in values):
         table.fail(f"{key}.{operator}", value, "a string or a non-empty list of strings")
+        return None
+    if not all(item.strip() for item in values):
+        # "contains" and "regex" would match every message, and "is" none.
+        table.fail(f"{key}.{operator}", value, "non-empty strings")
         return None
 
     patterns = []

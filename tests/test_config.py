@@ -1160,3 +1160,34 @@ def test_route_command_without_from_or_for_postmaster(tmp_path: Path, capsys: py
     assert main(["route", "--config", str(ROOT / "config.example.toml"), str(message), "--rcpt", "postmaster@example.com"]) == 0
     output = capsys.readouterr().out.splitlines()
     assert "sender:      ceo@example.com, not checked (mail to postmaster)" in output
+
+
+BILLING_CONDITION = '{ subject.contains = "invoice" }'
+
+
+@pytest.mark.parametrize(("rules", "expected"), [
+    (TEAMS + ROUTES + '[staff]\ndomains = ["@example.com"]\n',
+     "staff.domains[0]: invalid value '@example.com'; expected a domain without @ or spaces, such as example.com"),
+    (TEAMS + ROUTES + '[staff]\naddresses = ["ann"]\n',
+     "staff.addresses[0]: invalid value 'ann'; expected an email address such as ann@example.com"),
+    (TEAMS + ROUTES.replace(BILLING_CONDITION, '{ header."X Pri:ority".is = "1" }'),
+     "route[0] (billing).any[1].header.X Pri:ority: invalid value 'X Pri:ority';"
+     " expected a header field name: printable ASCII without spaces or colons, such as X-Priority"),
+    (TEAMS + ROUTES.replace(BILLING_CONDITION, '{ rcpt.is = "" }'),
+     "route[0] (billing).any[1].rcpt.is: invalid value ''; expected non-empty strings"),
+    (TEAMS + ROUTES.replace(BILLING_CONDITION, '{ subject.contains = ["invoice", " "] }'),
+     "route[0] (billing).any[1].subject.contains: invalid value ['invoice', ' ']; expected non-empty strings"),
+])
+def test_rule_value_that_cannot_work(tmp_path: Path, rules: str, expected: str) -> None:
+    assert rule_errors(tmp_path, rules) == [f"{tmp_path / 'rules' / 'rules.toml'}: {expected}"]
+
+
+def test_check_warns_of_maildir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "taken").write_text("a file where the support maildir should be")
+    config = write_config(tmp_path, rules=TEAMS.replace('"var/maildir/support"', f'"{tmp_path / "taken"}"', 1) + ROUTES)
+
+    assert main(["check", "--config", str(config)]) == 1
+    errors = capsys.readouterr().err
+    assert f"destination.maildir: {tmp_path / 'taken'} exists and is not a folder" in errors
+    assert "team support" in errors
+    assert "team billing" not in errors
