@@ -76,6 +76,27 @@ def storage_warnings(config: Config) -> list[Finding]:
     )]
 
 
+def maildir_warnings(rules: RuleSet) -> list[Finding]:
+    """Return a warning for each team whose maildir destination is a path that exists and is not a folder.
+
+    Every delivery to it fails and is retried until the message escalates.
+    A folder that does not exist yet is fine: the first delivery creates it.
+    """
+    findings = []
+    for team in rules.teams.values():
+        destination = team.destination
+        if destination is None or destination.kind != "maildir":
+            continue
+        folder = Path(destination.maildir)
+        if folder.exists() and not folder.is_dir():
+            where = f"{team.source}: team {team.name}" if team.source else f"team {team.name}"
+            findings.append(Finding(
+                "warning", where,
+                f"destination.maildir: {folder} exists and is not a folder, so no delivery to it can succeed; name a folder",
+            ))
+    return findings
+
+
 def pid_file(config: Config) -> Path:
     """Return where the running daemon writes its process id: beside the database."""
     return config.database_path.with_suffix(".pid")
@@ -135,6 +156,8 @@ def check(arguments: argparse.Namespace) -> int:
             rules = load_rules(folder, arguments.config.resolve().parent)
         except ConfigErrors as problems:
             errors += problems.errors
+        else:
+            findings += maildir_warnings(rules)
     if config is not None and rules is not None:
         try:
             inspections = store_admin.inspections(config.database_path, busy_timeout=config.busy_timeout)
