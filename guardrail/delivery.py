@@ -118,6 +118,19 @@ def clean_header_value(value: str) -> str:
     return value.replace("\r", " ").replace("\n", " ").replace("\x00", " ")
 
 
+def received_name(helo: str) -> str:
+    """Return the HELO name as the Received header's from clause shows it.
+
+    A client can send anything as its name. Characters that a domain or an
+    address literal cannot contain (parentheses, semicolons, quotes, spaces)
+    would open a comment or end the clause early for whoever parses the
+    header, so each becomes "?". Letters and digits outside ASCII stay, as in
+    an internationalized domain.
+    """
+    name = "".join(character if character.isalnum() or character in ".-_:[]" else "?" for character in helo)
+    return name or "unknown"
+
+
 def trace_headers(
     *,
     hostname: str,
@@ -132,7 +145,7 @@ def trace_headers(
     received_at = envelope["received_at"]
     assert isinstance(received_at, datetime)
     lines = [
-        f"Received: from {clean_header_value(str(envelope['helo']) or 'unknown')} ({clean_header_value(str(envelope['peer']))})",
+        f"Received: from {received_name(str(envelope['helo']))} ({clean_header_value(str(envelope['peer']))})",
         f"\tby {hostname} (guardrail) with {envelope.get('protocol') or 'ESMTP'} id {envelope['message_row']}",
         f"\tfor <{clean_header_value(for_address)}>; {format_datetime(received_at)}",
     ]

@@ -336,3 +336,26 @@ def test_reach_after_partial_attempts(
 
     assert reach(target, failed=False) == pending
     assert reach(target, failed=True) == failed
+
+
+@pytest.mark.parametrize(("helo", "shown"), [
+    ("client.example", "client.example"),
+    ("[192.0.2.7]", "[192.0.2.7]"),
+    ("[IPv6:2001:db8::1]", "[IPv6:2001:db8::1]"),
+    ("bücher.example", "bücher.example"),
+    # A comment, a clause end or a quote that the client wrote does not reach the header.
+    ('éxémple;"( x', "éxémple????x"),
+    ("a)b (by evil.example", "a?b??by?evil.example"),
+    ("", "unknown"),
+    ("\r\nBcc: x", "??Bcc:?x"),
+])
+def test_received_from_shows_helo_safely(helo: str, shown: str) -> None:
+    envelope = {
+        "helo": helo, "peer": "[127.0.0.1]:40512", "message_row": 7, "protocol": "ESMTP",
+        "received_at": datetime(2026, 12, 4, 20, 9, 59, tzinfo=UTC), "reference": "", "route": "",
+    }
+
+    first = trace_headers(hostname="mx.test.example", envelope=envelope, for_address="support@example.org").decode().split("\r\n")[0]
+
+    assert first == f"Received: from {shown} ([127.0.0.1]:40512)"
+
