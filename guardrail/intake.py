@@ -320,6 +320,10 @@ class GuardrailSMTP(SMTP):
         # else (quoted local parts, source routes) still goes to aiosmtpd.
         match = _PLAIN_PATH.match(arg)
         if match is None:
+            if arg.lstrip().startswith("<") and ">" not in arg:
+                # The email package reads a path without its closing ">" as
+                # complete, but RFC 5321 section 4.1.2 requires it.
+                return None, None
             try:
                 return super()._getaddr(arg)
             except Exception:  # noqa: BLE001 - a client's argument must never end the command with 451

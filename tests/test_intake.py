@@ -810,7 +810,7 @@ async def test_many_encoded_words_accepted(tmp_path: Path, start_daemon, header:
 
 async def test_locked_database_gets_451(tmp_path: Path, start_daemon) -> None:
     daemon = await start_daemon(write_config(tmp_path, sections={"database": {"busy_timeout": "200ms"}}))
-    blocker = sqlite3.connect(daemon.config.database_path, isolation_level=None, timeout=0)
+    blocker = sqlite3.connect(daemon.config.database_path, isolation_level=None, timeout=5)
     try:
         blocker.execute("BEGIN EXCLUSIVE")
         client = await open_transaction(daemon.port)
@@ -908,9 +908,12 @@ async def test_early_data_names_missing_step(tmp_path: Path, start_daemon, comma
         ([b"MAIL FROM:<alice@example.com>", b"RCPT TO:<<support@example.org>>"], "553 5.1.3 Malformed recipient address"),
         ([b"MAIL FROM:<alice@example.com>", b"RCPT TO:<support@>"], "553 5.1.3 Malformed recipient address"),
         ([b"MAIL FROM:<alice@example.com>", b"RCPT TO:,"], "553 5.1.3 Malformed recipient address"),
+        ([b"MAIL FROM:<alice@example.com"], "553 5.1.7 Malformed sender address"),
+        ([b"MAIL FROM:<alice@example.com>", b"RCPT TO:<support@example.org"], "553 5.1.3 Malformed recipient address"),
     ],
     ids=["sender in double brackets", "sender without domain", "sender a comma",
-         "recipient in double brackets", "recipient without domain", "recipient a comma"],
+         "recipient in double brackets", "recipient without domain", "recipient a comma",
+         "sender without closing bracket", "recipient without closing bracket"],
 )
 async def test_malformed_address_code_per_command(tmp_path: Path, start_daemon, commands: list[bytes], expected: str) -> None:
     daemon = await start_daemon(write_config(tmp_path))
