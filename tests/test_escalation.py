@@ -452,7 +452,7 @@ async def test_locked_database_postpones_escalation(tmp_path: Path, start_daemon
         assert scheduler is not None
 
         # Another program has the write lock when level 1 falls due.
-        blocker = sqlite3.connect(daemon.config.database_path, isolation_level=None, timeout=0)
+        blocker = sqlite3.connect(daemon.config.database_path, isolation_level=None, timeout=5)
         try:
             blocker.execute("BEGIN IMMEDIATE")
             with capture_logs() as events:

@@ -1107,7 +1107,7 @@ async def test_zombie_and_retention_outlive_locked_database(tmp_path: Path, star
     retention_task = tasks["guardrail-retention"]
 
     # Both loops try to commit while another program has the write lock.
-    blocker = sqlite3.connect(daemon.config.database_path, isolation_level=None, timeout=0)
+    blocker = sqlite3.connect(daemon.config.database_path, isolation_level=None, timeout=5)
     try:
         blocker.execute("BEGIN IMMEDIATE")
         with capture_logs() as events:
