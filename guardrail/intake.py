@@ -57,6 +57,7 @@ from .replies import (
     REPLY_NEED_MAIL,
     REPLY_NEED_RCPT,
     REPLY_NEEDS_SMTPUTF8,
+    REPLY_NO_TLS,
     REPLY_NOT_OURS,
     REPLY_RECIPIENT_OK,
     REPLY_SHUTTING_DOWN,
@@ -244,6 +245,9 @@ class GuardrailSMTP(SMTP):
         if self._tls_protocol is not None:
             # RFC 3207 section 4.2: a client must not start TLS twice.
             await self.push(REPLY_TLS_ACTIVE)
+            return
+        if self.tls_context is None:
+            await self.push(REPLY_NO_TLS)
             return
         await super().smtp_STARTTLS(arg)
 

@@ -83,7 +83,7 @@ async def test_no_certificate_no_starttls(tmp_path: Path, start_daemon) -> None:
     )
 
     assert not any("STARTTLS" in line for line in replies)
-    assert "454 4.7.0 TLS not available" in replies
+    assert "502 5.5.1 TLS is not available" in replies
 
 
 def test_key_without_certificate_is_an_error(tmp_path: Path) -> None:
