@@ -277,7 +277,8 @@ def dead(pid: int) -> bool:
     """Return True once process `pid` has exited: a zombie waiting to be reaped, or gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # Reading fails with ESRCH when the process goes between the open and the read.
         return True
     return "\nState:\tZ" in status
 
