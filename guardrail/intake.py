@@ -184,6 +184,9 @@ class GuardrailSMTP(SMTP):
         # 5xx replies since the connection opened or the last message accepted.
         self._errors = 0
         self._closed_for_errors = False
+        # The client closed its sending side; the session ends once its input is used up.
+        self._half_closed = False
+        self._input_ended = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # STARTTLS calls this again for the same connection, which is counted once.
@@ -205,8 +208,17 @@ class GuardrailSMTP(SMTP):
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
-        self._log_lost_during_data("closed by client", None)
-        return super().eof_received()
+        if self.session is None or self.session.ssl is not None or self._tls_protocol is not None:
+            self._log_lost_during_data("closed by client", None)
+            return super().eof_received()
+        # The client closed its sending side, as `nc -N` does after its last
+        # command, and may still read. aiosmtpd would stop the session here
+        # and drop what the client sent before. Instead the reader gets the
+        # end of input, and the session answers every complete command
+        # first. The DATA reader then finds the final dot or the end, and
+        # the command loop ends at the end of input (handle_exception).
+        self._half_closed = True
+        return asyncio.StreamReaderProtocol.eof_received(self)
 
     def data_received(self, data: bytes) -> None:
         if self._receiving_data:
@@ -252,6 +264,14 @@ class GuardrailSMTP(SMTP):
         await super().smtp_STARTTLS(arg)
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, asyncio.IncompleteReadError) and self._half_closed:
+            # The command loop reached the end of a half-closed client's input:
+            # every complete command has its reply, so the session ends here.
+            # aiosmtpd still pushes a reply on the way out, which push drops.
+            self._input_ended = True
+            if self.transport is not None:
+                self.transport.close()
+            raise asyncio.CancelledError
         # aiosmtpd passes the handler only the error, so the peer is added here for its log line.
         return await self.event_handler.handle_exception(error, peer=_peer(self.session))
 
@@ -277,7 +297,7 @@ class GuardrailSMTP(SMTP):
             metrics.messages_rejected.labels(reason).inc()
 
     async def push(self, status: Any) -> None:
-        if self._closed_for_errors:
+        if self._closed_for_errors or self._input_ended:
             return
         if isinstance(status, str):
             status = with_enhanced_code(status, self.hostname, self._command)
@@ -507,6 +527,7 @@ class GuardrailSMTP(SMTP):
                 scanned = 0
             chunk = await reader.read(_CHUNK)
             if not chunk:
+                self._log_lost_during_data("closed by client", None)
                 raise ConnectionResetError("connection closed during DATA")
             self._reset_timeout()
             buffer += chunk

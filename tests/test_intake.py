@@ -1503,3 +1503,51 @@ async def test_fifth_unknown_command_closes_the_connection(tmp_path: Path, start
 )
 def test_signal_label_drops_subject(signal: str, label: str) -> None:
     assert _signal_label(signal) == label
+
+
+# -- A client that closes its side after sending ------------------------------------------
+
+
+def half_closed_conversation(port: int, data: bytes, timeout: float = 10) -> list[str]:
+    """Read the greeting, send `data`, shut down the sending side at once, as `nc -N` does, and return every reply line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        received = b""
+        while b"\r\n" not in received:
+            received += connection.recv(4096)
+        connection.sendall(data)
+        connection.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    return [line for line in received.decode("utf-8", "replace").split("\r\n") if line]
+
+
+TRANSACTION = b"EHLO client.test.example\r\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<support@example.org>\r\nDATA\r\n"
+
+
+@pytest.mark.parametrize("quit_command", [b"QUIT\r\n", b""], ids=["with QUIT", "without QUIT"])
+async def test_half_closed_client_gets_its_message_stored(tmp_path: Path, start_daemon, quit_command: bytes) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+
+    replies = await asyncio.to_thread(half_closed_conversation, daemon.port, TRANSACTION + dot_stuff(message()) + quit_command)
+
+    codes = [line[:4] for line in replies if line[3:4] == " "]
+    assert codes == ["220 ", "250 ", "250 ", "250 ", "354 ", "250 ", *(["221 "] if quit_command else [])]
+    assert count_rows(daemon, "messages") == 1
+    await wait_until(lambda: maildir_messages(tmp_path / "var" / "maildir" / "support"), what="the delivered copy")
+
+
+async def test_half_closed_client_in_data_stores_nothing(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+
+    with structlog.testing.capture_logs() as logs:
+        replies = await asyncio.to_thread(half_closed_conversation, daemon.port, TRANSACTION + b"Subject: cut\r\n\r\nno final dot\r\n")
+
+    assert replies[-1].startswith("354 ")
+    assert count_rows(daemon, "messages") == 0
+    [lost] = [entry for entry in logs if entry["event"] == "connection_lost"]
+    assert lost["reason"] == "closed by client"
+    assert lost["state"] == "DATA"
