@@ -65,8 +65,9 @@ MIN_KANA = 5
 # message it replies to, or dashes around a title ("-----Original
 # Message-----", "---------- Forwarded message ---------", "-----Ursprüngliche
 # Nachricht-----"). What follows is another author's text or a disclaimer,
-# often in another language.
-_OWN_TEXT_END = re.compile(r"\s*(?:--\s*|_{8,}\s*|-{4,}[^-].*-{4,}\s*)")
+# often in another language. The closing dashes follow a character other
+# than a dash, so a long line of dash runs is matched in linear time.
+_OWN_TEXT_END = re.compile(r"\s*(?:--\s*|_{8,}\s*|-{4,}[^-](?:.*[^-])?-{4,}\s*)")
 # Characters searched for the sender's text, which may come after a long quote.
 _OWN_TEXT_SCAN = 64 * 1024
 

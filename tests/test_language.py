@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 
 import pytest
 from conftest import message
@@ -108,6 +109,15 @@ def test_own_text_is_bounded() -> None:
     french = "Bonjour, merci pour votre aide avec mon compte.\n"
     assert own_text(quote * 50 + french * 100) == (french * 100)[:MAX_CHARACTERS].rstrip("\n")
     assert len(own_text("word " * 100_000)) == MAX_CHARACTERS
+
+
+def test_own_text_dash_line_is_fast() -> None:
+    # Dash runs all along one long line, as a quoted-printable body can join
+    # into one line. A pattern that backtracks over them takes seconds.
+    line = "----a" + "-" * 30_000 + "x"
+    started = time.perf_counter()
+    assert own_text(f"Bonjour\n{line}\nmerci") == f"Bonjour\n{line}"[:MAX_CHARACTERS]
+    assert time.perf_counter() - started < 1.0
 
 
 def test_guess_reads_the_start_of_the_text() -> None:
