@@ -41,7 +41,7 @@ def write_maildirs(files: list[tuple[Path, str, bytes]]) -> list[bool | Exceptio
     commit, and the others return without waiting for the disk again.
     """
     results: list[bool | Exception] = [False] * len(files)
-    written: list[tuple[int, BinaryIO, Path, Path]] = []  # (index, open file, temporary, final)
+    written: list[tuple[int, BinaryIO, Path, Path, tuple[bytes, ...]]] = []  # (index, open file, temporary, final, contents)
     ready: set[Path] = set()
     try:
         for index, (folder, name, data) in enumerate(files):
@@ -53,21 +53,22 @@ def write_maildirs(files: list[tuple[Path, str, bytes]]) -> list[bool | Exceptio
                 final = folder / "new" / name
                 stored = local_line_endings(data)
                 # An earlier version wrote CRLF, and a delivery retried after an upgrade must not add a copy.
-                if _has_content(final, stored) or _has_content(final, data):
+                contents = (stored, data) if len(stored) != len(data) else (stored,)
+                if _has_content(final, contents):
                     continue
                 temporary = folder / "tmp" / f"{name}.{os.getpid()}.{time.monotonic_ns()}"
-                written.append((index, _write_unsynced(temporary, stored), temporary, final))
+                written.append((index, _write_unsynced(temporary, stored), temporary, final, contents))
             except Exception as error:  # noqa: BLE001 - one bad file must not fail the others
                 results[index] = _file_error(folder, error)
-        for index, handle, temporary, final in written:
+        for index, handle, temporary, final, contents in written:
             try:
                 os.fsync(handle.fileno())
                 handle.close()
-                results[index] = _link_unique(temporary, final, local_line_endings(files[index][2]))
+                results[index] = _link_unique(temporary, final, contents)
             except Exception as error:  # noqa: BLE001
                 results[index] = _file_error(files[index][0], error)
     finally:
-        for _, handle, temporary, _ in written:
+        for _, handle, temporary, _, _ in written:
             handle.close()
             temporary.unlink(missing_ok=True)
     for folder in ready:
@@ -90,31 +91,33 @@ def local_line_endings(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n")
 
 
-def _link_unique(temporary: Path, final: Path, data: bytes) -> bool:
+def _link_unique(temporary: Path, final: Path, contents: tuple[bytes, ...]) -> bool:
     """Link `temporary` as `final`, or as the first free NAME.N when another message has that name.
 
-    Return False without linking when one of those names already contains `data`.
+    Return False without linking when one of those names already contains one of `contents`.
     """
     for number in range(MAX_NAME_VARIANTS):
         target = final if number == 0 else final.with_name(f"{final.name}.{number}")
         try:
             os.link(temporary, target)
         except FileExistsError:
-            if _has_content(target, data):
+            if _has_content(target, contents):
                 return False
             continue
         return True
     raise FileExistsError(f"{final} and {MAX_NAME_VARIANTS - 1} variants of its name contain other messages")
 
 
-def _has_content(path: Path, data: bytes) -> bool:
-    """Return True when the file at `path` exists and contains exactly `data`."""
+def _has_content(path: Path, contents: tuple[bytes, ...]) -> bool:
+    """Return True when the file at `path` exists and contains exactly one of `contents`."""
     try:
-        if path.stat().st_size != len(data):
+        size = path.stat().st_size
+        if all(size != len(content) for content in contents):
             return False
-        return path.read_bytes() == data
+        stored = path.read_bytes()
     except FileNotFoundError:
         return False
+    return stored in contents
 
 
 def _write_unsynced(temporary: Path, data: bytes) -> BinaryIO:

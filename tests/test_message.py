@@ -188,6 +188,18 @@ def test_maildir_crlf_file_counts_as_written(tmp_path: Path) -> None:
     assert [path.name for path in (tmp_path / "box" / "new").iterdir()] == ["1.G1.host"]
 
 
+def test_maildir_crlf_file_under_numbered_name_counts(tmp_path: Path) -> None:
+    # Another message took NAME, so an earlier version wrote this one with CRLF as NAME.1.
+    data = b"Subject: hi\r\n\r\nbody\r\n"
+    new = tmp_path / "box" / "new"
+    new.mkdir(parents=True)
+    (new / "1.G1.host").write_bytes(b"Subject: other\n\nbody\n")
+    (new / "1.G1.host.1").write_bytes(data)
+    assert write_maildirs([(tmp_path / "box", "1.G1.host", data)]) == [False]
+    assert sorted(path.name for path in new.iterdir()) == ["1.G1.host", "1.G1.host.1"]
+    assert list((tmp_path / "box" / "tmp").iterdir()) == []
+
+
 def test_maildir_batch_leaves_no_temporary_files(tmp_path: Path) -> None:
     write_maildirs([(tmp_path / "box", "1.G1.host", b"message 1")])
     files = [(tmp_path / "box", f"1.G{row}.host", b"message %d" % row) for row in range(1, 40)]
