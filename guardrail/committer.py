@@ -83,7 +83,7 @@ class RescheduleRun:
     planner: ReschedulePlanner
     after: int
     limit: int
-    digest: str = ""  # the rules' digest, recorded when the last conversation is done
+    digest: str = ""  # the rules' digest, recorded when the last conversation is done if the store still follows them
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,11 @@ class Committer:
         except BaseException:
             self.db.close()
             raise
+        # The digest of the rules in force, set from the event loop, and the
+        # digest in force at the last committed transaction, which removed a
+        # stored schedule digest of any other rules.
+        self.rules_digest = ""
+        self._agreed_digest = ""
 
     def close(self) -> None:
         self.db.close()
@@ -153,10 +158,16 @@ class Committer:
         retention_runs = [item for item in items if isinstance(item, RetentionRun)]
         reschedule_runs = [item for item in items if isinstance(item, RescheduleRun)]
         db = self.db
+        digest = self.rules_digest
         db.execute("BEGIN IMMEDIATE")
         try:
             messages, conversations, outbox = db.execute(_MAX_IDS).fetchone()
             writer = BatchWriter(db, self.settings, {"messages": messages, "conversations": conversations, "outbox": outbox})
+            if digest != self._agreed_digest:
+                # This transaction may schedule conversations under other rules
+                # than those of the last complete reschedule, so a start must
+                # not skip the next one.
+                writer.forget_other_schedule_rules(digest)
             outcomes = iter(writer.add_submissions(submissions))
             writer.add_attempts(attempts)
             writer.add_manual_answers(answers)
@@ -169,13 +180,18 @@ class Committer:
             writer.flush()
             # After the flush, so that rows delivered in this batch count as delivered.
             emptied = iter([writer.empty_old_bytes(format_instant(run.cutoff), run.limit) for run in retention_runs])
-            rescheduled = iter([writer.reschedule(run.planner, run.after, run.limit, run.digest) for run in reschedule_runs])
+            # A pass for rules that a reload has replaced records no digest.
+            rescheduled = iter([
+                writer.reschedule(run.planner, run.after, run.limit, run.digest if run.digest == digest else "")
+                for run in reschedule_runs
+            ])
             db.execute("COMMIT")
         except BaseException:
             # The original error matters more than one from the rollback.
             with contextlib.suppress(Exception):
                 db.execute("ROLLBACK")
             raise
+        self._agreed_digest = digest
         results: list[Any] = []
         for item in items:
             if isinstance(item, Submission):

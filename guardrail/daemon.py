@@ -143,6 +143,7 @@ class Daemon:
         )
         self.store = await Store.open(config.database_path, settings, busy_timeout=config.busy_timeout)
         self.store.observe_commits(self.metrics.observe_commit)
+        self.store.follow_rules(self.rules.digest)
         worker = self.worker = DeliveryWorker(
             self.store, config, self.clock, self._transport, metrics=self.metrics, write_files=self._write_files
         )
@@ -269,6 +270,8 @@ class Daemon:
             log.exception("rules_reload_failed", error=f"unexpected {type(error).__name__}: {error}", kept=self.rules.digest[:12])
             self.metrics.reloads.labels("failed").inc()
             return False
+        if self.store is not None:
+            self.store.follow_rules(rules.digest)
         self.rules = rules
         if self.parsers is not None:
             self.parsers.set_rules(rules)

@@ -274,6 +274,16 @@ class Store:
             if not done.more:
                 return changed, earliest
 
+    def follow_rules(self, digest: str) -> None:
+        """Note that writes from now on follow the rules with `digest`.
+
+        The next transaction removes a stored schedule digest for other
+        rules, so that a start after rules changed and changed back still
+        sets escalation times again. Call it before queueing any write made
+        under those rules.
+        """
+        self._writer.rules_digest = digest
+
     async def schedule_rules(self) -> str:
         """Return the digest of the rules under which every open conversation's next escalation was last set, or ""."""
         async with self._db.execute("SELECT value FROM facts WHERE name = ?", (SCHEDULE_RULES,)) as cursor:

@@ -803,6 +803,10 @@ class BatchWriter:
             self.db.execute("INSERT OR REPLACE INTO facts (name, value) VALUES (?, ?)", (SCHEDULE_RULES, digest))
         return Rescheduled(len(changes), rows[-1][0] if rows else after, more, earliest)
 
+    def forget_other_schedule_rules(self, digest: str) -> None:
+        """Remove the stored SCHEDULE_RULES unless it is `digest`."""
+        self.db.execute("DELETE FROM facts WHERE name = ? AND value != ?", (SCHEDULE_RULES, digest))
+
     def _fired_levels(self, conversation_id: int) -> list[LevelTarget]:
         """Return whom each chain level that fired for the conversation told, oldest first."""
         rows = self.db.execute(

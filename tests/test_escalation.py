@@ -735,6 +735,41 @@ async def test_restart_with_same_rules_keeps_times(tmp_path: Path, start_daemon)
     assert stored_next_escalation(tmp_path) == format_instant(at("2025-11-17T12:00:00"))
 
 
+async def test_restart_with_rules_changed_back_reschedules(tmp_path: Path, start_daemon) -> None:
+    late, early = (chain_rules(f'[{{ after = "{after}", {DUTY[2:]}]') for after in ("5h", "1h"))
+    config = write_config(tmp_path, rules=late, sections={"database": {"busy_timeout": "200ms"}})
+    clock = ManualClock(at("2025-11-17T10:00:00"))
+    daemon = await start_daemon(config, clock=clock)
+    assert daemon.rescheduling is not None
+    await daemon.rescheduling
+
+    # The reload's reschedule fails while another program has the write lock,
+    # so no pass records the new rules. A conversation then opens under them.
+    (tmp_path / "rules" / "rules.toml").write_text(early)
+    blocker = sqlite3.connect(daemon.config.database_path, isolation_level=None, timeout=0)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        assert daemon.reload() is True
+        await daemon.rescheduling
+    finally:
+        blocker.rollback()
+        blocker.close()
+    await send(daemon.port, "alice@example.com", ["support@example.org"], case_file("escalation", "message.eml"))
+    await settle(daemon, clock)
+    await daemon.stop()
+    opened_under_early = stored_next_escalation(tmp_path)
+
+    # The rules are changed back while the daemon is down.
+    (tmp_path / "rules" / "rules.toml").write_text(late)
+    daemon = await start_daemon(config, clock=clock)
+    assert daemon.rescheduling is not None
+    await daemon.rescheduling
+    await daemon.stop()
+
+    assert opened_under_early == format_instant(at("2025-11-17T12:00:00"))
+    assert stored_next_escalation(tmp_path) == format_instant(at("2025-11-17T16:00:00"))
+
+
 PAT = '{ name = "Pat Shift", address = "pat@example.org" }'
 HOOK = 'webhook = { url = "http://127.0.0.1:9/hook" }'
 
