@@ -121,25 +121,26 @@ def event_target(detail: dict[str, object]) -> LevelTarget:
 
 
 def levels_passed(team: Team | None, rules: RuleSet, fired: list[LevelTarget]) -> int:
-    """Return how many levels at the start of the team's chain have fired, matching levels to fired escalations by recipient.
+    """Return how many levels at the start of the team's chain count as fired, matching levels to fired escalations by recipient.
 
-    After the chain changes, the levels that fired under the old one are
-    found in the new one by person and webhook, each fired escalation used
-    once, so a level repeated for the same person counts each time. The
-    count stops at the first level that did not fire. A level removed from
-    the chain then does not hide the levels after it, and a level added
-    before those that fired is sent, along with the fired ones after it.
+    After the chain changes, each level of the new one is matched to an
+    escalation that fired under the old one with the same person or
+    webhook, each fired escalation used once, so a level repeated for the
+    same person counts each time. Every level up to the last matched one
+    counts as fired. So a level removed from the chain does not hide the
+    levels after it, a level whose address or URL changed after later
+    levels fired does not send those again, and a level added before
+    fired ones is skipped, since the conversation has escalated past it.
     """
     remaining: dict[LevelTarget, int] = {}
     for target in fired:
         remaining[target] = remaining.get(target, 0) + 1
     passed = 0
-    for level in _chain(team, rules):
+    for index, level in enumerate(_chain(team, rules)):
         target = level_target(level)
-        if not remaining.get(target):
-            break
-        remaining[target] -= 1
-        passed += 1
+        if remaining.get(target):
+            remaining[target] -= 1
+            passed = index + 1
     return passed
 
 

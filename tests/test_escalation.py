@@ -793,8 +793,12 @@ DANA_AT, PAT_AT, ERIK_AT = ("duty-manager@example.org", ""), ("pat@example.org",
     (["0m DUTY", "1h PAT", "3h HEAD"], [], 0),
     # Pat left the chain after being told: Erik is next.
     (["0m DUTY", "3h HEAD"], [DANA_AT, PAT_AT], 1),
-    # A level added before those that fired is sent, and the levels after it again.
-    (["0m DUTY", "30m HEAD", "1h PAT"], [DANA_AT, PAT_AT], 1),
+    # A level added before those that fired is skipped: the conversation escalated past it.
+    (["0m DUTY", "30m HEAD", "1h PAT"], [DANA_AT, PAT_AT], 3),
+    # A level whose recipient changed after later levels fired sends none of them again.
+    (["0m DUTY", "1h HOOK", "3h HEAD"], [DANA_AT, ("", "http://127.0.0.1:9/old-hook"), ERIK_AT], 3),
+    # ... and when it is the last level that fired, it is sent to its new recipient.
+    (["0m DUTY", "1h PAT", "3h HEAD"], [DANA_AT, ("pat.old@example.org", "")], 1),
     # A person told twice by a repeated level counts twice, and a third time is still due.
     (["0m DUTY", "1h DUTY", "2h DUTY"], [DANA_AT, DANA_AT], 2),
     # Addresses compare without case, and a webhook level by its URL.
