@@ -320,7 +320,7 @@ class Table:
         except OverflowError as error:
             reason = str(error)  # a repeat count of 2**32 or more
         except RecursionError:
-            # re's parser recurses once per group and stops near 1,000 levels.
+            # re's parser recurses for each group: about 500 nested groups reach Python's recursion limit.
             reason = "groups nested too deeply"
         self.problem(name, f"invalid regular expression {pattern!r}: {reason}")
         return None
