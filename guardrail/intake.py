@@ -446,8 +446,9 @@ class GuardrailSMTP(SMTP):
             return
 
         # Counting starts before the 354 reply, because the client may send
-        # data as soon as the reply is written.
-        self._data_bytes = 0
+        # data as soon as the reply is written. A pipelining client's data
+        # may already wait in the reader, behind the DATA command.
+        self._data_bytes = len(self._reader._buffer)  # type: ignore[attr-defined]
         self._receiving_data = True
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")

@@ -1551,3 +1551,5 @@ async def test_half_closed_client_in_data_stores_nothing(tmp_path: Path, start_d
     [lost] = [entry for entry in logs if entry["event"] == "connection_lost"]
     assert lost["reason"] == "closed by client"
     assert lost["state"] == "DATA"
+    # The data arrived with the commands, before DATA was read.
+    assert lost["bytes_received"] == len(b"Subject: cut\r\n\r\nno final dot\r\n")
