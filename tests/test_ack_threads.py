@@ -12,6 +12,7 @@ from conftest import case_file, maildir_messages, send, settle, write_config
 from structlog.testing import capture_logs
 
 from guardrail.clock import ManualClock
+from guardrail.daemon import Daemon
 
 
 def at(text: str) -> datetime:
@@ -124,20 +125,25 @@ async def test_ack_limit_resets_after_window(tmp_path: Path, start_daemon) -> No
     assert len(acks_to(tmp_path, vendor)) == 4
 
 
+async def acknowledge(tmp_path: Path, start_daemon, message_id: str, references: str) -> tuple[Daemon, Message]:
+    """Send Alice's question with these Message-ID and References headers; return the daemon and its one acknowledgement."""
+    clock = ManualClock(at("2025-11-07T09:00:00"))
+    daemon = await start_daemon(write_config(tmp_path), clock=clock)
+    request = (
+        f"From: Alice <alice@example.com>\r\nSubject: Question\r\nMessage-ID: {message_id}\r\n"
+        f"References: {references}\r\n\r\nHi\r\n"
+    ).encode()
+    await send(daemon.port, "alice@example.com", ["support@example.org"], request)
+    await settle(daemon, clock)
+    (ack,) = acks_to(tmp_path, "alice@example.com")
+    return daemon, ack
+
+
 @pytest.mark.parametrize("control", ["\x00", "\x1b", "\x7f"])
 async def test_ack_drops_control_message_id(tmp_path: Path, start_daemon, control: str) -> None:
     # RFC 5322 message ids are printable. A NUL or escape copied from the
     # customer's Message-ID would reach In-Reply-To and References of our mail.
-    clock = ManualClock(at("2025-11-07T09:00:00"))
-    daemon = await start_daemon(write_config(tmp_path), clock=clock)
-    request = (
-        f"From: Alice <alice@example.com>\r\nSubject: Question\r\nMessage-ID: <q{control}1@example.com>\r\n"
-        f"References: <root@example.com> <bad{control}@example.com>\r\n\r\nHi\r\n"
-    ).encode()
-    await send(daemon.port, "alice@example.com", ["support@example.org"], request)
-    await settle(daemon, clock)
-
-    (ack,) = acks_to(tmp_path, "alice@example.com")
+    daemon, ack = await acknowledge(tmp_path, start_daemon, f"<q{control}1@example.com>", f"<root@example.com> <bad{control}@example.com>")
     assert ack["In-Reply-To"] is None
     assert ack["References"] == "<root@example.com>"
     stored = await daemon.store.fetch_all("SELECT message_id FROM messages")
@@ -155,16 +161,7 @@ async def test_ack_drops_control_message_id(tmp_path: Path, start_daemon, contro
     ],
 )
 async def test_ack_leaves_out_ids_it_cannot_write(tmp_path: Path, start_daemon, message_id: str, kept: bool) -> None:
-    clock = ManualClock(at("2025-11-07T09:00:00"))
-    daemon = await start_daemon(write_config(tmp_path), clock=clock)
-    request = (
-        f"From: Alice <alice@example.com>\r\nSubject: Question\r\nMessage-ID: {message_id}\r\n"
-        f"References: <root@example.com> <réf@example.com>\r\n\r\nHi\r\n"
-    ).encode()
-    await send(daemon.port, "alice@example.com", ["support@example.org"], request)
-    await settle(daemon, clock)
-
-    (ack,) = acks_to(tmp_path, "alice@example.com")
+    daemon, ack = await acknowledge(tmp_path, start_daemon, message_id, "<root@example.com> <réf@example.com>")
     assert ack["In-Reply-To"] == (message_id if kept else None)
     assert ack["References"] == ("<root@example.com> " + message_id if kept else "<root@example.com>")
     # The customer's message is still stored under its id, so replies to it thread.

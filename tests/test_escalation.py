@@ -32,7 +32,7 @@ from guardrail.cli import build_parser, main
 from guardrail.clock import ManualClock, format_instant, parse_instant
 from guardrail.committer import Committer, EscalationRun
 from guardrail.config import load_config
-from guardrail.daemon import answer_command, load_ruleset
+from guardrail.daemon import Daemon, answer_command, load_ruleset
 from guardrail.escalation import (
     DueConversation,
     Sender,
@@ -601,6 +601,15 @@ async def test_rejected_escalation_mail_goes_to_contact(tmp_path: Path, start_da
     assert failed["fallback"] == "escalation mail to lead@example.org"
 
 
+async def open_chain_conversation(tmp_path: Path, start_daemon, chain: str) -> tuple[Path, Daemon, ManualClock]:
+    """Start a daemon at 2025-11-17 10:00 UTC whose team escalates along `chain`, and open a conversation with a 11:00 deadline."""
+    config = write_config(tmp_path, rules=chain_rules(chain))
+    clock = ManualClock(at("2025-11-17T10:00:00"))
+    daemon = await start_daemon(config, clock=clock)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], case_file("escalation", "message.eml"))
+    return config, daemon, clock
+
+
 DUTY = '{ name = "Dana Duty", address = "duty-manager@example.org" }'
 HEAD = '{ name = "Erik Head", address = "head-of-facilities@example.org" }'
 
@@ -617,10 +626,7 @@ HEAD = '{ name = "Erik Head", address = "head-of-facilities@example.org" }'
 async def test_reload_moves_stored_escalation(
     tmp_path: Path, start_daemon, before: str, after: str, reload_at: str, escalated_at: str
 ) -> None:
-    config = write_config(tmp_path, rules=chain_rules(before))
-    clock = ManualClock(at("2025-11-17T10:00:00"))
-    daemon = await start_daemon(config, clock=clock)
-    await send(daemon.port, "alice@example.com", ["support@example.org"], case_file("escalation", "message.eml"))
+    config, daemon, clock = await open_chain_conversation(tmp_path, start_daemon, before)
     await advance_in_ticks(daemon, clock, at(reload_at), tick=timedelta(minutes=5))
     assert escalations_to(tmp_path, "duty-manager@example.org") == []
 
@@ -638,10 +644,7 @@ async def test_reload_moves_stored_escalation(
 
 
 async def test_reload_extends_ended_chain(tmp_path: Path, start_daemon) -> None:
-    config = write_config(tmp_path, rules=chain_rules(f'[{{ after = "0m", {DUTY[2:]}]'))
-    clock = ManualClock(at("2025-11-17T10:00:00"))
-    daemon = await start_daemon(config, clock=clock)
-    await send(daemon.port, "alice@example.com", ["support@example.org"], case_file("escalation", "message.eml"))
+    config, daemon, clock = await open_chain_conversation(tmp_path, start_daemon, f'[{{ after = "0m", {DUTY[2:]}]')
     await advance_in_ticks(daemon, clock, at("2025-11-17T11:10:00"), tick=timedelta(minutes=5))
     assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
 
@@ -677,10 +680,7 @@ async def test_reload_extends_ended_chain(tmp_path: Path, start_daemon) -> None:
 async def test_restart_with_changed_chain_reschedules(
     tmp_path: Path, start_daemon, before: str, after: str, address: str, escalated_at: str
 ) -> None:
-    config = write_config(tmp_path, rules=chain_rules(before))
-    clock = ManualClock(at("2025-11-17T10:00:00"))
-    daemon = await start_daemon(config, clock=clock)
-    await send(daemon.port, "alice@example.com", ["support@example.org"], case_file("escalation", "message.eml"))
+    config, daemon, clock = await open_chain_conversation(tmp_path, start_daemon, before)
     await advance_in_ticks(daemon, clock, at("2025-11-17T11:10:00"), tick=timedelta(minutes=5))
     await daemon.stop()
 
@@ -711,10 +711,7 @@ def stored_next_escalation(folder: Path, value: str | None = None) -> str:
 
 async def test_restart_with_same_rules_keeps_times(tmp_path: Path, start_daemon) -> None:
     # A start visits every open conversation only when the rules changed since the last complete reschedule.
-    config = write_config(tmp_path, rules=chain_rules(f'[{{ after = "0m", {DUTY[2:]}, {{ after = "6h", {HEAD[2:]}]'))
-    clock = ManualClock(at("2025-11-17T10:00:00"))
-    daemon = await start_daemon(config, clock=clock)
-    await send(daemon.port, "alice@example.com", ["support@example.org"], case_file("escalation", "message.eml"))
+    config, daemon, clock = await open_chain_conversation(tmp_path, start_daemon, f'[{{ after = "0m", {DUTY[2:]}, {{ after = "6h", {HEAD[2:]}]')
     await daemon.stop()
     marker = "2030-01-01T00:00:00+00:00"
     stored_next_escalation(tmp_path, marker)
@@ -814,10 +811,7 @@ def test_levels_passed_match_by_target(tmp_path: Path, chain: list[str], fired: 
 
 
 async def test_reload_removing_fired_level_keeps_later_ones(tmp_path: Path, start_daemon) -> None:
-    config = write_config(tmp_path, rules=chain_rules(chain_of("0m DUTY", "1h PAT", "3h HEAD")))
-    clock = ManualClock(at("2025-11-17T10:00:00"))
-    daemon = await start_daemon(config, clock=clock)
-    await send(daemon.port, "alice@example.com", ["support@example.org"], case_file("escalation", "message.eml"))
+    config, daemon, clock = await open_chain_conversation(tmp_path, start_daemon, chain_of("0m DUTY", "1h PAT", "3h HEAD"))
     await advance_in_ticks(daemon, clock, at("2025-11-17T12:10:00"), tick=timedelta(minutes=10))
     told_pat = len(escalations_to(tmp_path, "pat@example.org"))
 
