@@ -162,7 +162,7 @@ class Daemon:
         # The stored escalation times were computed under the rules loaded when
         # each was set, and the rule files may have changed while the daemon
         # was down: set them again under the rules loaded now, as a reload
-        # does, unless the store says they were set under these rules.
+        # does, unless the store records that they were set under these rules.
         self._start_rescheduling(self.rules, unless_current=True)
         if config.zombie is not None:
             self.zombies = ZombieWatch(
@@ -303,7 +303,7 @@ class Daemon:
 
         def planner(team_name: str, deadline: datetime, level: int, fired: list[LevelTarget] | None) -> tuple[int, datetime | None]:
             team = rules.teams.get(team_name)
-            # Levels that fired are found in the new chain by whom they told.
+            # Levels that fired are found in the new chain by their recipients.
             # Events that account for fewer levels than the stored count leave it as it is.
             if fired is not None and len(fired) >= level:
                 level = levels_passed(team, rules, fired)

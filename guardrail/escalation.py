@@ -125,8 +125,8 @@ def levels_passed(team: Team | None, rules: RuleSet, fired: list[LevelTarget]) -
 
     After the chain changes, each level of the new one is matched to an
     escalation that fired under the old one with the same person or
-    webhook, each fired escalation used once, so a level repeated for the
-    same person counts each time. Every level up to the last matched one
+    webhook. Each fired escalation is used once, so a level repeated for
+    the same person counts each time. Every level up to the last matched one
     counts as fired. So a level removed from the chain does not hide the
     levels after it, a level whose address or URL changed after later
     levels fired does not send those again, and a level added before

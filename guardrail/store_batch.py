@@ -46,7 +46,7 @@ log = structlog.get_logger("guardrail.store")
 
 # planner(team, deadline, level, fired) of a reschedule: the conversation's new
 # level and its next escalation time, or None when its chain has ended. `fired`
-# is None at level 0, else whom each escalation told, in order.
+# is None at level 0, else the recipients of each escalation sent, in order.
 ReschedulePlanner = Callable[[str, datetime, int, "list[LevelTarget] | None"], tuple[int, "datetime | None"]]
 
 SCHEMA = """
@@ -778,8 +778,8 @@ class BatchWriter:
         Only conversations on the SLA clock are visited: open, with a
         deadline, and not escalated at once for a reason such as an
         unstaffed team, whose escalation does not follow the chain. The
-        planner gets, for a conversation past level 0, whom each of its
-        escalations told, in order. The last pass records `digest`, the
+        planner gets, for a conversation past level 0, the recipients of
+        each of its escalations, in order. The last pass records `digest`, the
         rules the planner follows, as SCHEDULE_RULES.
         """
         rows = self.db.execute(
@@ -808,7 +808,7 @@ class BatchWriter:
         self.db.execute("DELETE FROM facts WHERE name = ? AND value != ?", (SCHEDULE_RULES, digest))
 
     def _fired_levels(self, conversation_id: int) -> list[LevelTarget]:
-        """Return whom each chain level that fired for the conversation told, oldest first."""
+        """Return the recipients of each chain level that fired for the conversation, oldest first."""
         rows = self.db.execute(
             "SELECT detail FROM events WHERE conversation_id = ? AND kind = 'escalated' ORDER BY id", (conversation_id,)
         ).fetchall()
