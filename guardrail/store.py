@@ -92,11 +92,12 @@ def _message_for_delivery(row: Any) -> tuple[bytes, dict[str, Any]]:
     }
 
 
-# Columns added after a table's first release, each with its definition.
+# Columns added after a table's first release, each with its definition. An
+# address alarm raised before alarms named a team covers every team ("*").
 _LATER_COLUMNS = (
     ("messages", "protocol", "TEXT NOT NULL DEFAULT 'ESMTP'"),
     ("rejections", "team", "TEXT NOT NULL DEFAULT ''"),
-    ("address_alarms", "team", "TEXT NOT NULL DEFAULT ''"),
+    ("address_alarms", "team", "TEXT NOT NULL DEFAULT '*'"),
 )
 
 

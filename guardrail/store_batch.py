@@ -712,6 +712,8 @@ class BatchWriter:
         sql = "SELECT address, team, MAX(at) FROM address_alarms WHERE at > ? GROUP BY address, team"
         with closing(self.db.execute(sql, (since,))) as cursor:
             alarmed = {(address, team): at for address, team, at in cursor.fetchall()}
+        # An alarm stored before alarms named a team covers the address for every team.
+        every_team = {address for address, team in alarmed if team == "*"}
         # A rejection stored before rows named their team takes its conversation's.
         sql = (
             "SELECT r.address, COALESCE(NULLIF(r.team, ''), c.team, '') AS owner_team, COUNT(*), MIN(r.at), MAX(r.at), MAX(r.id)"
@@ -719,7 +721,7 @@ class BatchWriter:
             " WHERE r.at > ? GROUP BY r.address, owner_team ORDER BY r.address, owner_team"
         )
         with closing(self.db.execute(sql, (since,))) as cursor:
-            counts = [row for row in cursor.fetchall() if (row[0], row[1]) not in alarmed]
+            counts = [row for row in cursor.fetchall() if (row[0], row[1]) not in alarmed and row[0] not in every_team]
         figures = []
         for address, team, count, first, last, newest in counts:
             sql = (

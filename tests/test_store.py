@@ -13,6 +13,7 @@ import pytest
 from conftest import message, write_config
 from structlog.testing import capture_logs
 
+from guardrail.clock import format_instant
 from guardrail.config import load_config
 from guardrail.daemon import load_ruleset
 from guardrail.errors import StorageError
@@ -148,6 +149,32 @@ async def test_database_without_later_columns_is_upgraded(tmp_path: Path) -> Non
     with closing(sqlite3.connect(database)) as connection:
         for table in ("rejections", "address_alarms"):
             assert "team" in {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+
+
+async def test_address_alarm_before_teams_covers_every_team(tmp_path: Path) -> None:
+    # An alarm raised by a version whose alarms named no team, within the period.
+    database = tmp_path / "store.db"
+    with closing(sqlite3.connect(database)) as connection, connection:
+        connection.executescript(SCHEMA.replace(",\n    team TEXT NOT NULL DEFAULT ''", ""))
+        connection.execute(
+            "INSERT INTO address_alarms (address, at, detail) VALUES ('second@example.net', ?, 'earlier alarm')",
+            (format_instant(NOW - timedelta(hours=2)),),
+        )
+
+    store = await Store.open(database)
+    try:
+        # A rejection recorded after the upgrade, for one team.
+        with closing(sqlite3.connect(database)) as connection, connection:
+            connection.execute(
+                "INSERT INTO rejections (address, conversation_id, at, reply, team) VALUES ('second@example.net', NULL, ?, '550 no', 'support')",
+                (format_instant(NOW - timedelta(hours=1)),),
+            )
+        seen: list[object] = []
+        await store.raise_rejection_alarms(NOW, timedelta(days=1), lambda figures, alarmed: seen.extend(figures) or [])
+    finally:
+        await store.close()
+
+    assert seen == []
 
 
 def store_path(folder: Path) -> Path:
