@@ -79,8 +79,8 @@ def shadowed_routes(rules: RuleSet) -> list[Finding]:
         for earlier in live[:index]:
             if route_covers(earlier, later):
                 findings.append(Finding(
-                    "warning", f"route {later.name}",
-                    f"can never match: route {earlier.name!r} comes first and matches every message it matches",
+                    "warning", later.source or f"route {later.name}",
+                    f"{_route_key(later)}: can never match: route {earlier.name!r} comes first and matches every message it matches",
                 ))
                 break
     return findings
@@ -115,9 +115,14 @@ def slow_patterns(rules: RuleSet) -> list[Finding]:
             for pattern in condition.patterns:
                 backtracking = find_backtracking(pattern) or (find_slow_search(pattern) if searched else None)
                 if backtracking:
-                    message = f"route {route.name}, {key}: {backtracking.describe(pattern.pattern)}"
+                    message = f"{_route_key(route)}.{key}: {backtracking.describe(pattern.pattern)}"
                     findings.append(Finding("warning", route.source, message))
     return findings
+
+
+def _route_key(route: Route) -> str:
+    """Return where a route is defined, in the form errors use, such as route[2] (billing)."""
+    return route.key or f"route ({route.name})"
 
 
 def _regex_conditions(route: Route) -> Iterator[tuple[str, Condition]]:

@@ -132,6 +132,7 @@ class Route:
     first_response: timedelta | None = None
     mode: str = "live"  # "live", or "shadow": evaluated and recorded, never acted on
     owner: Human | None = None
+    key: str = ""  # where its rules file defines it, as errors name it: route[2] (billing)
 
 
 @dataclass(frozen=True)
@@ -550,6 +551,7 @@ def _load_route(table: Table, teams: dict[str, Team], today: date) -> Route | No
         return None
     return Route(
         name, team, str(table.path), tuple(all_conditions), tuple(any_conditions), is_default, first_response, mode, owner,
+        key=table.prefix,
     )
 
 

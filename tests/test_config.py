@@ -313,7 +313,9 @@ def test_check_json_lists_findings(tmp_path: Path, capsys: pytest.CaptureFixture
     report = json.loads(capsys.readouterr().out)
     messages = {finding["where"]: finding["message"] for finding in report["findings"]}
     assert report["exit"] == 1
-    assert messages["route billing-again"].startswith("can never match: route 'billing-inbox' comes first")
+    assert messages[str(tmp_path / "rules" / "20-routes.toml")].startswith(
+        "route[4] (billing-again): can never match: route 'billing-inbox' comes first"
+    )
     assert all(finding["level"] == "warning" for finding in report["findings"])
 
 
@@ -330,7 +332,7 @@ def test_check_warns_of_backtracking_regex(tmp_path: Path, capsys: pytest.Captur
     output = capsys.readouterr()
     assert output.out.startswith("ok: ")
     expected = (
-        f"warning: {rules}: route urgent, all[0].subject.regex: the pattern '(a+)+$' can take exponential time on some"
+        f"warning: {rules}: route[4] (urgent).all[0].subject.regex: the pattern '(a+)+$' can take exponential time on some"
         " inputs; rewrite it without a repeat inside a repeat, or make the inner repeat possessive (such as a++ for a+)"
         " or atomic ((?>...))"
     )
