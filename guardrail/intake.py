@@ -246,6 +246,12 @@ class GuardrailSMTP(SMTP):
             self._original_transport.abort()
             self.connection_lost(None)
             return
+        if self.transport is not None and self.transport.get_write_buffer_size() > 0:
+            # The client has left replies unread for a whole timeout. close()
+            # would wait until they are sent, which a client that never reads
+            # puts off for good, so the connection would keep its slot.
+            self.transport.abort()
+            return
         super()._timeout_cb()
 
     @property

@@ -1027,6 +1027,44 @@ async def test_idle_connection_is_closed(tmp_path: Path, start_daemon) -> None:
     assert elapsed >= 0.5
 
 
+def pipeline_without_reading(port: int, *, half_close: bool) -> socket.socket:
+    """Read the greeting, send EHLO commands whose replies overflow every socket buffer, and return the connection unread."""
+    connection = socket.socket()
+    # A small receive buffer on a socket that never reads makes the replies back up into the server.
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    connection.settimeout(2)
+    connection.connect(("127.0.0.1", port))
+    greeting = b""
+    while not greeting.endswith(b"\r\n"):
+        greeting += connection.recv(4096)
+    try:
+        # Each EHLO reply is about 100 bytes, so 100,000 of them exceed the
+        # server's send buffer, which Linux grows to 4 MiB by default.
+        connection.sendall(b"EHLO client.test.example\r\n" * 100_000)
+        if half_close:
+            connection.shutdown(socket.SHUT_WR)
+    except (TimeoutError, ConnectionError):
+        pass  # The server stopped reading, and the commands it read already fill the buffers.
+    return connection
+
+
+@pytest.mark.parametrize("half_close", [False, True], ids=["open", "half-closed"])
+async def test_unread_replies_free_the_slot(tmp_path: Path, start_daemon, half_close: bool) -> None:
+    daemon = await start_daemon(write_config(tmp_path, smtp={"timeout": "1s", "max_connections": 1}))
+
+    connection = await asyncio.to_thread(pipeline_without_reading, daemon.port, half_close=half_close)
+    try:
+        # The greeting was read, so the server counted the connection before this.
+        await wait_until(lambda: not daemon._tracker.connections, timeout=5, what="the idle timeout to free the slot")
+        client = await Client.connect(daemon.port)
+        greeting = await client.reply()
+        await client.close()
+    finally:
+        connection.close()
+
+    assert greeting[0].startswith("220 ")
+
+
 async def test_slow_data_gets_421(tmp_path: Path, start_daemon) -> None:
     daemon = await start_daemon(write_config(tmp_path, smtp={"data_timeout": "1s"}))
     client = await open_transaction(daemon.port)
