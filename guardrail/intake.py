@@ -312,7 +312,7 @@ class GuardrailSMTP(SMTP):
             await self._count_error()
 
     async def _count_error(self) -> None:
-        """Count a 5xx reply. At ERROR_REPLY_LIMIT, reply 421 and close the connection.
+        """Count a 5xx reply. At ERROR_REPLY_LIMIT, reply 421, close the connection and raise CancelledError.
 
         A client that draws one rejection after another (unknown recipients,
         bad commands) is probing or broken; each rejection is also a log line.
@@ -326,6 +326,10 @@ class GuardrailSMTP(SMTP):
         self._closed_for_errors = True
         assert self.transport is not None
         self.transport.close()
+        # End the session here. Commands that the client pipelined behind this
+        # one would otherwise run until the close reaches the session, and a
+        # message among them could be stored after the client received 421.
+        raise asyncio.CancelledError
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:

@@ -1495,6 +1495,23 @@ async def test_error_replies_limited(tmp_path: Path, start_daemon) -> None:
     assert closed
 
 
+async def test_commands_after_error_limit_not_run(tmp_path: Path, start_daemon) -> None:
+    # Parsing in the daemon: a parse process would be a point where the close cancels the session.
+    daemon = await start_daemon(write_config(tmp_path, smtp={"parse_processes": 0}))
+    rejected = b"RCPT TO:<nobody@example.org>\r\n" * ERROR_REPLY_LIMIT
+    pipelined = f"RCPT TO:<{SUPPORT}>\r\nDATA\r\n".encode() + dot_stuff(message(subject="After the limit", message_id="<after@example.com>"))
+
+    with structlog.testing.capture_logs() as events:
+        lines = await converse(daemon.port, EHLO + b"MAIL FROM:<alice@example.com>\r\n" + rejected + pipelined)
+        await wait_until(lambda: not daemon._tracker.connections, what="the server to close the connection")
+        # Commits run in order, so once this message is stored, one queued by the first session is too.
+        await send(daemon.port, "alice@example.com", [SUPPORT], message(subject="Later", message_id="<later@example.com>"))
+
+    assert lines[-1] == "421 4.7.0 Too many errors, closing the connection"
+    assert count_rows(daemon, "messages") == 1
+    assert len([event for event in events if event["event"] == "recipient_rejected"]) == ERROR_REPLY_LIMIT
+
+
 async def test_null_recipient_is_a_syntax_error(tmp_path: Path, start_daemon) -> None:
     daemon = await start_daemon(write_config(tmp_path))
 
