@@ -91,6 +91,8 @@ _END_OF_DATA = b"\r\n.\r\n"
 _DOT_LINE = b"\r\n."  # a line that starts with a dot: the end of the data, or a dot added by the client
 # A path in angle brackets with a dot-atom local part, or the null path.
 _PLAIN_PATH = re.compile(rf"^\s*<((?:{ATOM}(?:\.{ATOM})*@[A-Za-z0-9.-]+)?)>(.*)$")
+# A path up to its closing ">": a ">" inside a quoted local part or an address literal does not close it.
+_CLOSED_PATH = re.compile(r'\s*<(?:"(?:[^"\\]|\\.)*"|\[[^\]]*\]|[^">\[])*>')
 _CHUNK = 256 * 1024
 _SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
@@ -354,7 +356,7 @@ class GuardrailSMTP(SMTP):
         # else (quoted local parts, source routes) still goes to aiosmtpd.
         match = _PLAIN_PATH.match(arg)
         if match is None:
-            if arg.lstrip().startswith("<") and ">" not in arg:
+            if arg.lstrip().startswith("<") and _CLOSED_PATH.match(arg) is None:
                 # The email package reads a path without its closing ">" as
                 # complete, but RFC 5321 section 4.1.2 requires it.
                 return None, None

@@ -910,10 +910,14 @@ async def test_early_data_names_missing_step(tmp_path: Path, start_daemon, comma
         ([b"MAIL FROM:<alice@example.com>", b"RCPT TO:,"], "553 5.1.3 Malformed recipient address"),
         ([b"MAIL FROM:<alice@example.com"], "553 5.1.7 Malformed sender address"),
         ([b"MAIL FROM:<alice@example.com>", b"RCPT TO:<support@example.org"], "553 5.1.3 Malformed recipient address"),
+        ([b'MAIL FROM:<"alice>"@example.com'], "553 5.1.7 Malformed sender address"),
+        ([b'MAIL FROM:<"a>b"@example.com>', b'RCPT TO:<"sup>port"@example.org'], "553 5.1.3 Malformed recipient address"),
+        ([b"MAIL FROM:<alice@example.com>", b"RCPT TO:<support@[192.0.2.1>]"], "553 5.1.3 Malformed recipient address"),
     ],
     ids=["sender in double brackets", "sender without domain", "sender a comma",
          "recipient in double brackets", "recipient without domain", "recipient a comma",
-         "sender without closing bracket", "recipient without closing bracket"],
+         "sender without closing bracket", "recipient without closing bracket",
+         "sender with > only in quotes", "recipient with > only in quotes", "recipient with > only in literal"],
 )
 async def test_malformed_address_code_per_command(tmp_path: Path, start_daemon, commands: list[bytes], expected: str) -> None:
     daemon = await start_daemon(write_config(tmp_path))
