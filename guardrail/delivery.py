@@ -125,9 +125,14 @@ def received_name(helo: str) -> str:
     address literal cannot contain (parentheses, semicolons, quotes, spaces)
     would open a comment or end the clause early for whoever parses the
     header, so each becomes "?". Letters and digits outside ASCII stay, as in
-    an internationalized domain.
+    an internationalized domain. Brackets stay only where they enclose the
+    whole name as an address literal, such as "[192.0.2.7]".
     """
-    name = "".join(character if character.isalnum() or character in ".-_:[]" else "?" for character in helo)
+    is_literal = len(helo) > 2 and helo.startswith("[") and helo.endswith("]")
+    inner = helo[1:-1] if is_literal else helo
+    name = "".join(character if character.isalnum() or character in ".-_:" else "?" for character in inner)
+    if is_literal:
+        return f"[{name}]"
     return name or "unknown"
 
 

@@ -348,6 +348,12 @@ def test_reach_after_partial_attempts(
     ("a)b (by evil.example", "a?b??by?evil.example"),
     ("", "unknown"),
     ("\r\nBcc: x", "??Bcc:?x"),
+    # A bracket that does not enclose the whole name would open or close an address literal.
+    ("a]b[c", "a?b?c"),
+    ("client.example ([", "client.example???"),
+    ("[192.0.2.7", "?192.0.2.7"),
+    ("[192.0.2.7][", "?192.0.2.7??"),
+    ("[]", "??"),
 ])
 def test_received_from_shows_helo_safely(helo: str, shown: str) -> None:
     envelope = {
