@@ -40,7 +40,28 @@ IDLE_SLEEP = timedelta(days=1)
 STORAGE_RETRY = timedelta(seconds=30)
 
 
-class EscalationScheduler:
+class _MailingLoop:
+    """Base of the loops that read the store under the current rules and queue mail: the shared parts."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        rules: Callable[[], RuleSet],
+        sender: Sender,
+        on_queued: Callable[[], None],
+        metrics: Metrics | None,
+    ) -> None:
+        self._metrics = metrics or Metrics()
+        self._store = store
+        self._clock = clock
+        self._rules = rules
+        self._sender = sender
+        self._on_queued = on_queued
+        self.wake = asyncio.Event()
+
+
+class EscalationScheduler(_MailingLoop):
     """Fires escalations when they fall due."""
 
     def __init__(
@@ -53,13 +74,7 @@ class EscalationScheduler:
         *,
         metrics: Metrics | None = None,
     ) -> None:
-        self._metrics = metrics or Metrics()
-        self._store = store
-        self._clock = clock
-        self._rules = rules
-        self._sender = sender
-        self._on_queued = on_queued
-        self.wake = asyncio.Event()
+        super().__init__(store, clock, rules, sender, on_queued, metrics)
         self.alive = False
         self._sleeping_until: datetime | None = None
 
@@ -120,7 +135,7 @@ class EscalationScheduler:
         return count
 
 
-class ZombieWatch:
+class ZombieWatch(_MailingLoop):
     """Checks every `check_every` for routes whose mail goes unanswered."""
 
     def __init__(
@@ -134,14 +149,8 @@ class ZombieWatch:
         *,
         metrics: Metrics | None = None,
     ) -> None:
-        self._metrics = metrics or Metrics()
-        self._store = store
-        self._clock = clock
-        self._rules = rules
-        self._sender = sender
+        super().__init__(store, clock, rules, sender, on_queued, metrics)
         self._settings = settings
-        self._on_queued = on_queued
-        self.wake = asyncio.Event()
 
     async def run(self) -> None:
         """Check now, then every `check_every`, until cancelled."""
@@ -173,7 +182,7 @@ class ZombieWatch:
         return alarms
 
 
-class RejectionWatch:
+class RejectionWatch(_MailingLoop):
     """Loop that raises the rejected-address alarms after each delivery in which an address was rejected for good.
 
     It checks once at start, for rejections recorded before a restart, and
@@ -195,14 +204,8 @@ class RejectionWatch:
         period: timedelta = ALARM_PERIOD,
         metrics: Metrics | None = None,
     ) -> None:
-        self._metrics = metrics or Metrics()
-        self._store = store
-        self._clock = clock
-        self._rules = rules
-        self._sender = sender
-        self._on_queued = on_queued
+        super().__init__(store, clock, rules, sender, on_queued, metrics)
         self._period = period
-        self.wake = asyncio.Event()
         # Addresses rejected since the last check, each with its team, and when each last had an alarm.
         self._pending: set[tuple[str, str]] = set()
         self._alarmed_at: dict[tuple[str, str], datetime] = {}
