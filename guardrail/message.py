@@ -148,12 +148,11 @@ class Summary:
 def summarize(raw: bytes, *, with_body: bool = True) -> Summary:
     """Summarize `raw` message bytes; the body is decoded only if `with_body`."""
     parser = email.parser.BytesParser(policy=email.policy.compat32)
-    raw = _without_spaced_colons(raw)
+    raw, end = _without_spaced_colons(raw, raw.find(b"\r\n\r\n"))
     whole = raw
     if not with_body:
         # The parser reads every body line even with headersonly=True, so it
         # gets only the header block (up to the first empty line).
-        end = raw.find(b"\r\n\r\n")
         raw = raw[: end + 4] if end >= 0 else raw
     try:
         message = parser.parsebytes(raw, headersonly=not with_body)
@@ -184,16 +183,20 @@ def summarize(raw: bytes, *, with_body: bool = True) -> Summary:
     )
 
 
-def _without_spaced_colons(raw: bytes) -> bytes:
-    """Return `raw` with the white space before each header field's colon removed, so the parser reads every field."""
-    end = raw.find(b"\r\n\r\n")
+def _without_spaced_colons(raw: bytes, end: int) -> tuple[bytes, int]:
+    """Return `raw` with the white space before each header field's colon removed, and where its header block now ends.
+
+    `end` is the offset of the empty line that ends the header block, or -1
+    when there is none. The parser then reads every field.
+    """
     head_end = end + 2 if end >= 0 else len(raw)
     # Two substring searches rule out nearly every message faster than the pattern.
     if raw.find(b" :", 0, head_end) < 0 and raw.find(b"\t:", 0, head_end) < 0:
-        return raw
+        return raw, end
     if not _SPACED_COLON.search(raw, 0, head_end):
-        return raw
-    return _SPACED_COLON.sub(rb"\1:", raw[:head_end]) + raw[head_end:]
+        return raw, end
+    head = _SPACED_COLON.sub(rb"\1:", raw[:head_end])
+    return head + raw[head_end:], (len(head) - 2 if end >= 0 else -1)
 
 
 def listed_part_types(message: Message, raw: bytes, *, parsed_body: bool = True) -> tuple[str, ...]:
