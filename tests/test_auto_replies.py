@@ -608,25 +608,23 @@ def test_subaddressed_robot_senders(mail_from: str, sender: str, signal: str | N
     assert machine_signal(summary, mail_from, "mx.test.example") == signal
 
 
-async def test_subaddressed_mailer_daemon_not_acknowledged(tmp_path: Path, start_daemon) -> None:
+@pytest.mark.parametrize(
+    ("mail_from", "sender", "signal"),
+    [
+        ("MAILER-DAEMON+7f3a@mx.example.net", "Mail Delivery System <MAILER-DAEMON+7f3a@mx.example.net>",
+         "envelope sender mailer-daemon+7f3a@mx.example.net looks automated"),
+        # An envelope sender without a domain.
+        ("MAILER-DAEMON", "Alice <alice@example.net>", "envelope sender mailer-daemon looks automated"),
+    ],
+    ids=["subaddressed", "unqualified"],
+)
+async def test_mailer_daemon_not_acknowledged(tmp_path: Path, start_daemon, mail_from: str, sender: str, signal: str) -> None:
     clock = ManualClock(at("2025-11-04T09:00:00"))
     daemon = await start_daemon(write_config(tmp_path, rules=IT_RULES), clock=clock)
-    data = b"From: Mail Delivery System <MAILER-DAEMON+7f3a@mx.example.net>\r\nSubject: Your message\r\n\r\nIt bounced.\r\n"
-    await send(daemon.port, "MAILER-DAEMON+7f3a@mx.example.net", ["support@example.org"], data)
+    data = f"From: {sender}\r\nSubject: Your message\r\n\r\nIt bounced.\r\n".encode()
+    await send(daemon.port, mail_from, ["support@example.org"], data)
     await settle(daemon, clock)
 
     rows = await daemon.store.fetch_all("SELECT decision, signal FROM acknowledgements")
-    assert [tuple(row) for row in rows] == [("suppressed", "envelope sender mailer-daemon+7f3a@mx.example.net looks automated")]
-    assert acks(tmp_path) == []
-
-
-async def test_unqualified_mailer_daemon_not_acknowledged(tmp_path: Path, start_daemon) -> None:
-    clock = ManualClock(at("2025-11-04T09:00:00"))
-    daemon = await start_daemon(write_config(tmp_path, rules=IT_RULES), clock=clock)
-    data = b"From: Alice <alice@example.net>\r\nSubject: Your message\r\n\r\nIt bounced.\r\n"
-    await send(daemon.port, "MAILER-DAEMON", ["support@example.org"], data)
-    await settle(daemon, clock)
-
-    rows = await daemon.store.fetch_all("SELECT decision, signal FROM acknowledgements")
-    assert [tuple(row) for row in rows] == [("suppressed", "envelope sender mailer-daemon looks automated")]
+    assert [tuple(row) for row in rows] == [("suppressed", signal)]
     assert acks(tmp_path) == []
