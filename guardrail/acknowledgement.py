@@ -27,7 +27,7 @@ from .rules_sla import Template
 # At most this many ids go into References: the first (the thread's root)
 # and the newest, so the header never grows without bound.
 MAX_REFERENCES = 20
-# The longest message id copied into In-Reply-To or References. fold_header
+# Maximum length of a message id copied into In-Reply-To or References. fold_header
 # writes a longer word as RFC 2047 encoded words, which a msg-id must not
 # contain (RFC 2047 section 5), and one this long still fits on a line of
 # its own (RFC 5322 section 2.1.1).

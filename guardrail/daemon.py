@@ -159,10 +159,9 @@ class Daemon:
             asyncio.create_task(worker.run(), name="guardrail-outbox"),
             asyncio.create_task(scheduler.run(), name="guardrail-escalations"),
         ]
-        # The stored escalation times were computed under the rules loaded when
-        # each was set, and the rule files may have changed while the daemon
-        # was down: set them again under the rules loaded now, as a reload
-        # does, unless the store records that they were set under these rules.
+        # The stored escalation times follow the rules loaded when each was
+        # set, and the rule files may have changed while the daemon was down.
+        # Set them again, as a reload does, unless they follow these rules.
         self._start_rescheduling(self.rules, unless_current=True)
         if config.zombie is not None:
             self.zombies = ZombieWatch(

@@ -123,7 +123,7 @@ def received_name(helo: str) -> str:
 
     A client can send anything as its name. Characters that a domain or an
     address literal cannot contain (parentheses, semicolons, quotes, spaces)
-    would open a comment or end the clause early for whoever parses the
+    would open a comment or end the clause early for a parser of the
     header, so each becomes "?". Letters and digits outside ASCII stay, as in
     an internationalized domain. Brackets stay only where they enclose the
     whole name as an address literal, such as "[192.0.2.7]".

@@ -128,9 +128,9 @@ def levels_passed(team: Team | None, rules: RuleSet, fired: list[LevelTarget]) -
     webhook. Each fired escalation is used once, so a level repeated for
     the same person counts each time. Every level up to the last matched one
     counts as fired. So a level removed from the chain does not hide the
-    levels after it, a level whose address or URL changed after later
-    levels fired does not send those again, and a level added before
-    fired ones is skipped, since the conversation has escalated past it.
+    levels after it. A level whose address or URL changed after later
+    levels fired does not send those again. A level added before fired
+    ones is skipped, since the conversation has escalated past it.
     """
     remaining: dict[LevelTarget, int] = {}
     for target in fired:

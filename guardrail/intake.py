@@ -216,7 +216,7 @@ class GuardrailSMTP(SMTP):
         # The client closed its sending side, as `nc -N` does after its last
         # command, and may still read. aiosmtpd would stop the session here
         # and drop what the client sent before. Instead the reader gets the
-        # end of input, and the session answers every complete command
+        # end of input, and the session replies to every complete command
         # first. The DATA reader then finds the final dot or the end, and
         # the command loop ends at the end of input (handle_exception).
         self._half_closed = True

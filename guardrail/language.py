@@ -103,7 +103,7 @@ def own_text(text: str, limit: int = MAX_CHARACTERS) -> str:
     "> " before each line or below a separator line, and the quote is often
     the longer text.
     """
-    kept: list[str] = []
+    own_lines: list[str] = []
     size = 0
     start, end = 0, min(len(text), _OWN_TEXT_SCAN)
     # Lines are cut one at a time, so a long message costs no more than the lines the loop reaches.
@@ -117,8 +117,8 @@ def own_text(text: str, limit: int = MAX_CHARACTERS) -> str:
             break
         if line.lstrip().startswith(">"):
             continue
-        kept.append(line)
+        own_lines.append(line)
         size += len(line) + 1
         if size >= limit:
             break
-    return "\n".join(kept)[:limit]
+    return "\n".join(own_lines)[:limit]

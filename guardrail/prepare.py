@@ -320,7 +320,7 @@ def _ack_request(
 ) -> AckRequest:
     language = choose_language(summary, team, lambda: f"{summary.subject}\n{summary.body_text or body_sample(raw, summary)}")
     return AckRequest(
-        # RFC 3834 section 4: answer the envelope sender, never Reply-To. Its
+        # RFC 3834 section 4: reply to the envelope sender, never Reply-To. Its
         # local part keeps its case (RFC 5321 section 2.4); the rate limit
         # compares it in lower case.
         to_address=envelope.mail_from,

@@ -40,7 +40,7 @@ REPLY_MALFORMED_STOCK = "553 5.1.3 Error: malformed address"  # aiosmtpd's text 
 REPLY_UNKNOWN_COMMAND_STOCK = '500 Error: command "'  # the start of aiosmtpd's text, which repeats the command
 REPLY_STARTTLS = "220 2.0.0 Ready to start TLS"
 REPLY_TLS_ACTIVE = "503 5.5.1 TLS is already active"
-# Without a certificate the listener does not offer STARTTLS. 454 would say
+# Without a certificate the listener does not offer STARTTLS. 454 would mean
 # the failure is temporary (RFC 3207 section 4), and it is not.
 REPLY_NO_TLS = "502 5.5.1 TLS is not available"
 REPLY_AUTH = "502 5.5.1 AUTH is not available; this server accepts mail only for its own inboxes"

@@ -274,7 +274,7 @@ async def wait_until(predicate: Callable[[], Any], *, timeout: float = 10.0, wha
 def maildir_messages(folder: Path) -> list[bytes]:
     """Return the contents of every message in a maildir's new/ folder, by name, with CRLF line endings as SMTP carried them.
 
-    A maildir file ends its lines with LF and holds no CR, which this checks.
+    A maildir file ends its lines with LF and contains no CR, which this checks.
     """
     new = folder / "new"
     if not new.is_dir():

@@ -209,7 +209,7 @@ FRENCH = ("Facture", "Bonjour, je ne trouve pas ma facture. Merci\r\n")
         ("support@example.org", "", FRENCH, "fr"),
         ("support@example.org", "", ("Rechnung", "Hallo, ich habe die Rechnung nicht bekommen. Danke\r\n"), "de"),
         ("support@example.org", "", ("Factura", "Hola, no encuentro mi factura. Gracias\r\n"), "es"),
-        # A reply quotes the English message it answers: the language is the sender's own.
+        # A reply quotes the English message it replies to: the language is the sender's own.
         ("support@example.org", "", ("Re: Your parcel has shipped", "Bonjour, je n'ai rien reçu. Merci\r\n\r\n"
                                      "On Mon, 3 Nov 2025, Shop <shop@example.com> wrote:\r\n"
                                      "> Hello, your parcel has shipped and you can track it with the link below.\r\n"

@@ -720,7 +720,7 @@ async def test_restart_with_same_rules_keeps_times(tmp_path: Path, start_daemon)
     assert daemon.rescheduling is not None
     await daemon.rescheduling
     await daemon.stop()
-    kept = stored_next_escalation(tmp_path)
+    unchanged = stored_next_escalation(tmp_path)
 
     (tmp_path / "rules" / "rules.toml").write_text(chain_rules(f'[{{ after = "1h", {DUTY[2:]}]'))
     daemon = await start_daemon(config, clock=clock)
@@ -728,7 +728,7 @@ async def test_restart_with_same_rules_keeps_times(tmp_path: Path, start_daemon)
     await daemon.rescheduling
     await daemon.stop()
 
-    assert kept == marker
+    assert unchanged == marker
     assert stored_next_escalation(tmp_path) == format_instant(at("2025-11-17T12:00:00"))
 
 
@@ -772,12 +772,12 @@ HOOK = 'webhook = { url = "http://127.0.0.1:9/hook" }'
 
 
 def chain_of(*levels: str) -> str:
-    """Return a chain as TOML, each level given as "AFTER WHO" with WHO one of DUTY, PAT, HEAD or HOOK."""
+    """Return a chain as TOML, each level given as "AFTER PERSON" with PERSON one of DUTY, PAT, HEAD or HOOK."""
     people = {"DUTY": DUTY[2:-2], "PAT": PAT[2:-2], "HEAD": HEAD[2:-2], "HOOK": HOOK}
     written = []
     for level in levels:
-        after, who = level.split()
-        written.append(f'{{ after = "{after}", {people[who]} }}')
+        after, person = level.split()
+        written.append(f'{{ after = "{after}", {people[person]} }}')
     return "[" + ", ".join(written) + "]"
 
 
@@ -788,7 +788,7 @@ DANA_AT, PAT_AT, ERIK_AT = ("duty-manager@example.org", ""), ("pat@example.org",
     # The chain that fired them: the count of fired levels.
     (["0m DUTY", "1h PAT", "3h HEAD"], [DANA_AT, PAT_AT], 2),
     (["0m DUTY", "1h PAT", "3h HEAD"], [], 0),
-    # Pat left the chain after being told: Erik is next.
+    # Pat left the chain after being notified: Erik is next.
     (["0m DUTY", "3h HEAD"], [DANA_AT, PAT_AT], 1),
     # A level added before those that fired is skipped: the conversation escalated past it.
     (["0m DUTY", "30m HEAD", "1h PAT"], [DANA_AT, PAT_AT], 3),
@@ -796,7 +796,7 @@ DANA_AT, PAT_AT, ERIK_AT = ("duty-manager@example.org", ""), ("pat@example.org",
     (["0m DUTY", "1h HOOK", "3h HEAD"], [DANA_AT, ("", "http://127.0.0.1:9/old-hook"), ERIK_AT], 3),
     # ... and when it is the last level that fired, it is sent to its new recipient.
     (["0m DUTY", "1h PAT", "3h HEAD"], [DANA_AT, ("pat.old@example.org", "")], 1),
-    # A person told twice by a repeated level counts twice, and a third time is still due.
+    # A person notified twice by a repeated level counts twice, and a third time is still due.
     (["0m DUTY", "1h DUTY", "2h DUTY"], [DANA_AT, DANA_AT], 2),
     # Addresses compare without case, and a webhook level by its URL.
     (["0m HOOK", "1h HEAD"], [("", "http://127.0.0.1:9/hook"), ERIK_AT], 2),
@@ -813,9 +813,9 @@ def test_levels_passed_match_by_target(tmp_path: Path, chain: list[str], fired: 
 async def test_reload_removing_fired_level_keeps_later_ones(tmp_path: Path, start_daemon) -> None:
     config, daemon, clock = await open_chain_conversation(tmp_path, start_daemon, chain_of("0m DUTY", "1h PAT", "3h HEAD"))
     await advance_in_ticks(daemon, clock, at("2025-11-17T12:10:00"), tick=timedelta(minutes=10))
-    told_pat = len(escalations_to(tmp_path, "pat@example.org"))
+    pat_escalations = len(escalations_to(tmp_path, "pat@example.org"))
 
-    # Pat leaves the chain after being told. Erik, the level after Pat, still falls due at deadline + 3h.
+    # Pat leaves the chain after being notified. Erik, the level after Pat, still falls due at deadline + 3h.
     (tmp_path / "rules" / "rules.toml").write_text(chain_rules(chain_of("0m DUTY", "3h HEAD")))
     assert daemon.reload() is True
     assert daemon.rescheduling is not None
@@ -824,7 +824,7 @@ async def test_reload_removing_fired_level_keeps_later_ones(tmp_path: Path, star
     early = escalations_to(tmp_path, "head-of-facilities@example.org")
     await advance_in_ticks(daemon, clock, at("2025-11-17T14:01:00"), tick=timedelta(minutes=1))
 
-    assert told_pat == 1
+    assert pat_escalations == 1
     assert early == []
     assert len(escalations_to(tmp_path, "head-of-facilities@example.org")) == 1
     assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1

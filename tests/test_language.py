@@ -63,7 +63,7 @@ ENGLISH_ORIGINAL = (
 @pytest.mark.parametrize(
     ("text", "language"),
     [
-        # A reply quotes the message it answers, often in another language and longer than the reply.
+        # A reply quotes the message it replies to, often in another language and longer than the reply.
         (
             "Re: Your order\nBonjour, je n'ai pas reçu le colis. Merci\n\n"
             f"Le lun. 3 nov. 2025 à 10:00, Shop <shop@example.com> a écrit :\n> {ENGLISH_ORIGINAL}\n> {ENGLISH_ORIGINAL}",
