@@ -517,7 +517,7 @@ def test_first_response_beyond_calendar_horizon(tmp_path: Path, rules: str, key:
     ]
 
 
-def test_first_response_horizon_starts_on_load_day(tmp_path: Path) -> None:
+def test_reach_check_uses_load_day(tmp_path: Path) -> None:
     # Forty days of holidays from the load day leave 360 days of business time in the next 400.
     closed = ", ".join(str(date(2030, 6, 1) + timedelta(days=number)) for number in range(40))
     calendar = f'[[calendar]]\nname = "closed"\ntimezone = "UTC"\nholidays = [{closed}]\n'
@@ -1184,7 +1184,7 @@ def test_rule_value_that_cannot_work(tmp_path: Path, rules: str, expected: str) 
     assert rule_errors(tmp_path, rules) == [f"{tmp_path / 'rules' / 'rules.toml'}: {expected}"]
 
 
-def test_check_warns_of_maildir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_warns_maildir_is_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "taken").write_text("a file where the support maildir should be")
     config = write_config(tmp_path, rules=TEAMS.replace('"var/maildir/support"', f'"{tmp_path / "taken"}"', 1) + ROUTES)
 

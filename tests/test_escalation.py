@@ -810,7 +810,7 @@ def test_levels_passed_match_by_target(tmp_path: Path, chain: list[str], fired: 
     assert levels_passed(rules.teams["facilities"], rules, targets) == passed
 
 
-async def test_reload_removing_fired_level_keeps_later_ones(tmp_path: Path, start_daemon) -> None:
+async def test_removed_level_keeps_later_ones(tmp_path: Path, start_daemon) -> None:
     config, daemon, clock = await open_chain_conversation(tmp_path, start_daemon, chain_of("0m DUTY", "1h PAT", "3h HEAD"))
     await advance_in_ticks(daemon, clock, at("2025-11-17T12:10:00"), tick=timedelta(minutes=10))
     pat_escalations = len(escalations_to(tmp_path, "pat@example.org"))

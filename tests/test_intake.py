@@ -1588,7 +1588,7 @@ TRANSACTION = b"EHLO client.test.example\r\nMAIL FROM:<alice@example.com>\r\nRCP
 
 
 @pytest.mark.parametrize("quit_command", [b"QUIT\r\n", b""], ids=["with QUIT", "without QUIT"])
-async def test_half_closed_client_gets_its_message_stored(tmp_path: Path, start_daemon, quit_command: bytes) -> None:
+async def test_half_closed_client_message_stored(tmp_path: Path, start_daemon, quit_command: bytes) -> None:
     daemon = await start_daemon(write_config(tmp_path))
 
     replies = await asyncio.to_thread(half_closed_conversation, daemon.port, TRANSACTION + dot_stuff(message()) + quit_command)
@@ -1599,7 +1599,7 @@ async def test_half_closed_client_gets_its_message_stored(tmp_path: Path, start_
     await wait_until(lambda: maildir_messages(tmp_path / "var" / "maildir" / "support"), what="the delivered copy")
 
 
-async def test_half_closed_client_in_data_stores_nothing(tmp_path: Path, start_daemon) -> None:
+async def test_half_closed_in_data_stores_nothing(tmp_path: Path, start_daemon) -> None:
     daemon = await start_daemon(write_config(tmp_path))
 
     with structlog.testing.capture_logs() as logs:

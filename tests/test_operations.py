@@ -1069,7 +1069,7 @@ async def test_zombie_alarm_stops_once_answered(tmp_path: Path, start_daemon) ->
         (0, 2, 25, True),
     ],
 )
-async def test_zombie_silence_counts_from_the_first_waiting_message(
+async def test_silence_counts_from_first_waiting(
     tmp_path: Path, start_daemon, quiet_hours: int, messages: int, waited_hours: int, alarmed: bool
 ) -> None:
     daemon, clock = await zombie_daemon(

@@ -151,7 +151,7 @@ async def test_database_without_later_columns_is_upgraded(tmp_path: Path) -> Non
             assert "team" in {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
 
 
-async def test_address_alarm_before_teams_covers_every_team(tmp_path: Path) -> None:
+async def test_old_alarm_covers_every_team(tmp_path: Path) -> None:
     # An alarm raised by a version whose alarms named no team, within the period.
     database = tmp_path / "store.db"
     with closing(sqlite3.connect(database)) as connection, connection:
