@@ -49,6 +49,12 @@ DEFAULT_SENDER_PATTERNS = (
     r".*[-_.]bounces?([-+._].*)?",
     r"(e[-_]?)?news(letters?)?",
     r"announce(ments?)?",
+    # List managers: the owner and command addresses of a list, and the
+    # robots behind them, send notices that no person writes.
+    r"owner-.+",
+    r".+-request",
+    r"listserv",
+    r"majordomo",
 )
 
 # Subjects of out-of-office replies and delivery reports. Software puts the

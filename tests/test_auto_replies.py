@@ -591,6 +591,14 @@ async def test_team_reply_beside_subject_signal(
         ("bob@example.net", "Postmaster+Reports@Example.net", "From postmaster+reports@example.net looks automated"),
         ("bob@example.net", "NoReply+Orders@shop.example", "From noreply+orders@shop.example looks automated"),
         ("bob@example.net", "Newsletter+weekly@shop.example", "From newsletter+weekly@shop.example looks automated"),
+        ("owner-users@lists.example.net", "Alice <alice@example.net>",
+         "envelope sender owner-users@lists.example.net looks automated"),
+        ("bob@example.net", "Users-Request@lists.example.net", "From users-request@lists.example.net looks automated"),
+        ("bob@example.net", "LISTSERV@lists.example.net", "From listserv@lists.example.net looks automated"),
+        # A bare "owner" or "request", and an address that only contains the words, are people.
+        ("owner@example.net", "Owner <owner@example.net>", None),
+        ("bob@example.net", "requests-team@example.net", None),
+        ("bob@example.net", "shop-owner@example.net", None),
         # An envelope sender without a domain is a local part alone, as some mail systems send it.
         ("MAILER-DAEMON", "Alice <alice@example.net>", "envelope sender mailer-daemon looks automated"),
         ("bounces-7f3a", "Alice <alice@example.net>", "envelope sender bounces-7f3a looks automated"),

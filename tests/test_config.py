@@ -36,6 +36,18 @@ def test_example_config_loads() -> None:
     assert config.delivery.retry_initial == timedelta(seconds=30)
 
 
+def test_example_config_lists_the_default_sender_patterns() -> None:
+    import tomllib
+
+    from guardrail.loops import DEFAULT_SENDER_PATTERNS
+
+    text = (ROOT / "config.example.toml").read_text()
+    start = text.index("# sender_patterns = [")
+    end = text.index("# ]", start) + len("# ]")
+    commented = "\n".join(line.removeprefix("#") for line in text[start:end].splitlines())
+    assert tuple(tomllib.loads(commented)["sender_patterns"]) == DEFAULT_SENDER_PATTERNS
+
+
 def test_paths_may_start_at_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
