@@ -11,6 +11,7 @@ so this process ignores SIGINT and SIGTERM.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
 import signal
@@ -24,6 +25,12 @@ from .prepare import Site, prepare_received
 from .rules import RuleSet
 
 FRAME_HEADER = struct.Struct(">I")
+
+# Bytes each pipe to and from the daemon holds. Linux makes pipes 64 KiB by
+# default, so a larger message crossed in several writes, each waking both
+# processes. 1 MiB is the largest size an unprivileged process may set
+# without changing /proc/sys/fs/pipe-max-size.
+PIPE_SIZE = 1024 * 1024
 
 
 def read_frame(stream: BinaryIO) -> Any | None:
@@ -82,9 +89,27 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
             write_frame(replies, reply)
 
 
+def widen_pipe(fd: int, size: int = PIPE_SIZE) -> bool:
+    """Return True after making the pipe at `fd` hold `size` bytes; False where the system does not allow it.
+
+    A pipe's size belongs to the pipe, so either end may set it.
+    """
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
+    if set_size is None:
+        return False
+    try:
+        fcntl.fcntl(fd, set_size, size)
+    except OSError:
+        # Not a pipe (a test may pass a file), or the user's pipe memory limit is reached.
+        return False
+    return True
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    widen_pipe(sys.stdin.fileno())
+    widen_pipe(sys.stdout.fileno())
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     # Anything printed by accident goes to stderr instead of corrupting a frame.
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

@@ -501,3 +501,23 @@ async def test_child_sending_garbage_is_replaced(tmp_path: Path) -> None:
     [unreadable] = [event for event in events if event["event"] == "parse_reply_unreadable"]
     assert (unreadable["pid"], unreadable["log_level"]) == (pid, "error")
     assert [event["pid"] for event in events if event["event"] == "parse_process_exited"] == [pid]
+
+
+@pytest.mark.skipif(not hasattr(__import__("fcntl"), "F_GETPIPE_SZ"), reason="pipe sizes are a Linux feature")
+async def test_child_pipes_hold_a_large_message(tmp_path: Path, start_daemon) -> None:
+    import fcntl
+
+    from guardrail.offload_child import PIPE_SIZE
+
+    daemon = await ready_daemon(tmp_path, start_daemon)
+    [child] = daemon.parsers._children
+    for stream in (child.process.stdin, child.process.stdout):
+        pipe = stream._transport.get_extra_info("pipe")
+        assert fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ) == PIPE_SIZE
+
+
+def test_widen_pipe_leaves_a_file_alone(tmp_path: Path) -> None:
+    from guardrail.offload_child import widen_pipe
+
+    with open(tmp_path / "file", "wb") as file:
+        assert not widen_pipe(file.fileno())
