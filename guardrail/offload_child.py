@@ -27,7 +27,7 @@ from .rules import RuleSet
 FRAME_HEADER = struct.Struct(">I")
 
 # Bytes each pipe to and from the daemon holds. Linux makes pipes 64 KiB by
-# default, so a larger message crossed in several writes, each waking both
+# default, so a larger message would cross in several writes, each waking both
 # processes. 1 MiB is the largest size an unprivileged process may set
 # without changing /proc/sys/fs/pipe-max-size.
 PIPE_SIZE = 1024 * 1024
