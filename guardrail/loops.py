@@ -35,7 +35,7 @@ _OTHER_SIGNAL_HEADERS = ("x-failed-recipients", "x-ms-exchange-inbox-rules-loop"
 _CALENDAR_METHOD = re.compile(r";\s*method\s*=\s*\"?([A-Za-z-]+)", re.IGNORECASE)
 # Every header _header_signal reads before Content-Type, by lower-case name.
 _SIGNAL_HEADERS = frozenset({
-    "auto-submitted", "precedence", "x-precedence", "x-auto-response-suppress", "x-apple-action",
+    "auto-submitted", "precedence", "x-precedence", "x-apple-action",
     *_AUTOREPLY_HEADERS, *_LIST_HEADERS, *_OTHER_SIGNAL_HEADERS,
 })
 
@@ -227,12 +227,6 @@ def _header_signal(summary: Summary) -> str | None:
     for name in (*_AUTOREPLY_HEADERS, *_LIST_HEADERS, *_OTHER_SIGNAL_HEADERS):
         if summary.header(name):
             return f"{name} header"
-    for suppress in summary.header("x-auto-response-suppress"):
-        # [MS-OXCMAIL] section 2.1.3.2.20 separates the values with ", ".
-        # Spaces and semicolons alone separate them here too, and comments are skipped.
-        tokens = set(_SUPPRESS_SEPARATORS.split(_outside_comments(suppress).lower()))
-        if tokens & _SUPPRESS_TOKENS:
-            return f"X-Auto-Response-Suppress: {_unfolded(suppress)}"
     if any(value.strip().upper() == "VACATION" for value in summary.header("x-apple-action")):
         return "X-Apple-Action: VACATION"
     return _report_signal(summary)
@@ -349,6 +343,24 @@ def person_signal(summary: Summary, is_staff: bool) -> str | None:
         return "no From header"
     if is_staff:
         return "sender is a team member"
+    return suppression_request(summary)
+
+
+def suppression_request(summary: Summary) -> str | None:
+    """Return the X-Auto-Response-Suppress header that requests no automatic replies, or None.
+
+    The header is a request from the sender's side, not a sign of software:
+    an Exchange client writes it from a property that any message may carry
+    ([MS-OXCMAIL] section 2.1.3.2.20), and mail that people write carries
+    it too. The acknowledgement is an automatic reply, so it is not sent,
+    but the message keeps its deadline.
+    """
+    for suppress in summary.header("x-auto-response-suppress"):
+        # [MS-OXCMAIL] section 2.1.3.2.20 separates the values with ", ".
+        # Spaces and semicolons alone separate them here too, and comments are skipped.
+        tokens = set(_SUPPRESS_SEPARATORS.split(_outside_comments(suppress).lower()))
+        if tokens & _SUPPRESS_TOKENS:
+            return f"X-Auto-Response-Suppress: {_unfolded(suppress)}"
     return None
 
 

@@ -168,18 +168,6 @@ async def test_human_reply_with_auto_submitted_no_answers(tmp_path: Path, start_
         ("X-Failed-Recipients: gone@example.org", True),
         ("X-MS-Exchange-Inbox-Rules-Loop: bob@example.org", True),
         ("Errors-To: owner@example.org", True),
-        ("X-Auto-Response-Suppress: OOF, AutoReply", True),
-        ("X-Auto-Response-Suppress: DR", False),
-        ("X-Auto-Response-Suppress: oof", True),
-        ("X-Auto-Response-Suppress: DR,OOF", True),
-        ("X-Auto-Response-Suppress: DR, RN, NRN, OOF, AutoReply", True),
-        ("X-Auto-Response-Suppress: DR RN OOF", True),
-        ("X-Auto-Response-Suppress:  ALL ", True),
-        ("X-Auto-Response-Suppress: (no vacation replies) OOF", True),
-        ("X-Auto-Response-Suppress: OOF(x),DR", True),
-        ("X-Auto-Response-Suppress: DR, RN", False),
-        ("X-Auto-Response-Suppress: DR (OOF)", False),
-        ("X-Auto-Response-Suppress: NotOOF", False),
         ("X-Apple-Action: VACATION", True),
         ("Content-Type: multipart/report; report-type=delivery-status", True),
         ("Content-Type: text/plain; charset=utf-8", False),
@@ -203,7 +191,6 @@ def test_automatic_header_table(header: str, automatic: bool) -> None:
         (["Precedence: normal", "Precedence: list"], "Precedence: list"),
         (["Precedence: first-class", "Precedence: normal"], None),
         (["X-Precedence: normal", "X-Precedence: junk"], "X-Precedence: junk"),
-        (["X-Auto-Response-Suppress: DR", "X-Auto-Response-Suppress: OOF"], "X-Auto-Response-Suppress: OOF"),
         (["X-Apple-Action: OTHER", "X-Apple-Action: VACATION"], "X-Apple-Action: VACATION"),
     ],
 )
@@ -223,7 +210,6 @@ def test_repeated_header_any_value_counts(headers: list[str], signal: str | None
         ("Precedence: Bulk (sent by list)", "Precedence: bulk"),
         ("X-Precedence: junk; x=y", "X-Precedence: junk"),
         ("Auto-Submitted: auto-replied\r\n (vacation)", "Auto-Submitted: auto-replied (vacation)"),
-        ("X-Auto-Response-Suppress: DR,\r\n\tOOF", "X-Auto-Response-Suppress: DR, OOF"),
     ],
 )
 def test_header_signal_text(header: str, signal: str) -> None:
@@ -232,6 +218,38 @@ def test_header_signal_text(header: str, signal: str) -> None:
 
     summary = summarize(f"From: Bob <bob@example.org>\r\nSubject: Re: hi\r\n{header}\r\n\r\nx".encode())
     assert machine_signal(summary, "bob@example.org", "mx.test.example") == signal
+
+
+@pytest.mark.parametrize(
+    ("headers", "signal"),
+    [
+        (["X-Auto-Response-Suppress: OOF, AutoReply"], "X-Auto-Response-Suppress: OOF, AutoReply"),
+        (["X-Auto-Response-Suppress: DR"], None),
+        (["X-Auto-Response-Suppress: oof"], "X-Auto-Response-Suppress: oof"),
+        (["X-Auto-Response-Suppress: DR,OOF"], "X-Auto-Response-Suppress: DR,OOF"),
+        (["X-Auto-Response-Suppress: DR, RN, NRN, OOF, AutoReply"], "X-Auto-Response-Suppress: DR, RN, NRN, OOF, AutoReply"),
+        (["X-Auto-Response-Suppress: DR RN OOF"], "X-Auto-Response-Suppress: DR RN OOF"),
+        (["X-Auto-Response-Suppress:  ALL "], "X-Auto-Response-Suppress: ALL"),
+        (["X-Auto-Response-Suppress: (no vacation replies) OOF"], "X-Auto-Response-Suppress: (no vacation replies) OOF"),
+        (["X-Auto-Response-Suppress: OOF(x),DR"], "X-Auto-Response-Suppress: OOF(x),DR"),
+        (["X-Auto-Response-Suppress: DR, RN"], None),
+        (["X-Auto-Response-Suppress: DR (OOF)"], None),
+        (["X-Auto-Response-Suppress: NotOOF"], None),
+        (["X-Auto-Response-Suppress: DR", "X-Auto-Response-Suppress: OOF"], "X-Auto-Response-Suppress: OOF"),
+        # The stored signal has the whole value on one line.
+        (["X-Auto-Response-Suppress: DR,\r\n\tOOF"], "X-Auto-Response-Suppress: DR, OOF"),
+    ],
+)
+def test_suppress_request_is_not_machine(headers: list[str], signal: str | None) -> None:
+    from guardrail.loops import acknowledgement_signal, machine_signal
+    from guardrail.message import summarize
+
+    block = "".join(f"{header}\r\n" for header in headers)
+    summary = summarize(f"From: Bob <bob@example.org>\r\nSubject: Order 1234 missing\r\n{block}\r\nx".encode())
+    # The header requests no automatic reply and comes on people's mail too,
+    # so the acknowledgement is left out but the message is not a machine's.
+    assert machine_signal(summary, "bob@example.org", "mx.test.example") is None
+    assert acknowledgement_signal(summary, "bob@example.org", "mx.test.example", is_staff=False) == signal
 
 
 @pytest.mark.parametrize(
@@ -581,6 +599,34 @@ async def test_team_reply_beside_subject_signal(
     await clock.set(at("2025-11-04T10:00:00"))
     await settle(daemon, clock)
     assert len(escalations(tmp_path)) == escalated
+
+
+async def test_suppress_request_keeps_deadline(tmp_path: Path, start_daemon) -> None:
+    suppress = "X-Auto-Response-Suppress: DR, OOF, AutoReply\r\n"
+    clock = ManualClock(at("2025-11-04T08:00:00"))
+    daemon = await start_daemon(write_config(tmp_path, rules=IT_RULES), clock=clock)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(extra_headers=suppress))
+    await settle(daemon, clock)
+
+    rows = await daemon.store.fetch_all("SELECT decision, signal FROM acknowledgements")
+    assert [tuple(row) for row in rows] == [("suppressed", "X-Auto-Response-Suppress: DR, OOF, AutoReply")]
+    assert acks(tmp_path) == []
+    conversations = await daemon.store.fetch_all("SELECT state, deadline FROM conversations")
+    assert conversations == [("open", "2025-11-04T10:00:00.000000Z")]
+
+    # A team member's reply from the same kind of mail program answers it.
+    reply = message(
+        subject="Re: Printer on floor 3 jams", sender="Bob Tech <bob@example.org>", message_id="<reply-1@example.org>",
+        extra_headers=f"In-Reply-To: <m1@example.com>\r\n{suppress}",
+    )
+    await clock.set(at("2025-11-04T09:00:00"))
+    await send(daemon.port, "bob@example.org", ["support@example.org"], reply)
+    await settle(daemon, clock)
+    assert await daemon.store.fetch_all("SELECT state, answered_by FROM conversations") == [("answered", "bob@example.org")]
+    assert await daemon.store.fetch_all("SELECT machine_signal FROM messages ORDER BY id") == [("",), ("",)]
+    await clock.set(at("2025-11-04T10:00:00"))
+    await settle(daemon, clock)
+    assert escalations(tmp_path) == []
 
 
 @pytest.mark.parametrize(
