@@ -68,6 +68,18 @@ MIN_KANA = 5
 # often in another language. The closing dashes follow a character other
 # than a dash, so a long line of dash runs is matched in linear time.
 _OWN_TEXT_END = re.compile(r"\s*(?:--\s*|_{8,}\s*|-{4,}[^-](?:.*[^-])?-{4,}\s*)")
+# The first two lines of the header block above a quoted or forwarded
+# message: "From:", then "Sent:", "Date:", "To:" or "Subject:". Outlook
+# often writes no separator line before the block. The labels are in the
+# mail program's language, and those of the languages with a word list are
+# here ("De :" then "Envoyé :", "Von:" then "Gesendet:"). Gmail's plain
+# text puts each label of such a block between asterisks.
+_QUOTED_FROM = re.compile(r"\s*\*?(?:from|de|von|da|van)\s*:", re.IGNORECASE)
+_QUOTED_FIELD = re.compile(
+    r"\s*\*?(?:sent|date|to|subject|envoyé|à|objet|gesendet|datum|an|betreff|enviad[oa](?: el| em)?|fecha|para"
+    r"|asunto|inviato|data|a|oggetto|assunto|verzonden|aan|onderwerp)\s*:",
+    re.IGNORECASE,
+)
 # Characters searched for the sender's text, which may come after a long quote.
 _OWN_TEXT_SCAN = 64 * 1024
 
@@ -100,11 +112,12 @@ def own_text(text: str, limit: int = MAX_CHARACTERS) -> str:
     """Return up to `limit` characters of what the sender wrote in `text`: without quoted lines, up to a signature or the start of a quoted or forwarded message.
 
     A reply in French to an English message quotes the English one, with
-    "> " before each line or below a separator line, and the quote is often
-    the longer text.
+    "> " before each line, or below a separator line or a header block, and
+    the quote is often the longer text.
     """
     own_lines: list[str] = []
     size = 0
+    after_from = False  # whether the last line kept starts like the From line of a quoted header block
     start, end = 0, min(len(text), _OWN_TEXT_SCAN)
     # Lines are cut one at a time, so a long message costs no more than the lines the loop reaches.
     while start < end:
@@ -117,6 +130,10 @@ def own_text(text: str, limit: int = MAX_CHARACTERS) -> str:
             break
         if line.lstrip().startswith(">"):
             continue
+        if after_from and _QUOTED_FIELD.match(line):
+            own_lines.pop()  # the From line belongs to the quoted message
+            break
+        after_from = _QUOTED_FROM.match(line) is not None
         own_lines.append(line)
         size += len(line) + 1
         if size >= limit:

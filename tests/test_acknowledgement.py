@@ -215,6 +215,13 @@ FRENCH = ("Facture", "Bonjour, je ne trouve pas ma facture. Merci\r\n")
                                      "> Hello, your parcel has shipped and you can track it with the link below.\r\n"
                                      "> If you have any questions, please reply to this email. Thank you for your order!\r\n"),
          "fr"),
+        # Outlook puts the quoted message below a header block in the sender's language.
+        ("support@example.org", "", ("RE: Your parcel has shipped", "Bonjour, je n'ai rien reçu. Merci\r\n\r\n"
+                                     "De : Shop <shop@example.com>\r\nEnvoyé : lundi 3 novembre 2025 10:00\r\n"
+                                     "Objet : Your parcel has shipped\r\n\r\n"
+                                     "Hello, your parcel has shipped and you can track it with the link below.\r\n"
+                                     "If you have any questions, please reply to this email. Thank you for your order!\r\n"),
+         "fr"),
         # A header still comes first.
         ("support@example.org", "Content-Language: de\r\n", FRENCH, "de"),
         # Nothing to tell the language by: billing's, which is French.

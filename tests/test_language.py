@@ -94,6 +94,33 @@ ENGLISH_ORIGINAL = (
             "par erreur, merci de le supprimer et de nous en informer.",
             "en",
         ),
+        # Outlook and Apple Mail put a header block above the quoted or
+        # forwarded message, in the mail program's language, often without a separator line.
+        (
+            "RE: Your order 1234\nBonjour, je n'ai toujours rien reçu. Merci\n\n"
+            f"De : Shop <shop@example.com>\nEnvoyé : mardi 4 novembre 2025 10:00\nÀ : Marie\n{ENGLISH_ORIGINAL}",
+            "fr",
+        ),
+        (
+            "AW: Your order 1234\nHallo, die Bestellung ist noch nicht da. Danke\n\n"
+            f"Von: Shop <shop@example.com>\nGesendet: Dienstag, 4. November 2025 10:00\n{ENGLISH_ORIGINAL}",
+            "de",
+        ),
+        (
+            "RE: Your order 1234\nHola, todavía no tengo el pedido. Gracias\n\n"
+            f"De: Shop <shop@example.com>\nEnviado el: martes, 4 de noviembre de 2025 10:00\n{ENGLISH_ORIGINAL}",
+            "es",
+        ),
+        (
+            "Fwd: Your order 1234\nBonjour, pouvez-vous m'aider avec cette commande ?\n\nDébut du message réexpédié :\n\n"
+            f"De: Shop <shop@example.com>\nObjet: Your order 1234\n\n{ENGLISH_ORIGINAL}",
+            "fr",
+        ),
+        (
+            "Re: Your order 1234\nBonjour, toujours rien. Merci pour votre aide\n\n"
+            f"*From:* Shop <shop@example.com>\n*Sent:* Tuesday, November 4, 2025\n{ENGLISH_ORIGINAL}",
+            "fr",
+        ),
         # Nothing of the sender's own: no guess from the forwarded text.
         (f"Fwd: Your order\n-------- Forwarded Message --------\n{ENGLISH_ORIGINAL}", None),
         # Dashes inside a line of the sender's are text.
@@ -102,6 +129,20 @@ ENGLISH_ORIGINAL = (
 )
 def test_guess_reads_the_senders_own_text(text: str, language: str | None) -> None:
     assert guess_language(text, SHIPPED) == language
+
+
+@pytest.mark.parametrize(
+    ("text", "own"),
+    [
+        ("Bonjour\n\nFrom: Shop\nSent: Monday\nHello", "Bonjour\n"),
+        ("Hallo\nVon: Shop\nBetreff: Bestellung\nHello", "Hallo"),
+        # A From line alone, or before a line that is not a header field, is the sender's own text.
+        ("Bonjour\nDe : Paris\nJe voudrais deux billets", "Bonjour\nDe : Paris\nJe voudrais deux billets"),
+        ("Hello\nFrom: Paris\n\nSent: yesterday", "Hello\nFrom: Paris\n\nSent: yesterday"),
+    ],
+)
+def test_own_text_ends_at_header_block(text: str, own: str) -> None:
+    assert own_text(text) == own
 
 
 def test_own_text_is_bounded() -> None:
