@@ -179,8 +179,14 @@ def is_copyable_id(message_id: str) -> bool:
 
 
 def capped_references(summary: Summary) -> tuple[str, ...]:
-    """Return the References of a reply to `summary`: its chain plus its id, capped, without ids that cannot be copied."""
-    chain = [message_id for message_id in summary.references if is_copyable_id(message_id)]
+    """Return the References of a reply to `summary`: its chain plus its id, capped, without ids that cannot be copied.
+
+    A message without References whose In-Reply-To names one id has that
+    id as its chain (RFC 5322 section 3.6.4). Some mail programs write only
+    In-Reply-To.
+    """
+    parents = summary.references or (summary.in_reply_to if len(summary.in_reply_to) == 1 else ())
+    chain = [message_id for message_id in parents if is_copyable_id(message_id)]
     if is_copyable_id(summary.message_id) and summary.message_id not in chain:
         chain.append(summary.message_id)
     if len(chain) > MAX_REFERENCES:

@@ -586,6 +586,25 @@ def test_capped_references_table(references: list[str], message_id: str, expecte
     assert len(capped) <= MAX_REFERENCES
 
 
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        # RFC 5322 section 3.6.4: without References, the one id of In-Reply-To starts the chain.
+        ("In-Reply-To: <p@x>\r\n", ["<p@x>", "<m@x>"]),
+        ("In-Reply-To: Your message of Monday <p@x>\r\n", ["<p@x>", "<m@x>"]),
+        # Two ids in In-Reply-To name no single parent.
+        ("In-Reply-To: <p@x> <q@x>\r\n", ["<m@x>"]),
+        # References, when present, is the chain.
+        ("In-Reply-To: <p@x>\r\nReferences: <a@x> <p@x>\r\n", ["<a@x>", "<p@x>", "<m@x>"]),
+        ("In-Reply-To: <p@x>\r\nReferences: <a@x>\r\n", ["<a@x>", "<m@x>"]),
+        ("In-Reply-To: <ré@x.example>\r\n", ["<m@x>"]),
+    ],
+)
+def test_references_from_in_reply_to(headers: str, expected: list[str]) -> None:
+    summary = summarize(message(message_id="<m@x>", extra_headers=headers))
+    assert list(capped_references(summary)) == expected
+
+
 LONG_ID = "<" + "a" * (MAX_COPIED_ID - 14) + "@example.com>"  # MAX_COPIED_ID characters
 TOO_LONG_ID = "<" + "a" * 1200 + "@example.com>"
 
