@@ -502,11 +502,41 @@ class GuardrailSMTP(SMTP):
             return
         self.envelope.content = content
         self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
+        status = await self._handle_message()
         self._set_post_data_state()
         if status.startswith("2"):
             self._errors = 0
         await self.push(status)
+
+    async def _handle_message(self) -> str:
+        """Run the DATA hook on the received message and return its reply, finishing it even when the client leaves.
+
+        A client that resets the connection after its final dot makes
+        aiosmtpd cancel the session, possibly while a parse process routes
+        the message. The hook runs in a task of its own, so the message is
+        still stored, and the sender's retry, which got no reply, is stored
+        as a duplicate.
+        """
+        handling = asyncio.ensure_future(self._call_handler_hook("DATA"))
+        try:
+            return await asyncio.shield(handling)
+        except asyncio.CancelledError:
+            # The daemon's stop waits for this message as for any other in DATA.
+            self._tracker.begin()
+            handling.add_done_callback(partial(self._handled_after_close, _peer(self.session)))
+            raise
+
+    def _handled_after_close(self, peer: str, handling: asyncio.Future[str]) -> None:
+        """Log the reply that a client which left after its final dot never got. Runs as a done callback."""
+        self._tracker.end()
+        if handling.cancelled():
+            log.warning("message_not_accepted", peer=peer, reason="cancelled after the client disconnected")
+        elif handling.exception() is not None:
+            log.error("message_not_accepted", peer=peer, error=repr(handling.exception()),
+                      reason="failed after the client disconnected")
+        else:
+            log.info("reply_not_sent", peer=peer, reply=handling.result(),
+                     reason="the client disconnected before the reply to its final dot")
 
     async def _read_data(self) -> tuple[bytes, bool, bool]:
         """Read up to the end-of-data line; return the content as sent, whether it is surely too big, and whether it is dot-stuffed.
@@ -740,15 +770,7 @@ class IntakeHandler:
         structlog.contextvars.bind_contextvars(
             peer=facts.peer, message_id=summary.message_id, route=submission.route, team=submission.team
         )
-        committing = self.store.queue_submission(submission)
-        try:
-            outcome = await asyncio.shield(committing)
-        except asyncio.CancelledError:
-            # The client closed the connection after its final dot, and
-            # aiosmtpd cancelled the session. The commit goes on, so the
-            # workers must still hear of it and the log must still show it.
-            committing.add_done_callback(partial(self._committed_after_close, submission, len(raw), started))
-            raise
+        outcome = await self.store.queue_submission(submission)
         return self._committed(outcome, submission, len(raw), started)
 
     def _first_stall(self, facts: PreparedEnvelope, raw: bytes, error: str) -> bool:
@@ -782,18 +804,6 @@ class IntakeHandler:
         self.on_committed(outcome)
         self._log_outcome(outcome, submission, size, started)
         return REPLY_ACCEPTED.format(reference=outcome.reference or f"message {outcome.message_row}")
-
-    def _committed_after_close(self, submission: Submission, size: int, started: float, committing: asyncio.Future[Outcome]) -> None:
-        """Finish a commit whose client left before the reply. Runs as a done callback of the commit's future."""
-        if committing.cancelled():
-            log.warning("message_not_accepted", reason="commit cancelled after the client disconnected")
-            return
-        error = committing.exception()
-        if error is not None:
-            log.error("message_not_accepted", error=repr(error), reason="commit failed after the client disconnected")
-            return
-        self._committed(committing.result(), submission, size, started)
-        log.info("reply_not_sent", reason="the client disconnected before the reply to its final dot")
 
     def _log_outcome(self, outcome: Outcome, submission: Submission, size: int, started: float) -> None:
         structlog.contextvars.bind_contextvars(

@@ -1286,6 +1286,35 @@ async def test_close_after_dot_not_logged(tmp_path: Path, start_daemon) -> None:
     assert count_rows(daemon, "messages") == 1
 
 
+def send_and_reset(port: int, content: bytes) -> None:
+    """Send a whole transaction with its final dot, then reset the connection without reading the reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        lines = start_data(connection)
+        connection.sendall(dot_stuff(content))
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        lines.close()
+
+
+async def test_reset_after_dot_keeps_message(tmp_path: Path, start_daemon) -> None:
+    # The reset arrives while a parse process routes the message, and
+    # aiosmtpd cancels the session. The message must be stored all the same,
+    # and the sender's retry, which got no reply, must be a duplicate.
+    daemon = await start_daemon(write_config(tmp_path))
+    assert daemon.parsers is not None
+    await wait_until(lambda: daemon.parsers.ready >= 1, timeout=20, what="a parse process to be ready")
+    content = message(message_id="<reset@example.com>")
+
+    with structlog.testing.capture_logs() as events:
+        await asyncio.to_thread(send_and_reset, daemon.port, content)
+        await wait_until(lambda: [event for event in events if event["event"] == "reply_not_sent"], what="reply_not_sent")
+        await send(daemon.port, "alice@example.com", [SUPPORT], content)
+
+    names = [event["event"] for event in events]
+    assert names.count("message_accepted") == 1
+    assert names.count("message_duplicate") == 1
+    assert stored_raws(daemon) == [content]
+
+
 # -- Graceful stop ----------------------------------------------------------------------------
 
 
