@@ -634,7 +634,11 @@ class IntakeHandler:
         session.host_name = hostname
         # aiosmtpd lists AUTH once TLS is active, but AUTH is not offered here.
         offered = [line for line in responses[:-1] if not line.startswith("250-AUTH")]
-        return [*offered, "250-ENHANCEDSTATUSCODES", responses[-1]]
+        # aiosmtpd 1.4.6 reads commands in order from one buffer and answers
+        # each in turn, and the DATA reader hands back the commands sent after
+        # the final dot, so pipelined groups (RFC 2920) work; it only never
+        # lists the keyword.
+        return [*offered, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str) -> str:
         if _has_control_characters(hostname) or not _is_utf8(hostname):

@@ -869,6 +869,31 @@ async def test_replies_carry_enhanced_codes(tmp_path: Path, start_daemon) -> Non
         assert match.group(1) == match.group(2), f"{command}: {reply[-1]!r} has a mismatched class"
 
 
+async def test_pipelined_groups_reply_in_order(tmp_path: Path, start_daemon) -> None:
+    # With PIPELINING offered (RFC 2920), a client sends MAIL, RCPT and DATA
+    # in one write, and the message content with the next transaction's group.
+    daemon = await start_daemon(write_config(tmp_path))
+    client = await Client.connect(daemon.port)
+    await client.reply()
+    ehlo = await client.command(EHLO)
+
+    await client.send(f"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@elsewhere.example>\r\nRCPT TO:<{SUPPORT}>\r\nDATA\r\n".encode())
+    first = [await client.reply() for _ in range(4)]
+    next_group = b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<billing@example.org>\r\nDATA\r\n"
+    await client.send(dot_stuff(message(message_id="<first@example.com>")) + next_group)
+    second = [await client.reply() for _ in range(4)]
+    await client.send(dot_stuff(message(message_id="<second@example.com>")) + b"QUIT\r\n")
+    last = await client.replies_until_closed()
+    await client.close()
+
+    assert "250-PIPELINING" in ehlo
+    assert codes(first) == ["250", "550", "250", "354"]
+    assert codes(second) == ["250", "250", "250", "354"]
+    assert codes(last) == ["250", "221"]
+    stored = [row[0] for row in query(daemon, "SELECT message_id FROM messages ORDER BY id")]
+    assert stored == ["<first@example.com>", "<second@example.com>"]
+
+
 async def replies_after_ehlo(port: int, commands: list[bytes]) -> list[list[str]]:
     """Send EHLO, then each of `commands`; return the reply to each command."""
     client = await Client.connect(port)
