@@ -69,6 +69,7 @@ from .replies import (
     REPLY_TOO_MANY_HOPS,
     REPLY_TOO_MANY_JUNK,
     REPLY_TOO_MANY_RECIPIENTS,
+    REPLY_TOO_MANY_UNKNOWN,
     REPLY_VRFY,
     REPLY_VRFY_SYNTAX,
     with_enhanced_code,
@@ -309,6 +310,10 @@ class GuardrailSMTP(SMTP):
             return
         if isinstance(status, str):
             status = with_enhanced_code(status, self.hostname, self._command)
+            if status == REPLY_TOO_MANY_UNKNOWN:
+                # aiosmtpd closes the connection after this reply.
+                log.warning("connection_closed", peer=_peer(self.session), reason="too many unknown commands")
+                self._reject("too many unknown commands")
         await super().push(status)
         if isinstance(status, str) and status.startswith("5"):
             await self._count_error()

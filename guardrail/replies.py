@@ -34,6 +34,11 @@ REPLY_NEED_RCPT = "503 5.5.1 Error: need RCPT command"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing the connection"
 REPLY_TOO_MANY_JUNK = "421 4.7.0 Too many commands without mail, closing the connection"
+REPLY_TOO_MANY_UNKNOWN = "421 4.7.0 Too many unknown commands, closing the connection"
+# aiosmtpd's reply to the fifth unknown command of a session, after which it
+# closes the connection. Outside QUIT and timeouts, RFC 5321 section 3.8 lets a
+# server close the connection only after a 421 reply, so REPLY_TOO_MANY_UNKNOWN replaces it.
+REPLY_TOO_MANY_UNKNOWN_STOCK = "502 5.5.1 Too many unrecognized commands, goodbye."
 REPLY_DATA_TIMEOUT = "421 4.4.2 Timed out waiting for message data"
 REPLY_STARTTLS_STOCK = "220 Ready to start TLS"  # aiosmtpd's text
 REPLY_MALFORMED_STOCK = "553 5.1.3 Error: malformed address"  # aiosmtpd's text for MAIL and RCPT
@@ -89,6 +94,8 @@ def with_enhanced_code(status: str, hostname: str, command: str = "") -> str:
     if status.startswith(REPLY_UNKNOWN_COMMAND_STOCK):
         # The command name may contain any ASCII byte, control characters included.
         return REPLY_UNKNOWN_COMMAND
+    if status == REPLY_TOO_MANY_UNKNOWN_STOCK:
+        return REPLY_TOO_MANY_UNKNOWN
     if status[3:4] != " " or _ENHANCED.match(status) or code not in _DEFAULT_ENHANCED:
         return status
     # The last EHLO line and the HELO reply are not status replies.

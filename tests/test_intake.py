@@ -1595,12 +1595,17 @@ async def test_junk_commands_limited(tmp_path: Path, start_daemon) -> None:
 async def test_fifth_unknown_command_closes_the_connection(tmp_path: Path, start_daemon) -> None:
     daemon = await start_daemon(write_config(tmp_path))
 
-    lines = await converse(daemon.port, EHLO + b"FOO1\r\nFOO2\r\nFOO3\r\nFOO4\r\nFOO5\r\nNOOP\r\n")
+    with structlog.testing.capture_logs() as events:
+        lines = await converse(daemon.port, EHLO + b"FOO1\r\nFOO2\r\nFOO3\r\nFOO4\r\nFOO5\r\nNOOP\r\n")
 
     replies = [line for line in lines if not line.startswith(("220", "250"))]
-    assert replies == ["500 5.5.2 Command not recognized"] * 4 + ["502 5.5.1 Too many unrecognized commands, goodbye."]
+    # A server that closes the connection on its own replies 421 first (RFC 5321 section 3.8).
+    assert replies == ["500 5.5.2 Command not recognized"] * 4 + ["421 4.7.0 Too many unknown commands, closing the connection"]
     # The NOOP after it got no reply: the connection was closed.
     assert lines[-1] == replies[-1]
+    closed = [event for event in events if event["event"] == "connection_closed"]
+    assert len(closed) == 1
+    assert closed[0]["reason"] == "too many unknown commands"
 
 
 @pytest.mark.parametrize(
