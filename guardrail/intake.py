@@ -58,6 +58,7 @@ from .replies import (
     REPLY_NEED_RCPT,
     REPLY_NEEDS_SMTPUTF8,
     REPLY_NO_TLS,
+    REPLY_NO_VALID_RECIPIENTS,
     REPLY_NOT_OURS,
     REPLY_RECIPIENT_OK,
     REPLY_SHUTTING_DOWN,
@@ -184,12 +185,19 @@ class GuardrailSMTP(SMTP):
         self._command = ""
         # NOOP, RSET, VRFY, EXPN and HELP commands since the connection opened or the last DATA.
         self._junk = 0
+        # True once the current transaction has had a RCPT command after MAIL, accepted or not.
+        self._rcpt_given = False
         # 5xx replies since the connection opened or the last message accepted.
         self._errors = 0
         self._closed_for_errors = False
         # The client closed its sending side; the session ends once its input is used up.
         self._half_closed = False
         self._input_ended = False
+
+    def _create_envelope(self) -> Envelope:
+        # aiosmtpd creates an envelope for each transaction: after HELO, EHLO, RSET, DATA and STARTTLS.
+        self._rcpt_given = False
+        return super()._create_envelope()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # STARTTLS calls this again for the same connection, which is counted once.
@@ -344,6 +352,8 @@ class GuardrailSMTP(SMTP):
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
+        if self.envelope is not None and self.envelope.mail_from:
+            self._rcpt_given = True
         await self._run_command("RCPT", super().smtp_RCPT, arg)
 
     async def _run_command(self, name: str, command: Callable[[str | None], Awaitable[None]], arg: str | None) -> None:
@@ -450,7 +460,9 @@ class GuardrailSMTP(SMTP):
             await self.push(REPLY_NEED_MAIL)
             return
         if not self.envelope.rcpt_tos:
-            await self.push(REPLY_NEED_RCPT)
+            # After RCPT commands that were all rejected, as a pipelining
+            # client finds out only now, "need RCPT command" would be false.
+            await self.push(REPLY_NO_VALID_RECIPIENTS if self._rcpt_given else REPLY_NEED_RCPT)
             return
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")

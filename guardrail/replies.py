@@ -31,6 +31,9 @@ REPLY_BUSY = "421 4.7.0 Too many connections, try again later"
 REPLY_BUSY_CLIENT = "421 4.7.0 Too many connections from your address, try again later"
 REPLY_NEED_MAIL = "503 5.5.1 Error: need MAIL command"
 REPLY_NEED_RCPT = "503 5.5.1 Error: need RCPT command"
+# DATA after RCPT commands that were all rejected. RFC 5321 allows 503 or 554
+# here, and 554 reports that the transaction failed for want of a recipient.
+REPLY_NO_VALID_RECIPIENTS = "554 5.5.1 No valid recipients"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing the connection"
 REPLY_TOO_MANY_JUNK = "421 4.7.0 Too many commands without mail, closing the connection"

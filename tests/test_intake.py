@@ -911,10 +911,15 @@ async def replies_after_ehlo(port: int, commands: list[bytes]) -> list[list[str]
         ([b"DATA"], "503 5.5.1 Error: need MAIL command"),
         ([b"RCPT TO:<support@example.org>", b"DATA"], "503 5.5.1 Error: need MAIL command"),
         ([b"MAIL FROM:<alice@example.com>", b"DATA"], "503 5.5.1 Error: need RCPT command"),
-        ([b"MAIL FROM:<alice@example.com>", b"RCPT TO:<nobody@example.org>", b"DATA"], "503 5.5.1 Error: need RCPT command"),
+        ([b"MAIL FROM:<alice@example.com>", b"RCPT TO:<nobody@example.org>", b"DATA"], "554 5.5.1 No valid recipients"),
+        ([b"MAIL FROM:<alice@example.com>", b"RCPT TO:<support@>", b"RCPT TO:<>", b"DATA"], "554 5.5.1 No valid recipients"),
+        ([b"RCPT TO:<nobody@example.org>", b"MAIL FROM:<alice@example.com>", b"DATA"], "503 5.5.1 Error: need RCPT command"),
+        ([b"MAIL FROM:<alice@example.com>", b"RCPT TO:<nobody@example.org>", b"RSET", b"MAIL FROM:<alice@example.com>", b"DATA"],
+         "503 5.5.1 Error: need RCPT command"),
         ([b"MAIL FROM:<>", b"DATA"], "503 5.5.1 Error: need RCPT command"),
     ],
-    ids=["nothing before", "rcpt without mail before", "mail before", "mail and a refused rcpt before", "null sender before"],
+    ids=["nothing before", "rcpt without mail before", "mail before", "mail and a refused rcpt before",
+         "mail and malformed rcpts before", "refused rcpt before mail", "refused rcpt before rset", "null sender before"],
 )
 async def test_early_data_names_missing_step(tmp_path: Path, start_daemon, commands: list[bytes], expected: str) -> None:
     daemon = await start_daemon(write_config(tmp_path))
