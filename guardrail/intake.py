@@ -54,6 +54,7 @@ from .replies import (
     REPLY_HELP,
     REPLY_HELP_SYNTAX,
     REPLY_HELP_UNKNOWN,
+    REPLY_IDLE_TIMEOUT,
     REPLY_NEED_MAIL,
     REPLY_NEED_RCPT,
     REPLY_NEEDS_SMTPUTF8,
@@ -263,6 +264,11 @@ class GuardrailSMTP(SMTP):
             # puts off for good, so the connection would keep its slot.
             self.transport.abort()
             return
+        if self.transport is not None and not self.transport.is_closing():
+            # A client that hears why the connection ends retries the
+            # transaction rather than reporting a broken connection.
+            self.transport.write(REPLY_IDLE_TIMEOUT.encode() + b"\r\n")
+            log.info("connection_closed", peer=_peer(self.session), reason="idle timeout")
         super()._timeout_cb()
 
     @property

@@ -43,6 +43,7 @@ REPLY_TOO_MANY_UNKNOWN = "421 4.7.0 Too many unknown commands, closing the conne
 # server close the connection only after a 421 reply, so REPLY_TOO_MANY_UNKNOWN replaces it.
 REPLY_TOO_MANY_UNKNOWN_STOCK = "502 5.5.1 Too many unrecognized commands, goodbye."
 REPLY_DATA_TIMEOUT = "421 4.4.2 Timed out waiting for message data"
+REPLY_IDLE_TIMEOUT = "421 4.4.2 No input for too long, closing the connection"
 REPLY_STARTTLS_STOCK = "220 Ready to start TLS"  # aiosmtpd's text
 REPLY_MALFORMED_STOCK = "553 5.1.3 Error: malformed address"  # aiosmtpd's text for MAIL and RCPT
 REPLY_UNKNOWN_COMMAND_STOCK = '500 Error: command "'  # the start of aiosmtpd's text, which repeats the command

@@ -1053,11 +1053,14 @@ async def test_idle_connection_is_closed(tmp_path: Path, start_daemon) -> None:
     await client.reply()
     started = time.monotonic()
 
-    closed = await client.is_closed_by_server(timeout=3)
+    replies = await client.replies_until_closed(timeout=3)
     elapsed = time.monotonic() - started
+    closed = await client.is_closed_by_server(timeout=1)
     await client.close()
 
     assert closed, "server kept an idle connection open for 3 s with a 1 s timeout"
+    # RFC 5321 section 4.5.3.2: a server that closes an idle connection should say so first.
+    assert replies == [["421 4.4.2 No input for too long, closing the connection"]]
     assert elapsed >= 0.5
 
 
