@@ -17,6 +17,7 @@ from datetime import datetime
 from email.header import Header
 from email.utils import format_datetime
 
+from .conversations import without_references
 from .language import guess_language
 from .locales import deadline_text
 from .loops import LOOP_HEADER
@@ -244,6 +245,11 @@ def render_acknowledgement(request: AckRequest, reference: str, hostname: str, n
     used instead, and `problem` names the field.
     """
     fields = {**request.fields, "reference": reference}
+    if "subject" in fields:
+        # The subject quoted from the message may carry the tag of another
+        # conversation, which the reply to this acknowledgement would repeat
+        # beside this one's.
+        fields["subject"] = without_references(fields["subject"], reference.rpartition("-")[0])
     template = request.template
     problem = ""
     try:

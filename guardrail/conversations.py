@@ -54,6 +54,11 @@ def find_references(subject: str, prefix: str) -> tuple[str, ...]:
     return tuple(match.upper() for match in _tag_pattern(prefix).findall(subject))
 
 
+def without_references(subject: str, prefix: str) -> str:
+    """Return `subject` without the tags of our references, its whitespace runs made single spaces."""
+    return " ".join(_tag_pattern(prefix).sub(" ", subject).split())
+
+
 @dataclass(frozen=True)
 class KnownConversation:
     """A stored conversation, with the fields that threading reads."""

@@ -859,6 +859,22 @@ def test_ack_subject_without_control_characters(rules: RuleSet, control: str) ->
     assert "Hello Alice," in body(ack)
 
 
+@pytest.mark.parametrize(
+    ("original", "quoted"),
+    [
+        ("Re: [GR-ABCDEF] Printer jams", "Re: Printer jams"),
+        ("[gr-abcdef]Printer [ GR-HJKMNP ] jams", "Printer jams"),
+        # Another prefix, or a tag of the wrong length, is the sender's own text.
+        ("[TKT-ABCDEF] Printer jams", "[TKT-ABCDEF] Printer jams"),
+        ("[GR-ABC] Printer jams", "[GR-ABC] Printer jams"),
+    ],
+)
+def test_ack_subject_drops_other_conversation_tags(rules: RuleSet, original: str, quoted: str) -> None:
+    ack = ack_for(rules, message(subject=original))
+
+    assert subject(ack) == f"We received your message: {quoted} [GR-7K3M9Q]"
+
+
 def test_ack_shortens_long_subject(tmp_path: Path) -> None:
     loaded = load_rules(rules_folder(tmp_path, URGENT_RULES), tmp_path)
     raw = message(subject="Refund " + "please " * 400, sender=f'"{"Alice " * 50}" <alice@example.com>')
