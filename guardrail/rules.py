@@ -265,9 +265,21 @@ def load_rules(
     return RuleSet(
         teams, tuple(routes), tuple(files), digest.hexdigest(), needs_body,
         fallback=fallback, unstaffed_horizon=horizon,
-        staff_addresses=members | staff_addresses, staff_domains=staff_domains, staff_authserv_id=authserv_id, staff_authserv_peers=authserv_peers,
+        staff_addresses=members | _escalation_addresses(teams, fallback) | staff_addresses, staff_domains=staff_domains, staff_authserv_id=authserv_id, staff_authserv_peers=authserv_peers,
         shadow_routes=tuple(shadow_routes),
     )
+
+
+def _escalation_addresses(teams: dict[str, Team], fallback: Human | None) -> frozenset[str]:
+    """Return the addresses of the humans that escalations go to: chain levels, escalation contacts and the fallback.
+
+    Escalation mail instructs them to answer the sender with the shared
+    inbox in Cc, so their replies must count as the team's answer.
+    """
+    humans = [level.human for team in teams.values() for level in team.escalation]
+    humans += [team.escalation_contact for team in teams.values()]
+    humans.append(fallback)
+    return frozenset(human.address.lower() for human in humans if human is not None)
 
 
 def _by_name(tables: list[Table], load: Any, kind: str) -> dict[str, Any]:

@@ -829,3 +829,50 @@ async def test_removed_level_keeps_later_ones(tmp_path: Path, start_daemon) -> N
     assert len(escalations_to(tmp_path, "head-of-facilities@example.org")) == 1
     assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
     assert len(escalations_to(tmp_path, "pat@example.org")) == 1
+
+
+def reply_from(name: str, address: str, message_id: str) -> bytes:
+    """Return a reply by `address` to the escalated message, to the sender with the shared inbox in Cc."""
+    return (
+        f"From: {name} <{address}>\r\nTo: Alice Example <alice@example.com>\r\nCc: support@example.org\r\n"
+        f"Subject: Re: Water leak in room 12\r\nMessage-ID: {message_id}\r\n"
+        "In-Reply-To: <leak-12@example.com>\r\nReferences: <leak-12@example.com>\r\n\r\nSomeone is on the way.\r\n"
+    ).encode()
+
+
+async def test_escalated_human_reply_answers(tmp_path: Path, start_daemon) -> None:
+    # Dana Duty is in the chain and in no team. Her escalation mail instructs her to reply with the inbox in Cc.
+    config, daemon, clock = await open_chain_conversation(
+        tmp_path, start_daemon, f'[{{ after = "0m", {DUTY[2:]}, {{ after = "2h", {HEAD[2:]}]'
+    )
+    await advance_in_ticks(daemon, clock, at("2025-11-17T11:10:00"), tick=timedelta(minutes=10))
+    [mail] = escalations_to(tmp_path, "duty-manager@example.org")
+    assert "shared inbox in Cc" in mail.get_payload(decode=True).decode()
+
+    await send(daemon.port, "duty-manager@example.org", ["support@example.org"],
+               reply_from("Dana Duty", "duty-manager@example.org", "<dana-1@example.org>"))
+    await advance_in_ticks(daemon, clock, at("2025-11-17T14:00:00"), tick=timedelta(minutes=10))
+
+    rows = await daemon.store.fetch_all("SELECT state, answered_by, next_escalation_at FROM conversations")
+    assert [tuple(row) for row in rows] == [("answered", "duty-manager@example.org", None)]
+    assert escalations_to(tmp_path, "head-of-facilities@example.org") == []
+
+
+@pytest.mark.parametrize(
+    ("address", "staff"),
+    [
+        ("carol@example.org", True),  # team member
+        ("Duty-Manager@Example.org", True),  # chain level
+        ("head-of-facilities@example.org", True),  # escalation_contact
+        ("fallback@example.org", True),  # [escalation] fallback
+        ("alice@example.com", False),
+    ],
+)
+def test_escalation_humans_are_staff(tmp_path: Path, address: str, staff: bool) -> None:
+    rules_text = chain_rules(f'[{{ after = "0m", {DUTY[2:]}]', f"escalation_contact = {HEAD}\n")
+    config = write_config(tmp_path, rules=rules_text)
+    (tmp_path / "rules" / "00-shared.toml").write_text(
+        (tmp_path / "rules" / "00-shared.toml").read_text().replace("duty-manager@example.org", "fallback@example.org")
+    )
+    rules = load_ruleset(load_config(config))
+    assert rules.is_staff(address) is staff
