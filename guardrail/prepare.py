@@ -246,13 +246,15 @@ def staff_sender(envelope: Envelope, summary: Summary, rules: RuleSet, site: Sit
     """Return whether the sender is staff, whether From is a shared inbox, and why a claim to either was not verified.
 
     A reply written as the shared inbox itself is the team's. Only From
-    counts for that, because a forwarder may put the inbox in the envelope
-    sender of every customer's message. With `[staff] authserv_id` set, a
+    counts for both, because a forwarder may put the inbox or an address of
+    its own domain in the envelope sender of every customer's message. With `[staff] authserv_id` set, a
     claim counts only when that MTA's Authentication-Results header verifies
     the domain of an address that makes it.
     """
     from_inbox = summary.from_address.lower() in site.inboxes
-    claims = [address for address in (summary.from_address, envelope.mail_from) if address and rules.is_staff(address)]
+    # Only From names the writer. A forwarder may rewrite the envelope sender
+    # of a customer's message to its own domain (SRS), a staff domain.
+    claims = [summary.from_address] if summary.from_address and rules.is_staff(summary.from_address) else []
     if from_inbox:
         claims.append(summary.from_address)
     if not claims:

@@ -1149,10 +1149,19 @@ def test_route_command_shows_staff(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_route_command_takes_mail_from_in_brackets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path)
-    staff = tmp_path / "customer.eml"
-    staff.write_bytes(b"From: Ann <ann@example.com>\r\nSubject: Re: Printer\r\n\r\nFixed.\r\n")
+    staff = tmp_path / "staff.eml"
+    staff.write_bytes(b"From: Sam Ortiz <sam@example.org>\r\nSubject: Re: Printer\r\n\r\nFixed.\r\n")
     assert main(["route", "--config", str(config), str(staff), "--mail-from", "<sam@example.org>"]) == 0
     assert "sender:      sam@example.org, staff" in capsys.readouterr().out.splitlines()
+
+
+def test_route_command_staff_envelope_customer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A forwarder may put a staff address in the envelope sender of a customer's message.
+    config = write_config(tmp_path)
+    customer = tmp_path / "customer.eml"
+    customer.write_bytes(b"From: Ann <ann@example.com>\r\nSubject: Re: Printer\r\n\r\nFixed.\r\n")
+    assert main(["route", "--config", str(config), str(customer), "--mail-from", "<sam@example.org>"]) == 0
+    assert "sender:      sam@example.org, a customer" in capsys.readouterr().out.splitlines()
 
 
 def test_authserv_peers_need_authserv_id(tmp_path: Path) -> None:

@@ -134,6 +134,8 @@ async def test_follow_ups_join_and_keep_their_team(tmp_path: Path, start_daemon)
         ("billing@example.org", "billing@example.org", True),
         # A forwarder that puts the inbox in the envelope sender of a customer's message.
         ("Alice <alice@example.com>", "support@example.org", False),
+        # Or a team member's address: the writer is still the customer.
+        ("Alice <alice@example.com>", "sam@example.org", False),
         # The inbox's domain is not the inbox.
         ("Pat <pat@example.org>", "pat@example.org", False),
         # A team member still counts.
@@ -282,6 +284,9 @@ authserv_id = "MX.example.org"
          "sam@example.org not verified: 2 Authentication-Results headers name mx.example.org, so a sender may have added one"),
         # A customer claims nothing, so there is nothing to verify.
         ("Alice <alice@example.com>", "alice@example.com", "", False, ""),
+        # A forwarder on a staff domain rewrote the envelope sender (SRS), and SPF passes for it.
+        ("Alice <alice@example.com>", "srs0=hq1=ab=example.com=alice@example.org",
+         "mx.example.org; spf=pass smtp.mailfrom=srs0=hq1=ab=example.com=alice@example.org", False, ""),
     ],
 )
 def test_verified_staff_table(tmp_path: Path, from_header: str, mail_from: str, results: str, staff: bool, reason: str) -> None:

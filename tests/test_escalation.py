@@ -876,3 +876,16 @@ def test_escalation_humans_are_staff(tmp_path: Path, address: str, staff: bool) 
     )
     rules = load_ruleset(load_config(config))
     assert rules.is_staff(address) is staff
+
+
+async def test_forwarded_customer_follow_up_answers_nothing(tmp_path: Path, start_daemon) -> None:
+    config, daemon, clock = await open_chain_conversation(tmp_path, start_daemon, f'[{{ after = "0m", {DUTY[2:]}]')
+    await settle(daemon, clock)
+    # The customer writes again through a forwarder that rewrote the envelope sender to a team member's address.
+    follow_up = reply_from("Alice Example", "alice@example.com", "<alice-2@example.com>")
+    await send(daemon.port, "carol@example.org", ["support@example.org"], follow_up)
+    await advance_in_ticks(daemon, clock, at("2025-11-17T11:10:00"), tick=timedelta(minutes=10))
+
+    rows = await daemon.store.fetch_all("SELECT state, answered_by FROM conversations")
+    assert [tuple(row) for row in rows] == [("open", None)]
+    assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
