@@ -179,6 +179,10 @@ class Daemon:
         def committed(outcome: Outcome) -> None:
             worker.wake.set()
             scheduler.due_at(outcome.next_escalation_at)
+            if outcome.moved_from:
+                # The conversation's stored level and next escalation follow
+                # its former team's chain, so set them again under its new team.
+                self._start_rescheduling(self.rules)
 
         def recorded(result: AttemptResult) -> None:
             # A permanent failure to reach the team escalates the conversation at once.

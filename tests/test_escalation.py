@@ -889,3 +889,60 @@ async def test_forwarded_customer_follow_up_answers_nothing(tmp_path: Path, star
     rows = await daemon.store.fetch_all("SELECT state, answered_by FROM conversations")
     assert [tuple(row) for row in rows] == [("open", None)]
     assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
+
+
+def moving_rules(*, with_alpha: bool) -> str:
+    """Return rules whose default route goes to team alpha, or, without alpha, to team beta with a two-level chain."""
+    alpha = """
+[[team]]
+name = "alpha"
+destination = { maildir = "var/maildir/alpha" }
+members = [{ name = "Al Alpha", address = "al@example.org" }]
+first_response = "1h"
+escalation = [{ after = "0m", name = "Ann Alpha", address = "ann@example.org" }]
+"""
+    beta = """
+[[team]]
+name = "beta"
+destination = { maildir = "var/maildir/beta" }
+members = [{ name = "Bo Beta", address = "bo@example.org" }]
+first_response = "1h"
+escalation = [
+    { after = "0m", name = "Ben Beta", address = "ben@example.org" },
+    { after = "2h", name = "Bea Boss", address = "bea.boss@example.org" },
+]
+"""
+    default = "alpha" if with_alpha else "beta"
+    return (alpha if with_alpha else "") + beta + f'\n[[route]]\nname = "default"\nteam = "{default}"\ndefault = true\n'
+
+
+async def test_moved_conversation_follows_new_chain(tmp_path: Path, start_daemon) -> None:
+    config = write_config(tmp_path, rules=moving_rules(with_alpha=True))
+    clock = ManualClock(at("2025-11-17T10:00:00"))
+    daemon = await start_daemon(config, clock=clock)
+    await send(daemon.port, "alice@example.com", ["support@example.org"], case_file("escalation", "message.eml"))
+    await advance_in_ticks(daemon, clock, at("2025-11-17T11:10:00"), tick=timedelta(minutes=10))
+    assert len(escalations_to(tmp_path, "ann@example.org")) == 1
+
+    # Team alpha leaves the rules. The conversation has no team until the customer's follow-up moves it to beta.
+    (tmp_path / "rules" / "rules.toml").write_text(moving_rules(with_alpha=False))
+    assert daemon.reload() is True
+    assert daemon.rescheduling is not None
+    await daemon.rescheduling
+    await advance_in_ticks(daemon, clock, at("2025-11-17T11:20:00"), tick=timedelta(minutes=10))
+    await send(daemon.port, "alice@example.com", ["support@example.org"],
+               reply_from("Alice Example", "alice@example.com", "<alice-2@example.com>"))
+    await settle(daemon, clock)
+    assert daemon.rescheduling is not None
+    await daemon.rescheduling
+    await advance_in_ticks(daemon, clock, at("2025-11-17T12:59:00"), tick=timedelta(minutes=10))
+    boss_early = escalations_to(tmp_path, "bea.boss@example.org")
+    await advance_in_ticks(daemon, clock, at("2025-11-17T13:01:00"), tick=timedelta(minutes=1))
+
+    rows = await daemon.store.fetch_all("SELECT team, state, escalation_level FROM conversations")
+    assert [tuple(row) for row in rows] == [("beta", "open", 2)]
+    # The deadline has passed, so beta's first level fires after the move, and its second at deadline + 2h.
+    assert len(escalations_to(tmp_path, "ben@example.org")) == 1
+    assert boss_early == []
+    assert len(escalations_to(tmp_path, "bea.boss@example.org")) == 1
+    assert len(escalations_to(tmp_path, "ann@example.org")) == 1
