@@ -27,7 +27,7 @@ from .clock import Clock, SystemClock
 from .config import Config, tls_context
 from .delivery import DeliveryWorker, Transport, write_in_thread
 from .errors import ConfigErrors, StorageError
-from .escalation import LevelTarget, Sender, levels_passed, next_escalation
+from .escalation import LevelTarget, Sender, current_level, next_escalation
 from .http import HttpListener, build_app, serve_http
 from .intake import REPLY_SHUTTING_DOWN, ConnectionTracker, GuardrailSMTP, IntakeHandler
 from .metrics import Metrics
@@ -307,9 +307,7 @@ class Daemon:
         def planner(team_name: str, deadline: datetime, level: int, fired: list[LevelTarget] | None) -> tuple[int, datetime | None]:
             team = rules.teams.get(team_name)
             # Levels that fired are found in the new chain by their recipients.
-            # Events that account for fewer levels than the stored count leave it as it is.
-            if fired is not None and len(fired) >= level:
-                level = levels_passed(team, rules, fired)
+            level = current_level(team, rules, level, fired)
             return level, next_escalation(team, rules, deadline, level)
 
         try:

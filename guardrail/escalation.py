@@ -39,6 +39,10 @@ PARTIAL_DELIVERY_FAILED_REASON = "delivery to some of the destination's addresse
 LISTED_ADDRESSES = 5
 
 
+# The recipients of an escalation level: the person's address and the webhook's URL, either one empty.
+LevelTarget = tuple[str, str]
+
+
 @dataclass(frozen=True)
 class DueConversation:
     """A stored conversation whose next escalation is due."""
@@ -54,6 +58,8 @@ class DueConversation:
     level: int
     reason: str  # "" for a missed deadline, else why the team is unstaffed
     message_id: str = ""  # Message-ID of the message that opened the conversation
+    # The recipients of each chain level that fired, oldest first, or None when they were not read.
+    fired: tuple[LevelTarget, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -106,10 +112,6 @@ def next_escalation(team: Team | None, rules: RuleSet, deadline: datetime, level
     return deadline + chain[level].after if level < len(chain) else None
 
 
-# The recipients of an escalation level: the person's address and the webhook's URL, either one empty.
-LevelTarget = tuple[str, str]
-
-
 def level_target(level: EscalationLevel) -> LevelTarget:
     """Return the recipients that `level` notifies, as the `escalated` events record them."""
     return (level.human.address.lower() if level.human else "", level.webhook.url if level.webhook else "")
@@ -144,6 +146,20 @@ def levels_passed(team: Team | None, rules: RuleSet, fired: list[LevelTarget]) -
     return passed
 
 
+def current_level(team: Team | None, rules: RuleSet, level: int, fired: list[LevelTarget] | tuple[LevelTarget, ...] | None) -> int:
+    """Return how many levels of the team's chain in `rules` count as fired for a conversation stored at `level`.
+
+    The stored level counts levels of the chain that was in force when it
+    was written, which a reload or a start under changed rule files may have
+    replaced. `fired` are the recipients of the levels that fired, as the
+    `escalated` events record them. When they account for fewer levels than
+    the stored count, as after events were lost, the stored level is kept.
+    """
+    if fired is None or len(fired) < level:
+        return level
+    return levels_passed(team, rules, list(fired))
+
+
 def plan_escalation(conversation: DueConversation, rules: RuleSet, now: datetime, sender: Sender) -> EscalationPlan:
     """Return what to send for a due conversation, and when it is next due."""
     team = rules.teams.get(conversation.team)
@@ -151,7 +167,9 @@ def plan_escalation(conversation: DueConversation, rules: RuleSet, now: datetime
         return _plan_unstaffed(conversation, team, rules, now, sender)
 
     chain = _chain(team, rules)
-    plan = EscalationPlan(level=conversation.level)
+    # The stored level may count levels of a chain that the rules have since
+    # changed, until the reschedule after a reload or start has run.
+    plan = EscalationPlan(level=current_level(team, rules, conversation.level, conversation.fired))
     assert conversation.deadline is not None
     while plan.level < len(chain):
         level = chain[plan.level]

@@ -11,7 +11,7 @@ import json
 import sqlite3
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -624,6 +624,9 @@ class BatchWriter:
             if conversation.id in self._escalated or conversation.id in settled:
                 continue
             self._escalated.add(conversation.id)
+            if conversation.level and not conversation.reason:
+                # The planner matches the levels that fired to the current chain.
+                conversation = replace(conversation, fired=tuple(self._fired_levels(conversation.id)))
             plan = planner(conversation)
             for mail in plan.mails:
                 target = {"kind": "smtp", "addresses": list(mail.recipients), "purpose": "escalation"}

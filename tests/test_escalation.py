@@ -946,3 +946,50 @@ async def test_moved_conversation_follows_new_chain(tmp_path: Path, start_daemon
     assert boss_early == []
     assert len(escalations_to(tmp_path, "bea.boss@example.org")) == 1
     assert len(escalations_to(tmp_path, "ann@example.org")) == 1
+
+
+@pytest.mark.parametrize(("chain", "level", "fired", "told", "next_at"), [
+    # Stored under the same chain: Dana fired, Erik is due at deadline + 1h.
+    (["0m DUTY", "1h HEAD"], 1, [DANA_AT], ["head-of-facilities@example.org"], None),
+    # The chain was reordered after Dana fired: Dana is not told again, and Erik comes before her now.
+    (["0m HEAD", "1h DUTY"], 1, [DANA_AT], [], None),
+    # A level added after the one that fired: it is due, and the stored level counts the old chain.
+    (["0m DUTY", "30m PAT", "3h HEAD"], 1, [DANA_AT], ["pat@example.org"], "2025-11-17T14:00:00"),
+    # Events that account for fewer levels than stored keep the stored level.
+    (["0m DUTY", "1h PAT", "3h HEAD"], 2, [DANA_AT], [], "2025-11-17T14:00:00"),
+    # Not read: the stored level counts.
+    (["0m DUTY", "1h PAT", "3h HEAD"], 1, None, ["pat@example.org"], "2025-11-17T14:00:00"),
+])
+def test_plan_matches_fired_levels(
+    tmp_path: Path, chain: list[str], level: int, fired: list[tuple[str, str]] | None, told: list[str], next_at: str | None,
+) -> None:
+    rules = load_ruleset(load_config(write_config(tmp_path, rules=chain_rules(chain_of(*chain)))))
+    conversation = DueConversation(
+        1, "GR-7K3M9Q", "facilities", "default", "Water leak", "alice@example.com", at("2025-11-17T10:00:00"),
+        at("2025-11-17T11:00:00"), level, "", fired=None if fired is None else tuple(fired),
+    )
+    sender = Sender("mx.test.example", "guardrail@mx.test.example", "guardrail answer")
+
+    plan = plan_escalation(conversation, rules, at("2025-11-17T12:30:00"), sender)
+
+    assert [address for mail in plan.mails for address in mail.recipients] == told
+    assert plan.next_at == (at(next_at) if next_at else None)
+
+
+async def test_restart_with_reordered_chain_fires_nothing_twice(tmp_path: Path, start_daemon) -> None:
+    config, daemon, clock = await open_chain_conversation(tmp_path, start_daemon, chain_of("0m DUTY", "1h HEAD"))
+    await advance_in_ticks(daemon, clock, at("2025-11-17T11:10:00"), tick=timedelta(minutes=5))
+    await daemon.stop()
+
+    # While the daemon is down, Erik moves before Dana, who was told at 11:00. Erik's level counts as passed.
+    (tmp_path / "rules" / "rules.toml").write_text(chain_rules(chain_of("0m HEAD", "1h DUTY")))
+    clock = ManualClock(at("2025-11-17T12:30:00"))
+    daemon = await start_daemon(config, clock=clock)
+    assert daemon.rescheduling is not None
+    await daemon.rescheduling
+    await advance_in_ticks(daemon, clock, at("2025-11-17T14:00:00"), tick=timedelta(minutes=10))
+
+    assert len(escalations_to(tmp_path, "duty-manager@example.org")) == 1
+    assert escalations_to(tmp_path, "head-of-facilities@example.org") == []
+    rows = await daemon.store.fetch_all("SELECT escalation_level, next_escalation_at FROM conversations")
+    assert [tuple(row) for row in rows] == [(2, None)]
