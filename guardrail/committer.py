@@ -84,6 +84,7 @@ class RescheduleRun:
     after: int
     limit: int
     digest: str = ""  # the rules' digest, recorded when the last conversation is done if the store still follows them
+    only: int | None = None  # visit this conversation alone, instead of those after `after`
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ class Committer:
             emptied = iter([writer.empty_old_bytes(format_instant(run.cutoff), run.limit) for run in retention_runs])
             # A pass for rules that a reload has replaced records no digest.
             rescheduled = iter([
-                writer.reschedule(run.planner, run.after, run.limit, run.digest if run.digest == digest else "")
+                writer.reschedule(run.planner, run.after, run.limit, run.digest if run.digest == digest else "", only=run.only)
                 for run in reschedule_runs
             ])
             db.execute("COMMIT")

@@ -37,6 +37,7 @@ from .retention import Retention
 from .rules import RuleSet, load_rules
 from .sla import EscalationScheduler, RejectionWatch, ZombieWatch
 from .store import AttemptResult, Outcome, Store, StoreSettings
+from .store_batch import ReschedulePlanner
 
 log = structlog.get_logger("guardrail.daemon")
 
@@ -100,6 +101,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         # The task that sets escalation times again after a rule reload, while it runs.
         self.rescheduling: asyncio.Task[None] | None = None
+        self._moves: set[asyncio.Task[None]] = set()  # single-conversation reschedules still running
         self._server: asyncio.Server | None = None
         self._http: HttpListener | None = None
         self._tracker = ConnectionTracker(config.smtp.max_connections, config.smtp.max_connections_per_client)
@@ -179,10 +181,10 @@ class Daemon:
         def committed(outcome: Outcome) -> None:
             worker.wake.set()
             scheduler.due_at(outcome.next_escalation_at)
-            if outcome.moved_from:
+            if outcome.moved_from and outcome.conversation_id is not None:
                 # The conversation's stored level and next escalation follow
                 # its former team's chain, so set them again under its new team.
-                self._start_rescheduling(self.rules)
+                self._reschedule_moved(outcome.conversation_id)
 
         def recorded(result: AttemptResult) -> None:
             # A permanent failure to reach the team escalates the conversation at once.
@@ -301,15 +303,29 @@ class Daemon:
         task = self._reschedule(rules, unless_current=unless_current)
         self.rescheduling = asyncio.get_running_loop().create_task(task, name="guardrail-reschedule")
 
+    def _reschedule_moved(self, conversation_id: int) -> None:
+        """Set again, in the background, when a conversation that changed team is next escalated under the rules now loaded."""
+        task = asyncio.get_running_loop().create_task(
+            self._reschedule_one(self.rules, conversation_id), name="guardrail-reschedule-moved"
+        )
+        # Kept until done, so that the task is not collected while it runs.
+        self._moves.add(task)
+        task.add_done_callback(self._moves.discard)
+
+    async def _reschedule_one(self, rules: RuleSet, conversation_id: int) -> None:
+        assert self.store is not None
+        try:
+            due = await self.store.reschedule_conversation(_schedule_planner(rules), conversation_id)
+        except (StorageError, sqlite3.Error) as error:
+            log.error("escalations_not_rescheduled", error=str(error), conversation_id=conversation_id,
+                      detail="the conversation keeps the escalation time of its former team until the next reload or start")
+            return
+        if self.scheduler is not None:
+            self.scheduler.due_at(due)
+
     async def _reschedule(self, rules: RuleSet, *, unless_current: bool = False) -> None:
         assert self.store is not None
-
-        def planner(team_name: str, deadline: datetime, level: int, fired: list[LevelTarget] | None) -> tuple[int, datetime | None]:
-            team = rules.teams.get(team_name)
-            # Levels that fired are found in the new chain by their recipients.
-            level = current_level(team, rules, level, fired)
-            return level, next_escalation(team, rules, deadline, level)
-
+        planner = _schedule_planner(rules)
         try:
             if unless_current and await self.store.schedule_rules() == rules.digest:
                 return
@@ -360,6 +376,7 @@ class Daemon:
         if self.rescheduling is not None:
             self._tasks.append(self.rescheduling)
             self.rescheduling = None
+        self._tasks.extend(self._moves)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -400,3 +417,15 @@ class Daemon:
                 pidfile.release(pid_file, claimed)
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
+
+
+def _schedule_planner(rules: RuleSet) -> ReschedulePlanner:
+    """Return the planner that sets a conversation's level and next escalation time under `rules`."""
+
+    def planner(team_name: str, deadline: datetime, level: int, fired: list[LevelTarget] | None) -> tuple[int, datetime | None]:
+        team = rules.teams.get(team_name)
+        # Levels that fired are found in the new chain by their recipients.
+        level = current_level(team, rules, level, fired)
+        return level, next_escalation(team, rules, deadline, level)
+
+    return planner

@@ -275,6 +275,11 @@ class Store:
             if not done.more:
                 return changed, earliest
 
+    async def reschedule_conversation(self, planner: ReschedulePlanner, conversation_id: int) -> datetime | None:
+        """Set again when one open conversation on the SLA clock is next escalated; return that time if it changed."""
+        done: Rescheduled = await self._submit(RescheduleRun(planner, 0, 1, only=conversation_id))
+        return done.earliest
+
     def follow_rules(self, digest: str) -> None:
         """Note that writes from now on follow the rules with `digest`.
 

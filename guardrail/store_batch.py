@@ -777,7 +777,9 @@ class BatchWriter:
         )
         return Emptied(len(messages), len(outbox), more_messages or more_outbox)
 
-    def reschedule(self, planner: ReschedulePlanner, after: int, limit: int, digest: str = "") -> Rescheduled:
+    def reschedule(
+        self, planner: ReschedulePlanner, after: int, limit: int, digest: str = "", *, only: int | None = None
+    ) -> Rescheduled:
         """Set again, by `planner`, the level and next escalation time of up to `limit` open conversations with an id above `after`.
 
         Only conversations on the SLA clock are visited: open, with a
@@ -785,12 +787,14 @@ class BatchWriter:
         unstaffed team, whose escalation does not follow the chain. The
         planner gets, for a conversation past level 0, the recipients of
         each of its escalations, in order. The last pass records `digest`, the
-        rules the planner follows, as SCHEDULE_RULES.
+        rules the planner follows, as SCHEDULE_RULES. With `only`, the pass
+        visits that conversation alone and records no digest.
         """
+        which, parameters = ("id = ?", (only, limit)) if only is not None else ("id > ?", (after, limit))
         rows = self.db.execute(
             "SELECT id, team, deadline, escalation_level, next_escalation_at FROM conversations"
-            " WHERE id > ? AND state = 'open' AND deadline IS NOT NULL AND escalation_reason = '' ORDER BY id LIMIT ?",
-            (after, limit),
+            f" WHERE {which} AND state = 'open' AND deadline IS NOT NULL AND escalation_reason = '' ORDER BY id LIMIT ?",
+            parameters,
         ).fetchall()
         changes = []
         earliest: datetime | None = None
@@ -803,8 +807,8 @@ class BatchWriter:
                 if due is not None and (earliest is None or due < earliest):
                     earliest = due
         self.db.executemany("UPDATE conversations SET escalation_level = ?, next_escalation_at = ? WHERE id = ?", changes)
-        more = len(rows) == limit
-        if digest and not more:
+        more = only is None and len(rows) == limit
+        if digest and not more and only is None:
             self.db.execute("INSERT OR REPLACE INTO facts (name, value) VALUES (?, ?)", (SCHEDULE_RULES, digest))
         return Rescheduled(len(changes), rows[-1][0] if rows else after, more, earliest)
 
