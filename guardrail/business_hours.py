@@ -105,26 +105,34 @@ def _day_intervals(calendar: Calendar, day: date) -> tuple[tuple[datetime, datet
         closes = _local_instant(day, window.end, calendar.zone)
         if closes > opens:
             intervals.append((opens, closes))
-    return tuple(intervals)
+    return tuple(sorted(intervals))
+
+
+def _window_intervals(calendar: Calendar, start: datetime, limit: datetime):
+    """Yield the (open, close) UTC interval of each window that ends after `start`, by opening time.
+
+    Windows may touch or overlap: an overnight window runs into the next
+    day's first one, and a 24x7 calendar is one window a day.
+    """
+    local_day = start.astimezone(calendar.zone).date() - timedelta(days=1)
+    last_day = limit.astimezone(calendar.zone).date() + timedelta(days=1)
+    while local_day <= last_day:
+        for opens, closes in _day_intervals(calendar, local_day):
+            if closes > start:
+                yield opens, closes
+        local_day += timedelta(days=1)
 
 
 def _intervals_from(calendar: Calendar, start: datetime, limit: datetime):
-    """Yield (open, close) UTC intervals of business time that end after `start`, in order."""
-    local_day = start.astimezone(calendar.zone).date() - timedelta(days=1)
-    last_day = limit.astimezone(calendar.zone).date() + timedelta(days=1)
+    """Yield (open, close) UTC intervals of business time that end after `start`, in order, with touching windows merged."""
     pending: tuple[datetime, datetime] | None = None
-    while local_day <= last_day:
-        for opens, closes in _day_intervals(calendar, local_day):
-            if closes <= start:
-                continue
-            # Merge windows that touch or overlap (24x7, 00:00-24:00 days).
-            if pending and opens <= pending[1]:
-                pending = (pending[0], max(pending[1], closes))
-                continue
-            if pending:
-                yield pending
-            pending = (opens, closes)
-        local_day += timedelta(days=1)
+    for opens, closes in _window_intervals(calendar, start, limit):
+        if pending and opens <= pending[1]:
+            pending = (pending[0], max(pending[1], closes))
+            continue
+        if pending:
+            yield pending
+        pending = (opens, closes)
     if pending:
         yield pending
 
@@ -136,13 +144,19 @@ def add_business_time(start: datetime, duration: timedelta, calendar: Calendar) 
     """
     start = start.astimezone(timezone.utc)
     remaining = duration
-    limit = start + SEARCH_LIMIT
-    for opens, closes in _intervals_from(calendar, start, limit):
-        begin = max(opens, start)
+    # Windows are read one at a time rather than merged first, because on a
+    # 24x7 calendar the merged interval would span the whole search limit.
+    # Time before `counted` was counted already, so overlaps count once.
+    counted = start
+    for opens, closes in _window_intervals(calendar, start, start + SEARCH_LIMIT):
+        begin = max(opens, counted)
+        if closes <= begin:
+            continue
         available = closes - begin
         if remaining <= available:
             return begin + remaining
         remaining -= available
+        counted = closes
     return None
 
 

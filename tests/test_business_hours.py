@@ -132,6 +132,54 @@ def test_deadline_table_other_zones(calendar: Calendar, arrival: str, hours: flo
     assert add_business_time(utc(arrival), timedelta(hours=hours), calendar) == utc(deadline)
 
 
+# Windows that overlap on one day, and an overnight window that runs into the next day's first one.
+OVERLAPPING = Calendar(
+    "overlapping", PARIS, weekly({"mon": ["08:00-12:00", "10:00-14:00", "22:00-06:00"], "tue": ["05:00-09:00"]})
+)
+
+
+@pytest.mark.parametrize(
+    ("arrival", "hours", "deadline"),
+    [
+        # Mon 08:00 CET: 08:00-14:00 is six hours, the overlap counted once.
+        ("2025-11-03T07:00:00Z", 5, "2025-11-03T12:00:00Z"),
+        ("2025-11-03T07:00:00Z", 6, "2025-11-03T13:00:00Z"),
+        # Mon 11:00 CET, inside both windows.
+        ("2025-11-03T10:00:00Z", 2, "2025-11-03T12:00:00Z"),
+        # Mon 21:00 CET: eight hours overnight, then Tue 06:00-09:00 past the overlap.
+        ("2025-11-03T20:00:00Z", 9, "2025-11-04T06:00:00Z"),
+        ("2025-11-03T20:00:00Z", 11, "2025-11-04T08:00:00Z"),
+        # Beyond Tuesday's last window: the next Monday.
+        ("2025-11-03T20:00:00Z", 12, "2025-11-10T08:00:00Z"),
+    ],
+)
+def test_overlapping_windows_count_once(arrival: str, hours: float, deadline: str) -> None:
+    assert add_business_time(utc(arrival), timedelta(hours=hours), OVERLAPPING) == utc(deadline)
+
+
+def test_deadline_agrees_with_merged_intervals() -> None:
+    from guardrail.business_hours import _intervals_from
+
+    def merged_deadline(start: datetime, duration: timedelta, calendar: Calendar) -> datetime | None:
+        remaining = duration
+        for opens, closes in _intervals_from(calendar, start, start + timedelta(days=60)):
+            begin = max(opens, start)
+            if remaining <= closes - begin:
+                return begin + remaining
+            remaining -= closes - begin
+        return None
+
+    calendars = (OFFICE, ALWAYS_PARIS, NIGHTDESK, WEEKNIGHTS, FULLDAY, OVERLAPPING, PARIS_SATURDAY_NIGHT)
+    start = utc("2025-03-24T00:00:00Z")
+    for step in range(400):  # every 7h13m across a month with a daylight-saving change
+        arrival = start + timedelta(minutes=433 * step)
+        calendar = calendars[step % len(calendars)]
+        duration = timedelta(minutes=37 * (step % 50) + 1)
+        assert add_business_time(arrival, duration, calendar) == merged_deadline(arrival, duration, calendar), (
+            calendar.name, arrival, duration,
+        )
+
+
 def test_deadline_is_utc() -> None:
     result = add_business_time(utc("2025-03-28T15:30:00Z"), timedelta(hours=4), OFFICE)
     assert result is not None
