@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from email.utils import format_datetime
 
 from .acknowledgement import build_text_message, new_message_id, one_line
@@ -178,7 +178,8 @@ def plan_escalation(conversation: DueConversation, rules: RuleSet, now: datetime
             plan.next_at = fires_at
             break
         plan.level += 1
-        _add_level(plan, conversation, level, plan.level, now, sender, rules.escalation_contact(team) if team else rules.fallback)
+        _add_level(plan, conversation, level, plan.level, now, sender, rules.escalation_contact(team) if team else rules.fallback,
+                   _zone(team))
     return plan
 
 
@@ -192,15 +193,22 @@ def _plan_unstaffed(conversation: DueConversation, team: Team | None, rules: Rul
         return plan
     title, text = at_once_wording(conversation)
     subject = f"[{conversation.reference}] {title}: team {conversation.team}: {one_line(conversation.subject)}"
-    data = escalation_mail(conversation, contact, subject, text, now, sender)
-    fallback = _redirected(conversation, contact, rules.fallback, subject, text, now, sender)
+    zone = _zone(team)
+    data = escalation_mail(conversation, contact, subject, text, now, sender, zone=zone)
+    fallback = _redirected(conversation, contact, rules.fallback, subject, text, now, sender, zone)
     plan.mails.append(QueuedMail((contact.address,), data, fallback))
     plan.events.append({"kind": "escalated", "level": "unstaffed", "to": contact.address, "reason": conversation.reason})
     return plan
 
 
+def _zone(team: Team | None) -> tzinfo:
+    """Return the time zone of `team`'s calendar, in which its escalation mails show times; UTC without a team."""
+    return team.calendar.zone if team is not None else UTC
+
+
 def _redirected(
     conversation: DueConversation, human: Human, other: Human | None, subject: str, text: str, now: datetime, sender: Sender,
+    zone: tzinfo = UTC,
 ) -> QueuedMail | None:
     """Return the mail for `other` to send in place of the mail to `human` if that one fails for good, or None.
 
@@ -209,7 +217,7 @@ def _redirected(
     if other is None or other.address.lower() == human.address.lower():
         return None
     note = f"The escalation mail to {human.name} <{human.address}> could not be delivered, so it comes to you."
-    return QueuedMail((other.address,), escalation_mail(conversation, other, subject, f"{note}\n\n{text}", now, sender))
+    return QueuedMail((other.address,), escalation_mail(conversation, other, subject, f"{note}\n\n{text}", now, sender, zone=zone))
 
 
 def delivery_failure_reason(delivered: tuple[str, ...], undelivered: tuple[str, ...], error: str) -> str:
@@ -265,6 +273,7 @@ def _add_level(
     now: datetime,
     sender: Sender,
     contact: Human | None,
+    zone: tzinfo = UTC,
 ) -> None:
     late = now - conversation.deadline if conversation.deadline else timedelta(0)
     subject = f"[{conversation.reference}] Unanswered past its deadline (level {number}): {one_line(conversation.subject)}"
@@ -272,14 +281,16 @@ def _add_level(
     event: dict[str, object] = {"kind": "escalated", "level": number, "late_seconds": int(late.total_seconds())}
     mail = None
     if level.human is not None:
-        fallback = _redirected(conversation, level.human, contact, subject, text, now, sender)
-        mail = QueuedMail((level.human.address,), escalation_mail(conversation, level.human, subject, text, now, sender), fallback)
+        fallback = _redirected(conversation, level.human, contact, subject, text, now, sender, zone)
+        mail = QueuedMail(
+            (level.human.address,), escalation_mail(conversation, level.human, subject, text, now, sender, zone=zone), fallback
+        )
         plan.mails.append(mail)
         event["to"] = level.human.address
     if level.webhook is not None:
         fallback = None
         if mail is None and contact is not None:
-            fallback = QueuedMail((contact.address,), escalation_mail(conversation, contact, subject, text, now, sender))
+            fallback = QueuedMail((contact.address,), escalation_mail(conversation, contact, subject, text, now, sender, zone=zone))
         plan.webhooks.append(QueuedWebhook(level.webhook, webhook_body(conversation, number, level.human, now, sender), fallback))
         event["webhook"] = level.webhook.url
     plan.events.append(event)
@@ -293,9 +304,33 @@ def _age(opened_at: datetime, now: datetime) -> str:
     return " ".join(parts + [f"{hours}h", f"{minutes:02}m"])
 
 
-def escalation_mail(conversation: DueConversation, human: Human, subject: str, text: str, now: datetime, sender: Sender) -> bytes:
-    """Build the mail that tells `human` about `conversation`."""
-    deadline = conversation.deadline.isoformat() if conversation.deadline else "none"
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def shown_time(instant: datetime, zone: tzinfo) -> str:
+    """Return `instant` as a person reads it: local time in `zone` with its abbreviation, then UTC unless that is the zone.
+
+    Names of days and months are English whatever the machine's locale,
+    as is the rest of the mail.
+    """
+    local = instant.astimezone(zone)
+    text = (
+        f"{_WEEKDAYS[local.weekday()]} {local.day} {_MONTHS[local.month - 1]} {local.year}"
+        f" {local.hour:02}:{local.minute:02} {local.tzname()}"
+    )
+    if local.utcoffset() == timedelta(0) and local.tzname() in ("UTC", "GMT"):
+        return text
+    in_utc = instant.astimezone(UTC)
+    return f"{text} ({in_utc.hour:02}:{in_utc.minute:02} UTC)"
+
+
+def escalation_mail(
+    conversation: DueConversation, human: Human, subject: str, text: str, now: datetime, sender: Sender,
+    *, zone: tzinfo = UTC,
+) -> bytes:
+    """Build the mail that tells `human` about `conversation`, with times shown in `zone`, the team's."""
+    deadline = shown_time(conversation.deadline, zone) if conversation.deadline else "none"
     body = "\n".join([
         f"Hello {human.name},",
         "",
@@ -307,7 +342,7 @@ def escalation_mail(conversation: DueConversation, human: Human, subject: str, t
         f"Message-ID: {conversation.message_id or 'none'}",
         f"Team:       {conversation.team}",
         f"Route:      {conversation.route}",
-        f"Received:   {conversation.opened_at.isoformat()}",
+        f"Received:   {shown_time(conversation.opened_at, zone)}",
         f"Deadline:   {deadline}",
         f"Age:        {_age(conversation.opened_at, now)}",
         "",

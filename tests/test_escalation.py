@@ -995,3 +995,27 @@ async def test_restart_with_reordered_chain_fires_nothing_twice(tmp_path: Path, 
     assert escalations_to(tmp_path, "head-of-facilities@example.org") == []
     rows = await daemon.store.fetch_all("SELECT escalation_level, next_escalation_at FROM conversations")
     assert [tuple(row) for row in rows] == [(2, None)]
+
+
+@pytest.mark.parametrize(
+    ("zone", "received", "deadline"),
+    [
+        ("UTC", "Mon 17 Nov 2025 10:00 UTC", "Mon 17 Nov 2025 11:00 UTC"),
+        ("Europe/Paris", "Mon 17 Nov 2025 11:00 CET (10:00 UTC)", "Mon 17 Nov 2025 12:00 CET (11:00 UTC)"),
+        ("America/New_York", "Mon 17 Nov 2025 05:00 EST (10:00 UTC)", "Mon 17 Nov 2025 06:00 EST (11:00 UTC)"),
+    ],
+)
+def test_escalation_mail_shows_team_times(tmp_path: Path, zone: str, received: str, deadline: str) -> None:
+    rules_text = chain_rules(chain_of("0m DUTY")).replace('timezone = "UTC"', f'timezone = "{zone}"')
+    rules = load_ruleset(load_config(write_config(tmp_path, rules=rules_text)))
+    conversation = DueConversation(
+        1, "GR-7K3M9Q", "facilities", "default", "Water leak", "alice@example.com", at("2025-11-17T10:00:00"),
+        at("2025-11-17T11:00:00"), 0, "",
+    )
+    sender = Sender("mx.test.example", "guardrail@mx.test.example", "guardrail answer")
+
+    [mail] = plan_escalation(conversation, rules, at("2025-11-17T11:30:00"), sender).mails
+    lines = email.message_from_bytes(mail.data).get_payload(decode=True).decode().splitlines()
+
+    assert f"Received:   {received}" in lines
+    assert f"Deadline:   {deadline}" in lines
