@@ -474,9 +474,18 @@ def unstaffed_reason(team: Team, now: Any, horizon: timedelta) -> str | None:
     if not team.members:
         return "the team has no members"
     if next_open_interval(team.calendar, now, horizon) is None:
-        days = horizon.days
-        return f"the team has no business hours in the next {days} days"
+        return f"the team has no business hours in the next {span_text(horizon)}"
     return None
+
+
+def span_text(span: timedelta) -> str:
+    """Return `span` in the largest unit that divides it whole: "14 days", "1 day", "12 hours", "90 minutes"."""
+    seconds = int(span.total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    return f"{seconds} second{'' if seconds == 1 else 's'}"
 
 
 def _load_destination(table: Table, base: Path) -> Destination | None:

@@ -332,3 +332,21 @@ async def test_person_joining_machine_mail_starts_clock(tmp_path: Path, start_da
     assert escalations(tmp_path) == []
     await move_to(daemon, clock, utc("2025-11-04T11:30:00Z"))
     assert len(escalations(tmp_path)) == 1
+
+
+@pytest.mark.parametrize(
+    ("span", "text"),
+    [
+        (timedelta(days=14), "14 days"),
+        (timedelta(days=1), "1 day"),
+        (timedelta(hours=12), "12 hours"),
+        (timedelta(hours=36), "36 hours"),
+        (timedelta(minutes=90), "90 minutes"),
+        (timedelta(minutes=1), "1 minute"),
+        (timedelta(seconds=45), "45 seconds"),
+    ],
+)
+def test_span_text_table(span: timedelta, text: str) -> None:
+    from guardrail.rules import span_text
+
+    assert span_text(span) == text
