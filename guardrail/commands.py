@@ -107,6 +107,8 @@ def run(arguments: argparse.Namespace) -> int:
     from .logs import configure_logging
 
     config, rules = _load(arguments, require_secrets=True)
+    # A folder or file that this user may not write would stop the daemon after it started, or fail every commit.
+    store_admin.verify_writable(config.database_path, beside=(pid_file(config),))
     # The daemon creates its tables in any SQLite file, so one that belongs to another application is rejected first.
     store_admin.verify_for_daemon(config.database_path, busy_timeout=config.busy_timeout)
     configure_logging(config.log_format, config.log_level)

@@ -8,7 +8,10 @@ write only small rows, waiting for the daemon's lock if needed.
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -147,6 +150,13 @@ def file_errors(path: Path) -> Iterator[None]:
                 f" where SQLite creates {path.name}-wal and {path.name}-shm"
             )
             raise DatabaseFileError(path, problem) from error
+        if name.startswith("SQLITE_READONLY"):
+            # A file this user may not write, or, for SQLITE_READONLY_DIRECTORY, a folder where SQLite cannot create the -shm file.
+            problem = (
+                f"cannot be written: {error} ({name}); check that this user may read and write it and its folder,"
+                f" where SQLite creates {path.name}-wal and {path.name}-shm"
+            )
+            raise DatabaseFileError(path, problem) from error
         if name.startswith("SQLITE_BUSY"):
             # SQLite returns SQLITE_BUSY once the busy timeout has run out.
             problem = "is locked by another process; try again, or stop the process that holds the lock"
@@ -158,6 +168,63 @@ def verify(path: Path, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> None:
     """Raise DatabaseFileError unless the file at `path` is missing, empty or a readable guardrail database."""
     with connect(path, busy_timeout=busy_timeout):
         pass
+
+
+def verify_writable(path: Path, beside: tuple[Path, ...] = ()) -> None:
+    """Raise DatabaseFileError unless this process can create or write the database at `path` and the files beside it.
+
+    The daemon writes the database, SQLite's -wal and -shm files and `beside`
+    (its pid file). Without this check a folder that cannot be created stops
+    the start with a bare OSError, and a file that this user may only read
+    lets the daemon start and then fail every commit with `451`.
+    """
+    folder = path.parent
+    fix = (
+        f"give the daemon's user ({_user()}) write access, or set [database] path to a folder that user may write"
+        " (a relative path starts at the config file's folder)"
+    )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DatabaseFileError(path, f"cannot be created: its folder {folder} cannot be created: {error.strerror}; {fix}") from None
+    try:
+        # The file is gone as soon as it is closed, so the probe leaves nothing behind.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        problem = (
+            f"cannot be written: no file can be created in its folder {folder}: {error.strerror};"
+            f" SQLite creates {path.name}-wal and {path.name}-shm there; {fix}"
+        )
+        raise DatabaseFileError(path, problem) from None
+    for file in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm"), *beside):
+        try:
+            descriptor = os.open(file, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            if file.is_dir():
+                continue  # The other checks name a directory where a file belongs.
+            which = "it" if file == path else str(file)
+            try:
+                owner = f", which belongs to {_user(file.stat().st_uid)}"
+            except OSError:
+                owner = ""
+            raise DatabaseFileError(path, (
+                f"cannot be written: this user ({_user()}) may not write {which} ({error.strerror}){owner};"
+                " change its owner to the daemon's user (a daemon run as root leaves files that only root may write),"
+                " or set [database] path to another file"
+            )) from None
+        os.close(descriptor)
+
+
+def _user(uid: int | None = None) -> str:
+    """Return the name of the user with `uid` (this process's effective user by default), or the number when it has none."""
+    uid = os.geteuid() if uid is None else uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def verify_for_daemon(path: Path, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> None:

@@ -707,6 +707,141 @@ def test_unopenable_database_named_in_one_line(
     assert "Traceback" not in error
 
 
+def test_run_exits_2_naming_a_database_folder_it_cannot_create(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # As under systemd, where a relative path lands in the read-only /etc/guardrail. Even root may
+    # not make a folder in /sys, so the test works as root too.
+    database = Path("/sys/guardrail-test-missing/guardrail.db")
+    config = write_config(tmp_path, sections={"database": {"path": str(database)}})
+
+    assert main(["run", "--config", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(
+        f"error: {config}: database.path: {database} cannot be created: its folder {database.parent} cannot be created: "
+    )
+    assert "set [database] path to a folder that user may write" in error
+    assert "Traceback" not in error
+
+
+def _in_unprivileged_process(action: Callable[[], str]) -> str:
+    """Return what `action` returns, called in a child process as the user nobody when the tests run as root.
+
+    A child still running after 30 s, as a daemon that started after all would be, is killed, and "" is returned.
+    """
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        status = 0
+        try:
+            os.close(reader)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
+            os.write(writer, action().encode())
+        except BaseException as error:  # noqa: BLE001 - reported to the parent
+            os.write(writer, f"child failed: {error!r}".encode())
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(writer)
+    deadline = time.monotonic() + 30
+    while os.waitpid(child, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            break
+        time.sleep(0.05)
+    with os.fdopen(reader, "rb") as pipe:
+        return pipe.read().decode()
+
+
+@contextmanager
+def _shared_folder() -> Iterator[Path]:
+    """Yield a new folder that another user may enter, unlike pytest's tmp_path, and remove it afterwards."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="guardrail-perm-"))
+    try:
+        folder.chmod(0o755)
+        yield folder
+    finally:
+        for path in [folder, *folder.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        shutil.rmtree(folder)
+
+
+UNWRITABLE = [
+    # (what is made read-only for others, what the error says after "DATABASE cannot be written: ")
+    ("folder", "no file can be created in its folder {folder}: Permission denied; SQLite creates guardrail.db-wal"),
+    ("guardrail.db", "this user ({user}) may not write it (Permission denied), which belongs to {owner};"),
+    ("guardrail.db-wal", "this user ({user}) may not write {folder}/guardrail.db-wal (Permission denied)"),
+    ("guardrail.pid", "this user ({user}) may not write {folder}/guardrail.pid (Permission denied)"),
+]
+
+
+@pytest.mark.parametrize(("read_only", "expected"), UNWRITABLE, ids=[item[0] for item in UNWRITABLE])
+def test_run_refuses_a_database_that_its_user_may_not_write(read_only: str, expected: str) -> None:
+    # Files that a run as root left behind: a database file that the daemon's user may only read let the
+    # daemon start and answer 451 to every message, and the others stopped it with exit 1 and a bare OSError.
+    import io
+    import pwd
+    from contextlib import redirect_stderr
+
+    from guardrail.store import SCHEMA_VERSION
+
+    with _shared_folder() as shared:
+        config = write_config(shared)
+        for path in [shared, *shared.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        folder = shared / "var"
+        folder.mkdir()
+        database = folder / "guardrail.db"
+        with closing(sqlite3.connect(database)) as connection:
+            # As the daemon leaves it, so that opening it writes nothing.
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.executescript(SCHEMA)
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        # The child may not read the interpreter's files, so the config and rules are read here first,
+        # before the files are written: closing the database removes an empty -wal file.
+        with redirect_stderr(io.StringIO()):
+            assert main(["check", "--config", str(config)]) == 1
+        for name in ("guardrail.db", "guardrail.db-wal", "guardrail.pid"):
+            (folder / name).touch()
+        for path in folder.iterdir():  # The check may leave a -shm file too.
+            path.chmod(0o444 if path.name == read_only else 0o666)
+        folder.chmod(0o555 if read_only == "folder" else 0o777)
+
+        def run() -> str:
+            error = io.StringIO()
+            with redirect_stderr(error):
+                status = main(["run", "--config", str(config)])
+            return f"{status}\n{error.getvalue()}"
+
+        output = _in_unprivileged_process(run)
+        user = pwd.getpwuid(65534 if os.geteuid() == 0 else os.geteuid()).pw_name
+        owner = pwd.getpwuid(os.geteuid()).pw_name
+        line = f"2\nerror: {config}: database.path: {database} cannot be written: "
+        assert output.startswith(line + expected.format(folder=folder, user=user, owner=owner))
+        assert "Traceback" not in output
+
+
+def test_readonly_sqlite_error_names_the_file(tmp_path: Path) -> None:
+    # SQLite says SQLITE_READONLY_DIRECTORY when it cannot create the -shm file beside a database that exists.
+    # `check` printed "cannot read ...: attempt to write a readonly database" and `run` a traceback.
+    from guardrail.errors import DatabaseFileError
+    from guardrail.store_admin import file_errors
+
+    database = tmp_path / "guardrail.db"
+    error = sqlite3.OperationalError("attempt to write a readonly database")
+    error.sqlite_errorname = "SQLITE_READONLY_DIRECTORY"
+    with pytest.raises(DatabaseFileError) as caught, file_errors(database):
+        raise error
+    assert str(caught.value).startswith(
+        f"{database} cannot be written: attempt to write a readonly database (SQLITE_READONLY_DIRECTORY);"
+        " check that this user may read and write it and its folder, where SQLite creates guardrail.db-wal"
+    )
+
+
 def _damaged_pages(database: Path) -> None:
     """Write a guardrail database with rows, then overwrite all but its first quarter, where the schema is."""
     with closing(sqlite3.connect(database)) as connection:
