@@ -173,7 +173,8 @@ class Config:
     unset_variables: tuple[UnsetVariable, ...] = ()
 
 
-def _is_address(text: str) -> bool:
+def is_address(text: str) -> bool:
+    """Return True for an email address that mail can be sent to: a local part, one @ and a domain name."""
     local, at, domain = text.rpartition("@")
     if not (at and local) or "@" in local:
         return False
@@ -228,7 +229,7 @@ def load_config(path: Path | str, *, require_secrets: bool = True) -> Config:
 
     first_domain = sorted(smtp.local_domains)[0] if smtp.local_domains else smtp.hostname
     owner = postmaster.string("owner", required=True) or ""
-    if owner and not _is_address(owner):
+    if owner and not is_address(owner):
         postmaster.fail("owner", owner, "an email address such as ops@example.com")
 
     config = Config(
@@ -393,7 +394,7 @@ def _load_smtp(table: Table, base: Path) -> SmtpSettings:
     errors_before = len(table.errors)
     inboxes = [address.lower() for address in table.strings("inboxes")]
     for address in inboxes:
-        if not _is_address(address):
+        if not is_address(address):
             table.fail("inboxes", address, "an email address such as support@example.com")
     domains = [domain.lower().strip(".") for domain in table.strings("inbox_domains")]
     for domain in domains:
@@ -401,7 +402,7 @@ def _load_smtp(table: Table, base: Path) -> SmtpSettings:
             table.fail("inbox_domains", domain, "a domain name such as example.com")
     # Invalid entries are reported above, and must not reach the default
     # return path, which is built from the first inbox domain.
-    inboxes = [address for address in inboxes if _is_address(address)]
+    inboxes = [address for address in inboxes if is_address(address)]
     domains = [domain for domain in domains if _is_mail_domain(domain)]
     if not inboxes and not domains and len(table.errors) == errors_before:
         table.problem("inboxes", "missing; list at least one address we accept mail for, such as support@example.com")
@@ -519,7 +520,7 @@ def _listen_address(table: Table) -> str:
 def _load_delivery(table: Table, default_return_path: str) -> DeliverySettings:
     errors_before = len(table.errors)
     return_path = table.string("return_path", default_return_path) or default_return_path
-    if not _is_address(return_path):
+    if not is_address(return_path):
         table.fail("return_path", return_path, "an email address")
     settings = DeliverySettings(
         retry_initial=table.duration("retry_initial", timedelta(seconds=30)),

@@ -23,6 +23,7 @@ from .business_hours import (
     next_open_interval,
     utc_calendar,
 )
+from .config import is_address
 from .errors import ConfigError, ConfigErrors
 from .locales import is_supported_language, write_to
 from .rules_sla import (
@@ -317,7 +318,7 @@ def _load_settings(
         if top.has("staff"):
             staff = top.table("staff")
             for index, address in enumerate(staff.strings("addresses")):
-                if address.count("@") != 1 or not address.strip().partition("@")[2]:
+                if not is_address(address.strip()):
                     staff.fail(f"addresses[{index}]", address, "an email address such as ann@example.com")
                 addresses.add(address.strip().lower())
             for index, domain in enumerate(staff.strings("domains")):
@@ -429,8 +430,8 @@ def _load_members(table: Table) -> tuple[Member, ...]:
         member_table = Table(table.path, item, table.key(f"members[{index}]"), table.errors)
         member_name = member_table.string("name", required=True)
         address = member_table.string("address", required=True)
-        if address is not None and "@" not in address:
-            member_table.fail("address", address, "an email address")
+        if address is not None and not is_address(address):
+            member_table.fail("address", address, "an email address such as ann@example.com")
         member_table.finish()
         if member_name and address:
             members.append(Member(member_name, address.lower()))
@@ -502,7 +503,7 @@ def _load_destination(table: Table, base: Path) -> Destination | None:
         folder = spec.local_path("maildir", base)
         return Destination("maildir", maildir=str(folder)) if folder is not None else None
     addresses = [smtp] if isinstance(smtp, str) else smtp
-    if not isinstance(addresses, list) or not addresses or not all(isinstance(a, str) and "@" in a for a in addresses):
+    if not isinstance(addresses, list) or not addresses or not all(isinstance(a, str) and is_address(a) for a in addresses):
         spec.fail("smtp", smtp, "an email address or a list of email addresses")
         return None
     return Destination("smtp", addresses=tuple(address.lower() for address in addresses))

@@ -14,6 +14,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .business_hours import ALWAYS_OPEN, DAYS, Calendar, Window, parse_window
+from .config import is_address
 from .locales import is_supported_language
 from .tomlcheck import MAX_DURATION, MAX_DURATION_TEXT, Table, parse_duration
 
@@ -83,8 +84,8 @@ def load_human(table: Table, name_key: str = "name", address_key: str = "address
     errors_before = len(table.errors)
     name = table.string(name_key)
     address = table.string(address_key)
-    if address is not None and "@" not in address:
-        table.fail(address_key, address, "an email address")
+    if address is not None and not is_address(address):
+        table.fail(address_key, address, "an email address such as dana@example.com")
     if len(table.errors) > errors_before:
         return None
     if name and address:

@@ -1022,7 +1022,7 @@ default = true
     path = tmp_path / "rules" / "rules.toml"
     assert errors == [
         f"{path}: team[0] (support).escalation[1].webhook.url: invalid value 'ftp://hooks.example.org/x'; expected an http:// or https:// URL",
-        f"{path}: team[0] (support).escalation[2].address: invalid value 'not an address'; expected an email address",
+        f"{path}: team[0] (support).escalation[2].address: invalid value 'not an address'; expected an email address such as dana@example.com",
     ]
 
 
@@ -1203,6 +1203,29 @@ BILLING_CONDITION = '{ subject.contains = "invoice" }'
 ])
 def test_rule_value_that_cannot_work(tmp_path: Path, rules: str, expected: str) -> None:
     assert rule_errors(tmp_path, rules) == [f"{tmp_path / 'rules' / 'rules.toml'}: {expected}"]
+
+
+# Each place in the rules that names a person or a mailbox, as (text with ADDRESS, the key an error names).
+RULE_ADDRESSES = [
+    (TEAMS.replace('"sam@example.org"', '"ADDRESS"') + ROUTES, "team[0] (support).members[0].address"),
+    (TEAMS.replace('{ maildir = "var/maildir/support" }', '{ smtp = ["ADDRESS"] }') + ROUTES, "team[0] (support).destination.smtp"),
+    (TEAMS.replace('members = [{ name = "Sam Ortiz", address = "sam@example.org" }]',
+                   'escalation = [{ after = "0m", name = "Sam Ortiz", address = "ADDRESS" }]') + ROUTES,
+     "team[0] (support).escalation[0].address"),
+    (TEAMS.replace('members = [{ name = "Sam Ortiz", address = "sam@example.org" }]',
+                   'escalation_contact = { name = "Dana Duty", address = "ADDRESS" }') + ROUTES,
+     "team[0] (support).escalation_contact.address"),
+]
+
+
+@pytest.mark.parametrize("address", ["sam@", "@example.org", "sam ortiz@example.org", "sam@example..org", "sam@exa mple.org"])
+@pytest.mark.parametrize(("rules", "key"), RULE_ADDRESSES, ids=["member", "smtp-destination", "escalation", "escalation-contact"])
+def test_rule_address_that_mail_cannot_reach(tmp_path: Path, rules: str, key: str, address: str) -> None:
+    # A typo in an escalation address would otherwise show only when the escalation is due, as a failed delivery.
+    errors = rule_errors(tmp_path, rules.replace("ADDRESS", address))
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{tmp_path / 'rules' / 'rules.toml'}: {key}: invalid value ")
+    assert "expected an email address" in errors[0]
 
 
 def test_check_warns_maildir_is_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
