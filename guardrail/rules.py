@@ -228,10 +228,15 @@ def load_rules(
     digest = hashlib.sha256()
     entries: dict[str, list[Table]] = {"team": [], "route": [], "calendar": [], "template": []}
     settings: list[Table] = []
+    # A team, calendar or template in a file that did not parse is still named elsewhere, so names
+    # that no file defines are reported only when every file was read: "team 'support' does not
+    # exist" is wrong after a typo in the file that defines it.
+    every_file_read = True
     for path in files:
         raw = read_file(path, errors)
         data = parse_toml(path, raw, errors) if raw is not None else None
         if raw is None or data is None:
+            every_file_read = False
             continue
         digest.update(path.name.encode() + b"\0" + raw + b"\0")
         top = Table(path, data, "", errors)
@@ -255,9 +260,13 @@ def load_rules(
         templates[template.name][template.language] = template
 
     fallback, horizon, staff_addresses, staff_domains, authserv_id, authserv_peers = _load_settings(settings)
-    teams = _by_name(entries["team"], lambda table: _load_team(table, base, calendars, templates, fallback, today), "team")
+    teams = _by_name(
+        entries["team"], lambda table: _load_team(table, base, calendars, templates, fallback, today, every_file_read), "team",
+    )
     unreadable = bool(errors)
-    routes, shadow_routes = _load_routes(entries["route"], teams, errors, directory, today, check_default=not unreadable)
+    routes, shadow_routes = _load_routes(
+        entries["route"], teams, errors, directory, today, check_default=not unreadable, check_names=every_file_read,
+    )
     if errors:
         raise ConfigErrors(errors)
 
@@ -361,13 +370,14 @@ def _load_team(
     templates: dict[str, dict[str, Template]],
     fallback: Human | None,
     today: date,
+    check_names: bool = True,
 ) -> Team | None:
     name = table.string("name", required=True)
     if name:
         table.prefix = f"{table.prefix} ({name})"
     destination = _load_destination(table, base)
     members = _load_members(table)
-    calendar = _team_calendar(table, calendars)
+    calendar = _team_calendar(table, calendars, check_names)
     first_response = table.duration("first_response", timedelta(hours=4))
     _check_reachable(table, first_response, calendar, today)
     language = (table.string("language", "en") or "en").lower()
@@ -383,8 +393,9 @@ def _load_team(
 
     team_templates = templates.get(template_name, {})
     if not team_templates:
-        known = ", ".join(sorted(templates)) or "none"
-        table.problem("template", f"template {template_name!r} does not exist; defined templates: {known}")
+        if check_names:
+            known = ", ".join(sorted(templates)) or "none"
+            table.problem("template", f"template {template_name!r} does not exist; defined templates: {known}")
     elif not is_supported_language(language):
         table.fail("language", language, LANGUAGE_EXPECTED)
     elif language not in team_templates:
@@ -457,11 +468,13 @@ def _check_reachable(table: Table, first_response: timedelta, calendar: Calendar
         )
 
 
-def _team_calendar(table: Table, calendars: dict[str, Calendar]) -> Calendar:
+def _team_calendar(table: Table, calendars: dict[str, Calendar], check_names: bool = True) -> Calendar:
     calendar_name = table.string("calendar")
     if calendar_name is None:
         return utc_calendar()
     if calendar_name not in calendars:
+        if not check_names:
+            return utc_calendar()
         known = ", ".join(sorted(calendars)) or "none"
         table.problem("calendar", f"calendar {calendar_name!r} does not exist; defined calendars: {known}")
         return utc_calendar()
@@ -517,13 +530,14 @@ def _load_routes(
     today: date,
     *,
     check_default: bool,
+    check_names: bool = True,
 ) -> tuple[list[Route], list[tuple[int, Route]]]:
     routes: list[Route] = []
     defaults: list[Route] = []
     shadows: list[tuple[int, Route]] = []
     names: set[str] = set()
     for table in entries:
-        route = _load_route(table, teams, today)
+        route = _load_route(table, teams, today, check_names)
         if route is None:
             continue
         if route.name in names:
@@ -545,12 +559,12 @@ def _load_routes(
     return routes + defaults[:1], shadows
 
 
-def _load_route(table: Table, teams: dict[str, Team], today: date) -> Route | None:
+def _load_route(table: Table, teams: dict[str, Team], today: date, check_names: bool = True) -> Route | None:
     name = table.string("name", required=True)
     if name:
         table.prefix = f"{table.prefix} ({name})"
     team = table.string("team", required=True)
-    if team is not None and team not in teams:
+    if team is not None and team not in teams and check_names:
         known = ", ".join(sorted(teams)) or "none"
         table.problem("team", f"team {team!r} does not exist; defined teams: {known}")
     is_default = table.boolean("default", False)

@@ -1228,6 +1228,26 @@ def test_rule_address_that_mail_cannot_reach(tmp_path: Path, rules: str, key: st
     assert "expected an email address" in errors[0]
 
 
+def test_file_that_does_not_parse_hides_no_name_that_it_defines(tmp_path: Path) -> None:
+    # An unclosed quote in the teams file used to bring one "does not exist" error per route, calendar
+    # and template that named something defined in that file.
+    folder = rules_folder(tmp_path, ROUTES)
+    (folder / "10-teams.toml").write_text(TEAMS.replace('name = "billing"', 'name = "billing') + 'calendar = "office"\n')
+    (folder / "05-calendars.toml").write_text('[[calendar]]\nname = "office"\ntimezone = "UTC"\nhours = "24x7\n')
+    with pytest.raises(ConfigErrors) as caught:
+        load_rules(folder, tmp_path)
+
+    assert [(Path(error.path).name, error.line) for error in caught.value.errors] == [("05-calendars.toml", 4), ("10-teams.toml", 8)]
+    assert all("invalid TOML" in error.problem for error in caught.value.errors)
+
+
+def test_name_that_no_file_defines_is_still_an_error(tmp_path: Path) -> None:
+    errors = rule_errors(tmp_path, TEAMS + ROUTES.replace('team = "billing"', 'team = "billling"'))
+    assert errors == [
+        f"{tmp_path / 'rules' / 'rules.toml'}: route[0] (billing).team: team 'billling' does not exist; defined teams: billing, support",
+    ]
+
+
 def test_check_warns_maildir_is_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "taken").write_text("a file where the support maildir should be")
     config = write_config(tmp_path, rules=TEAMS.replace('"var/maildir/support"', f'"{tmp_path / "taken"}"', 1) + ROUTES)
