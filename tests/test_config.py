@@ -1248,6 +1248,22 @@ def test_name_that_no_file_defines_is_still_an_error(tmp_path: Path) -> None:
     ]
 
 
+def test_check_warns_of_a_route_recipient_that_intake_rejects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A route for a new inbox whose address was not added to [smtp] inboxes: its mail gets 550.
+    rules = TEAMS + ROUTES.replace('{ rcpt.is = "billing@example.org" }', '{ all = [{ rcpt.is = ["billing@example.org", "sales@example.org"] }] }')
+    config = write_config(tmp_path, rules=rules)
+    main(["inspect", "--config", str(config), "--by", "Dana Duty", "--note", "reviewed"])
+    capsys.readouterr()
+
+    assert main(["check", "--config", str(config)]) == 1
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {tmp_path / 'rules' / 'rules.toml'}: route[0] (billing).any[0].all[0].rcpt.is: 'sales@example.org' is not"
+        " an address that [smtp] inboxes or inbox_domains accept, so the daemon rejects mail to it with 550 and this"
+        " condition never matches; add it to [smtp] inboxes, or correct it",
+    ]
+
+
 def test_check_warns_maildir_is_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "taken").write_text("a file where the support maildir should be")
     config = write_config(tmp_path, rules=TEAMS.replace('"var/maildir/support"', f'"{tmp_path / "taken"}"', 1) + ROUTES)
