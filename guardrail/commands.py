@@ -356,6 +356,17 @@ def reload(arguments: argparse.Namespace) -> int:
         print(f"error: no process {pid} (from {path}); the daemon is not running", file=sys.stderr)
         return EXIT_FAILURE
     print(f"rules {rules.digest[:12]} are valid; sent SIGHUP to guardrail (pid {pid})")
+    # The daemon writes its pid file when it starts, so a config file changed later holds settings it has not read.
+    try:
+        changed = arguments.config.stat().st_mtime > path.stat().st_mtime
+    except OSError:
+        changed = False
+    if changed:
+        print(
+            f"note: {arguments.config} changed after the daemon started; a reload reads only the rules and the"
+            " TLS certificate, so restart the daemon to apply the other settings",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 

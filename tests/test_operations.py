@@ -1337,6 +1337,35 @@ def test_reload_command_validates_then_signals(tmp_path: Path, capsys: pytest.Ca
         kill_if_running(process)
 
 
+def test_reload_says_when_the_config_changed_after_the_daemon_started(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Only the rules and the TLS certificate are read again: an operator who edited the port and reloaded
+    # was told that all went well, and the daemon went on with the old port.
+    port = free_port()
+    config = write_config(tmp_path, smtp={"port": port})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guardrail", "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    pid_path = tmp_path / "var" / "guardrail.pid"
+    try:
+        wait_for_pid(pid_path, process)
+        started = pid_path.stat().st_mtime
+        os.utime(config, (started - 10, started - 10))
+        assert main(["reload", "--config", str(config)]) == 0
+        assert "note:" not in capsys.readouterr().err
+
+        config.write_text(config.read_text().replace(f"port = {port}", f"port = {free_port()}", 1))
+        os.utime(config, (started + 10, started + 10))
+        assert main(["reload", "--config", str(config)]) == 0
+        output = capsys.readouterr()
+        assert f"sent SIGHUP to guardrail (pid {process.pid})" in output.out
+        assert output.err == (
+            f"note: {config} changed after the daemon started; a reload reads only the rules and the TLS certificate,"
+            " so restart the daemon to apply the other settings\n"
+        )
+    finally:
+        kill_if_running(process)
+
+
 UNSET_SECRETS = {
     "http": {"token_env": "GUARDRAIL_TEST_UNSET_TOKEN"},
     "smarthost": {"host": "127.0.0.1", "password_env": "GUARDRAIL_TEST_UNSET_PASSWORD"},
