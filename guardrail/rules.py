@@ -536,6 +536,7 @@ def _load_routes(
     defaults: list[Route] = []
     shadows: list[tuple[int, Route]] = []
     names: set[str] = set()
+    errors_before = len(errors)
     for table in entries:
         route = _load_route(table, teams, today, check_names)
         if route is None:
@@ -551,8 +552,8 @@ def _load_routes(
         else:
             (defaults if route.is_default else routes).append(route)
 
-    # A file that did not parse may contain the default route, so report nothing then.
-    if check_default and not defaults and entries:
+    # A file that did not parse, or a route with an error, may hold the default route, so report nothing then.
+    if check_default and not defaults and entries and len(errors) == errors_before:
         errors.append(ConfigError(entries[-1].path, "route", "no default route; add a [[route]] with default = true"))
     if check_default and not entries:
         errors.append(ConfigError(directory, "route", "no routes defined; add at least a [[route]] with default = true"))
@@ -568,6 +569,8 @@ def _load_route(table: Table, teams: dict[str, Team], today: date, check_names: 
         known = ", ".join(sorted(teams)) or "none"
         table.problem("team", f"team {team!r} does not exist; defined teams: {known}")
     is_default = table.boolean("default", False)
+    # A value such as default = "true" is an error of its own; whether the route needs conditions is unknown then.
+    default_invalid = table.has("default") and not isinstance(table.raw("default"), bool)
     first_response = table.duration("first_response", timedelta(0)) if table.has("first_response") else None
     if first_response and team in teams:
         _check_reachable(table, first_response, teams[team].calendar, today)
@@ -581,7 +584,7 @@ def _load_route(table: Table, teams: dict[str, Team], today: date, check_names: 
         table.problem("mode", "the default route cannot be a shadow route; shadow a route with conditions")
     if is_default and (all_conditions or any_conditions):
         table.problem("default", "a default route matches everything, so it cannot have all or any conditions")
-    if not is_default and not (table.has("all") or table.has("any")):
+    if not is_default and not default_invalid and not (table.has("all") or table.has("any")):
         table.problem("", "route has no conditions; add all = [...] or any = [...], or set default = true")
     if not name or team is None:
         return None

@@ -1241,6 +1241,14 @@ def test_file_that_does_not_parse_hides_no_name_that_it_defines(tmp_path: Path) 
     assert all("invalid TOML" in error.problem for error in caught.value.errors)
 
 
+def test_default_route_with_a_quoted_value_gets_one_error(tmp_path: Path) -> None:
+    # default = "true" used to bring "route has no conditions" and "no default route" as well.
+    errors = rule_errors(tmp_path, TEAMS + ROUTES.replace("default = true", 'default = "true"'))
+    assert errors == [
+        f"{tmp_path / 'rules' / 'rules.toml'}: route[1] (default).default: invalid value 'true'; expected true or false",
+    ]
+
+
 def test_name_that_no_file_defines_is_still_an_error(tmp_path: Path) -> None:
     errors = rule_errors(tmp_path, TEAMS + ROUTES.replace('team = "billing"', 'team = "billling"'))
     assert errors == [
