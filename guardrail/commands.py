@@ -31,6 +31,7 @@ from .prepare import (
     prepare_message,
 )
 from .rules import Condition, Route, RuleSet, load_rules
+from .storage import free_bytes, storage_problem
 from .tomlcheck import MAX_DURATION, MAX_DURATION_TEXT, parse_duration, read_toml
 
 EXIT_OK = 0
@@ -74,6 +75,24 @@ def storage_warnings(config: Config) -> list[Finding]:
         f"database.min_free_space: {config.min_free_space // mib} MiB is less than three times smtp.max_message_size"
         f" ({config.smtp.max_message_size // mib} MiB), so a message sent without SIZE can fill the disk;"
         f" set it to at least \"{-(-needed // mib)}MiB\"",
+    )]
+
+
+def free_space_warnings(config: Config) -> list[Finding]:
+    """Return a warning when the database's file system has less free space than MAIL requires, so that every MAIL gets 452."""
+    folder = config.database_path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # The daemon creates the missing folders on this file system.
+    try:
+        problem = storage_problem(free_bytes(folder), config.min_free_space)
+    except OSError:
+        return []
+    if problem is None:
+        return []
+    return [Finding(
+        "warning", str(config.path),
+        f"database.min_free_space: {problem}, so the daemon would answer 452 4.3.1 to every MAIL;"
+        " free some space there, or set a lower min_free_space",
     )]
 
 
@@ -186,7 +205,7 @@ def check(arguments: argparse.Namespace) -> int:
         errors += problems.errors
         config = None
     else:
-        findings += _unset_variable_warnings(config) + storage_warnings(config)
+        findings += _unset_variable_warnings(config) + storage_warnings(config) + free_space_warnings(config)
     # The rules are checked even when the config has errors, so one run lists every problem.
     folder = config.rules_dir if config is not None else _rules_folder(arguments.config)
     if folder is not None:

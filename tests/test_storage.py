@@ -149,3 +149,16 @@ def test_check_warns_of_small_free_space(tmp_path: Path, capsys: pytest.CaptureF
 def test_check_accepts_default_free_space(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main(["check", "--config", str(write_config(tmp_path))])
     assert "min_free_space" not in capsys.readouterr().err
+
+
+def test_check_warns_when_the_disk_has_less_than_min_free_space(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The daemon started on such a disk and answered 452 to every MAIL, while check said nothing.
+    database = tmp_path / "not yet" / "made" / "guardrail.db"
+    config = write_config(tmp_path, sections={"database": {"path": str(database), "min_free_space": "100000000GiB"}})
+    main(["check", "--config", str(config)])
+    lines = capsys.readouterr().err.splitlines()
+    warnings = [line for line in lines if "so the daemon would answer 452 4.3.1 to every MAIL" in line]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"warning: {config}: database.min_free_space: ")
+    assert "MiB free on the database's file system, less than 102400000000.0 MiB (database.min_free_space)" in warnings[0]
+    assert not database.parent.exists()
