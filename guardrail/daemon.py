@@ -30,6 +30,7 @@ from .errors import ConfigErrors, StorageError
 from .escalation import LevelTarget, Sender, current_level, next_escalation
 from .http import HttpListener, build_app, serve_http
 from .intake import REPLY_SHUTTING_DOWN, ConnectionTracker, GuardrailSMTP, IntakeHandler
+from .maildir import unwritable_part
 from .metrics import Metrics
 from .offload import ParseProcesses
 from .prepare import Site
@@ -236,6 +237,24 @@ class Daemon:
             "daemon_started", listen=config.smtp.listen, port=self.port, database=str(config.database_path),
             rules=self.rules.digest[:12], routes=len(self.rules.routes), teams=len(self.rules.teams),
         )
+        self._log_unwritable_maildirs(self.rules)
+
+    def _log_unwritable_maildirs(self, rules: RuleSet) -> None:
+        """Log an error for each maildir that this user may not write: deliveries to it would only be retried."""
+        folders = [
+            (f"team {team.name}", Path(team.destination.maildir)) for team in rules.teams.values()
+            if team.destination is not None and team.destination.kind == "maildir"
+        ]
+        if self.config.smarthost is None:
+            folders.append(("outbound.maildir", self.config.outbound_maildir))
+        for owner, folder in folders:
+            part = unwritable_part(folder)
+            if part is not None:
+                log.error(
+                    "maildir_not_writable", destination=owner, folder=str(folder), cannot_write=str(part),
+                    detail="every delivery to it fails and is retried until [delivery] give_up_after;"
+                    " give the daemon's user write access to it, or name another folder",
+                )
 
     def is_idle(self) -> bool:
         """Return True when no delivery attempt is running (for tests and shutdown)."""
@@ -284,6 +303,7 @@ class Daemon:
         self.metrics.reloads.labels("succeeded").inc()
         self.metrics.set_rules(rules.digest)
         log.info("rules_reloaded", rules=rules.digest[:12], routes=len(rules.routes), teams=len(rules.teams))
+        self._log_unwritable_maildirs(rules)
         return True
 
     def _start_rescheduling(self, rules: RuleSet, *, unless_current: bool = False) -> None:

@@ -138,3 +138,21 @@ def _file_error(folder: Path, error: Exception) -> Exception:
         # Ops can fix a folder, so the row waits for a retry.
         return TemporaryDeliveryError(f"writing to maildir {folder} failed: {error}")
     return error
+
+
+def unwritable_part(folder: Path) -> Path | None:
+    """Return the part of maildir `folder` that this process may not write, or None when a delivery could write it.
+
+    That is tmp/ or new/ when they exist, else the folder itself when it
+    exists, else the nearest folder above it, in which the first delivery
+    creates it. Without effective ids (not on Linux) the real ids decide.
+    """
+    if folder.is_dir():
+        parts = [part for part in (folder / "tmp", folder / "new") if part.exists()] or [folder]
+    else:
+        existing = folder.parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        parts = [existing]
+    effective = os.access in os.supports_effective_ids
+    return next((part for part in parts if not os.access(part, os.W_OK | os.X_OK, effective_ids=effective)), None)

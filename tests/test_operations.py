@@ -825,6 +825,55 @@ def test_run_refuses_a_database_that_its_user_may_not_write(read_only: str, expe
         assert "Traceback" not in output
 
 
+def test_maildir_part_that_the_daemon_user_may_not_write() -> None:
+    from guardrail.maildir import unwritable_part
+
+    with _shared_folder() as shared:
+        closed = shared / "closed"
+        closed.mkdir(mode=0o555)
+        closed.chmod(0o555)
+        open_ = shared / "open"
+        (open_ / "ready" / "new").mkdir(parents=True)
+        (open_ / "ready" / "tmp").mkdir()
+        (open_ / "locked" / "new").mkdir(parents=True)
+        for path in [open_, *open_.rglob("*")]:
+            path.chmod(0o777)
+        (open_ / "locked" / "new").chmod(0o555)
+        folders = {
+            "missing under a closed folder": closed / "maildir" / "support",
+            "closed": closed,
+            "new/ closed": open_ / "locked",
+            "ready": open_ / "ready",
+            "missing under an open folder": open_ / "later" / "support",
+        }
+        output = _in_unprivileged_process(lambda: repr({name: str(unwritable_part(folder)) for name, folder in folders.items()}))
+
+    assert output == repr({
+        "missing under a closed folder": str(closed),
+        "closed": str(closed),
+        "new/ closed": str(open_ / "locked" / "new"),
+        "ready": "None",
+        "missing under an open folder": "None",
+    })
+
+
+async def test_daemon_logs_a_maildir_it_may_not_write(tmp_path: Path, start_daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under systemd, a maildir left relative to the read-only /etc/guardrail failed every delivery
+    # for give_up_after (5 days) with nothing at start to say so.
+    import guardrail.daemon
+
+    support = tmp_path / "var" / "maildir" / "support"
+    monkeypatch.setattr(guardrail.daemon, "unwritable_part", lambda folder: folder.parent if folder == support else None)
+    with capture_logs() as events:
+        daemon = await start_daemon(write_config(tmp_path))
+        assert daemon.reload()
+    errors = [event for event in events if event["event"] == "maildir_not_writable"]
+    assert [(event["destination"], event["folder"], event["cannot_write"]) for event in errors] == [
+        ("team support", str(support), str(support.parent)),
+    ] * 2
+    assert "retried until [delivery] give_up_after" in errors[0]["detail"]
+
+
 def test_readonly_sqlite_error_names_the_file(tmp_path: Path) -> None:
     # SQLite says SQLITE_READONLY_DIRECTORY when it cannot create the -shm file beside a database that exists.
     # `check` printed "cannot read ...: attempt to write a readonly database" and `run` a traceback.
