@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from .backtracking import find_backtracking, find_slow_search
+from .prepare import Site, is_accepted_recipient
 from .rules import ADDRESS_FIELDS, Condition, Route, RuleSet, unstaffed_reason
 
 SHIPPED_LANGUAGES = ("en", "fr", "de", "es")
@@ -125,22 +126,51 @@ def _route_key(route: Route) -> str:
     return route.key or f"route ({route.name})"
 
 
+def recipient_warnings(rules: RuleSet, site: Site) -> list[Finding]:
+    """Return a warning for each `rcpt.is` address of a route that intake rejects with 550.
+
+    Such a condition never matches: the address was left out of `[smtp] inboxes`, or misspelt.
+    """
+    findings = []
+    for route in [*rules.routes, *(route for _, route in rules.shadow_routes)]:
+        for key, condition in leaf_conditions(route):
+            if condition.field != "rcpt" or condition.operator != "is":
+                continue
+            for address in condition.values:
+                if not is_accepted_recipient(address, site):
+                    findings.append(Finding(
+                        "warning", route.source or f"route {route.name}",
+                        f"{_route_key(route)}.{key}: {address!r} is not an address that [smtp] inboxes"
+                        " or inbox_domains accept, so the daemon rejects mail to it with 550 and this condition never"
+                        " matches; add it to [smtp] inboxes, or correct it",
+                    ))
+    return findings
+
+
 def _regex_conditions(route: Route) -> Iterator[tuple[str, Condition]]:
     """Yield each regex condition of `route` with its key as the rules file spells it, such as all[1].any[0].subject.regex."""
+    return ((key, condition) for key, condition in leaf_conditions(route) if condition.operator == "regex")
+
+
+def leaf_conditions(route: Route) -> Iterator[tuple[str, Condition]]:
+    """Yield each condition of `route` that tests a field, inside all, any and not, with its key as the rules file spells it.
+
+    Keys look like all[1].any[0].subject.regex or any[0].header.X-Priority.is.
+    """
     for name, conditions in (("all", route.all), ("any", route.any)):
         for index, condition in enumerate(conditions):
-            yield from _regex_leaves(condition, f"{name}[{index}]")
+            yield from _leaves(condition, f"{name}[{index}]")
 
 
-def _regex_leaves(condition: Condition, key: str) -> Iterator[tuple[str, Condition]]:
+def _leaves(condition: Condition, key: str) -> Iterator[tuple[str, Condition]]:
     if condition.field in ("all", "any"):
         for index, child in enumerate(condition.children):
-            yield from _regex_leaves(child, f"{key}.{condition.field}[{index}]")
+            yield from _leaves(child, f"{key}.{condition.field}[{index}]")
     elif condition.field == "not":
-        yield from _regex_leaves(condition.children[0], f"{key}.not")
-    elif condition.operator == "regex":
+        yield from _leaves(condition.children[0], f"{key}.not")
+    else:
         field = f"header.{condition.header_name}" if condition.field == "header" else condition.field
-        yield f"{key}.{field}.regex", condition
+        yield f"{key}.{field}.{condition.operator}", condition
 
 
 def implies(first: Condition, second: Condition) -> bool:

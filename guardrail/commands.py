@@ -10,12 +10,11 @@ import signal
 import sqlite3
 import statistics
 import sys
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import pidfile, store_admin
-from .checks import Finding, check_rules, removed_team_findings
+from .checks import Finding, check_rules, recipient_warnings, removed_team_findings
 from .clock import parse_instant
 from .config import Config, load_config
 from .errors import ConfigError, ConfigErrors, DatabaseFileError
@@ -30,7 +29,7 @@ from .prepare import (
     is_accepted_recipient,
     prepare_message,
 )
-from .rules import Condition, Route, RuleSet, load_rules
+from .rules import RuleSet, load_rules
 from .storage import free_bytes, storage_problem
 from .tomlcheck import MAX_DURATION, MAX_DURATION_TEXT, parse_duration, read_toml
 
@@ -115,41 +114,6 @@ def maildir_warnings(rules: RuleSet) -> list[Finding]:
                 f"destination.maildir: {folder} exists and is not a folder, so no delivery to it can succeed; name a folder",
             ))
     return findings
-
-
-def recipient_warnings(rules: RuleSet, site: Site) -> list[Finding]:
-    """Return a warning for each `rcpt.is` address of a route that intake rejects with 550.
-
-    Such a condition never matches: the address was left out of `[smtp] inboxes`, or misspelt.
-    """
-    findings = []
-    for route in [*rules.routes, *(route for _, route in rules.shadow_routes)]:
-        for key, condition in _rcpt_conditions(route):
-            for address in condition.values:
-                if not is_accepted_recipient(address, site):
-                    findings.append(Finding(
-                        "warning", route.source or f"route {route.name}",
-                        f"{route.key or f'route ({route.name})'}.{key}: {address!r} is not an address that [smtp] inboxes"
-                        " or inbox_domains accept, so the daemon rejects mail to it with 550 and this condition never"
-                        " matches; add it to [smtp] inboxes, or correct it",
-                    ))
-    return findings
-
-
-def _rcpt_conditions(route: Route) -> Iterator[tuple[str, Condition]]:
-    """Yield each `rcpt.is` condition of `route` with its key as the rules file spells it, such as any[0].rcpt.is."""
-    def leaves(condition: Condition, key: str) -> Iterator[tuple[str, Condition]]:
-        if condition.field in ("all", "any"):
-            for index, child in enumerate(condition.children):
-                yield from leaves(child, f"{key}.{condition.field}[{index}]")
-        elif condition.field == "not":
-            yield from leaves(condition.children[0], f"{key}.not")
-        elif condition.field == "rcpt" and condition.operator == "is":
-            yield f"{key}.rcpt.is", condition
-
-    for name, conditions in (("all", route.all), ("any", route.any)):
-        for index, condition in enumerate(conditions):
-            yield from leaves(condition, f"{name}[{index}]")
 
 
 def pid_file(config: Config) -> Path:
