@@ -29,7 +29,7 @@ from .escalation import UNROUTED_REASON
 from .message import ATOM
 from .metrics import Metrics
 from .offload import ParseProcesses, ParseStalled
-from .plan import Submission
+from .plan import MOVED_TEAM_REMOVED, Submission
 from .prepare import (
     BareLineEnding,
     Site,
@@ -845,7 +845,9 @@ class IntakeHandler:
         if submission.staff_unverified:
             log.warning("staff_sender_not_verified", reason=submission.staff_unverified)
         if outcome.moved_from:
-            log.warning("conversation_team_changed", from_team=outcome.moved_from, reason="team removed from the rules")
+            # A removed team is a rules change to look into; the other reason is the rules at work.
+            level = log.warning if outcome.move_reason == MOVED_TEAM_REMOVED else log.info
+            level("conversation_team_changed", from_team=outcome.moved_from, reason=outcome.move_reason)
         self.metrics.messages_accepted.labels(outcome.disposition).inc()
         self.metrics.messages_routed.labels(outcome.route or "none").inc()
         if outcome.ack_decision == "sent":

@@ -206,7 +206,8 @@ class Plan:
     answers: bool = False
     ack_decision: str = ""  # "sent", "suppressed" or "" when none was considered
     ack_signal: str = ""
-    moved_from: str = ""  # the conversation's former team, when it no longer exists in the rules
+    moved_from: str = ""  # the conversation's former team, when the message moves it to `team`
+    move_reason: str = ""  # why it moves: MOVED_TEAM_REMOVED or MOVED_CLOCK_STARTED
     starts_clock: bool = False  # a person wrote to a conversation that needed no reply so far
 
 
@@ -278,21 +279,31 @@ def plan_submission(
     )
 
 
+MOVED_TEAM_REMOVED = "team removed from the rules"
+MOVED_CLOCK_STARTED = "a person's message routed to this team started the clock"
+
+
 def _plan_follow_up(submission: Submission, known: KnownConversation, reason: str) -> Plan:
     """Return the plan of a message that joins `known`.
 
     A follow-up of a conversation whose team was removed from the rules is
     routed as a new message would be, and the conversation moves to that team.
+    So does a person's message that starts the clock of a conversation that
+    machine mail opened, when the rules send it to another team: that team
+    answers people's mail of this kind, and the deadline and escalation
+    chain of the message's own route are the ones that start.
     """
-    moved = is_team_removed(known.team, submission.team_names)
+    starts_clock = known.state == "no_reply_needed" and is_reply_expected(submission) and not submission.is_staff
+    move_reason = ""
+    if is_team_removed(known.team, submission.team_names):
+        move_reason = MOVED_TEAM_REMOVED
+    elif starts_clock and submission.team and submission.team != known.team:
+        move_reason = MOVED_CLOCK_STARTED
     joining = submission.sender_addresses
     route, team, destination = known.route, known.team, known.destination
-    if moved:
+    if move_reason:
         joining = joining | submission.team_members
         route, team, destination = submission.route, submission.team, submission.destination
-    # NOTE: a clock started here uses the deadline and escalation computed for
-    # the message's own route, which differs from the conversation's when the
-    # rules route the follow-up to another team.
     return Plan(
         "loop" if submission.is_loop else "follow_up",
         conversation=known,
@@ -304,8 +315,9 @@ def _plan_follow_up(submission: Submission, known: KnownConversation, reason: st
         answers=known.state == "open" and submission.is_staff and not submission.machine_signal,
         ack_decision="suppressed",
         ack_signal="follow-up in an existing conversation",
-        moved_from=known.team if moved else "",
-        starts_clock=known.state == "no_reply_needed" and is_reply_expected(submission) and not submission.is_staff,
+        moved_from=known.team if move_reason else "",
+        move_reason=move_reason,
+        starts_clock=starts_clock,
     )
 
 

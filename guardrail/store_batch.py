@@ -232,6 +232,7 @@ class Outcome:
     destination: Destination | None = None
     thread_reason: str = ""
     moved_from: str = ""  # the conversation's former team, when the message moved it to `team`
+    move_reason: str = ""
     ack_decision: str = ""
     ack_signal: str = ""
     ack_limit_reached: bool = False  # True only for the first suppression in a window
@@ -456,7 +457,7 @@ class BatchWriter:
         return Outcome(
             plan.disposition, row, conversation_id, conversation.reference if conversation else "",
             plan.team, plan.route, plan.destination, plan.thread_reason, plan.moved_from,
-            ack_decision=plan.ack_decision, ack_signal=plan.ack_signal,
+            move_reason=plan.move_reason, ack_decision=plan.ack_decision, ack_signal=plan.ack_signal,
             ack_limit_reached=plan.ack_signal == RATE_LIMIT_SIGNAL and first_warning,
             ack_problem=ack_problem, answered=plan.answers,
             deadline=change.deadline, escalates_now=change.escalates_now, next_escalation_at=change.next_escalation_at,
@@ -499,7 +500,7 @@ class BatchWriter:
             destination = json.dumps(plan.destination.to_record()) if plan.destination else None
             self.rows["moves"].append((plan.route, plan.team, destination, at, conversation.id))
             change.events.append(("team_changed", {
-                "from": plan.moved_from, "to": plan.team, "route": plan.route, "reason": "team removed from the rules",
+                "from": plan.moved_from, "to": plan.team, "route": plan.route, "reason": plan.move_reason,
             }))
         if plan.participants_added:
             self.rows["participants"].append((json.dumps(sorted(participants)), at, conversation.id))

@@ -334,6 +334,36 @@ async def test_person_joining_machine_mail_starts_clock(tmp_path: Path, start_da
     assert len(escalations(tmp_path)) == 1
 
 
+async def test_person_joining_other_team_machine_mail_moves_it(tmp_path: Path, start_daemon) -> None:
+    # Machine mail goes to ops, whose chain tells Olga; a person's mail goes to support, whose chain tells Lee.
+    ops = team("ops", "paris-24x7", "4h").replace(LEAD, "olga@example.org")
+    routes = '\n[[route]]\nname = "monitoring"\nteam = "ops"\nall = [{ header.Auto-Submitted.is = "auto-generated" }]\n'
+    rules = one_team_rules("support", "paris-24x7", "1h", routes=ops + routes)
+    daemon, clock = await start_at(tmp_path, start_daemon, rules, "2025-11-04T10:00:00Z")
+    await receive(daemon, clock, subject="Nightly backup report", extra_headers="Auto-Submitted: auto-generated\r\n")
+    machine = await daemon.store.fetch_all("SELECT team, state FROM conversations")
+    await move_to(daemon, clock, utc("2025-11-04T10:30:00Z"))
+
+    await receive(daemon, clock, message_id="<m2@example.com>", subject="Re: Nightly backup report",
+                  extra_headers="In-Reply-To: <m1@example.com>\r\n")
+    await move_to(daemon, clock, utc("2025-11-04T11:29:00Z"))
+    early = escalations(tmp_path)
+    await move_to(daemon, clock, utc("2025-11-04T11:30:00Z"))
+
+    assert [tuple(row) for row in machine] == [("ops", "no_reply_needed")]
+    rows = await daemon.store.fetch_all("SELECT team, route, state, deadline FROM conversations")
+    assert [tuple(row) for row in rows] == [("support", "default", "open", stored("2025-11-04T11:30:00Z"))]
+    # The person's message reaches the team that now answers the conversation, and its chain escalates it.
+    assert len(maildir_messages(tmp_path / "var" / "maildir" / "support")) == 1
+    assert len(maildir_messages(tmp_path / "var" / "maildir" / "ops")) == 1
+    assert early == []
+    assert len(escalations(tmp_path)) == 1
+    outbound = [email.message_from_bytes(data) for data in maildir_messages(tmp_path / "var" / "outbound")]
+    assert [mail for mail in outbound if mail["X-Guardrail-Envelope-To"] == "olga@example.org"] == []
+    [(detail,)] = await daemon.store.fetch_all("SELECT detail FROM events WHERE kind = 'team_changed'")
+    assert '"reason": "a person\'s message routed to this team started the clock"' in detail
+
+
 @pytest.mark.parametrize(
     ("span", "text"),
     [
