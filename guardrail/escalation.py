@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from email.utils import format_datetime
@@ -146,7 +147,7 @@ def levels_passed(team: Team | None, rules: RuleSet, fired: list[LevelTarget]) -
     return passed
 
 
-def current_level(team: Team | None, rules: RuleSet, level: int, fired: list[LevelTarget] | tuple[LevelTarget, ...] | None) -> int:
+def current_level(team: Team | None, rules: RuleSet, level: int, fired: Sequence[LevelTarget] | None) -> int:
     """Return how many levels of the team's chain in `rules` count as fired for a conversation stored at `level`.
 
     The stored level counts levels of the chain that was in force when it

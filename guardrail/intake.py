@@ -540,7 +540,7 @@ class GuardrailSMTP(SMTP):
         still stored, and the sender's retry, which got no reply, is stored
         as a duplicate.
         """
-        handling = asyncio.ensure_future(self._call_handler_hook("DATA"))
+        handling = asyncio.get_running_loop().create_task(self._call_handler_hook("DATA"))
         try:
             return await asyncio.shield(handling)
         except asyncio.CancelledError:

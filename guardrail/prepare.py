@@ -246,30 +246,26 @@ def staff_sender(envelope: Envelope, summary: Summary, rules: RuleSet, site: Sit
     """Return whether the sender is staff, whether From is a shared inbox, and why a claim to either was not verified.
 
     A reply written as the shared inbox itself is the team's. Only From
-    counts for both, because a forwarder may put the inbox or an address of
-    its own domain in the envelope sender of every customer's message. With `[staff] authserv_id` set, a
-    claim counts only when that MTA's Authentication-Results header verifies
-    the domain of an address that makes it.
+    names the writer, because a forwarder may put the inbox, or an address
+    of its own domain (SRS), in the envelope sender of every customer's
+    message. With `[staff] authserv_id` set, a claim counts only when that
+    MTA's Authentication-Results header verifies the domain of the address.
     """
     from_inbox = summary.from_address.lower() in site.inboxes
-    # Only From names the writer. A forwarder may rewrite the envelope sender
-    # of a customer's message to its own domain (SRS), a staff domain.
-    claims = [summary.from_address] if summary.from_address and rules.is_staff(summary.from_address) else []
-    if from_inbox:
-        claims.append(summary.from_address)
-    if not claims:
+    claimed = from_inbox or (bool(summary.from_address) and rules.is_staff(summary.from_address))
+    if not claimed:
         return False, False, ""
     if not rules.staff_authserv_id:
         return True, from_inbox, ""
     domains, problem = verified_domains(summary.undecoded_header("authentication-results"), rules.staff_authserv_id)
     if rules.staff_authserv_peers and not peer_in(envelope.peer, rules.staff_authserv_peers):
         domains, problem = frozenset(), f"sent from {envelope.peer or 'an unknown client'}, not from [staff] authserv_peers"
-    if any(is_verified(address, domains) for address in claims):
+    if is_verified(summary.from_address, domains):
         return True, from_inbox, ""
     if problem:
-        return False, False, f"{claims[0]} not verified: {problem}"
+        return False, False, f"{summary.from_address} not verified: {problem}"
     passed = ", ".join(sorted(domains)) if domains else "none"
-    return False, False, f"{rules.staff_authserv_id} did not verify the domain of {claims[0]} (verified: {passed})"
+    return False, False, f"{rules.staff_authserv_id} did not verify the domain of {summary.from_address} (verified: {passed})"
 
 
 def peer_in(peer: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:

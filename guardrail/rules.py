@@ -275,7 +275,8 @@ def load_rules(
     return RuleSet(
         teams, tuple(routes), tuple(files), digest.hexdigest(), needs_body,
         fallback=fallback, unstaffed_horizon=horizon,
-        staff_addresses=members | _escalation_addresses(teams, fallback) | staff_addresses, staff_domains=staff_domains, staff_authserv_id=authserv_id, staff_authserv_peers=authserv_peers,
+        staff_addresses=members | _escalation_addresses(teams, fallback) | staff_addresses,
+        staff_domains=staff_domains, staff_authserv_id=authserv_id, staff_authserv_peers=authserv_peers,
         shadow_routes=tuple(shadow_routes),
     )
 
@@ -473,10 +474,9 @@ def _team_calendar(table: Table, calendars: dict[str, Calendar], check_names: bo
     if calendar_name is None:
         return utc_calendar()
     if calendar_name not in calendars:
-        if not check_names:
-            return utc_calendar()
-        known = ", ".join(sorted(calendars)) or "none"
-        table.problem("calendar", f"calendar {calendar_name!r} does not exist; defined calendars: {known}")
+        if check_names:
+            known = ", ".join(sorted(calendars)) or "none"
+            table.problem("calendar", f"calendar {calendar_name!r} does not exist; defined calendars: {known}")
         return utc_calendar()
     return calendars[calendar_name]
 

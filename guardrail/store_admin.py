@@ -205,13 +205,13 @@ def verify_writable(path: Path, beside: tuple[Path, ...] = ()) -> None:
         except OSError as error:
             if file.is_dir():
                 continue  # The other checks name a directory where a file belongs.
-            which = "it" if file == path else str(file)
+            named = "it" if file == path else str(file)
             try:
                 owner = f", which belongs to {_user(file.stat().st_uid)}"
             except OSError:
                 owner = ""
             raise DatabaseFileError(path, (
-                f"cannot be written: this user ({_user()}) may not write {which} ({error.strerror}){owner};"
+                f"cannot be written: this user ({_user()}) may not write {named} ({error.strerror}){owner};"
                 " change its owner to the daemon's user (a daemon run as root leaves files that only root may write),"
                 " or set [database] path to another file"
             )) from None

@@ -232,7 +232,7 @@ class Outcome:
     destination: Destination | None = None
     thread_reason: str = ""
     moved_from: str = ""  # the conversation's former team, when the message moved it to `team`
-    move_reason: str = ""
+    move_reason: str = ""  # why it moved, as Plan.move_reason gives it
     ack_decision: str = ""
     ack_signal: str = ""
     ack_limit_reached: bool = False  # True only for the first suppression in a window
@@ -791,10 +791,10 @@ class BatchWriter:
         rules the planner follows, as SCHEDULE_RULES. With `only`, the pass
         visits that conversation alone and records no digest.
         """
-        which, parameters = ("id = ?", (only, limit)) if only is not None else ("id > ?", (after, limit))
+        selection, parameters = ("id = ?", (only, limit)) if only is not None else ("id > ?", (after, limit))
         rows = self.db.execute(
             "SELECT id, team, deadline, escalation_level, next_escalation_at FROM conversations"
-            f" WHERE {which} AND state = 'open' AND deadline IS NOT NULL AND escalation_reason = '' ORDER BY id LIMIT ?",
+            f" WHERE {selection} AND state = 'open' AND deadline IS NOT NULL AND escalation_reason = '' ORDER BY id LIMIT ?",
             parameters,
         ).fetchall()
         changes = []
