@@ -339,7 +339,7 @@ def reload(arguments: argparse.Namespace) -> int:
         print(f"error: no process {pid} (from {path}); the daemon is not running", file=sys.stderr)
         return EXIT_FAILURE
     print(f"rules {rules.digest[:12]} are valid; sent SIGHUP to guardrail (pid {pid})")
-    # The daemon writes its pid file when it starts, so a config file changed later holds settings it has not read.
+    # The daemon writes its pid file when it starts, so a config file changed later contains settings it has not read.
     try:
         changed = arguments.config.stat().st_mtime > path.stat().st_mtime
     except OSError:

@@ -330,7 +330,7 @@ def escalation_mail(
     conversation: DueConversation, human: Human, subject: str, text: str, now: datetime, sender: Sender,
     *, zone: tzinfo = UTC,
 ) -> bytes:
-    """Build the mail that tells `human` about `conversation`, with times shown in `zone`, the team's."""
+    """Build the escalation mail about `conversation` to `human`, with times shown in `zone`, the team's."""
     deadline = shown_time(conversation.deadline, zone) if conversation.deadline else "none"
     body = "\n".join([
         f"Hello {human.name},",

@@ -265,8 +265,8 @@ class GuardrailSMTP(SMTP):
             self.transport.abort()
             return
         if self.transport is not None and not self.transport.is_closing():
-            # A client that hears why the connection ends retries the
-            # transaction rather than reporting a broken connection.
+            # The 421 reply tells the client why the connection ends, so its
+            # log shows a timeout rather than a broken connection.
             self.transport.write(REPLY_IDLE_TIMEOUT.encode() + b"\r\n")
             log.info("connection_closed", peer=_peer(self.session), reason="idle timeout")
         super()._timeout_cb()
@@ -657,10 +657,10 @@ class IntakeHandler:
         session.host_name = hostname
         # aiosmtpd lists AUTH once TLS is active, but AUTH is not offered here.
         offered = [line for line in responses[:-1] if not line.startswith("250-AUTH")]
-        # aiosmtpd 1.4.6 reads commands in order from one buffer and answers
-        # each in turn, and the DATA reader hands back the commands sent after
-        # the final dot, so pipelined groups (RFC 2920) work; it only never
-        # lists the keyword.
+        # aiosmtpd 1.4.6 reads commands in order from one buffer and replies
+        # to each in turn, and the DATA reader hands back the commands sent
+        # after the final dot. So pipelined groups (RFC 2920) work, although
+        # aiosmtpd does not list the keyword.
         return [*offered, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str) -> str:

@@ -289,8 +289,8 @@ def _plan_follow_up(submission: Submission, known: KnownConversation, reason: st
     A follow-up of a conversation whose team was removed from the rules is
     routed as a new message would be, and the conversation moves to that team.
     So does a person's message that starts the clock of a conversation that
-    machine mail opened, when the rules send it to another team: that team
-    answers people's mail of this kind, and the deadline and escalation
+    machine mail opened, when the rules send it to another team. That team
+    handles people's mail of this kind, and the deadline and escalation
     chain of the message's own route are the ones that start.
     """
     starts_clock = known.state == "no_reply_needed" and is_reply_expected(submission) and not submission.is_staff

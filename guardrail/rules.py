@@ -228,8 +228,8 @@ def load_rules(
     digest = hashlib.sha256()
     entries: dict[str, list[Table]] = {"team": [], "route": [], "calendar": [], "template": []}
     settings: list[Table] = []
-    # A team, calendar or template in a file that did not parse is still named elsewhere, so names
-    # that no file defines are reported only when every file was read: "team 'support' does not
+    # A team, calendar or template in a file that did not parse is still named elsewhere. So names that
+    # no file defines are reported only when every file was read, because "team 'support' does not
     # exist" is wrong after a typo in the file that defines it.
     every_file_read = True
     for path in files:
@@ -284,8 +284,8 @@ def load_rules(
 def _escalation_addresses(teams: dict[str, Team], fallback: Human | None) -> frozenset[str]:
     """Return the addresses of the humans that escalations go to: chain levels, escalation contacts and the fallback.
 
-    Escalation mail instructs them to answer the sender with the shared
-    inbox in Cc, so their replies must count as the team's answer.
+    Escalation mail instructs them to reply to the sender with the shared
+    inbox in Cc, so their replies must mark the conversation answered.
     """
     humans = [level.human for team in teams.values() for level in team.escalation]
     humans += [team.escalation_contact for team in teams.values()]

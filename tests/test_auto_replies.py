@@ -614,7 +614,7 @@ async def test_suppress_request_keeps_deadline(tmp_path: Path, start_daemon) -> 
     conversations = await daemon.store.fetch_all("SELECT state, deadline FROM conversations")
     assert conversations == [("open", "2025-11-04T10:00:00.000000Z")]
 
-    # A team member's reply from the same kind of mail program answers it.
+    # A team member's reply from the same kind of mail program marks the conversation answered.
     reply = message(
         subject="Re: Printer on floor 3 jams", sender="Bob Tech <bob@example.org>", message_id="<reply-1@example.org>",
         extra_headers=f"In-Reply-To: <m1@example.com>\r\n{suppress}",

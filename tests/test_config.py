@@ -1228,9 +1228,9 @@ def test_rule_address_that_mail_cannot_reach(tmp_path: Path, rules: str, key: st
     assert "expected an email address" in errors[0]
 
 
-def test_file_that_does_not_parse_hides_no_name_that_it_defines(tmp_path: Path) -> None:
-    # An unclosed quote in the teams file used to bring one "does not exist" error per route, calendar
-    # and template that named something defined in that file.
+def test_unparsed_file_hides_no_names(tmp_path: Path) -> None:
+    # After an unclosed quote in the teams file, only the syntax errors are reported, not one "does not
+    # exist" error per route, calendar and template that names something defined in that file.
     folder = rules_folder(tmp_path, ROUTES)
     (folder / "10-teams.toml").write_text(TEAMS.replace('name = "billing"', 'name = "billing') + 'calendar = "office"\n')
     (folder / "05-calendars.toml").write_text('[[calendar]]\nname = "office"\ntimezone = "UTC"\nhours = "24x7\n')
@@ -1241,22 +1241,22 @@ def test_file_that_does_not_parse_hides_no_name_that_it_defines(tmp_path: Path) 
     assert all("invalid TOML" in error.problem for error in caught.value.errors)
 
 
-def test_default_route_with_a_quoted_value_gets_one_error(tmp_path: Path) -> None:
-    # default = "true" used to bring "route has no conditions" and "no default route" as well.
+def test_quoted_default_one_error(tmp_path: Path) -> None:
+    # default = "true" gives neither "route has no conditions" nor "no default route" besides its own error.
     errors = rule_errors(tmp_path, TEAMS + ROUTES.replace("default = true", 'default = "true"'))
     assert errors == [
         f"{tmp_path / 'rules' / 'rules.toml'}: route[1] (default).default: invalid value 'true'; expected true or false",
     ]
 
 
-def test_name_that_no_file_defines_is_still_an_error(tmp_path: Path) -> None:
+def test_undefined_team_name_error(tmp_path: Path) -> None:
     errors = rule_errors(tmp_path, TEAMS + ROUTES.replace('team = "billing"', 'team = "billling"'))
     assert errors == [
         f"{tmp_path / 'rules' / 'rules.toml'}: route[0] (billing).team: team 'billling' does not exist; defined teams: billing, support",
     ]
 
 
-def test_check_warns_of_a_route_recipient_that_intake_rejects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_warns_rejected_route_recipient(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # A route for a new inbox whose address was not added to [smtp] inboxes: its mail gets 550.
     rules = TEAMS + ROUTES.replace('{ rcpt.is = "billing@example.org" }', '{ all = [{ rcpt.is = ["billing@example.org", "sales@example.org"] }] }')
     config = write_config(tmp_path, rules=rules)

@@ -953,7 +953,7 @@ async def test_moved_conversation_follows_new_chain(tmp_path: Path, start_daemon
 @pytest.mark.parametrize(("chain", "level", "fired", "told", "next_at"), [
     # Stored under the same chain: Dana fired, Erik is due at deadline + 1h.
     (["0m DUTY", "1h HEAD"], 1, [DANA_AT], ["head-of-facilities@example.org"], None),
-    # The chain was reordered after Dana fired: Dana is not told again, and Erik comes before her now.
+    # The chain was reordered after Dana fired: Dana gets no second mail, and Erik comes before her now.
     (["0m HEAD", "1h DUTY"], 1, [DANA_AT], [], None),
     # A level added after the one that fired: it is due, and the stored level counts the old chain.
     (["0m DUTY", "30m PAT", "3h HEAD"], 1, [DANA_AT], ["pat@example.org"], "2025-11-17T14:00:00"),
@@ -983,7 +983,7 @@ async def test_restart_with_reordered_chain_fires_nothing_twice(tmp_path: Path, 
     await advance_in_ticks(daemon, clock, at("2025-11-17T11:10:00"), tick=timedelta(minutes=5))
     await daemon.stop()
 
-    # While the daemon is down, Erik moves before Dana, who was told at 11:00. Erik's level counts as passed.
+    # While the daemon is down, Erik moves before Dana, who was escalated to at 11:00. Erik's level counts as passed.
     (tmp_path / "rules" / "rules.toml").write_text(chain_rules(chain_of("0m HEAD", "1h DUTY")))
     clock = ManualClock(at("2025-11-17T12:30:00"))
     daemon = await start_daemon(config, clock=clock)

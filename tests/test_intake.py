@@ -1059,7 +1059,7 @@ async def test_idle_connection_is_closed(tmp_path: Path, start_daemon) -> None:
     await client.close()
 
     assert closed, "server kept an idle connection open for 3 s with a 1 s timeout"
-    # RFC 5321 section 4.5.3.2: a server that closes an idle connection should say so first.
+    # A 421 reply comes before the close, so the client learns why the connection ended.
     assert replies == [["421 4.4.2 No input for too long, closing the connection"]]
     assert elapsed >= 0.5
 

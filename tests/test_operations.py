@@ -707,7 +707,7 @@ def test_unopenable_database_named_in_one_line(
     assert "Traceback" not in error
 
 
-def test_run_exits_2_naming_a_database_folder_it_cannot_create(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_uncreatable_database_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # As under systemd, where a relative path lands in the read-only /etc/guardrail. Even root may
     # not make a folder in /sys, so the test works as root too.
     database = Path("/sys/guardrail-test-missing/guardrail.db")
@@ -723,7 +723,7 @@ def test_run_exits_2_naming_a_database_folder_it_cannot_create(tmp_path: Path, c
 
 
 def _in_unprivileged_process(action: Callable[[], str]) -> str:
-    """Return what `action` returns, called in a child process as the user nobody when the tests run as root.
+    """Return what `action` returns, called in a child process as user 65534 (nobody) when the tests run as root.
 
     A child still running after 30 s, as a daemon that started after all would be, is killed, and "" is returned.
     """
@@ -771,7 +771,7 @@ def _shared_folder() -> Iterator[Path]:
 
 
 UNWRITABLE = [
-    # (what is made read-only for others, what the error says after "DATABASE cannot be written: ")
+    # (what is made read-only for others, the error text after "DATABASE cannot be written: ")
     ("folder", "no file can be created in its folder {folder}: Permission denied; SQLite creates guardrail.db-wal"),
     ("guardrail.db", "this user ({user}) may not write it (Permission denied), which belongs to {owner};"),
     ("guardrail.db-wal", "this user ({user}) may not write {folder}/guardrail.db-wal (Permission denied)"),
@@ -780,9 +780,9 @@ UNWRITABLE = [
 
 
 @pytest.mark.parametrize(("read_only", "expected"), UNWRITABLE, ids=[item[0] for item in UNWRITABLE])
-def test_run_refuses_a_database_that_its_user_may_not_write(read_only: str, expected: str) -> None:
-    # Files that a run as root left behind: a database file that the daemon's user may only read let the
-    # daemon start and answer 451 to every message, and the others stopped it with exit 1 and a bare OSError.
+def test_run_unwritable_database_files(read_only: str, expected: str) -> None:
+    # Files that a run as root leaves behind. Without the check, a read-only database file lets the daemon
+    # start and reply 451 to every message, and the other files stop it with exit 1 and a bare OSError.
     import io
     import pwd
     from contextlib import redirect_stderr
@@ -825,7 +825,7 @@ def test_run_refuses_a_database_that_its_user_may_not_write(read_only: str, expe
         assert "Traceback" not in output
 
 
-def test_maildir_part_that_the_daemon_user_may_not_write() -> None:
+def test_maildir_unwritable_part() -> None:
     from guardrail.maildir import unwritable_part
 
     with _shared_folder() as shared:
@@ -858,8 +858,8 @@ def test_maildir_part_that_the_daemon_user_may_not_write() -> None:
 
 
 async def test_daemon_logs_a_maildir_it_may_not_write(tmp_path: Path, start_daemon, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Under systemd, a maildir left relative to the read-only /etc/guardrail failed every delivery
-    # for give_up_after (5 days) with nothing at start to say so.
+    # Under systemd, a maildir path relative to the read-only /etc/guardrail fails every delivery
+    # for give_up_after (5 days), so the start must log it.
     import guardrail.daemon
 
     support = tmp_path / "var" / "maildir" / "support"
@@ -875,8 +875,8 @@ async def test_daemon_logs_a_maildir_it_may_not_write(tmp_path: Path, start_daem
 
 
 def test_readonly_sqlite_error_names_the_file(tmp_path: Path) -> None:
-    # SQLite says SQLITE_READONLY_DIRECTORY when it cannot create the -shm file beside a database that exists.
-    # `check` printed "cannot read ...: attempt to write a readonly database" and `run` a traceback.
+    # SQLite raises SQLITE_READONLY_DIRECTORY when it cannot create the -shm file beside a database that
+    # exists. Unmapped, `check` printed "cannot read ...: attempt to write a readonly database" and `run` a traceback.
     from guardrail.errors import DatabaseFileError
     from guardrail.store_admin import file_errors
 
@@ -1386,9 +1386,9 @@ def test_reload_command_validates_then_signals(tmp_path: Path, capsys: pytest.Ca
         kill_if_running(process)
 
 
-def test_reload_says_when_the_config_changed_after_the_daemon_started(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # Only the rules and the TLS certificate are read again: an operator who edited the port and reloaded
-    # was told that all went well, and the daemon went on with the old port.
+def test_reload_notes_changed_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A reload reads only the rules and the TLS certificate, so an edited port takes effect only after
+    # a restart, and the output must say so.
     port = free_port()
     config = write_config(tmp_path, smtp={"port": port})
     process = subprocess.Popen(

@@ -334,8 +334,8 @@ async def test_person_joining_machine_mail_starts_clock(tmp_path: Path, start_da
     assert len(escalations(tmp_path)) == 1
 
 
-async def test_person_joining_other_team_machine_mail_moves_it(tmp_path: Path, start_daemon) -> None:
-    # Machine mail goes to ops, whose chain tells Olga; a person's mail goes to support, whose chain tells Lee.
+async def test_person_moves_machine_conversation(tmp_path: Path, start_daemon) -> None:
+    # Machine mail goes to ops, whose chain escalates to Olga. A person's mail goes to support, whose chain escalates to Lee.
     ops = team("ops", "paris-24x7", "4h").replace(LEAD, "olga@example.org")
     routes = '\n[[route]]\nname = "monitoring"\nteam = "ops"\nall = [{ header.Auto-Submitted.is = "auto-generated" }]\n'
     rules = one_team_rules("support", "paris-24x7", "1h", routes=ops + routes)
@@ -353,7 +353,7 @@ async def test_person_joining_other_team_machine_mail_moves_it(tmp_path: Path, s
     assert [tuple(row) for row in machine] == [("ops", "no_reply_needed")]
     rows = await daemon.store.fetch_all("SELECT team, route, state, deadline FROM conversations")
     assert [tuple(row) for row in rows] == [("support", "default", "open", stored("2025-11-04T11:30:00Z"))]
-    # The person's message reaches the team that now answers the conversation, and its chain escalates it.
+    # The person's message reaches the team that now owns the conversation, and that team's chain escalates it.
     assert len(maildir_messages(tmp_path / "var" / "maildir" / "support")) == 1
     assert len(maildir_messages(tmp_path / "var" / "maildir" / "ops")) == 1
     assert early == []

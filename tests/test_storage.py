@@ -151,8 +151,8 @@ def test_check_accepts_default_free_space(tmp_path: Path, capsys: pytest.Capture
     assert "min_free_space" not in capsys.readouterr().err
 
 
-def test_check_warns_when_the_disk_has_less_than_min_free_space(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # The daemon started on such a disk and answered 452 to every MAIL, while check said nothing.
+def test_check_warns_low_free_space(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The daemon starts on such a disk and replies 452 to every MAIL, so check must warn.
     database = tmp_path / "not yet" / "made" / "guardrail.db"
     config = write_config(tmp_path, sections={"database": {"path": str(database), "min_free_space": "100000000GiB"}})
     main(["check", "--config", str(config)])
