@@ -96,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("kind", choices=("shadow",), help="shadow: where a shadow route disagreed with the live decision")
     report.add_argument("--since", default="7d", metavar="DURATION", help="how far back to look (default: 7d)")
     sub.add_parser("status", help="open conversations by team, overdue ones, next deadlines, per-route figures")
+    queue = sub.add_parser("queue", help="list outbox rows waiting to be sent, or those that failed")
+    queue.add_argument("--failed", action="store_true", help="list failed rows, newest first, instead of pending ones")
+    queue.add_argument("--limit", type=_message_count, default=100, metavar="N", help="how many rows at most (default: 100)")
+    queue.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
+    retry = sub.add_parser("retry", help="queue failed outbox rows again, or make pending ones due now")
+    retry.add_argument("ids", type=_message_count, nargs="*", metavar="ID", help="outbox rows, as `guardrail queue` numbers them")
+    retry.add_argument("--failed-deliveries", action="store_true",
+                       help="every failed delivery to a team whose message is still stored")
+    retry.add_argument("--pending", action="store_true", help="every pending row, due now instead of at its next attempt")
+    retry.add_argument("--by", type=_name, default=os.environ.get("USER") or "operator", metavar="NAME",
+                       help="who asked, recorded on the conversation (default: $USER, or operator when it is unset or empty)")
 
     for name, command in sub.choices.items():
         command.add_argument("--config", type=Path, required=True, metavar="PATH", help="path of the TOML config file")

@@ -510,3 +510,65 @@ def status(arguments: argparse.Namespace) -> int:
 def _shown_instant(stored: str) -> str:
     """Return a stored UTC instant to the second, as `2026-12-07T12:00:00Z`."""
     return parse_instant(stored).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def queue(arguments: argparse.Namespace) -> int:
+    config = load_config(arguments.config, require_secrets=False)
+    _note_if_missing(config.database_path)
+    state = "failed" if arguments.failed else "pending"
+    rows = store_admin.queued_rows(config.database_path, state, arguments.limit, busy_timeout=config.busy_timeout)
+    if arguments.format == "json":
+        print(json.dumps({"state": state, "rows": [row.to_record() for row in rows]}, indent=2))
+        return EXIT_OK
+    if not rows:
+        print(f"no {state} outbox rows")
+    for row in rows:
+        print(_queued_line(row))
+    return EXIT_OK
+
+
+def _queued_line(row: store_admin.QueuedRow) -> str:
+    """Return one outbox row as `queue` and `retry` print it, with text from elsewhere made safe for a terminal."""
+    if row.state == "pending":
+        when = f"due {_shown_time(row.next_attempt_at)}"
+    else:
+        when = f"{'failed' if row.state == 'failed' else 'done'} {_shown_time(row.done_at)}"
+    line = (
+        f"{row.id:>8} {row.purpose:14} {row.reference or '-':12} {when}, queued {_shown_time(row.created_at)},"
+        f" {row.attempts} attempts, to {terminal_safe(row.to)}"
+    )
+    return f"{line}\n         {terminal_safe(row.last_error[:300])}" if row.last_error else line
+
+
+def _shown_time(instant: datetime | None) -> str:
+    return instant.strftime("%Y-%m-%dT%H:%M:%SZ") if instant else "-"
+
+
+def retry(arguments: argparse.Namespace) -> int:
+    if not (arguments.ids or arguments.failed_deliveries or arguments.pending):
+        print("error: no rows named: give outbox row IDs, --failed-deliveries or --pending", file=sys.stderr)
+        return EXIT_USAGE
+    config = load_config(arguments.config, require_secrets=False)
+    if not config.database_path.exists():
+        print(f"error: {config.database_path} does not exist, so it has no outbox rows", file=sys.stderr)
+        return EXIT_USAGE
+    store_admin.verify(config.database_path, busy_timeout=config.busy_timeout)
+    done = store_admin.requeue(
+        config.database_path, datetime.now(timezone.utc), arguments.by, ids=tuple(arguments.ids),
+        failed_deliveries=arguments.failed_deliveries, pending=arguments.pending, busy_timeout=config.busy_timeout,
+    )
+    for row_id in done.unknown:
+        print(f"error: outbox row {row_id} not found in {config.database_path}", file=sys.stderr)
+    for row, reason in done.skipped:
+        print(f"not sent again: {_queued_line(row)}\n         because {reason}")
+    for row in done.sent_again:
+        print(f"due now: {_queued_line(row)}")
+    if len(done.sent_again) == 1:
+        print("1 row is due now; a running daemon sends it within a minute")
+    elif done.sent_again:
+        print(f"{len(done.sent_again)} rows are due now; a running daemon sends them within a minute")
+    elif not (done.skipped or done.unknown):
+        print("nothing to send again")
+    if done.unknown:
+        return EXIT_USAGE
+    return EXIT_FAILURE if done.skipped else EXIT_OK

@@ -32,6 +32,7 @@ from .escalation import decode_fallback
 from .loops import LOOP_HEADER
 from .maildir import write_maildirs
 from .metrics import Metrics
+from .outbox import retry_window_start
 from .rules import Destination
 from .rules_sla import Webhook
 from .store import AttemptResult, OutboxRow, Store
@@ -527,7 +528,7 @@ class DeliveryWorker:
         now = self._clock.now()
         text = str(error) if isinstance(error, TemporaryDeliveryError) else f"unexpected error: {error!r}"
         policy = retry_policy(row.kind, self._config)
-        if gives_up(policy, attempts, now - row.created_at):
+        if gives_up(policy, attempts, now - retry_window_start(row.created_at, row.target)):
             return self._failed(row, attempts, f"gave up after {attempts} attempts: {text}")
         delay = retry_delay(attempts, policy.initial, policy.maximum)
         self._metrics.delivery_failures.labels(row.kind, "no").inc()

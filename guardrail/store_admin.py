@@ -14,13 +14,14 @@ import sqlite3
 import tempfile
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from . import outbox
 from .checks import Inspection
 from .clock import format_instant, parse_instant
 from .errors import DatabaseFileError, DatabaseLockedError, StorageError
@@ -382,3 +383,130 @@ def status_rows(path: Path, now: datetime, *, busy_timeout: timedelta = BUSY_TIM
         "routes": routes,
         "response_times": [(route, parse_instant(opened), parse_instant(answered)) for route, opened, answered in response_times],
     }
+
+
+@dataclass(frozen=True)
+class QueuedRow:
+    """An outbox row as `guardrail queue` lists it."""
+
+    id: int
+    purpose: str
+    state: str
+    reference: str  # the conversation's reference, or "" for a row without one
+    to: str
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime | None  # for a pending row
+    done_at: datetime | None  # for a failed row
+    last_error: str
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "purpose": self.purpose, "state": self.state, "reference": self.reference, "to": self.to,
+            "attempts": self.attempts, "created_at": format_instant(self.created_at),
+            "next_attempt_at": format_instant(self.next_attempt_at) if self.next_attempt_at else None,
+            "done_at": format_instant(self.done_at) if self.done_at else None, "last_error": self.last_error,
+        }
+
+
+# The outbox columns that listing and retrying read, with the conversation's
+# reference and state and whether the row still has the bytes it sends.
+_OUTBOX_COLUMNS = (
+    "o.id, o.kind, o.target, o.state, o.attempts, o.created_at, o.next_attempt_at, o.done_at,"
+    " COALESCE(o.last_error, ''), COALESCE(c.reference, ''), COALESCE(c.state, ''), o.conversation_id,"
+    " CASE WHEN o.kind = 'deliver' THEN length(m.raw) > 0 ELSE o.payload IS NOT NULL END"
+)
+_OUTBOX_FROM = (
+    " FROM outbox o LEFT JOIN conversations c ON c.id = o.conversation_id"
+    " LEFT JOIN messages m ON m.id = o.message_row AND o.kind = 'deliver'"
+)
+
+
+def queued_rows(path: Path, state: str, limit: int, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> list[QueuedRow]:
+    """Return up to `limit` outbox rows in `state`: pending ones by when they are due, failed ones newest first."""
+    order = "o.next_attempt_at, o.id" if state == "pending" else "o.done_at DESC, o.id DESC"
+    with connect(path, busy_timeout=busy_timeout) as connection:
+        rows = connection.execute(
+            f"SELECT {_OUTBOX_COLUMNS}{_OUTBOX_FROM} WHERE o.state = ? ORDER BY {order} LIMIT ?", (state, limit),
+        ).fetchall()
+    return [
+        QueuedRow(
+            row_id, outbox.purpose(kind, json.loads(target)), row_state, reference,
+            outbox.shown_target(kind, json.loads(target)), attempts, parse_instant(created),
+            parse_instant(next_at) if row_state == "pending" else None,
+            parse_instant(done) if done else None, error,
+        )
+        for row_id, kind, target, row_state, attempts, created, next_at, done, error, reference, *_ in rows
+    ]
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """The result of `requeue`: the rows queued again or made due, each skipped row with the reason, and unknown ids."""
+
+    sent_again: list[QueuedRow]
+    skipped: list[tuple[QueuedRow, str]]
+    unknown: list[int]
+
+
+def requeue(
+    path: Path, now: datetime, by: str, *, ids: tuple[int, ...] = (), failed_deliveries: bool = False,
+    pending: bool = False, busy_timeout: timedelta = BUSY_TIMEOUT,
+) -> Requeued:
+    """Queue failed outbox rows again and make pending ones due at `now`, in one transaction.
+
+    The rows are those numbered `ids`, every failed delivery to a team when
+    `failed_deliveries` is set, and every pending row when `pending` is set.
+    A failed row starts over: no attempts, and a give-up window from `now`.
+    The daemon's outbox worker looks for due rows at least once a minute.
+    """
+    conditions = ["o.id IN (SELECT value FROM json_each(?))"]
+    parameters: list[Any] = [json.dumps(list(ids))]
+    if failed_deliveries:
+        conditions.append("(o.state = 'failed' AND o.kind = 'deliver')")
+    if pending:
+        conditions.append("o.state = 'pending'")
+    instant = format_instant(now)
+    sent_again: list[QueuedRow] = []
+    skipped: list[tuple[QueuedRow, str]] = []
+    with connect(path, write=True, busy_timeout=busy_timeout) as connection:
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            rows = connection.execute(
+                f"SELECT {_OUTBOX_COLUMNS}{_OUTBOX_FROM} WHERE {' OR '.join(conditions)} ORDER BY o.id", parameters,
+            ).fetchall()
+            for row in rows:
+                row_id, kind, target_text, state, attempts, created, next_at, done, error, reference, conversation_state, conversation_id, has_bytes = row
+                target = json.loads(target_text)
+                listed = QueuedRow(
+                    row_id, outbox.purpose(kind, target), state, reference, outbox.shown_target(kind, target), attempts,
+                    parse_instant(created), parse_instant(next_at) if state == "pending" else None,
+                    parse_instant(done) if done else None, error,
+                )
+                reason = outbox.retry_refusal(outbox.RetryCandidate(
+                    kind, listed.purpose, state, bool(has_bytes), conversation_state,
+                ))
+                if reason is not None:
+                    skipped.append((listed, reason))
+                    continue
+                if state == "failed":
+                    connection.execute(
+                        "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, done_at = NULL,"
+                        " target = json_set(target, ?, ?) WHERE id = ?",
+                        (instant, f"$.{outbox.REQUEUED_AT}", instant, row_id),
+                    )
+                else:
+                    connection.execute("UPDATE outbox SET next_attempt_at = ? WHERE id = ?", (instant, row_id))
+                if conversation_id is not None:
+                    detail = {"outbox_id": row_id, "kind": kind, "by": by, "was": state}
+                    connection.execute(
+                        "INSERT INTO events (conversation_id, message_row, at, kind, detail) VALUES (?, NULL, ?, 'requeued', ?)",
+                        (conversation_id, instant, json.dumps(detail)),
+                    )
+                sent_again.append(replace(listed, state="pending", attempts=0 if state == "failed" else attempts, next_attempt_at=now))
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+    found = {row[0] for row in rows}
+    return Requeued(sent_again, skipped, [row_id for row_id in ids if row_id not in found])

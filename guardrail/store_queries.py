@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .clock import parse_instant
+from .outbox import purpose
 from .store import Store
 from .store_batch import alarms_query
 
@@ -123,7 +124,7 @@ async def _timeline(store: Store, conversation_id: int) -> list[dict[str, Any]]:
         )
     }
     purposes = {
-        row[0]: _purpose(row[1], json.loads(row[2]))
+        row[0]: purpose(row[1], json.loads(row[2]))
         for row in await store.fetch_all("SELECT id, kind, target FROM outbox WHERE conversation_id = ?", (conversation_id,))
     }
 
@@ -153,15 +154,6 @@ def _acknowledgement(row: Any) -> dict[str, Any]:
     else:
         detail["signal"] = signal
     return {"at": _instant(at), "kind": "acknowledgement", "detail": detail}
-
-
-def _purpose(kind: str, target: dict[str, Any]) -> str:
-    """Name what an outbox row carries: the message to the team, an acknowledgement, an escalation."""
-    if kind == "deliver":
-        return "forward"
-    if kind == "webhook":
-        return "escalation webhook"
-    return str(target.get("purpose") or "mail")
 
 
 async def open_conversations_of(store: Store, address: str, *, include_participants: bool, limit: int) -> list[dict[str, Any]]:
