@@ -19,9 +19,9 @@ from .acknowledgement import (
     merge_fields,
 )
 from .authresults import is_verified, verified_domains
-from .business_hours import add_business_time
 from .config import Config
-from .escalation import UNROUTED_REASON, next_escalation
+from .deadlines import start_clock
+from .escalation import UNROUTED_REASON
 from .loops import (
     has_our_loop_marker,
     has_too_many_hops,
@@ -32,7 +32,7 @@ from .loops import (
 from .message import Summary, body_sample, summarize
 from .plan import Submission
 from .routing import Facts, match_route, matched_recipients, shadow_results
-from .rules import Destination, Route, RuleSet, Team, unstaffed_reason
+from .rules import Destination, Route, RuleSet, Team
 
 
 @dataclass(frozen=True)
@@ -179,17 +179,15 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     machine = machine_signal(summary, envelope.mail_from, site.hostname, site.sender_patterns)
     ack_signal = machine or person_signal(summary, is_staff) or reply_address_signal(envelope.mail_from, site)
 
-    first_response = match.route.first_response or team.first_response
-    deadline = add_business_time(now, first_response, team.calendar)
+    clock = start_clock(team, match.route, rules, now)
     ack = None
     if ack_signal is None and team.templates:
-        ack = _ack_request(envelope, raw, summary, team, site, deadline, reply_inbox(envelope, facts, match.route, site))
+        ack = _ack_request(envelope, raw, summary, team, site, clock.deadline, reply_inbox(envelope, facts, match.route, site))
     return Submission(
         **common, route=match.route.name, team=team.name, destination=team.destination,
         route_reasons=match.reasons, team_members=team.member_addresses,
-        ack_signal=ack_signal, ack=ack, deadline=deadline,
-        first_escalation_at=_first_escalation(team, rules, deadline),
-        unstaffed=unstaffed_reason(team, now, rules.unstaffed_horizon) or "",
+        ack_signal=ack_signal, ack=ack, deadline=clock.deadline,
+        first_escalation_at=clock.first_escalation_at, unstaffed=clock.unstaffed,
         # The team's own mail, such as a help-desk tool's copy of a message
         # it sent to a customer, needs no reply from the team.
         sla_applies=(machine is None or is_subject_signal(machine)) and not from_inbox, is_staff=is_staff, from_inbox=from_inbox,
@@ -228,7 +226,7 @@ def prepare_unrouted(envelope: Envelope, raw: bytes, rules: RuleSet, site: Site,
         return prepare_submission(envelope, raw, summary, rules, site, now)
     route = rules.default_route
     team = rules.teams[route.team]
-    deadline = add_business_time(now, route.first_response or team.first_response, team.calendar)
+    clock = start_clock(team, route, rules, now)
     # Staff and inbox senders are set lookups, not patterns, so a team's
     # reply still marks its conversation answered.
     is_staff, from_inbox, staff_unverified = staff_sender(envelope, summary, rules, site)
@@ -236,8 +234,8 @@ def prepare_unrouted(envelope: Envelope, raw: bytes, rules: RuleSet, site: Site,
         raw=raw, mail_from=envelope.mail_from, rcpt_tos=envelope.rcpt_tos, peer=envelope.peer, helo=envelope.helo,
         protocol=envelope.protocol, received_at=now, summary=summary, is_loop=has_our_loop_marker(summary, site.hostname),
         route=route.name, team=team.name, destination=team.destination, route_reasons=(reason,),
-        team_members=team.member_addresses, ack_signal=UNROUTED_REASON, deadline=deadline,
-        first_escalation_at=_first_escalation(team, rules, deadline), unstaffed=reason, team_names=rules.team_names,
+        team_members=team.member_addresses, ack_signal=UNROUTED_REASON, deadline=clock.deadline,
+        first_escalation_at=clock.first_escalation_at, unstaffed=reason, team_names=rules.team_names,
         is_staff=is_staff, from_inbox=from_inbox, staff_unverified=staff_unverified,
     )
 
@@ -290,10 +288,6 @@ def _member_of(rules: RuleSet, summary: Summary, envelope: Envelope) -> frozense
 def postmaster_recipients(envelope: Envelope, site: Site) -> list[str]:
     """Return the recipients that are postmaster and not one of our inboxes, in envelope order."""
     return [address for address in envelope.rcpt_tos if is_postmaster(address, site) and not is_inbox(address, site)]
-
-
-def _first_escalation(team: Team, rules: RuleSet, deadline: datetime | None) -> datetime | None:
-    return None if deadline is None else next_escalation(team, rules, deadline, 0)
 
 
 def reply_inbox(envelope: Envelope, facts: Facts, route: Route, site: Site) -> str:
