@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from .clock import format_instant
+from .deadlines import ClockPlanner
 from .errors import StorageError
 from .escalation import DueConversation, EscalationPlan
 from .plan import Submission
@@ -121,6 +122,8 @@ class Committer:
         # stored schedule digest of any other rules.
         self.rules_digest = ""
         self._agreed_digest = ""
+        # The clock that a customer's message starts again in an answered conversation, under the rules in force.
+        self.reopened_clock: ClockPlanner | None = None
 
     def close(self) -> None:
         self.db.close()
@@ -163,7 +166,10 @@ class Committer:
         db.execute("BEGIN IMMEDIATE")
         try:
             messages, conversations, outbox = db.execute(_MAX_IDS).fetchone()
-            writer = BatchWriter(db, self.settings, {"messages": messages, "conversations": conversations, "outbox": outbox})
+            writer = BatchWriter(
+                db, self.settings, {"messages": messages, "conversations": conversations, "outbox": outbox},
+                reopened_clock=self.reopened_clock,
+            )
             if digest != self._agreed_digest:
                 # This transaction may schedule conversations under other rules
                 # than those of the last complete reschedule, so a start must

@@ -17,6 +17,7 @@ import ssl
 import sys
 from collections.abc import Awaitable
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,6 +26,7 @@ import structlog
 from . import pidfile
 from .clock import Clock, SystemClock
 from .config import Config, tls_context
+from .deadlines import reopened_clock
 from .delivery import DeliveryWorker, Transport, write_in_thread
 from .errors import ConfigErrors, StorageError
 from .escalation import LevelTarget, Sender, current_level, next_escalation
@@ -146,7 +148,7 @@ class Daemon:
         )
         self.store = await Store.open(config.database_path, settings, busy_timeout=config.busy_timeout)
         self.store.observe_commits(self.metrics.observe_commit)
-        self.store.follow_rules(self.rules.digest)
+        self.store.follow_rules(self.rules.digest, partial(reopened_clock, self.rules))
         worker = self.worker = DeliveryWorker(
             self.store, config, self.clock, self._transport, metrics=self.metrics, write_files=self._write_files
         )
@@ -295,7 +297,7 @@ class Daemon:
             self.metrics.reloads.labels("failed").inc()
             return False
         if self.store is not None:
-            self.store.follow_rules(rules.digest)
+            self.store.follow_rules(rules.digest, partial(reopened_clock, rules))
         self.rules = rules
         if self.parsers is not None:
             self.parsers.set_rules(rules)

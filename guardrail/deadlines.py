@@ -1,7 +1,15 @@
-"""The SLA clock that a person's message starts: a pure function of the rules, a team, a route and the time."""
+"""The SLA clock that a person's message starts: a pure function of the rules, a team, a route and the time.
+
+A message that opens a conversation starts the clock of its own route's
+team, which intake decides before the commit. A customer's message after
+the team's answer starts the clock of the conversation's team and route,
+which only the commit knows, so the store calls `reopened_clock` through a
+`ClockPlanner` that the daemon gives it with each rule set.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -19,6 +27,12 @@ class SlaClock:
     unstaffed: str = ""  # why nobody staffs the team, or "" when it is staffed
 
 
+# planner(team, route, arrival): the clock that a customer's message arriving
+# at `arrival` starts again in a conversation of that team and route, or None
+# when the rules turn reopening off there or no longer have the team.
+ClockPlanner = Callable[[str, str, datetime], SlaClock | None]
+
+
 def start_clock(team: Team, route: Route | None, rules: RuleSet, arrival: datetime) -> SlaClock:
     """Return the clock that a message arriving at `arrival` starts for `team`, under `route`'s first_response if it sets one."""
     first_response = (route.first_response if route is not None else None) or team.first_response
@@ -28,3 +42,26 @@ def start_clock(team: Team, route: Route | None, rules: RuleSet, arrival: dateti
         None if deadline is None else next_escalation(team, rules, deadline, 0),
         unstaffed_reason(team, arrival, rules.unstaffed_horizon) or "",
     )
+
+
+def is_reopen_on(team: Team, route: Route | None) -> bool:
+    """Return whether a customer's message after the team's answer reopens a conversation: the route's setting, else the team's."""
+    if route is not None and route.reopen_on_reply is not None:
+        return route.reopen_on_reply
+    return team.reopen_on_reply
+
+
+def reopened_clock(rules: RuleSet, team_name: str, route_name: str, arrival: datetime) -> SlaClock | None:
+    """Return the clock that a customer's message arriving at `arrival` starts again in an answered conversation, or None.
+
+    The route may be gone from the rules since the conversation opened: the
+    team's first_response and setting then apply. None comes when reopening
+    is off for the route or team, and when the team is not in `rules`.
+    """
+    team = rules.teams.get(team_name)
+    if team is None:
+        return None
+    route = next((route for route in rules.routes if route.name == route_name), None)
+    if not is_reopen_on(team, route):
+        return None
+    return start_clock(team, route, rules, arrival)

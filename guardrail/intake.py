@@ -865,11 +865,13 @@ class IntakeHandler:
                         language=submission.ack.language, problem=outcome.ack_problem)
         if outcome.answered:
             log.info("conversation_answered", by=submission.summary.from_address or submission.mail_from)
-        if outcome.escalates_now and submission.unstaffed.startswith(UNROUTED_REASON):
+        if outcome.reopened:
+            log.info("conversation_reopened", by=submission.summary.from_address or submission.mail_from)
+        if outcome.escalation_reason.startswith(UNROUTED_REASON):
             # The team is staffed, and routing_gave_up gave the reason.
-            log.warning("conversation_escalated_at_once", reason=submission.unstaffed)
-        elif outcome.escalates_now:
-            log.warning("team_unstaffed", reason=submission.unstaffed)
+            log.warning("conversation_escalated_at_once", reason=outcome.escalation_reason)
+        elif outcome.escalation_reason:
+            log.warning("team_unstaffed", reason=outcome.escalation_reason)
 
 
 def _declared_size(options: list[str]) -> int:

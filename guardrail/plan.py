@@ -21,6 +21,7 @@ from .conversations import (
     find_references,
     new_reference,
 )
+from .deadlines import ClockPlanner, SlaClock
 from .message import Summary
 from .rules import Destination
 
@@ -128,6 +129,11 @@ class Submission:
         return _copy(self, raw=raw)
 
     @property
+    def clock(self) -> SlaClock:
+        """Return the SLA clock that intake decided for the message's own route, for a conversation it opens or starts."""
+        return SlaClock(self.deadline, self.first_escalation_at, self.unstaffed)
+
+    @property
     def thread_ids(self) -> tuple[str, ...]:
         ids = self.summary.references + self.summary.in_reply_to
         return ids[-THREAD_IDS_CONSIDERED:]
@@ -209,6 +215,9 @@ class Plan:
     moved_from: str = ""  # the conversation's former team, when the message moves it to `team`
     move_reason: str = ""  # why it moves: MOVED_TEAM_REMOVED or MOVED_CLOCK_STARTED
     starts_clock: bool = False  # a person wrote to a conversation that needed no reply so far
+    reopens: bool = False  # a customer wrote to a conversation that the team had answered
+    # The clock that the message starts in the conversation it joins, when starts_clock or reopens is set.
+    clock: SlaClock | None = None
 
 
 def plan_submission(
@@ -222,6 +231,7 @@ def plan_submission(
     acks_in_window: int = 0,
     ack_limit: int = 3,
     copy_of: EarlierCopy | None = None,
+    reopened_clock: ClockPlanner | None = None,
 ) -> Plan:
     """Return what committing `submission` creates.
 
@@ -231,6 +241,8 @@ def plan_submission(
     the stored message it is a copy of (see find_copy), if any: a copy joins
     that message's conversation and is neither delivered nor acknowledged
     again, as the second recipient of one transaction would be.
+    `reopened_clock` gives the clock that a customer's message starts again
+    in an answered conversation; without it no conversation reopens.
     """
     if is_duplicate:
         return Plan("duplicate")
@@ -261,7 +273,7 @@ def plan_submission(
         from_inbox=submission.from_inbox, member_of=submission.member_of,
     )
     if known is not None:
-        plan = _plan_follow_up(submission, known, reason)
+        plan = _plan_follow_up(submission, known, reason, reopened_clock)
         if plan.starts_clock:
             # The sender is the first here to wait for a reply, so the acknowledgement tells them when it is due.
             plan.ack_decision, plan.ack_signal = decide_acknowledgement(submission, acks_in_window, ack_limit)
@@ -283,7 +295,9 @@ MOVED_TEAM_REMOVED = "team removed from the rules"
 MOVED_CLOCK_STARTED = "a person's message routed to this team started the clock"
 
 
-def _plan_follow_up(submission: Submission, known: KnownConversation, reason: str) -> Plan:
+def _plan_follow_up(
+    submission: Submission, known: KnownConversation, reason: str, reopened_clock: ClockPlanner | None,
+) -> Plan:
     """Return the plan of a message that joins `known`.
 
     A follow-up of a conversation whose team was removed from the rules is
@@ -291,7 +305,10 @@ def _plan_follow_up(submission: Submission, known: KnownConversation, reason: st
     So does a person's message that starts the clock of a conversation that
     machine mail opened, when the rules send it to another team. That team
     handles people's mail of this kind, and the deadline and escalation
-    chain of the message's own route are the ones that start.
+    chain of the message's own route are the ones that start. A customer's
+    message that reopens an answered conversation does not move it, because
+    the customer answers the team that wrote, and the clock of the
+    conversation's route and team starts again.
     """
     starts_clock = known.state == "no_reply_needed" and is_reply_expected(submission) and not submission.is_staff
     move_reason = ""
@@ -304,6 +321,9 @@ def _plan_follow_up(submission: Submission, known: KnownConversation, reason: st
     if move_reason:
         joining = joining | submission.team_members
         route, team, destination = submission.route, submission.team, submission.destination
+    clock = submission.clock if starts_clock else None
+    if reopened_clock is not None and is_reopening(known.state, submission):
+        clock = reopened_clock(team, route, submission.received_at)
     return Plan(
         "loop" if submission.is_loop else "follow_up",
         conversation=known,
@@ -318,6 +338,8 @@ def _plan_follow_up(submission: Submission, known: KnownConversation, reason: st
         moved_from=known.team if move_reason else "",
         move_reason=move_reason,
         starts_clock=starts_clock,
+        reopens=clock is not None and not starts_clock,
+        clock=clock,
     )
 
 
@@ -327,6 +349,19 @@ def is_reply_expected(submission: Submission) -> bool:
     Machine mail and our own mail coming back (loop messages) need none.
     """
     return submission.sla_applies and not submission.is_loop
+
+
+def is_reopening(state: str, submission: Submission) -> bool:
+    """Return True when `submission`, joining a conversation in `state`, is a customer's message after the team's answer.
+
+    Mail that only its subject marks as an auto-reply or a delivery report
+    counts as software's here, unlike in a conversation it opens. A person's
+    answer in a conversation starts its subject with "Re:", and an
+    out-of-office reply to the team's answer with "Automatic reply:" or the like.
+    """
+    return (
+        state == "answered" and is_reply_expected(submission) and not submission.machine_signal and not submission.is_staff
+    )
 
 
 def is_team_removed(team: str, team_names: frozenset[str] | None) -> bool:

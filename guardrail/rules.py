@@ -92,6 +92,8 @@ class Team:
     urgent_contacts: dict[str, str] = field(default_factory=dict)
     # The rules file that defines the team, for the warnings of guardrail check.
     source: str = field(default="", compare=False)
+    # Whether a customer's message after the team's answer opens the conversation again with a new deadline.
+    reopen_on_reply: bool = True
 
     def urgent_contact_in(self, language: str) -> str:
         """Return the urgent_contact text for an acknowledgement in `language`."""
@@ -134,6 +136,7 @@ class Route:
     mode: str = "live"  # "live", or "shadow": evaluated and recorded, never acted on
     owner: Human | None = None
     key: str = ""  # where its rules file defines it, as errors name it: route[2] (billing)
+    reopen_on_reply: bool | None = None  # None follows the team's setting
 
 
 @dataclass(frozen=True)
@@ -390,6 +393,7 @@ def _load_team(
         urgent_contact = table.string("urgent_contact", "", allow_empty=True) or ""
     escalation = load_escalation(table, "escalation")
     contact = load_named_human(table, "escalation_contact") if table.has("escalation_contact") else None
+    reopen_on_reply = table.boolean("reopen_on_reply", True)
     table.finish()
 
     team_templates = templates.get(template_name, {})
@@ -416,7 +420,7 @@ def _load_team(
         return None
     return Team(
         name, destination, members, calendar, first_response, language, team_templates,
-        urgent_contact, escalation, contact, urgent_contacts, str(table.path),
+        urgent_contact, escalation, contact, urgent_contacts, str(table.path), reopen_on_reply,
     )
 
 
@@ -576,6 +580,7 @@ def _load_route(table: Table, teams: dict[str, Team], today: date, check_names: 
         _check_reachable(table, first_response, teams[team].calendar, today)
     mode = table.choice("mode", "live", ("live", "shadow"))
     owner = load_named_human(table, "owner") if table.has("owner") else None
+    reopen_on_reply = table.boolean("reopen_on_reply", True) if table.has("reopen_on_reply") else None
     all_conditions = _load_condition_list(table, "all")
     any_conditions = _load_condition_list(table, "any")
     table.finish()
@@ -590,7 +595,7 @@ def _load_route(table: Table, teams: dict[str, Team], today: date, check_names: 
         return None
     return Route(
         name, team, str(table.path), tuple(all_conditions), tuple(any_conditions), is_default, first_response, mode, owner,
-        key=table.prefix,
+        key=table.prefix, reopen_on_reply=reopen_on_reply,
     )
 
 

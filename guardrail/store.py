@@ -33,6 +33,7 @@ from .committer import (
     WriteItem,
     ZombieRun,
 )
+from .deadlines import ClockPlanner
 from .errors import StorageError
 from .escalation import DueConversation, EscalationPlan
 from .plan import Submission
@@ -280,15 +281,18 @@ class Store:
         done: Rescheduled = await self._submit(RescheduleRun(planner, 0, 1, only=conversation_id))
         return done.earliest
 
-    def follow_rules(self, digest: str) -> None:
-        """Note that writes from now on follow the rules with `digest`.
+    def follow_rules(self, digest: str, reopened_clock: ClockPlanner | None = None) -> None:
+        """Note that writes from now on follow the rules with `digest`, and `reopened_clock` computed under them.
 
         The next transaction removes a stored schedule digest for other
         rules, so that a start after rules changed and changed back still
         sets escalation times again. Call it before queueing any write made
-        under those rules.
+        under those rules. `reopened_clock` gives the clock that a customer's
+        message starts again in an answered conversation; without it, such a
+        message leaves the conversation answered.
         """
         self._writer.rules_digest = digest
+        self._writer.reopened_clock = reopened_clock
 
     async def schedule_rules(self) -> str:
         """Return the digest of the rules under which every open conversation's next escalation was last set, or ""."""

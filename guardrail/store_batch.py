@@ -20,6 +20,7 @@ import structlog
 from .acknowledgement import render_acknowledgement
 from .clock import format_instant, parse_instant
 from .conversations import KnownConversation, find_references, new_reference
+from .deadlines import ClockPlanner, SlaClock
 from .escalation import (
     DueConversation,
     EscalationPlan,
@@ -238,9 +239,11 @@ class Outcome:
     ack_limit_reached: bool = False  # True only for the first suppression in a window
     ack_problem: str = ""  # why the plain template was used
     answered: bool = False
+    reopened: bool = False  # a customer's message after the team's answer started the clock again
     deadline: datetime | None = None
-    escalates_now: bool = False
-    next_escalation_at: datetime | None = None  # when the conversation it opened is first escalated
+    escalation_reason: str = ""  # why the conversation escalates at once, such as an unstaffed team, or ""
+    # When the conversation is first escalated, if the message opened it or started its clock.
+    next_escalation_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -305,26 +308,26 @@ class _ConversationChange:
     conversation: KnownConversation | None
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     deadline: datetime | None = None
-    escalates_now: bool = False
+    escalation_reason: str = ""
     next_escalation_at: datetime | None = None  # the first escalation, when the message started the SLA clock
 
 
-def _start_clock(submission: Submission, change: _ConversationChange) -> tuple[str | None, str, datetime | None]:
-    """Fill `change` for an SLA clock that starts with `submission`.
+def _start_clock(clock: SlaClock, arrival: datetime, change: _ConversationChange) -> tuple[str | None, str, datetime | None]:
+    """Fill `change` for an SLA clock that a message arriving at `arrival` starts.
 
     Return the deadline as stored (None for none), the unstaffed reason ("" for
     a staffed team) and when the conversation is first escalated (None for never).
     """
-    deadline = format_instant(submission.deadline) if submission.deadline else None
+    deadline = format_instant(clock.deadline) if clock.deadline else None
     reason, first = "", None
-    if submission.unstaffed:
-        reason, first = submission.unstaffed, submission.received_at
-    elif deadline and submission.first_escalation_at:
-        first = submission.first_escalation_at
+    if clock.unstaffed:
+        reason, first = clock.unstaffed, arrival
+    elif deadline and clock.first_escalation_at:
+        first = clock.first_escalation_at
     if deadline:
         change.events.append(("deadline_set", {"deadline": deadline}))
-    change.deadline = submission.deadline
-    change.escalates_now = bool(reason)
+    change.deadline = clock.deadline
+    change.escalation_reason = reason
     change.next_escalation_at = first
     return deadline, reason, first
 
@@ -332,9 +335,13 @@ def _start_clock(submission: Submission, change: _ConversationChange) -> tuple[s
 class BatchWriter:
     """Collects the rows of one transaction and writes them with executemany."""
 
-    def __init__(self, db: sqlite3.Connection, settings: StoreSettings, next_id: dict[str, int]) -> None:
+    def __init__(
+        self, db: sqlite3.Connection, settings: StoreSettings, next_id: dict[str, int],
+        *, reopened_clock: ClockPlanner | None = None,
+    ) -> None:
         self.db = db
         self.settings = settings
+        self.reopened_clock = reopened_clock
         self.next_id = dict(next_id)
         self.rows: dict[str, list[tuple[Any, ...]]] = {name: [] for name in _STATEMENTS}
         self._escalated: set[int] = set()
@@ -377,6 +384,7 @@ class BatchWriter:
                 acks_in_window=sent,
                 ack_limit=self.settings.ack_limit,
                 copy_of=find_copy(submission, earlier.get(message_id, [])) if message_id else None,
+                reopened_clock=self.reopened_clock,
             )
             seen_keys.add(submission.dedupe_key)
             outcome = self._add_plan(submission, plan, by_message_id, by_reference, first_warning=not warned)
@@ -422,6 +430,11 @@ class BatchWriter:
         conversation = change.conversation
         if conversation is not None:
             by_reference[conversation.reference] = conversation
+            if plan.conversation is not None and conversation.state != plan.conversation.state:
+                # A later message of the batch that threads by another of its ids must see the new state.
+                for message_id, known in by_message_id.items():
+                    if known.id == conversation.id:
+                        by_message_id[message_id] = conversation
 
         row = self._allocate("messages")
         conversation_id = conversation.id if conversation else None
@@ -459,8 +472,9 @@ class BatchWriter:
             plan.team, plan.route, plan.destination, plan.thread_reason, plan.moved_from,
             move_reason=plan.move_reason, ack_decision=plan.ack_decision, ack_signal=plan.ack_signal,
             ack_limit_reached=plan.ack_signal == RATE_LIMIT_SIGNAL and first_warning,
-            ack_problem=ack_problem, answered=plan.answers,
-            deadline=change.deadline, escalates_now=change.escalates_now, next_escalation_at=change.next_escalation_at,
+            ack_problem=ack_problem, answered=plan.answers, reopened=plan.reopens,
+            deadline=change.deadline, escalation_reason=change.escalation_reason,
+            next_escalation_at=change.next_escalation_at,
         )
 
     def _open_conversation(self, submission: Submission, conversation: KnownConversation, at: str) -> _ConversationChange:
@@ -471,7 +485,7 @@ class BatchWriter:
         deadline, reason, first = None, "", None
         if is_reply_expected(submission):
             state = "open"
-            deadline, reason, first = _start_clock(submission, change)
+            deadline, reason, first = _start_clock(submission.clock, submission.received_at, change)
         elif submission.is_loop:
             change.events.append(("no_deadline", {"reason": "our own mail came back"}))
         elif not submission.machine_signal:
@@ -491,7 +505,7 @@ class BatchWriter:
         state = conversation.state
         if plan.answers:
             state = "answered"
-        elif plan.starts_clock:
+        elif plan.clock is not None:
             state = "open"
         change = _ConversationChange(KnownConversation(
             conversation.id, conversation.reference, plan.route, plan.team, participants, plan.destination, state,
@@ -504,9 +518,12 @@ class BatchWriter:
             }))
         if plan.participants_added:
             self.rows["participants"].append((json.dumps(sorted(participants)), at, conversation.id))
-        if plan.starts_clock:
-            deadline, reason, first = _start_clock(submission, change)
-            self.rows["clock_starts"].append((deadline, reason, format_instant(first) if first else None, at, conversation.id))
+        if plan.reopens:
+            change.events.append(("reopened", {"by": submission.summary.from_address or submission.mail_from}))
+        if plan.clock is not None:
+            deadline, reason, first = _start_clock(plan.clock, submission.received_at, change)
+            next_at = format_instant(first) if first else None
+            self.rows["clock_starts"].append((deadline, reason, next_at, at, conversation.id, conversation.state))
         if plan.answers:
             sender = submission.summary.from_address or submission.mail_from
             self.rows["answers"].append((at, sender, at, conversation.id))
@@ -818,9 +835,16 @@ class BatchWriter:
         self.db.execute("DELETE FROM facts WHERE name = ? AND value != ?", (SCHEDULE_RULES, digest))
 
     def _fired_levels(self, conversation_id: int) -> list[LevelTarget]:
-        """Return the recipients of each chain level that fired for the conversation, oldest first."""
+        """Return the recipients of each chain level that fired for the conversation since its clock last started, oldest first.
+
+        A conversation that a customer's message reopened climbs its chain
+        again from the first level, so the escalations before the last
+        `reopened` event belong to an earlier deadline.
+        """
         rows = self.db.execute(
-            "SELECT detail FROM events WHERE conversation_id = ? AND kind = 'escalated' ORDER BY id", (conversation_id,)
+            "SELECT detail FROM events WHERE conversation_id = ?1 AND kind = 'escalated' AND id >"
+            " COALESCE((SELECT MAX(id) FROM events WHERE conversation_id = ?1 AND kind = 'reopened'), 0) ORDER BY id",
+            (conversation_id,),
         ).fetchall()
         details = [json.loads(detail) for (detail,) in rows]
         # An unstaffed team's escalation names no level of the chain.
@@ -1018,13 +1042,17 @@ _STATEMENTS = {
     ),
     "moves": "UPDATE conversations SET route = ?, team = ?, destination = ?, updated_at = ? WHERE id = ?",
     "participants": "UPDATE conversations SET participants = ?, updated_at = ? WHERE id = ?",
+    # A clock that starts again climbs the chain from its first level. The
+    # last parameter is the state the plan saw: no_reply_needed or answered.
     "clock_starts": (
-        "UPDATE conversations SET state = 'open', deadline = ?, escalation_reason = ?, next_escalation_at = ?,"
-        " updated_at = ? WHERE id = ? AND state = 'no_reply_needed'"
+        "UPDATE conversations SET state = 'open', deadline = ?, escalation_level = 0, escalation_reason = ?,"
+        " next_escalation_at = ?, updated_at = ? WHERE id = ? AND state = ?"
     ),
+    # answered_at and answered_by keep the first response when a reopened
+    # conversation is answered again, for the first-response figures.
     "answers": (
-        "UPDATE conversations SET state = 'answered', answered_at = ?, answered_by = ?, updated_at = ?,"
-        " next_escalation_at = NULL WHERE id = ? AND state = 'open'"
+        "UPDATE conversations SET state = 'answered', answered_at = COALESCE(answered_at, ?),"
+        " answered_by = COALESCE(answered_by, ?), updated_at = ?, next_escalation_at = NULL WHERE id = ? AND state = 'open'"
     ),
     "messages": (
         "INSERT INTO messages (id, conversation_id, received_at, peer, helo, mail_from, rcpt_tos, message_id,"
