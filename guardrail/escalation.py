@@ -61,6 +61,8 @@ class DueConversation:
     message_id: str = ""  # Message-ID of the message that opened the conversation
     # The recipients of each chain level that fired, oldest first, or None when they were not read.
     fired: tuple[LevelTarget, ...] | None = None
+    # When a customer's message last reopened the conversation after the team's answer, or None.
+    reopened_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,11 @@ def _add_level(
     late = now - conversation.deadline if conversation.deadline else timedelta(0)
     subject = f"[{conversation.reference}] Unanswered past its deadline (level {number}): {one_line(conversation.subject)}"
     text = f"Nobody answered before the first-response deadline; this is escalation level {number}."
+    if conversation.reopened_at is not None:
+        text = (
+            "The sender wrote again after the team's answer, and nobody answered before the new deadline;"
+            f" this is escalation level {number}."
+        )
     event: dict[str, object] = {"kind": "escalated", "level": number, "late_seconds": int(late.total_seconds())}
     mail = None
     if level.human is not None:
@@ -344,6 +351,7 @@ def escalation_mail(
         f"Team:       {conversation.team}",
         f"Route:      {conversation.route}",
         f"Received:   {shown_time(conversation.opened_at, zone)}",
+        *([f"Reopened:   {shown_time(conversation.reopened_at, zone)}"] if conversation.reopened_at else []),
         f"Deadline:   {deadline}",
         f"Age:        {_age(conversation.opened_at, now)}",
         "",

@@ -620,7 +620,8 @@ class BatchWriter:
         sql = (
             "SELECT c.id, c.reference, c.team, c.route, c.subject, c.customer, c.opened_at, c.deadline,"
             " c.escalation_level, c.escalation_reason,"
-            " (SELECT m.message_id FROM messages m WHERE m.conversation_id = c.id ORDER BY m.id LIMIT 1)"
+            " (SELECT m.message_id FROM messages m WHERE m.conversation_id = c.id ORDER BY m.id LIMIT 1),"
+            " (SELECT MAX(e.at) FROM events e WHERE e.conversation_id = c.id AND e.kind = 'reopened')"
             " FROM conversations c WHERE c.next_escalation_at IS NOT NULL AND c.next_escalation_at <= ?"
             " AND c.state = 'open' ORDER BY c.next_escalation_at, c.id LIMIT ?"
         )
@@ -629,6 +630,7 @@ class BatchWriter:
                 DueConversation(
                     row[0], row[1], row[2], row[3], row[4], row[5], parse_instant(row[6]),
                     parse_instant(row[7]) if row[7] else None, row[8], row[9], row[10] or "",
+                    reopened_at=parse_instant(row[11]) if row[11] else None,
                 )
                 for row in cursor.fetchall()
             ]

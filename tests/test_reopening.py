@@ -361,6 +361,10 @@ async def test_follow_up_reopens_and_escalates(tmp_path: Path, start_daemon) -> 
     assert erik_due == 2
     assert len(escalations_to(tmp_path, DANA)) == 2
     assert len(escalations_to(tmp_path, ERIK)) == 2
+    text = dana_due[1].get_payload(decode=True).decode()
+    assert "The sender wrote again after the team's answer" in text
+    assert "Reopened:   Mon 17 Nov 2025 14:00 UTC" in text
+    assert "Deadline:   Mon 17 Nov 2025 15:00 UTC" in text
     # Answered again: the first response stays recorded.
     assert await conversation(daemon) == ("answered", "2025-11-17T15:00:00.000000Z", 2, None, *first_response)
     # Only the message that opened the conversation was acknowledged.
