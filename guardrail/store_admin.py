@@ -361,7 +361,8 @@ def status_rows(path: Path, now: datetime, *, busy_timeout: timedelta = BUSY_TIM
             (instant,),
         ).fetchall()
         routes = connection.execute(
-            "SELECT route, COUNT(*), SUM(state = 'answered') FROM conversations GROUP BY route ORDER BY route"
+            # A conversation counts as answered from its first response on, as the median does.
+            "SELECT route, COUNT(*), SUM(answered_at IS NOT NULL) FROM conversations GROUP BY route ORDER BY route"
         ).fetchall()
         response_times = connection.execute(
             "SELECT route, opened_at, answered_at FROM conversations WHERE answered_at IS NOT NULL"

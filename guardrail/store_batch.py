@@ -681,15 +681,17 @@ class BatchWriter:
         for route in routes:
             # Only conversations that were answered or are past their deadline
             # count, because a burst of new mail within its deadlines is not neglect.
+            # A conversation counts as answered from its first response on,
+            # also while a customer's later message has reopened it.
             sql = (
-                "SELECT team, state FROM conversations WHERE route = ? AND deadline IS NOT NULL"
-                " AND (state = 'answered' OR deadline <= ?) ORDER BY opened_at DESC LIMIT ?"
+                "SELECT team, answered_at IS NOT NULL FROM conversations WHERE route = ? AND deadline IS NOT NULL"
+                " AND (answered_at IS NOT NULL OR deadline <= ?) ORDER BY opened_at DESC LIMIT ?"
             )
             with closing(self.db.execute(sql, (route, due, recent))) as cursor:
                 newest = cursor.fetchall()
             if not newest:
                 continue
-            counts.append((route, newest[0][0], len(newest), sum(1 for _, state in newest if state == "answered")))
+            counts.append((route, newest[0][0], len(newest), sum(1 for _, answered in newest if answered)))
             # The first message unanswered since the last answer (the first ever
             # when none was answered), from which the route's silence counts.
             sql = (

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -21,7 +23,9 @@ from test_escalation import (
     open_chain_conversation,
     reply_from,
 )
+from test_operations import advance_hours, alarms, zombie_daemon
 
+from guardrail.cli import main
 from guardrail.clock import ManualClock
 from guardrail.committer import Committer
 from guardrail.config import load_config
@@ -413,3 +417,32 @@ async def test_reload_turns_reopening_off(tmp_path: Path, start_daemon) -> None:
     )
     assert await daemon.store.fetch_all("SELECT kind FROM events WHERE kind = 'reopened'") == []
     assert escalations_to(tmp_path, DANA) == []
+
+
+async def test_reopened_counts_as_answered(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    # With a share of 60% needed, one reopened conversation left waiting would alarm if it counted as unanswered.
+    daemon, clock = await zombie_daemon(tmp_path, start_daemon, conversations=2, min_answered_share=0.6, silent_business_hours="100h")
+    for number in range(2):
+        await send(daemon.port, f"c{number}@example.com", ["support@example.org"], message(message_id=f"<q{number}@x>"))
+    await advance_hours(daemon, clock, 1)
+    for number in range(2):
+        reply = message(sender="Sam Ortiz <sam@example.org>", message_id=f"<a{number}@x>", extra_headers=f"In-Reply-To: <q{number}@x>\r\n")
+        await send(daemon.port, "sam@example.org", ["support@example.org"], reply)
+    await advance_hours(daemon, clock, 1)
+    for number in range(2):
+        again = message(message_id=f"<f{number}@x>", extra_headers=f"In-Reply-To: <a{number}@x>\r\n")
+        await send(daemon.port, f"c{number}@example.com", ["support@example.org"], again)
+    await advance_hours(daemon, clock, 1)
+    reply = message(sender="Sam Ortiz <sam@example.org>", message_id="<a0b@x>", extra_headers="In-Reply-To: <f0@x>\r\n")
+    await send(daemon.port, "sam@example.org", ["support@example.org"], reply)
+    # Past the second deadline of the conversation left waiting.
+    await advance_hours(daemon, clock, 6)
+    states = await daemon.store.fetch_all("SELECT state FROM conversations ORDER BY id")
+    capsys.readouterr()
+
+    assert await asyncio.to_thread(main, ["status", "--config", str(daemon.config.path)]) == 0
+    output = capsys.readouterr().out
+    assert [row[0] for row in states] == ["answered", "open"]
+    assert alarms(tmp_path) == []
+    # Received 2, answered 2, and the median first response is the hour before the first answers.
+    assert re.search(r"\n  default\s+2\s+2\s+1\.0h\n", output), output
