@@ -28,8 +28,8 @@ class SlaClock:
 
 
 # planner(team, route, arrival): the clock that a customer's message arriving
-# at `arrival` starts again in a conversation of that team and route, or None
-# when the rules turn reopening off there or no longer have the team.
+# at `arrival` starts again in a conversation of that team and route. It is
+# None when the rules turn reopening off there or no longer contain the team.
 ClockPlanner = Callable[[str, str, datetime], SlaClock | None]
 
 

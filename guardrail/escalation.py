@@ -283,8 +283,8 @@ def _add_level(
     text = f"Nobody answered before the first-response deadline; this is escalation level {number}."
     if conversation.reopened_at is not None:
         text = (
-            "The sender wrote again after the team's answer, and nobody answered before the new deadline;"
-            f" this is escalation level {number}."
+            "The sender wrote again after the team's answer, and nobody answered before the new deadline."
+            f" This is escalation level {number}."
         )
     event: dict[str, object] = {"kind": "escalated", "level": number, "late_seconds": int(late.total_seconds())}
     mail = None

@@ -242,7 +242,7 @@ def plan_submission(
     that message's conversation and is neither delivered nor acknowledged
     again, as the second recipient of one transaction would be.
     `reopened_clock` gives the clock that a customer's message starts again
-    in an answered conversation; without it no conversation reopens.
+    in an answered conversation. Without it, no conversation reopens.
     """
     if is_duplicate:
         return Plan("duplicate")
@@ -356,7 +356,7 @@ def is_reopening(state: str, submission: Submission) -> bool:
 
     Mail that only its subject marks as an auto-reply or a delivery report
     counts as software's here, unlike in a conversation it opens. A person's
-    answer in a conversation starts its subject with "Re:", and an
+    reply in a conversation usually starts its subject with "Re:", and an
     out-of-office reply to the team's answer with "Automatic reply:" or the like.
     """
     return (

@@ -282,13 +282,13 @@ class Store:
         return done.earliest
 
     def follow_rules(self, digest: str, reopened_clock: ClockPlanner | None = None) -> None:
-        """Note that writes from now on follow the rules with `digest`, and `reopened_clock` computed under them.
+        """Note that writes from now on follow the rules with `digest`, and that `reopened_clock` computes clocks under them.
 
         The next transaction removes a stored schedule digest for other
         rules, so that a start after rules changed and changed back still
         sets escalation times again. Call it before queueing any write made
         under those rules. `reopened_clock` gives the clock that a customer's
-        message starts again in an answered conversation; without it, such a
+        message starts again in an answered conversation. Without it, such a
         message leaves the conversation answered.
         """
         self._writer.rules_digest = digest

@@ -40,8 +40,8 @@ from guardrail.store_batch import StoreSettings
 WEEKDAY_HOURS = ", ".join(f'{day} = ["09:00-18:00"]' for day in ("mon", "tue", "wed", "thu", "fri"))
 
 # Support works office hours in Paris and promises 4h, or 1h on its urgent
-# route; billing works around the clock in UTC and promises 1h; nobody staffs
-# the helpdesk team.
+# route. Billing works around the clock in UTC and promises 1h. The helpdesk
+# team has no members.
 RULES = f"""
 [[calendar]]
 name = "office"
@@ -118,7 +118,7 @@ READ_RECEIPT = follow_up(
     "Read: Re: Printer on floor 3 jams",
     headers='MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=disposition-notification; boundary="b"\r\n',
 )
-# Its own route would be billing; the conversation stays with support.
+# Its own route would be billing, but the conversation stays with support.
 INVOICE = follow_up("Re: Printer on floor 3 jams, and my invoice")
 
 
@@ -178,7 +178,11 @@ def test_reopen_decision_table(
     assert plan.conversation == known
     assert plan.reopens is reopens
     assert plan.starts_clock is starts_clock
-    assert (plan.clock.deadline if plan.clock else None) == (utc(deadline) if deadline else None)
+    if deadline is None:
+        assert plan.clock is None
+    else:
+        assert plan.clock is not None
+        assert plan.clock.deadline == utc(deadline)
     assert (plan.team, plan.route) == ("support", route)
     # A follow-up gets no acknowledgement, except from the person who starts the clock of machine mail.
     assert (plan.ack_decision == "suppressed") is not starts_clock
@@ -389,7 +393,7 @@ async def test_two_follow_ups_reopen_once(tmp_path: Path, start_daemon) -> None:
     committer = Committer(daemon.config.database_path, StoreSettings())
     committer.reopened_clock = partial(reopened_clock, daemon.rules)
     try:
-        # One transaction holds both messages.
+        # Both messages are committed in one transaction.
         outcomes = committer.commit(submissions)
         events = committer.db.execute("SELECT kind FROM events WHERE kind IN ('reopened', 'deadline_set') ORDER BY id").fetchall()
         row = committer.db.execute("SELECT state, deadline FROM conversations").fetchall()
