@@ -1,11 +1,11 @@
 """SMTP intake: an aiosmtpd server that replies 250 only once a message is committed.
 
 `GuardrailSMTP` changes the protocol where a hardened MTA must differ from
-stock aiosmtpd: DATA is read in large chunks, oversized data gets one 552
-after the final dot, every reply carries an enhanced status code, and
-concurrent connections are capped. `IntakeHandler` runs the steps of a
-transaction: check the envelope, read the message, reject bare CR or LF,
-route it, commit it, reply.
+stock aiosmtpd: a command line must end in CRLF, DATA is read in large
+chunks, oversized data gets one 552 after the final dot, every reply carries
+an enhanced status code, and concurrent connections are capped.
+`IntakeHandler` runs the steps of a transaction: check the envelope, read
+the message, reject bare CR or LF, route it, commit it, reply.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from .replies import (
     REPLY_BAD_HELO,
     REPLY_BAD_RECIPIENT,
     REPLY_BAD_SENDER,
+    REPLY_BARE_LF_COMMAND,
     REPLY_BARE_LINE_ENDING,
     REPLY_BUSY,
     REPLY_BUSY_CLIENT,
@@ -125,6 +126,27 @@ def _scan_data(buffer: bytearray, start: int) -> tuple[int, int, bool]:
     return -1, max(0, len(buffer) - 2), stuffed
 
 
+class BareLineFeed(Exception):
+    """Error raised when a command line ends in LF without the CR before it."""
+
+
+class CommandLineReader(asyncio.StreamReader):
+    """A StreamReader that raises BareLineFeed for a command line that does not end in CRLF.
+
+    aiosmtpd 1.4.6 reads each command with `readuntil()`, which stops at LF,
+    and strips CR and LF from the end, so the command loop cannot tell the
+    two line endings apart. RFC 5321 section 2.3.8 allows only CRLF. The
+    line is consumed before the error is raised, so the loop goes on with
+    the next line. The DATA reader uses `read()` and is not affected.
+    """
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        line = await super().readuntil(separator)
+        if separator == b"\n" and not line.endswith(b"\r\n"):
+            raise BareLineFeed
+        return line
+
+
 class ConnectionTracker:
     """Counts open connections, per client address too, and transactions whose DATA is being processed."""
 
@@ -199,6 +221,13 @@ class GuardrailSMTP(SMTP):
         # aiosmtpd creates an envelope for each transaction: after HELO, EHLO, RSET, DATA and STARTTLS.
         self._rcpt_given = False
         return super()._create_envelope()
+
+    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # asyncio calls this once a connection, with the reader that aiosmtpd
+        # created in its __init__ and that the transport feeds. Changing the class of
+        # that same object keeps the feed and adds the line-ending check.
+        reader.__class__ = CommandLineReader
+        super()._cb_client_connected(reader, writer)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # STARTTLS calls this again for the same connection, which is counted once.
@@ -295,6 +324,12 @@ class GuardrailSMTP(SMTP):
             if self.transport is not None:
                 self.transport.close()
             raise asyncio.CancelledError
+        if isinstance(error, BareLineFeed):
+            # aiosmtpd pushes the returned reply, and the session goes on. A
+            # client that keeps sending such lines reaches ERROR_REPLY_LIMIT.
+            log.warning("bare_lf_rejected", peer=_peer(self.session), reason="bare LF at the end of a command line")
+            self._reject("bare line ending")
+            return REPLY_BARE_LF_COMMAND
         # aiosmtpd passes the handler only the error, so the peer is added here for its log line.
         return await self.event_handler.handle_exception(error, peer=_peer(self.session))
 

@@ -8,6 +8,8 @@ REPLY_ACCEPTED = "250 2.0.0 Ok: queued as {reference}"
 REPLY_DUPLICATE = "250 2.0.0 Ok: already queued (duplicate of {message_id})"
 REPLY_TEMPORARY = "451 4.3.0 Temporary local problem, try again later"
 REPLY_BARE_LINE_ENDING = "550 5.5.2 Bare LF or bare CR in message; lines must end with CRLF"
+# 500 is RFC 5321's reply to a syntax error in a command line, and X.5.2 is RFC 3463's code for a syntax error.
+REPLY_BARE_LF_COMMAND = "500 5.5.2 Bare LF in command; lines must end with CRLF"
 REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 REPLY_TOO_MANY_HOPS = "554 5.4.6 Too many Received headers; mail loop suspected"
 REPLY_RECIPIENT_OK = "250 2.1.5 Ok"

@@ -285,6 +285,84 @@ async def test_dot_stuffed_lines_survive_relay(tmp_path: Path, start_daemon, sin
     assert delivered.content.count(b"\r") == delivered.content.count(b"\r\n")
 
 
+# -- Command line endings -------------------------------------------------------
+
+BARE_LF_REPLY = "500 5.5.2 Bare LF in command; lines must end with CRLF"
+
+
+async def replies_to_lines(port: int, lines: list[bytes]) -> list[list[str]]:
+    """Send each of `lines` as it is, one at a time, and return the reply to each, greeting first."""
+    client = await Client.connect(port)
+    try:
+        replies = [await client.reply()]
+        for line in lines:
+            await client.send(line)
+            replies.append(await client.reply())
+    finally:
+        await client.close()
+    return replies
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [b"EHLO x\n", b"NOOP\r\n"],
+        [EHLO, b"MAIL FROM:<a@b>\n", b"NOOP\r\n"],
+        [EHLO, b"MAIL FROM:<alice@example.com>\r\n", b"RCPT TO:<support@example.org>\n", b"NOOP\r\n"],
+        [EHLO, b"NOOP\n", b"NOOP\r\n"],
+        [EHLO, b"QUIT\n", b"NOOP\r\n"],
+    ],
+    ids=["EHLO", "MAIL", "RCPT", "NOOP", "QUIT"],
+)
+async def test_bare_lf_command_gets_500(tmp_path: Path, start_daemon, sink, lines: list[bytes]) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+
+    with structlog.testing.capture_logs() as events:
+        ours = await replies_to_lines(daemon.port, lines)
+    stock = await replies_to_lines(sink.port, lines[:-1])
+
+    # The session goes on: the CRLF command after the rejected one gets its usual reply.
+    assert ours[-2:] == [[BARE_LF_REPLY], ["250 2.0.0 OK"]]
+    assert codes(ours[1:-2]) == codes(stock[1:-1])
+    # Stock aiosmtpd 1.4.6 runs the command.
+    assert stock[-1][-1][:1] == "2"
+    warnings = [event for event in events if event["event"] == "bare_lf_rejected"]
+    assert len(warnings) == 1
+    assert warnings[0]["log_level"] == "warning"
+    assert metric(daemon, "guardrail_messages_rejected_total", reason="bare line ending") == 1
+
+
+async def test_mixed_pipeline_runs_crlf_commands(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    client = await Client.connect(daemon.port)
+    await client.reply()
+
+    await client.send(
+        EHLO + b"MAIL FROM:<a@b>\nMAIL FROM:<alice@example.com>\r\n"
+        + f"RCPT TO:<{SUPPORT}>\r\n".encode() + b"RSET\nDATA\r\n"
+    )
+    group = [await client.reply() for _ in range(6)]
+    await client.send(dot_stuff(message()) + b"QUIT\r\n")
+    last = await client.replies_until_closed()
+    await client.close()
+
+    assert codes(group) == ["250", "500", "250", "250", "500", "354"]
+    assert group[1] == group[4] == [BARE_LF_REPLY]
+    assert codes(last) == ["250", "221"]
+    assert query(daemon, "SELECT mail_from FROM messages") == [("alice@example.com",)]
+
+
+async def test_crlf_pipeline_replies_match_stock(tmp_path: Path, start_daemon, sink) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    pipeline = EHLO + f"MAIL FROM:<alice@example.com>\r\nRCPT TO:<{SUPPORT}>\r\nNOOP\r\nRSET\r\nQUIT\r\n".encode()
+
+    ours = await converse(daemon.port, pipeline)
+    stock = await converse(sink.port, pipeline)
+
+    final_lines = [[line[:3] for line in lines if line[3:4] != "-"] for lines in (ours, stock)]
+    assert final_lines[0] == final_lines[1] == ["220", "250", "250", "250", "250", "250", "221"]
+
+
 # -- Oversize messages -----------------------------------------------------------
 
 
