@@ -11,6 +11,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import write_config
+
+from guardrail.cli import main
+from guardrail.commands import EXIT_FAILURE, EXIT_USAGE
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "deploy" / "systemd" / "guardrail.service"
@@ -99,6 +103,18 @@ def test_unit_sets_sandboxing_keys() -> None:
     assert service.get("WorkingDirectory") == ["/var/lib/guardrail"]
     assert service.get("DynamicUser") == ["yes"]
     assert service.get("ExecStart") == [f"{INSTALLED_GUARDRAIL} run --config /etc/guardrail/guardrail.toml"]
+
+
+def test_unit_restarts_except_on_usage_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path, smtp={"port": "abc"})
+
+    status = main(["run", "--config", str(config)])
+    service = unit_settings(UNIT.read_text(), "Service")
+
+    assert status == EXIT_USAGE
+    assert service.get("Restart") == ["on-failure"]
+    assert service.get("RestartPreventExitStatus") == [str(EXIT_USAGE)]
+    assert str(EXIT_FAILURE) not in service["RestartPreventExitStatus"][0].split()
 
 
 def test_containerfile_runs_guardrail_unprivileged() -> None:
