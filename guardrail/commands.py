@@ -117,8 +117,13 @@ def maildir_warnings(rules: RuleSet) -> list[Finding]:
 
 
 def pid_file(config: Config) -> Path:
-    """Return where the running daemon writes its process id: beside the database."""
-    return config.database_path.with_suffix(".pid")
+    """Return where the running daemon writes its process id: beside the database, named after its whole file name.
+
+    `a.db` gets `a.db.pid`, so that databases whose names differ only in
+    their extension (`a.db`, `a.sqlite`, `a`) each get a pid file of their own.
+    """
+    database = config.database_path
+    return database.with_name(f"{database.name}.pid")
 
 
 def run(arguments: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from conftest import (
     message,
     send,
     settle,
+    wait_for_port,
     wait_until,
     write_config,
 )
@@ -35,6 +36,8 @@ from structlog.testing import capture_logs
 
 from guardrail.cli import main
 from guardrail.clock import ManualClock
+from guardrail.commands import pid_file
+from guardrail.config import load_config
 from guardrail.daemon import Daemon
 from guardrail.store_batch import SCHEMA
 
@@ -775,7 +778,7 @@ UNWRITABLE = [
     ("folder", "no file can be created in its folder {folder}: Permission denied; SQLite creates guardrail.db-wal"),
     ("guardrail.db", "this user ({user}) may not write it (Permission denied), which belongs to {owner};"),
     ("guardrail.db-wal", "this user ({user}) may not write {folder}/guardrail.db-wal (Permission denied)"),
-    ("guardrail.pid", "this user ({user}) may not write {folder}/guardrail.pid (Permission denied)"),
+    ("guardrail.db.pid", "this user ({user}) may not write {folder}/guardrail.db.pid (Permission denied)"),
 ]
 
 
@@ -805,7 +808,7 @@ def test_run_unwritable_database_files(read_only: str, expected: str) -> None:
         # before the files are written: closing the database removes an empty -wal file.
         with redirect_stderr(io.StringIO()):
             assert main(["check", "--config", str(config)]) == 1
-        for name in ("guardrail.db", "guardrail.db-wal", "guardrail.pid"):
+        for name in ("guardrail.db", "guardrail.db-wal", "guardrail.db.pid"):
             (folder / name).touch()
         for path in folder.iterdir():  # The check may leave a -shm file too.
             path.chmod(0o444 if path.name == read_only else 0o666)
@@ -1027,7 +1030,7 @@ def test_run_accepts_new_or_guardrail_database(tmp_path: Path, write) -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        wait_for_pid(tmp_path / "var" / "guardrail.pid", process)
+        wait_for_pid(tmp_path / "var" / "guardrail.db.pid", process)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
     finally:
@@ -1329,7 +1332,7 @@ def test_reload_ignores_stale_pid_file(tmp_path: Path, capsys: pytest.CaptureFix
     bystander = subprocess.Popen(["sleep", "60"])
     try:
         # A daemon killed with SIGKILL leaves its pid file; the pid may be reused by another process.
-        pid_path = tmp_path / "var" / "guardrail.pid"
+        pid_path = tmp_path / "var" / "guardrail.db.pid"
         pid_path.parent.mkdir(parents=True, exist_ok=True)
         pid_path.write_text(f"{bystander.pid}\n")
 
@@ -1359,7 +1362,7 @@ def test_reload_command_validates_then_signals(tmp_path: Path, capsys: pytest.Ca
         [sys.executable, "-m", "guardrail", "run", "--config", str(config)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    pid_path = tmp_path / "var" / "guardrail.pid"
+    pid_path = tmp_path / "var" / "guardrail.db.pid"
     try:
         wait_for_pid(pid_path, process)
         assert pid_path.read_text().strip() == str(process.pid)
@@ -1394,7 +1397,7 @@ def test_reload_notes_changed_config(tmp_path: Path, capsys: pytest.CaptureFixtu
     process = subprocess.Popen(
         [sys.executable, "-m", "guardrail", "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    pid_path = tmp_path / "var" / "guardrail.pid"
+    pid_path = tmp_path / "var" / "guardrail.db.pid"
     try:
         wait_for_pid(pid_path, process)
         started = pid_path.stat().st_mtime
@@ -1413,6 +1416,56 @@ def test_reload_notes_changed_config(tmp_path: Path, capsys: pytest.CaptureFixtu
         )
     finally:
         kill_if_running(process)
+
+
+@pytest.mark.parametrize(
+    ("database", "expected"),
+    [("a.db", "a.db.pid"), ("a.sqlite", "a.sqlite.pid"), ("a", "a.pid"), ("a.b.db", "a.b.db.pid")],
+)
+def test_pid_file_keeps_database_name(tmp_path: Path, database: str, expected: str) -> None:
+    config = load_config(write_config(tmp_path, sections={"database": {"path": f"var/{database}"}}))
+
+    assert pid_file(config) == tmp_path / "var" / expected
+
+
+def test_daemons_on_sibling_databases_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Two databases in one folder whose names differ only in their extension.
+    ports = [free_port(), free_port()]
+    configs = [
+        write_config(
+            tmp_path / folder, smtp={"port": port, "parse_processes": 0},
+            sections={"database": {"path": str(tmp_path / "var" / database)}},
+        )
+        for folder, database, port in zip(["one", "two"], ["a.db", "a.sqlite"], ports)
+    ]
+    pid_paths = [pid_file(load_config(config)) for config in configs]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "guardrail", "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        for config in configs
+    ]
+    try:
+        for port, pid_path, process in zip(ports, pid_paths, processes):
+            wait_for_port(port, process)
+            wait_for_pid(pid_path, process)
+
+        assert pid_paths[0] != pid_paths[1]
+        for pid_path, process in zip(pid_paths, processes):
+            assert process.poll() is None
+            assert pid_path.read_text().strip() == str(process.pid)
+        for config, process in zip(configs, processes):
+            assert main(["reload", "--config", str(config)]) == 0
+            assert f"sent SIGHUP to guardrail (pid {process.pid})" in capsys.readouterr().out
+
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for pid_path, process in zip(pid_paths, processes):
+            assert process.wait(timeout=15) == 0
+            assert not pid_path.exists()
+    finally:
+        for process in processes:
+            kill_if_running(process)
 
 
 UNSET_SECRETS = {
@@ -1504,7 +1557,7 @@ def test_run_requires_secret_variables(secretless_config: Path) -> None:
         f"error: {secretless_config}: smarthost.password_env: environment variable 'GUARDRAIL_TEST_UNSET_PASSWORD' is not set;"
         " export it or remove the key"
     ) in lines
-    assert not (secretless_config.parent / "var" / "guardrail.pid").exists()
+    assert not (secretless_config.parent / "var" / "guardrail.db.pid").exists()
 
 
 @pytest.mark.parametrize("value", ["", "short"])
