@@ -17,11 +17,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
 
+from .encoded_words import decode_encoded_words
 from .htmltext import html_text
 
-# Header values are decoded up to this many characters, because the email
-# package's decode_header (Python 3.11.7) takes time quadratic in the number
-# of RFC 2047 words. A long value of short words could stall parsing for minutes.
+# Header values are decoded up to this many characters, so that one header
+# of megabytes, such as a Subject of 200,000 encoded words, cannot hold up parsing.
 HEADER_DECODE_LIMIT = 64 * 1024
 
 # Text bodies are decoded up to this many characters for body conditions.
@@ -318,16 +318,23 @@ def _quote(match: re.Match[str]) -> str:
 
 
 def decode_header_value(value: object) -> str:
-    """Decode a header value with RFC 2047 words and raw 8-bit bytes into text."""
+    """Decode a header value with RFC 2047 words and raw 8-bit bytes into text.
+
+    An encoded word that does not decode (invalid base64 or Q text, bytes
+    invalid in its charset) stays as written, and the rest still decodes.
+    """
+    text = _repair_surrogates(str(value)[:HEADER_DECODE_LIMIT])
+    if not isinstance(value, email.header.Header):
+        try:
+            return decode_encoded_words(text)
+        except Exception:  # noqa: BLE001 - the parser must never stop intake
+            return text
     try:
-        if isinstance(value, email.header.Header):
-            # compat32 wraps raw 8-bit header bytes in a Header whose charset
-            # is unknown-8bit; its chunks are bytes decoded below.
-            parts = email.header.decode_header(value)
-        else:
-            parts = email.header.decode_header(_repair_surrogates(str(value)[:HEADER_DECODE_LIMIT]))
+        # compat32 wraps raw 8-bit header bytes in a Header whose charset
+        # is unknown-8bit; its chunks are bytes decoded below.
+        parts = email.header.decode_header(value)
     except Exception:  # noqa: BLE001
-        return _repair_surrogates(str(value)[:HEADER_DECODE_LIMIT])
+        return text
     decoded = []
     for chunk, charset in parts:
         if isinstance(chunk, bytes):

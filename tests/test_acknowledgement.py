@@ -532,6 +532,28 @@ async def test_encoded_crlf_cannot_add_headers(tmp_path: Path, start_daemon) -> 
     assert max(len(line) for line in raw.split(b"\r\n")) <= 998
 
 
+async def test_broken_encoded_word_quoted_as_written(tmp_path: Path, start_daemon) -> None:
+    # Invalid base64, a UTF-8 character cut short, and a valid word between them.
+    data = message(subject="Printer =?utf-8?B?####?= =?utf-8?Q?caf=C3=A9?= =?utf-8?B?w6nD?=")
+    shown = "Printer =?utf-8?B?####?= café =?utf-8?B?w6nD?="
+    daemon, clock = await start(tmp_path, start_daemon)
+
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=daemon.port, timeout=10) as client:
+        await client.mail("alice@example.com")
+        await client.rcpt("support@example.org")
+        reply = await client.data(data)
+    await settle(daemon, clock)
+    await wait_until(lambda: sent_acknowledgements(tmp_path), what="the acknowledgement")
+
+    ((_, ack),) = sent_acknowledgements(tmp_path)
+    ((reference, stored),) = await daemon.store.fetch_all("SELECT reference, subject FROM conversations")
+    assert reply.code == 250
+    assert stored == shown
+    assert subject(ack) == f"We received your message: {shown} [{reference}]"
+    assert f'"{shown}"' in body(ack)
+    assert "\ufffd" not in subject(ack) + body(ack)
+
+
 def test_long_subject_is_folded(rules: RuleSet) -> None:
     long_subject = "Printer-" + "x" * 1500 + " " + "on floor 3 " * 100
     summary = summarize(message(subject=long_subject))

@@ -49,6 +49,10 @@ from guardrail.message import parse_addresses, summarize
         (b'From: "\\"JJ\\" Doe" <jd@example.com>\r\n\r\nx', "from_name", '"JJ" Doe'),
         (b'From: jd@example.com (John "JJ" Doe)\r\n\r\nx', "from_name", 'John "JJ" Doe'),
         (b"From: =?utf-8?q?=22Ren=C3=A9=22?= <rene@example.com>\r\n\r\nx", "from_name", "René"),
+        # An encoded word that does not decode stays as written, and the others still decode.
+        (b"Subject: Re: =?utf-8?B?####?= =?utf-8?Q?caf=C3=A9?=\r\n\r\nx", "subject", "Re: =?utf-8?B?####?= café"),
+        (b"Subject: =?utf-8?B?w6nD?=\r\n\r\nx", "subject", "=?utf-8?B?w6nD?="),
+        (b"From: =?utf-8?B?w6nD?= <rene@example.com>\r\n\r\nx", "from_name", "=?utf-8?B?w6nD?="),
     ],
 )
 def test_summary_fields(raw: bytes, field: str, expected: object) -> None:
