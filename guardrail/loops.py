@@ -5,6 +5,11 @@ a message was written by software (auto-replies, bounces, lists, bulk mail,
 our own mail coming back); `acknowledgement_signal` adds the reasons that are
 not about machines but still rule out an acknowledgement. Each returns the
 signal as text, which is stored with the decision, or None.
+
+A message that one of `[smtp] inbox_lists` passed on carries that list's
+headers and its bounce address as the envelope sender, whoever wrote it.
+Given the person behind it (a ListSender), `machine_signal` leaves those out
+and reads every other sign.
 """
 
 from __future__ import annotations
@@ -14,17 +19,23 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable
 
+from .lists import ListSender
 from .message import REPORT_TYPES, Summary
 
 LOOP_HEADER = "X-Guardrail-Loop"
 
 _PRECEDENCE_VALUES = {"bulk", "junk", "list", "auto_reply"}
+# The Precedence values that a list writes on each message it passes on.
+_LIST_PRECEDENCE_VALUES = frozenset({"bulk", "list"})
 # List-Id (RFC 2919), the six List-* headers of RFC 2369, and Mailing-List,
 # which ezmlm sets.
 _LIST_HEADERS = (
     "list-id", "list-help", "list-unsubscribe", "list-subscribe", "list-post", "list-owner", "list-archive",
     "mailing-list",
 )
+# Headers that list software writes on each message it passes on: Mailman
+# 2.1 writes Errors-To beside the list headers.
+_LIST_WRITTEN_HEADERS = frozenset({*_LIST_HEADERS, "errors-to"})
 _AUTOREPLY_HEADERS = ("x-autoreply", "x-autorespond", "x-autoresponder")
 _SUPPRESS_TOKENS = {"oof", "autoreply", "all"}
 _SUPPRESS_SEPARATORS = re.compile(r"[\s,;]+")
@@ -209,7 +220,14 @@ def _first_value(summary: Summary, name: str) -> str:
     return values[0].strip() if values else ""
 
 
-def _header_signal(summary: Summary) -> str | None:
+def _header_signal(summary: Summary, passed_on: bool) -> str | None:
+    """Return the first sign in the headers or the MIME parts that software wrote the message, or None.
+
+    With `passed_on`, the message came through one of our lists, which
+    writes each list header, Errors-To and one Precedence of `list` or
+    `bulk` once. Those count only when the message carries a second one,
+    which came with the message the list passed on.
+    """
     if _SIGNAL_HEADERS.isdisjoint(summary.headers):
         # Most mail from people carries none of these headers, so only Content-Type is left to read.
         return _report_signal(summary)
@@ -219,13 +237,15 @@ def _header_signal(summary: Summary) -> str | None:
         if header_keyword(value) != "no":
             return f"Auto-Submitted: {_unfolded(value)}"
     for name in ("precedence", "x-precedence"):
-        for value in summary.header(name):
-            keyword = header_keyword(value)
-            if keyword in _PRECEDENCE_VALUES:
+        keywords = [header_keyword(value) for value in summary.header(name)]
+        written_by_list = passed_on and sum(keyword in _LIST_PRECEDENCE_VALUES for keyword in keywords) == 1
+        for keyword in keywords:
+            if keyword in _PRECEDENCE_VALUES and not (written_by_list and keyword in _LIST_PRECEDENCE_VALUES):
                 return f"{name.title()}: {keyword}"
     # Errors-To is a legacy header that only list and bulk software still sets.
     for name in (*_AUTOREPLY_HEADERS, *_LIST_HEADERS, *_OTHER_SIGNAL_HEADERS):
-        if summary.header(name):
+        values = summary.header(name)
+        if values and not (passed_on and name in _LIST_WRITTEN_HEADERS and len(values) == 1):
             return f"{name} header"
     if any(value.strip().upper() == "VACATION" for value in summary.header("x-apple-action")):
         return "X-Apple-Action: VACATION"
@@ -254,20 +274,16 @@ def _calendar_method(content_type: str) -> str:
     return match.group(1).lower() if match else ""
 
 
-def _sender_signal(summary: Summary, mail_from: str, patterns: tuple[re.Pattern[str], ...]) -> str | None:
+def _sender_signal(
+    summary: Summary, mail_from: str, patterns: tuple[re.Pattern[str], ...], sender: ListSender | None,
+) -> str | None:
     if not mail_from:
         return "null envelope sender"
     for name in ("return-path", "x-envelope-from"):
         if any(value.strip() == "<>" for value in summary.header(name)):
             return f"{name.title()}: <>"
-    candidates = [("envelope sender", mail_from), ("From", summary.from_address)]
-    for name in ("sender", "return-path", "errors-to"):
-        for value in summary.header(name):
-            match = re.search(r"[^\s<>\"]+@[^\s<>\"]+", value)
-            if match:
-                candidates.append((name.title(), match.group(0)))
     automated = _any_of(patterns)
-    for where, address in candidates:
+    for where, address in _sender_candidates(summary, mail_from, sender):
         local, at, domain = address.lower().rpartition("@")
         if not at:
             # An address without "@", such as the envelope sender MAILER-DAEMON, is a local part alone.
@@ -280,6 +296,27 @@ def _sender_signal(summary: Summary, mail_from: str, patterns: tuple[re.Pattern[
         if domain.split(".")[0] in ("bounce", "bounces"):
             return f"{where} {address.lower()} is a bounce address"
     return None
+
+
+def _sender_candidates(summary: Summary, mail_from: str, sender: ListSender | None) -> list[tuple[str, str]]:
+    """Return the (header, address) pairs whose local part or domain may show a robot sender.
+
+    A list of ours puts its bounce address in the envelope sender, Sender,
+    Return-Path or Errors-To of every message it passes on, so of such a
+    message only From and the person recovered behind it are read.
+    """
+    if sender is not None:
+        candidates = [("From", summary.from_address)]
+        if sender.header != "From":
+            candidates.append((sender.header, sender.address))
+        return candidates
+    candidates = [("envelope sender", mail_from), ("From", summary.from_address)]
+    for name in ("sender", "return-path", "errors-to"):
+        for value in summary.header(name):
+            match = re.search(r"[^\s<>\"]+@[^\s<>\"]+", value)
+            if match:
+                candidates.append((name.title(), match.group(0)))
+    return candidates
 
 
 # A numbered or named backreference, or a conditional group.
@@ -314,11 +351,17 @@ def machine_signal(
     mail_from: str,
     hostname: str,
     sender_patterns: tuple[re.Pattern[str], ...] = DEFAULT_SENDERS,
+    sender: ListSender | None = None,
 ) -> str | None:
-    """Return why the message looks written by software, or None for a person."""
+    """Return why the message looks written by software, or None for a person.
+
+    `sender` is the person behind a message that one of our lists passed on
+    (see lists.list_sender), or None for other mail.
+    """
     if has_our_loop_marker(summary, hostname):
         return "our loop marker"
-    signal = _header_signal(summary) or _sender_signal(summary, mail_from, sender_patterns)
+    passed_on = sender is not None
+    signal = _header_signal(summary, passed_on) or _sender_signal(summary, mail_from, sender_patterns, sender)
     if signal:
         return signal
     if _AUTOREPLY_SUBJECTS.match(fold(summary.subject)):

@@ -401,14 +401,25 @@ def _addresses(values: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _first_address(values: tuple[str, ...]) -> tuple[str, str]:
+    found = _mailboxes(values[:1])
+    return found[0] if found else ("", "")
+
+
+def mailboxes(values: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Return the (display name, lower-cased address) pairs of address header `values` as received, RFC 2047 words still encoded.
+
+    Names are decoded after the addresses are parsed, as for From, so an
+    encoded "@" or "," in a name never becomes part of an address.
+    """
+    return _mailboxes(tuple(_ENCODED_WORD.sub(_quote, _FOLD.sub(" ", value)) for value in values))
+
+
+def _mailboxes(values: tuple[str, ...]) -> list[tuple[str, str]]:
     try:
-        pairs = parse_addresses(values[:1])
+        pairs = parse_addresses(values)
     except Exception:  # noqa: BLE001
-        return "", ""
-    for name, address in pairs:
-        if "@" in address:
-            return _unquoted(" ".join(decode_header_value(name).split())), address.lower()
-    return "", ""
+        return []
+    return [(_unquoted(" ".join(decode_header_value(name).split())), address.lower()) for name, address in pairs if "@" in address]
 
 
 def _unquoted(name: str) -> str:

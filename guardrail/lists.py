@@ -1,0 +1,102 @@
+"""Pure decisions about people's mail that a group or mailing list of ours passes on.
+
+A shared inbox is often a group (Google Workspace, Microsoft 365) or a
+Mailman list that forwards each message it receives to guardrail. The list
+adds list headers (RFC 2369, RFC 2919) and often `Precedence: list` to every
+message, which would otherwise mark it as list mail. For a sender whose
+domain publishes a strict DMARC policy, it also writes its own address into
+From ("'Alice' via Support <support@example.com>") and keeps the person in
+X-Original-From (Google) or Reply-To (Mailman). `[smtp] inbox_lists` names
+these lists by List-Id, and `list_sender` finds the person behind such a
+message.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .message import ATOM, Summary, mailboxes
+
+# RFC 2919 section 2: list-label "." list-id-namespace, both dot-atom text,
+# at most 255 octets.
+_LIST_IDENTIFIER = re.compile(rf"{ATOM}(?:\.{ATOM})+")
+MAX_LIST_IDENTIFIER_LENGTH = 255
+_BRACKETED = re.compile(r"<([^<>]*)>")
+# A mailto URI in a List-Post value (RFC 2369 section 3.4), up to its query.
+_MAILTO = re.compile(r"<\s*mailto:([^>?\s]+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ListSender:
+    """The person who wrote a message that one of `[smtp] inbox_lists` passed on."""
+
+    list_id: str
+    address: str  # lower case
+    name: str  # the display name, decoded, or ""
+    header: str  # where the address was read: "From", "X-Original-From" or "Reply-To"
+
+
+def is_list_identifier(text: str) -> bool:
+    """Return True for a List-Id identifier as written between its angle brackets, such as support.example.com."""
+    return len(text) <= MAX_LIST_IDENTIFIER_LENGTH and _LIST_IDENTIFIER.fullmatch(text) is not None
+
+
+def list_identifier(value: str) -> str:
+    """Return the identifier between the last pair of angle brackets of a List-Id value, lower-cased, or "".
+
+    The phrase before it may quote angle brackets of its own, so the last
+    pair is the identifier.
+    """
+    found = _BRACKETED.findall(value)
+    return found[-1].strip().lower() if found else ""
+
+
+def inbox_list(summary: Summary, inbox_lists: frozenset[str]) -> str:
+    """Return the message's List-Id identifier when it is one of `inbox_lists`, else "".
+
+    A list writes one List-Id. A message with two has passed through another
+    list too, such as a newsletter's, and is not taken for one of ours.
+    """
+    if not inbox_lists:
+        return ""
+    values = summary.undecoded_header("list-id")
+    if len(values) != 1:
+        return ""
+    identifier = list_identifier(values[0])
+    return identifier if identifier in inbox_lists else ""
+
+
+def list_sender(summary: Summary, inbox_lists: frozenset[str], inboxes: frozenset[str]) -> ListSender | None:
+    """Return the person who wrote a message that one of `inbox_lists` passed on, or None.
+
+    From names the person, unless it is the list's own address (one of
+    `inboxes` or the List-Post mailto address), which the list writes in
+    place of a sender whose domain publishes a strict DMARC policy. The
+    person is then the one mailbox in X-Original-From, else the one Reply-To
+    address that is not the list's. Without either, the result is None, and
+    the message is handled as mail from that address.
+    """
+    list_id = inbox_list(summary, inbox_lists)
+    if not list_id or not summary.from_address:
+        return None
+    own = inboxes | _posting_addresses(summary)
+    if summary.from_address not in own:
+        return ListSender(list_id, summary.from_address, summary.from_name, "From")
+    original = mailboxes(summary.undecoded_header("x-original-from"))
+    if len(original) == 1:
+        name, address = original[0]
+        return ListSender(list_id, address, name, "X-Original-From")
+    # NOTE: a person that the list keeps only in Cc (Mailman, when replies go to the list) is not recovered.
+    replies = [(name, address) for name, address in mailboxes(summary.undecoded_header("reply-to")) if address not in own]
+    if len(replies) == 1:
+        name, address = replies[0]
+        return ListSender(list_id, address, name, "Reply-To")
+    return None
+
+
+def _posting_addresses(summary: Summary) -> frozenset[str]:
+    """Return the mailto addresses of List-Post, lower-cased."""
+    return frozenset(
+        address.lower() for value in summary.undecoded_header("list-post") for address in _MAILTO.findall(value)
+    )
