@@ -150,17 +150,22 @@ def shortened(text: str, limit: int) -> str:
     return text[:limit - 1].rstrip() + "…"
 
 
-def merge_fields(summary: Summary, mail_from: str, team: Team, language: str, deadline: datetime | None) -> dict[str, str]:
+def merge_fields(
+    summary: Summary, mail_from: str, team: Team, language: str, deadline: datetime | None,
+    person: tuple[str, str] | None = None,
+) -> dict[str, str]:
     """Return the template values for a message; "reference" is added when it is known.
 
-    The sender writes the subject and display name, so the acknowledgement
-    quotes at most MAX_QUOTED_SUBJECT and MAX_QUOTED_NAME characters of them:
-    enough to recognise the message, too little to carry someone else's text
-    to a forged sender address.
+    `person` is the (display name, address) of who wrote a message that one
+    of our lists passed on, which replaces From's. The sender writes the
+    subject and display name, so the acknowledgement quotes at most
+    MAX_QUOTED_SUBJECT and MAX_QUOTED_NAME characters of them: enough to
+    recognise the message, too little to carry someone else's text to a
+    forged sender address.
     """
-    sender = summary.from_address or mail_from
+    name, sender = person or (summary.from_name, summary.from_address or mail_from)
     return {
-        "sender_name": shortened(one_line(summary.from_name), MAX_QUOTED_NAME) or sender,
+        "sender_name": shortened(one_line(name), MAX_QUOTED_NAME) or sender,
         "sender": sender,
         "subject": shortened(one_line(summary.subject), MAX_QUOTED_SUBJECT),
         "team": team.name,

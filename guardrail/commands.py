@@ -270,6 +270,8 @@ def route(arguments: argparse.Namespace) -> int:
     for reason in decision.route_reasons:
         print(f"because:     {terminal_safe(reason)}")
     print(f"sender:      {terminal_safe(mail_from or '<>')}, {terminal_safe(_sender_kind(decision))}")
+    if decision.list_sender:
+        print(f"written by:  {terminal_safe(decision.list_sender)}, passed on by a list of [smtp] inbox_lists")
     if arguments.mail_from is None and not mail_from:
         print("note:        the message has no From address, so the null sender is assumed; give --mail-from to choose one")
     if decision.ack is not None:

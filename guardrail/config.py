@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from .errors import ConfigError, ConfigErrors
+from .lists import is_list_identifier
 from .loops import DEFAULT_SENDER_PATTERNS
 from .tomlcheck import Table, read_toml, toml_text
 
@@ -83,6 +84,8 @@ class SmtpSettings:
     max_connections_per_client: int = 0  # connections from one IP address at once, or 0 for no limit
     tls_certificate: Path | None = None  # PEM chain offered with STARTTLS; None offers no STARTTLS
     tls_key: Path | None = None
+    # List-Id identifiers of the groups and lists that forward people's mail to us, lower case.
+    inbox_lists: frozenset[str] = frozenset()
 
     @property
     def local_domains(self) -> frozenset[str]:
@@ -406,6 +409,13 @@ def _load_smtp(table: Table, base: Path) -> SmtpSettings:
     domains = [domain for domain in domains if _is_mail_domain(domain)]
     if not inboxes and not domains and len(table.errors) == errors_before:
         table.problem("inboxes", "missing; list at least one address we accept mail for, such as support@example.com")
+    lists = [identifier.lower() for identifier in table.strings("inbox_lists")]
+    for identifier in lists:
+        if not is_list_identifier(identifier):
+            table.fail(
+                "inbox_lists", identifier,
+                "the identifier of a List-Id header without its angle brackets, such as support.example.com",
+            )
 
     hostname = table.string("hostname")
     if hostname is not None and not _is_domain(hostname):
@@ -426,6 +436,7 @@ def _load_smtp(table: Table, base: Path) -> SmtpSettings:
         hostname=hostname,
         inboxes=frozenset(inboxes),
         inbox_domains=frozenset(domains),
+        inbox_lists=frozenset(identifier for identifier in lists if is_list_identifier(identifier)),
         max_message_size=table.size("max_message_size", 25 * 1024 * 1024),
         max_recipients=table.integer("max_recipients", 100, minimum=1),
         max_received_headers=table.integer("max_received_headers", 30, minimum=1),

@@ -899,9 +899,9 @@ class IntakeHandler:
             log.warning("ack_template_fallback", template=submission.ack.template.name,
                         language=submission.ack.language, problem=outcome.ack_problem)
         if outcome.answered:
-            log.info("conversation_answered", by=submission.summary.from_address or submission.mail_from)
+            log.info("conversation_answered", by=submission.sender)
         if outcome.reopened:
-            log.info("conversation_reopened", by=submission.summary.from_address or submission.mail_from)
+            log.info("conversation_reopened", by=submission.sender)
         if outcome.escalation_reason.startswith(UNROUTED_REASON):
             # The team is staffed, and routing_gave_up gave the reason.
             log.warning("conversation_escalated_at_once", reason=outcome.escalation_reason)

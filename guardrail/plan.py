@@ -95,6 +95,10 @@ class Submission:
     # conversation's team is not among them takes this message's route, team
     # and destination. None keeps every conversation's team.
     team_names: frozenset[str] | None = None
+    # The person who wrote a message that one of [smtp] inbox_lists passed
+    # on, or "" for other mail. It stands in for From and the envelope
+    # sender, which may name the list.
+    list_sender: str = ""
 
     @cached_property
     def dedupe_key(self) -> str:
@@ -140,8 +144,15 @@ class Submission:
 
     @property
     def sender_addresses(self) -> frozenset[str]:
+        if self.list_sender:
+            return frozenset((self.list_sender,))
         addresses = {self.summary.from_address, self.mail_from.lower()}
         return frozenset(address for address in addresses if address)
+
+    @property
+    def sender(self) -> str:
+        """The address of who wrote the message: the person behind one of our lists, else From, else the envelope sender."""
+        return self.list_sender or self.summary.from_address or self.mail_from
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from .authresults import is_verified, verified_domains
 from .config import Config
 from .deadlines import start_clock
 from .escalation import UNROUTED_REASON
+from .lists import ListSender, list_sender
 from .loops import (
     has_our_loop_marker,
     has_too_many_hops,
@@ -59,6 +60,7 @@ class Site:
     first_inbox: str = ""
     max_received_headers: int = 30
     reference_prefix: str = "GR"
+    inbox_lists: frozenset[str] = frozenset()  # List-Id identifiers, lower case
 
     @classmethod
     def from_config(cls, config: Config) -> Site:
@@ -73,6 +75,7 @@ class Site:
             first_inbox=smtp.first_inbox,
             max_received_headers=smtp.max_received_headers,
             reference_prefix=config.reference_prefix,
+            inbox_lists=smtp.inbox_lists,
         )
 
 
@@ -82,15 +85,20 @@ def is_inbox(address: str, site: Site) -> bool:
     return address in site.inboxes or address.rpartition("@")[2] in site.inbox_domains
 
 
-def reply_address_signal(mail_from: str, site: Site) -> str | None:
-    """Return why the envelope sender, to which an acknowledgement goes, cannot get one, or None.
+def reply_address_signal(mail_from: str, site: Site, sender: ListSender | None = None) -> str | None:
+    """Return why the address to which an acknowledgement goes cannot get one, or None.
 
+    That address is the envelope sender. A message that one of our lists
+    passed on carries the list's bounce address there, so its
+    acknowledgement goes to the person behind it, `sender`, instead.
     Such a message may still come from a person, so it keeps its deadline.
     An address without a domain is not valid in a reverse path (RFC 5321
     section 4.1.2), and an MTA further on would complete it with a domain of
     its own choosing. An acknowledgement to one of our own addresses, as from
     a forwarder that puts the inbox in every envelope, would come back in.
     """
+    if sender is not None:
+        return "sender is one of our own addresses" if is_accepted_recipient(sender.address, site) else None
     if mail_from and "@" not in mail_from:
         return "envelope sender has no domain"
     if mail_from and is_accepted_recipient(mail_from, site):
@@ -175,14 +183,16 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     facts = Facts(envelope.rcpt_tos, summary)
     match = match_route(rules, facts)
     team = match.team
-    is_staff, from_inbox, staff_unverified = staff_sender(envelope, summary, rules, site)
-    machine = machine_signal(summary, envelope.mail_from, site.hostname, site.sender_patterns)
-    ack_signal = machine or person_signal(summary, is_staff) or reply_address_signal(envelope.mail_from, site)
+    sender = list_sender(summary, site.inbox_lists, site.inboxes)
+    is_staff, from_inbox, staff_unverified = staff_sender(envelope, summary, rules, site, sender)
+    machine = machine_signal(summary, envelope.mail_from, site.hostname, site.sender_patterns, sender)
+    ack_signal = machine or person_signal(summary, is_staff) or reply_address_signal(envelope.mail_from, site, sender)
 
     clock = start_clock(team, match.route, rules, now)
     ack = None
     if ack_signal is None and team.templates:
-        ack = _ack_request(envelope, raw, summary, team, site, clock.deadline, reply_inbox(envelope, facts, match.route, site))
+        inbox = reply_inbox(envelope, facts, match.route, site)
+        ack = _ack_request(envelope, raw, summary, team, clock.deadline, inbox, sender)
     return Submission(
         **common, route=match.route.name, team=team.name, destination=team.destination,
         route_reasons=match.reasons, team_members=team.member_addresses,
@@ -191,8 +201,9 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         # The team's own mail, such as a help-desk tool's copy of a message
         # it sent to a customer, needs no reply from the team.
         sla_applies=(machine is None or is_subject_signal(machine)) and not from_inbox, is_staff=is_staff, from_inbox=from_inbox,
-        staff_unverified=staff_unverified, member_of=_member_of(rules, summary, envelope) if is_staff else frozenset(),
-        machine_signal=machine or "",
+        staff_unverified=staff_unverified,
+        member_of=_member_of(rules, _sender_addresses(summary, envelope, sender)) if is_staff else frozenset(),
+        machine_signal=machine or "", list_sender=sender.address if sender else "",
         shadow=tuple(
             {"route": result.route, "team": result.team, "would_win": result.would_win}
             for result in shadow_results(rules, facts, match)
@@ -229,7 +240,8 @@ def prepare_unrouted(envelope: Envelope, raw: bytes, rules: RuleSet, site: Site,
     clock = start_clock(team, route, rules, now)
     # Staff and inbox senders are set lookups, not patterns, so a team's
     # reply still marks its conversation answered.
-    is_staff, from_inbox, staff_unverified = staff_sender(envelope, summary, rules, site)
+    sender = list_sender(summary, site.inbox_lists, site.inboxes)
+    is_staff, from_inbox, staff_unverified = staff_sender(envelope, summary, rules, site, sender)
     return Submission(
         raw=raw, mail_from=envelope.mail_from, rcpt_tos=envelope.rcpt_tos, peer=envelope.peer, helo=envelope.helo,
         protocol=envelope.protocol, received_at=now, summary=summary, is_loop=has_our_loop_marker(summary, site.hostname),
@@ -237,20 +249,26 @@ def prepare_unrouted(envelope: Envelope, raw: bytes, rules: RuleSet, site: Site,
         team_members=team.member_addresses, ack_signal=UNROUTED_REASON, deadline=clock.deadline,
         first_escalation_at=clock.first_escalation_at, unstaffed=reason, team_names=rules.team_names,
         is_staff=is_staff, from_inbox=from_inbox, staff_unverified=staff_unverified,
+        list_sender=sender.address if sender else "",
     )
 
 
-def staff_sender(envelope: Envelope, summary: Summary, rules: RuleSet, site: Site) -> tuple[bool, bool, str]:
+def staff_sender(
+    envelope: Envelope, summary: Summary, rules: RuleSet, site: Site, sender: ListSender | None = None,
+) -> tuple[bool, bool, str]:
     """Return whether the sender is staff, whether From is a shared inbox, and why a claim to either was not verified.
 
     A reply written as the shared inbox itself is the team's. Only From
     names the writer, because a forwarder may put the inbox, or an address
     of its own domain (SRS), in the envelope sender of every customer's
-    message. With `[staff] authserv_id` set, a claim counts only when that
+    message. Of a message that one of our lists passed on, the writer is
+    `sender`, since the list may have put its own address, an inbox, in
+    From. With `[staff] authserv_id` set, a claim counts only when that
     MTA's Authentication-Results header verifies the domain of the address.
     """
-    from_inbox = summary.from_address.lower() in site.inboxes
-    claimed = from_inbox or (bool(summary.from_address) and rules.is_staff(summary.from_address))
+    address = sender.address if sender else summary.from_address.lower()
+    from_inbox = address in site.inboxes
+    claimed = from_inbox or (bool(address) and rules.is_staff(address))
     if not claimed:
         return False, False, ""
     if not rules.staff_authserv_id:
@@ -258,12 +276,12 @@ def staff_sender(envelope: Envelope, summary: Summary, rules: RuleSet, site: Sit
     domains, problem = verified_domains(summary.undecoded_header("authentication-results"), rules.staff_authserv_id)
     if rules.staff_authserv_peers and not peer_in(envelope.peer, rules.staff_authserv_peers):
         domains, problem = frozenset(), f"sent from {envelope.peer or 'an unknown client'}, not from [staff] authserv_peers"
-    if is_verified(summary.from_address, domains):
+    if is_verified(address, domains):
         return True, from_inbox, ""
     if problem:
-        return False, False, f"{summary.from_address} not verified: {problem}"
+        return False, False, f"{address} not verified: {problem}"
     passed = ", ".join(sorted(domains)) if domains else "none"
-    return False, False, f"{rules.staff_authserv_id} did not verify the domain of {summary.from_address} (verified: {passed})"
+    return False, False, f"{rules.staff_authserv_id} did not verify the domain of {address} (verified: {passed})"
 
 
 def peer_in(peer: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
@@ -279,10 +297,17 @@ def peer_in(peer: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Net
     return any(address in network for network in networks)
 
 
-def _member_of(rules: RuleSet, summary: Summary, envelope: Envelope) -> frozenset[str]:
-    """Return the teams whose members include the From address or the envelope sender."""
+def _sender_addresses(summary: Summary, envelope: Envelope, sender: ListSender | None) -> tuple[str, ...]:
+    """Return the addresses that name who wrote the message: the person behind one of our lists, else From and the envelope sender."""
+    if sender is not None:
+        return (sender.address,)
+    return (summary.from_address.lower(), envelope.mail_from.lower())
+
+
+def _member_of(rules: RuleSet, addresses: tuple[str, ...]) -> frozenset[str]:
+    """Return the teams whose members include one of `addresses`."""
     teams = rules.member_teams
-    return teams.get(summary.from_address.lower(), frozenset()) | teams.get(envelope.mail_from.lower(), frozenset())
+    return frozenset().union(*(teams.get(address, frozenset()) for address in addresses))
 
 
 def postmaster_recipients(envelope: Envelope, site: Site) -> list[str]:
@@ -308,18 +333,21 @@ def reply_inbox(envelope: Envelope, facts: Facts, route: Route, site: Site) -> s
 
 
 def _ack_request(
-    envelope: Envelope, raw: bytes, summary: Summary, team: Team, site: Site, deadline: datetime | None, inbox: str,
+    envelope: Envelope, raw: bytes, summary: Summary, team: Team, deadline: datetime | None, inbox: str,
+    sender: ListSender | None,
 ) -> AckRequest:
     language = choose_language(summary, team, lambda: f"{summary.subject}\n{summary.body_text or body_sample(raw, summary)}")
     return AckRequest(
         # RFC 3834 section 4: reply to the envelope sender, never Reply-To. Its
         # local part keeps its case (RFC 5321 section 2.4); the rate limit
-        # compares it in lower case.
-        to_address=envelope.mail_from,
+        # compares it in lower case. One of our lists puts its own bounce
+        # address in the envelope, so the acknowledgement of its mail goes
+        # to the person who wrote it.
+        to_address=sender.address if sender else envelope.mail_from,
         from_address=inbox,
         language=language,
         template=team.templates[language],
-        fields=merge_fields(summary, envelope.mail_from, team, language, deadline),
+        fields=merge_fields(summary, envelope.mail_from, team, language, deadline, (sender.name, sender.address) if sender else None),
         in_reply_to=summary.message_id,
         references=capped_references(summary),
     )

@@ -495,7 +495,7 @@ class BatchWriter:
         self.rows["conversations"].append((
             conversation.id, conversation.reference, conversation.route, conversation.team,
             json.dumps(conversation.destination.to_record()) if conversation.destination else None,
-            state, at, at, submission.summary.subject, submission.summary.from_address or submission.mail_from,
+            state, at, at, submission.summary.subject, submission.sender,
             json.dumps(sorted(conversation.participants)), deadline, reason, format_instant(first) if first else None,
         ))
         return change
@@ -525,7 +525,7 @@ class BatchWriter:
             next_at = format_instant(first) if first else None
             self.rows["clock_starts"].append((deadline, reason, next_at, at, conversation.id, conversation.state))
         if plan.answers:
-            sender = submission.summary.from_address or submission.mail_from
+            sender = submission.sender
             self.rows["answers"].append((at, sender, at, conversation.id))
             self._withdraw_escalations(conversation.id, at)
             change.events.append(("answered", {"by": sender}))

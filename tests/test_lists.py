@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 from datetime import datetime, timezone
+from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
-from conftest import message
+from conftest import TEAMS, maildir_messages, message, send, settle, write_config
 
+from guardrail.cli import main
+from guardrail.clock import ManualClock
+from guardrail.config import load_config
+from guardrail.daemon import load_ruleset
+from guardrail.errors import ConfigErrors
 from guardrail.lists import list_identifier, list_sender
 from guardrail.loops import DEFAULT_SENDERS, machine_signal
 from guardrail.message import summarize
+from guardrail.plan import Submission
+from guardrail.prepare import Envelope, Site, prepare_message
 
 HOSTNAME = "mx.test.example"
 NOW = datetime(2025, 11, 4, 9, 0, tzinfo=timezone.utc)
@@ -177,3 +188,201 @@ def test_list_sender_table(data: bytes, expected: tuple[str, str, str] | None) -
 )
 def test_list_identifier_table(value: str, identifier: str) -> None:
     assert list_identifier(value) == identifier
+
+
+# -- the decisions prepare makes from it -------------------------------------------
+
+STAFF = "X-Original-From: Sam Ortiz <sam@example.org>\r\nReply-To: Sam Ortiz <sam@example.org>\r\n"
+
+
+def prepared(tmp_path: Path, data: bytes, mail_from: str, inbox_lists: list[str], rules: str = "") -> Submission:
+    config = load_config(write_config(tmp_path, smtp={"inbox_lists": inbox_lists}, rules=TEAMS + rules + ROUTE))
+    envelope = Envelope(mail_from, ("support@example.org",), "[127.0.0.1]:40000", "client")
+    submission = prepare_message(envelope, data, load_ruleset(config), Site.from_config(config), NOW)
+    assert isinstance(submission, Submission)
+    return submission
+
+
+ROUTE = '\n[[route]]\nname = "default"\nteam = "support"\ndefault = true\n'
+
+
+@pytest.mark.parametrize(
+    ("data", "mail_from", "inbox_lists", "expected"),
+    [
+        # The person behind the group's From is a customer, and the acknowledgement goes to them.
+        (google(GOOGLE_FROM, GOOGLE_PERSON), GOOGLE_ENVELOPE, [GROUP],
+         ("alice@customer.example", False, False, True, "alice@customer.example", None)),
+        (mailman(MAILMAN_FROM, f"Reply-To: {ALICE}\r\n"), MAILMAN_ENVELOPE, [MAILMAN_LIST],
+         ("alice@customer.example", False, False, True, "alice@customer.example", None)),
+        (mailman(), MAILMAN_ENVELOPE, [MAILMAN_LIST],
+         ("alice@customer.example", False, False, True, "alice@customer.example", None)),
+        # A team member behind the group's From is staff, not the shared inbox.
+        (google(GOOGLE_FROM, STAFF), GOOGLE_ENVELOPE, [GROUP],
+         ("sam@example.org", True, False, True, None, "sender is a team member")),
+        # No person behind the group's From: list mail written as the shared inbox, as without the key.
+        (google(GOOGLE_FROM), GOOGLE_ENVELOPE, [GROUP], ("", True, True, False, None, "Precedence: list")),
+        (google(GOOGLE_FROM, GOOGLE_PERSON), GOOGLE_ENVELOPE, [], ("", True, True, False, None, "Precedence: list")),
+    ],
+    ids=["google-customer", "mailman-customer", "mailman-from", "google-staff", "no-person", "not-configured"],
+)
+def test_list_sender_decisions(
+    tmp_path: Path, data: bytes, mail_from: str, inbox_lists: list[str],
+    expected: tuple[str, bool, bool, bool, str | None, str | None],
+) -> None:
+    sender, staff, from_inbox, sla_applies, ack_to, ack_signal = expected
+    submission = prepared(tmp_path, data, mail_from, inbox_lists)
+
+    assert submission.list_sender == sender
+    assert submission.is_staff is staff
+    assert submission.from_inbox is from_inbox
+    assert submission.sla_applies is sla_applies
+    assert (submission.ack.to_address if submission.ack else None) == ack_to
+    assert submission.ack_signal == ack_signal
+    if sender:
+        # Threading and participants read the person, not the group's addresses.
+        assert submission.sender_addresses == {sender}
+        assert submission.sender == sender
+
+
+def test_list_ack_names_person(tmp_path: Path) -> None:
+    submission = prepared(tmp_path, google(GOOGLE_FROM, GOOGLE_PERSON), GOOGLE_ENVELOPE, [GROUP])
+    assert submission.ack is not None
+    assert submission.ack.fields["sender"] == "alice@customer.example"
+    assert submission.ack.fields["sender_name"] == "Alice Doe"
+
+
+def test_list_staff_needs_own_domain_verdict(tmp_path: Path) -> None:
+    staff = '\n[staff]\nauthserv_id = "mx.test.example"\nauthserv_peers = ["127.0.0.1"]\n'
+    customer_pass = "Authentication-Results: mx.test.example; dkim=pass header.d=customer.example\r\n"
+    submission = prepared(tmp_path, google(GOOGLE_FROM, STAFF + customer_pass), GOOGLE_ENVELOPE, [GROUP], staff)
+
+    # The verdict must cover the person's domain, not another one the message passed.
+    assert submission.is_staff is False
+    assert submission.from_inbox is False
+    assert submission.staff_unverified == (
+        "mx.test.example did not verify the domain of sam@example.org (verified: customer.example)"
+    )
+
+
+# -- the config key -------------------------------------------------------------
+
+
+def test_inbox_lists_loaded_lower_case(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, smtp={"inbox_lists": ["Support.Example.ORG", MAILMAN_LIST]}))
+    assert config.smtp.inbox_lists == {GROUP, MAILMAN_LIST}
+    assert Site.from_config(config).inbox_lists == {GROUP, MAILMAN_LIST}
+
+
+def test_inbox_lists_default_empty(tmp_path: Path) -> None:
+    assert load_config(write_config(tmp_path)).smtp.inbox_lists == frozenset()
+
+
+EXPECTED_LIST_ID = "expected the identifier of a List-Id header without its angle brackets, such as support.example.com"
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (["<support.example.org>"], f"invalid value '<support.example.org>'; {EXPECTED_LIST_ID}"),
+        (["support"], f"invalid value 'support'; {EXPECTED_LIST_ID}"),
+        ([""], f"invalid value ''; {EXPECTED_LIST_ID}"),
+        (["support example.org"], f"invalid value 'support example.org'; {EXPECTED_LIST_ID}"),
+        (["support@example.org"], f"invalid value 'support@example.org'; {EXPECTED_LIST_ID}"),
+        (["a" * 250 + ".example"], f"invalid value '{'a' * 250}.example'; {EXPECTED_LIST_ID}"),
+        ("support.example.org", "invalid value 'support.example.org'; expected a list of strings"),
+        ([5], "invalid value [5]; expected a list of strings"),
+    ],
+)
+def test_inbox_lists_rejects_invalid(tmp_path: Path, capsys: pytest.CaptureFixture[str], value: object, error: str) -> None:
+    path = write_config(tmp_path, smtp={"inbox_lists": value})
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path)
+    assert [str(found) for found in caught.value.errors] == [f"{path}: smtp.inbox_lists: {error}"]
+
+    assert main(["check", "--config", str(path)]) == 2
+    assert f"smtp.inbox_lists: {error}" in capsys.readouterr().err
+
+
+# -- end to end ---------------------------------------------------------------
+
+
+def outbound(folder: Path) -> list[EmailMessage]:
+    found = maildir_messages(folder / "var" / "outbound")
+    return [email.message_from_bytes(data, policy=email.policy.default) for data in found]  # type: ignore[misc]
+
+
+def acknowledgements(folder: Path) -> list[EmailMessage]:
+    return [sent for sent in outbound(folder) if sent["Auto-Submitted"] == "auto-replied"]
+
+
+SENT = [
+    (GOOGLE_ENVELOPE, google(GOOGLE_FROM, GOOGLE_PERSON, subject="Order 1234 arrived damaged")),
+    (MAILMAN_ENVELOPE, mailman(MAILMAN_FROM, f"Reply-To: {ALICE}\r\n", subject="Order 1234 arrived damaged")),
+    (GOOGLE_ENVELOPE, google(subject="Order 1234 arrived damaged")),
+]
+SENT_IDS = ["google-rewritten", "mailman-rewritten", "google-person"]
+
+
+@pytest.mark.parametrize(("mail_from", "data"), SENT, ids=SENT_IDS)
+async def test_list_mail_acknowledged_to_person(tmp_path: Path, start_daemon, mail_from: str, data: bytes) -> None:
+    clock = ManualClock(NOW)
+    daemon = await start_daemon(write_config(tmp_path, smtp={"inbox_lists": [GROUP, MAILMAN_LIST]}), clock=clock)
+    await send(daemon.port, mail_from, ["support@example.org"], data)
+    await settle(daemon, clock)
+
+    conversations = await daemon.store.fetch_all("SELECT state, deadline, customer FROM conversations")
+    assert conversations == [("open", "2025-11-04T13:00:00.000000Z", "alice@customer.example")]
+    rows = await daemon.store.fetch_all("SELECT recipient, decision FROM acknowledgements")
+    assert rows == [("alice@customer.example", "sent")]
+    [ack] = acknowledgements(tmp_path)
+    assert ack["X-Guardrail-Envelope-To"] == "alice@customer.example"
+    assert ack["To"] == "alice@customer.example"
+    assert ack["From"] == "support@example.org"
+
+
+@pytest.mark.parametrize(("mail_from", "data"), SENT, ids=SENT_IDS)
+async def test_list_mail_without_key_unchanged(tmp_path: Path, start_daemon, mail_from: str, data: bytes) -> None:
+    clock = ManualClock(NOW)
+    daemon = await start_daemon(write_config(tmp_path), clock=clock)
+    await send(daemon.port, mail_from, ["support@example.org"], data)
+    await settle(daemon, clock)
+
+    assert await daemon.store.fetch_all("SELECT state, deadline FROM conversations") == [("no_reply_needed", None)]
+    rows = await daemon.store.fetch_all("SELECT decision, signal FROM acknowledgements")
+    assert rows == [("suppressed", "Precedence: list")]
+    assert acknowledgements(tmp_path) == []
+
+
+async def test_rewritten_customer_reply_does_not_answer(tmp_path: Path, start_daemon) -> None:
+    clock = ManualClock(NOW)
+    daemon = await start_daemon(write_config(tmp_path, smtp={"inbox_lists": [GROUP]}), clock=clock)
+    await send(daemon.port, GOOGLE_ENVELOPE, ["support@example.org"], google(GOOGLE_FROM, GOOGLE_PERSON))
+    await settle(daemon, clock)
+
+    # Bob, in Cc, replies to all through the group, which writes its own address in From.
+    bob = "X-Original-From: Bob Roe <bob@customer.example>\r\n"
+    thread = "In-Reply-To: <m1@example.com>\r\n"
+    await send(daemon.port, GOOGLE_ENVELOPE, ["support@example.org"],
+               google("'Bob Roe' via Support <support@example.org>", bob + thread, message_id="<m2@customer.example>"))
+    await settle(daemon, clock)
+    assert await daemon.store.fetch_all("SELECT state, answered_by FROM conversations") == [("open", None)]
+    participants = await daemon.store.fetch_all("SELECT participants FROM conversations")
+    assert "bob@customer.example" in participants[0][0]
+
+    # A team member's reply through the group marks it answered.
+    await send(daemon.port, GOOGLE_ENVELOPE, ["support@example.org"],
+               google("'Sam Ortiz' via Support <support@example.org>", STAFF + thread, message_id="<m3@example.org>"))
+    await settle(daemon, clock)
+    assert await daemon.store.fetch_all("SELECT state, answered_by FROM conversations") == [("answered", "sam@example.org")]
+    assert len(acknowledgements(tmp_path)) == 1
+
+
+def test_route_command_names_person(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, smtp={"inbox_lists": [GROUP]})
+    path = tmp_path / "rewritten.eml"
+    path.write_bytes(google(GOOGLE_FROM, GOOGLE_PERSON))
+
+    assert main(["route", "--config", str(config), str(path), "--mail-from", GOOGLE_ENVELOPE]) == 0
+    output = capsys.readouterr().out
+    assert f"sender:      {GOOGLE_ENVELOPE}, a customer\n" in output
+    assert "written by:  alice@customer.example, passed on by a list of [smtp] inbox_lists\n" in output
