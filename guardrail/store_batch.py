@@ -519,7 +519,7 @@ class BatchWriter:
         if plan.participants_added:
             self.rows["participants"].append((json.dumps(sorted(participants)), at, conversation.id))
         if plan.reopens:
-            change.events.append(("reopened", {"by": submission.summary.from_address or submission.mail_from}))
+            change.events.append(("reopened", {"by": submission.sender}))
         if plan.clock is not None:
             deadline, reason, first = _start_clock(plan.clock, submission.received_at, change)
             next_at = format_instant(first) if first else None
