@@ -12,6 +12,8 @@ token those paths return 401. Errors are JSON objects: {"error": "..."}.
     POST /v1/conversations/REF/answered        mark it answered: {"by": "name"}, optional
     GET  /v1/contacts/ADDRESS                  the open conversations of an address
     GET  /v1/alarms?limit=                     abandoned-route and rejected-address alarms, newest first
+    GET  /v1/outbox?state=&limit=              outbox rows still to be sent, or those that failed
+    POST /v1/outbox/ID/retry                   queue a failed row again, or make a pending one due now: {"by": "name"}, optional
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from . import store_admin
 from .config import Secret
 from .conversations import MAX_NAME_LENGTH, is_storable_name
 from .errors import StorageError
@@ -68,6 +71,9 @@ CONTACT_LIMIT = 100
 # RFC 5321 section 4.5.3.1.3: a path is at most 256 octets with its angle brackets.
 MAX_ADDRESS_LENGTH = 254
 MAX_ANSWERED_BODY = 4096
+# The states that GET /v1/outbox lists, and the largest row id, which SQLite's INTEGER bounds.
+OUTBOX_LISTED_STATES = ("pending", "failed")
+MAX_ROW_ID = 2**63 - 1
 # Readiness probes often time out after about a second. A longer wait for the
 # write lock would fail the probe anyway, so the check gives up sooner.
 READY_WRITE_TIMEOUT = timedelta(seconds=1)
@@ -177,7 +183,7 @@ class _Api:
 
     async def answered(self, request: Request) -> Response:
         reference = request.path_params["reference"].strip().upper()
-        name = _answered_by(await _small_body(request, MAX_ANSWERED_BODY))
+        name = _name_in_body(await _small_body(request, MAX_ANSWERED_BODY))
         by = f"api:{name}" if name else "api"
         store = self._store()
 
@@ -200,6 +206,40 @@ class _Api:
         query = _query(request, ("limit",))
         found = await list_alarms(self._store(), limit=_limit(query.get("limit")))
         return JSONResponse({"alarms": found})
+
+    async def outbox(self, request: Request) -> Response:
+        query = _query(request, ("state", "limit"))
+        state = query.get("state", "pending")
+        if state not in OUTBOX_LISTED_STATES:
+            raise HTTPException(400, f"invalid state {state!r}; expected one of {', '.join(OUTBOX_LISTED_STATES)}")
+        self._store()
+        config = self.daemon.config
+        rows = await asyncio.to_thread(
+            store_admin.queued_rows, config.database_path, state, _limit(query.get("limit")), busy_timeout=config.busy_timeout,
+        )
+        return JSONResponse({"state": state, "rows": [row.to_record() for row in rows]})
+
+    async def retry(self, request: Request) -> Response:
+        text = request.path_params["row"]
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_ROW_ID:
+            raise HTTPException(400, f"invalid outbox row {text!r}; expected a number such as GET /v1/outbox lists")
+        name = _name_in_body(await _small_body(request, MAX_ANSWERED_BODY))
+        self._store()
+        config = self.daemon.config
+        done = await asyncio.to_thread(
+            store_admin.requeue, config.database_path, self.daemon.clock.now(), f"api:{name}" if name else "api",
+            ids=(int(text),), busy_timeout=config.busy_timeout,
+        )
+        if done.unknown:
+            raise HTTPException(404, f"outbox row {text} not found")
+        if done.skipped:
+            row, reason = done.skipped[0]
+            return JSONResponse({"error": f"outbox row {text} is not sent again: {reason}", "row": row.to_record()}, status_code=409)
+        if self.daemon.worker is not None:
+            self.daemon.worker.wake.set()
+        structlog.contextvars.clear_contextvars()
+        log.info("outbox_row_requeued", outbox_id=int(text), via="api")
+        return JSONResponse({"row": done.sent_again[0].to_record()})
 
     async def contact(self, request: Request) -> Response:
         address = request.path_params["address"].strip().lower()
@@ -284,8 +324,8 @@ async def _small_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _answered_by(body: bytes) -> str:
-    """Return the name in the body of a POST .../answered request, or "" when the body is empty."""
+def _name_in_body(body: bytes) -> str:
+    """Return the name in the body of a POST .../answered or .../retry request, or "" when the body is empty."""
     if not body.strip():
         return ""
     try:
@@ -332,6 +372,8 @@ def build_app(daemon: Daemon) -> Starlette:
         Route("/v1/conversations/{reference}/answered", api.answered, methods=["POST"]),
         Route("/v1/contacts/{address}", api.contact),
         Route("/v1/alarms", api.alarms),
+        Route("/v1/outbox", api.outbox),
+        Route("/v1/outbox/{row}/retry", api.retry, methods=["POST"]),
     ]
     return Starlette(
         routes=routes,

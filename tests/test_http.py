@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import json
 import re
 import socket
 import sqlite3
@@ -660,3 +661,52 @@ async def test_api_lists_alarms(tmp_path: Path, start_daemon, client_for, api_to
     assert alarm["detail"].startswith("second@example.net rejected 1 message(s) of team support from ")
     assert bad.status_code == 400
     assert bad.json() == {"error": "unknown query parameter 'since'; use limit"}
+
+
+# -- outbox -----------------------------------------------------------------------
+
+async def test_api_lists_and_retries_outbox(tmp_path: Path, start_daemon, client_for, api_token: str) -> None:
+    sink = await start_sink(handler=RecipientSinkHandler(rcpt_replies={"team@example.net": "550 5.1.1 no such user"}))
+    try:
+        config = http_config(tmp_path, rules=SMTP_RULES, sections={
+            "smarthost": {"host": "127.0.0.1", "port": sink.port, "starttls": False, "timeout": "10s"},
+        })
+        daemon = await start_daemon(config, clock=ManualClock(at("2025-11-17T10:00:00")))
+        client = client_for(daemon)
+        await send(daemon.port, "alice@example.com", ["support@example.org"], message())
+
+        async def forward_failed() -> bool:
+            rows = (await client.get("/v1/outbox", params={"state": "failed"})).json()["rows"]
+            return any(row["purpose"] == "forward" for row in rows)
+
+        await wait_until(forward_failed, what="the failed forward in GET /v1/outbox")
+        listed = (await client.get("/v1/outbox", params={"state": "failed", "limit": "10"})).json()
+        [failed] = [row for row in listed["rows"] if row["purpose"] == "forward"]
+        # The team's address is fixed at the smarthost, so the row is sent again at once.
+        sink.handler.rcpt_replies.clear()
+        retried = await client.post(f"/v1/outbox/{failed['id']}/retry", json={"by": "carol"})
+        await wait_until(lambda: sink.to("team@example.net"), what="the forward sent again")
+        again = await client.post(f"/v1/outbox/{failed['id']}/retry")
+        unknown = await client.post("/v1/outbox/999999/retry")
+        invalid = await client.post("/v1/outbox/first/retry")
+        bad_state = await client.get("/v1/outbox", params={"state": "done"})
+        events = await daemon.store.fetch_all("SELECT detail FROM events WHERE kind = 'requeued'")
+    finally:
+        sink.server.close()
+        await sink.server.wait_closed()
+
+    assert listed["state"] == "failed"
+    assert failed["to"] == "team support: smtp team@example.net"
+    assert failed["last_error"].endswith("550 5.1.1 no such user")
+    assert retried.status_code == 200
+    assert retried.json()["row"]["id"] == failed["id"]
+    assert retried.json()["row"]["state"] == "pending"
+    assert len(sink.to("team@example.net")) == 1
+    assert [json.loads(detail)["by"] for (detail,) in events] == ["api:carol"]
+    assert again.status_code == 409
+    assert again.json()["error"] == f"outbox row {failed['id']} is not sent again: it was already sent or withdrawn"
+    assert unknown.status_code == 404
+    assert unknown.json() == {"error": "outbox row 999999 not found"}
+    assert invalid.status_code == 400
+    assert bad_state.status_code == 400
+    assert bad_state.json() == {"error": "invalid state 'done'; expected one of pending, failed"}
