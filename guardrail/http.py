@@ -255,6 +255,7 @@ class _Api:
                 "team": item["team"],
                 "subject": item["subject"],
                 "opened_at": item["opened_at"],
+                "waiting_since": item["waiting_since"],
                 "deadline": item["deadline"],
                 "role": "sender" if item["customer"].lower() == address else "participant",
             }
@@ -263,7 +264,7 @@ class _Api:
         return JSONResponse({
             "address": address,
             "waiting": bool(conversations),
-            "waiting_since": conversations[0]["opened_at"] if conversations else None,
+            "waiting_since": conversations[0]["waiting_since"] if conversations else None,
             "open_conversations": conversations,
         })
 

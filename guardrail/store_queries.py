@@ -157,7 +157,10 @@ def _acknowledgement(row: Any) -> dict[str, Any]:
 
 
 async def open_conversations_of(store: Store, address: str, *, include_participants: bool, limit: int) -> list[dict[str, Any]]:
-    """Return the open conversations `address` started or takes part in, oldest first.
+    """Return the open conversations `address` started or takes part in, by how long they have waited, longest first.
+
+    Each waits since its SLA clock last started: when it opened, or when a
+    later message started its clock again.
 
     The address is compared without regard to case. With `include_participants`
     False only the conversations it started count.
@@ -166,12 +169,15 @@ async def open_conversations_of(store: Store, address: str, *, include_participa
         " OR EXISTS (SELECT 1 FROM json_each(participants) WHERE lower(json_each.value) = ?1)"
         if include_participants else ""
     )
+    # A clock starts when a conversation opens, when a person writes to one
+    # that needed no reply, and when a customer's message reopens it.
     rows = await store.fetch_all(
-        f"SELECT {_CONVERSATION_COLUMNS} FROM conversations"
-        f" WHERE state = 'open' AND (lower(customer) = ?1{participant}) ORDER BY opened_at, id LIMIT ?2",
+        f"SELECT {_CONVERSATION_COLUMNS}, COALESCE((SELECT MAX(e.at) FROM events e WHERE e.conversation_id = conversations.id"
+        " AND e.kind IN ('deadline_set', 'reopened')), opened_at) AS waiting_since FROM conversations"
+        f" WHERE state = 'open' AND (lower(customer) = ?1{participant}) ORDER BY waiting_since, id LIMIT ?2",
         (address.lower(), limit),
     )
-    return [_conversation(row) for row in rows]
+    return [{**_conversation(row), "waiting_since": _instant(row[14])} for row in rows]
 
 
 async def outbox_depth(store: Store) -> OutboxDepth:

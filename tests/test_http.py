@@ -600,9 +600,11 @@ async def test_contact_lists_open_conversations(tmp_path: Path, start_daemon, cl
         "waiting_since": "2025-11-17T10:00:00+00:00",
         "open_conversations": [
             {"reference": first, "team": "support", "subject": "Printer on floor 3 jams",
-             "opened_at": "2025-11-17T10:00:00+00:00", "deadline": "2025-11-17T11:00:00+00:00", "role": "sender"},
+             "opened_at": "2025-11-17T10:00:00+00:00", "waiting_since": "2025-11-17T10:00:00+00:00",
+             "deadline": "2025-11-17T11:00:00+00:00", "role": "sender"},
             {"reference": second, "team": "support", "subject": "Scanner too",
-             "opened_at": "2025-11-17T10:20:00+00:00", "deadline": "2025-11-17T11:20:00+00:00", "role": "sender"},
+             "opened_at": "2025-11-17T10:20:00+00:00", "waiting_since": "2025-11-17T10:20:00+00:00",
+             "deadline": "2025-11-17T11:20:00+00:00", "role": "sender"},
         ],
     }
     assert shouting.json() == alice.json()
@@ -623,6 +625,35 @@ async def test_contact_not_waiting_after_answer(tmp_path: Path, start_daemon, cl
 
     assert before.json()["waiting"] is True
     assert after.json() == {"address": "alice@example.com", "waiting": False, "waiting_since": None, "open_conversations": []}
+
+
+async def test_contact_waits_since_reopening(tmp_path: Path, start_daemon, client_for, api_token: str) -> None:
+    clock = ManualClock(at("2025-11-17T10:00:00"))
+    daemon = await start_daemon(http_config(tmp_path), clock=clock)
+    client = client_for(daemon)
+    reference = await open_conversation(daemon)
+    await clock.set(at("2025-11-17T10:30:00"))
+    await send(daemon.port, "sam@example.org", ["support@example.org"], message(
+        sender="Sam Ortiz <sam@example.org>", subject=f"Re: [{reference}] Printer", message_id="<answer@example.org>",
+        extra_headers="In-Reply-To: <m1@example.com>\r\n",
+    ))
+    answered = await client.get("/v1/contacts/alice@example.com")
+    await clock.set(at("2025-11-17T12:00:00"))
+    await send(daemon.port, "alice@example.com", ["support@example.org"], message(
+        subject=f"Re: [{reference}] Printer", message_id="<again@example.com>",
+        extra_headers="In-Reply-To: <answer@example.org>\r\n",
+    ))
+
+    reopened = (await client.get("/v1/contacts/alice@example.com")).json()
+
+    assert answered.json()["waiting"] is False
+    assert reopened["waiting"] is True
+    assert reopened["waiting_since"] == "2025-11-17T12:00:00+00:00"
+    [conversation] = reopened["open_conversations"]
+    assert conversation["reference"] == reference
+    assert conversation["opened_at"] == "2025-11-17T10:00:00+00:00"
+    assert conversation["waiting_since"] == "2025-11-17T12:00:00+00:00"
+    assert conversation["deadline"] == "2025-11-17T13:00:00+00:00"
 
 
 async def test_contact_rejects_invalid_address(tmp_path: Path, start_daemon, client_for, api_token: str) -> None:
