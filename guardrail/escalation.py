@@ -399,6 +399,8 @@ def webhook_body(conversation: DueConversation, level: int, human: Human | None,
         "subject": conversation.subject,
         "message_id": conversation.message_id,
         "received_at": conversation.opened_at.isoformat(),
+        # When the customer wrote again after the team's answer, which started this round; None before any answer.
+        "reopened_at": conversation.reopened_at.isoformat() if conversation.reopened_at else None,
         "deadline": conversation.deadline.isoformat() if conversation.deadline else None,
         "escalated_at": now.isoformat(),
         "human": {"name": human.name, "address": human.address} if human else None,
@@ -410,8 +412,9 @@ def slack_body(body: dict[str, object]) -> dict[str, object]:
     """Return a Slack-compatible body ({"text": ...}) for a generic escalation body."""
     human = body.get("human")
     who = f" for {human['name']}" if isinstance(human, dict) else ""
+    again = ", written again after the team's answer" if body.get("reopened_at") else ""
     text = (
-        f":rotating_light: {body['reference']} unanswered past its deadline (level {body['level']}){who}\n"
+        f":rotating_light: {body['reference']} unanswered past its deadline (level {body['level']}){who}{again}\n"
         f"*{body['subject']}* from {body['sender']}, team {body['team']}, route {body['route']}\n"
         f"Mark it answered: `{body['answer_command']}`"
     )

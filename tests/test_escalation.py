@@ -41,6 +41,8 @@ from guardrail.escalation import (
     event_target,
     levels_passed,
     plan_escalation,
+    slack_body,
+    webhook_body,
 )
 from guardrail.store_batch import (
     WITHDRAWN_ERROR,
@@ -1019,3 +1021,25 @@ def test_escalation_mail_shows_team_times(tmp_path: Path, zone: str, received: s
 
     assert f"Received:   {received}" in lines
     assert f"Deadline:   {deadline}" in lines
+
+
+@pytest.mark.parametrize(
+    ("reopened_at", "shown", "slack_line"),
+    [
+        (None, None, ":rotating_light: GR-7K3M9Q unanswered past its deadline (level 1)"),
+        (at("2025-11-18T09:00:00"), "2025-11-18T09:00:00+00:00",
+         ":rotating_light: GR-7K3M9Q unanswered past its deadline (level 1), written again after the team's answer"),
+    ],
+)
+def test_webhook_body_names_reopening(reopened_at: datetime | None, shown: str | None, slack_line: str) -> None:
+    conversation = DueConversation(
+        1, "GR-7K3M9Q", "support", "default", "Printer", "alice@example.com", at("2025-11-17T10:00:00"),
+        at("2025-11-18T10:00:00"), 0, "", reopened_at=reopened_at,
+    )
+    sender = Sender(hostname="mx.example.org", from_address="postmaster@example.org", answer_command="guardrail answer")
+
+    body = webhook_body(conversation, 1, None, at("2025-11-18T10:00:00"), sender)
+
+    assert body["received_at"] == "2025-11-17T10:00:00+00:00"
+    assert body["reopened_at"] == shown
+    assert str(slack_body(body)["text"]).splitlines()[0] == slack_line
