@@ -333,6 +333,27 @@ class GuardrailSMTP(SMTP):
         # aiosmtpd passes the handler only the error, so the peer is added here for its log line.
         return await self.event_handler.handle_exception(error, peer=_peer(self.session))
 
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        await self._greet(super().smtp_HELO, hostname)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await self._greet(super().smtp_EHLO, hostname)
+
+    async def _greet(self, command: Callable[[str], Awaitable[None]], hostname: str) -> None:
+        """Run aiosmtpd's HELO or EHLO `command` unless the name is refused.
+
+        aiosmtpd ends the transaction and sets the session's protocol before
+        the handler sees the name, yet after a refused HELO or EHLO the server
+        stays in the state it was in (RFC 5321 section 4.1.4). So the name is
+        refused here, before aiosmtpd changes anything.
+        """
+        if hostname and (_has_control_characters(hostname) or not _is_utf8(hostname)):
+            await self.push(REPLY_BAD_HELO)
+            return
+        await command(hostname)
+
     async def smtp_AUTH(self, arg: str) -> None:
         # Mail is accepted only for our own inboxes, so no sender needs to log
         # in. Without a @syntax line, HELP does not list AUTH either.

@@ -414,6 +414,45 @@ async def test_received_header_names_protocol(tmp_path: Path, start_daemon) -> N
     assert b"(guardrail) with ESMTP id " in by_id[False]
 
 
+async def test_rejected_greeting_leaves_the_session_as_it_was(tmp_path: Path, start_daemon) -> None:
+    """RFC 5321 section 4.1.4: after refusing HELO or EHLO, the server stays in the state it was in.
+
+    A refused EHLO after HELO does not make the session ESMTP, and a refused
+    HELO after EHLO neither ends the transaction under way nor the session's
+    ESMTP parameters.
+    """
+    daemon = await start_daemon(write_config(tmp_path))
+    data = message(message_id="<refused-ehlo@example.com>").replace(b"\r\n.", b"\r\n..")
+
+    lines = await converse(
+        daemon.port,
+        b"HELO client.test.example\r\nEHLO bad\x01name\r\nMAIL FROM:<alice@example.com>\r\n"
+        b"RCPT TO:<support@example.org>\r\nDATA\r\n" + data + b".\r\nQUIT\r\n",
+    )
+    assert lines[2] == "501 5.5.2 Invalid host name in EHLO"
+    assert lines[-2].startswith("250 2.0.0 Ok: queued as ")
+
+    lines = await converse(
+        daemon.port,
+        EHLO + b"MAIL FROM:<alice@example.com>\r\nHELO bad\x01name\r\nRCPT TO:<support@example.org>\r\n"
+        b"RSET\r\nMAIL FROM:<alice@example.com> SIZE=100\r\nQUIT\r\n",
+    )
+    replies = [line for line in lines if not line.startswith("250-")]
+    assert replies[1:] == [
+        "250 HELP",
+        "250 2.1.0 Ok",
+        "501 5.5.2 Invalid host name in EHLO",
+        "250 2.1.5 Ok",
+        "250 2.0.0 OK",
+        "250 2.1.0 Ok",
+        "221 2.0.0 Bye",
+    ]
+
+    support = tmp_path / "var" / "maildir" / "support"
+    await wait_until(lambda: len(maildir_messages(support)) == 1, what="the delivery")
+    assert b"(guardrail) with SMTP id " in maildir_messages(support)[0]
+
+
 def dotted_message(size: int) -> bytes:
     """Return a message of exactly `size` bytes with 100 lines that are a lone dot, which the client doubles."""
     head = f"From: alice@example.com\r\nSubject: dots\r\nMessage-ID: <dots-{size}@example.com>\r\n\r\n".encode()
