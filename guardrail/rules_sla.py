@@ -80,6 +80,20 @@ def template_fields(text: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
 
 
+def formatted_fields(text: str) -> list[str]:
+    """Return the merge fields of `text` that carry a format spec or a conversion, as written.
+
+    Every merge field is text, so a spec such as `:d` raises when the
+    acknowledgement is rendered, and every acknowledgement would then fall
+    back to the plain variant.
+    """
+    written = []
+    for _, name, spec, conversion in string.Formatter().parse(text):
+        if name is not None and (spec or conversion):
+            written.append("{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}")
+    return written
+
+
 def load_human(table: Table, name_key: str = "name", address_key: str = "address") -> Human | None:
     errors_before = len(table.errors)
     name = table.string(name_key)
@@ -227,6 +241,9 @@ def load_template(table: Table) -> Template | None:
         unknown = fields - TEMPLATE_FIELDS.keys()
         if unknown and not key.startswith("plain_"):
             table.problem(key, f"unknown merge fields {sorted(unknown)}; use {', '.join(sorted(TEMPLATE_FIELDS))}")
+        formatted = formatted_fields(text)
+        if formatted and not key.startswith("plain_"):
+            table.problem(key, f"write merge fields as {{name}}, without a format or conversion: {', '.join(formatted)}")
         if key in ("subject", "plain_subject") and ("\n" in text or "\r" in text):
             table.problem(key, "a subject must be one line")
     if not (name and language) or None in texts.values():

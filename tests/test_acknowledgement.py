@@ -446,6 +446,9 @@ default = true
         ("subject", "Line one\nBcc: evil@example.net", "a subject must be one line"),
         ("plain_subject", "Line one\r\nline two", "a subject must be one line"),
         ("body", "Unclosed {subject", "invalid template"),
+        # Every merge field is text, so a number format fails on every message.
+        ("body", "Filed as {reference:d}", "write merge fields as {name}, without a format or conversion: {reference:d}"),
+        ("subject", "Hi {sender_name!r}", "write merge fields as {name}, without a format or conversion: {sender_name!r}"),
     ],
 )
 def test_bad_template_rejected_at_load(tmp_path: Path, key: str, text: str, problem: str) -> None:
