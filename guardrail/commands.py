@@ -565,7 +565,7 @@ def retry(arguments: argparse.Namespace) -> int:
         failed_deliveries=arguments.failed_deliveries, pending=arguments.pending, busy_timeout=config.busy_timeout,
     )
     for row_id in done.unknown:
-        print(f"error: outbox row {row_id} not found in {config.database_path}", file=sys.stderr)
+        print(f"error: outbox row {row_id} not found in {config.database_path}; no row was changed", file=sys.stderr)
     for row, reason in done.skipped:
         print(f"not sent again: {_queued_line(row)}\n         because {reason}")
     for row in done.sent_again:

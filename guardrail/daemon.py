@@ -193,6 +193,9 @@ class Daemon:
             # A permanent failure to reach the team escalates the conversation at once.
             if result.state == "failed" and result.kind == "deliver" and result.conversation_id is not None:
                 scheduler.due_at(result.at)
+            # A failed delivery sent again that arrived may resume its conversation's chain.
+            if result.requeued and result.state == "done" and result.conversation_id is not None:
+                scheduler.due_at(result.at)
             if result.rejected and result.kind == "deliver":
                 rejections.rejected((address, result.team) for address, _ in result.rejected)
 

@@ -32,7 +32,7 @@ from .escalation import decode_fallback
 from .loops import LOOP_HEADER
 from .maildir import write_maildirs
 from .metrics import Metrics
-from .outbox import retry_window_start
+from .outbox import REQUEUED_AT, retry_window_start
 from .rules import Destination
 from .rules_sla import Webhook
 from .store import AttemptResult, OutboxRow, Store
@@ -474,7 +474,10 @@ class DeliveryWorker:
         await asyncio.gather(*(self._record(result, context) for result, context in results))
 
     def _done(self, row: OutboxRow, attempts: int) -> AttemptResult:
-        return AttemptResult(row.id, row.conversation_id, row.message_row, self._clock.now(), "done", attempts, kind=row.kind)
+        return AttemptResult(
+            row.id, row.conversation_id, row.message_row, self._clock.now(), "done", attempts, kind=row.kind,
+            requeued=REQUEUED_AT in row.target,
+        )
 
     async def _record(self, result: AttemptResult, context: dict[str, Any] | None = None) -> None:
         try:

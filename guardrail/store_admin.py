@@ -459,6 +459,7 @@ def requeue(
     The rows are those numbered `ids`, every failed delivery to a team when
     `failed_deliveries` is set, and every pending row when `pending` is set.
     A failed row starts over: no attempts, and a give-up window from `now`.
+    When an id is unknown, nothing changes and the result lists it.
     The daemon's outbox worker looks for due rows at least once a minute.
     """
     conditions = ["o.id IN (SELECT value FROM json_each(?))"]
@@ -476,6 +477,12 @@ def requeue(
             rows = connection.execute(
                 f"SELECT {_OUTBOX_COLUMNS}{_OUTBOX_FROM} WHERE {' OR '.join(conditions)} ORDER BY o.id", parameters,
             ).fetchall()
+            found = {row[0] for row in rows}
+            unknown = [row_id for row_id in ids if row_id not in found]
+            if unknown:
+                # A mistyped id changes nothing, so the command can be run again once corrected.
+                connection.execute("ROLLBACK")
+                return Requeued([], [], unknown)
             for row in rows:
                 row_id, kind, target_text, state, attempts, created, next_at, done, error, reference, conversation_state, conversation_id, has_bytes = row
                 target = json.loads(target_text)
@@ -509,5 +516,4 @@ def requeue(
         except BaseException:
             connection.execute("ROLLBACK")
             raise
-    found = {row[0] for row in rows}
-    return Requeued(sent_again, skipped, [row_id for row_id in ids if row_id not in found])
+    return Requeued(sent_again, skipped, [])

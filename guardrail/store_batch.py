@@ -22,6 +22,8 @@ from .clock import format_instant, parse_instant
 from .conversations import KnownConversation, find_references, new_reference
 from .deadlines import ClockPlanner, SlaClock
 from .escalation import (
+    DELIVERY_FAILED_REASON,
+    PARTIAL_DELIVERY_FAILED_REASON,
     DueConversation,
     EscalationPlan,
     LevelTarget,
@@ -290,6 +292,7 @@ class AttemptResult:
     rejected: tuple[tuple[str, str], ...] = ()
     # The team whose destination a delivery row goes to, when the destination is an SMTP one.
     team: str = ""
+    requeued: bool = False  # an operator queued the row again after it failed for good
 
 
 @dataclass(frozen=True)
@@ -612,6 +615,10 @@ class BatchWriter:
             if result.state == "failed" and result.kind == "deliver" and result.conversation_id is not None:
                 reason = delivery_failure_reason(result.delivered, result.undelivered, result.error)
                 self.rows["failed_conversations"].append((at, reason[:500], at, result.conversation_id))
+            if result.state == "done" and result.kind == "deliver" and result.requeued and result.conversation_id is not None:
+                self.rows["restored_conversations"].append(
+                    (at, DELIVERY_FAILED_REASON, PARTIAL_DELIVERY_FAILED_REASON, result.conversation_id),
+                )
 
     # -- escalations ----------------------------------------------------------
 
@@ -1102,6 +1109,19 @@ _STATEMENTS = {
         " THEN ? ELSE next_escalation_at END,"
         " state = CASE WHEN state = 'no_reply_needed' THEN 'open' ELSE state END"
         " WHERE id = ?"
+    ),
+    # A failed delivery sent again that reaches the team ends what the
+    # failure started, once no other delivery of the conversation has failed:
+    # the flag goes, and a conversation that escalated at once because of the
+    # failure is due again, so the scheduler resumes its chain from its level.
+    "restored_conversations": (
+        "UPDATE conversations SET delivery_failed = 0, updated_at = ?1,"
+        " next_escalation_at = CASE WHEN (instr(escalation_reason, ?2) = 1 OR instr(escalation_reason, ?3) = 1)"
+        " AND state = 'open' AND deadline IS NOT NULL THEN ?1 ELSE next_escalation_at END,"
+        " escalation_reason = CASE WHEN instr(escalation_reason, ?2) = 1 OR instr(escalation_reason, ?3) = 1"
+        " THEN '' ELSE escalation_reason END"
+        " WHERE id = ?4 AND delivery_failed = 1 AND NOT EXISTS (SELECT 1 FROM outbox o"
+        " WHERE o.conversation_id = ?4 AND o.kind = 'deliver' AND o.state = 'failed')"
     ),
     "escalation_updates": (
         "UPDATE conversations SET escalation_level = ?, next_escalation_at = ?, updated_at = ? WHERE id = ?"

@@ -18,7 +18,7 @@ from test_outage import close_sink, delivery_events, outage_config, outbox, wait
 
 from guardrail import store_admin
 from guardrail.cli import main
-from guardrail.clock import ManualClock
+from guardrail.clock import ManualClock, parse_instant
 from guardrail.daemon import Daemon
 from guardrail.delivery import RESCAN_EVERY
 from guardrail.outbox import (
@@ -111,6 +111,12 @@ async def test_failed_delivery_listed_and_sent_again(tmp_path: Path, start_daemo
         assert f"{failed.id:>8} forward" in text
         assert "550 5.1.1 no such user" in text
 
+        # A mistyped id beside a real one changes nothing.
+        assert await cli("retry", "--config", config, str(failed.id), "999") == 2
+        assert capsys.readouterr().out == ""
+        [still_failed] = await outbox(daemon)
+        assert (still_failed.state, still_failed.attempts) == ("failed", 1)
+
         # The team's address is fixed at the smarthost, and the operator sends the message again.
         sink.handler.reply = None
         assert await cli("retry", "--config", config, "--failed-deliveries", "--by", "dana") == 0
@@ -191,7 +197,56 @@ async def test_retry_usage_errors(tmp_path: Path, start_daemon, capsys: pytest.C
     assert await cli("retry", "--config", config) == 2
     assert capsys.readouterr().err == "error: no rows named: give outbox row IDs, --failed-deliveries or --pending\n"
     assert await cli("retry", "--config", config, "999") == 2
-    assert capsys.readouterr().err == f"error: outbox row 999 not found in {daemon.config.database_path}\n"
+    assert capsys.readouterr().err == f"error: outbox row 999 not found in {daemon.config.database_path}; no row was changed\n"
     with pytest.raises(SystemExit):
         main(["retry", "--config", config, "0"])
     assert "expected a whole number from 1" in capsys.readouterr().err
+
+
+async def conversation_state(daemon: Daemon) -> tuple[int, str, str | None, str | None]:
+    """Return delivery_failed, escalation_reason, next_escalation_at and deadline of the only conversation."""
+    assert daemon.store is not None
+    [row] = await daemon.store.fetch_all("SELECT delivery_failed, escalation_reason, next_escalation_at, deadline FROM conversations")
+    return row[0], row[1], row[2], row[3]
+
+
+async def escalation_levels(daemon: Daemon) -> list[object]:
+    assert daemon.store is not None
+    rows = await daemon.store.fetch_all("SELECT detail FROM events WHERE kind = 'escalated' ORDER BY id")
+    return [json.loads(detail)["level"] for (detail,) in rows]
+
+
+async def test_delivered_retry_resumes_escalation_chain(tmp_path: Path, start_daemon) -> None:
+    sink = await start_sink()
+    sink.handler.reply = NO_SUCH_USER
+    try:
+        clock = ManualClock(START)
+        daemon = await start_daemon(outage_config(tmp_path, sink.port, concurrency=1), clock)
+        await send(daemon.port, "alice@example.com", ["support@example.org"], message())
+        failed = await wait_for_row(daemon, "failed", 1)
+        # The failure escalates at once, and the chain stops there.
+        await wait_until(lambda: escalation_levels(daemon), what="the escalation of the failed delivery")
+        flag, reason, next_at, deadline = await conversation_state(daemon)
+        assert (flag, next_at) == (1, None)
+        assert reason.startswith("delivery to the destination failed permanently")
+        assert deadline is not None
+
+        sink.handler.reply = None
+        await asyncio.to_thread(store_admin.requeue, daemon.config.database_path, clock.now(), "dana", ids=(failed.id,))
+        await clock.advance(RESCAN_EVERY + timedelta(seconds=1))
+        await wait_until(lambda: sink.to("team@example.net"), what="the delivery sent again")
+
+        async def rescheduled() -> bool:
+            return await conversation_state(daemon) == (0, "", deadline, deadline)
+
+        # Woken by the delivery, the scheduler sets the first level's time again: the deadline, for a chain of one level at 0m.
+        await wait_until(rescheduled, what="the chain scheduled again")
+        await clock.set(parse_instant(deadline) + timedelta(seconds=1))
+
+        async def fired() -> bool:
+            return len(await escalation_levels(daemon)) == 2
+
+        await wait_until(fired, what="the first level at the deadline")
+        assert (await escalation_levels(daemon))[1] == 1
+    finally:
+        await close_sink(sink)
