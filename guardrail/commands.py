@@ -340,6 +340,17 @@ def reload(arguments: argparse.Namespace) -> int:
         state = "is left over from a daemon that stopped" if path.exists() else "is missing"
         print(f"error: no running daemon: {path} {state}; start it with guardrail run", file=sys.stderr)
         return EXIT_FAILURE
+    # The daemon reloads the rules folder of the config it started with, which
+    # may differ from this config's: the file was edited, or another config
+    # names the same database. Those are the rules to check.
+    running = store_admin.daemon_rules(config.database_path, busy_timeout=config.busy_timeout)
+    if running is not None and running[0] != config.rules_dir.resolve():
+        print(
+            f"note: the running daemon reads its rules from {running[0]}, not {config.rules_dir}; checking those."
+            f" Restart it to read {config.rules_dir}",
+            file=sys.stderr,
+        )
+        rules = load_rules(running[0], running[1], fix="restart the daemon with the config that names the rules folder")
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import shlex
 import signal
@@ -40,7 +41,7 @@ from .retention import Retention
 from .rules import RuleSet, load_rules
 from .sla import EscalationScheduler, RejectionWatch, ZombieWatch
 from .store import AttemptResult, Outcome, Store, StoreSettings
-from .store_batch import ReschedulePlanner
+from .store_batch import DAEMON_RULES, ReschedulePlanner
 
 log = structlog.get_logger("guardrail.daemon")
 
@@ -148,6 +149,9 @@ class Daemon:
         )
         self.store = await Store.open(config.database_path, settings, busy_timeout=config.busy_timeout)
         self.store.observe_commits(self.metrics.observe_commit)
+        await self.store.record_fact(DAEMON_RULES, json.dumps({
+            "directory": str(config.rules_dir.resolve()), "base": str(config.path.resolve().parent),
+        }))
         self.store.follow_rules(self.rules.digest, partial(reopened_clock, self.rules))
         worker = self.worker = DeliveryWorker(
             self.store, config, self.clock, self._transport, metrics=self.metrics, write_files=self._write_files

@@ -294,6 +294,10 @@ class Store:
         self._writer.rules_digest = digest
         self._writer.reopened_clock = reopened_clock
 
+    async def record_fact(self, name: str, value: str) -> None:
+        """Store `value` as the fact `name`, replacing an earlier one, outside the group committer."""
+        await self._db.execute("INSERT OR REPLACE INTO facts (name, value) VALUES (?, ?)", (name, value))
+
     async def schedule_rules(self) -> str:
         """Return the digest of the rules under which every open conversation's next escalation was last set, or ""."""
         async with self._db.execute("SELECT value FROM facts WHERE name = ?", (SCHEDULE_RULES,)) as cursor:

@@ -25,7 +25,7 @@ from . import outbox
 from .checks import Inspection
 from .clock import format_instant, parse_instant
 from .errors import DatabaseFileError, DatabaseLockedError, StorageError
-from .store_batch import SCHEMA, alarms_query
+from .store_batch import DAEMON_RULES, SCHEMA, alarms_query
 
 # Tables that every version of the schema has, so a file without them was not made by guardrail.
 GUARDRAIL_TABLES = ("messages", "conversations")
@@ -517,3 +517,18 @@ def requeue(
             connection.execute("ROLLBACK")
             raise
     return Requeued(sent_again, skipped, [])
+
+
+def daemon_rules(path: Path, *, busy_timeout: timedelta = BUSY_TIMEOUT) -> tuple[Path, Path] | None:
+    """Return the rules folder that the daemon last started on `path` reads, and the folder its paths resolve against.
+
+    None when no daemon has recorded them, as in a database from an earlier version.
+    """
+    with connect(path, busy_timeout=busy_timeout, require_tables=False) as connection:
+        if not connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'facts'").fetchone():
+            return None
+        row = connection.execute("SELECT value FROM facts WHERE name = ?", (DAEMON_RULES,)).fetchone()
+    if row is None:
+        return None
+    recorded = json.loads(row[0])
+    return Path(recorded["directory"]), Path(recorded["base"])

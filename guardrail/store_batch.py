@@ -204,6 +204,10 @@ CREATE TABLE IF NOT EXISTS facts (
 
 # The fact that names the rules under which open conversations' escalations were last set.
 SCHEDULE_RULES = "schedule_rules"
+# The rules folder of the running daemon and the folder its maildir paths
+# resolve against, as JSON, so that `guardrail reload` checks the rules that
+# the daemon will load.
+DAEMON_RULES = "daemon_rules"
 
 # Stored messages that one Message-ID's copy check compares at most. Each
 # inbox's copy of a message comes after the first arrival, so the first

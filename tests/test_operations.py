@@ -1418,6 +1418,30 @@ def test_reload_notes_changed_config(tmp_path: Path, capsys: pytest.CaptureFixtu
         kill_if_running(process)
 
 
+def test_reload_checks_the_daemons_rules_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, smtp={"port": free_port()})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guardrail", "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    pid_path = tmp_path / "var" / "guardrail.db.pid"
+    try:
+        wait_for_pid(pid_path, process)
+        # The config now names another folder, which the daemon reads only after a restart.
+        shutil.copytree(tmp_path / "rules", tmp_path / "rules2")
+        config.write_text(config.read_text() + '\n[rules]\ndirectory = "rules2"\n')
+        assert main(["reload", "--config", str(config)]) == 0
+        output = capsys.readouterr()
+        assert f"note: the running daemon reads its rules from {tmp_path / 'rules'}, not {tmp_path / 'rules2'}" in output.err
+        assert f"sent SIGHUP to guardrail (pid {process.pid})" in output.out
+
+        # A broken file in the daemon's folder fails the reload, though the config's folder is fine.
+        (tmp_path / "rules" / "99-broken.toml").write_text("[[route\n")
+        assert main(["reload", "--config", str(config)]) == 2
+        assert "99-broken.toml:1: invalid TOML" in capsys.readouterr().err
+    finally:
+        kill_if_running(process)
+
+
 @pytest.mark.parametrize(
     ("database", "expected"),
     [("a.db", "a.db.pid"), ("a.sqlite", "a.sqlite.pid"), ("a", "a.pid"), ("a.b.db", "a.b.db.pid")],
