@@ -560,7 +560,9 @@ class BatchWriter:
         """Queue the acknowledgement if the plan sends one; return why the plain variant was used."""
         if not plan.ack_decision:
             return ""
-        recipient = submission.ack.to_address.lower() if submission.ack else submission.mail_from.lower()
+        # Without an acknowledgement, the record names whom one would have gone to: the
+        # person behind one of our lists, else the envelope sender.
+        recipient = submission.ack.to_address.lower() if submission.ack else (submission.list_sender or submission.mail_from).lower()
         conversation_id = conversation.id if conversation else None
         if plan.ack_decision != "sent" or submission.ack is None or conversation is None:
             self.rows["acknowledgements"].append((row, conversation_id, at, recipient, "suppressed", plan.ack_signal, None, None, None))

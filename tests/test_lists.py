@@ -353,6 +353,18 @@ async def test_list_mail_without_key_unchanged(tmp_path: Path, start_daemon, mai
     assert acknowledgements(tmp_path) == []
 
 
+async def test_suppressed_list_mail_recorded_for_person(tmp_path: Path, start_daemon) -> None:
+    clock = ManualClock(NOW)
+    daemon = await start_daemon(write_config(tmp_path, smtp={"inbox_lists": [GROUP]}), clock=clock)
+    # The person's out-of-office reply, passed on by the group with its own bounce address as envelope sender.
+    data = google(GOOGLE_FROM, GOOGLE_PERSON + "Auto-Submitted: auto-replied\r\n")
+    await send(daemon.port, GOOGLE_ENVELOPE, ["support@example.org"], data)
+    await settle(daemon, clock)
+
+    rows = await daemon.store.fetch_all("SELECT recipient, decision FROM acknowledgements")
+    assert rows == [("alice@customer.example", "suppressed")]
+
+
 async def test_rewritten_customer_reply_does_not_answer(tmp_path: Path, start_daemon) -> None:
     clock = ManualClock(NOW)
     daemon = await start_daemon(write_config(tmp_path, smtp={"inbox_lists": [GROUP]}), clock=clock)
