@@ -103,6 +103,9 @@ def parse_toml(path: Path, raw: bytes, errors: list[ConfigError]) -> dict[str, A
     except tomllib.TOMLDecodeError as error:
         match = _TOML_LINE.search(str(error))
         line = int(match.group(1)) if match else None
+        if line is None and "end of document" in str(error):
+            # tomllib names no line for an error at the end of the text, such as an array left open.
+            line = text.count("\n") + (0 if text.endswith("\n") else 1)
         hint = ""
         if "escape" in str(error).lower():
             hint = (

@@ -67,6 +67,19 @@ def test_not_utf8_error_names_line(tmp_path: Path) -> None:
     assert "byte 0xe9 at offset 17" in str(error)
 
 
+@pytest.mark.parametrize(("contents", "line"), [(b"# one\nmatch = [1,\n", 2), (b"# one\nmatch = [1,", 2), (b"a = [", 1)])
+def test_toml_error_at_end_names_line(tmp_path: Path, contents: bytes, line: int) -> None:
+    folder = rules_folder(tmp_path, TEAMS + ROUTES)
+    (folder / "50-extra.toml").write_bytes(contents)
+
+    with pytest.raises(ConfigErrors) as caught:
+        load_rules(folder, tmp_path)
+
+    (error,) = caught.value.errors
+    assert error.line == line
+    assert "invalid TOML: Invalid value (at end of document)" in str(error)
+
+
 def test_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
     folder = rules_folder(tmp_path, TEAMS + ROUTES)
     (folder / "rules.toml").write_bytes(codecs.BOM_UTF8 + (TEAMS + ROUTES).encode())
