@@ -665,14 +665,19 @@ async def test_contact_rejects_invalid_address(tmp_path: Path, start_daemon, cli
     assert "invalid address 'not-an-address'" in response.json()["error"]
 
 
+async def smarthost_daemon(tmp_path: Path, start_daemon, sink, rules: str):
+    """Start a daemon at 2025-11-17 10:00 UTC whose smarthost is `sink`."""
+    config = http_config(tmp_path, rules=rules, sections={
+        "smarthost": {"host": "127.0.0.1", "port": sink.port, "starttls": False, "timeout": "10s"},
+    })
+    return await start_daemon(config, clock=ManualClock(at("2025-11-17T10:00:00")))
+
+
 async def test_api_lists_alarms(tmp_path: Path, start_daemon, client_for, api_token: str) -> None:
     rules = SMTP_RULES.replace('["team@example.net"]', '["team@example.net", "second@example.net"]')
     sink = await start_sink(handler=RecipientSinkHandler(rcpt_replies={"second@example.net": "550 5.1.1 no such user"}))
     try:
-        config = http_config(tmp_path, rules=rules, sections={
-            "smarthost": {"host": "127.0.0.1", "port": sink.port, "starttls": False, "timeout": "10s"},
-        })
-        daemon = await start_daemon(config, clock=ManualClock(at("2025-11-17T10:00:00")))
+        daemon = await smarthost_daemon(tmp_path, start_daemon, sink, rules)
         client = client_for(daemon)
         assert (await client.get("/v1/alarms")).json() == {"alarms": []}
         await send(daemon.port, "alice@example.com", ["support@example.org"], message())
@@ -699,10 +704,7 @@ async def test_api_lists_alarms(tmp_path: Path, start_daemon, client_for, api_to
 async def test_api_lists_and_retries_outbox(tmp_path: Path, start_daemon, client_for, api_token: str) -> None:
     sink = await start_sink(handler=RecipientSinkHandler(rcpt_replies={"team@example.net": "550 5.1.1 no such user"}))
     try:
-        config = http_config(tmp_path, rules=SMTP_RULES, sections={
-            "smarthost": {"host": "127.0.0.1", "port": sink.port, "starttls": False, "timeout": "10s"},
-        })
-        daemon = await start_daemon(config, clock=ManualClock(at("2025-11-17T10:00:00")))
+        daemon = await smarthost_daemon(tmp_path, start_daemon, sink, SMTP_RULES)
         client = client_for(daemon)
         await send(daemon.port, "alice@example.com", ["support@example.org"], message())
 
