@@ -383,6 +383,10 @@ def inspect(arguments: argparse.Namespace) -> int:
 
 def test(arguments: argparse.Namespace) -> int:
     config, rules = _load(arguments)
+    if not arguments.directory.is_dir():
+        state = "is not a folder" if arguments.directory.exists() else "does not exist"
+        print(f"error: test case folder {arguments.directory} {state}; name a folder of *.eml cases", file=sys.stderr)
+        return EXIT_USAGE
     cases = sorted(arguments.directory.glob("*.eml"))
     if not cases:
         print(f"error: no *.eml test cases in {arguments.directory}", file=sys.stderr)
@@ -464,8 +468,8 @@ def _replay_differences(evaluator: Evaluator, message: store_admin.StoredMessage
 def report(arguments: argparse.Namespace) -> int:
     config = load_config(arguments.config, require_secrets=False)
     since = parse_duration(arguments.since)
-    if since is None:
-        print(f"error: --since {arguments.since!r} is not a duration such as 7d or 12h", file=sys.stderr)
+    if since is None or not since:
+        print(f"error: --since {arguments.since!r} is not a duration above zero, such as 7d or 12h", file=sys.stderr)
         return EXIT_USAGE
     if since > MAX_DURATION:
         print(f"error: --since {arguments.since!r} is too long; give at most {MAX_DURATION_TEXT}", file=sys.stderr)

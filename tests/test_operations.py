@@ -206,6 +206,23 @@ def test_report_rejects_overlong_since(tmp_path: Path, capsys: pytest.CaptureFix
     assert "error: --since '99999999d' is too long; give at most \"36500d\" (100 years)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("since", ["0d", "0", "soon"])
+def test_report_rejects_empty_since(tmp_path: Path, capsys: pytest.CaptureFixture[str], since: str) -> None:
+    config = example_copy(tmp_path)
+
+    assert main(["report", "shadow", "--config", str(config), "--since", since]) == 2
+    assert f"error: --since {since!r} is not a duration above zero, such as 7d or 12h" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "state"), [("missing", "does not exist"), ("a-file.eml", "is not a folder")])
+def test_rule_test_names_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, state: str) -> None:
+    config = example_copy(tmp_path)
+    (tmp_path / "a-file.eml").write_text("Subject: x\n\nx\n")
+
+    assert main(["test", "--config", str(config), str(tmp_path / name)]) == 2
+    assert capsys.readouterr().err == f"error: test case folder {tmp_path / name} {state}; name a folder of *.eml cases\n"
+
+
 def test_rule_test_rejects_shadow_route_expectation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, rules=SHADOW_RULES)
     cases = tmp_path / "cases"
