@@ -345,11 +345,11 @@ class GuardrailSMTP(SMTP):
         """Run aiosmtpd's HELO or EHLO `command` unless the name is refused.
 
         aiosmtpd ends the transaction and sets the session's protocol before
-        the handler sees the name, yet after a refused HELO or EHLO the server
+        the handler receives the name, yet after a refused HELO or EHLO the server
         stays in the state it was in (RFC 5321 section 4.1.4). So the name is
         refused here, before aiosmtpd changes anything.
         """
-        if hostname and (_has_control_characters(hostname) or not _is_utf8(hostname)):
+        if hostname and _is_malformed(hostname):
             await self.push(REPLY_BAD_HELO)
             return
         await command(hostname)
@@ -708,8 +708,7 @@ class IntakeHandler:
         self.free_space = FreeSpace(self.config.database_path.parent)
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]) -> list[str]:
-        if _has_control_characters(hostname) or not _is_utf8(hostname):
-            return [REPLY_BAD_HELO]
+        # GuardrailSMTP._greet has refused a malformed name before aiosmtpd calls this.
         session.host_name = hostname
         # aiosmtpd lists AUTH once TLS is active, but AUTH is not offered here.
         offered = [line for line in responses[:-1] if not line.startswith("250-AUTH")]
@@ -720,15 +719,13 @@ class IntakeHandler:
         return [*offered, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str) -> str:
-        if _has_control_characters(hostname) or not _is_utf8(hostname):
-            return REPLY_BAD_HELO
         session.host_name = hostname
         return f"250 {server.hostname}"
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
         # A connection carries several transactions; each starts with MAIL.
         structlog.contextvars.clear_contextvars()
-        if _has_control_characters(address) or not _is_utf8(address):
+        if _is_malformed(address):
             log.warning("sender_rejected", peer=_peer(session), reason="control character or invalid UTF-8 in address")
             self.metrics.messages_rejected.labels("invalid sender").inc()
             return REPLY_BAD_SENDER
@@ -769,7 +766,7 @@ class IntakeHandler:
         return problem
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
-        if _has_control_characters(address) or not _is_utf8(address):
+        if _is_malformed(address):
             log.warning("recipient_rejected", peer=_peer(session), reason="control character or invalid UTF-8 in address")
             self.metrics.messages_rejected.labels("invalid recipient").inc()
             return REPLY_BAD_RECIPIENT
@@ -954,6 +951,11 @@ def _is_utf8(text: str) -> bool:
 
 def _has_control_characters(text: str) -> bool:
     return _CONTROL_CHARACTER.search(text) is not None
+
+
+def _is_malformed(text: str) -> bool:
+    """Return True for a client name or address with control characters or bytes that are not UTF-8."""
+    return _has_control_characters(text) or not _is_utf8(text)
 
 
 def _shown_message_id(message_id: str) -> str:
