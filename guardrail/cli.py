@@ -17,20 +17,18 @@ from . import __version__, commands
 from .conversations import MAX_NAME_LENGTH, is_storable_name
 from .errors import ConfigError, ConfigErrors, DatabaseFileError
 from .harness import EvaluatorUnavailable
-
-# The largest SQLite INTEGER, which a LIMIT takes.
-_SQLITE_MAX_INTEGER = 2**63 - 1
+from .store_admin import MAX_INTEGER
 
 
-def _message_count(text: str) -> int:
-    """Parse a --last count. SQLite reads a negative LIMIT as no limit, so counts below 1 are rejected."""
+def _positive_integer(text: str) -> int:
+    """Parse a count (--last, --limit) or an outbox row id. SQLite reads a negative LIMIT as no limit, so values below 1 are rejected."""
     try:
         count = int(text)
     except ValueError:
         count = 0
-    if not 1 <= count <= _SQLITE_MAX_INTEGER:
+    if not 1 <= count <= MAX_INTEGER:
         raise argparse.ArgumentTypeError(
-            f"invalid value {text!r}; expected a whole number from 1 to {_SQLITE_MAX_INTEGER}"
+            f"invalid value {text!r}; expected a whole number from 1 to {MAX_INTEGER}"
         )
     return count
 
@@ -91,17 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("directory", type=Path, metavar="DIR", help="folder of test cases")
     replay = sub.add_parser("replay", help="list stored messages whose route, team or acknowledgement would change")
     replay.add_argument("--rules", type=Path, required=True, metavar="NEW_DIR", help="the proposed rules folder")
-    replay.add_argument("--last", type=_message_count, default=100, metavar="N", help="how many of the newest messages (default: 100)")
+    replay.add_argument("--last", type=_positive_integer, default=100, metavar="N", help="how many of the newest messages (default: 100)")
     report = sub.add_parser("report", help="reports from stored data")
     report.add_argument("kind", choices=("shadow",), help="shadow: where a shadow route disagreed with the live decision")
     report.add_argument("--since", default="7d", metavar="DURATION", help="how far back to look (default: 7d)")
     sub.add_parser("status", help="open conversations by team, overdue ones, next deadlines, per-route figures")
     queue = sub.add_parser("queue", help="list outbox rows waiting to be sent, or those that failed")
     queue.add_argument("--failed", action="store_true", help="list failed rows, newest first, instead of pending ones")
-    queue.add_argument("--limit", type=_message_count, default=100, metavar="N", help="how many rows at most (default: 100)")
+    queue.add_argument("--limit", type=_positive_integer, default=100, metavar="N", help="how many rows at most (default: 100)")
     queue.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
     retry = sub.add_parser("retry", help="queue failed outbox rows again, or make pending ones due now")
-    retry.add_argument("ids", type=_message_count, nargs="*", metavar="ID", help="outbox rows, as `guardrail queue` numbers them")
+    retry.add_argument("ids", type=_positive_integer, nargs="*", metavar="ID", help="outbox rows, as `guardrail queue` numbers them")
     retry.add_argument("--failed-deliveries", action="store_true",
                        help="every failed delivery to a team whose message is still stored")
     retry.add_argument("--pending", action="store_true", help="every pending row, due now instead of at its next attempt")

@@ -71,9 +71,8 @@ CONTACT_LIMIT = 100
 # RFC 5321 section 4.5.3.1.3: a path is at most 256 octets with its angle brackets.
 MAX_ADDRESS_LENGTH = 254
 MAX_ANSWERED_BODY = 4096
-# The states that GET /v1/outbox lists, and the largest row id, which SQLite's INTEGER bounds.
+# The states that GET /v1/outbox lists.
 OUTBOX_LISTED_STATES = ("pending", "failed")
-MAX_ROW_ID = 2**63 - 1
 # Readiness probes often time out after about a second. A longer wait for the
 # write lock would fail the probe anyway, so the check gives up sooner.
 READY_WRITE_TIMEOUT = timedelta(seconds=1)
@@ -221,7 +220,7 @@ class _Api:
 
     async def retry(self, request: Request) -> Response:
         text = request.path_params["row"]
-        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_ROW_ID:
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= store_admin.MAX_INTEGER:
             raise HTTPException(400, f"invalid outbox row {text!r}; expected a number such as GET /v1/outbox lists")
         name = _name_in_body(await _small_body(request, MAX_ANSWERED_BODY))
         self._store()
@@ -234,6 +233,7 @@ class _Api:
             raise HTTPException(404, f"outbox row {text} not found")
         if done.skipped:
             row, reason = done.skipped[0]
+            log.info("outbox_row_not_requeued", outbox_id=row.id, reason=reason, via="api")
             return JSONResponse({"error": f"outbox row {text} is not sent again: {reason}", "row": row.to_record()}, status_code=409)
         if self.daemon.worker is not None:
             self.daemon.worker.wake.set()

@@ -30,6 +30,9 @@ from .store_batch import DAEMON_RULES, SCHEMA, alarms_query
 # Tables that every version of the schema has, so a file without them was not made by guardrail.
 GUARDRAIL_TABLES = ("messages", "conversations")
 
+# The largest SQLite INTEGER, which bounds row ids and LIMIT values.
+MAX_INTEGER = 2**63 - 1
+
 # How long a command waits for another process's lock when the caller does not pass [database] busy_timeout.
 BUSY_TIMEOUT = timedelta(seconds=5)
 
@@ -430,15 +433,18 @@ def queued_rows(path: Path, state: str, limit: int, *, busy_timeout: timedelta =
         rows = connection.execute(
             f"SELECT {_OUTBOX_COLUMNS}{_OUTBOX_FROM} WHERE o.state = ? ORDER BY {order} LIMIT ?", (state, limit),
         ).fetchall()
-    return [
-        QueuedRow(
-            row_id, outbox.purpose(kind, json.loads(target)), row_state, reference,
-            outbox.shown_target(kind, json.loads(target)), attempts, parse_instant(created),
-            parse_instant(next_at) if row_state == "pending" else None,
-            parse_instant(done) if done else None, error,
-        )
-        for row_id, kind, target, row_state, attempts, created, next_at, done, error, reference, *_ in rows
-    ]
+    return [_queued_row(row) for row in rows]
+
+
+def _queued_row(row: Any) -> QueuedRow:
+    """Return the QueuedRow of a row selected with _OUTBOX_COLUMNS."""
+    row_id, kind, target_text, state, attempts, created, next_at, done, error, reference = row[:10]
+    target = json.loads(target_text)
+    return QueuedRow(
+        row_id, outbox.purpose(kind, target), state, reference, outbox.shown_target(kind, target), attempts,
+        parse_instant(created), parse_instant(next_at) if state == "pending" else None,
+        parse_instant(done) if done else None, error,
+    )
 
 
 @dataclass(frozen=True)
@@ -484,13 +490,9 @@ def requeue(
                 connection.execute("ROLLBACK")
                 return Requeued([], [], unknown)
             for row in rows:
-                row_id, kind, target_text, state, attempts, created, next_at, done, error, reference, conversation_state, conversation_id, has_bytes = row
-                target = json.loads(target_text)
-                listed = QueuedRow(
-                    row_id, outbox.purpose(kind, target), state, reference, outbox.shown_target(kind, target), attempts,
-                    parse_instant(created), parse_instant(next_at) if state == "pending" else None,
-                    parse_instant(done) if done else None, error,
-                )
+                listed = _queued_row(row)
+                row_id, kind, state = listed.id, row[1], listed.state
+                conversation_state, conversation_id, has_bytes = row[10:]
                 reason = outbox.retry_refusal(outbox.RetryCandidate(
                     kind, listed.purpose, state, bool(has_bytes), conversation_state,
                 ))
@@ -511,7 +513,7 @@ def requeue(
                         "INSERT INTO events (conversation_id, message_row, at, kind, detail) VALUES (?, NULL, ?, 'requeued', ?)",
                         (conversation_id, instant, json.dumps(detail)),
                     )
-                sent_again.append(replace(listed, state="pending", attempts=0 if state == "failed" else attempts, next_attempt_at=now))
+                sent_again.append(replace(listed, state="pending", attempts=0 if state == "failed" else listed.attempts, next_attempt_at=now))
             connection.execute("COMMIT")
         except BaseException:
             connection.execute("ROLLBACK")
