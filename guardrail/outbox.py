@@ -51,7 +51,7 @@ def retry_window_start(created_at: datetime, target: dict[str, Any]) -> datetime
 
 @dataclass(frozen=True)
 class RetryCandidate:
-    """What deciding whether an outbox row may be sent again needs to know about it."""
+    """The facts about an outbox row that decide whether it may be sent again."""
 
     kind: str
     purpose: str

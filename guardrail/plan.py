@@ -96,8 +96,8 @@ class Submission:
     # and destination. None keeps every conversation's team.
     team_names: frozenset[str] | None = None
     # The person who wrote a message that one of [smtp] inbox_lists passed
-    # on, or "" for other mail. It stands in for From and the envelope
-    # sender, which may name the list.
+    # on, or "" for other mail. It replaces From and the envelope sender,
+    # which may name the list.
     list_sender: str = ""
 
     @cached_property

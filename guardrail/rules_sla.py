@@ -89,8 +89,14 @@ def formatted_fields(text: str) -> list[str]:
     """
     written = []
     for _, name, spec, conversion in string.Formatter().parse(text):
-        if name is not None and (spec or conversion):
-            written.append("{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}")
+        if name is None or not (spec or conversion):
+            continue
+        field = name
+        if conversion:
+            field += f"!{conversion}"
+        if spec:
+            field += f":{spec}"
+        written.append("{" + field + "}")
     return written
 
 

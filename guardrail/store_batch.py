@@ -1116,10 +1116,10 @@ _STATEMENTS = {
         " state = CASE WHEN state = 'no_reply_needed' THEN 'open' ELSE state END"
         " WHERE id = ?"
     ),
-    # A failed delivery sent again that reaches the team ends what the
-    # failure started, once no other delivery of the conversation has failed:
-    # the flag goes, and a conversation that escalated at once because of the
-    # failure is due again, so the scheduler resumes its chain from its level.
+    # A failed delivery that reaches the team after a retry clears the flag,
+    # unless another delivery of the conversation still failed. A conversation
+    # that escalated at once because of the failure becomes due again, so the
+    # scheduler resumes its chain from its stored level.
     "restored_conversations": (
         "UPDATE conversations SET delivery_failed = 0, updated_at = ?1,"
         " next_escalation_at = CASE WHEN (instr(escalation_reason, ?2) = 1 OR instr(escalation_reason, ?3) = 1)"

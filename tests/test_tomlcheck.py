@@ -11,7 +11,7 @@ import pytest
 from conftest import DATA, ROUTES, TEAMS, rules_folder, write_config
 
 from guardrail.cli import main
-from guardrail.errors import ConfigErrors
+from guardrail.errors import ConfigError, ConfigErrors
 from guardrail.rules import load_rules
 
 LATIN_1 = "# café\n".encode("latin-1")
@@ -24,8 +24,8 @@ NOT_UTF8 = [
 ]
 
 
-@pytest.mark.parametrize(("contents", "problem"), NOT_UTF8)
-def test_rule_file_not_utf8(tmp_path: Path, contents: bytes, problem: str) -> None:
+def extra_file_error(tmp_path: Path, contents: bytes) -> ConfigError:
+    """Load the rules with an extra file holding `contents`; return the one error it causes."""
     folder = rules_folder(tmp_path, TEAMS + ROUTES)
     (folder / "50-extra.toml").write_bytes(contents)
 
@@ -33,7 +33,14 @@ def test_rule_file_not_utf8(tmp_path: Path, contents: bytes, problem: str) -> No
         load_rules(folder, tmp_path)
 
     (error,) = caught.value.errors
-    assert error.path == folder / "50-extra.toml"
+    return error
+
+
+@pytest.mark.parametrize(("contents", "problem"), NOT_UTF8)
+def test_rule_file_not_utf8(tmp_path: Path, contents: bytes, problem: str) -> None:
+    error = extra_file_error(tmp_path, contents)
+
+    assert error.path == tmp_path / "rules" / "50-extra.toml"
     assert problem in str(error)
 
 
@@ -69,13 +76,8 @@ def test_not_utf8_error_names_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("contents", "line"), [(b"# one\nmatch = [1,\n", 2), (b"# one\nmatch = [1,", 2), (b"a = [", 1)])
 def test_toml_error_at_end_names_line(tmp_path: Path, contents: bytes, line: int) -> None:
-    folder = rules_folder(tmp_path, TEAMS + ROUTES)
-    (folder / "50-extra.toml").write_bytes(contents)
+    error = extra_file_error(tmp_path, contents)
 
-    with pytest.raises(ConfigErrors) as caught:
-        load_rules(folder, tmp_path)
-
-    (error,) = caught.value.errors
     assert error.line == line
     assert "invalid TOML: Invalid value (at end of document)" in str(error)
 
