@@ -7,6 +7,8 @@ conversation and its outbox rows are committed together.
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from .conversations import (
     new_reference,
 )
 from .deadlines import ClockPlanner, SlaClock
-from .message import Summary
+from .message import Summary, decode_header_value
 from .rules import Destination
 
 _Frozen = TypeVar("_Frozen")
@@ -164,8 +166,9 @@ class EarlierCopy:
     raw: bytes
 
 
-# Header fields that forwarders pass on unchanged. Trace fields (Received,
-# Return-Path, Delivered-To, DKIM and ARC signatures) differ between copies.
+# Header fields that forwarders pass on unchanged, besides every Content-*
+# field. Trace fields (Received, Return-Path, Delivered-To, DKIM and ARC
+# signatures) differ between copies.
 _ORIGIN_FIELDS = frozenset({
     b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"mime-version", b"content-type",
     b"content-transfer-encoding",
@@ -180,9 +183,50 @@ def copy_signature(raw: bytes) -> bytes:
     fields = []
     for line in re.split(rb"\r\n(?![ \t])", header):
         name, colon, value = line.partition(b":")
-        if colon and name.strip().lower() in _ORIGIN_FIELDS:
-            fields.append(name.strip().lower() + b":" + _FOLDING.sub(b" ", value).strip())
+        name = name.strip().lower()
+        if colon and (name in _ORIGIN_FIELDS or name.startswith(b"content-")):
+            fields.append(name + b":" + _FOLDING.sub(b" ", value).strip())
     return b"\n".join(sorted(fields)) + b"\n\n" + body
+
+
+# The header fields a relay may re-encode while their decoded text stays. The
+# transfer encoding is left out, since a relay that re-encodes a part rewrites it.
+_DECODED_FIELDS = frozenset(name.decode() for name in _ORIGIN_FIELDS) - {"content-transfer-encoding"}
+_TRAILING_SPACE = re.compile(rb"[ \t]+(?=\n)|[ \t\n]+\Z")
+
+
+def content_signature(raw: bytes) -> tuple[object, ...] | None:
+    """Return what a copy keeps when a relay re-encodes it, or None when `raw` cannot be parsed.
+
+    A relay that passes 8-bit text to a server without 8BITMIME (RFC 6152)
+    has to convert it to quoted-printable or base64, or bounce it, and some
+    relays write 8-bit header text as RFC 2047 words. What stays is the
+    decoded text of the origin fields, of every header field of each MIME
+    part but its transfer encoding, and each part's decoded content, with
+    line endings and trailing white space set aside.
+    """
+    try:
+        message = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw)
+        signature: list[object] = []
+        for part in message.walk():
+            signature.append(sorted(
+                (name.lower(), " ".join(decode_header_value(value).split()))
+                for name, value in part.items()
+                if name.lower() in _DECODED_FIELDS or _is_mime_field(name.lower(), part is message)
+            ))
+            if not part.is_multipart():
+                data = part.get_payload(decode=True) or b""
+                signature.append(_TRAILING_SPACE.sub(b"", data.replace(b"\r\n", b"\n")))
+    except Exception:  # noqa: BLE001 - a message the parser rejects is no copy
+        return None
+    return tuple(signature)
+
+
+def _is_mime_field(name: str, top_level: bool) -> bool:
+    """Return whether `name` describes a MIME part's content: any field of a nested part, the Content-* fields of the message."""
+    if name == "content-transfer-encoding":
+        return False
+    return not top_level or name.startswith("content-")
 
 
 def find_copy(submission: Submission, earlier: list[EarlierCopy]) -> EarlierCopy | None:
@@ -192,9 +236,11 @@ def find_copy(submission: Submission, earlier: list[EarlierCopy]) -> EarlierCopy
     deliver it once per inbox, in separate transactions, each with trace
     headers of its own and often with a rewritten envelope sender. A copy
     keeps the rest: the Message-ID (the lookup key), From, To, Cc, Subject,
-    Date, the MIME fields and the body, byte for byte. A mail program that
-    reuses a Message-ID for a new text changes some of them, so its message
-    is not taken for a copy.
+    Date, the MIME fields and the body. Most copies keep them byte for
+    byte. A relay that re-encodes the message keeps their decoded text
+    (see `content_signature`), which is compared only when no candidate
+    matches byte for byte. A mail program that reuses a Message-ID for a
+    new text changes some of them, so its message is not taken for a copy.
     """
     if not earlier:
         return None
@@ -202,7 +248,10 @@ def find_copy(submission: Submission, earlier: list[EarlierCopy]) -> EarlierCopy
     for candidate in earlier:
         if copy_signature(candidate.raw) == signature:
             return candidate
-    return None
+    content = content_signature(submission.raw)
+    if content is None:
+        return None
+    return next((candidate for candidate in earlier if content_signature(candidate.raw) == content), None)
 
 
 COPY_SIGNAL = "copy of a message already received"

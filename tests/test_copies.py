@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import quopri
+import re
 import smtplib
 import sqlite3
 from datetime import UTC, datetime
@@ -21,6 +24,7 @@ from guardrail.plan import (
     COPY_SIGNAL,
     EarlierCopy,
     Submission,
+    content_signature,
     copy_signature,
     find_copy,
     plan_submission,
@@ -74,7 +78,7 @@ def test_copy_signature_table(raw: bytes, expected: bytes) -> None:
         # Someone else's message under the same id.
         (ORIGINAL.replace(b"alice@example.com", b"mallory@example.net"), False),
         # The same text under another MIME type is another message.
-        (ORIGINAL.replace(b"Message-ID:", b"Content-Type: text/plain; charset=x-unknown\r\nMessage-ID:"), False),
+        (ORIGINAL.replace(b"Message-ID:", b"Content-Type: text/html\r\nMessage-ID:"), False),
         # A forwarder that re-encodes the body changes it: taken for a new message.
         (ORIGINAL.replace(b"\r\nmy", b"=\r\nmy"), False),
     ],
@@ -84,6 +88,96 @@ def test_find_copy_table(tmp_path: Path, earlier: bytes, is_copy: bool) -> None:
     candidates = [EarlierCopy(3, CONVERSATION, earlier)]
     assert (find_copy(submission, candidates) is candidates[0]) is is_copy
 
+
+# A message with 8-bit text, and what relays that re-encode it pass on.
+GERMAN = "Grüße,\r\ndie Rechnung 7781 zeigt den falschen Betrag. \r\nWer kann helfen?\r\n"
+
+
+def eight_bit(*, subject: str = "=?utf-8?q?Falscher_Betrag_f=C3=BCr_M=C3=A4rz?=", body: bytes = GERMAN.encode(),
+              charset: str = "utf-8", encoding: str = "8bit", extra: bytes = b"") -> bytes:
+    head = message(sender="Jörg Beispiel <joerg@example.com>", to="support@example.org", subject=subject,
+                   message_id="<copy-8@mail.example.com>", body="")
+    return head.replace(b"\r\n\r\n", (
+        f"\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset={charset}\r\n"
+        f"Content-Transfer-Encoding: {encoding}\r\n\r\n"
+    ).encode(), 1) + extra + body
+
+
+
+def multipart(*, filename: str = "invoice.pdf", payload: bytes = base64.encodebytes(b"%PDF-1.4 invoice"),
+              report: bytes = b"Reporting-MTA: dns;mx.example.com\r\n") -> bytes:
+    """Return the mixed message of `EIGHT_BIT`'s header with a text, an attachment and a delivery status part."""
+    body = (
+        b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + GERMAN.encode()
+        + f"--b1\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename={filename}\r\n".encode()
+        + b"Content-Transfer-Encoding: base64\r\n\r\n" + payload.replace(b"\n", b"\r\n")
+        + b"--b1\r\nContent-Type: message/delivery-status\r\n\r\n" + report + b"\r\nFinal-Recipient: rfc822;a@example.com\r\n"
+        + b"--b1--\r\n"
+    )
+    return eight_bit(body=body).replace(b"text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n",
+                                        b'multipart/mixed; boundary="b1"\r\n\r\n', 1)
+
+EIGHT_BIT = eight_bit()
+QUOTED = quopri.encodestring(GERMAN.encode().replace(b"\r\n", b"\n")).replace(b"\n", b"\r\n")
+BASE64 = base64.encodebytes(GERMAN.encode()).replace(b"\n", b"\r\n")
+
+
+@pytest.mark.parametrize(
+    ("copy", "is_copy"),
+    [
+        (EIGHT_BIT, True),
+        # A relay to a server without 8BITMIME writes the text as quoted-printable or base64.
+        (eight_bit(body=QUOTED, encoding="quoted-printable"), True),
+        (eight_bit(body=BASE64, encoding="base64"), True),
+        # Or drops the trailing space of a line.
+        (eight_bit(body=GERMAN.replace(" \r\n", "\r\n").encode()), True),
+        # Or writes an 8-bit subject as RFC 2047 words, or the other way round.
+        (eight_bit(subject="Falscher Betrag für März"), True),
+        # A footer, another text or another subject makes another message.
+        (eight_bit(body=QUOTED + b"--\r\nSent through the forwarder\r\n", encoding="quoted-printable"), False),
+        (eight_bit(body=QUOTED.replace(b"7781", b"7782"), encoding="quoted-printable"), False),
+        (eight_bit(subject="Falscher Betrag"), False),
+        (eight_bit(body=GERMAN.replace("Wer", "wer").encode()), False),
+        # The same text as an attachment, in another charset or in a part of
+        # another name is another message.
+        (eight_bit(body=BASE64, encoding="base64").replace(b"text/plain", b"application/octet-stream"), False),
+        (eight_bit(body=GERMAN.encode("iso-8859-1"), charset="iso-8859-1"), False),
+        (eight_bit(extra=b"", body=GERMAN.encode()).replace(b"Content-Type: text/plain; charset=utf-8\r\n", b""), False),
+        (eight_bit(body=GERMAN.encode()).replace(b"MIME-Version", b"Content-Disposition: inline; filename=a.txt\r\nMIME-Version"), False),
+    ],
+)
+def test_find_copy_re_encoded_table(tmp_path: Path, copy: bytes, is_copy: bool) -> None:
+    submission = prepared(tmp_path, copy)
+    candidates = [EarlierCopy(3, CONVERSATION, EIGHT_BIT)]
+    assert (find_copy(submission, candidates) is candidates[0]) is is_copy
+
+
+
+@pytest.mark.parametrize(
+    ("copy", "is_copy"),
+    [
+        (multipart(), True),
+        # The attachment wrapped at another line length.
+        (multipart(payload=b"\n".join(re.findall(rb".{1,8}", base64.b64encode(b"%PDF-1.4 invoice"))) + b"\n"), True),
+        # The fields of a nested part count: another file name, or another
+        # field in a delivery report, is another message.
+        (multipart(filename="invoice-2.pdf"), False),
+        (multipart(payload=base64.encodebytes(b"%PDF-1.4 invoice 2")), False),
+        (multipart(report=b"Reporting-MTA: dns;mx.example.net\r\n"), False),
+    ],
+)
+def test_find_copy_multipart_table(tmp_path: Path, copy: bytes, is_copy: bool) -> None:
+    submission = prepared(tmp_path, copy.replace(b"8bit", b"quoted-printable").replace("ß".encode(), b"=C3=9F").replace("ü".encode(), b"=C3=BC"))
+    candidates = [EarlierCopy(3, CONVERSATION, multipart())]
+    assert (find_copy(submission, candidates) is candidates[0]) is is_copy
+
+def test_content_signature_unreadable_parts() -> None:
+    # Unknown charsets and broken base64 still give a signature, the same for identical copies.
+    odd = eight_bit(charset="x-no-such-charset", body=b"\xff\xfe text\r\n")
+    assert content_signature(odd) == content_signature(odd) is not None
+    broken = eight_bit(body=b"%%%not base64\r\n", encoding="base64")
+    assert content_signature(broken) is not None
+    assert content_signature(broken) != content_signature(eight_bit(body=b"other\r\n", encoding="base64"))
 
 def test_find_copy_picks_the_matching_message(tmp_path: Path) -> None:
     submission = prepared(tmp_path, FORWARDED)
@@ -148,6 +242,17 @@ async def test_copy_for_second_inbox_joins(tmp_path: Path, start_daemon) -> None
     assert len(maildir_messages(support)) == 1
     assert not maildir_messages(tmp_path / "var" / "maildir" / "billing")
 
+
+async def test_re_encoded_copy_joins(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path))
+    database = daemon.config.database_path
+    await asyncio.to_thread(send_with_reply, daemon.port, "joerg@example.com", "support@example.org", EIGHT_BIT)
+    # The forwarder of billing@ passed the message on to a server without 8BITMIME.
+    downgraded = b"Received: from relay.example.com by forwarder.example.net\r\n" + eight_bit(body=QUOTED, encoding="quoted-printable")
+    await asyncio.to_thread(send_with_reply, daemon.port, "joerg@example.com", "billing@example.org", downgraded)
+
+    assert rows(database, "SELECT disposition, conversation_id FROM messages ORDER BY id") == [("new", 1), ("copy", 1)]
+    assert rows(database, "SELECT decision, signal FROM acknowledgements ORDER BY id") == [("sent", ""), ("suppressed", COPY_SIGNAL)]
 
 async def test_reused_message_id_opens_new(tmp_path: Path, start_daemon) -> None:
     daemon = await start_daemon(write_config(tmp_path))
