@@ -6,9 +6,10 @@ adds list headers (RFC 2369, RFC 2919) and often `Precedence: list` to every
 message, which would otherwise mark it as list mail. For a sender whose
 domain publishes a strict DMARC policy, it also writes its own address into
 From ("'Alice' via Support <support@example.com>") and keeps the person in
-X-Original-From (Google) or Reply-To (Mailman). `[smtp] inbox_lists` names
-these lists by List-Id, and `list_sender` finds the person behind such a
-message.
+X-Original-From (Google) or Reply-To (Mailman). A Mailman list whose replies
+go to the list, or to an address that its owner sets, adds the person to Cc
+instead. `[smtp] inbox_lists` names these lists by List-Id, and
+`list_sender` finds the person behind such a message.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class ListSender:
     list_id: str
     address: str  # lower case
     name: str  # the display name, decoded, or ""
-    header: str  # where the address was read: "From", "X-Original-From" or "Reply-To"
+    header: str  # where the address was read: "From", "X-Original-From", "Reply-To" or "Cc"
 
 
 def is_list_identifier(text: str) -> bool:
@@ -74,8 +75,10 @@ def list_sender(summary: Summary, inbox_lists: frozenset[str], inboxes: frozense
     `inboxes` or the List-Post mailto address), which the list writes in
     place of a sender whose domain publishes a strict DMARC policy. The
     person is then the one mailbox in X-Original-From, else the one Reply-To
-    address that is not the list's. Without either, the result is None, and
-    the message is handled as mail from that address.
+    address that is not the list's, else, when Reply-To names none but the
+    list's, the one Cc address that Mailman added (see `_copied_author`).
+    Without any of them, the result is None, and the message is handled as
+    mail from that address.
     """
     list_id = inbox_list(summary, inbox_lists)
     if not list_id or not summary.from_address:
@@ -87,12 +90,41 @@ def list_sender(summary: Summary, inbox_lists: frozenset[str], inboxes: frozense
     if len(original) == 1:
         name, address = original[0]
         return ListSender(list_id, address, name, "X-Original-From")
-    # NOTE: a person that the list keeps only in Cc (Mailman, when replies go to the list) is not recovered.
     replies = [(name, address) for name, address in mailboxes(summary.undecoded_header("reply-to")) if address not in own]
     if len(replies) == 1:
         name, address = replies[0]
         return ListSender(list_id, address, name, "Reply-To")
-    return None
+    if replies:
+        return None
+    return _copied_author(summary, list_id, own)
+
+
+def _copied_author(summary: Summary, list_id: str, own: frozenset[str]) -> ListSender | None:
+    """Return the author that a Mailman list's DMARC mitigation put in Cc, or None when that is not certain.
+
+    Mailman 3 (dmarc_mitigate_action munge_from or wrap_message, in
+    handlers/dmarc.py) and Mailman 2.1 (from_is_list or
+    dmarc_moderation_action "Munge From", in Handlers/CookHeaders.py) write
+    From as "<author's name> via <list's name>" at the list's address. When
+    the list's replies go to the list, or to an address that its owner
+    sets, they add the author to Cc beside the Cc addresses the message came
+    with, rather than to Reply-To. So the author is taken from Cc only when
+    From's name has that form and Cc contains exactly one address that is
+    not the list's. A Cc display name must be the one before " via ". When
+    the author's From had no name, Mailman adds the bare address to Cc and
+    writes the member's name, or the address with "---" in place of its
+    domain, before " via ".
+    """
+    # NOTE: a list whose language writes another word than "via" is not recovered from Cc.
+    if " via " not in summary.from_name:
+        return None
+    copied = [(name, address) for name, address in mailboxes(summary.undecoded_header("cc")) if address not in own]
+    if len(copied) != 1:
+        return None
+    name, address = copied[0]
+    if name and not summary.from_name.casefold().startswith(name.casefold() + " via "):
+        return None
+    return ListSender(list_id, address, name, "Cc")
 
 
 def _posting_addresses(summary: Summary) -> frozenset[str]:

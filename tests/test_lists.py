@@ -59,6 +59,8 @@ MAILMAN_HEADERS = (
 )
 MAILMAN_ENVELOPE = "support-bounces@lists.example.net"
 MAILMAN_FROM = "Alice Doe via Support <support@lists.example.net>"
+# A Mailman list whose replies go to the list keeps the author in Cc.
+MAILMAN_CC = "Reply-To: Support <support@lists.example.net>\r\nCc: Alice Doe <alice@customer.example>\r\n"
 
 ALICE = "Alice Doe <alice@customer.example>"
 
@@ -112,6 +114,9 @@ def signal_of(data: bytes, mail_from: str, inbox_lists: tuple[str, ...]) -> str 
          GOOGLE_ENVELOPE, (GROUP,), "X-Original-From mailer-daemon@googlemail.com looks automated"),
         (mailman(MAILMAN_FROM, "Reply-To: Shop <noreply@shop.example>\r\n"), MAILMAN_ENVELOPE, (MAILMAN_LIST,),
          "Reply-To noreply@shop.example looks automated"),
+        (mailman("Shop via Support <support@lists.example.net>", "Cc: Shop <noreply@shop.example>\r\n"),
+         MAILMAN_ENVELOPE, (MAILMAN_LIST,), "Cc noreply@shop.example looks automated"),
+        (mailman(MAILMAN_FROM, MAILMAN_CC), MAILMAN_ENVELOPE, (MAILMAN_LIST,), None),
         # A newsletter sent to the group keeps the list headers it came with.
         (google(extra="List-Id: Weekly deals <deals.shop.example>\r\n"), GOOGLE_ENVELOPE, (GROUP,), "Precedence: list"),
         (message(extra_headers="List-Id: Weekly deals <deals.shop.example>\r\n" + GOOGLE_HEADERS), GOOGLE_ENVELOPE, (GROUP,),
@@ -127,7 +132,7 @@ def signal_of(data: bytes, mail_from: str, inbox_lists: tuple[str, ...]) -> str 
         "google-not-configured", "rewritten-not-configured", "mailman-not-configured",
         "other-list-id",
         "auto-submitted", "null-sender", "return-path-null", "precedence-junk", "x-autoreply", "report",
-        "calendar-reply", "loop-marker", "robot-from", "robot-original-from", "robot-reply-to",
+        "calendar-reply", "loop-marker", "robot-from", "robot-original-from", "robot-reply-to", "robot-cc", "mailman-cc",
         "second-list-id", "second-list-id-first", "second-list-unsubscribe", "second-precedence",
         "no-person",
     ],
@@ -151,6 +156,19 @@ def test_list_machine_signal_table(data: bytes, mail_from: str, inbox_lists: tup
         (mailman(MAILMAN_FROM, f"Reply-To: {ALICE}\r\n"), ("alice@customer.example", "Alice Doe", "Reply-To")),
         (mailman(MAILMAN_FROM, f"Reply-To: {ALICE}, Support <support@lists.example.net>\r\n"),
          ("alice@customer.example", "Alice Doe", "Reply-To")),
+        # Mailman, when replies go to the list: the person in Cc, beside the list's and our own addresses.
+        (mailman(MAILMAN_FROM, MAILMAN_CC), ("alice@customer.example", "Alice Doe", "Cc")),
+        (mailman(MAILMAN_FROM, "Cc: Alice Doe <alice@customer.example>\r\n"), ("alice@customer.example", "Alice Doe", "Cc")),
+        (mailman(MAILMAN_FROM, "Cc: Alice Doe <alice@customer.example>, Support <support@lists.example.net>,\r\n"
+                               " billing@example.org\r\n"), ("alice@customer.example", "Alice Doe", "Cc")),
+        (mailman(MAILMAN_FROM, "Reply-To: support@lists.example.net\r\nCc: ALICE DOE <alice@customer.example>\r\n"),
+         ("alice@customer.example", "ALICE DOE", "Cc")),
+        (mailman("=?utf-8?q?Ren=C3=A9e_Roux_via_Support?= <support@lists.example.net>",
+                 "Cc: =?utf-8?q?Ren=C3=A9e_Roux?= <renee@customer.example>\r\n"),
+         ("renee@customer.example", "Renée Roux", "Cc")),
+        # A From without a display name leaves the Cc entry without one too.
+        (mailman("alice--- via Support <support@lists.example.net>", "Cc: alice@customer.example\r\n"),
+         ("alice@customer.example", "", "Cc")),
         # From names the person: the group left it as it was.
         (google(), ("alice@customer.example", "Alice Doe", "From")),
         (mailman(), ("alice@customer.example", "Alice Doe", "From")),
@@ -160,13 +178,23 @@ def test_list_machine_signal_table(data: bytes, mail_from: str, inbox_lists: tup
         (mailman(MAILMAN_FROM, "Reply-To: support@lists.example.net\r\n"), None),
         (google(GOOGLE_FROM, "Reply-To: alice@customer.example, bob@customer.example\r\n"), None),
         (google(GOOGLE_FROM, "X-Original-From: alice@customer.example\r\nX-Original-From: sam@example.org\r\n"), None),
+        # No single person in Cc that Mailman put there.
+        (mailman(MAILMAN_FROM, "Cc: Alice Doe <alice@customer.example>, Bob Roe <bob@customer.example>\r\n"), None),
+        (mailman(MAILMAN_FROM, "Cc: Alice Doe <alice@old.example>, Alice Doe <alice@customer.example>\r\n"), None),
+        (mailman(MAILMAN_FROM, "Cc: Bob Roe <bob@customer.example>\r\n"), None),
+        (mailman("Support <support@lists.example.net>", "Cc: Alice Doe <alice@customer.example>\r\n"), None),
+        (mailman(MAILMAN_FROM, "Cc: Support <support@lists.example.net>, support@example.org\r\n"), None),
+        (mailman(MAILMAN_FROM, "Reply-To: a@customer.example, b@customer.example\r\nCc: alice@customer.example\r\n"), None),
         # Not a configured list.
         (message(sender=GOOGLE_FROM, extra_headers=GOOGLE_PERSON), None),
         (message(sender=GOOGLE_FROM, extra_headers=GOOGLE_PERSON + "List-Id: <sales.example.org>\r\n"), None),
     ],
     ids=[
-        "google", "google-encoded-name", "google-reply-to", "mailman", "mailman-reply-to-list-too", "google-from",
-        "mailman-from", "nothing", "reply-to-inbox", "reply-to-list", "reply-to-two", "two-original-from",
+        "google", "google-encoded-name", "google-reply-to", "mailman", "mailman-reply-to-list-too",
+        "mailman-cc", "mailman-cc-no-reply-to", "mailman-cc-beside-list-and-inbox", "mailman-cc-name-case",
+        "mailman-cc-encoded-name", "mailman-cc-no-name",
+        "google-from", "mailman-from", "nothing", "reply-to-inbox", "reply-to-list", "reply-to-two", "two-original-from",
+        "cc-two", "cc-two-same-name", "cc-other-name", "cc-without-via", "cc-only-list-and-inbox", "reply-to-two-beside-cc",
         "no-list-id", "other-list-id",
     ],
 )
@@ -216,6 +244,8 @@ ROUTE = '\n[[route]]\nname = "default"\nteam = "support"\ndefault = true\n'
          ("alice@customer.example", False, False, True, "alice@customer.example", None)),
         (mailman(), MAILMAN_ENVELOPE, [MAILMAN_LIST],
          ("alice@customer.example", False, False, True, "alice@customer.example", None)),
+        (mailman(MAILMAN_FROM, MAILMAN_CC), MAILMAN_ENVELOPE, [MAILMAN_LIST],
+         ("alice@customer.example", False, False, True, "alice@customer.example", None)),
         # A team member behind the group's From is staff, not the shared inbox.
         (google(GOOGLE_FROM, STAFF), GOOGLE_ENVELOPE, [GROUP],
          ("sam@example.org", True, False, True, None, "sender is a team member")),
@@ -223,7 +253,7 @@ ROUTE = '\n[[route]]\nname = "default"\nteam = "support"\ndefault = true\n'
         (google(GOOGLE_FROM), GOOGLE_ENVELOPE, [GROUP], ("", True, True, False, None, "Precedence: list")),
         (google(GOOGLE_FROM, GOOGLE_PERSON), GOOGLE_ENVELOPE, [], ("", True, True, False, None, "Precedence: list")),
     ],
-    ids=["google-customer", "mailman-customer", "mailman-from", "google-staff", "no-person", "not-configured"],
+    ids=["google-customer", "mailman-customer", "mailman-from", "mailman-cc", "google-staff", "no-person", "not-configured"],
 )
 def test_list_sender_decisions(
     tmp_path: Path, data: bytes, mail_from: str, inbox_lists: list[str],
@@ -319,8 +349,9 @@ SENT = [
     (GOOGLE_ENVELOPE, google(GOOGLE_FROM, GOOGLE_PERSON, subject="Order 1234 arrived damaged")),
     (MAILMAN_ENVELOPE, mailman(MAILMAN_FROM, f"Reply-To: {ALICE}\r\n", subject="Order 1234 arrived damaged")),
     (GOOGLE_ENVELOPE, google(subject="Order 1234 arrived damaged")),
+    (MAILMAN_ENVELOPE, mailman(MAILMAN_FROM, MAILMAN_CC, subject="Order 1234 arrived damaged")),
 ]
-SENT_IDS = ["google-rewritten", "mailman-rewritten", "google-person"]
+SENT_IDS = ["google-rewritten", "mailman-rewritten", "google-person", "mailman-cc"]
 
 
 @pytest.mark.parametrize(("mail_from", "data"), SENT, ids=SENT_IDS)
@@ -389,6 +420,30 @@ async def test_rewritten_customer_reply_does_not_answer(tmp_path: Path, start_da
     assert len(acknowledgements(tmp_path)) == 1
 
 
+CUSTOMER_ROUTE = """
+[[route]]
+name = "customer-domain"
+team = "billing"
+any = [{ from_domain.is = "customer.example" }]
+"""
+
+
+async def test_two_cc_candidates_stay_list_mail(tmp_path: Path, start_daemon) -> None:
+    clock = ManualClock(NOW)
+    config = write_config(tmp_path, smtp={"inbox_lists": [MAILMAN_LIST]}, rules=TEAMS + CUSTOMER_ROUTE + ROUTE)
+    daemon = await start_daemon(config, clock=clock)
+    # Alice wrote to the list with Bob in Cc, and Mailman added her beside him, so either of them may have written it.
+    cc = "Reply-To: support@lists.example.net\r\nCc: Bob Roe <bob@customer.example>, Alice Doe <alice@customer.example>\r\n"
+    await send(daemon.port, MAILMAN_ENVELOPE, ["support@example.org"], mailman(MAILMAN_FROM, cc))
+    await settle(daemon, clock)
+
+    conversations = await daemon.store.fetch_all("SELECT state, team, deadline FROM conversations")
+    assert conversations == [("no_reply_needed", "support", None)]
+    rows = await daemon.store.fetch_all("SELECT recipient, decision, signal FROM acknowledgements")
+    assert rows == [(MAILMAN_ENVELOPE, "suppressed", "Precedence: list")]
+    assert acknowledgements(tmp_path) == []
+
+
 def test_route_command_names_person(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, smtp={"inbox_lists": [GROUP]})
     path = tmp_path / "rewritten.eml"
@@ -398,3 +453,4 @@ def test_route_command_names_person(tmp_path: Path, capsys: pytest.CaptureFixtur
     output = capsys.readouterr().out
     assert f"sender:      {GOOGLE_ENVELOPE}, a customer\n" in output
     assert "written by:  alice@customer.example, passed on by a list of [smtp] inbox_lists\n" in output
+
