@@ -180,10 +180,10 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
             ack_signal="mail to postmaster", sla_applies=False,
         )
 
-    facts = Facts(envelope.rcpt_tos, summary)
+    sender = list_sender(summary, site.inbox_lists, site.inboxes)
+    facts = Facts(envelope.rcpt_tos, summary, sender)
     match = match_route(rules, facts)
     team = match.team
-    sender = list_sender(summary, site.inbox_lists, site.inboxes)
     is_staff, from_inbox, staff_unverified = staff_sender(envelope, summary, rules, site, sender)
     machine = machine_signal(summary, envelope.mail_from, site.hostname, site.sender_patterns, sender)
     ack_signal = machine or person_signal(summary, is_staff) or reply_address_signal(envelope.mail_from, site, sender)

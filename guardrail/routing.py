@@ -2,7 +2,10 @@
 
 Routes are tried in order and the first match wins; the default route is last
 and matches everything. Address fields compare bare addresses (never display
-names); address and domain patterns must match the whole value.
+names); address and domain patterns must match the whole value. Of a message
+that one of `[smtp] inbox_lists` passed on, `from` and `from_domain` read the
+person who wrote it as well as the From header, which may be the list's own
+address.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .lists import ListSender
 from .message import Summary
 from .rules import ADDRESS_FIELDS, Condition, Route, RuleSet, Team
 
@@ -22,10 +26,11 @@ BODY_REASON_LIMIT = 100
 
 @dataclass(frozen=True)
 class Facts:
-    """The values routes test: the envelope recipients and the message summary."""
+    """The values routes test: the envelope recipients, the message summary and the person behind a list of ours."""
 
     rcpt_tos: tuple[str, ...]
     summary: Summary
+    writer: ListSender | None = None  # see lists.list_sender
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,7 @@ def _evaluate(condition: Condition, facts: Facts) -> str | None:
         if matched is None:
             continue
         if condition.field != "body":
-            return f"{condition.describe()} matched {value!r}"
+            return f"{condition.describe()} matched {value!r}{_writer_note(condition, facts, value)}"
         if len(matched) > BODY_REASON_LIMIT:
             matched = matched[:BODY_REASON_LIMIT] + "..."
         return f"{condition.describe()} matched {matched!r} in the body"
@@ -158,10 +163,8 @@ def _field_values(condition: Condition, facts: Facts) -> tuple[str, ...]:
     match condition.field:
         case "rcpt":
             return facts.rcpt_tos
-        case "from":
-            return (summary.from_address,) if summary.from_address else ()
-        case "from_domain":
-            return (summary.from_address.rpartition("@")[2],) if summary.from_address else ()
+        case "from" | "from_domain":
+            return _sender_values(condition.field, facts)
         case "to":
             return summary.to + summary.cc
         case "subject":
@@ -171,6 +174,37 @@ def _field_values(condition: Condition, facts: Facts) -> tuple[str, ...]:
         case "header":
             return summary.header(condition.header_name)
     return ()
+
+
+def _sender_values(field: str, facts: Facts) -> tuple[str, ...]:
+    """Return the From address, or its domain for `from_domain`, after that of the person behind a list of ours, each once.
+
+    The From address stays, so that a condition written for the list's own
+    From address still matches.
+    """
+    from_address = facts.summary.from_address
+    if facts.writer is None:
+        return (_address_part(field, from_address),) if from_address else ()
+    values = [_address_part(field, facts.writer.address)]
+    if from_address:
+        values.append(_address_part(field, from_address))
+    return tuple(dict.fromkeys(values))
+
+
+def _address_part(field: str, address: str) -> str:
+    return address.rpartition("@")[2] if field == "from_domain" else address
+
+
+def _writer_note(condition: Condition, facts: Facts, value: str) -> str:
+    """Return " of the person in <header>" when a matched `from` or `from_domain` value is the person's and not From's, else ""."""
+    writer = facts.writer
+    if writer is None or condition.field not in ("from", "from_domain"):
+        return ""
+    if value != _address_part(condition.field, writer.address):
+        return ""
+    if facts.summary.from_address and value == _address_part(condition.field, facts.summary.from_address):
+        return ""
+    return f" of the person in {writer.header}"
 
 
 def _matched_text(condition: Condition, value: str) -> str | None:

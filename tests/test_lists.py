@@ -428,6 +428,21 @@ any = [{ from_domain.is = "customer.example" }]
 """
 
 
+async def test_mailman_cc_author_routed_and_acknowledged(tmp_path: Path, start_daemon) -> None:
+    clock = ManualClock(NOW)
+    config = write_config(tmp_path, smtp={"inbox_lists": [MAILMAN_LIST]}, rules=TEAMS + CUSTOMER_ROUTE + ROUTE)
+    daemon = await start_daemon(config, clock=clock)
+    await send(daemon.port, MAILMAN_ENVELOPE, ["support@example.org"], mailman(MAILMAN_FROM, MAILMAN_CC))
+    await settle(daemon, clock)
+
+    conversations = await daemon.store.fetch_all("SELECT state, team, route, customer FROM conversations")
+    assert conversations == [("open", "billing", "customer-domain", "alice@customer.example")]
+    assert len(maildir_messages(tmp_path / "var" / "maildir" / "billing")) == 1
+    [ack] = acknowledgements(tmp_path)
+    assert ack["X-Guardrail-Envelope-To"] == "alice@customer.example"
+    assert ack["To"] == "alice@customer.example"
+
+
 async def test_two_cc_candidates_stay_list_mail(tmp_path: Path, start_daemon) -> None:
     clock = ManualClock(NOW)
     config = write_config(tmp_path, smtp={"inbox_lists": [MAILMAN_LIST]}, rules=TEAMS + CUSTOMER_ROUTE + ROUTE)
@@ -454,3 +469,14 @@ def test_route_command_names_person(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert f"sender:      {GOOGLE_ENVELOPE}, a customer\n" in output
     assert "written by:  alice@customer.example, passed on by a list of [smtp] inbox_lists\n" in output
 
+
+def test_route_command_names_person_in_cc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, smtp={"inbox_lists": [MAILMAN_LIST]}, rules=TEAMS + CUSTOMER_ROUTE + ROUTE)
+    path = tmp_path / "munged.eml"
+    path.write_bytes(mailman(MAILMAN_FROM, MAILMAN_CC))
+
+    assert main(["route", "--config", str(config), str(path), "--mail-from", MAILMAN_ENVELOPE]) == 0
+    output = capsys.readouterr().out
+    assert "route:       customer-domain\n" in output
+    assert "because:     from_domain is 'customer.example' matched 'customer.example' of the person in Cc\n" in output
+    assert "written by:  alice@customer.example, passed on by a list of [smtp] inbox_lists\n" in output

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TEAMS, message, rules_folder, send, write_config
 
+from guardrail.lists import list_sender
 from guardrail.message import summarize
 from guardrail.routing import Facts, match_route, matched_recipients
 from guardrail.rules import Route, load_rules
@@ -111,6 +112,78 @@ def test_match_explains_the_condition_and_value(rules) -> None:
     match = match_route(rules, facts("From: Chief <CEO@Example.COM>\nSubject: Board pack"))
     assert match.team.name == "vip-desk"
     assert match.reasons == ("from regex 'ceo@example\\\\.com' matched 'ceo@example.com'",)
+
+
+WRITER_RULES = """
+[[team]]
+name = "t"
+
+[[route]]
+name = "big-customer"
+team = "t"
+any = [{ from_domain.is = "bigcustomer.com" }]
+
+[[route]]
+name = "alice"
+team = "t"
+any = [{ from.regex = 'alice@smallshop\\.example' }]
+
+[[route]]
+name = "list-address"
+team = "t"
+any = [{ from = "support@lists.example.net" }]
+
+[[route]]
+name = "default"
+team = "t"
+default = true
+"""
+LIST_HEADERS = "List-Id: <support.lists.example.net>\nList-Post: <mailto:support@lists.example.net>\n"
+MUNGED = "From: Bo Li via Support <support@lists.example.net>\n"
+OURS = frozenset({"support.lists.example.net"})
+
+
+@pytest.mark.parametrize(
+    ("headers", "inbox_lists", "route", "reason"),
+    [
+        # The person behind a list of ours, wherever the list kept them.
+        (MUNGED + LIST_HEADERS + "Cc: Bo Li <bo@bigcustomer.com>", OURS, "big-customer",
+         "from_domain is 'bigcustomer.com' matched 'bigcustomer.com' of the person in Cc"),
+        (MUNGED + LIST_HEADERS + "Reply-To: Bo Li <bo@bigcustomer.com>", OURS, "big-customer",
+         "from_domain is 'bigcustomer.com' matched 'bigcustomer.com' of the person in Reply-To"),
+        (MUNGED + LIST_HEADERS + "X-Original-From: bo@bigcustomer.com", OURS, "big-customer",
+         "from_domain is 'bigcustomer.com' matched 'bigcustomer.com' of the person in X-Original-From"),
+        ("From: Alice Roe via Support <support@lists.example.net>\n" + LIST_HEADERS + "Cc: Alice Roe <alice@smallshop.example>",
+         OURS, "alice", "from regex 'alice@smallshop\\\\.example' matched 'alice@smallshop.example' of the person in Cc"),
+        # The list left From as it was: the person is From, and the reason names no other header.
+        ("From: Bo Li <bo@bigcustomer.com>\n" + LIST_HEADERS, OURS, "big-customer",
+         "from_domain is 'bigcustomer.com' matched 'bigcustomer.com'"),
+        # A condition on the list's own From address still matches.
+        (MUNGED + LIST_HEADERS + "Cc: Bo Li <bo@other.example>", OURS, "list-address",
+         "from is 'support@lists.example.net' matched 'support@lists.example.net'"),
+        # No person: a list not named in [smtp] inbox_lists, or two people in Cc.
+        (MUNGED + LIST_HEADERS + "Cc: Bo Li <bo@bigcustomer.com>", frozenset(), "list-address",
+         "from is 'support@lists.example.net' matched 'support@lists.example.net'"),
+        (MUNGED + LIST_HEADERS + "Cc: Bo Li <bo@bigcustomer.com>, Al Ng <al@bigcustomer.com>", OURS, "list-address",
+         "from is 'support@lists.example.net' matched 'support@lists.example.net'"),
+        # Without a list, From alone.
+        ("From: bo@bigcustomer.com\nCc: alice@smallshop.example", OURS, "big-customer",
+         "from_domain is 'bigcustomer.com' matched 'bigcustomer.com'"),
+    ],
+    ids=[
+        "cc", "reply-to", "x-original-from", "from-regex-cc", "list-kept-from", "list-address", "list-not-configured",
+        "cc-two", "no-list",
+    ],
+)
+def test_list_writer_route_table(tmp_path: Path, headers: str, inbox_lists: frozenset[str], route: str, reason: str) -> None:
+    rules = load_rules(rules_folder(tmp_path, WRITER_RULES), tmp_path)
+    summary = facts(headers).summary
+    writer = list_sender(summary, inbox_lists, frozenset({"support@example.org"}))
+
+    match = match_route(rules, Facts(("support@example.org",), summary, writer))
+
+    assert match.route.name == route
+    assert match.reasons == (reason,)
 
 
 RECIPIENT_RULES = TEAMS + """
