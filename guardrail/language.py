@@ -74,8 +74,8 @@ _OWN_TEXT_END = re.compile(r"\s*(?:--\s*|_{8,}\s*|-{4,}[^-](?:.*[^-])?-{4,}\s*)"
 # mail program's language, and those of the languages with a word list are
 # here ("De :" then "Envoyé :", "Von:" then "Gesendet:"). Gmail's plain
 # text puts each label of such a block between asterisks.
-_QUOTED_FROM = re.compile(r"\s*\*?(?:from|de|von|da|van)\s*:", re.IGNORECASE)
-_QUOTED_FIELD = re.compile(
+QUOTED_FROM = re.compile(r"\s*\*?(?:from|de|von|da|van)\s*:", re.IGNORECASE)
+QUOTED_FIELD = re.compile(
     r"\s*\*?(?:sent|date|to|subject|envoyé|à|objet|gesendet|datum|an|betreff|enviad[oa](?: el| em)?|fecha|para"
     r"|asunto|inviato|data|a|oggetto|assunto|verzonden|aan|onderwerp)\s*:",
     re.IGNORECASE,
@@ -130,10 +130,10 @@ def own_text(text: str, limit: int = MAX_CHARACTERS) -> str:
             break
         if line.lstrip().startswith(">"):
             continue
-        if after_from and _QUOTED_FIELD.match(line):
+        if after_from and QUOTED_FIELD.match(line):
             own_lines.pop()  # the From line belongs to the quoted message
             break
-        after_from = _QUOTED_FROM.match(line) is not None
+        after_from = QUOTED_FROM.match(line) is not None
         own_lines.append(line)
         size += len(line) + 1
         if size >= limit:
