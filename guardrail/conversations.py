@@ -70,6 +70,7 @@ class KnownConversation:
     participants: frozenset[str]
     destination: Destination | None
     state: str = "open"
+    subject: str = ""  # the subject of the message that opened it
 
 
 def choose_conversation(

@@ -27,10 +27,11 @@ class SlaClock:
     unstaffed: str = ""  # why nobody staffs the team, or "" when it is staffed
 
 
-# planner(team, route, arrival): the clock that a customer's message arriving
-# at `arrival` starts again in a conversation of that team and route. It is
+# planner(team, route, arrival, thanks): the clock that a customer's message
+# arriving at `arrival` starts again in a conversation of that team and
+# route, where `thanks` tells whether the message only says thanks. It is
 # None when the rules turn reopening off there or no longer contain the team.
-ClockPlanner = Callable[[str, str, datetime], SlaClock | None]
+ClockPlanner = Callable[[str, str, datetime, bool], SlaClock | None]
 
 
 def start_clock(team: Team, route: Route | None, rules: RuleSet, arrival: datetime) -> SlaClock:
@@ -44,24 +45,36 @@ def start_clock(team: Team, route: Route | None, rules: RuleSet, arrival: dateti
     )
 
 
-def is_reopen_on(team: Team, route: Route | None) -> bool:
-    """Return whether a customer's message after the team's answer reopens a conversation: the route's setting, else the team's."""
+def is_reopen_on(team: Team, route: Route | None, thanks: bool = False) -> bool:
+    """Return whether a customer's message after the team's answer reopens a conversation: the route's setting, else the team's.
+
+    A message that only says thanks (`thanks`) reopens it only where reopen_on_thanks is set too.
+    """
     if route is not None and route.reopen_on_reply is not None:
-        return route.reopen_on_reply
-    return team.reopen_on_reply
+        reopens = route.reopen_on_reply
+    else:
+        reopens = team.reopen_on_reply
+    if not thanks or not reopens:
+        return reopens
+    if route is not None and route.reopen_on_thanks is not None:
+        return route.reopen_on_thanks
+    return team.reopen_on_thanks
 
 
-def reopened_clock(rules: RuleSet, team_name: str, route_name: str, arrival: datetime) -> SlaClock | None:
+def reopened_clock(
+    rules: RuleSet, team_name: str, route_name: str, arrival: datetime, thanks: bool = False,
+) -> SlaClock | None:
     """Return the clock that a customer's message arriving at `arrival` starts again in an answered conversation, or None.
 
     The route may be gone from the rules since the conversation opened: the
-    team's first_response and setting then apply. None comes when reopening
-    is off for the route or team, and when the team is not in `rules`.
+    team's first_response and settings then apply. None comes when reopening
+    is off for the route or team, for a message that only says thanks
+    (`thanks`) unless reopen_on_thanks is on, and when the team is not in `rules`.
     """
     team = rules.teams.get(team_name)
     if team is None:
         return None
     route = next((route for route in rules.routes if route.name == route_name), None)
-    if not is_reopen_on(team, route):
+    if not is_reopen_on(team, route, thanks):
         return None
     return start_clock(team, route, rules, arrival)

@@ -920,6 +920,8 @@ class IntakeHandler:
             log.info("conversation_answered", by=submission.sender)
         if outcome.reopened:
             log.info("conversation_reopened", by=submission.sender)
+        if outcome.thanked:
+            log.info("thanks_received", by=submission.sender)
         if outcome.escalation_reason.startswith(UNROUTED_REASON):
             # The team is staffed, and routing_gave_up gave the reason.
             log.warning("conversation_escalated_at_once", reason=outcome.escalation_reason)

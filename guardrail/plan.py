@@ -24,6 +24,7 @@ from .conversations import (
     new_reference,
 )
 from .deadlines import ClockPlanner, SlaClock
+from .gratitude import is_same_matter
 from .message import Summary, decode_header_value
 from .rules import Destination
 
@@ -101,6 +102,9 @@ class Submission:
     # on, or "" for other mail. It replaces From and the envelope sender,
     # which may name the list.
     list_sender: str = ""
+    # A person's reply whose new text only says thanks, without attachments
+    # (see guardrail.gratitude). False for every other message.
+    thanks_only: bool = False
 
     @cached_property
     def dedupe_key(self) -> str:
@@ -276,6 +280,7 @@ class Plan:
     move_reason: str = ""  # why it moves: MOVED_TEAM_REMOVED or MOVED_CLOCK_STARTED
     starts_clock: bool = False  # a person wrote to a conversation that needed no reply so far
     reopens: bool = False  # a customer wrote to a conversation that the team had answered
+    thanked: bool = False  # a customer's thank-you after the team's answer, which left the conversation answered
     # The clock that the message starts in the conversation it joins, when starts_clock or reopens is set.
     clock: SlaClock | None = None
 
@@ -333,7 +338,7 @@ def plan_submission(
         from_inbox=submission.from_inbox, member_of=submission.member_of,
     )
     if known is not None:
-        plan = _plan_follow_up(submission, known, reason, reopened_clock)
+        plan = _plan_follow_up(submission, known, reason, reopened_clock, reference_prefix)
         if plan.starts_clock:
             # The sender is the first here to wait for a reply, so the acknowledgement tells them when it is due.
             plan.ack_decision, plan.ack_signal = decide_acknowledgement(submission, acks_in_window, ack_limit)
@@ -357,6 +362,7 @@ MOVED_CLOCK_STARTED = "a person's message routed to this team started the clock"
 
 def _plan_follow_up(
     submission: Submission, known: KnownConversation, reason: str, reopened_clock: ClockPlanner | None,
+    reference_prefix: str = "GR",
 ) -> Plan:
     """Return the plan of a message that joins `known`.
 
@@ -368,7 +374,8 @@ def _plan_follow_up(
     chain of the message's own route are the ones that start. A customer's
     message that reopens an answered conversation does not move it, because
     the customer answers the team that wrote, and the clock of the
-    conversation's route and team starts again.
+    conversation's route and team starts again. A thank-you on the same
+    matter reopens it only where the rules set reopen_on_thanks.
     """
     starts_clock = known.state == "no_reply_needed" and is_reply_expected(submission) and not submission.is_staff
     move_reason = ""
@@ -382,8 +389,10 @@ def _plan_follow_up(
         joining = joining | submission.team_members
         route, team, destination = submission.route, submission.team, submission.destination
     clock = submission.clock if starts_clock else None
-    if reopened_clock is not None and is_reopening(known.state, submission):
-        clock = reopened_clock(team, route, submission.received_at)
+    reopening = is_reopening(known.state, submission)
+    thanks = reopening and is_thanks(submission, known, reference_prefix)
+    if reopened_clock is not None and reopening:
+        clock = reopened_clock(team, route, submission.received_at, thanks)
     return Plan(
         "loop" if submission.is_loop else "follow_up",
         conversation=known,
@@ -399,6 +408,7 @@ def _plan_follow_up(
         move_reason=move_reason,
         starts_clock=starts_clock,
         reopens=clock is not None and not starts_clock,
+        thanked=thanks and clock is None,
         clock=clock,
     )
 
@@ -422,6 +432,14 @@ def is_reopening(state: str, submission: Submission) -> bool:
     return (
         state == "answered" and is_reply_expected(submission) and not submission.machine_signal and not submission.is_staff
     )
+
+
+def is_thanks(submission: Submission, known: KnownConversation, reference_prefix: str) -> bool:
+    """Return True when `submission` only thanks the team, in a reply whose subject still names the matter of `known`.
+
+    A thank-you under a new or forwarded subject may bring a new matter, so it counts as a reply that waits.
+    """
+    return submission.thanks_only and is_same_matter(submission.summary.subject, known.subject, reference_prefix)
 
 
 def is_team_removed(team: str, team_names: frozenset[str] | None) -> bool:

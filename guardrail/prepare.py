@@ -20,8 +20,10 @@ from .acknowledgement import (
 )
 from .authresults import is_verified, verified_domains
 from .config import Config
+from .conversations import find_references
 from .deadlines import start_clock
 from .escalation import UNROUTED_REASON
+from .gratitude import NEW_TEXT_LIMIT, is_thanks_only
 from .lists import ListSender, list_sender
 from .loops import (
     has_our_loop_marker,
@@ -30,7 +32,7 @@ from .loops import (
     machine_signal,
     person_signal,
 )
-from .message import Summary, body_sample, summarize
+from .message import BODY_TEXT_LIMIT, Summary, body_sample, summarize
 from .plan import Submission
 from .routing import Facts, match_route, matched_recipients, shadow_results
 from .rules import Destination, Route, RuleSet, Team
@@ -189,6 +191,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     ack_signal = machine or person_signal(summary, is_staff) or reply_address_signal(envelope.mail_from, site, sender)
 
     clock = start_clock(team, match.route, rules, now)
+    sla_applies = (machine is None or is_subject_signal(machine)) and not from_inbox
     ack = None
     if ack_signal is None and team.templates:
         inbox = reply_inbox(envelope, facts, match.route, site)
@@ -200,7 +203,9 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         first_escalation_at=clock.first_escalation_at, unstaffed=clock.unstaffed,
         # The team's own mail, such as a help-desk tool's copy of a message
         # it sent to a customer, needs no reply from the team.
-        sla_applies=(machine is None or is_subject_signal(machine)) and not from_inbox, is_staff=is_staff, from_inbox=from_inbox,
+        sla_applies=sla_applies, is_staff=is_staff, from_inbox=from_inbox,
+        # Only a person's reply can reopen a conversation, so only its text is read for thanks.
+        thanks_only=sla_applies and not (machine or is_staff) and is_reply(summary, site) and says_only_thanks(raw, summary, rules),
         staff_unverified=staff_unverified,
         member_of=_member_of(rules, _sender_addresses(summary, envelope, sender)) if is_staff else frozenset(),
         machine_signal=machine or "", list_sender=sender.address if sender else "",
@@ -214,6 +219,36 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         postmaster_recipient=postmasters[0] if postmasters else "",
         team_names=rules.team_names,
     )
+
+
+# Top-level content types of a message whose text alone can say thanks.
+# Any other (multipart/mixed, multipart/related, signed or encrypted mail)
+# may carry an attachment or an inline image, which is more than thanks.
+_TEXT_ONLY_TYPES = frozenset({"text/plain", "text/html", "multipart/alternative"})
+# Characters of text decoded first: the longest new text of a thank-you and
+# the lines after it that tell where it ends.
+_THANKS_SAMPLE = 2 * NEW_TEXT_LIMIT
+
+
+def is_reply(summary: Summary, site: Site) -> bool:
+    """Return True when the message names an earlier one (In-Reply-To, References) or carries a reference of ours in its subject."""
+    return bool(summary.in_reply_to or summary.references or find_references(summary.subject, site.reference_prefix))
+
+
+def says_only_thanks(raw: bytes, summary: Summary, rules: RuleSet) -> bool:
+    """Return True when the message is text without attachments and its new text only says thanks (see guardrail.gratitude).
+
+    Without body conditions the summary has no body text. The start of the
+    text is decoded then, which rules out nearly every reply. Only a
+    thank-you is decoded in full, because an answer between quoted lines
+    further down makes it more than thanks.
+    """
+    content_type = (summary.header("content-type") or ("text/plain",))[0].split(";", 1)[0].strip().lower()
+    if content_type not in _TEXT_ONLY_TYPES or summary.part_types:
+        return False
+    if rules.needs_body:
+        return is_thanks_only(summary.body_text)
+    return is_thanks_only(body_sample(raw, summary, _THANKS_SAMPLE)) and is_thanks_only(body_sample(raw, summary, BODY_TEXT_LIMIT))
 
 
 def prepare_unrouted(envelope: Envelope, raw: bytes, rules: RuleSet, site: Site, now: datetime, reason: str) -> Submission | TooManyHops | BareLineEnding:

@@ -94,6 +94,8 @@ class Team:
     source: str = field(default="", compare=False)
     # Whether a customer's message after the team's answer opens the conversation again with a new deadline.
     reopen_on_reply: bool = True
+    # Whether such a message that only says thanks opens it again too.
+    reopen_on_thanks: bool = False
 
     def urgent_contact_in(self, language: str) -> str:
         """Return the urgent_contact text for an acknowledgement in `language`."""
@@ -137,6 +139,7 @@ class Route:
     owner: Human | None = None
     key: str = ""  # where its rules file defines it, as errors name it: route[2] (billing)
     reopen_on_reply: bool | None = None  # None follows the team's setting
+    reopen_on_thanks: bool | None = None  # None follows the team's setting
 
 
 @dataclass(frozen=True)
@@ -394,6 +397,7 @@ def _load_team(
     escalation = load_escalation(table, "escalation")
     contact = load_named_human(table, "escalation_contact") if table.has("escalation_contact") else None
     reopen_on_reply = table.boolean("reopen_on_reply", True)
+    reopen_on_thanks = table.boolean("reopen_on_thanks", False)
     table.finish()
 
     team_templates = templates.get(template_name, {})
@@ -420,7 +424,7 @@ def _load_team(
         return None
     return Team(
         name, destination, members, calendar, first_response, language, team_templates,
-        urgent_contact, escalation, contact, urgent_contacts, str(table.path), reopen_on_reply,
+        urgent_contact, escalation, contact, urgent_contacts, str(table.path), reopen_on_reply, reopen_on_thanks,
     )
 
 
@@ -581,6 +585,7 @@ def _load_route(table: Table, teams: dict[str, Team], today: date, check_names: 
     mode = table.choice("mode", "live", ("live", "shadow"))
     owner = load_named_human(table, "owner") if table.has("owner") else None
     reopen_on_reply = table.boolean("reopen_on_reply", True) if table.has("reopen_on_reply") else None
+    reopen_on_thanks = table.boolean("reopen_on_thanks", False) if table.has("reopen_on_thanks") else None
     all_conditions = _load_condition_list(table, "all")
     any_conditions = _load_condition_list(table, "any")
     table.finish()
@@ -595,7 +600,7 @@ def _load_route(table: Table, teams: dict[str, Team], today: date, check_names: 
         return None
     return Route(
         name, team, str(table.path), tuple(all_conditions), tuple(any_conditions), is_default, first_response, mode, owner,
-        key=table.prefix, reopen_on_reply=reopen_on_reply,
+        key=table.prefix, reopen_on_reply=reopen_on_reply, reopen_on_thanks=reopen_on_thanks,
     )
 
 

@@ -246,6 +246,7 @@ class Outcome:
     ack_problem: str = ""  # why the plain template was used
     answered: bool = False
     reopened: bool = False  # a customer's message after the team's answer started the clock again
+    thanked: bool = False  # a customer's thank-you after the team's answer left the conversation answered
     deadline: datetime | None = None
     escalation_reason: str = ""  # why the conversation escalates at once, such as an unstaffed team, or ""
     # When the conversation is first escalated, if the message opened it or started its clock.
@@ -414,6 +415,7 @@ class BatchWriter:
             team=submission.team,
             participants=opening_participants(submission),
             destination=submission.destination,
+            subject=submission.summary.subject,
         )
 
     def _add_plan(
@@ -479,7 +481,7 @@ class BatchWriter:
             plan.team, plan.route, plan.destination, plan.thread_reason, plan.moved_from,
             move_reason=plan.move_reason, ack_decision=plan.ack_decision, ack_signal=plan.ack_signal,
             ack_limit_reached=plan.ack_signal == RATE_LIMIT_SIGNAL and first_warning,
-            ack_problem=ack_problem, answered=plan.answers, reopened=plan.reopens,
+            ack_problem=ack_problem, answered=plan.answers, reopened=plan.reopens, thanked=plan.thanked,
             deadline=change.deadline, escalation_reason=change.escalation_reason,
             next_escalation_at=change.next_escalation_at,
         )
@@ -516,6 +518,7 @@ class BatchWriter:
             state = "open"
         change = _ConversationChange(KnownConversation(
             conversation.id, conversation.reference, plan.route, plan.team, participants, plan.destination, state,
+            conversation.subject,
         ))
         if plan.moved_from:
             destination = json.dumps(plan.destination.to_record()) if plan.destination else None
@@ -527,6 +530,8 @@ class BatchWriter:
             self.rows["participants"].append((json.dumps(sorted(participants)), at, conversation.id))
         if plan.reopens:
             change.events.append(("reopened", {"by": submission.sender}))
+        if plan.thanked:
+            change.events.append(("thanked", {"by": submission.sender}))
         if plan.clock is not None:
             deadline, reason, first = _start_clock(plan.clock, submission.received_at, change)
             next_at = format_instant(first) if first else None
@@ -915,7 +920,7 @@ class BatchWriter:
         # and reading them all would hold every one in memory.
         sql = (
             "SELECT i.message_id, m.id, m.raw, c.id, c.reference, c.route, c.team, c.participants,"
-            " c.destination, c.state FROM message_ids i"
+            " c.destination, c.state, c.subject FROM message_ids i"
             " JOIN conversations c ON c.id = i.conversation_id"
             " JOIN messages m ON m.id IN (SELECT e.id FROM messages e WHERE e.conversation_id = i.conversation_id"
             " AND e.message_id = i.message_id AND e.received_at >= ? AND e.disposition != 'copy' ORDER BY e.id LIMIT ?)"
@@ -972,7 +977,7 @@ class BatchWriter:
         references = sorted({ref for s in submissions for ref in find_references(s.summary.subject, prefix)})
         by_message_id: dict[str, KnownConversation] = {}
         by_reference: dict[str, KnownConversation] = {}
-        columns = "c.id, c.reference, c.route, c.team, c.participants, c.destination, c.state"
+        columns = "c.id, c.reference, c.route, c.team, c.participants, c.destination, c.state, c.subject"
         if thread_ids:
             marks = ",".join("?" * len(thread_ids))
             sql = (f"SELECT m.message_id, {columns} FROM message_ids m"
@@ -1020,10 +1025,10 @@ def _delivery_target(destination: Destination, received_for: str, team: str = ""
 
 
 def _known(row: Any) -> KnownConversation:
-    conversation_id, reference, route, team, participants, destination, state = row
+    conversation_id, reference, route, team, participants, destination, state, subject = row
     return KnownConversation(
         conversation_id, reference, route, team, frozenset(json.loads(participants)),
-        Destination.from_record(json.loads(destination)) if destination else None, state,
+        Destination.from_record(json.loads(destination)) if destination else None, state, subject or "",
     )
 
 
