@@ -142,7 +142,11 @@ def test_thanks_flag_only_on_replies(tmp_path: Path) -> None:
 def test_reopened_clock_for_thanks(tmp_path: Path, route: str, rules: str, arrival: str, expected: str | None) -> None:
     clock = reopened_clock(loaded(tmp_path, rules), "support", route, utc(arrival), True)
 
-    assert (clock.deadline if clock else None) == (utc(expected) if expected else None)
+    if expected is None:
+        assert clock is None
+    else:
+        assert clock is not None
+        assert clock.deadline == utc(expected)
 
 
 def test_thanks_setting_defaults(tmp_path: Path) -> None:
