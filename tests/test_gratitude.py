@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from guardrail.gratitude import GRATITUDE, GRATITUDE_STEMS, is_same_matter, is_thanks_only
+from guardrail.gratitude import (
+    GRATITUDE,
+    GRATITUDE_STEMS,
+    is_same_matter,
+    is_thanks_only,
+)
 from guardrail.htmltext import html_text
 
 GMAIL_QUOTE = (

@@ -266,6 +266,8 @@ def test_reopen_setting_defaults(tmp_path: Path) -> None:
 
     assert rules.teams["support"].reopen_on_reply is True
     assert [route.reopen_on_reply for route in rules.routes] == [None, None, None]
+    assert rules.teams["support"].reopen_on_thanks is False
+    assert [route.reopen_on_thanks for route in rules.routes] == [None, None, None]
 
 
 @pytest.mark.parametrize(
@@ -273,6 +275,8 @@ def test_reopen_setting_defaults(tmp_path: Path) -> None:
     [
         (with_settings(team='reopen_on_reply = "no"'), "team[0] (support).reopen_on_reply"),
         (with_settings(route='reopen_on_reply = "no"'), "route[1] (urgent).reopen_on_reply"),
+        (with_settings(team='reopen_on_thanks = "no"'), "team[0] (support).reopen_on_thanks"),
+        (with_settings(route='reopen_on_thanks = "no"'), "route[1] (urgent).reopen_on_thanks"),
     ],
 )
 def test_reopen_setting_wrong_type(tmp_path: Path, rules: str, key: str) -> None:
@@ -281,11 +285,12 @@ def test_reopen_setting_wrong_type(tmp_path: Path, rules: str, key: str) -> None
     assert errors == [f"{tmp_path / 'rules' / 'rules.toml'}: {key}: invalid value 'no'; expected true or false"]
 
 
-def test_reopen_setting_misspelled(tmp_path: Path) -> None:
-    errors = rule_errors(tmp_path, with_settings(team="reopen_on_replies = false"))
+@pytest.mark.parametrize(("written", "meant"), [("reopen_on_replies", "reopen_on_reply"), ("reopen_on_thank", "reopen_on_thanks")])
+def test_reopen_setting_misspelled(tmp_path: Path, written: str, meant: str) -> None:
+    errors = rule_errors(tmp_path, with_settings(team=f"{written} = false"))
 
     assert errors == [
-        f"{tmp_path / 'rules' / 'rules.toml'}: team[0] (support).reopen_on_replies: unknown key; did you mean 'reopen_on_reply'?"
+        f"{tmp_path / 'rules' / 'rules.toml'}: team[0] (support).{written}: unknown key; did you mean '{meant}'?"
     ]
 
 

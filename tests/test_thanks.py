@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from conftest import maildir_messages, message
-from test_config import rule_errors
 from test_escalation import (
     advance_in_ticks,
     at,
@@ -147,34 +146,6 @@ def test_reopened_clock_for_thanks(tmp_path: Path, route: str, rules: str, arriv
     else:
         assert clock is not None
         assert clock.deadline == utc(expected)
-
-
-def test_thanks_setting_defaults(tmp_path: Path) -> None:
-    rules = loaded(tmp_path)
-
-    assert rules.teams["support"].reopen_on_thanks is False
-    assert [route.reopen_on_thanks for route in rules.routes] == [None, None, None]
-
-
-@pytest.mark.parametrize(
-    ("rules", "key"),
-    [
-        (with_settings(team='reopen_on_thanks = "no"'), "team[0] (support).reopen_on_thanks"),
-        (with_settings(route='reopen_on_thanks = "no"'), "route[1] (urgent).reopen_on_thanks"),
-    ],
-)
-def test_thanks_setting_wrong_type(tmp_path: Path, rules: str, key: str) -> None:
-    errors = rule_errors(tmp_path, rules)
-
-    assert errors == [f"{tmp_path / 'rules' / 'rules.toml'}: {key}: invalid value 'no'; expected true or false"]
-
-
-def test_thanks_setting_misspelled(tmp_path: Path) -> None:
-    errors = rule_errors(tmp_path, with_settings(team="reopen_on_thank = true"))
-
-    assert errors == [
-        f"{tmp_path / 'rules' / 'rules.toml'}: team[0] (support).reopen_on_thank: unknown key; did you mean 'reopen_on_thanks'?"
-    ]
 
 
 # -- end to end ---------------------------------------------------------------------
