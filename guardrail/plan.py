@@ -362,7 +362,7 @@ MOVED_CLOCK_STARTED = "a person's message routed to this team started the clock"
 
 def _plan_follow_up(
     submission: Submission, known: KnownConversation, reason: str, reopened_clock: ClockPlanner | None,
-    reference_prefix: str = "GR",
+    reference_prefix: str,
 ) -> Plan:
     """Return the plan of a message that joins `known`.
 
