@@ -41,7 +41,10 @@ LISTED_ADDRESSES = 5
 
 
 # The recipients of an escalation level: the person's address and the webhook's URL, either one empty.
+# A level that names a rotation is recorded by the rotation's name after ROTATION_TARGET in
+# place of the address, so that a hand-off after the level fired does not make it a new level.
 LevelTarget = tuple[str, str]
+ROTATION_TARGET = "rotation:"
 
 
 @dataclass(frozen=True)
@@ -117,12 +120,18 @@ def next_escalation(team: Team | None, rules: RuleSet, deadline: datetime, level
 
 def level_target(level: EscalationLevel) -> LevelTarget:
     """Return the recipients that `level` notifies, as the `escalated` events record them."""
-    return (level.human.address.lower() if level.human else "", level.webhook.url if level.webhook else "")
+    url = level.webhook.url if level.webhook else ""
+    if level.rotation is not None:
+        return (ROTATION_TARGET + level.rotation.name, url)
+    return (level.human.address.lower() if level.human else "", url)
 
 
 def event_target(detail: dict[str, object]) -> LevelTarget:
     """Return the recipients that an `escalated` event's level notified."""
-    return (str(detail.get("to", "")).lower(), str(detail.get("webhook", "")))
+    url = str(detail.get("webhook", ""))
+    if detail.get("rotation"):
+        return (ROTATION_TARGET + str(detail["rotation"]), url)
+    return (str(detail.get("to", "")).lower(), url)
 
 
 def levels_passed(team: Team | None, rules: RuleSet, fired: list[LevelTarget]) -> int:
@@ -189,7 +198,7 @@ def plan_escalation(conversation: DueConversation, rules: RuleSet, now: datetime
 def _plan_unstaffed(conversation: DueConversation, team: Team | None, rules: RuleSet, now: datetime, sender: Sender) -> EscalationPlan:
     contact = rules.escalation_contact(team) if team else rules.fallback
     if contact is None:
-        contact = next((level.human for level in _chain(team, rules) if level.human), None)
+        contact = next((level.human_at(now) for level in _chain(team, rules) if level.names_human), None)
     plan = EscalationPlan(level=conversation.level, next_at=None)
     if contact is None:
         plan.events.append({"kind": "escalation_failed", "reason": "nobody to escalate to"})
@@ -287,19 +296,24 @@ def _add_level(
             f" This is escalation level {number}."
         )
     event: dict[str, object] = {"kind": "escalated", "level": number, "late_seconds": int(late.total_seconds())}
+    human = level.human_at(now)
+    rotation = level.rotation.name if level.rotation else None
     mail = None
-    if level.human is not None:
-        fallback = _redirected(conversation, level.human, contact, subject, text, now, sender, zone)
-        mail = QueuedMail(
-            (level.human.address,), escalation_mail(conversation, level.human, subject, text, now, sender, zone=zone), fallback
-        )
+    if human is not None:
+        mail_text = f"{text}\nYou are on call for rotation {rotation}, so this escalation comes to you." if rotation else text
+        # The person the failed mail goes to instead is not on call, so their text leaves that line out.
+        fallback = _redirected(conversation, human, contact, subject, text, now, sender, zone)
+        mail = QueuedMail((human.address,), escalation_mail(conversation, human, subject, mail_text, now, sender, zone=zone), fallback)
         plan.mails.append(mail)
-        event["to"] = level.human.address
+        event["to"] = human.address
+    if rotation is not None:
+        event["rotation"] = rotation
     if level.webhook is not None:
         fallback = None
         if mail is None and contact is not None:
             fallback = QueuedMail((contact.address,), escalation_mail(conversation, contact, subject, text, now, sender, zone=zone))
-        plan.webhooks.append(QueuedWebhook(level.webhook, webhook_body(conversation, number, level.human, now, sender), fallback))
+        body = webhook_body(conversation, number, human, now, sender, rotation=rotation)
+        plan.webhooks.append(QueuedWebhook(level.webhook, body, fallback))
         event["webhook"] = level.webhook.url
     plan.events.append(event)
 
@@ -387,8 +401,10 @@ def notice_mail(
     return build_text_message(headers, body)
 
 
-def webhook_body(conversation: DueConversation, level: int, human: Human | None, now: datetime, sender: Sender) -> dict[str, object]:
-    """Return the generic JSON body of an escalation webhook."""
+def webhook_body(
+    conversation: DueConversation, level: int, human: Human | None, now: datetime, sender: Sender, *, rotation: str | None = None,
+) -> dict[str, object]:
+    """Return the generic JSON body of an escalation webhook; `rotation` names the rotation that `human` is on call for."""
     return {
         "event": "escalation",
         "reference": conversation.reference,
@@ -404,6 +420,7 @@ def webhook_body(conversation: DueConversation, level: int, human: Human | None,
         "deadline": conversation.deadline.isoformat() if conversation.deadline else None,
         "escalated_at": now.isoformat(),
         "human": {"name": human.name, "address": human.address} if human else None,
+        "rotation": rotation,
         "answer_command": f"{sender.answer_command} {conversation.reference}",
     }
 
@@ -412,6 +429,8 @@ def slack_body(body: dict[str, object]) -> dict[str, object]:
     """Return a Slack-compatible body ({"text": ...}) for a generic escalation body."""
     human = body.get("human")
     who = f" for {human['name']}" if isinstance(human, dict) else ""
+    if who and body.get("rotation"):
+        who += f", on call for {body['rotation']}"
     again = ", written again after the team's answer" if body.get("reopened_at") else ""
     text = (
         f":rotating_light: {body['reference']} unanswered past its deadline (level {body['level']}){who}{again}\n"

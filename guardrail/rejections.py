@@ -57,7 +57,7 @@ def find_rejected_addresses(
     for address_figures in figures:
         if (address_figures.address, address_figures.team) in recently_alarmed:
             continue
-        owner = rules.route_owner(address_figures.route, address_figures.team)
+        owner = rules.route_owner(address_figures.route, address_figures.team, now)
         if owner is None:
             continue
         of_team = f" of team {address_figures.team}" if address_figures.team else ""

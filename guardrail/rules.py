@@ -26,6 +26,7 @@ from .business_hours import (
 from .config import is_address
 from .errors import ConfigError, ConfigErrors
 from .locales import is_supported_language, write_to
+from .rotations import Rotation
 from .rules_sla import (
     LANGUAGE_EXPECTED,
     EscalationLevel,
@@ -34,6 +35,7 @@ from .rules_sla import (
     load_calendar,
     load_escalation,
     load_named_human,
+    load_rotation,
     load_template,
 )
 from .tomlcheck import Table, parse_toml, read_file, toml_text
@@ -160,6 +162,7 @@ class RuleSet:
     staff_authserv_peers: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     # Shadow routes with the number of live routes that precede them.
     shadow_routes: tuple[tuple[int, Route], ...] = ()
+    rotations: dict[str, Rotation] = field(default_factory=dict)
 
     @property
     def default_route(self) -> Route:
@@ -190,12 +193,13 @@ class RuleSet:
             return team.escalation_contact
         return self.fallback
 
-    def route_owner(self, route_name: str, team_name: str) -> Human | None:
+    def route_owner(self, route_name: str, team_name: str, now: datetime) -> Human | None:
         """Return the recipient of an alarm about a route: its owner, else its team's escalation contact, else the fallback human.
 
         Without a fallback human, the first person in the team's escalation
-        chain gets the alarm. The route or team may be gone from the rules
-        since the alarm's data was stored.
+        chain gets the alarm, or whoever is on call at `now` when that level
+        names a rotation. The route or team may be gone from the rules since
+        the alarm's data was stored.
         """
         route = next((route for route in self.routes if route.name == route_name), None)
         if route is not None and route.owner is not None:
@@ -205,7 +209,7 @@ class RuleSet:
             return self.fallback
         contact = self.escalation_contact(team)
         if contact is None:
-            contact = next((level.human for level in team.escalation if level.human is not None), None)
+            contact = next((level.human_at(now) for level in team.escalation if level.names_human), None)
         return contact
 
 
@@ -232,7 +236,7 @@ def load_rules(
         raise ConfigErrors([ConfigError(directory, "", f"rules folder {problem}; {fix}")])
 
     digest = hashlib.sha256()
-    entries: dict[str, list[Table]] = {"team": [], "route": [], "calendar": [], "template": []}
+    entries: dict[str, list[Table]] = {"team": [], "route": [], "calendar": [], "rotation": [], "template": []}
     settings: list[Table] = []
     # A team, calendar or template in a file that did not parse is still named elsewhere. So names that
     # no file defines are reported only when every file was read, because "team 'support' does not
@@ -256,6 +260,11 @@ def load_rules(
 
     today = today or date.today()
     calendars = _by_name(entries["calendar"], lambda table: load_calendar(table, today), "calendar")
+    rotations = _by_name(entries["rotation"], load_rotation, "rotation")
+    # Every rotation a file names, with None for an invalid one: a level that names it gets no
+    # second error saying that the rotation does not exist.
+    named = [table.data["name"] for table in entries["rotation"] if isinstance(table.data.get("name"), str)]
+    known_rotations: dict[str, Rotation | None] = {**dict.fromkeys(named), **rotations}
     templates: dict[str, dict[str, Template]] = {}
     for table in entries["template"]:
         template = load_template(table)
@@ -267,7 +276,9 @@ def load_rules(
 
     fallback, horizon, staff_addresses, staff_domains, authserv_id, authserv_peers = _load_settings(settings)
     teams = _by_name(
-        entries["team"], lambda table: _load_team(table, base, calendars, templates, fallback, today, every_file_read), "team",
+        entries["team"],
+        lambda table: _load_team(table, base, calendars, known_rotations, templates, fallback, today, every_file_read),
+        "team",
     )
     unreadable = bool(errors)
     routes, shadow_routes = _load_routes(
@@ -283,17 +294,19 @@ def load_rules(
         fallback=fallback, unstaffed_horizon=horizon,
         staff_addresses=members | _escalation_addresses(teams, fallback) | staff_addresses,
         staff_domains=staff_domains, staff_authserv_id=authserv_id, staff_authserv_peers=authserv_peers,
-        shadow_routes=tuple(shadow_routes),
+        shadow_routes=tuple(shadow_routes), rotations=rotations,
     )
 
 
 def _escalation_addresses(teams: dict[str, Team], fallback: Human | None) -> frozenset[str]:
     """Return the addresses of the humans that escalations go to: chain levels, escalation contacts and the fallback.
 
-    Escalation mail instructs them to reply to the sender with the shared
-    inbox in Cc, so their replies must mark the conversation answered.
+    A level that names a rotation adds every person of the rotation and of
+    its overrides. Escalation mail instructs them to reply to the sender
+    with the shared inbox in Cc, so their replies must mark the conversation answered.
     """
     humans = [level.human for team in teams.values() for level in team.escalation]
+    humans += [human for team in teams.values() for level in team.escalation if level.rotation for human in level.rotation.humans]
     humans += [team.escalation_contact for team in teams.values()]
     humans.append(fallback)
     return frozenset(human.address.lower() for human in humans if human is not None)
@@ -374,6 +387,7 @@ def _load_team(
     table: Table,
     base: Path,
     calendars: dict[str, Calendar],
+    rotations: dict[str, Rotation | None],
     templates: dict[str, dict[str, Template]],
     fallback: Human | None,
     today: date,
@@ -394,7 +408,7 @@ def _load_team(
         urgent_contact = urgent_contacts.get(language, "")
     else:
         urgent_contact = table.string("urgent_contact", "", allow_empty=True) or ""
-    escalation = load_escalation(table, "escalation")
+    escalation = load_escalation(table, "escalation", rotations, check_names=check_names)
     contact = load_named_human(table, "escalation_contact") if table.has("escalation_contact") else None
     reopen_on_reply = table.boolean("reopen_on_reply", True)
     reopen_on_thanks = table.boolean("reopen_on_thanks", False)
@@ -409,6 +423,8 @@ def _load_team(
         table.fail("language", language, LANGUAGE_EXPECTED)
     elif language not in team_templates:
         table.problem("language", f"template {template_name!r} has no {language!r} variant; it has {sorted(team_templates)}")
+    # A rotation level is passed over: this text is written once, when the rules load, and would keep
+    # naming whoever was on call then.
     first_human = next((level.human for level in escalation if level.human), None) or fallback
     for variant in sorted(urgent_contacts.keys() - team_templates.keys()):
         table.problem(f"urgent_contact.{variant}", f"template {template_name!r} has no {variant!r} variant; it has {sorted(team_templates)}")

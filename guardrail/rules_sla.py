@@ -16,7 +16,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from .business_hours import ALWAYS_OPEN, DAYS, Calendar, Window, parse_window
 from .config import is_address
 from .locales import is_supported_language
-from .tomlcheck import MAX_DURATION, MAX_DURATION_TEXT, Table, parse_duration
+from .rotations import Override, Rotation, local_instant, on_call
+from .tomlcheck import MAX_DURATION, MAX_DURATION_TEXT, Table, parse_duration, toml_text
 
 # Merge fields an acknowledgement template may use.
 TEMPLATE_FIELDS = {
@@ -52,11 +53,27 @@ class Webhook:
 
 @dataclass(frozen=True)
 class EscalationLevel:
-    """One step of a chain: who is told, how long after the deadline."""
+    """One step of a chain: who is told, how long after the deadline.
+
+    A level names a fixed `human` or a `rotation`, whose person on call at
+    the moment the level fires gets the escalation. A level that only calls
+    a webhook names neither.
+    """
 
     after: timedelta
     human: Human | None
     webhook: Webhook | None
+    rotation: Rotation | None = None
+
+    @property
+    def names_human(self) -> bool:
+        return self.human is not None or self.rotation is not None
+
+    def human_at(self, instant: datetime) -> Human | None:
+        """Return the human that this level notifies when it fires at `instant`."""
+        if self.rotation is not None:
+            return on_call(self.rotation, instant)
+        return self.human
 
 
 @dataclass(frozen=True)
@@ -118,6 +135,12 @@ def load_human(table: Table, name_key: str = "name", address_key: str = "address
 def load_named_human(parent: Table, key: str) -> Human | None:
     """Load the table under `key`, which must contain only a human's name and address."""
     table = parent.table(key)
+    if table.has("rotation"):
+        # The fallback human and an escalation contact get the mail that an
+        # on-call person could not be sent, so they must not depend on a rotation.
+        table.raw("rotation")
+        table.problem("rotation", "a rotation cannot be named here; give a fixed human's name and address,"
+                      " and name the rotation in an escalation level")
     human = load_human(table)
     table.finish(allowed=("name", "address"))
     return human
@@ -257,38 +280,191 @@ def load_template(table: Table) -> Template | None:
     return Template(name, language.lower(), **texts)  # type: ignore[arg-type]
 
 
-def load_escalation(table: Table, key: str) -> tuple[EscalationLevel, ...]:
-    """Load a team's escalation chain from `key`, a list of level tables."""
+def load_escalation(
+    table: Table, key: str, rotations: dict[str, Rotation | None], *, check_names: bool = True,
+) -> tuple[EscalationLevel, ...]:
+    """Load a team's escalation chain from `key`, a list of level tables.
+
+    `rotations` maps the name of an invalid rotation to None. `check_names`
+    is False when a rule file did not parse, so that a rotation it may
+    define is not reported as unknown.
+    """
     value = table.raw(key, [])
     if not isinstance(value, list):
         table.fail(key, value, 'a list such as [{ after = "0m", name = "Dana Duty", address = "dana@example.com" }]')
         return ()
     levels = []
+    # Whether the chain's last level names a person, counting a rotation that could not be looked up.
+    ends: list[tuple[timedelta, bool]] = []
     for index, item in enumerate(value):
         level_table = Table(table.path, item, table.key(f"{key}[{index}]"), table.errors)
-        after_value = level_table.raw("after", "0m")
-        after = parse_duration(after_value)
-        if after is None:
-            level_table.fail("after", after_value, 'a duration such as "0m" or "2h"')
-            after = timedelta(0)
-        elif after > MAX_DURATION:
-            level_table.fail("after", after_value, f"a duration of at most {MAX_DURATION_TEXT}")
-            after = timedelta(0)
+        after = _level_after(level_table)
         errors_before = len(level_table.errors)
+        rotation = _level_rotation(level_table, rotations, check_names)
         human = load_human(level_table)
         webhook = _load_webhook(level_table) if level_table.has("webhook") else None
-        # An invalid human or webhook has an error of its own that explains the level.
+        # An invalid human, rotation or webhook has an error of its own that explains the level.
         invalid = len(level_table.errors) > errors_before
         level_table.finish()
-        if human is None and webhook is None:
+        if level_table.has("rotation"):
+            ends.append((after, True))
+            if rotation is None:
+                continue
+        elif human is None and webhook is None:
             if not invalid:
-                level_table.problem("", "a level needs a named human (name and address), a webhook, or both")
+                level_table.problem("", "a level needs a named human (name and address) or a rotation, a webhook, or both")
             continue
-        levels.append(EscalationLevel(after, human, webhook))
+        else:
+            ends.append((after, human is not None))
+        levels.append(EscalationLevel(after, human, webhook, rotation))
     levels.sort(key=lambda level: level.after)
-    if levels and levels[-1].human is None:
-        table.problem(key, "the chain ends without a named human; give its last level a name and address")
+    ends.sort(key=lambda end: end[0])
+    if ends and not ends[-1][1]:
+        table.problem(key, "the chain ends without a named human; give its last level a name and address, or a rotation")
     return tuple(levels)
+
+
+def _level_after(table: Table) -> timedelta:
+    value = table.raw("after", "0m")
+    after = parse_duration(value)
+    if after is None:
+        table.fail("after", value, 'a duration such as "0m" or "2h"')
+        return timedelta(0)
+    if after > MAX_DURATION:
+        table.fail("after", value, f"a duration of at most {MAX_DURATION_TEXT}")
+        return timedelta(0)
+    return after
+
+
+def _level_rotation(table: Table, rotations: dict[str, Rotation | None], check_names: bool) -> Rotation | None:
+    """Return the rotation that a level names, or None when it names none, an unknown one or an invalid one.
+
+    `rotations` maps the name of an invalid rotation to None, because its own errors explain it.
+    """
+    name = table.string("rotation")
+    if name is None:
+        return None
+    if table.has("name") or table.has("address"):
+        table.problem("rotation", "a level names a rotation or a human, not both; remove name and address, or remove rotation")
+    if name not in rotations:
+        if check_names:
+            known = ", ".join(sorted(rotations)) or "none"
+            table.problem("rotation", f"rotation {name!r} does not exist; defined rotations: {known}")
+        return None
+    return rotations[name]
+
+
+def load_rotation(table: Table) -> Rotation | None:
+    """Load one [[rotation]] table."""
+    name = table.string("name", required=True)
+    if name:
+        table.prefix = f"{table.prefix} ({name})"
+    zone_name = table.string("timezone", required=True, allow_empty=True)
+    zone = None
+    if zone_name is not None:
+        try:
+            zone = ZoneInfo(zone_name)
+        except (ZoneInfoNotFoundError, ValueError):
+            table.fail("timezone", zone_name, 'an IANA time zone such as "Europe/Paris"')
+    handoff = _local_time(table, "handoff", required=True)
+    shift_days = _shift_days(table)
+    people = _rotation_people(table)
+    overrides = _overrides(table, zone) if zone is not None else ()
+    table.finish()
+    if not (name and zone and handoff and shift_days and people) or overrides is None:
+        return None
+    return Rotation(name, zone, handoff, shift_days, people, overrides)
+
+
+_LOCAL_TIME_EXPECTED = "a local date-time in the rotation's time zone, such as 2026-11-30T09:00:00 or \"2026-11-30T09:00\""
+
+
+def _local_time(table: Table, key: str, *, required: bool = False) -> datetime | None:
+    """Return the naive local date-time under `key`, written bare in TOML (with seconds) or as an ISO 8601 string."""
+    value = table.raw(key)
+    if value is None:
+        if required:
+            table.problem(key, f"missing; this key is required: {_LOCAL_TIME_EXPECTED}")
+        return None
+    when = value if isinstance(value, datetime) else None
+    if isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            when = None
+    if when is None:
+        table.fail(key, value, _LOCAL_TIME_EXPECTED)
+        return None
+    if when.tzinfo is not None:
+        table.problem(key, f"{toml_text(value)} has a UTC offset; remove it, because the timezone key gives the zone")
+        return None
+    return when
+
+
+def _shift_days(table: Table) -> int | None:
+    """Return the whole number of days under `shift`.
+
+    Whole days keep every hand-off at the same local time across daylight-saving changes.
+    """
+    value = table.raw("shift")
+    if value is None:
+        table.problem("shift", 'missing; this key is required: a whole number of days such as "7d" or "1d"')
+        return None
+    shift = parse_duration(value)
+    if shift is None or shift <= timedelta(0) or shift % timedelta(days=1) or shift > MAX_DURATION:
+        table.fail("shift", value, f'a positive whole number of days such as "7d", "1w" or "1d", of at most {MAX_DURATION_TEXT}')
+        return None
+    return shift.days
+
+
+def _rotation_people(table: Table) -> tuple[Human, ...]:
+    value = table.raw("people")
+    example = '[{ name = "Sam Ortiz", address = "sam.ortiz@example.com" }, ...]'
+    if value is None:
+        table.problem("people", f"missing; list who takes turns on call, in order, such as {example}")
+        return ()
+    if not isinstance(value, list) or not value:
+        table.fail("people", value, f"a non-empty list of people in order, such as {example}")
+        return ()
+    people = []
+    for index, item in enumerate(value):
+        person_table = Table(table.path, item, table.key(f"people[{index}]"), table.errors)
+        person = _required_human(person_table)
+        person_table.finish(allowed=("name", "address"))
+        if person is not None:
+            people.append(person)
+    return tuple(people) if len(people) == len(value) else ()
+
+
+def _required_human(table: Table) -> Human | None:
+    """Load a human whose name and address are both required."""
+    errors_before = len(table.errors)
+    human = load_human(table)
+    if human is None and len(table.errors) == errors_before:
+        table.problem("", 'missing name and address; give both, such as { name = "Sam Ortiz", address = "sam.ortiz@example.com" }')
+    return human
+
+
+def _overrides(table: Table, zone: ZoneInfo) -> tuple[Override, ...] | None:
+    """Return the rotation's overrides in the order written, or None when one is invalid."""
+    value = table.raw("overrides", [])
+    if not isinstance(value, list):
+        table.fail("overrides", value, 'a list such as [{ from = 2026-12-21T09:00:00, until = 2026-12-28T09:00:00, name = "...", address = "..." }]')
+        return None
+    overrides = []
+    for index, item in enumerate(value):
+        override_table = Table(table.path, item, table.key(f"overrides[{index}]"), table.errors)
+        starts = _local_time(override_table, "from", required=True)
+        ends = _local_time(override_table, "until", required=True)
+        human = _required_human(override_table)
+        override_table.finish(allowed=("from", "until", "name", "address"))
+        if starts is None or ends is None or human is None:
+            continue
+        if ends <= starts:
+            override_table.problem("until", f"{ends.isoformat()} is not after from ({starts.isoformat()}); set until after from")
+            continue
+        overrides.append(Override(local_instant(starts, zone), local_instant(ends, zone), human))
+    return tuple(overrides) if len(overrides) == len(value) else None
 
 
 def _load_webhook(table: Table) -> Webhook | None:

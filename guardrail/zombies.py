@@ -64,7 +64,7 @@ def find_zombie_routes(
         if route_figures.route in recently_alarmed:
             continue
         reason = _zombie_reason(route_figures, rules, settings, now)
-        owner = rules.route_owner(route_figures.route, route_figures.team)
+        owner = rules.route_owner(route_figures.route, route_figures.team, now)
         if reason and owner is not None:
             alarms.append(ZombieAlarm(route_figures.route, owner, reason, _alarm_mail(route_figures, owner, reason, now, sender)))
     return alarms

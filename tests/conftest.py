@@ -112,6 +112,30 @@ def rules_folder(folder: Path, rules: str, *, shared: bool = True) -> Path:
     return directory
 
 
+def chain_rules(escalation: str, team_lines: str = "") -> str:
+    """Return rules for one 24x7 team with a first response of 1h, the `escalation` chain given as TOML, and `team_lines`."""
+    return f"""
+[[calendar]]
+name = "always"
+timezone = "UTC"
+hours = "24x7"
+
+[[team]]
+name = "facilities"
+destination = {{ maildir = "var/maildir/facilities" }}
+members = [{{ name = "Carol Tech", address = "carol@example.org" }}]
+calendar = "always"
+first_response = "1h"
+escalation = {escalation}
+{team_lines}
+[[route]]
+name = "default"
+team = "facilities"
+default = true
+"""
+
+
+
 # A support team whose mail goes to the smarthost instead of a maildir.
 SMTP_RULES = """
 [[team]]

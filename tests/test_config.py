@@ -1039,7 +1039,7 @@ team = "support"
 default = true
 """)
     path = tmp_path / "rules" / "rules.toml"
-    assert errors == [f"{path}: team[0] (support).escalation[0]: a level needs a named human (name and address), a webhook, or both"]
+    assert errors == [f"{path}: team[0] (support).escalation[0]: a level needs a named human (name and address) or a rotation, a webhook, or both"]
 
 
 @pytest.mark.parametrize(("value", "expected"), [

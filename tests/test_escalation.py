@@ -18,6 +18,7 @@ import pytest
 from conftest import (
     RecipientSinkHandler,
     case_file,
+    chain_rules,
     maildir_messages,
     send,
     settle,
@@ -53,29 +54,6 @@ from guardrail.store_batch import (
 from guardrail.webhooks import status_outcome
 
 SECRET = "test-webhook-secret"
-
-
-def chain_rules(escalation: str, team_lines: str = "") -> str:
-    """Return rules for one 24x7 team with a first response of 1h, the `escalation` chain given as TOML, and `team_lines`."""
-    return f"""
-[[calendar]]
-name = "always"
-timezone = "UTC"
-hours = "24x7"
-
-[[team]]
-name = "facilities"
-destination = {{ maildir = "var/maildir/facilities" }}
-members = [{{ name = "Carol Tech", address = "carol@example.org" }}]
-calendar = "always"
-first_response = "1h"
-escalation = {escalation}
-{team_lines}
-[[route]]
-name = "default"
-team = "facilities"
-default = true
-"""
 
 
 def facilities_rules(webhook_url: str) -> str:
