@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from . import __version__, commands
@@ -63,6 +64,19 @@ def _name(text: str) -> str:
     return name
 
 
+def _instant(text: str) -> datetime:
+    """Parse an ISO 8601 instant, which must carry its UTC offset (Z or +01:00) so that it names one moment."""
+    try:
+        instant = datetime.fromisoformat(text)
+    except ValueError:
+        instant = None
+    if instant is None or instant.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}; expected an ISO 8601 date-time with a UTC offset, such as 2026-12-07T09:00:00Z or 2026-12-07T10:00:00+01:00"
+        )
+    return instant
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardrail", description="SMTP relay in front of a shared inbox.")
     parser.add_argument("--version", action="version", version=f"guardrail {__version__}")
@@ -93,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="reports from stored data")
     report.add_argument("kind", choices=("shadow",), help="shadow: where a shadow route disagreed with the live decision")
     report.add_argument("--since", default="7d", metavar="DURATION", help="how far back to look (default: 7d)")
+    oncall = sub.add_parser("oncall", help="show who is on call in each rotation, and who comes on call next and when")
+    oncall.add_argument("--at", type=_instant, metavar="ISO-INSTANT",
+                        help="the instant to look at, with its UTC offset, such as 2026-12-07T09:00:00Z (default: now)")
     sub.add_parser("status", help="open conversations by team, overdue ones, next deadlines, per-route figures")
     queue = sub.add_parser("queue", help="list outbox rows waiting to be sent, or those that failed")
     queue.add_argument("--failed", action="store_true", help="list failed rows, newest first, instead of pending ones")

@@ -18,6 +18,7 @@ from .checks import Finding, check_rules, recipient_warnings, removed_team_findi
 from .clock import parse_instant
 from .config import Config, load_config
 from .errors import ConfigError, ConfigErrors, DatabaseFileError
+from .escalation import shown_time
 from .harness import Evaluator, RoutingStalled, run_case
 from .logs import terminal_safe
 from .message import summarize
@@ -29,6 +30,7 @@ from .prepare import (
     is_accepted_recipient,
     prepare_message,
 )
+from .rotations import Rotation, active_override, next_handoff, on_call
 from .rules import RuleSet, load_rules
 from .storage import free_bytes, storage_problem
 from .tomlcheck import MAX_DURATION, MAX_DURATION_TEXT, parse_duration, read_toml
@@ -527,6 +529,35 @@ def status(arguments: argparse.Namespace) -> int:
     for at, subject, detail in figures["alarms"]:
         print(f"  {_shown_instant(at)} {terminal_safe(subject)}: {terminal_safe(detail)}")
     return EXIT_OK
+
+
+def oncall(arguments: argparse.Namespace) -> int:
+    config, rules = _load(arguments)
+    instant = arguments.at or datetime.now(timezone.utc)
+    if not rules.rotations:
+        print(f"no rotations in {config.rules_dir}")
+        return EXIT_OK
+    print(f"on call at {instant.astimezone(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}:")
+    for name in sorted(rules.rotations):
+        print("\n".join(_on_call_lines(rules.rotations[name], instant)))
+    return EXIT_OK
+
+
+def _on_call_lines(rotation: Rotation, instant: datetime) -> list[str]:
+    """Return the lines of `guardrail oncall` about one rotation: who is on call at `instant`, who comes next and when."""
+    override = active_override(rotation, instant)
+    covering = f", by override until {shown_time(override.ends, rotation.zone)}" if override else ""
+    lines = [
+        f"rotation {rotation.name} ({rotation.zone.key}):",
+        f"  now:  {on_call(rotation, instant).formatted()}{covering}",
+    ]
+    handoff = next_handoff(rotation, instant)
+    if handoff is None:
+        lines.append("  next: nobody else comes on call")
+    else:
+        when, person = handoff
+        lines.append(f"  next: {person.formatted()} from {shown_time(when, rotation.zone)}")
+    return lines
 
 
 def _shown_instant(stored: str) -> str:

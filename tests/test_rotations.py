@@ -13,6 +13,7 @@ import pytest
 from conftest import (
     case_file,
     chain_rules,
+    example_copy,
     maildir_messages,
     rules_folder,
     send,
@@ -21,7 +22,10 @@ from conftest import (
 )
 from webhook_receiver import webhook_receiver
 
+from guardrail.cli import main
 from guardrail.clock import ManualClock
+from guardrail.config import load_config
+from guardrail.daemon import load_ruleset
 from guardrail.errors import ConfigErrors
 from guardrail.escalation import event_target, level_target, levels_passed, slack_body
 from guardrail.rotations import Override, Rotation, next_handoff, on_call
@@ -251,6 +255,34 @@ def test_slack_text_names_rotation() -> None:
     )
 
 
+@pytest.mark.parametrize(("at", "lines"), [
+    ("2026-12-15T00:00:00Z", [
+        "on call at 2026-12-15T00:00:00Z:",
+        "rotation support-oncall (Europe/Paris):",
+        "  now:  Lea Martin <lea.martin@example.com>, by override until Mon 21 Dec 2026 09:00 CET (08:00 UTC)",
+        "  next: Sam Ortiz <sam.ortiz@example.com> from Mon 28 Dec 2026 09:00 CET (08:00 UTC)",
+    ]),
+    ("2026-11-30T09:00:00+01:00", [
+        "on call at 2026-11-30T08:00:00Z:",
+        "rotation support-oncall (Europe/Paris):",
+        "  now:  Sam Ortiz <sam.ortiz@example.com>",
+        "  next: Lea Martin <lea.martin@example.com> from Mon 7 Dec 2026 09:00 CET (08:00 UTC)",
+    ]),
+])
+def test_oncall_command(tmp_path: Path, capsys: pytest.CaptureFixture[str], at: str, lines: list[str]) -> None:
+    config = example_copy(tmp_path)
+    assert main(["oncall", "--config", str(config), "--at", at]) == 0
+    assert capsys.readouterr().out.splitlines() == lines
+
+
+def test_oncall_command_needs_offset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = example_copy(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(["oncall", "--config", str(config), "--at", "2026-12-15T09:00"])
+    assert exited.value.code == 2
+    assert "--at: invalid value '2026-12-15T09:00'; expected an ISO 8601 date-time with a UTC offset" in capsys.readouterr().err
+
+
 def escalations(folder: Path) -> list[Message]:
     outbound = [email.message_from_bytes(data) for data in maildir_messages(folder / "var" / "outbound")]
     return [mail for mail in outbound if mail["Auto-Submitted"] == "auto-generated"]
@@ -346,3 +378,8 @@ async def test_restart_escalates_to_current_on_call(tmp_path: Path, start_daemon
     await advance(daemon, clock, utc("2026-03-29T07:40:00"))
 
     assert escalated_to(tmp_path) == [(reference, "ana@example.org")]
+
+
+def test_example_rules_name_a_rotation() -> None:
+    rules = load_ruleset(load_config(Path(__file__).resolve().parents[1] / "config.example.toml"))
+    assert on_call(rules.rotations["support-oncall"], utc("2026-12-15T00:00:00")) == Human("Lea Martin", "lea.martin@example.com")
