@@ -103,8 +103,9 @@ class Team:
         """Return the urgent_contact text for an acknowledgement in `language`."""
         return self.urgent_contacts.get(language, self.urgent_contact)
 
-    @property
+    @cached_property
     def member_addresses(self) -> frozenset[str]:
+        # Cached: intake reads it for every message, for the team that owns it and for each team that gets a copy.
         return frozenset(member.address for member in self.members)
 
 
