@@ -33,6 +33,7 @@ from .prepare import (
 from .rotations import Rotation, active_override, next_handoff, on_call
 from .rules import RuleSet, load_rules
 from .storage import free_bytes, storage_problem
+from .team_copies import choose_team_copies
 from .tomlcheck import MAX_DURATION, MAX_DURATION_TEXT, parse_duration, read_toml
 
 EXIT_OK = 0
@@ -268,6 +269,9 @@ def route(arguments: argparse.Namespace) -> int:
     print(f"recipients:  {', '.join(rcpt_tos)}")
     if decision.postmaster_copy is not None and not decision.is_postmaster:
         print(f"postmaster:  a copy goes to {site.postmaster_owner}")
+    for copy in choose_team_copies(decision.addressed_teams, decision.team):
+        where = copy.destination.describe() if copy.destination else ""
+        print(f"copy:        team {copy.team} (route {copy.route}, addressed as {copy.recipient}): {where}")
     # The message's sender chose the text that reasons and signals quote.
     for reason in decision.route_reasons:
         print(f"because:     {terminal_safe(reason)}")

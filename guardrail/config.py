@@ -172,6 +172,8 @@ class Config:
     keep_bodies: timedelta | None = None
     # Bytes kept free on the database's file system: below it, MAIL gets 452 4.3.1.
     min_free_space: int = DEFAULT_MIN_FREE_SPACE
+    # Whether each other team that a message was addressed to gets a copy of it.
+    copy_other_teams: bool = True
     # Filled only by load_config(require_secrets=False). The secrets these variables name are None.
     unset_variables: tuple[UnsetVariable, ...] = ()
 
@@ -247,6 +249,7 @@ def load_config(path: Path | str, *, require_secrets: bool = True) -> Config:
         delivery=_load_delivery(delivery_table, f"postmaster@{first_domain}"),
         reference_prefix=_load_prefix(conversations),
         duplicate_window=conversations.duration("duplicate_window", timedelta(days=1)),
+        copy_other_teams=conversations.boolean("copy_other_teams", True),
         log_format=log.choice("format", "auto", ("auto", "json", "console")),
         log_level=log.choice("level", "info", ("debug", "info", "warning", "error")),
         acknowledgements=_load_acknowledgements(acknowledgements),

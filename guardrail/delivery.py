@@ -36,6 +36,7 @@ from .outbox import REQUEUED_AT, retry_window_start
 from .rules import Destination
 from .rules_sla import Webhook
 from .store import AttemptResult, OutboxRow, Store
+from .team_copies import COPY_HEADER
 from .webhooks import WebhookSender
 
 log = structlog.get_logger("guardrail.delivery")
@@ -142,11 +143,15 @@ def trace_headers(
     hostname: str,
     envelope: dict[str, object],
     for_address: str,
+    copy_for: str = "",
+    owner: str = "",
 ) -> bytes:
     """Build the headers prepended to a forwarded message; the body is never touched.
 
     X-Guardrail-Conversation and X-Guardrail-Route are left out when they
-    have no value, as for postmaster mail, which opens no conversation.
+    have no value, as for postmaster mail, which opens no conversation. A
+    copy for team `copy_for` of a conversation that team `owner` owns gets
+    an X-Guardrail-Copy header that names both teams.
     """
     received_at = envelope["received_at"]
     assert isinstance(received_at, datetime)
@@ -159,6 +164,8 @@ def trace_headers(
         value = clean_header_value(str(envelope.get(key) or "")).strip()
         if value:
             lines.append(f"{name}: {value}")
+    if copy_for:
+        lines.append(f"{COPY_HEADER}: for team {clean_header_value(copy_for)}; conversation owned by team {clean_header_value(owner)}")
     lines.append(f"{LOOP_HEADER}: {hostname}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
@@ -563,8 +570,13 @@ class DeliveryWorker:
         # A delivery to the postmaster owner records the postmaster recipient
         # it was received for, which its Received header names in place of the owner.
         received_for = row.target.get("received_for") or recipients[0]
-        data = trace_headers(hostname=self._config.smtp.hostname, envelope=envelope, for_address=received_for) + raw
+        copy_for, owner = row.target.get("copy_for", ""), row.target.get("owner", "")
+        data = trace_headers(
+            hostname=self._config.smtp.hostname, envelope=envelope, for_address=received_for, copy_for=copy_for, owner=owner,
+        ) + raw
         details = {"destination": destination.describe(), "conversation": envelope["reference"], "route": envelope["route"]}
+        if copy_for:
+            details["copy_for"] = copy_for
         return destination, data, Envelope(self._config.delivery.return_path, tuple(recipients), str(envelope["mail_from"])), details
 
     async def _compose_mail(self, row: OutboxRow) -> tuple[Destination, bytes, Envelope, dict[str, Any]]:

@@ -893,6 +893,7 @@ class IntakeHandler:
         log.info(
             "message_accepted", disposition=outcome.disposition, size=size, thread=outcome.thread_reason or None,
             deadline=outcome.deadline.isoformat() if outcome.deadline else None,
+            copied_to=list(outcome.copied_to) or None,
             elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         if submission.staff_unverified:

@@ -23,7 +23,8 @@ REQUEUED_AT = "requeued_at"
 def purpose(kind: str, target: dict[str, Any]) -> str:
     """Name what an outbox row carries: the message to the team, an acknowledgement, an escalation."""
     if kind == "deliver":
-        return "forward"
+        # A copy for another team that the message was addressed to, beside the owner's (see team_copies).
+        return "team copy" if target.get("copy_for") else "forward"
     if kind == "webhook":
         return "escalation webhook"
     return str(target.get("purpose") or "mail")

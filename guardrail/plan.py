@@ -27,6 +27,7 @@ from .deadlines import ClockPlanner, SlaClock
 from .gratitude import is_same_matter
 from .message import Summary, decode_header_value
 from .rules import Destination
+from .team_copies import TeamCopy
 
 _Frozen = TypeVar("_Frozen")
 
@@ -105,6 +106,10 @@ class Submission:
     # A person's reply whose new text only says thanks, without attachments
     # (see guardrail.gratitude). False for every other message.
     thanks_only: bool = False
+    # The teams the recipients are addressed to (see team_copies). Each one
+    # other than the conversation's team gets a copy. Empty when
+    # [conversations] copy_other_teams is off.
+    addressed_teams: tuple[TeamCopy, ...] = ()
 
     @cached_property
     def dedupe_key(self) -> str:
@@ -283,6 +288,8 @@ class Plan:
     thanked: bool = False  # a customer's thank-you after the team's answer, which left the conversation answered
     # The clock that the message starts in the conversation it joins, when starts_clock or reopens is set.
     clock: SlaClock | None = None
+    # The copies for other teams that the message was addressed to (see team_copies).
+    team_copies: tuple[TeamCopy, ...] = ()
 
 
 def plan_submission(

@@ -36,6 +36,7 @@ from .message import BODY_TEXT_LIMIT, Summary, body_sample, summarize
 from .plan import Submission
 from .routing import Facts, match_route, matched_recipients, shadow_results
 from .rules import Destination, Route, RuleSet, Team
+from .team_copies import addressed_teams
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Site:
     max_received_headers: int = 30
     reference_prefix: str = "GR"
     inbox_lists: frozenset[str] = frozenset()  # List-Id identifiers, lower case
+    copy_other_teams: bool = True  # [conversations] copy_other_teams
 
     @classmethod
     def from_config(cls, config: Config) -> Site:
@@ -78,6 +80,7 @@ class Site:
             max_received_headers=smtp.max_received_headers,
             reference_prefix=config.reference_prefix,
             inbox_lists=smtp.inbox_lists,
+            copy_other_teams=config.copy_other_teams,
         )
 
 
@@ -218,6 +221,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         postmaster_copy=owner,
         postmaster_recipient=postmasters[0] if postmasters else "",
         team_names=rules.team_names,
+        addressed_teams=addressed_teams(rules, facts, match, postmasters) if site.copy_other_teams else (),
     )
 
 

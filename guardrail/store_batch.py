@@ -43,6 +43,7 @@ from .plan import (
 )
 from .rejections import RejectedFigures
 from .rules import Destination
+from .team_copies import choose_team_copies, with_team_copies
 from .zombies import RouteFigures
 
 log = structlog.get_logger("guardrail.store")
@@ -251,6 +252,7 @@ class Outcome:
     escalation_reason: str = ""  # why the conversation escalates at once, such as an unstaffed team, or ""
     # When the conversation is first escalated, if the message opened it or started its clock.
     next_escalation_at: datetime | None = None
+    copied_to: tuple[str, ...] = ()  # the other teams that get a copy of the message
 
 
 @dataclass(frozen=True)
@@ -353,6 +355,8 @@ class BatchWriter:
         self.next_id = dict(next_id)
         self.rows: dict[str, list[tuple[Any, ...]]] = {name: [] for name in _STATEMENTS}
         self._escalated: set[int] = set()
+        # The teams that messages of this batch reach, by conversation id and Message-ID, for a copy later in it.
+        self._reached: dict[tuple[int, str], set[str]] = {}
 
     def _allocate(self, table: str) -> int:
         self.next_id[table] += 1
@@ -431,6 +435,7 @@ class BatchWriter:
             return Outcome("duplicate")
 
         at = format_instant(submission.received_at)
+        self._plan_team_copies(submission, plan)
         change = _ConversationChange(plan.conversation)
         if plan.conversation is not None and plan.opens_conversation:
             change = self._open_conversation(submission, plan.conversation, at)
@@ -475,6 +480,7 @@ class BatchWriter:
             target = _delivery_target(submission.postmaster_copy, submission.postmaster_recipient)
             self._outbox("deliver", None, row, target, None, at)
             self._event(conversation_id, row, at, "postmaster_copy", {"to": submission.postmaster_copy.describe()})
+        self._queue_team_copies(plan, conversation_id, row, at, submission.summary.message_id)
         ack_problem = self._record_acknowledgement(submission, plan, conversation, row, at, by_message_id)
         return Outcome(
             plan.disposition, row, conversation_id, conversation.reference if conversation else "",
@@ -483,8 +489,47 @@ class BatchWriter:
             ack_limit_reached=plan.ack_signal == RATE_LIMIT_SIGNAL and first_warning,
             ack_problem=ack_problem, answered=plan.answers, reopened=plan.reopens, thanked=plan.thanked,
             deadline=change.deadline, escalation_reason=change.escalation_reason,
-            next_escalation_at=change.next_escalation_at,
+            next_escalation_at=change.next_escalation_at, copied_to=tuple(copy.team for copy in plan.team_copies),
         )
+
+    def _plan_team_copies(self, submission: Submission, plan: Plan) -> None:
+        """Add to `plan` a copy for each other team that its message was addressed to."""
+        if not submission.addressed_teams or plan.disposition not in ("new", "follow_up", "copy"):
+            return
+        copies = choose_team_copies(submission.addressed_teams, plan.team)
+        if copies and plan.disposition == "copy" and plan.conversation is not None:
+            # A forwarder's copy: the teams that an earlier arrival of the message reached have it.
+            holding = self._teams_reached(plan.conversation.id, submission.summary.message_id)
+            copies = choose_team_copies(copies, plan.team, holding)
+        with_team_copies(plan, copies)
+
+    def _queue_team_copies(self, plan: Plan, conversation_id: int | None, row: int, at: str, message_id: str) -> None:
+        """Queue delivery of the plan's team copies, and note the teams the message reaches for a copy later in the batch."""
+        if conversation_id is not None and message_id and plan.disposition in ("new", "follow_up", "copy"):
+            reached = self._reached.setdefault((conversation_id, message_id), set())
+            reached.add(plan.team)
+            reached.update(copy.team for copy in plan.team_copies)
+        for copy in plan.team_copies:
+            assert copy.destination is not None
+            target = _delivery_target(copy.destination, copy.recipient, copy.team)
+            target.update(copy_for=copy.team, owner=plan.team)
+            # Outside the conversation, as the postmaster owner's copy is, because
+            # a failure to reach another team does not mean that the owner lacks the message.
+            self._outbox("deliver", None, row, target, None, at)
+            self._event(conversation_id, row, at, "team_copy", {
+                "team": copy.team, "route": copy.route, "to": copy.destination.describe(), "recipient": copy.recipient,
+            })
+
+    def _teams_reached(self, conversation_id: int, message_id: str) -> frozenset[str]:
+        """Return the teams that messages of the conversation under `message_id` were delivered to, as owner or as a copy."""
+        sql = (
+            "SELECT team FROM messages WHERE conversation_id = ?1 AND message_id = ?2"
+            " UNION SELECT json_extract(e.detail, '$.team') FROM events e JOIN messages m ON m.id = e.message_row"
+            " WHERE e.conversation_id = ?1 AND e.kind = 'team_copy' AND m.message_id = ?2"
+        )
+        with closing(self.db.execute(sql, (conversation_id, message_id))) as cursor:
+            stored = {row[0] for row in cursor.fetchall()}
+        return frozenset(stored | self._reached.get((conversation_id, message_id), set()))
 
     def _open_conversation(self, submission: Submission, conversation: KnownConversation, at: str) -> _ConversationChange:
         """Queue the new conversation's row, in state open when the message expects a reply, else no_reply_needed."""

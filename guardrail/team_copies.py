@@ -54,7 +54,7 @@ def addressed_teams(rules: RuleSet, facts: Facts, match: RouteMatch, postmasters
     for recipient in facts.rcpt_tos:
         if recipient in postmasters:
             continue
-        alone = Facts((recipient,), facts.summary)
+        alone = replace(facts, rcpt_tos=(recipient,))
         copy = _addressed(match_route(rules, alone), recipient, alone)
         if copy is not None and copy.team not in copies:
             copies[copy.team] = copy
@@ -85,9 +85,9 @@ def choose_team_copies(
 def with_team_copies(plan: Plan, copies: tuple[TeamCopy, ...]) -> None:
     """Record `copies` on `plan` and add the members of their teams to the conversation's participants.
 
-    A member of such a team answers for it, because the sender wrote to that
-    team too. A reply that carries only the subject tag joins the
-    conversation because its sender takes part.
+    A reply from a member of such a team marks the conversation answered,
+    because the sender wrote to that team too. Such a reply that carries
+    only the subject tag joins the conversation because its sender takes part.
     """
     if not copies:
         return

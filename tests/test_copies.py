@@ -230,17 +230,24 @@ async def test_copy_for_second_inbox_joins(tmp_path: Path, start_daemon) -> None
         ("sent", "", "alice@example.com"),
         ("suppressed", COPY_SIGNAL, "srs0=x1=ab=example.com=alice@forwarder.example.net"),
     ]
-    assert rows(database, "SELECT kind, message_row FROM outbox ORDER BY id") == [("deliver", 1), ("mail", 1)]
+    # billing@ routes to the billing team, which gets the copy that reached billing@.
+    assert rows(database, "SELECT kind, message_row FROM outbox ORDER BY id") == [("deliver", 1), ("mail", 1), ("deliver", 2)]
     events = rows(database, "SELECT kind, detail FROM events WHERE message_row = 2 ORDER BY id")
-    assert [kind for kind, _ in events] == ["received", "ack_suppressed"]
+    assert [kind for kind, _ in events] == ["received", "team_copy", "ack_suppressed"]
     assert '"thread": "copy of message 1"' in events[0][1]
+    assert '"team": "billing"' in events[1][1]
 
-    # The team gets the message once; the sender gets one acknowledgement.
+    # Each team gets the message once, and the sender gets one acknowledgement.
     support = tmp_path / "var" / "maildir" / "support"
-    await wait_until(lambda: maildir_messages(support), what="delivery to support")
+    billing = tmp_path / "var" / "maildir" / "billing"
+    await wait_until(lambda: maildir_messages(support) and maildir_messages(billing), what="delivery to both teams")
     await wait_until(lambda: rows(database, "SELECT COUNT(*) FROM outbox WHERE state != 'done'") == [(0,)], what="the outbox")
     assert len(maildir_messages(support)) == 1
-    assert not maildir_messages(tmp_path / "var" / "maildir" / "billing")
+    [copy] = maildir_messages(billing)
+    assert b"X-Guardrail-Copy: for team billing; conversation owned by team support\r\n" in copy
+    assert f"X-Guardrail-Conversation: {reference}\r\n".encode() in copy
+    assert b"forwarder.example.net" in copy
+    assert b"X-Guardrail-Copy" not in maildir_messages(support)[0]
 
 
 async def test_re_encoded_copy_joins(tmp_path: Path, start_daemon) -> None:

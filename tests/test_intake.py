@@ -559,12 +559,14 @@ async def test_recipient_limit_counts_accepted_once(tmp_path: Path, start_daemon
     assert replies["second again at the limit"] == ["250 2.1.5 Ok"]
     assert final[-1].startswith("250 2.0.0 ")
     assert query(daemon, "SELECT rcpt_tos FROM messages") == [('["support@example.org", "billing@example.org"]',)]
-    # The billing route matches billing@ among the recipients.
+    # The billing route matches billing@ among the recipients, and support@,
+    # which the default route takes, gets its team a copy. Each team gets one.
     billing = tmp_path / "var" / "maildir" / "billing"
-    await wait_until(lambda: maildir_messages(billing), what="delivery to the billing maildir")
-    assert query(daemon, "SELECT COUNT(*) FROM outbox WHERE kind = 'deliver'") == [(1,)]
+    support = tmp_path / "var" / "maildir" / "support"
+    await wait_until(lambda: maildir_messages(billing) and maildir_messages(support), what="delivery to both maildirs")
+    assert query(daemon, "SELECT COUNT(*) FROM outbox WHERE kind = 'deliver'") == [(2,)]
     assert len(maildir_messages(billing)) == 1
-    assert maildir_messages(tmp_path / "var" / "maildir" / "support") == []
+    assert len(maildir_messages(support)) == 1
 
 
 @pytest.mark.parametrize("recipient", ["postmaster@example.org", "Postmaster@EXAMPLE.org", "postmaster", "postmaster@MX.test.example"])
