@@ -57,6 +57,22 @@ te lo agradezco, se lo agradezco, le agradezco, muy agradecido, muy agradecida
 # took about 15 us on 600 characters, against 1 us for the searches.
 GRATITUDE_STEMS = ("thank", "thanx", "thx", "appreciat", "obliged", "merci", "remerci", "dank", "gracias", "agrade")
 
+# The phrases after which a name may follow in the same sentence:
+# greetings, sign-offs and titles ("Hi Sam", "Cheers, Bob", "Dear Mr. Ortiz").
+NAME_INTRODUCERS = _phrases("""
+hi, hello, hey, hiya, dear, good morning, good afternoon, good evening, best, best regards, kind regards
+warm regards, regards, cheers, best wishes, all the best, sincerely, yours, yours sincerely, take care
+mr, mrs, ms, miss, dr, bonjour, bonsoir, salut, coucou, cher, chère, madame, monsieur, mademoiselle, m, mme
+cordialement, bien cordialement, très cordialement, bien à vous, bien à toi, amicalement, merci encore
+encore merci, hallo, guten morgen, guten tag, guten abend, liebe, lieber, liebes, sehr geehrte, sehr geehrter
+servus, moin, herr, frau, viele grüße, beste grüße, liebe grüße, herzliche grüße, freundliche grüße
+mit freundlichen grüßen, schöne grüße, grüße, gruß, mfg, lg, vg, nochmals danke, danke nochmals, hola
+buenos días, buenas tardes, buenas noches, buenas, estimado, estimada, querido, querida, sr, sra, srta, don
+doña, saludos, un saludo, saludos cordiales, atentamente, cordialmente, un abrazo, abrazos
+""")
+# The titles above that are written with a full stop ("Mr. Ortiz", "Sr. Ortiz").
+_TITLES = frozenset({"mr", "mrs", "ms", "dr", "m", "sr", "sra", "srta"})
+
 # Everything else a thank-you may say: greetings, sign-offs, intensifiers
 # and praise. Single words here are harmless alone; a word that is harmless
 # only in a phrase ("help" in "for your help") is listed in its phrases.
@@ -89,7 +105,7 @@ buenas, estimado, estimada, querido, querida, saludos, un saludo, saludos cordia
 un abrazo, abrazos, que tengas un buen día, que tenga un buen día, buen día, buen fin de semana, de nuevo
 otra vez, muy, mucho, por, tu, su, ayuda, respuesta, rápida, rápido, perfecto, genial, excelente, estupendo
 funciona, ya funciona, todo bien, todo correcto, resuelto, solucionado, ya
-""")
+""") | NAME_INTRODUCERS
 
 # Words that turn thanks into something else when they stand outside the
 # phrases above: negation and contrast ("thanks, but it still fails"),
@@ -114,7 +130,6 @@ NEW_TEXT_LIMIT = 600
 MAX_WORDS = 40
 # Capitalized words outside the phrases, taken for the names in a greeting
 # or below a sign-off ("Hi Sam, thanks! Alice Martin").
-# NOTE: any capitalized word passes for a name, so "Thanks. Refund" counts as thanks.
 MAX_NAME_WORDS = 3
 
 _QUESTION_MARKS = "?¿？"
@@ -245,24 +260,81 @@ def _is_gratitude(new_text: str) -> bool:
     """Return True when `new_text` contains a gratitude phrase and, besides it, only courtesy phrases and a short name."""
     if any(mark in new_text for mark in _QUESTION_MARKS) or any(char.isdigit() for char in new_text):
         return False
-    words = _WORD.findall(new_text)
-    if not words or len(words) > MAX_WORDS:
+    matches = list(_WORD.finditer(new_text))
+    if not matches or len(matches) > MAX_WORDS:
         return False
-    folded = [word.casefold() for word in words]
+    folded = [match.group().casefold() for match in matches]
     thanked = False
     names = 0
     position = 0
+    introducer: tuple[str, ...] = ()  # the gratitude phrase or name introducer just read
     while position < len(folded):
         length, is_gratitude = _longest_phrase(folded, position)
         if length:
+            phrase = tuple(folded[position : position + length])
+            introducer = phrase if is_gratitude or phrase in NAME_INTRODUCERS else ()
             thanked = thanked or is_gratitude
             position += length
             continue
-        if folded[position] in NOT_THANKS or not words[position][0].isupper():
+        length = _name_length(new_text, matches, position, introducer)
+        introducer = ()
+        if not length or any(word in NOT_THANKS for word in folded[position : position + length]):
             return False
-        names += 1
-        position += 1
+        names += length
+        position += length
     return thanked and names <= MAX_NAME_WORDS
+
+
+# What may stand between a name introducer and the name after it: "Hi
+# Sam", "Thanks, Sam", and a title's full stop in "Dear Mr. Ortiz".
+_BEFORE_NAME = re.compile(r"[ \t\u00a0,]*|\.[ \t\u00a0]*")
+# Between the words of one name: "Alice Martin", "Jean-Pierre", "O'Brien",
+# and after an initial, "J. Smith".
+_WITHIN_NAME = re.compile(r"[ \t\u00a0]+|[-'’]")
+_AFTER_INITIAL = re.compile(r"\.[ \t\u00a0]*")
+
+
+def _name_length(text: str, matches: list[re.Match[str]], position: int, introducer: tuple[str, ...]) -> int:
+    """Return how many words from `position` on form a name, or 0 when the words there cannot be one.
+
+    A name is a run of capitalized words, such as "Sam" or "Alice Martin",
+    in one of the places where people write names: after a greeting, a
+    gratitude phrase or a sign-off (`introducer`, the phrase just before,
+    or () when another word is) in the same sentence ("Thanks Sam!"),
+    alone on its line ("Best regards" then "Alice"), or at the start of a
+    line before a comma ("Sam, thanks!"). A capitalized word that starts a
+    sentence is no name, so "Thanks. Refund it." and "Thanks! Cancel My
+    Account" say more than thanks. A word in capitals is no name either
+    ("Thanks. URGENT"), but a single initial is.
+    """
+    # NOTE: a capitalized word in a name's place still passes for a name, so
+    # "Thanks, Refund" and "Thanks!" above "Refund" alone on a line count as thanks.
+    stop = position
+    while stop < len(matches) and _is_name_word(matches[stop].group()):
+        stop += 1
+        if stop < len(matches) and not _joins_name(text[matches[stop - 1].end() : matches[stop].start()], matches[stop - 1]):
+            break
+    if stop == position:
+        return 0
+
+    before = text[matches[position - 1].end() if position else 0 : matches[position].start()]
+    after = text[matches[stop - 1].end() : matches[stop].start() if stop < len(matches) else len(text)]
+    starts_line = position == 0 or "\n" in before
+    if starts_line and ("\n" in after or stop == len(matches) or after.strip().startswith(",")):
+        return stop - position
+    if not introducer or starts_line or not _BEFORE_NAME.fullmatch(before):
+        return 0
+    if "." in before and introducer[-1] not in _TITLES:
+        return 0
+    return stop - position
+
+
+def _joins_name(between: str, previous: re.Match[str]) -> bool:
+    return bool(_WITHIN_NAME.fullmatch(between) or (len(previous.group()) == 1 and _AFTER_INITIAL.fullmatch(between)))
+
+
+def _is_name_word(word: str) -> bool:
+    return word[0].isupper() and (len(word) == 1 or not word.isupper())
 
 
 # The number of words in the longest phrase of GRATITUDE and COURTESY.
