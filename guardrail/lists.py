@@ -71,9 +71,10 @@ def inbox_list(summary: Summary, inbox_lists: frozenset[str]) -> str:
 def list_sender(summary: Summary, inbox_lists: frozenset[str], inboxes: frozenset[str]) -> ListSender | None:
     """Return the person who wrote a message that one of `inbox_lists` passed on, or None.
 
-    From names the person, unless it is the list's own address (one of
-    `inboxes` or the List-Post mailto address), which the list writes in
-    place of a sender whose domain publishes a strict DMARC policy. The
+    From names the person, unless it is the list's own address, which the
+    list writes in place of a sender whose domain publishes a strict DMARC
+    policy. The list's own addresses are `inboxes`, the List-Post mailto
+    address and the address that the List-Id names (see `_is_named_by`). The
     person is then the one mailbox in X-Original-From, else the one Reply-To
     address that is not the list's, else, when Reply-To names none but the
     list's, the one Cc address that Mailman added (see `_copied_author`).
@@ -84,8 +85,9 @@ def list_sender(summary: Summary, inbox_lists: frozenset[str], inboxes: frozense
     if not list_id or not summary.from_address:
         return None
     own = inboxes | _posting_addresses(summary)
-    if summary.from_address not in own:
+    if summary.from_address not in own and not _is_named_by(summary.from_address, list_id):
         return ListSender(list_id, summary.from_address, summary.from_name, "From")
+    own |= {summary.from_address}
     original = mailboxes(summary.undecoded_header("x-original-from"))
     if len(original) == 1:
         name, address = original[0]
@@ -125,6 +127,18 @@ def _copied_author(summary: Summary, list_id: str, own: frozenset[str]) -> ListS
     if name and not summary.from_name.casefold().startswith(name.casefold() + " via "):
         return None
     return ListSender(list_id, address, name, "Cc")
+
+
+def _is_named_by(address: str, list_id: str) -> bool:
+    """Return True when `list_id` is `address` with its "@" written as ".", as support.example.com for support@example.com.
+
+    Google groups and Mailman 2.1 and 3 build the List-Id from the list's
+    address this way. The address is then the list's own even when
+    List-Post does not name it, as with Mailman's "List-Post: NO" on a list
+    that takes no posts from members.
+    """
+    local, at, domain = address.rpartition("@")
+    return bool(at) and f"{local}.{domain}" == list_id
 
 
 def _posting_addresses(summary: Summary) -> frozenset[str]:

@@ -57,6 +57,8 @@ MAILMAN_HEADERS = (
     "List-Archive: <https://lists.example.net/archives/list/support@lists.example.net/>\r\n"
     "Precedence: list\r\n"
 )
+# A Mailman 3 list that takes no posts from its members writes "List-Post: NO".
+NO_POST_HEADERS = MAILMAN_HEADERS.replace("List-Post: <mailto:support@lists.example.net>\r\n", "List-Post: NO\r\n")
 MAILMAN_ENVELOPE = "support-bounces@lists.example.net"
 MAILMAN_FROM = "Alice Doe via Support <support@lists.example.net>"
 # A Mailman list whose replies go to the list keeps the author in Cc.
@@ -185,6 +187,11 @@ def test_list_machine_signal_table(data: bytes, mail_from: str, inbox_lists: tup
         (mailman("Support <support@lists.example.net>", "Cc: Alice Doe <alice@customer.example>\r\n"), None),
         (mailman(MAILMAN_FROM, "Cc: Support <support@lists.example.net>, support@example.org\r\n"), None),
         (mailman(MAILMAN_FROM, "Reply-To: a@customer.example, b@customer.example\r\nCc: alice@customer.example\r\n"), None),
+        # The address that the List-Id names is the list's own, also without List-Post.
+        (message(sender=MAILMAN_FROM, extra_headers=NO_POST_HEADERS), None),
+        (message(sender=MAILMAN_FROM, extra_headers=NO_POST_HEADERS + MAILMAN_CC), ("alice@customer.example", "Alice Doe", "Cc")),
+        (message(sender=MAILMAN_FROM, extra_headers=NO_POST_HEADERS + f"Reply-To: {ALICE}\r\n"),
+         ("alice@customer.example", "Alice Doe", "Reply-To")),
         # Not a configured list.
         (message(sender=GOOGLE_FROM, extra_headers=GOOGLE_PERSON), None),
         (message(sender=GOOGLE_FROM, extra_headers=GOOGLE_PERSON + "List-Id: <sales.example.org>\r\n"), None),
@@ -195,7 +202,7 @@ def test_list_machine_signal_table(data: bytes, mail_from: str, inbox_lists: tup
         "mailman-cc-encoded-name", "mailman-cc-no-name",
         "google-from", "mailman-from", "nothing", "reply-to-inbox", "reply-to-list", "reply-to-two", "two-original-from",
         "cc-two", "cc-two-same-name", "cc-other-name", "cc-without-via", "cc-only-list-and-inbox", "reply-to-two-beside-cc",
-        "no-list-id", "other-list-id",
+        "no-post", "no-post-cc", "no-post-reply-to", "no-list-id", "other-list-id",
     ],
 )
 def test_list_sender_table(data: bytes, expected: tuple[str, str, str] | None) -> None:
