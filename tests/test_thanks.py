@@ -44,6 +44,9 @@ THANKS = message(subject="Re: Printer on floor 3 jams", message_id="<m2@example.
 QUESTION = follow_up()  # "Hello, the printer jams."
 THANKS_BUT = message(subject="Re: Printer on floor 3 jams", message_id="<m2@example.com>",
                      extra_headers="In-Reply-To: <m1@example.com>\r\n", body="Thanks, but it still jams.\r\n")
+# A request after the thanks, its first word capitalized as a sentence starts.
+THANKS_REQUEST = message(subject="Re: Printer on floor 3 jams", message_id="<m2@example.com>",
+                         extra_headers="In-Reply-To: <m1@example.com>\r\n", body="Thanks. Replace it.\r\n\r\nAlice\r\n")
 NEW_MATTER = message(subject="Re: New toner needed [GR-7K3M9Q]", message_id="<m2@example.com>",
                      extra_headers="In-Reply-To: <m1@example.com>\r\n", body="Thanks!\r\n")
 HTML_THANKS = message(
@@ -75,6 +78,7 @@ BODY_RULES = RULES.replace('[[route]]\nname = "default"', '[[route]]\nname = "to
         pytest.param(QUESTION, "default", RULES, True, False, id="question"),
         pytest.param(THANKS_BUT, "default", RULES, True, False, id="thanks-but"),
         pytest.param(THANKS_BUT, "default", BODY_RULES, True, False, id="thanks-but-body-rules"),
+        pytest.param(THANKS_REQUEST, "default", RULES, True, False, id="thanks-request"),
         pytest.param(NEW_MATTER, "default", RULES, True, False, id="new-subject"),
         pytest.param(ATTACHED, "default", RULES, True, False, id="attachment"),
         pytest.param(THANKS, "default", with_settings(team="reopen_on_thanks = true"), True, False, id="team-on"),
