@@ -133,7 +133,9 @@ MAX_WORDS = 40
 MAX_NAME_WORDS = 3
 
 _QUESTION_MARKS = "?¿？"
-_SIGNATURE = re.compile(r"--[ \t]*")
+# The signature separator is "-- ", with its space. A bare "--" line may
+# start new text as well as a signature, so it ends nothing.
+_SIGNATURE = re.compile(r"-- [ \t]*")
 # A line above a forwarded message: what follows is the customer's new
 # matter, whatever the text above it contains.
 _FORWARDED = re.compile(

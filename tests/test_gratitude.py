@@ -66,6 +66,9 @@ OUTLOOK_BLOCK = (
         ("¡Gracias!\n\nEl lun, 7 dic 2026 a las 10:02, Sam Ortiz (<sam@example.org>) escribió:\n> ¿Funciona ahora?\n", True),
         ("Merci\n\nDe : Sam Ortiz\nEnvoyé : lundi 7 décembre 2026 10:02\nObjet : Facture\n\nÇa marche ?\n", True),
         ("Thanks!\n-- \nAlice Martin\nACME Corp, +33 1 23 45 67 89\nWhy not visit our shop?", True),
+        # Without its space, "--" is no signature separator, so the text below it counts.
+        ("Thanks\n--\nNew problem: the printer on floor 3 is broken\n", False),
+        ("Thanks!\n--\nAlice Martin\n", True),
         # Thanks followed by more to say.
         ("Thanks, but it still fails", False),
         ("Thanks! One more thing: the invoice is wrong", False),
