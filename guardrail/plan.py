@@ -223,7 +223,10 @@ def content_signature(raw: bytes) -> tuple[object, ...] | None:
                 for name, value in part.items()
                 if name.lower() in _DECODED_FIELDS or _is_mime_field(name.lower(), part is message)
             ))
-            if not part.is_multipart():
+            if part.is_multipart():
+                # The text around the parts is no part, but it is still text the sender wrote.
+                signature.append((part.preamble, part.epilogue))
+            else:
                 data = part.get_payload(decode=True) or b""
                 signature.append(_TRAILING_SPACE.sub(b"", data.replace(b"\r\n", b"\n")))
     except Exception:  # noqa: BLE001 - a message the parser rejects is no copy

@@ -164,6 +164,9 @@ def test_find_copy_re_encoded_table(tmp_path: Path, copy: bytes, is_copy: bool) 
         (multipart(filename="invoice-2.pdf"), False),
         (multipart(payload=base64.encodebytes(b"%PDF-1.4 invoice 2")), False),
         (multipart(report=b"Reporting-MTA: dns;mx.example.net\r\n"), False),
+        # So does the text before the first part and after the last.
+        (multipart().replace(b"\r\n\r\n--b1\r\n", b"\r\n\r\nThis is a message in MIME format.\r\n--b1\r\n", 1), False),
+        (multipart() + b"Sent through the list\r\n", False),
     ],
 )
 def test_find_copy_multipart_table(tmp_path: Path, copy: bytes, is_copy: bool) -> None:
