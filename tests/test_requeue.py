@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import free_port, message, send, start_sink, wait_until
+from conftest import free_port, message, send, settle, start_sink, wait_until
 from test_outage import close_sink, delivery_events, outage_config, outbox, wait_for_row
 
 from guardrail import store_admin
@@ -241,6 +241,9 @@ async def test_delivered_retry_resumes_escalation_chain(tmp_path: Path, start_da
 
         # Woken by the delivery, the scheduler sets the first level's time again: the deadline, for a chain of one level at 0m.
         await wait_until(rescheduled, what="the chain scheduled again")
+        # Every loop must be asleep at its new time before the clock moves, or a
+        # loop still between its query and its sleep would miss the move.
+        await settle(daemon, clock)
         await clock.set(parse_instant(deadline) + timedelta(seconds=1))
 
         async def fired() -> bool:
