@@ -50,7 +50,10 @@ def check_rules(
     staffing_horizon: timedelta = timedelta(days=14),
 ) -> list[Finding]:
     """Return the warnings for `rules` at `now`."""
-    findings = [*shadowed_routes(rules), *slow_patterns(rules), *missing_languages(rules), *staff_findings(rules)]
+    findings = [
+        *shadowed_routes(rules), *slow_patterns(rules), *missing_languages(rules), *staff_findings(rules),
+        *rotation_findings(rules),
+    ]
     for team in rules.teams.values():
         reason = unstaffed_reason(team, now, max(staffing_horizon, rules.unstaffed_horizon))
         if reason:
@@ -70,6 +73,22 @@ def staff_findings(rules: RuleSet) -> list[Finding]:
         " and one that connects to guardrail directly can write it; set authserv_peers to the addresses of the MTA"
         f" that writes {rules.staff_authserv_id}",
     )]
+
+
+def rotation_findings(rules: RuleSet) -> list[Finding]:
+    """Return a warning for each rotation that no escalation level names, since nobody on it is ever told."""
+    named = {level.rotation.name for team in rules.teams.values() for level in team.escalation if level.rotation}
+    findings = []
+    for rotation in rules.rotations.values():
+        if rotation.name in named:
+            continue
+        where = f"{rotation.source}: rotation {rotation.name}" if rotation.source else f"rotation {rotation.name}"
+        findings.append(Finding(
+            "warning", where,
+            f'no escalation level names it, so nobody on it is ever told; add rotation = "{rotation.name}"'
+            " to a level of a team's escalation, or remove the rotation",
+        ))
+    return findings
 
 
 def shadowed_routes(rules: RuleSet) -> list[Finding]:

@@ -43,6 +43,7 @@ class Rotation:
     shift_days: int
     people: tuple[Human, ...]
     overrides: tuple[Override, ...] = ()
+    source: str = ""  # the rule file that defines it
 
     @property
     def humans(self) -> tuple[Human, ...]:

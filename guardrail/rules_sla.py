@@ -373,7 +373,7 @@ def load_rotation(table: Table) -> Rotation | None:
     table.finish()
     if not (name and zone and handoff and shift_days and people) or overrides is None:
         return None
-    return Rotation(name, zone, handoff, shift_days, people, overrides)
+    return Rotation(name, zone, handoff, shift_days, people, overrides, str(table.path))
 
 
 _LOCAL_TIME_EXPECTED = "a local date-time in the rotation's time zone, such as 2026-11-30T09:00:00 or \"2026-11-30T09:00\""

@@ -22,6 +22,7 @@ from conftest import (
 )
 from webhook_receiver import webhook_receiver
 
+from guardrail.checks import Finding, rotation_findings
 from guardrail.cli import main
 from guardrail.clock import ManualClock
 from guardrail.config import load_config
@@ -230,6 +231,21 @@ def test_rotation_level_ends_chain(tmp_path: Path) -> None:
     assert rules.is_staff("ana@example.org")
     assert rules.is_staff("ben@example.org")
 
+
+
+@pytest.mark.parametrize(("escalation", "warned"), [
+    (ON_CALL_LEVEL, False),
+    ('[{ after = "0m", name = "Carol Tech", address = "carol@example.org" }]', True),
+])
+def test_unnamed_rotation_warning(tmp_path: Path, escalation: str, warned: bool) -> None:
+    folder = rules_folder(tmp_path, team_rules(escalation))
+    findings = rotation_findings(load_rules(folder, tmp_path))
+    expected = [Finding(
+        "warning", f"{folder / 'rules.toml'}: rotation facilities-oncall",
+        'no escalation level names it, so nobody on it is ever told; add rotation = "facilities-oncall" to a level'
+        " of a team's escalation, or remove the rotation",
+    )]
+    assert findings == (expected if warned else [])
 
 def test_levels_passed_matches_rotation_by_name(tmp_path: Path) -> None:
     rules = load_rules(rules_folder(tmp_path, team_rules(
