@@ -187,7 +187,10 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
 
     sender = list_sender(summary, site.inbox_lists, site.inboxes)
     facts = Facts(envelope.rcpt_tos, summary, sender)
-    match = match_route(rules, facts)
+    # With several recipients, each one alone is routed again (see team_copies), and
+    # the conditions on other fields keep the results they have for the whole message.
+    known: dict[int, str | None] | None = {} if len(facts.rcpt_tos) > 1 else None
+    match = match_route(rules, facts, known)
     team = match.team
     is_staff, from_inbox, staff_unverified = staff_sender(envelope, summary, rules, site, sender)
     machine = machine_signal(summary, envelope.mail_from, site.hostname, site.sender_patterns, sender)
@@ -197,7 +200,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     sla_applies = (machine is None or is_subject_signal(machine)) and not from_inbox
     ack = None
     if ack_signal is None and team.templates:
-        inbox = reply_inbox(envelope, facts, match.route, site)
+        inbox = reply_inbox(envelope, facts, match.route, site, known)
         ack = _ack_request(envelope, raw, summary, team, clock.deadline, inbox, sender)
     return Submission(
         **common, route=match.route.name, team=team.name, destination=team.destination,
@@ -221,7 +224,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         postmaster_copy=owner,
         postmaster_recipient=postmasters[0] if postmasters else "",
         team_names=rules.team_names,
-        addressed_teams=addressed_teams(rules, facts, match, postmasters) if site.copy_other_teams else (),
+        addressed_teams=addressed_teams(rules, facts, match, postmasters, known) if site.copy_other_teams else (),
     )
 
 
@@ -354,18 +357,21 @@ def postmaster_recipients(envelope: Envelope, site: Site) -> list[str]:
     return [address for address in envelope.rcpt_tos if is_postmaster(address, site) and not is_inbox(address, site)]
 
 
-def reply_inbox(envelope: Envelope, facts: Facts, route: Route, site: Site) -> str:
+def reply_inbox(
+    envelope: Envelope, facts: Facts, route: Route, site: Site, known: dict[int, str | None] | None = None,
+) -> str:
     """Return the inbox that the acknowledgement comes from.
 
     Of several recipient inboxes, it is the first that a recipient condition
     of the winning `route` names, where that condition is true for `facts`.
     So a message to support@ and billing@ that a route on billing@ sends to
     the billing team is acknowledged from billing@. Otherwise it is the first
-    recipient inbox, and without one, the first recipient.
+    recipient inbox, and without one, the first recipient. `known` is as for
+    routing.match_route.
     """
     inboxes = tuple(address for address in envelope.rcpt_tos if is_inbox(address, site))
     if len(inboxes) > 1:
-        named = [address for address in matched_recipients(route, facts) if address in inboxes]
+        named = [address for address in matched_recipients(route, facts, known) if address in inboxes]
         if named:
             return named[0]
     return inboxes[0] if inboxes else envelope.rcpt_tos[0]

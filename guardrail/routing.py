@@ -63,27 +63,33 @@ def shadow_results(rules: RuleSet, facts: Facts, live: RouteMatch) -> tuple[Shad
     return tuple(results)
 
 
-def match_route(rules: RuleSet, facts: Facts) -> RouteMatch:
-    """Return the first route whose conditions hold for `facts`, with the reasons."""
+def match_route(rules: RuleSet, facts: Facts, known: dict[int, str | None] | None = None) -> RouteMatch:
+    """Return the first route whose conditions hold for `facts`, with the reasons.
+
+    `known` keeps the results of conditions on fields other than `rcpt`,
+    keyed by `id(condition)`, for matching the same message again with other
+    recipients: those conditions read the same values, and a body pattern
+    can take long.
+    """
     for route in rules.routes:
-        reasons = _route_reasons(route, facts)
+        reasons = _route_reasons(route, facts, known)
         if reasons is not None:
             return RouteMatch(route, rules.teams[route.team], tuple(reasons))
     raise AssertionError("a loaded RuleSet always ends with a default route")
 
 
-def _route_reasons(route: Route, facts: Facts) -> list[str] | None:
+def _route_reasons(route: Route, facts: Facts, known: dict[int, str | None] | None = None) -> list[str] | None:
     if route.is_default:
         return ["default route"]
     reasons: list[str] = []
     for condition in route.all:
-        reason = _evaluate(condition, facts)
+        reason = _evaluate(condition, facts, known)
         if reason is None:
             return None
         reasons.append(reason)
     if route.any:
         for condition in route.any:
-            reason = _evaluate(condition, facts)
+            reason = _evaluate(condition, facts, known)
             if reason is not None:
                 reasons.append(reason)
                 break
@@ -92,20 +98,30 @@ def _route_reasons(route: Route, facts: Facts) -> list[str] | None:
     return reasons
 
 
-def _evaluate(condition: Condition, facts: Facts) -> str | None:
-    """Return why `condition` holds for `facts`, or None when it does not."""
+def _evaluate(condition: Condition, facts: Facts, known: dict[int, str | None] | None = None) -> str | None:
+    """Return why `condition` holds for `facts`, or None when it does not; see match_route for `known`."""
     if condition.field == "all":
-        reasons = [_evaluate(child, facts) for child in condition.children]
+        reasons = [_evaluate(child, facts, known) for child in condition.children]
         return None if None in reasons else "all(" + "; ".join(reasons) + ")"  # type: ignore[arg-type]
     if condition.field == "any":
         for child in condition.children:
-            reason = _evaluate(child, facts)
+            reason = _evaluate(child, facts, known)
             if reason is not None:
                 return reason
         return None
     if condition.field == "not":
-        return None if _evaluate(condition.children[0], facts) is not None else f"not({condition.children[0].describe()})"
+        held = _evaluate(condition.children[0], facts, known)
+        return None if held is not None else f"not({condition.children[0].describe()})"
+    if known is None or condition.field == "rcpt":
+        return _evaluate_field(condition, facts)
+    key = id(condition)
+    if key not in known:
+        known[key] = _evaluate_field(condition, facts)
+    return known[key]
 
+
+def _evaluate_field(condition: Condition, facts: Facts) -> str | None:
+    """Return why `condition`, a test on one field, holds for `facts`, or None when it does not."""
     for value in _field_values(condition, facts):
         matched = _matched_text(condition, value)
         if matched is None:
@@ -118,24 +134,27 @@ def _evaluate(condition: Condition, facts: Facts) -> str | None:
     return None
 
 
-def matched_recipients(route: Route, facts: Facts) -> tuple[str, ...]:
+def matched_recipients(route: Route, facts: Facts, known: dict[int, str | None] | None = None) -> tuple[str, ...]:
     """Return the recipients that a true recipient condition of `route` matches, in envelope order.
 
     `route` is the one that `facts` matched. A recipient condition counts
     only when the combination around it is true: beside a false condition
     in an `all`, it did not take the message. Conditions under `not` are
-    left out, because they name recipients the route is not for.
+    left out, because they name recipients the route is not for. `known` is
+    as for match_route.
     """
     named: set[str] = set()
     # Every condition of the route's `all` is true, since the route matched.
     for condition in route.all:
-        named |= _held_recipients(condition, facts, known_true=True)
+        named |= _held_recipients(condition, facts, known, known_true=True)
     for condition in route.any:
-        named |= _held_recipients(condition, facts, known_true=False)
+        named |= _held_recipients(condition, facts, known, known_true=False)
     return tuple(address for address in facts.rcpt_tos if address in named)
 
 
-def _held_recipients(condition: Condition, facts: Facts, *, known_true: bool) -> set[str]:
+def _held_recipients(
+    condition: Condition, facts: Facts, known: dict[int, str | None] | None, *, known_true: bool,
+) -> set[str]:
     """Return the recipients that the recipient conditions in `condition` match, in the parts of it that are true.
 
     `known_true` is True when `condition` is known to be true, which spares evaluating it again.
@@ -145,11 +164,11 @@ def _held_recipients(condition: Condition, facts: Facts, *, known_true: bool) ->
     if condition.field not in ("all", "any") or not _names_recipients(condition):
         return set()
     if condition.field == "any":
-        return set().union(*(_held_recipients(child, facts, known_true=False) for child in condition.children))
+        return set().union(*(_held_recipients(child, facts, known, known_true=False) for child in condition.children))
     # Only an `all` with a recipient condition in it is evaluated again, and only when not known to be true.
-    if not known_true and _evaluate(condition, facts) is None:
+    if not known_true and _evaluate(condition, facts, known) is None:
         return set()
-    return set().union(*(_held_recipients(child, facts, known_true=True) for child in condition.children))
+    return set().union(*(_held_recipients(child, facts, known, known_true=True) for child in condition.children))
 
 
 def _names_recipients(condition: Condition) -> bool:

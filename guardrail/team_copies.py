@@ -38,32 +38,39 @@ class TeamCopy(NamedTuple):
     members: frozenset[str]
 
 
-def addressed_teams(rules: RuleSet, facts: Facts, match: RouteMatch, postmasters: list[str]) -> tuple[TeamCopy, ...]:
+def addressed_teams(
+    rules: RuleSet, facts: Facts, match: RouteMatch, postmasters: list[str], known: dict[int, str | None] | None = None,
+) -> tuple[TeamCopy, ...]:
     """Return the teams that the recipients in `facts` are addressed to, each once, in envelope order.
 
     `match` is the route of the whole message, which is also the route of
     its only recipient, so a message to one inbox is not routed again.
     Recipients in `postmasters` are left out, since the postmaster owner
-    gets a copy of their own.
+    gets a copy of their own. `known` holds the condition results that
+    matching the whole message found (see routing.match_route).
     """
     if len(facts.rcpt_tos) == 1 and not postmasters:
         copy = _addressed(match, facts.rcpt_tos[0], facts)
         return (copy,) if copy is not None else ()
 
     copies: dict[str, TeamCopy] = {}
+    # A condition on a field other than `rcpt` is evaluated once for all recipients.
+    known = {} if known is None else known
     for recipient in facts.rcpt_tos:
         if recipient in postmasters:
             continue
         alone = replace(facts, rcpt_tos=(recipient,))
-        copy = _addressed(match_route(rules, alone), recipient, alone)
+        copy = _addressed(match_route(rules, alone, known), recipient, alone, known)
         if copy is not None and copy.team not in copies:
             copies[copy.team] = copy
     return tuple(copies.values())
 
 
-def _addressed(match: RouteMatch, recipient: str, facts: Facts) -> TeamCopy | None:
+def _addressed(
+    match: RouteMatch, recipient: str, facts: Facts, known: dict[int, str | None] | None = None,
+) -> TeamCopy | None:
     """Return the team that `recipient`, the only recipient in `facts`, is addressed to by `match`, or None."""
-    if not match.route.is_default and not matched_recipients(match.route, facts):
+    if not match.route.is_default and not matched_recipients(match.route, facts, known):
         return None
     return TeamCopy(match.team.name, match.route.name, match.team.destination, recipient, match.team.member_addresses)
 

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 from conftest import TEAMS, maildir_messages, message, send, wait_until, write_config
 
+from guardrail import routing
 from guardrail.cli import main
 from guardrail.config import load_config
 from guardrail.daemon import load_ruleset
 from guardrail.errors import ConfigErrors
 from guardrail.prepare import Envelope, Site, prepare_message
 from guardrail.routing import Facts, RouteMatch
-from guardrail.rules import Destination
+from guardrail.rules import Condition, Destination
 from guardrail.team_copies import TeamCopy, addressed_teams, choose_team_copies
 
 NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
@@ -151,6 +152,54 @@ def test_addressed_teams_one_recipient_not_routed_again(tmp_path: Path) -> None:
     support = RouteMatch(rules.routes[1], rules.teams["support"], ())
     assert [copy.team for copy in addressed_teams(rules, facts, support, [])] == []
     assert [copy.team for copy in addressed_teams(rules, facts, support, ["postmaster@example.org"])] == ["billing"]
+
+
+
+# A body route before the inbox routes, which no recipient alone can change the outcome of.
+BODY_RULES = TEAMS + """
+[[route]]
+name = "disputes"
+team = "billing"
+any = [{ body.regex = "chargeback \\\\d+" }, { not = { body.contains = "order" } }]
+
+[[route]]
+name = "support-inbox"
+team = "support"
+any = [{ rcpt.is = "support@example.org" }, { all = [{ rcpt.is = "help@example.org" }, { body.contains = "order" }] }]
+
+[[route]]
+name = "default"
+team = "billing"
+default = true
+"""
+
+
+def test_addressed_teams_evaluate_body_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A body pattern that takes long on a message must not take that long again for each recipient.
+    config = load_config(write_config(tmp_path, rules=BODY_RULES, smtp={"inbox_domains": ["example.org"]}))
+    rules, site = load_ruleset(config), Site.from_config(config)
+    rcpt_tos = ("support@example.org", "help@example.org", *(f"user{number}@example.org" for number in range(98)))
+    raw = message(to="support@example.org", body="Where is my order?\r\n")
+    read_body: list[int] = []
+    original_matched_text = routing._matched_text
+
+    def counting(condition: Condition, value: str) -> str | None:
+        if condition.field == "body":
+            read_body.append(id(condition))
+        return original_matched_text(condition, value)
+
+    monkeypatch.setattr(routing, "_matched_text", counting)
+    envelope = Envelope("alice@example.com", rcpt_tos, "[127.0.0.1]:40000", "client")
+    submission = prepare_message(envelope, raw, rules, site, NOW)
+
+    assert submission.team == "support"
+    # help@ reaches support through the `all`, each other recipient only the default route.
+    assert [(copy.team, copy.recipient) for copy in submission.addressed_teams] == [
+        ("support", "support@example.org"), ("billing", "user0@example.org"),
+    ]
+    # Each of the three body conditions is evaluated at most once, for the whole message or a recipient alone.
+    assert len(read_body) == len(set(read_body))
+    assert len(read_body) <= 3
 
 
 MAILDIR = Destination("maildir", maildir="var/maildir/x")
