@@ -269,7 +269,7 @@ def route(arguments: argparse.Namespace) -> int:
     print(f"recipients:  {', '.join(rcpt_tos)}")
     if decision.postmaster_copy is not None and not decision.is_postmaster:
         print(f"postmaster:  a copy goes to {site.postmaster_owner}")
-    for copy in choose_team_copies(decision.addressed_teams, decision.team):
+    for copy in choose_team_copies(decision.addressed_teams, decision.team, owner_destination=decision.destination):
         where = copy.destination.describe() if copy.destination else ""
         print(f"copy:        team {copy.team} (route {copy.route}, addressed as {copy.recipient}): {where}")
     # The message's sender chose the text that reasons and signals quote.

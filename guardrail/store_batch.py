@@ -496,11 +496,11 @@ class BatchWriter:
         """Add to `plan` a copy for each other team that its message was addressed to."""
         if not submission.addressed_teams or plan.disposition not in ("new", "follow_up", "copy"):
             return
-        copies = choose_team_copies(submission.addressed_teams, plan.team)
+        copies = choose_team_copies(submission.addressed_teams, plan.team, owner_destination=plan.destination)
         if copies and plan.disposition == "copy" and plan.conversation is not None:
             # A forwarder's copy: the teams that an earlier arrival of the message reached have it.
             holding = self._teams_reached(plan.conversation.id, submission.summary.message_id)
-            copies = choose_team_copies(copies, plan.team, holding)
+            copies = choose_team_copies(copies, plan.team, holding, plan.destination)
         with_team_copies(plan, copies)
 
     def _queue_team_copies(self, plan: Plan, conversation_id: int | None, row: int, at: str, message_id: str) -> None:

@@ -77,16 +77,23 @@ def _addressed(
 
 def choose_team_copies(
     addressed: tuple[TeamCopy, ...], owner: str, holding: frozenset[str] = frozenset(),
+    owner_destination: Destination | None = None,
 ) -> tuple[TeamCopy, ...]:
     """Return the copies to deliver: one for each team in `addressed` other than `owner` that has a destination.
 
     Teams in `holding` have the message already, as a forwarder's second
     copy finds when the first transaction reached them, so they get none.
+    Nor does a team whose destination is `owner_destination` or that of a
+    team chosen before it, because the message reaches that mailbox once.
     """
-    return tuple(
-        copy for copy in addressed
-        if copy.team != owner and copy.team not in holding and copy.destination is not None
-    )
+    reached = {owner_destination}
+    copies = []
+    for copy in addressed:
+        if copy.team == owner or copy.team in holding or copy.destination is None or copy.destination in reached:
+            continue
+        reached.add(copy.destination)
+        copies.append(copy)
+    return tuple(copies)
 
 
 def with_team_copies(plan: Plan, copies: tuple[TeamCopy, ...]) -> None:

@@ -202,9 +202,10 @@ def test_addressed_teams_evaluate_body_once(tmp_path: Path, monkeypatch: pytest.
     assert len(read_body) <= 3
 
 
-MAILDIR = Destination("maildir", maildir="var/maildir/x")
-BILLING = TeamCopy("billing", "billing-inbox", MAILDIR, "billing@example.org", frozenset({"bea@example.org"}))
-SUPPORT = TeamCopy("support", "support-inbox", MAILDIR, "support@example.org", frozenset({"sam@example.org"}))
+BILLING_MAILDIR = Destination("maildir", maildir="var/maildir/billing")
+BILLING = TeamCopy("billing", "billing-inbox", BILLING_MAILDIR, "billing@example.org", frozenset({"bea@example.org"}))
+SUPPORT_MAILDIR = Destination("maildir", maildir="var/maildir/support")
+SUPPORT = TeamCopy("support", "support-inbox", SUPPORT_MAILDIR, "support@example.org", frozenset({"sam@example.org"}))
 NOWHERE = TeamCopy("archive", "archive-inbox", None, "archive@example.org", frozenset())
 
 
@@ -227,6 +228,29 @@ NOWHERE = TeamCopy("archive", "archive-inbox", None, "archive@example.org", froz
 def test_choose_team_copies_table(addressed: tuple[TeamCopy, ...], owner: str, holding: frozenset[str],
                                   expected: list[TeamCopy]) -> None:
     assert list(choose_team_copies(addressed, owner, holding)) == expected
+
+
+
+SHARED = Destination("maildir", maildir="var/maildir/shared")
+SHARED_BILLING = BILLING._replace(destination=SHARED)
+SHARED_SALES = TeamCopy("sales", "sales-inbox", SHARED, "sales@example.org", frozenset({"sol@example.org"}))
+
+
+@pytest.mark.parametrize(
+    ("addressed", "owner_destination", "expected"),
+    [
+        # A team that shares the owner's destination has the message there already.
+        ((SUPPORT, SHARED_BILLING), SHARED, []),
+        ((SHARED_BILLING, SHARED_SALES), SHARED, []),
+        # Two other teams that share a destination get one copy there, the first's.
+        ((SHARED_BILLING, SHARED_SALES), SUPPORT_MAILDIR, [SHARED_BILLING]),
+        ((SHARED_BILLING, SHARED_SALES), None, [SHARED_BILLING]),
+        ((BILLING, SHARED_SALES), SHARED, [BILLING]),
+    ],
+)
+def test_choose_team_copies_one_per_destination(addressed: tuple[TeamCopy, ...], owner_destination: Destination | None,
+                                               expected: list[TeamCopy]) -> None:
+    assert list(choose_team_copies(addressed, "support", owner_destination=owner_destination)) == expected
 
 
 def test_copy_other_teams_must_be_boolean(tmp_path: Path) -> None:
