@@ -414,15 +414,17 @@ class QueuedRow:
 
 
 # The outbox columns that listing and retrying read, with the conversation's
-# reference and state and whether the row still has the bytes it sends.
+# reference and state and whether the row still has the bytes it sends. A
+# delivery outside its message's conversation, such as another team's copy
+# or the postmaster owner's, is listed under the message's conversation.
 _OUTBOX_COLUMNS = (
     "o.id, o.kind, o.target, o.state, o.attempts, o.created_at, o.next_attempt_at, o.done_at,"
-    " COALESCE(o.last_error, ''), COALESCE(c.reference, ''), COALESCE(c.state, ''), o.conversation_id,"
+    " COALESCE(o.last_error, ''), COALESCE(c.reference, ''), COALESCE(c.state, ''), c.id,"
     " CASE WHEN o.kind = 'deliver' THEN length(m.raw) > 0 ELSE o.payload IS NOT NULL END"
 )
 _OUTBOX_FROM = (
-    " FROM outbox o LEFT JOIN conversations c ON c.id = o.conversation_id"
-    " LEFT JOIN messages m ON m.id = o.message_row AND o.kind = 'deliver'"
+    " FROM outbox o LEFT JOIN messages m ON m.id = o.message_row AND o.kind = 'deliver'"
+    " LEFT JOIN conversations c ON c.id = COALESCE(o.conversation_id, m.conversation_id)"
 )
 
 

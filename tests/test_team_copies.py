@@ -10,7 +10,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import TEAMS, maildir_messages, message, send, wait_until, write_config
+from conftest import (
+    TEAMS,
+    RecipientSinkHandler,
+    maildir_messages,
+    message,
+    send,
+    start_sink,
+    wait_until,
+    write_config,
+)
 
 from guardrail import routing
 from guardrail.cli import main
@@ -463,3 +472,57 @@ async def test_forwarded_copies_reach_team_once(tmp_path: Path, start_daemon) ->
     await wait_until(lambda: maildir(tmp_path, "support") and maildir(tmp_path, "billing"), what="both teams' copies")
     await settled(database)
     assert len(maildir(tmp_path, "billing")) == 1
+
+
+SMTP_TEAMS = """
+[[team]]
+name = "support"
+destination = { smtp = ["team-support@example.net"] }
+members = [{ name = "Sam Ortiz", address = "sam@example.org" }]
+
+[[team]]
+name = "billing"
+destination = { smtp = ["team-billing@example.net"] }
+members = [{ name = "Bea Keller", address = "bea@example.org" }]
+
+[[route]]
+name = "support-inbox"
+team = "support"
+any = [{ rcpt.is = "support@example.org" }]
+
+[[route]]
+name = "default"
+team = "billing"
+default = true
+"""
+
+
+async def test_failed_copy_listed_with_conversation(tmp_path: Path, start_daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    handler = RecipientSinkHandler(rcpt_replies={"team-billing@example.net": "550 5.1.1 No such user"})
+    smarthost = await start_sink(handler=handler)
+    config = write_config(tmp_path, rules=SMTP_TEAMS, sections={
+        "smarthost": {"host": "127.0.0.1", "port": smarthost.port, "starttls": False},
+    })
+    try:
+        daemon = await start_daemon(config)
+        database = daemon.config.database_path
+        await send(daemon.port, "alice@example.com", ["support@example.org", "billing@example.org"], BOTH)
+        await wait_until(lambda: rows(database, "SELECT COUNT(*) FROM outbox WHERE state = 'pending'") == [(0,)],
+                         what="the outbox")
+    finally:
+        smarthost.server.close()
+        await smarthost.server.wait_closed()
+
+    [(reference, delivery_failed)] = rows(database, "SELECT reference, delivery_failed FROM conversations")
+    [(copy_id,)] = rows(database, "SELECT id FROM outbox WHERE state = 'failed'")
+    # The owner has the message, so the conversation's delivery did not fail.
+    assert delivery_failed == 0
+
+    capsys.readouterr()
+    assert main(["queue", "--config", str(config), "--failed"]) == 0
+    listed = capsys.readouterr().out
+    assert re.match(rf"\s*{copy_id} team copy\s+{reference}\s+failed ", listed), listed
+
+    assert main(["retry", "--config", str(config), str(copy_id), "--by", "ops"]) == 0
+    assert reference in capsys.readouterr().out
+    assert rows(database, "SELECT conversation_id, json_extract(detail, '$.by') FROM events WHERE kind = 'requeued'") == [(1, "ops")]
