@@ -526,3 +526,44 @@ async def test_failed_copy_listed_with_conversation(tmp_path: Path, start_daemon
     assert main(["retry", "--config", str(config), str(copy_id), "--by", "ops"]) == 0
     assert reference in capsys.readouterr().out
     assert rows(database, "SELECT conversation_id, json_extract(detail, '$.by') FROM events WHERE kind = 'requeued'") == [(1, "ops")]
+
+
+SHARED_MAILDIR_TEAMS = """
+[[team]]
+name = "support"
+destination = { maildir = "var/maildir/helpdesk" }
+members = [{ name = "Sam Ortiz", address = "sam@example.org" }]
+
+[[team]]
+name = "billing"
+destination = { maildir = "var/maildir/helpdesk" }
+members = [{ name = "Bea Keller", address = "bea@example.org" }]
+
+[[route]]
+name = "support-inbox"
+team = "support"
+any = [{ rcpt.is = "support@example.org" }]
+
+[[route]]
+name = "billing-inbox"
+team = "billing"
+any = [{ rcpt.is = "billing@example.org" }]
+
+[[route]]
+name = "default"
+team = "support"
+default = true
+"""
+
+
+async def test_shared_destination_gets_message_once(tmp_path: Path, start_daemon) -> None:
+    daemon = await start_daemon(write_config(tmp_path, rules=SHARED_MAILDIR_TEAMS))
+    database = daemon.config.database_path
+
+    await send(daemon.port, "alice@example.com", ["support@example.org", "billing@example.org"], BOTH)
+
+    await wait_until(lambda: maildir(tmp_path, "helpdesk"), what="the owner's delivery")
+    await settled(database)
+    [delivered] = maildir(tmp_path, "helpdesk")
+    assert header(delivered, "X-Guardrail-Copy") == []
+    assert rows(database, "SELECT COUNT(*) FROM events WHERE kind = 'team_copy'") == [(0,)]
