@@ -1,9 +1,15 @@
 """On-call rotations: who is on call at an instant, as pure arithmetic over a rotation's values.
 
-A rotation hands off from one person to the next every `shift_days` days at
-the local wall-clock time of its first hand-off, so a shift that spans a
-daylight-saving change is an hour shorter or longer in elapsed time. Shift
-numbers count from the first hand-off: shift 0 is the first person's, and
+A rotation hands off from one person to the next every `shift` of wall-clock
+time from its first hand-off. A shift is a whole number of days, or a whole
+number of hours that divides a day, so hand-offs fall at the same local times
+every day, and a shift that spans a daylight-saving change is an hour shorter
+or longer in elapsed time. A hand-off time that the change skips maps to an
+instant by the offset before the change (see `local_instant`). In a rotation
+of one-hour shifts, the shift whose hand-off falls in the skipped hour then
+starts at the same instant as the next one: it is empty, and its person is
+not on call that night.
+Shift numbers count from the first hand-off: shift 0 is the first person's, and
 shifts before it continue the order backwards, so the instant before the
 first hand-off belongs to the last person. An override replaces the rotation
 from its `starts` up to, not including, its `ends`; where overrides overlap,
@@ -22,6 +28,7 @@ if TYPE_CHECKING:
 
 # The most boundaries `next_handoff` looks at before it reports that nobody else comes on call.
 _BOUNDARIES_SEARCHED = 1000
+_DAY = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -35,12 +42,12 @@ class Override:
 
 @dataclass(frozen=True)
 class Rotation:
-    """People taking turns on call, in order, each for `shift_days` days from the local date-time `handoff`."""
+    """People taking turns on call, in order, each for one `shift` of wall-clock time from the local date-time `handoff`."""
 
     name: str
     zone: ZoneInfo
     handoff: datetime  # naive: a wall-clock time in `zone`
-    shift_days: int
+    shift: timedelta  # whole days, or whole hours that divide a day
     people: tuple[Human, ...]
     overrides: tuple[Override, ...] = ()
     source: str = ""  # the rule file that defines it
@@ -63,19 +70,32 @@ def local_instant(wall_time: datetime, zone: ZoneInfo) -> datetime:
 
 def handoff_at(rotation: Rotation, shift: int) -> datetime:
     """Return the UTC instant at which shift number `shift` starts."""
-    return local_instant(rotation.handoff + timedelta(days=shift * rotation.shift_days), rotation.zone)
+    # Naive datetime arithmetic is wall-clock arithmetic, so the hand-offs keep their local times.
+    return local_instant(rotation.handoff + shift * rotation.shift, rotation.zone)
 
 
 def shift_at(rotation: Rotation, instant: datetime) -> int:
-    """Return the number of the shift running at `instant`, negative before the first hand-off."""
+    """Return the number of the shift running at `instant`, negative before the first hand-off.
+
+    That is the shift whose hand-off is at or before `instant` while the next one is after it.
+    """
     wall_time = instant.astimezone(rotation.zone).replace(tzinfo=None)
-    shift = (wall_time - rotation.handoff) // timedelta(days=rotation.shift_days)
-    # Wall-clock and elapsed time differ by less than a day around a
-    # daylight-saving change, and a shift lasts at least a day, so one step corrects either way.
-    if handoff_at(rotation, shift) > instant:
-        shift -= 1
-    elif handoff_at(rotation, shift + 1) <= instant:
-        shift += 1
+    shift = (wall_time - rotation.handoff) // rotation.shift
+
+    # The estimate from wall-clock time can be off by as many shifts as fit in
+    # the change of UTC offset near `instant`: one across a one-hour
+    # daylight-saving change, and two one-hour shifts across Antarctica/Troll's
+    # two-hour change. Offsets lie within a day of UTC, so a change is under
+    # two days. Each step goes the way the first one went: a step back leaves
+    # the next hand-off after `instant`, and a step forward leaves this one at
+    # or before it.
+    for _ in range(2 * _DAY // rotation.shift + 2):
+        if handoff_at(rotation, shift) > instant:
+            shift -= 1
+        elif handoff_at(rotation, shift + 1) <= instant:
+            shift += 1
+        else:
+            break
     return shift
 
 

@@ -367,13 +367,13 @@ def load_rotation(table: Table) -> Rotation | None:
         except (ZoneInfoNotFoundError, ValueError):
             table.fail("timezone", zone_name, 'an IANA time zone such as "Europe/Paris"')
     handoff = _local_time(table, "handoff", required=True)
-    shift_days = _shift_days(table)
+    shift = _shift(table)
     people = _rotation_people(table)
     overrides = _overrides(table, zone) if zone is not None else ()
     table.finish()
-    if not (name and zone and handoff and shift_days and people) or overrides is None:
+    if not (name and zone and handoff and shift and people) or overrides is None:
         return None
-    return Rotation(name, zone, handoff, shift_days, people, overrides, str(table.path))
+    return Rotation(name, zone, handoff, shift, people, overrides, str(table.path))
 
 
 _LOCAL_TIME_EXPECTED = "a local date-time in the rotation's time zone, such as 2026-11-30T09:00:00 or \"2026-11-30T09:00\""
@@ -401,20 +401,32 @@ def _local_time(table: Table, key: str, *, required: bool = False) -> datetime |
     return when
 
 
-def _shift_days(table: Table) -> int | None:
-    """Return the whole number of days under `shift`.
+# Shifts shorter than a day divide it, so the hand-offs fall at the same local times every day.
+_SHIFT_HOURS = (1, 2, 3, 4, 6, 8, 12)
+_SHIFT_HOURS_TEXT = ", ".join(f'"{hours}h"' for hours in _SHIFT_HOURS[:-1]) + f' or "{_SHIFT_HOURS[-1]}h"'
+_SHIFT_EXPECTED = (
+    f'a positive whole number of days such as "7d", "1w" or "1d", of at most {MAX_DURATION_TEXT},'
+    f" or a whole number of hours that divides 24: {_SHIFT_HOURS_TEXT}"
+)
 
-    Whole days keep every hand-off at the same local time across daylight-saving changes.
-    """
+
+def _shift(table: Table) -> timedelta | None:
+    """Return the length of a shift under `shift`: whole days, or whole hours that divide a day ("24h" is "1d")."""
     value = table.raw("shift")
     if value is None:
-        table.problem("shift", 'missing; this key is required: a whole number of days such as "7d" or "1d"')
+        table.problem("shift", f"missing; this key is required: {_SHIFT_EXPECTED}")
         return None
     shift = parse_duration(value)
-    if shift is None or shift <= timedelta(0) or shift % timedelta(days=1) or shift > MAX_DURATION:
-        table.fail("shift", value, f'a positive whole number of days such as "7d", "1w" or "1d", of at most {MAX_DURATION_TEXT}')
+    if shift is None or not _is_shift_length(shift):
+        table.fail("shift", value, _SHIFT_EXPECTED)
         return None
-    return shift.days
+    return shift
+
+
+def _is_shift_length(shift: timedelta) -> bool:
+    if shift in {timedelta(hours=hours) for hours in _SHIFT_HOURS}:
+        return True
+    return timedelta(0) < shift <= MAX_DURATION and shift % timedelta(days=1) == timedelta(0)
 
 
 def _rotation_people(table: Table) -> tuple[Human, ...]:

@@ -29,9 +29,18 @@ from guardrail.config import load_config
 from guardrail.daemon import load_ruleset
 from guardrail.errors import ConfigErrors
 from guardrail.escalation import event_target, level_target, levels_passed, slack_body
-from guardrail.rotations import Override, Rotation, next_handoff, on_call
+from guardrail.rotations import (
+    Override,
+    Rotation,
+    handoff_at,
+    local_instant,
+    next_handoff,
+    on_call,
+    shift_at,
+)
 from guardrail.rules import load_rules
 from guardrail.rules_sla import Human
+from guardrail.tomlcheck import parse_duration
 
 ANA = Human("Ana Early", "ana@example.org")
 BEN = Human("Ben Late", "ben@example.org")
@@ -44,29 +53,29 @@ def utc(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
-def rotation(zone: str, handoff: str, shift_days: int, *overrides: Override, people: tuple[Human, ...] = (ANA, BEN, CEM)) -> Rotation:
-    return Rotation("oncall", ZoneInfo(zone), datetime.fromisoformat(handoff), shift_days, people, overrides)
+def rotation(zone: str, handoff: str, shift: str, *overrides: Override, people: tuple[Human, ...] = (ANA, BEN, CEM)) -> Rotation:
+    return Rotation("oncall", ZoneInfo(zone), datetime.fromisoformat(handoff), parse_duration(shift), people, overrides)
 
 
 # Weekly from Monday 30 November 2026, 09:00 in Paris (08:00 UTC).
-WEEKLY_PARIS = rotation("Europe/Paris", "2026-11-30T09:00", 7)
+WEEKLY_PARIS = rotation("Europe/Paris", "2026-11-30T09:00", "7d")
 # Daily at 09:00 in Paris; clocks go forward on 29 March 2026 and back on 25 October 2026.
-DAILY_PARIS_SPRING = rotation("Europe/Paris", "2026-03-27T09:00", 1)
-DAILY_PARIS_AUTUMN = rotation("Europe/Paris", "2026-10-23T09:00", 1)
+DAILY_PARIS_SPRING = rotation("Europe/Paris", "2026-03-27T09:00", "1d")
+DAILY_PARIS_AUTUMN = rotation("Europe/Paris", "2026-10-23T09:00", "1d")
 # Weekly at 09:00 in New York; clocks go back on 1 November 2026 and forward on 14 March 2027.
-WEEKLY_NEW_YORK_AUTUMN = rotation("America/New_York", "2026-10-26T09:00", 7)
-WEEKLY_NEW_YORK_SPRING = rotation("America/New_York", "2027-03-08T09:00", 7)
+WEEKLY_NEW_YORK_AUTUMN = rotation("America/New_York", "2026-10-26T09:00", "7d")
+WEEKLY_NEW_YORK_SPRING = rotation("America/New_York", "2027-03-08T09:00", "7d")
 # Daily at 02:30 in Paris, a time that 29 March 2026 skips.
-NIGHTLY_PARIS = rotation("Europe/Paris", "2026-03-27T02:30", 1)
+NIGHTLY_PARIS = rotation("Europe/Paris", "2026-03-27T02:30", "1d")
 # Vic covers 10:00 to 18:00 Paris time on 2 December; Wes covers 12:00 to 14:00 inside it, listed later.
 OVERRIDDEN = rotation(
-    "Europe/Paris", "2026-11-30T09:00", 7,
+    "Europe/Paris", "2026-11-30T09:00", "7d",
     Override(utc("2026-12-02T09:00"), utc("2026-12-02T17:00"), VIC),
     Override(utc("2026-12-02T11:00"), utc("2026-12-02T13:00"), WES),
 )
 # The same two overrides listed the other way round: Vic, listed last, wins where they overlap.
 OVERRIDDEN_REVERSED = rotation(
-    "Europe/Paris", "2026-11-30T09:00", 7,
+    "Europe/Paris", "2026-11-30T09:00", "7d",
     Override(utc("2026-12-02T11:00"), utc("2026-12-02T13:00"), WES),
     Override(utc("2026-12-02T09:00"), utc("2026-12-02T17:00"), VIC),
 )
@@ -138,14 +147,199 @@ def test_on_call(rotation_: Rotation, instant: str, expected: Human) -> None:
     (OVERRIDDEN, "2026-12-02T11:30:00", ("2026-12-02T13:00:00", VIC)),
     (OVERRIDDEN, "2026-12-02T16:00:00", ("2026-12-02T17:00:00", ANA)),
     # An override for the person on call anyway hands off nothing, so the next regular shift is next.
-    (rotation("Europe/Paris", "2026-11-30T09:00", 7, Override(utc("2026-12-01T00:00"), utc("2026-12-03T00:00"), ANA)),
+    (rotation("Europe/Paris", "2026-11-30T09:00", "7d", Override(utc("2026-12-01T00:00"), utc("2026-12-03T00:00"), ANA)),
      "2026-11-30T12:00:00", ("2026-12-07T08:00:00", BEN)),
     # Nobody else in the rotation.
-    (rotation("Europe/Paris", "2026-11-30T09:00", 7, people=(ANA,)), "2026-11-30T12:00:00", None),
+    (rotation("Europe/Paris", "2026-11-30T09:00", "7d", people=(ANA,)), "2026-11-30T12:00:00", None),
 ])
 def test_next_handoff(rotation_: Rotation, instant: str, expected: tuple[str, Human] | None) -> None:
     handoff = next_handoff(rotation_, utc(instant))
     assert handoff == (None if expected is None else (utc(expected[0]), expected[1]))
+
+
+# Follow the sun from Tuesday 1 December 2026 in Paris (CET, UTC+1): Ana 08:00-16:00, Ben 16:00-24:00, Cem 00:00-08:00,
+# so the hand-offs are at 07:00, 15:00 and 23:00 UTC every day. Vic covers 12:00 to 18:00 UTC on 1 December.
+EIGHT_HOURS_PARIS = rotation("Europe/Paris", "2026-12-01T08:00", "8h")
+EIGHT_HOURS_OVERRIDDEN = rotation(
+    "Europe/Paris", "2026-12-01T08:00", "8h", Override(utc("2026-12-01T12:00"), utc("2026-12-01T18:00"), VIC),
+)
+# Hourly in Paris from the midnight before each daylight-saving change, and the same in New York.
+HOURLY_PARIS_SPRING = rotation("Europe/Paris", "2026-03-29T00:00", "1h")
+HOURLY_PARIS_AUTUMN = rotation("Europe/Paris", "2026-10-25T00:00", "1h")
+HOURLY_NEW_YORK_SPRING = rotation("America/New_York", "2027-03-14T00:00", "1h")
+HOURLY_NEW_YORK_AUTUMN = rotation("America/New_York", "2026-11-01T00:00", "1h")
+# Eight-hour shifts from 08:00 on the day before each change: Cem's night shift spans it.
+EIGHT_HOURS_PARIS_SPRING = rotation("Europe/Paris", "2026-03-28T08:00", "8h")
+EIGHT_HOURS_PARIS_AUTUMN = rotation("Europe/Paris", "2026-10-24T08:00", "8h")
+EIGHT_HOURS_NEW_YORK_SPRING = rotation("America/New_York", "2027-03-13T08:00", "8h")
+EIGHT_HOURS_NEW_YORK_AUTUMN = rotation("America/New_York", "2026-10-31T08:00", "8h")
+# Twelve-hour shifts: Ana from 02:30 and Ben from 14:30 in Paris, a hand-off time that spring skips and autumn repeats;
+# Ana from 07:00 and Ben from 19:00 in New York.
+TWELVE_HOURS_PARIS_SPRING = rotation("Europe/Paris", "2026-03-28T02:30", "12h", people=(ANA, BEN))
+TWELVE_HOURS_PARIS_AUTUMN = rotation("Europe/Paris", "2026-10-24T02:30", "12h", people=(ANA, BEN))
+TWELVE_HOURS_NEW_YORK_SPRING = rotation("America/New_York", "2027-03-13T07:00", "12h", people=(ANA, BEN))
+TWELVE_HOURS_NEW_YORK_AUTUMN = rotation("America/New_York", "2026-10-31T07:00", "12h", people=(ANA, BEN))
+# Hourly at half past in Antarctica/Troll, whose clocks go from UTC+0 to UTC+2 at 01:00 UTC on 29 March 2026
+# and back at 01:00 UTC on 25 October 2026: the shift estimated from wall-clock time is two shifts off.
+HOURLY_TROLL_SPRING = rotation("Antarctica/Troll", "2026-03-29T00:30", "1h")
+HOURLY_TROLL_AUTUMN = rotation("Antarctica/Troll", "2026-10-25T00:30", "1h")
+
+
+@pytest.mark.parametrize(("rotation_", "instant", "expected"), [
+    # Around each daily hand-off.
+    (EIGHT_HOURS_PARIS, "2026-12-01T06:59:59", CEM),
+    (EIGHT_HOURS_PARIS, "2026-12-01T07:00:00", ANA),
+    (EIGHT_HOURS_PARIS, "2026-12-01T14:59:59", ANA),
+    (EIGHT_HOURS_PARIS, "2026-12-01T15:00:00", BEN),
+    (EIGHT_HOURS_PARIS, "2026-12-01T22:59:59", BEN),
+    (EIGHT_HOURS_PARIS, "2026-12-01T23:00:00", CEM),
+    (EIGHT_HOURS_PARIS, "2026-12-02T06:59:59", CEM),
+    (EIGHT_HOURS_PARIS, "2026-12-02T07:00:00", ANA),
+    (EIGHT_HOURS_PARIS, "2026-12-24T15:00:00", BEN),
+    # Before the first hand-off the order runs backwards, shift by shift.
+    (EIGHT_HOURS_PARIS, "2026-11-30T23:00:00", CEM),
+    (EIGHT_HOURS_PARIS, "2026-11-30T22:59:59", BEN),
+    (EIGHT_HOURS_PARIS, "2026-11-30T15:00:00", BEN),
+    (EIGHT_HOURS_PARIS, "2026-11-30T14:59:59", ANA),
+    # Paris, spring, hourly: 02:00 is skipped and maps to 01:00 UTC like 03:00 CEST, so Cem's shift is empty.
+    (HOURLY_PARIS_SPRING, "2026-03-28T23:00:00", ANA),
+    (HOURLY_PARIS_SPRING, "2026-03-29T00:59:59", BEN),
+    (HOURLY_PARIS_SPRING, "2026-03-29T01:00:00", ANA),
+    (HOURLY_PARIS_SPRING, "2026-03-29T01:59:59", ANA),
+    (HOURLY_PARIS_SPRING, "2026-03-29T02:00:00", BEN),
+    # Paris, autumn, hourly: Cem's shift from the first 02:00 CEST (00:00 UTC) to 03:00 CET (02:00 UTC) lasts two hours.
+    (HOURLY_PARIS_AUTUMN, "2026-10-24T23:59:59", BEN),
+    (HOURLY_PARIS_AUTUMN, "2026-10-25T00:00:00", CEM),
+    (HOURLY_PARIS_AUTUMN, "2026-10-25T01:00:00", CEM),
+    (HOURLY_PARIS_AUTUMN, "2026-10-25T01:59:59", CEM),
+    (HOURLY_PARIS_AUTUMN, "2026-10-25T02:00:00", ANA),
+    # New York, spring, hourly: 02:00 is skipped, so Cem's shift is empty and Ana follows Ben at 07:00 UTC.
+    (HOURLY_NEW_YORK_SPRING, "2027-03-14T06:59:59", BEN),
+    (HOURLY_NEW_YORK_SPRING, "2027-03-14T07:00:00", ANA),
+    (HOURLY_NEW_YORK_SPRING, "2027-03-14T08:00:00", BEN),
+    # New York, autumn, hourly: Ben's shift from the first 01:00 EDT (05:00 UTC) to 02:00 EST (07:00 UTC) lasts two hours.
+    (HOURLY_NEW_YORK_AUTUMN, "2026-11-01T04:59:59", ANA),
+    (HOURLY_NEW_YORK_AUTUMN, "2026-11-01T05:00:00", BEN),
+    (HOURLY_NEW_YORK_AUTUMN, "2026-11-01T06:00:00", BEN),
+    (HOURLY_NEW_YORK_AUTUMN, "2026-11-01T06:59:59", BEN),
+    (HOURLY_NEW_YORK_AUTUMN, "2026-11-01T07:00:00", CEM),
+    # Eight hours: Cem's night from 00:00 local is seven hours long in spring and nine in autumn.
+    (EIGHT_HOURS_PARIS_SPRING, "2026-03-28T22:59:59", BEN),
+    (EIGHT_HOURS_PARIS_SPRING, "2026-03-28T23:00:00", CEM),
+    (EIGHT_HOURS_PARIS_SPRING, "2026-03-29T05:59:59", CEM),
+    (EIGHT_HOURS_PARIS_SPRING, "2026-03-29T06:00:00", ANA),
+    (EIGHT_HOURS_PARIS_SPRING, "2026-03-29T14:00:00", BEN),
+    (EIGHT_HOURS_PARIS_AUTUMN, "2026-10-24T22:00:00", CEM),
+    (EIGHT_HOURS_PARIS_AUTUMN, "2026-10-25T06:59:59", CEM),
+    (EIGHT_HOURS_PARIS_AUTUMN, "2026-10-25T07:00:00", ANA),
+    (EIGHT_HOURS_PARIS_AUTUMN, "2026-10-25T15:00:00", BEN),
+    (EIGHT_HOURS_NEW_YORK_SPRING, "2027-03-14T05:00:00", CEM),
+    (EIGHT_HOURS_NEW_YORK_SPRING, "2027-03-14T11:59:59", CEM),
+    (EIGHT_HOURS_NEW_YORK_SPRING, "2027-03-14T12:00:00", ANA),
+    (EIGHT_HOURS_NEW_YORK_AUTUMN, "2026-11-01T04:00:00", CEM),
+    (EIGHT_HOURS_NEW_YORK_AUTUMN, "2026-11-01T12:59:59", CEM),
+    (EIGHT_HOURS_NEW_YORK_AUTUMN, "2026-11-01T13:00:00", ANA),
+    # Twelve hours in Paris: the skipped 02:30 starts Ana's shift at 01:30 UTC, and the repeated 02:30 at its first
+    # occurrence, 00:30 UTC.
+    (TWELVE_HOURS_PARIS_SPRING, "2026-03-28T13:30:00", BEN),
+    (TWELVE_HOURS_PARIS_SPRING, "2026-03-29T01:29:59", BEN),
+    (TWELVE_HOURS_PARIS_SPRING, "2026-03-29T01:30:00", ANA),
+    (TWELVE_HOURS_PARIS_SPRING, "2026-03-29T12:29:59", ANA),
+    (TWELVE_HOURS_PARIS_SPRING, "2026-03-29T12:30:00", BEN),
+    (TWELVE_HOURS_PARIS_AUTUMN, "2026-10-25T00:29:59", BEN),
+    (TWELVE_HOURS_PARIS_AUTUMN, "2026-10-25T00:30:00", ANA),
+    (TWELVE_HOURS_PARIS_AUTUMN, "2026-10-25T01:30:00", ANA),
+    (TWELVE_HOURS_PARIS_AUTUMN, "2026-10-25T13:29:59", ANA),
+    (TWELVE_HOURS_PARIS_AUTUMN, "2026-10-25T13:30:00", BEN),
+    # Twelve hours in New York: Ben's night is eleven hours long in spring and thirteen in autumn.
+    (TWELVE_HOURS_NEW_YORK_SPRING, "2027-03-14T00:00:00", BEN),
+    (TWELVE_HOURS_NEW_YORK_SPRING, "2027-03-14T10:59:59", BEN),
+    (TWELVE_HOURS_NEW_YORK_SPRING, "2027-03-14T11:00:00", ANA),
+    (TWELVE_HOURS_NEW_YORK_AUTUMN, "2026-10-31T23:00:00", BEN),
+    (TWELVE_HOURS_NEW_YORK_AUTUMN, "2026-11-01T11:59:59", BEN),
+    (TWELVE_HOURS_NEW_YORK_AUTUMN, "2026-11-01T12:00:00", ANA),
+    # An override over a sub-day shift hides the hand-off at 15:00 UTC under it.
+    (EIGHT_HOURS_OVERRIDDEN, "2026-12-01T11:59:59", ANA),
+    (EIGHT_HOURS_OVERRIDDEN, "2026-12-01T12:00:00", VIC),
+    (EIGHT_HOURS_OVERRIDDEN, "2026-12-01T15:00:00", VIC),
+    (EIGHT_HOURS_OVERRIDDEN, "2026-12-01T17:59:59", VIC),
+    (EIGHT_HOURS_OVERRIDDEN, "2026-12-01T18:00:00", BEN),
+    (EIGHT_HOURS_OVERRIDDEN, "2026-12-01T23:00:00", CEM),
+])
+def test_on_call_sub_day_shifts(rotation_: Rotation, instant: str, expected: Human) -> None:
+    assert on_call(rotation_, utc(instant)) == expected
+
+
+@pytest.mark.parametrize(("rotation_", "instant", "expected"), [
+    (EIGHT_HOURS_PARIS, "2026-12-01T07:00:00", 0),
+    (EIGHT_HOURS_PARIS, "2026-12-01T15:00:00", 1),
+    (EIGHT_HOURS_PARIS, "2026-12-02T07:00:00", 3),
+    (EIGHT_HOURS_PARIS, "2026-12-01T06:59:59", -1),
+    (EIGHT_HOURS_PARIS, "2026-11-30T07:00:00", -3),
+    (EIGHT_HOURS_PARIS, "2026-11-30T06:59:59", -4),
+    # Shift 2, from the skipped 02:00, is empty: shift 3 starts at the same instant.
+    (HOURLY_PARIS_SPRING, "2026-03-29T00:59:59", 1),
+    (HOURLY_PARIS_SPRING, "2026-03-29T01:00:00", 3),
+    # Shift 2, from the first 02:00, runs through the repeated hour.
+    (HOURLY_PARIS_AUTUMN, "2026-10-25T00:59:59", 2),
+    (HOURLY_PARIS_AUTUMN, "2026-10-25T01:00:00", 2),
+    (HOURLY_PARIS_AUTUMN, "2026-10-25T02:00:00", 3),
+    # 01:15 UTC is 03:15 at UTC+2, in shift 2 by wall-clock time. Shifts 2 and 1 start at the skipped 02:30 and 01:30,
+    # by the old offset 02:30 and 01:30 UTC, both after 01:15 UTC, so it takes two steps back to shift 0 from 00:30 UTC.
+    (HOURLY_TROLL_SPRING, "2026-03-29T00:29:59", -1),
+    (HOURLY_TROLL_SPRING, "2026-03-29T01:15:00", 0),
+    (HOURLY_TROLL_SPRING, "2026-03-29T01:30:00", 3),
+    (HOURLY_TROLL_SPRING, "2026-03-29T02:30:00", 4),
+    # 01:15 UTC is the second 01:15 at UTC+0, in shift 0 by wall-clock time. Shifts 1 and 2 start at the first 01:30 and
+    # 02:30, 23:30 and 00:30 UTC, both before 01:15 UTC, so it takes two steps forward to shift 2, which lasts until 03:30 UTC.
+    (HOURLY_TROLL_AUTUMN, "2026-10-25T01:15:00", 2),
+    (HOURLY_TROLL_AUTUMN, "2026-10-25T03:29:59", 2),
+    (HOURLY_TROLL_AUTUMN, "2026-10-25T03:30:00", 3),
+])
+def test_shift_at_sub_day_shifts(rotation_: Rotation, instant: str, expected: int) -> None:
+    assert shift_at(rotation_, utc(instant)) == expected
+
+
+@pytest.mark.parametrize("rotation_", [
+    HOURLY_PARIS_SPRING, HOURLY_PARIS_AUTUMN, HOURLY_NEW_YORK_SPRING, HOURLY_NEW_YORK_AUTUMN,
+    EIGHT_HOURS_PARIS_SPRING, EIGHT_HOURS_NEW_YORK_AUTUMN, TWELVE_HOURS_PARIS_SPRING, TWELVE_HOURS_PARIS_AUTUMN,
+    HOURLY_TROLL_SPRING, HOURLY_TROLL_AUTUMN, DAILY_PARIS_SPRING, NIGHTLY_PARIS,
+], ids=lambda rotation_: f"{rotation_.zone.key}-{rotation_.handoff:%Y-%m-%dT%H:%M}-{rotation_.shift}")
+def test_shift_at_lies_between_handoffs(rotation_: Rotation) -> None:
+    # Every five minutes for three days from half a day before `handoff`, which takes in each rotation's change of offset,
+    # the shift found started at or before the instant, and the next one starts after it.
+    start = local_instant(rotation_.handoff, rotation_.zone) - timedelta(hours=12)
+    for step in range(3 * 24 * 12):
+        instant = start + step * timedelta(minutes=5)
+        shift = shift_at(rotation_, instant)
+        assert handoff_at(rotation_, shift) <= instant < handoff_at(rotation_, shift + 1), instant
+
+
+@pytest.mark.parametrize(("rotation_", "instant", "expected"), [
+    (EIGHT_HOURS_PARIS, "2026-12-01T06:59:59", ("2026-12-01T07:00:00", ANA)),
+    (EIGHT_HOURS_PARIS, "2026-12-01T07:00:00", ("2026-12-01T15:00:00", BEN)),
+    (EIGHT_HOURS_PARIS, "2026-12-01T15:00:00", ("2026-12-01T23:00:00", CEM)),
+    (EIGHT_HOURS_PARIS, "2026-12-01T23:00:00", ("2026-12-02T07:00:00", ANA)),
+    (EIGHT_HOURS_PARIS, "2026-11-30T12:00:00", ("2026-11-30T15:00:00", BEN)),
+    # Cem's empty shift passes Cem over: Ana follows Ben.
+    (HOURLY_PARIS_SPRING, "2026-03-29T00:30:00", ("2026-03-29T01:00:00", ANA)),
+    (HOURLY_NEW_YORK_SPRING, "2027-03-14T06:30:00", ("2027-03-14T07:00:00", ANA)),
+    (HOURLY_PARIS_AUTUMN, "2026-10-25T00:30:00", ("2026-10-25T02:00:00", ANA)),
+    (HOURLY_NEW_YORK_AUTUMN, "2026-11-01T05:30:00", ("2026-11-01T07:00:00", CEM)),
+    (EIGHT_HOURS_PARIS_SPRING, "2026-03-28T23:30:00", ("2026-03-29T06:00:00", ANA)),
+    (EIGHT_HOURS_NEW_YORK_AUTUMN, "2026-11-01T04:30:00", ("2026-11-01T13:00:00", ANA)),
+    (TWELVE_HOURS_PARIS_SPRING, "2026-03-28T20:00:00", ("2026-03-29T01:30:00", ANA)),
+    (TWELVE_HOURS_PARIS_AUTUMN, "2026-10-24T20:00:00", ("2026-10-25T00:30:00", ANA)),
+    (TWELVE_HOURS_NEW_YORK_SPRING, "2027-03-14T00:00:00", ("2027-03-14T11:00:00", ANA)),
+    (TWELVE_HOURS_NEW_YORK_AUTUMN, "2026-11-01T00:00:00", ("2026-11-01T12:00:00", ANA)),
+    # Ana's shift from 00:30 UTC runs on into shift 3, hers too, which starts at 01:30 UTC; Ben follows at 02:30 UTC.
+    (HOURLY_TROLL_SPRING, "2026-03-29T00:45:00", ("2026-03-29T02:30:00", BEN)),
+    # The hand-off at 15:00 UTC under the override hands off nothing.
+    (EIGHT_HOURS_OVERRIDDEN, "2026-12-01T10:00:00", ("2026-12-01T12:00:00", VIC)),
+    (EIGHT_HOURS_OVERRIDDEN, "2026-12-01T13:00:00", ("2026-12-01T18:00:00", BEN)),
+])
+def test_next_handoff_sub_day_shifts(rotation_: Rotation, instant: str, expected: tuple[str, Human]) -> None:
+    assert next_handoff(rotation_, utc(instant)) == (utc(expected[0]), expected[1])
 
 
 ROTATION = """
@@ -167,6 +361,10 @@ def team_rules(escalation: str, rotation_text: str = ROTATION, team_lines: str =
 
 
 ON_CALL_LEVEL = '[{ after = "0m", rotation = "facilities-oncall" }]'
+SHIFT_EXPECTED = (
+    'a positive whole number of days such as "7d", "1w" or "1d", of at most "36500d" (100 years),'
+    ' or a whole number of hours that divides 24: "1h", "2h", "3h", "4h", "6h", "8h" or "12h"'
+)
 PREFIX = "rotation[0] (facilities-oncall)"
 
 
@@ -185,12 +383,14 @@ PREFIX = "rotation[0] (facilities-oncall)"
      f"{PREFIX}.people[1].address", "a named human needs both name and address"),
     (team_rules(ON_CALL_LEVEL, ROTATION.replace('{ name = "Ben Late", address = "ben@example.org" }', "{}")),
      f"{PREFIX}.people[1]", 'missing name and address; give both, such as { name = "Sam Ortiz", address = "sam.ortiz@example.com" }'),
-    (team_rules(ON_CALL_LEVEL, ROTATION.replace('shift = "1d"', 'shift = "0d"')), f"{PREFIX}.shift",
-     'invalid value \'0d\'; expected a positive whole number of days such as "7d", "1w" or "1d", of at most "36500d" (100 years)'),
-    (team_rules(ON_CALL_LEVEL, ROTATION.replace('shift = "1d"', 'shift = "12h"')), f"{PREFIX}.shift",
-     'invalid value \'12h\'; expected a positive whole number of days such as "7d", "1w" or "1d", of at most "36500d" (100 years)'),
+    *[(team_rules(ON_CALL_LEVEL, ROTATION.replace('shift = "1d"', f"shift = {value}")), f"{PREFIX}.shift",
+       f"invalid value {shown}; expected {SHIFT_EXPECTED}")
+      for value, shown in [
+          ('"0d"', "'0d'"), ('"0h"', "'0h'"), ('"5h"', "'5h'"), ('"90m"', "'90m'"), ('"1.5h"', "'1.5h'"), ('"36h"', "'36h'"),
+          ('"25h"', "'25h'"), ('"36501d"', "'36501d'"), ("5400", "5400"), ('"8 hours"', "'8 hours'"),
+      ]],
     (team_rules(ON_CALL_LEVEL, ROTATION.replace('shift = "1d"\n', '')), f"{PREFIX}.shift",
-     'missing; this key is required: a whole number of days such as "7d" or "1d"'),
+     f"missing; this key is required: {SHIFT_EXPECTED}"),
     (team_rules(ON_CALL_LEVEL, ROTATION.replace("Europe/Paris", "Europe/Pariss")), f"{PREFIX}.timezone",
      "invalid value 'Europe/Pariss'; expected an IANA time zone such as \"Europe/Paris\""),
     (team_rules(ON_CALL_LEVEL, ROTATION.replace("handoff = 2026-03-27T09:00:00", "handoff = 2026-03-27T09:00:00+01:00")),
@@ -209,6 +409,25 @@ def test_rotation_rule_errors(tmp_path: Path, rules: str, key: str, problem: str
     with pytest.raises(ConfigErrors) as caught:
         load_rules(folder, tmp_path)
     assert [str(error) for error in caught.value.errors] == [f"{folder / 'rules.toml'}: {key}: {problem}"]
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ('"1h"', timedelta(hours=1)),
+    ('"2h"', timedelta(hours=2)),
+    ('"3h"', timedelta(hours=3)),
+    ('"4h"', timedelta(hours=4)),
+    ('"6h"', timedelta(hours=6)),
+    ('"8h"', timedelta(hours=8)),
+    ('"12h"', timedelta(hours=12)),
+    ("28800", timedelta(hours=8)),
+    ('"24h"', timedelta(days=1)),
+    ('"48h"', timedelta(days=2)),
+    ('"1d"', timedelta(days=1)),
+    ('"1w"', timedelta(days=7)),
+])
+def test_rotation_shift_lengths(tmp_path: Path, value: str, expected: timedelta) -> None:
+    rules = load_rules(rules_folder(tmp_path, team_rules(ON_CALL_LEVEL, ROTATION.replace('shift = "1d"', f"shift = {value}"))), tmp_path)
+    assert rules.rotations["facilities-oncall"].shift == expected
 
 
 def test_fallback_cannot_be_a_rotation(tmp_path: Path) -> None:
@@ -287,6 +506,47 @@ def test_slack_text_names_rotation() -> None:
 ])
 def test_oncall_command(tmp_path: Path, capsys: pytest.CaptureFixture[str], at: str, lines: list[str]) -> None:
     config = example_copy(tmp_path)
+    assert main(["oncall", "--config", str(config), "--at", at]) == 0
+    assert capsys.readouterr().out.splitlines() == lines
+
+
+FOLLOW_THE_SUN = """
+[[rotation]]
+name = "facilities-oncall"
+timezone = "Europe/Paris"
+handoff = 2026-12-01T08:00:00
+shift = "8h"
+people = [
+    { name = "Ana Early", address = "ana@example.org" },
+    { name = "Ben Late", address = "ben@example.org" },
+    { name = "Cem Night", address = "cem@example.org" },
+]
+"""
+
+
+@pytest.mark.parametrize(("at", "lines"), [
+    ("2026-12-01T14:30:00Z", [
+        "on call at 2026-12-01T14:30:00Z:",
+        "rotation facilities-oncall (Europe/Paris):",
+        "  now:  Ana Early <ana@example.org>",
+        "  next: Ben Late <ben@example.org> from Tue 1 Dec 2026 16:00 CET (15:00 UTC)",
+    ]),
+    ("2026-12-01T23:30:00+01:00", [
+        "on call at 2026-12-01T22:30:00Z:",
+        "rotation facilities-oncall (Europe/Paris):",
+        "  now:  Ben Late <ben@example.org>",
+        "  next: Cem Night <cem@example.org> from Wed 2 Dec 2026 00:00 CET (23:00 UTC)",
+    ]),
+    # Before the first hand-off, on the night the clocks go forward: Cem's night shift lasts seven hours.
+    ("2026-03-29T00:30:00Z", [
+        "on call at 2026-03-29T00:30:00Z:",
+        "rotation facilities-oncall (Europe/Paris):",
+        "  now:  Cem Night <cem@example.org>",
+        "  next: Ana Early <ana@example.org> from Sun 29 Mar 2026 08:00 CEST (06:00 UTC)",
+    ]),
+])
+def test_oncall_command_eight_hour_shifts(tmp_path: Path, capsys: pytest.CaptureFixture[str], at: str, lines: list[str]) -> None:
+    config = write_config(tmp_path, rules=team_rules(ON_CALL_LEVEL, FOLLOW_THE_SUN))
     assert main(["oncall", "--config", str(config), "--at", at]) == 0
     assert capsys.readouterr().out.splitlines() == lines
 
