@@ -116,10 +116,16 @@ def on_call(rotation: Rotation, instant: datetime) -> Human:
 
 
 def _next_boundary(rotation: Rotation, instant: datetime) -> datetime:
-    """Return the first instant after `instant` at which a shift or an override starts or ends."""
-    boundaries = [handoff_at(rotation, shift_at(rotation, instant) + 1)]
-    for override in rotation.overrides:
-        boundaries += [edge for edge in (override.starts, override.ends) if edge > instant]
+    """Return the first instant after `instant` at which who is on call may change.
+
+    That is the next start or end of an override, or the next hand-off when
+    no override is in force. While one is, hand-offs change nobody, and
+    skipping them keeps a long override over hour-long shifts from using up
+    the boundaries that `next_handoff` searches.
+    """
+    boundaries = [edge for override in rotation.overrides for edge in (override.starts, override.ends) if edge > instant]
+    if active_override(rotation, instant) is None:
+        boundaries.append(handoff_at(rotation, shift_at(rotation, instant) + 1))
     return min(boundaries)
 
 

@@ -337,6 +337,9 @@ def test_shift_at_lies_between_handoffs(rotation_: Rotation) -> None:
     # The hand-off at 15:00 UTC under the override hands off nothing.
     (EIGHT_HOURS_OVERRIDDEN, "2026-12-01T10:00:00", ("2026-12-01T12:00:00", VIC)),
     (EIGHT_HOURS_OVERRIDDEN, "2026-12-01T13:00:00", ("2026-12-01T18:00:00", BEN)),
+    # A two-month override over hourly shifts ends after more hand-offs than next_handoff searches.
+    (rotation("Europe/Paris", "2026-12-01T00:00", "1h", Override(utc("2026-12-01T00:00"), utc("2027-02-01T00:00"), VIC)),
+     "2026-12-01T00:00:00", ("2027-02-01T00:00:00", BEN)),
 ])
 def test_next_handoff_sub_day_shifts(rotation_: Rotation, instant: str, expected: tuple[str, Human]) -> None:
     assert next_handoff(rotation_, utc(instant)) == (utc(expected[0]), expected[1])
