@@ -9,9 +9,10 @@ instant by the offset before the change (see `local_instant`). In a rotation
 of one-hour shifts, the shift whose hand-off falls in the skipped hour then
 starts at the same instant as the next one: it is empty, and its person is
 not on call that night.
-Shift numbers count from the first hand-off: shift 0 is the first person's, and
-shifts before it continue the order backwards, so the instant before the
-first hand-off belongs to the last person. An override replaces the rotation
+
+Shift numbers count from the first hand-off: shift 0 is the first person's,
+and shifts before it continue the order backwards, so the instant before
+the first hand-off belongs to the last person. An override replaces the rotation
 from its `starts` up to, not including, its `ends`; where overrides overlap,
 the one listed last wins.
 """
