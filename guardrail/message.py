@@ -117,6 +117,11 @@ class Summary:
         """Return every decoded value of header `name` (case-insensitive)."""
         return self.headers.get(name.lower(), ())
 
+    @property
+    def media_type(self) -> str:
+        """The message's own media type in lower case, such as "text/plain" (the default), without parameters."""
+        return (self.header("content-type") or ("text/plain",))[0].split(";", 1)[0].strip().lower()
+
     def undecoded_header(self, name: str) -> tuple[str, ...]:
         """Return every value of header `name` (case-insensitive) as received, with RFC 2047 words left encoded.
 
@@ -461,7 +466,7 @@ def body_sample(raw: bytes, summary: Summary, limit: int = 4096) -> str:
     if end < 0:
         return ""
     content_type = (summary.header("content-type") or ("text/plain",))[0]
-    if content_type.split(";", 1)[0].strip().lower() in ("", "text/plain"):
+    if summary.media_type in ("", "text/plain"):
         chunk = raw[end + 4 : end + 4 + limit]
         encoding = (summary.header("content-transfer-encoding") or ("7bit",))[0].strip().lower()
         try:

@@ -211,7 +211,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
         # it sent to a customer, needs no reply from the team.
         sla_applies=sla_applies, is_staff=is_staff, from_inbox=from_inbox,
         # Only a person's reply can reopen a conversation, so only its text is read for thanks.
-        thanks_only=sla_applies and not (machine or is_staff) and is_reply(summary, site) and says_only_thanks(raw, summary, rules),
+        thanks_only=sla_applies and not (machine or is_staff) and is_reply(summary, site) and is_thanks_message(raw, summary, rules),
         staff_unverified=staff_unverified,
         member_of=_member_of(rules, _sender_addresses(summary, envelope, sender)) if is_staff else frozenset(),
         machine_signal=machine or "", list_sender=sender.address if sender else "",
@@ -228,7 +228,7 @@ def prepare_submission(envelope: Envelope, raw: bytes, summary: Summary, rules: 
     )
 
 
-# Top-level content types of a message whose text alone can say thanks.
+# Top-level media types of a message whose text alone can be a thank-you.
 # Any other (multipart/mixed, multipart/related, signed or encrypted mail)
 # may carry an attachment or an inline image, which is more than thanks.
 _TEXT_ONLY_TYPES = frozenset({"text/plain", "text/html", "multipart/alternative"})
@@ -242,7 +242,7 @@ def is_reply(summary: Summary, site: Site) -> bool:
     return bool(summary.in_reply_to or summary.references or find_references(summary.subject, site.reference_prefix))
 
 
-def says_only_thanks(raw: bytes, summary: Summary, rules: RuleSet) -> bool:
+def is_thanks_message(raw: bytes, summary: Summary, rules: RuleSet) -> bool:
     """Return True when the message is text without attachments and its new text only says thanks (see guardrail.gratitude).
 
     Without body conditions the summary has no body text. The start of the
@@ -250,8 +250,7 @@ def says_only_thanks(raw: bytes, summary: Summary, rules: RuleSet) -> bool:
     thank-you is decoded in full, because an answer between quoted lines
     further down makes it more than thanks.
     """
-    content_type = (summary.header("content-type") or ("text/plain",))[0].split(";", 1)[0].strip().lower()
-    if content_type not in _TEXT_ONLY_TYPES or summary.part_types:
+    if summary.media_type not in _TEXT_ONLY_TYPES or summary.part_types:
         return False
     if rules.needs_body:
         return is_thanks_only(summary.body_text)
