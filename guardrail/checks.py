@@ -76,7 +76,7 @@ def staff_findings(rules: RuleSet) -> list[Finding]:
 
 
 def rotation_findings(rules: RuleSet) -> list[Finding]:
-    """Return a warning for each rotation that no escalation level names, since nobody on it is ever told."""
+    """Return a warning for each rotation that no escalation level names, because its people never receive an escalation."""
     named = {level.rotation.name for team in rules.teams.values() for level in team.escalation if level.rotation}
     findings = []
     for rotation in rules.rotations.values():

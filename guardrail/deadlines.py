@@ -29,8 +29,8 @@ class SlaClock:
 
 # planner(team, route, arrival, thanks): the clock that a customer's message
 # arriving at `arrival` starts again in a conversation of that team and
-# route, where `thanks` tells whether the message only says thanks. It is
-# None when the rules turn reopening off there or no longer contain the team.
+# route. `thanks` is True for a message that is only a thank-you. The clock
+# is None when the rules turn reopening off there or no longer contain the team.
 ClockPlanner = Callable[[str, str, datetime, bool], SlaClock | None]
 
 

@@ -287,7 +287,7 @@ def _is_gratitude(new_text: str) -> bool:
     return thanked and names <= MAX_NAME_WORDS
 
 
-# What may stand between a name introducer and the name after it: "Hi
+# The separator between a name introducer and the name after it: "Hi
 # Sam", "Thanks, Sam", and a title's full stop in "Dear Mr. Ortiz".
 _BEFORE_NAME = re.compile(r"[ \t\u00a0,]*|\.[ \t\u00a0]*")
 # Between the words of one name: "Alice Martin", "Jean-Pierre", "O'Brien",

@@ -3,8 +3,8 @@
 A rotation hands off from one person to the next every `shift` of wall-clock
 time from its first hand-off. A shift is a whole number of days, or a whole
 number of hours that divides a day, so hand-offs fall at the same local times
-every day, and a shift that spans a daylight-saving change is an hour shorter
-or longer in elapsed time. A hand-off time that the change skips maps to an
+every day. A shift that spans a daylight-saving change is an hour shorter or
+longer in elapsed time. A hand-off time that the change skips maps to an
 instant by the offset before the change (see `local_instant`). In a rotation
 of one-hour shifts, the shift whose hand-off falls in the skipped hour then
 starts at the same instant as the next one: it is empty, and its person is

@@ -110,8 +110,8 @@ def _evaluate(condition: Condition, facts: Facts, known: dict[int, str | None] |
                 return reason
         return None
     if condition.field == "not":
-        held = _evaluate(condition.children[0], facts, known)
-        return None if held is not None else f"not({condition.children[0].describe()})"
+        reason = _evaluate(condition.children[0], facts, known)
+        return None if reason is not None else f"not({condition.children[0].describe()})"
     if known is None or condition.field == "rcpt":
         return _evaluate_field(condition, facts)
     key = id(condition)

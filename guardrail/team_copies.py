@@ -46,7 +46,7 @@ def addressed_teams(
     `match` is the route of the whole message, which is also the route of
     its only recipient, so a message to one inbox is not routed again.
     Recipients in `postmasters` are left out, since the postmaster owner
-    gets a copy of their own. `known` holds the condition results that
+    gets a copy of their own. `known` contains the condition results that
     matching the whole message found (see routing.match_route).
     """
     if len(facts.rcpt_tos) == 1 and not postmasters:
